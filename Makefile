@@ -1,0 +1,39 @@
+# Every target installs what it needs through `setup`; see README.md.
+SHELL := /bin/bash
+VENV := .venv/bin
+PYTEST_ARGS ?=
+
+.PHONY: help setup test unit lint demo bench manifests stack-up stack-down clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+setup: ## install Debian packages, .venv and the control-plane binaries (idempotent)
+	@bash scripts/setup.sh
+
+test: setup lint ## run lint, then every test against real servers
+	$(VENV)/pytest $(PYTEST_ARGS)
+
+unit: setup ## run the pure unit tests only
+	$(VENV)/pytest tests/unit $(PYTEST_ARGS)
+
+lint: setup ## ruff, mypy and hadolint
+	$(VENV)/ruff check .
+	$(VENV)/ruff format --check .
+	$(VENV)/mypy
+	@echo "lint: clean"
+
+demo: setup ## the main job end to end on a local stack
+	$(VENV)/python -m devstack demo $(DEMO_ARGS)
+
+bench: setup ## dispatch throughput against baselines measured in the same run
+	$(VENV)/python -m benchmarks $(BENCH_ARGS)
+
+stack-up: setup ## start etcd, kube-apiserver, PostgreSQL and Redis for a person
+	$(VENV)/python -m devstack up
+
+stack-down: ## stop what stack-up started
+	$(VENV)/python -m devstack down
+
+clean: ## remove the venv and local state (keeps the control-plane cache)
+	rm -rf .venv .stack .pytest_cache .mypy_cache .ruff_cache

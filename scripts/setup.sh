@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Makes this machine ready for `make test` and `make demo`: the Debian packages the
+# test bed runs (PostgreSQL server, Redis, openssl), the project's .venv, and the
+# control-plane binaries. Every step checks first, so a ready machine takes seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { echo "setup: $*" >&2; }
+
+need_packages=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_packages+=(postgresql)
+command -v redis-server >/dev/null || need_packages+=(redis-server)
+command -v openssl >/dev/null || need_packages+=(openssl)
+command -v git >/dev/null || need_packages+=(git)
+if [ ${#need_packages[@]} -gt 0 ]; then
+  log "installing Debian packages: ${need_packages[*]}"
+  [ "$(id -u)" = 0 ] || { log "need root (or sudo) to install ${need_packages[*]}"; exit 1; }
+  # Packages must not start system-wide services: tests start their own throwaway servers.
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_packages[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  log "creating .venv and installing the project with its test and dev extras"
+  [ -x .venv/bin/python ] || "$python" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[test,dev]'
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi
+
+bash scripts/build-controlplane.sh >/dev/null
+log "ready"

@@ -1,0 +1,96 @@
+"""Fixtures shared by every test level: the real servers of devstack, started once per session.
+
+Each server runs in the session's temporary directory on a free loopback port and is stopped
+by PID at the end. A component that is missing raises ``ComponentMissing`` (an error, never
+a skip). When a test fails, the tail of every running server's log is attached to its report.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis as redis_client
+
+from devstack import kube as devstack_kube
+from devstack import postgres as devstack_postgres
+from devstack import processes
+from devstack import redis as devstack_redis
+
+_database_numbers = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def postgres_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[devstack_postgres.PostgresServer]:
+    server = devstack_postgres.start(tmp_path_factory.mktemp("postgres"))
+    yield server
+    server.remove()
+
+
+@pytest.fixture
+def postgres(postgres_server: devstack_postgres.PostgresServer) -> devstack_postgres.PostgresServer:
+    """The session's PostgreSQL server, (re)started if a test stopped it."""
+    if not postgres_server.process.running():
+        postgres_server.start()
+    return postgres_server
+
+
+@pytest.fixture
+def database_dsn(postgres: devstack_postgres.PostgresServer) -> str:
+    """A fresh, empty database per test, so tests never see each other's rows."""
+    return postgres.create_database(f"test_{next(_database_numbers)}_{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devstack_redis.RedisServer]:
+    server = devstack_redis.start(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: devstack_redis.RedisServer) -> str:
+    """The session's Redis, flushed: each test starts with empty queues."""
+    if not redis_server.process.running():
+        redis_server.start()
+    redis_client.Redis.from_url(redis_server.url).flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[devstack_redis.RedisServer]:
+    """A Redis of the test's own, which it may kill or restart."""
+    server = devstack_redis.start(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devstack_kube.ControlPlane]:
+    plane = devstack_kube.start(tmp_path_factory.mktemp("kube"))
+    yield plane
+    plane.stop()
+
+
+@pytest.fixture
+def namespace(kube: devstack_kube.ControlPlane) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    kube.kubectl("create", "namespace", name)
+    yield name
+    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report: pytest.TestReport = yield
+    if report.failed:
+        for name, process in sorted(processes.RUNNING.items()):
+            report.sections.append(
+                (f"log of {name} ({process.log_path})", processes.log_tail(process.log_path))
+            )
+    return report  # type: ignore[return-value]
