@@ -23,6 +23,9 @@ fi
 
 python=${PYTHON:-python3}
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+mkdir -p .venv
+exec 8>.venv/.setup.lock
+flock 8  # two concurrent `make` runs must not pip-install into one venv at once
 if [ ! -f "$stamp" ]; then
   log "creating .venv and installing the project with its test and dev extras"
   [ -x .venv/bin/python ] || "$python" -m venv .venv

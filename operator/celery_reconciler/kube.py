@@ -1,0 +1,238 @@
+"""All Kubernetes I/O of the operator that kopf does not do for us.
+
+kopf watches and patches the objects its handlers are attached to; everything else —
+reading the Secrets a policy names, writing the ProcessingStatus object, patching a policy's
+status from a long-running loop, listing the worker pods — goes through this module, so
+the handlers stay thin and the API calls (and the RBAC they need) are listed in one place:
+
+    secrets                         get
+    processingstatuses              get, create, patch
+    processingpolicies/status       patch
+    processingpolicies              patch   (to clear the sweep-now / retry-dead annotations)
+    pods                            list    (kopf watches them too: list, watch)
+
+The official client is synchronous; callers in the event loop use ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import functools
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import kubernetes
+
+GROUP = "celery-reconciler.io"
+VERSION = "v1alpha1"
+POLICIES = "processingpolicies"
+STATUSES = "processingstatuses"
+
+
+class SecretNotFound(Exception):
+    """The Secret, or the key in it, that a policy names does not exist (yet)."""
+
+
+class KubernetesUnavailable(Exception):
+    """The API server refused or failed a call the operator needs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerPod:
+    name: str
+    uid: str
+    restart_counts: Mapping[str, int]
+
+
+@functools.cache
+def api_client() -> kubernetes.client.ApiClient:
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+    return kubernetes.client.ApiClient()
+
+
+def _core() -> kubernetes.client.CoreV1Api:
+    return kubernetes.client.CoreV1Api(api_client())
+
+
+def _custom() -> kubernetes.client.CustomObjectsApi:
+    return kubernetes.client.CustomObjectsApi(api_client())
+
+
+def read_secret_value(*, namespace: str, name: str, key: str, field: str) -> str:
+    """The decoded value of one key of a Secret; errors name the spec field to fix."""
+    try:
+        secret = _core().read_namespaced_secret(name, namespace)
+    except kubernetes.client.ApiException as error:
+        if error.status == 404:
+            raise SecretNotFound(
+                f'secret "{name}" not found in namespace "{namespace}" — create it or fix {field}'
+            ) from None
+        raise KubernetesUnavailable(
+            f'reading secret "{name}" in namespace "{namespace}" failed: HTTP {error.status} '
+            f"{error.reason}"
+        ) from None
+    data = secret.data or {}
+    if key not in data:
+        raise SecretNotFound(
+            f'secret "{name}" in namespace "{namespace}" has no key "{key}" — add it or fix {field}'
+        )
+    return base64.b64decode(data[key]).decode()
+
+
+def patch_policy_status(*, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+    _call(
+        _custom().patch_namespaced_custom_object_status,
+        GROUP,
+        VERSION,
+        namespace,
+        POLICIES,
+        name,
+        {"status": dict(status)},
+    )
+
+
+def remove_policy_annotation(*, namespace: str, name: str, annotation: str) -> None:
+    _call(
+        _custom().patch_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        namespace,
+        POLICIES,
+        name,
+        {"metadata": {"annotations": {annotation: None}}},
+    )
+
+
+def write_processing_status(
+    *, namespace: str, name: str, owner_uid: str, status: Mapping[str, Any]
+) -> None:
+    """Create or update the ProcessingStatus named after its policy, owned by it (so it is
+    garbage-collected with the policy)."""
+    try:
+        _custom().patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, STATUSES, name, {"status": dict(status)}
+        )
+        return
+    except kubernetes.client.ApiException as error:
+        if error.status != 404:
+            raise KubernetesUnavailable(
+                f"updating ProcessingStatus {namespace}/{name} failed: HTTP {error.status}"
+            ) from None
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ProcessingStatus",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/managed-by": "celery-reconciler"},
+            "ownerReferences": [
+                {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "ProcessingPolicy",
+                    "name": name,
+                    "uid": owner_uid,
+                    "controller": True,
+                    "blockOwnerDeletion": False,
+                }
+            ],
+        },
+        "status": dict(status),
+    }
+    _call(_custom().create_namespaced_custom_object, GROUP, VERSION, namespace, STATUSES, body)
+
+
+def list_worker_pods(*, namespace: str, label_selector: str) -> list[WorkerPod]:
+    pods = _call(_core().list_namespaced_pod, namespace, label_selector=label_selector)
+    return [pod_from_body(pod.to_dict()) for pod in pods.items]
+
+
+def pod_from_body(body: Mapping[str, Any]) -> WorkerPod:
+    """A WorkerPod from a raw pod body (snake_case from the client, camelCase from kopf)."""
+    metadata = body.get("metadata") or {}
+    status = body.get("status") or {}
+    statuses = status.get("containerStatuses") or status.get("container_statuses") or []
+    return WorkerPod(
+        name=metadata.get("name", ""),
+        uid=metadata.get("uid", ""),
+        restart_counts={
+            s.get("name", ""): int(s.get("restartCount", s.get("restart_count", 0)) or 0)
+            for s in statuses
+        },
+    )
+
+
+def label_selector_string(selector: Mapping[str, Any]) -> str:
+    """A LabelSelector (matchLabels + matchExpressions) as the API's query string."""
+    terms = [f"{k}={v}" for k, v in sorted((selector.get("matchLabels") or {}).items())]
+    for expression in selector.get("matchExpressions") or []:
+        key, operator = expression["key"], expression["operator"]
+        values = ",".join(expression.get("values") or [])
+        match operator:
+            case "In":
+                terms.append(f"{key} in ({values})")
+            case "NotIn":
+                terms.append(f"{key} notin ({values})")
+            case "Exists":
+                terms.append(key)
+            case "DoesNotExist":
+                terms.append(f"!{key}")
+    return ",".join(terms)
+
+
+def _call(method: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return method(*args, **kwargs)
+    except kubernetes.client.ApiException as error:
+        raise KubernetesUnavailable(
+            f"Kubernetes API call {getattr(method, '__name__', method)} failed: "
+            f"HTTP {error.status} {error.reason}"
+        ) from None
+
+
+def watch_worker_pods(
+    *,
+    namespace: str,
+    label_selector: str,
+    on_event: Callable[[str, WorkerPod], None],
+    stopping: threading.Event,
+) -> None:
+    """Stream ADDED/MODIFIED/DELETED pod events for one policy's workers until ``stopping``.
+
+    A watch per policy with its own label selector (rather than one kopf handler for every
+    pod in the cluster) keeps the operator's pod traffic, and its RBAC, to the pods it cares
+    about. Runs in a thread: the official client's watch is blocking. Every (re)list
+    replays the current pods as ADDED, so the caller's baseline survives watch expiry.
+    """
+    core = _core()
+    while not stopping.is_set():
+        try:
+            listing = core.list_namespaced_pod(namespace, label_selector=label_selector)
+            for pod in listing.items:
+                on_event("ADDED", pod_from_body(pod.to_dict()))
+            resource_version = listing.metadata.resource_version
+            while not stopping.is_set():
+                stream = kubernetes.watch.Watch().stream(
+                    core.list_namespaced_pod,
+                    namespace,
+                    label_selector=label_selector,
+                    resource_version=resource_version,
+                    timeout_seconds=5,
+                    allow_watch_bookmarks=True,
+                )
+                for event in stream:
+                    raw = event["raw_object"]
+                    resource_version = raw["metadata"]["resourceVersion"]
+                    if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                        on_event(event["type"], pod_from_body(raw))
+                    if stopping.is_set():
+                        break
+        except kubernetes.client.ApiException as error:
+            if error.status != 410:  # 410 Gone: our resourceVersion is too old; re-list.
+                stopping.wait(2.0)
+        except Exception:  # a dropped connection must not end the watch
+            stopping.wait(2.0)
