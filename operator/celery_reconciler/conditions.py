@@ -1,0 +1,81 @@
+"""Status conditions in the standard ``metav1.Condition`` shape, computed without I/O.
+
+Users (and ``kubectl wait --for=condition=Ready``) read two conditions on every policy:
+``Ready`` — the last sweep reached the database and the broker — and ``Degraded`` — with a
+reason a person can act on. Transition times only move when a condition's status changes,
+so a healthy policy's status does not churn on every sweep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+READY = "Ready"
+DEGRADED = "Degraded"
+
+# Reasons are CamelCase API constants: users match on them in alerts and scripts.
+SWEPT = "Swept"
+SUSPENDED = "Suspended"
+INVALID_SPEC = "InvalidSpec"
+SECRET_NOT_FOUND = "SecretNotFound"
+DATABASE_UNAVAILABLE = "DatabaseUnavailable"
+BROKER_UNAVAILABLE = "BrokerUnavailable"
+KUBERNETES_UNAVAILABLE = "KubernetesUnavailable"
+AS_EXPECTED = "AsExpected"
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Why a sweep could not run: a condition reason plus a message without secrets."""
+
+    reason: str
+    message: str
+
+
+def health(
+    *, problem: Problem | None, suspended: bool, summary: str
+) -> tuple[tuple[str, str, str, str], ...]:
+    """(type, status, reason, message) for Ready and Degraded after one loop iteration."""
+    if problem is not None:
+        return (
+            (READY, "False", problem.reason, problem.message),
+            (DEGRADED, "True", problem.reason, problem.message),
+        )
+    if suspended:
+        message = "spec.schedule.suspend is true: nothing is dispatched"
+        return (
+            (READY, "True", SUSPENDED, message),
+            (DEGRADED, "False", AS_EXPECTED, message),
+        )
+    return (
+        (READY, "True", SWEPT, summary),
+        (DEGRADED, "False", AS_EXPECTED, "the database and the broker answer"),
+    )
+
+
+def merge(
+    existing: Sequence[Mapping[str, Any]] | None,
+    updates: Iterable[tuple[str, str, str, str]],
+    *,
+    now: str,
+    generation: int,
+) -> list[dict[str, Any]]:
+    """Apply updates to a conditions list, keeping ``lastTransitionTime`` when the status
+    did not change and keeping conditions of other types untouched."""
+    merged = {c["type"]: dict(c) for c in existing or () if "type" in c}
+    for type_, status, reason, message in updates:
+        previous = merged.get(type_)
+        transition_time = now
+        if previous is not None and previous.get("status") == status:
+            transition_time = previous.get("lastTransitionTime", now)
+        merged[type_] = {
+            "type": type_,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "observedGeneration": generation,
+            "lastTransitionTime": transition_time,
+        }
+    return sorted(merged.values(), key=lambda c: str(c["type"]))

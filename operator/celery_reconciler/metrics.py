@@ -1,0 +1,62 @@
+"""Prometheus metrics of the operator, labelled by policy namespace and name.
+
+Counters are incremented where the event happens (a sweep that dispatched, a rescue that
+expired leases) rather than recomputed from the ledger, because Prometheus wants monotonic
+counters; the gauges are set from the ledger's counts after each sweep, so they match what
+``kubectl get processingstatus`` shows.
+"""
+
+from __future__ import annotations
+
+import prometheus_client
+
+LABELS = ("namespace", "policy")
+
+DISPATCHED = prometheus_client.Counter(
+    "celery_reconciler_dispatched_total", "Task messages published for claimed entries.", LABELS
+)
+SUCCEEDED = prometheus_client.Counter(
+    "celery_reconciler_succeeded_total",
+    "Entries whose task body succeeded (seen by sweeps).",
+    LABELS,
+)
+RETRIED = prometheus_client.Counter(
+    "celery_reconciler_retried_total",
+    "Failed attempts scheduled for a retry (seen by sweeps).",
+    LABELS,
+)
+DEAD_LETTERED = prometheus_client.Counter(
+    "celery_reconciler_dead_lettered_total", "Entries that used up their attempts.", LABELS
+)
+RESCUED = prometheus_client.Counter(
+    "celery_reconciler_rescued_total",
+    "Leases expired at once because the worker pod holding them restarted or went away.",
+    LABELS,
+)
+SWEEP_ERRORS = prometheus_client.Counter(
+    "celery_reconciler_sweep_errors_total", "Sweeps that failed, by reason.", (*LABELS, "reason")
+)
+PENDING = prometheus_client.Gauge(
+    "celery_reconciler_pending", "Entries matching the pending predicate, not in flight.", LABELS
+)
+IN_FLIGHT = prometheus_client.Gauge(
+    "celery_reconciler_in_flight", "Entries queued or running under a lease.", LABELS
+)
+RETRYING = prometheus_client.Gauge(
+    "celery_reconciler_retrying", "Entries waiting for a scheduled retry.", LABELS
+)
+DEAD = prometheus_client.Gauge("celery_reconciler_dead", "Dead-lettered entries.", LABELS)
+OLDEST_PENDING_SECONDS = prometheus_client.Gauge(
+    "celery_reconciler_oldest_pending_seconds", "Age of the oldest pending entry.", LABELS
+)
+SWEEP_SECONDS = prometheus_client.Histogram(
+    "celery_reconciler_sweep_duration_seconds",
+    "Wall time of one sweep (expire, claim, publish).",
+    LABELS,
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+
+def serve(*, port: int) -> None:
+    # All interfaces: Prometheus scrapes the pod IP, not loopback.
+    prometheus_client.start_http_server(port, addr="0.0.0.0")
