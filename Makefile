@@ -21,6 +21,7 @@ lint: setup ## ruff, mypy and hadolint
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
 	$(VENV)/mypy
+	$(VENV)/hadolint Dockerfile
 	@echo "lint: clean"
 
 demo: setup ## the main job end to end on a local stack
@@ -28,6 +29,9 @@ demo: setup ## the main job end to end on a local stack
 
 bench: setup ## dispatch throughput against baselines measured in the same run
 	$(VENV)/python -m benchmarks $(BENCH_ARGS)
+
+manifests: setup ## render manifests/crds.yaml and install.yaml from the Helm chart
+	bash scripts/render-manifests.sh
 
 stack-up: setup ## start etcd, kube-apiserver, PostgreSQL and Redis for a person
 	$(VENV)/python -m devstack up

@@ -1,0 +1,315 @@
+"""The Helm chart against the real apiserver and helm: lint, render, install, least privilege.
+
+Both RBAC scopes are exercised: the whole cluster (``watch.namespaces: []``, a ClusterRole)
+and a list of namespaces (a Role in each). The privilege checks ask the apiserver's own RBAC
+(``kubectl auth can-i`` as the chart's ServiceAccount, and a real token of it), so they test
+what the rendered rules grant, not what we meant them to grant.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from devstack import kube as devstack_kube
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "celery-reconciler"
+OUR_CRDS = ("processingpolicies.celery-reconciler.io", "processingstatuses.celery-reconciler.io")
+KOPF_CRDS = ("clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev")
+RELEASE = "chart-e2e"
+FULLNAME = f"{RELEASE}-celery-reconciler"
+
+
+def _template(kube: devstack_kube.ControlPlane, namespace: str, *values: str) -> str:
+    return kube.helm("template", RELEASE, str(CHART), "-n", namespace, *values).stdout
+
+
+def _docs(rendered: str) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(rendered) if doc]
+
+
+def _scope_values(watched: list[str]) -> list[str]:
+    return ["--set-json", f"watch.namespaces={json.dumps(watched)}"]
+
+
+@pytest.fixture
+def other_namespace(kube: devstack_kube.ControlPlane) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    kube.kubectl("create", "namespace", name)
+    yield name
+    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def _adopt_existing_crds(kube: devstack_kube.ControlPlane, namespace: str) -> None:
+    """Let this release own CRDs another test applied with kubectl (as a user would do)."""
+    for name in OUR_CRDS:
+        if kube.kubectl("get", "crd", name, check=False).returncode == 0:
+            kube.kubectl("label", "--overwrite", "crd", name, "app.kubernetes.io/managed-by=Helm")
+            kube.kubectl(
+                "annotate", "--overwrite", "crd", name,
+                f"meta.helm.sh/release-name={RELEASE}",
+                f"meta.helm.sh/release-namespace={namespace}",
+            )  # fmt: skip
+
+
+def _ensure_kopf_crds(kube: devstack_kube.ControlPlane) -> None:
+    kube.kubectl("apply", "-f", str(CHART / "crds" / "kopf-peerings.yaml"))
+    for name in KOPF_CRDS:
+        kube.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=30s")
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[], ["--set-json", 'watch.namespaces=["a","b"]', "--set", "demoWorker.enabled=true"]],
+    ids=["cluster", "namespaced+demo"],
+)
+def test_helm_lint_strict_is_clean(kube: devstack_kube.ControlPlane, values: list[str]) -> None:
+    linted = kube.helm("lint", "--strict", str(CHART), *values, check=False)
+    assert linted.returncode == 0, linted.stdout + linted.stderr
+    assert "[WARNING]" not in linted.stdout and "[ERROR]" not in linted.stdout
+
+
+@pytest.mark.parametrize("scope", ["cluster", "namespaced"])
+def test_rendered_chart_passes_server_side_dry_run(
+    kube: devstack_kube.ControlPlane, namespace: str, other_namespace: str, scope: str
+) -> None:
+    _ensure_kopf_crds(kube)
+    watched = [] if scope == "cluster" else [namespace, other_namespace]
+    rendered = _template(
+        kube, namespace, *_scope_values(watched),
+        "--set", "demoWorker.enabled=true", "--set", "podDisruptionBudget.enabled=true",
+    )  # fmt: skip
+    applied = kube.kubectl("apply", "--dry-run=server", "-f", "-", input=rendered, check=False)
+    assert applied.returncode == 0, applied.stderr
+    kinds = sorted({doc["kind"] for doc in _docs(rendered)})
+    if scope == "cluster":
+        assert "Role" not in kinds and "KopfPeering" not in kinds
+        assert "ClusterKopfPeering" in kinds
+    else:
+        roles = [d["metadata"]["namespace"] for d in _docs(rendered) if d["kind"] == "Role"]
+        assert sorted(roles) == sorted(watched)
+        assert "ClusterKopfPeering" not in kinds
+
+
+def test_values_schema_refuses_a_typo(kube: devstack_kube.ControlPlane, namespace: str) -> None:
+    refused = kube.helm(
+        "template", RELEASE, str(CHART), "-n", namespace, "--set", "operator.replicas=2",
+        check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "replicas" in refused.stderr
+
+
+def test_several_replicas_without_peering_are_refused(
+    kube: devstack_kube.ControlPlane, namespace: str
+) -> None:
+    refused = kube.helm(
+        "template", RELEASE, str(CHART), "-n", namespace,
+        "--set", "peering.enabled=false", "--set", "operator.replicaCount=2", check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0
+    assert "needs peering.enabled" in refused.stderr
+
+
+def _deployment(rendered: str, name: str) -> dict[str, Any]:
+    (found,) = [
+        d for d in _docs(rendered) if d["kind"] == "Deployment" and d["metadata"]["name"] == name
+    ]
+    return found
+
+
+def test_operator_args_follow_the_scope(kube: devstack_kube.ControlPlane, namespace: str) -> None:
+    cluster = _deployment(_template(kube, namespace), FULLNAME)
+    assert cluster["spec"]["template"]["spec"]["containers"][0]["args"] == [
+        "run", "--all-namespaces", "--liveness", "http://0.0.0.0:8080/healthz",
+        "--metrics-port", "9090", "--peering", FULLNAME,
+    ]  # fmt: skip
+    namespaced = _deployment(
+        _template(kube, namespace, *_scope_values(["a", "b"]), "--set", "peering.enabled=false"),
+        FULLNAME,
+    )
+    assert namespaced["spec"]["template"]["spec"]["containers"][0]["args"] == [
+        "run", "--namespace", "a", "--namespace", "b", "--liveness",
+        "http://0.0.0.0:8080/healthz", "--metrics-port", "9090", "--standalone",
+    ]  # fmt: skip
+
+
+def test_pods_meet_the_restricted_pod_security_standard(
+    kube: devstack_kube.ControlPlane, namespace: str
+) -> None:
+    """PodSecurity admission enforces "restricted" on Pods (not Deployments): try each pod."""
+    kube.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
+    rendered = _template(kube, namespace, "--set", "demoWorker.enabled=true")
+    templates = [d["spec"]["template"] for d in _docs(rendered) if d["kind"] == "Deployment"]
+    pods = [d for d in _docs(rendered) if d["kind"] == "Pod"]
+    assert len(templates) == 2 and len(pods) == 1
+    (account,) = [d for d in _docs(rendered) if d["kind"] == "ServiceAccount"]
+    kube.kubectl("apply", "-f", "-", input=json.dumps(account))  # admission looks it up
+    for template in [*templates, *pods]:
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"psa-{uuid.uuid4().hex[:6]}", "namespace": namespace},
+            "spec": template["spec"],
+        }
+        applied = kube.kubectl(
+            "apply", "--dry-run=server", "-f", "-", input=json.dumps(pod), check=False
+        )
+        assert applied.returncode == 0, applied.stderr
+        assert "violate" not in applied.stderr
+    bad = json.loads(json.dumps(pod))
+    bad["spec"]["containers"][0]["securityContext"]["allowPrivilegeEscalation"] = True
+    refused = kube.kubectl(
+        "apply", "--dry-run=server", "-f", "-", input=json.dumps(bad), check=False
+    )
+    assert refused.returncode != 0 and "restricted" in refused.stderr
+
+
+def _can(
+    kube: devstack_kube.ControlPlane, service_account: str, verb: str, resource: str, *extra: str
+) -> bool:
+    resource, _, subresource = resource.partition("/")
+    if subresource:
+        extra = (*extra, f"--subresource={subresource}")
+    answer = kube.kubectl(
+        "auth", "can-i", f"--as={service_account}", verb, resource, *extra, check=False
+    )
+    return answer.stdout.strip() == "yes"
+
+
+@pytest.fixture
+def installed(
+    kube: devstack_kube.ControlPlane, namespace: str, other_namespace: str
+) -> Iterator[tuple[str, str]]:
+    _adopt_existing_crds(kube, namespace)
+    kube.helm(
+        "install", RELEASE, str(CHART), "-n", namespace,
+        *_scope_values([namespace]), "--set", "demoWorker.enabled=true",
+    )  # fmt: skip
+    yield namespace, other_namespace
+    kube.helm("uninstall", RELEASE, "-n", namespace, check=False)
+
+
+def test_helm_install_upgrade_uninstall(
+    kube: devstack_kube.ControlPlane, installed: tuple[str, str]
+) -> None:
+    namespace, other_namespace = installed
+    service_account = f"system:serviceaccount:{namespace}:{FULLNAME}"
+    listed = json.loads(kube.helm("list", "-n", namespace, "-o", "json").stdout)
+    assert [(r["name"], r["status"]) for r in listed] == [(RELEASE, "deployed")]
+    for name in (*OUR_CRDS, *KOPF_CRDS):
+        kube.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=30s")
+    kube.kubectl("-n", namespace, "get", "kopfpeering", FULLNAME)
+    kube.kubectl("-n", namespace, "get", "deployment", f"{FULLNAME}-demo-worker")
+    assert _can(kube, service_account, "get", "secrets", "-n", namespace)
+    assert not _can(kube, service_account, "get", "secrets", "-n", other_namespace)
+
+    # Upgrade to the cluster-wide scope: Roles go, the ClusterRole grows, peering moves.
+    kube.helm("upgrade", RELEASE, str(CHART), "-n", namespace, *_scope_values([]))
+    assert kube.kubectl("-n", namespace, "get", "role", FULLNAME, check=False).returncode != 0
+    kube.kubectl("get", "clusterkopfpeering", FULLNAME)
+    assert _can(kube, service_account, "get", "secrets", "-n", other_namespace)
+    revisions = json.loads(kube.helm("history", RELEASE, "-n", namespace, "-o", "json").stdout)
+    assert [r["revision"] for r in revisions] == [1, 2]
+
+    uninstalled = kube.helm("uninstall", RELEASE, "-n", namespace)
+    assert "kept due to the resource policy" in uninstalled.stdout + uninstalled.stderr
+    for kind, name in [("deployment", FULLNAME), ("serviceaccount", FULLNAME)]:
+        assert kube.kubectl("-n", namespace, "get", kind, name, check=False).returncode != 0
+    assert kube.kubectl("get", "clusterrole", FULLNAME, check=False).returncode != 0
+    assert kube.kubectl("get", "clusterkopfpeering", FULLNAME, check=False).returncode != 0
+    for name in OUR_CRDS:
+        kube.kubectl("get", "crd", name)  # kept: deleting them would delete every policy
+
+
+# (verb, resource, in the watched namespace?) -> allowed; what the operator uses, and the
+# nearest things it must not be able to do.
+NAMESPACED_RIGHTS = [
+    ("get", "processingpolicies.celery-reconciler.io", True),
+    ("watch", "processingpolicies.celery-reconciler.io", True),
+    ("patch", "processingpolicies.celery-reconciler.io", True),
+    ("patch", "processingpolicies.celery-reconciler.io/status", True),
+    ("create", "processingpolicies.celery-reconciler.io", False),
+    ("delete", "processingpolicies.celery-reconciler.io", False),
+    ("create", "processingstatuses.celery-reconciler.io", True),
+    ("delete", "processingstatuses.celery-reconciler.io", True),
+    ("get", "secrets", True),
+    ("list", "secrets", False),
+    ("watch", "secrets", False),
+    ("create", "secrets", False),
+    ("watch", "pods", True),
+    ("delete", "pods", False),
+    ("create", "pods", False),
+    ("create", "events", True),
+    ("create", "events.events.k8s.io", True),
+    ("patch", "kopfpeerings.kopf.dev", True),
+    ("list", "configmaps", False),
+    ("create", "deployments.apps", False),
+]
+
+
+def test_service_account_gets_only_what_the_operator_uses(
+    kube: devstack_kube.ControlPlane, installed: tuple[str, str], tmp_path: Path
+) -> None:
+    namespace, other_namespace = installed
+    service_account = f"system:serviceaccount:{namespace}:{FULLNAME}"
+    wrong = [
+        (verb, resource, watched)
+        for verb, resource, watched in NAMESPACED_RIGHTS
+        if _can(kube, service_account, verb, resource, "-n", namespace) != watched
+    ]
+    assert wrong == [], "in the watched namespace, these answers are wrong"
+    elsewhere = [
+        (verb, resource)
+        for verb, resource, _ in NAMESPACED_RIGHTS
+        if _can(kube, service_account, verb, resource, "-n", other_namespace)
+    ]
+    assert elsewhere == [], "outside the watched namespaces nothing may be allowed"
+    assert _can(kube, service_account, "watch", "customresourcedefinitions.apiextensions.k8s.io")
+    assert _can(kube, service_account, "list", "namespaces")
+    assert not _can(kube, service_account, "get", "namespaces")
+    assert not _can(kube, service_account, "patch", "clusterkopfpeerings.kopf.dev")
+
+    # The same, through a real token of the ServiceAccount rather than impersonation.
+    config = kube.service_account_kubeconfig(
+        namespace=namespace, service_account=FULLNAME, path=tmp_path / "sa.kubeconfig"
+    )
+    kube.kubectl("-n", namespace, "create", "secret", "generic", "db", "--from-literal=dsn=x")
+    kube.kubectl("-n", other_namespace, "create", "secret", "generic", "db", "--from-literal=dsn=x")
+    kube.kubectl("-n", namespace, "get", "secret", "db", kubeconfig=config)
+    for forbidden in (
+        ["-n", other_namespace, "get", "secret", "db"],
+        ["-n", namespace, "get", "secrets"],
+        ["-n", namespace, "delete", "pods", "--all"],
+    ):
+        refused = kube.kubectl(*forbidden, kubeconfig=config, check=False)
+        assert refused.returncode != 0 and "Forbidden" in refused.stderr, forbidden
+
+
+def test_cluster_scope_grants_the_same_rules_everywhere_and_nothing_more(
+    kube: devstack_kube.ControlPlane, namespace: str, other_namespace: str
+) -> None:
+    rendered = _template(kube, namespace)
+    (cluster_role,) = [d for d in _docs(rendered) if d["kind"] == "ClusterRole"]
+    grants = {
+        (group, resource, verb)
+        for rule in cluster_role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    assert ("", "secrets", "get") in grants
+    assert not {g for g in grants if g[1] == "secrets" and g[2] != "get"}
+    assert not {g for g in grants if g[1] == "namespaces"}, "kopf lists no namespaces with -A"
+    assert not {g for g in grants if "*" in g}
+    assert ("kopf.dev", "clusterkopfpeerings", "patch") in grants
+    assert not {g for g in grants if g[1] == "kopfpeerings"}

@@ -1,0 +1,90 @@
+"""The image's commands exist in the installed package, and the Dockerfile passes hadolint.
+
+There is no Docker engine here, so the image is never built in tests; what can break it
+silently is a renamed console script, a CLI flag the chart passes but the CLI lost, or a demo
+app that moved. Those are checked against the project as installed in .venv, which is built
+from the same pyproject.toml the Dockerfile installs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from devstack import kube as devstack_kube
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "Dockerfile"
+VENV_BIN = Path(sys.executable).parent
+
+
+def _instruction(name: str) -> list[str]:
+    """The exec-form (JSON) argument of the final stage's ENTRYPOINT or CMD."""
+    found = re.findall(rf"^{name}\s+(\[.*\])\s*$", DOCKERFILE.read_text(), flags=re.MULTILINE)
+    assert found, f"Dockerfile has no exec-form {name}"
+    value: list[str] = json.loads(found[-1])
+    return value
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_hadolint_is_clean() -> None:
+    linted = _run(str(VENV_BIN / "hadolint"), str(DOCKERFILE))
+    assert linted.returncode == 0, linted.stdout + linted.stderr
+
+
+def test_the_final_stage_runs_as_a_numeric_non_root_user() -> None:
+    users = re.findall(r"^USER\s+(\S+)", DOCKERFILE.read_text(), flags=re.MULTILINE)
+    assert users and re.fullmatch(r"[1-9][0-9]*(:[0-9]+)?", users[-1]), users
+
+
+def test_entrypoint_and_cmd_run_from_the_installed_package() -> None:
+    entrypoint, command = _instruction("ENTRYPOINT"), _instruction("CMD")
+    assert entrypoint == ["celery-reconciler"]
+    executable = VENV_BIN / entrypoint[0]
+    assert executable.exists(), f"{executable} missing: is the console script in pyproject?"
+    top = _run(str(executable), "--help")
+    assert top.returncode == 0, top.stderr
+    sub = _run(str(executable), *command[:1], "--help")
+    assert sub.returncode == 0, sub.stderr
+    for flag in command[1:]:
+        assert flag in sub.stdout, f"CMD passes {flag}, which `{command[0]} --help` lacks"
+
+
+def test_every_flag_the_chart_passes_is_known_to_the_cli(
+    kube: devstack_kube.ControlPlane,
+) -> None:
+    flags: set[str] = set()
+    for values in ([], ["--set-json", 'watch.namespaces=["a"]', "--set", "peering.enabled=false"]):
+        rendered = kube.helm("template", "r", str(ROOT / "charts" / "celery-reconciler"), *values)
+        for doc in yaml.safe_load_all(rendered.stdout):
+            if doc and doc["kind"] == "Deployment" and "demo-worker" not in doc["metadata"]["name"]:
+                args = doc["spec"]["template"]["spec"]["containers"][0]["args"]
+                assert args[0] == "run"
+                flags.update(arg for arg in args if arg.startswith("--"))
+    assert flags >= {"--all-namespaces", "--namespace", "--liveness", "--metrics-port"}
+    help_text = _run(str(VENV_BIN / "celery-reconciler"), "run", "--help")
+    assert help_text.returncode == 0, help_text.stderr
+    assert sorted(flag for flag in flags if flag not in help_text.stdout) == []
+
+
+def test_the_demo_worker_command_finds_its_app() -> None:
+    """The chart runs `celery -A celery_app.demo worker`: resolve the app the way -A does."""
+    assert (VENV_BIN / "celery").exists()
+    probe = _run(
+        sys.executable, "-c",
+        "import celery; from celery.app.utils import find_app; "
+        "app = find_app('celery_app.demo'); "
+        "assert isinstance(app, celery.Celery), app",
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stderr
