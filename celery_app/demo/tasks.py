@@ -1,0 +1,131 @@
+"""``insights.tasks.extract_insights_task``: derive simple insights from a journal entry.
+
+The body is deliberately ordinary — read the entry, compute insights, store them and set
+``insights_extracted = true`` in one transaction — because the point of the demo is that
+the reliability comes from ``reliable.ReconciledTask`` and the operator, not from the task.
+It also records its run in ``task_runs`` (committed before the work, so a killed run stays
+visible) and obeys ``demo_faults``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections import Counter
+from typing import Any
+
+import psycopg
+
+from celery_app import reliable
+from celery_app.demo import settings
+from celery_app.demo.app import app
+
+POSITIVE_WORDS = frozenset(
+    {"calm", "enjoy", "fun", "glad", "good", "grateful", "great", "happy", "love"}
+    | {"learned", "proud", "shipped", "well"}
+)
+NEGATIVE_WORDS = frozenset(
+    {"angry", "anxious", "bad", "sad", "stressful", "tired", "upset", "worried"}
+)
+STOP_WORDS = frozenset(
+    {"a", "an", "and", "the", "to", "of", "in", "on", "for", "is", "was", "i", "my", "me"}
+    | {"it", "this", "that", "be", "with", "at", "why", "does", "so", "again", "should"}
+)
+
+
+class DemoFailure(RuntimeError):
+    """Raised for an entry marked ``fail`` in ``demo_faults``."""
+
+
+def derive_insights(body: str) -> dict[str, Any]:
+    """Word count, mood from a small lexicon, top words and questions asked."""
+    words = re.findall(r"[a-z']+", body.lower())
+    positive = sum(word in POSITIVE_WORDS for word in words)
+    negative = sum(word in NEGATIVE_WORDS for word in words)
+    mood = "positive" if positive > negative else "negative" if negative > positive else "neutral"
+    top = Counter(word for word in words if word not in STOP_WORDS and len(word) > 2)
+    return {
+        "word_count": len(words),
+        "mood": mood,
+        "top_words": [word for word, _ in top.most_common(3)],
+        "questions": body.count("?"),
+    }
+
+
+class _Connection:
+    """One autocommit connection per worker process, opened after the pool forks."""
+
+    def __init__(self) -> None:
+        self._pid: int | None = None
+        self._connection: psycopg.Connection[Any] | None = None
+        self._inherited: list[psycopg.Connection[Any]] = []
+
+    def get(self) -> psycopg.Connection[Any]:
+        if self._connection is not None and self._pid != os.getpid():
+            self._inherited.append(self._connection)
+            self._connection = None
+        if self._connection is None or self._connection.closed:
+            self._connection = psycopg.connect(
+                os.environ[reliable.DSN_ENVIRONMENT_VARIABLE], autocommit=True
+            )
+            self._pid = os.getpid()
+        return self._connection
+
+    def reset(self) -> None:
+        self._connection = None
+
+
+_connection = _Connection()
+
+
+def _extract_insights(self: reliable.ReconciledTask, entry_id: str) -> dict[str, Any]:
+    try:
+        conn = _connection.get()
+        return _extract(conn, entry_id=int(entry_id), task_id=str(self.request.id))
+    except psycopg.OperationalError:
+        _connection.reset()
+        raise
+
+
+extract_insights_task = app.task(bind=True, base=reliable.ReconciledTask, name=settings.TASK_NAME)(
+    _extract_insights
+)
+
+
+def _extract(conn: psycopg.Connection[Any], *, entry_id: int, task_id: str) -> dict[str, Any]:
+    run = conn.execute(
+        "INSERT INTO task_runs (entry_id, task_id, worker, pid) VALUES (%s, %s, %s, %s) "
+        "RETURNING id",
+        [entry_id, task_id, reliable.worker_name(), os.getpid()],
+    ).fetchone()
+    assert run is not None
+    run_id = run[0]
+    fault = conn.execute(
+        "SELECT kind, seconds FROM demo_faults WHERE entry_id = %s", [entry_id]
+    ).fetchone()
+    if fault is not None and fault[0] == "sleep":
+        time.sleep(float(fault[1]))
+    if fault is not None and fault[0] == "fail":
+        conn.execute(
+            "UPDATE task_runs SET finished_at = clock_timestamp(), outcome = 'failed' "
+            "WHERE id = %s",
+            [run_id],
+        )
+        raise DemoFailure(f"entry {entry_id} is marked to fail in demo_faults")
+    row = conn.execute("SELECT body FROM journal_entry WHERE id = %s", [entry_id]).fetchone()
+    if row is None:
+        raise LookupError(f"journal entry {entry_id} does not exist")
+    insights = derive_insights(row[0])
+    with conn.transaction():
+        conn.execute(
+            "UPDATE journal_entry SET insights = %s, insights_extracted = true WHERE id = %s",
+            [json.dumps(insights), entry_id],
+        )
+        conn.execute(
+            "UPDATE task_runs SET finished_at = clock_timestamp(), outcome = 'succeeded' "
+            "WHERE id = %s",
+            [run_id],
+        )
+    return insights

@@ -1,0 +1,876 @@
+"""All SQL of our own schema ``celery_reconciler``: the ledger both sides of the queue share.
+
+The ledger lives in the user's database, in a schema we own, so that "is this entry in
+flight?" and "did the worker finish it?" are answered by the same transactional store that
+holds the entries — no Kubernetes access is needed on the worker side, and a claim can be
+checked against the user's rows in one transaction.
+
+Tables (see docs/design.md):
+
+* ``policies``: the retry and lease rules of each policy, upserted by the operator every
+  sweep so workers can compute backoff without reading the ProcessingPolicy.
+* ``entries``: one row per (policy, entry id) with its state machine
+  ``queued -> running -> succeeded | retry_wait | dead``, the fence token (the Celery task id
+  of the current dispatch), the lease deadline and the last error.
+* ``attempts``: the history of each execution, for ``explain`` and for tests that check the
+  retry timestamps.
+
+Two sides call this module:
+
+* the operator (``reconcile``): ``ensure_schema``, ``upsert_policy``, ``expire_leases``,
+  ``claim`` (inside the caller's transaction), ``release_claims``, ``retry_dead``, counts;
+* the worker (``celery_app.reliable``): ``start_attempt`` (the atomic fence check),
+  ``record_success``, ``record_failure``.
+
+Every statement is composed with ``psycopg.sql`` from constant text and identifiers; values
+are always bound parameters. All times are the database's ``now()``, never a host clock, so
+leases mean the same on every machine. Functions expect an autocommit connection and open
+their own transaction where they need one, except ``claim``, which runs inside the caller's
+claim transaction so the read of the source and the claim commit together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import re
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import conninfo, sql
+from psycopg.rows import dict_row
+
+from celery_reconciler import policy as policy_module
+
+SCHEMA = "celery_reconciler"
+# pg_advisory_xact_lock key for migrations: b"celeryrc" read as a big-endian integer.
+MIGRATION_LOCK_ID = int.from_bytes(b"celeryrc", "big") & 0x7FFF_FFFF_FFFF_FFFF
+ERROR_TEXT_LIMIT = 2000
+
+STATES = ("queued", "running", "retry_wait", "succeeded", "dead")
+
+_SCHEMA = sql.Identifier(SCHEMA)
+_POLICIES = sql.Identifier(SCHEMA, "policies")
+_ENTRIES = sql.Identifier(SCHEMA, "entries")
+_ATTEMPTS = sql.Identifier(SCHEMA, "attempts")
+_MIGRATIONS_TABLE = sql.Identifier(SCHEMA, "schema_migrations")
+
+
+class DatabaseUnavailable(RuntimeError):
+    """PostgreSQL cannot be reached or failed mid-operation; the message carries no secrets."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """An entry claimed for dispatch: publish a message with ``task id = fence_token``."""
+
+    entry_id: str
+    fence_token: uuid.UUID
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpiredLeases:
+    retry_now: int  # running attempts lost, entry pending again (counts as a failed attempt)
+    dead: int  # running attempts lost with no attempts left
+    unstarted: int  # queued messages never started before the lease ran out (lost messages)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunningAttempt:
+    """What a worker learns when its fence check succeeds: the attempt and the retry rules."""
+
+    policy_key: str
+    entry_id: str
+    attempt: int
+    fence_token: uuid.UUID
+    retry: policy_module.Retry
+    lease_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class LedgerCounts:
+    queued: int
+    running: int
+    retrying: int
+    succeeded: int
+    dead: int
+    seconds_until_next_due: float | None  # earliest retry or lease deadline; <= 0 means now
+
+    @property
+    def in_flight(self) -> int:
+        return self.queued + self.running
+
+
+@dataclasses.dataclass(frozen=True)
+class AttemptRecord:
+    attempt: int
+    fence_token: uuid.UUID
+    worker: str | None
+    outcome: str
+    error: str | None
+    dispatched_at: datetime.datetime | None
+    started_at: datetime.datetime
+    finished_at: datetime.datetime | None
+    retry_at: datetime.datetime | None
+
+
+@dataclasses.dataclass(frozen=True)
+class EntryHistory:
+    policy_key: str
+    entry_id: str
+    state: str
+    attempt: int
+    fence_token: uuid.UUID | None
+    lease_deadline: datetime.datetime | None
+    next_attempt_at: datetime.datetime | None
+    worker: str | None
+    last_error: str | None
+    created_at: datetime.datetime
+    updated_at: datetime.datetime
+    attempts: tuple[AttemptRecord, ...]
+
+
+# --- connections and secrets ---------------------------------------------------------------
+
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^@/\s]*)@")
+_KEYWORD_PASSWORD = re.compile(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
+
+
+def sanitize_error(text: str, *, secrets: Iterable[str] = (), limit: int = ERROR_TEXT_LIMIT) -> str:
+    """Make an error message safe to store and show: no credentials, bounded length.
+
+    Removes the given secrets verbatim, the userinfo of any ``scheme://user:pw@host`` URL and
+    ``password=...`` keywords of libpq DSNs, then truncates to ``limit`` characters.
+    """
+    cleaned = text
+    for secret in secrets:
+        if secret and len(secret) >= 3:
+            cleaned = cleaned.replace(secret, "***")
+    cleaned = _URL_CREDENTIALS.sub(lambda m: f"{m.group('scheme')}***@", cleaned)
+    cleaned = _KEYWORD_PASSWORD.sub(lambda m: f"{m.group(1)}***", cleaned)
+    if len(cleaned) > limit:
+        cleaned = cleaned[: max(0, limit - 14)] + " …(truncated)"
+    return cleaned
+
+
+def dsn_secrets(dsn: str) -> tuple[str, ...]:
+    """The parts of a DSN that must never be shown: the password, and the DSN itself."""
+    found = [dsn]
+    try:
+        password = conninfo.conninfo_to_dict(dsn).get("password")
+    except psycopg.Error:
+        password = None
+    if password:
+        found.append(str(password))
+    return tuple(found)
+
+
+def describe_dsn(dsn: str) -> str:
+    """``database "x" on host:port`` — enough to find the server, nothing secret."""
+    try:
+        params = conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return "the configured database (its DSN does not parse)"
+    host = params.get("host") or params.get("hostaddr") or "localhost"
+    return f'database "{params.get("dbname") or "?"}" on {host}:{params.get("port") or 5432}'
+
+
+def unavailable(error: BaseException, *, dsn: str, doing: str) -> DatabaseUnavailable:
+    """Translate a psycopg error into ``DatabaseUnavailable`` without any credential in it."""
+    reason = sanitize_error(str(error).strip() or type(error).__name__, secrets=dsn_secrets(dsn))
+    return DatabaseUnavailable(
+        f"PostgreSQL unavailable while {doing} ({describe_dsn(dsn)}): {reason} — check that "
+        "the database is up and that the DSN (spec.source.databaseSecretRef, --dsn or "
+        "CELERY_RECONCILER_DSN) is right; nothing was lost, the next sweep retries"
+    )
+
+
+def connect(
+    dsn: str, *, application_name: str = "celery-reconciler", connect_timeout_seconds: int = 5
+) -> psycopg.Connection[Any]:
+    """An autocommit connection, or ``DatabaseUnavailable`` naming the server (not the DSN)."""
+    try:
+        return psycopg.connect(
+            dsn,
+            autocommit=True,
+            application_name=application_name,
+            connect_timeout=connect_timeout_seconds,
+        )
+    except psycopg.Error as error:
+        raise unavailable(error, dsn=dsn, doing="connecting") from None
+
+
+# --- schema --------------------------------------------------------------------------------
+
+_MIGRATIONS: tuple[tuple[int, tuple[sql.Composed, ...]], ...] = (
+    (
+        1,
+        (
+            sql.SQL(
+                """
+                CREATE TABLE {policies} (
+                    policy_key text PRIMARY KEY,
+                    max_attempts integer NOT NULL CHECK (max_attempts >= 1),
+                    initial_delay_seconds double precision NOT NULL,
+                    backoff_factor double precision NOT NULL,
+                    max_delay_seconds double precision NOT NULL,
+                    jitter boolean NOT NULL,
+                    lease_seconds double precision NOT NULL CHECK (lease_seconds > 0),
+                    task_name text NOT NULL,
+                    queue text NOT NULL,
+                    updated_at timestamptz NOT NULL DEFAULT now()
+                )
+                """
+            ).format(policies=_POLICIES),
+            sql.SQL(
+                """
+                CREATE TABLE {entries} (
+                    policy_key text NOT NULL,
+                    entry_id text NOT NULL,
+                    state text NOT NULL CHECK (state IN
+                        ('queued', 'running', 'retry_wait', 'succeeded', 'dead')),
+                    attempt integer NOT NULL DEFAULT 0,
+                    fence_token uuid UNIQUE,
+                    lease_deadline timestamptz,
+                    next_attempt_at timestamptz,
+                    worker text,
+                    last_error text,
+                    dispatched_at timestamptz,
+                    started_at timestamptz,
+                    finished_at timestamptz,
+                    created_at timestamptz NOT NULL DEFAULT now(),
+                    updated_at timestamptz NOT NULL DEFAULT now(),
+                    PRIMARY KEY (policy_key, entry_id)
+                )
+                """
+            ).format(entries=_ENTRIES),
+            # Sweeps only ever look at unfinished rows; succeeded rows (the bulk, forever)
+            # stay out of this index so its size follows the backlog.
+            sql.SQL(
+                "CREATE INDEX entries_unfinished ON {entries} (policy_key, state) "
+                "WHERE state <> 'succeeded'"
+            ).format(entries=_ENTRIES),
+            sql.SQL(
+                """
+                CREATE TABLE {attempts} (
+                    id bigserial PRIMARY KEY,
+                    policy_key text NOT NULL,
+                    entry_id text NOT NULL,
+                    attempt integer NOT NULL,
+                    fence_token uuid NOT NULL,
+                    worker text,
+                    outcome text NOT NULL CHECK (outcome IN
+                        ('running', 'succeeded', 'failed', 'lost')),
+                    error text,
+                    dispatched_at timestamptz,
+                    started_at timestamptz NOT NULL,
+                    finished_at timestamptz,
+                    retry_at timestamptz
+                )
+                """
+            ).format(attempts=_ATTEMPTS),
+            sql.SQL(
+                "CREATE INDEX attempts_by_entry ON {attempts} (policy_key, entry_id, id)"
+            ).format(attempts=_ATTEMPTS),
+            sql.SQL(
+                "CREATE INDEX attempts_running ON {attempts} (fence_token) "
+                "WHERE outcome = 'running'"
+            ).format(attempts=_ATTEMPTS),
+        ),
+    ),
+)
+SCHEMA_VERSION = _MIGRATIONS[-1][0]
+
+
+def ensure_schema(conn: psycopg.Connection[Any]) -> int:
+    """Create or migrate our schema; safe to call from many processes at once.
+
+    A cheap read answers the common case (already current) without locking. Otherwise the
+    migrations run in one transaction under ``pg_advisory_xact_lock``, so two operators (or
+    an operator and a worker) starting together never race on ``CREATE TABLE``. Returns the
+    version now in place.
+    """
+    if _applied_versions(conn) >= {version for version, _ in _MIGRATIONS}:
+        return SCHEMA_VERSION
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATION_LOCK_ID])
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(_SCHEMA))
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (version integer PRIMARY KEY, "
+                "applied_at timestamptz NOT NULL DEFAULT now())"
+            ).format(_MIGRATIONS_TABLE)
+        )
+        applied = {
+            row[0]
+            for row in conn.execute(sql.SQL("SELECT version FROM {}").format(_MIGRATIONS_TABLE))
+        }
+        for version, statements in _MIGRATIONS:
+            if version in applied:
+                continue
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(
+                sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(_MIGRATIONS_TABLE),
+                [version],
+            )
+    return SCHEMA_VERSION
+
+
+def _applied_versions(conn: psycopg.Connection[Any]) -> set[int]:
+    exists = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL", [f"{SCHEMA}.schema_migrations"]
+    ).fetchone()
+    if not exists or not exists[0]:
+        return set()
+    return {
+        row[0] for row in conn.execute(sql.SQL("SELECT version FROM {}").format(_MIGRATIONS_TABLE))
+    }
+
+
+# --- operator side -------------------------------------------------------------------------
+
+_UPSERT_POLICY = sql.SQL(
+    """
+    INSERT INTO {policies} AS p (policy_key, max_attempts, initial_delay_seconds,
+        backoff_factor, max_delay_seconds, jitter, lease_seconds, task_name, queue)
+    VALUES (%(policy_key)s, %(max_attempts)s, %(initial)s, %(factor)s, %(max_delay)s,
+        %(jitter)s, %(lease)s, %(task_name)s, %(queue)s)
+    ON CONFLICT (policy_key) DO UPDATE SET
+        max_attempts = EXCLUDED.max_attempts,
+        initial_delay_seconds = EXCLUDED.initial_delay_seconds,
+        backoff_factor = EXCLUDED.backoff_factor,
+        max_delay_seconds = EXCLUDED.max_delay_seconds,
+        jitter = EXCLUDED.jitter,
+        lease_seconds = EXCLUDED.lease_seconds,
+        task_name = EXCLUDED.task_name,
+        queue = EXCLUDED.queue,
+        updated_at = now()
+    WHERE (p.max_attempts, p.initial_delay_seconds, p.backoff_factor, p.max_delay_seconds,
+           p.jitter, p.lease_seconds, p.task_name, p.queue)
+        IS DISTINCT FROM
+          (EXCLUDED.max_attempts, EXCLUDED.initial_delay_seconds, EXCLUDED.backoff_factor,
+           EXCLUDED.max_delay_seconds, EXCLUDED.jitter, EXCLUDED.lease_seconds,
+           EXCLUDED.task_name, EXCLUDED.queue)
+    """
+).format(policies=_POLICIES)
+
+
+def upsert_policy(conn: psycopg.Connection[Any], policy: policy_module.Policy) -> None:
+    """Publish the policy's retry and lease rules to workers (a no-op write when unchanged)."""
+    conn.execute(
+        _UPSERT_POLICY,
+        {
+            "policy_key": policy.key,
+            "max_attempts": policy.retry.max_attempts,
+            "initial": policy.retry.initial_delay_seconds,
+            "factor": policy.retry.backoff_factor,
+            "max_delay": policy.retry.max_delay_seconds,
+            "jitter": policy.retry.jitter,
+            "lease": policy.lease.timeout_seconds,
+            "task_name": policy.task.name,
+            "queue": policy.task.queue,
+        },
+    )
+
+
+def forget_policy(conn: psycopg.Connection[Any], *, policy_key: str) -> None:
+    """Delete every ledger row of a policy (the ProcessingPolicy itself was deleted)."""
+    with conn.transaction():
+        for table in (_ATTEMPTS, _ENTRIES, _POLICIES):
+            conn.execute(
+                sql.SQL("DELETE FROM {} WHERE policy_key = %s").format(table), [policy_key]
+            )
+
+
+# An expired running lease is a failed attempt (the worker died or the body overran), so it
+# consumes the attempt: a poison entry that kills its worker ends dead, not in a crash loop.
+_EXPIRE_RUNNING = sql.SQL(
+    """
+    WITH lost AS (
+        UPDATE {entries} e SET
+            state = CASE WHEN e.attempt >= p.max_attempts THEN 'dead' ELSE 'retry_wait' END,
+            next_attempt_at = CASE WHEN e.attempt >= p.max_attempts THEN NULL ELSE now() END,
+            last_error = %(reason)s || coalesce(e.worker, 'an unknown worker'),
+            lease_deadline = NULL,
+            finished_at = now(),
+            updated_at = now()
+        FROM {policies} p
+        WHERE p.policy_key = e.policy_key
+          AND e.policy_key = %(policy_key)s
+          AND e.state = 'running'
+          AND {which}
+        RETURNING e.fence_token, e.state, e.last_error
+    ), history AS (
+        UPDATE {attempts} a SET outcome = 'lost', error = lost.last_error, finished_at = now()
+        FROM lost
+        WHERE a.fence_token = lost.fence_token AND a.outcome = 'running'
+    )
+    SELECT count(*) FILTER (WHERE state = 'retry_wait'), count(*) FILTER (WHERE state = 'dead')
+    FROM lost
+    """
+)
+_EXPIRE_BY_TIME = _EXPIRE_RUNNING.format(
+    entries=_ENTRIES,
+    policies=_POLICIES,
+    attempts=_ATTEMPTS,
+    which=sql.SQL("e.lease_deadline <= now()"),
+)
+_EXPIRE_BY_WORKER = _EXPIRE_RUNNING.format(
+    entries=_ENTRIES,
+    policies=_POLICIES,
+    attempts=_ATTEMPTS,
+    which=sql.SQL("e.worker = %(worker)s"),
+)
+_COUNT_UNSTARTED_EXPIRED = sql.SQL(
+    "SELECT count(*) FROM {entries} WHERE policy_key = %s AND state = 'queued' "
+    "AND lease_deadline <= now()"
+).format(entries=_ENTRIES)
+
+
+def expire_leases(conn: psycopg.Connection[Any], *, policy_key: str) -> ExpiredLeases:
+    """Turn running attempts whose lease ran out into failed attempts; count lost messages.
+
+    Queued rows whose lease ran out need no write: they are eligible for the next claim as
+    they are (their message was lost, so no attempt is charged).
+    """
+    with conn.transaction():
+        row = conn.execute(
+            _EXPIRE_BY_TIME,
+            {
+                "policy_key": policy_key,
+                "reason": "lease expired while running (the worker died, was restarted, or the "
+                "body ran past spec.lease.timeout) on worker ",
+            },
+        ).fetchone()
+        unstarted = conn.execute(_COUNT_UNSTARTED_EXPIRED, [policy_key]).fetchone()
+    assert row is not None and unstarted is not None
+    return ExpiredLeases(retry_now=row[0], dead=row[1], unstarted=unstarted[0])
+
+
+def expire_leases_held_by(
+    conn: psycopg.Connection[Any], *, policy_key: str, worker: str
+) -> ExpiredLeases:
+    """Expire at once every running lease held by ``worker`` (a pod that restarted or left)."""
+    with conn.transaction():
+        row = conn.execute(
+            _EXPIRE_BY_WORKER,
+            {
+                "policy_key": policy_key,
+                "worker": worker,
+                "reason": "worker pod restarted or was deleted while running this attempt: ",
+            },
+        ).fetchone()
+    assert row is not None
+    return ExpiredLeases(retry_now=row[0], dead=row[1], unstarted=0)
+
+
+_LOCK_CLAIMABLE = sql.SQL(
+    """
+    SELECT entry_id, state FROM {entries}
+    WHERE policy_key = %(policy_key)s
+      AND entry_id = ANY(%(entry_ids)s)
+      AND (state = 'succeeded'
+           OR (state = 'queued' AND lease_deadline <= now())
+           OR (state = 'retry_wait' AND next_attempt_at <= now()))
+    FOR UPDATE SKIP LOCKED
+    """
+).format(entries=_ENTRIES)
+
+_CLAIM_LOCKED = sql.SQL(
+    """
+    UPDATE {entries} SET
+        state = 'queued',
+        fence_token = gen_random_uuid(),
+        lease_deadline = now() + make_interval(secs => %(lease_seconds)s),
+        next_attempt_at = NULL,
+        dispatched_at = now(),
+        attempt = CASE WHEN state = 'succeeded' THEN 0 ELSE attempt END,
+        last_error = CASE WHEN state = 'succeeded' THEN NULL ELSE last_error END,
+        updated_at = now()
+    WHERE policy_key = %(policy_key)s AND entry_id = ANY(%(entry_ids)s)
+    RETURNING entry_id, fence_token
+    """
+).format(entries=_ENTRIES)
+
+_CLAIM_NEW = sql.SQL(
+    """
+    INSERT INTO {entries} (policy_key, entry_id, state, fence_token, lease_deadline,
+        dispatched_at)
+    SELECT %(policy_key)s, new_id, 'queued', gen_random_uuid(),
+        now() + make_interval(secs => %(lease_seconds)s), now()
+    FROM unnest(%(entry_ids)s::text[]) AS new_id
+    ON CONFLICT (policy_key, entry_id) DO NOTHING
+    RETURNING entry_id, fence_token
+    """
+).format(entries=_ENTRIES)
+
+
+def claim(
+    conn: psycopg.Connection[Any],
+    *,
+    policy_key: str,
+    entry_ids: Sequence[str],
+    lease_seconds: float,
+    still_pending: Callable[[Sequence[str]], set[str]],
+) -> list[Claim]:
+    """Claim the eligible ones of ``entry_ids`` (pending in the source) with fresh fences.
+
+    Must run inside the caller's transaction; the caller commits, and only then publishes.
+
+    Eligible: no ledger row yet; ``queued`` with an expired lease (message lost);
+    ``retry_wait`` whose retry is due; ``succeeded`` while the source predicate holds again.
+    Rows locked by someone else are skipped (``SKIP LOCKED``), never waited for.
+
+    The ``succeeded`` case is re-checked against the source *after* the row lock is taken,
+    through ``still_pending`` (a fresh statement, hence a fresh snapshot under READ
+    COMMITTED): a worker commits the body's write before it records success, so once we hold
+    the succeeded row, the body's write is visible and a just-finished entry is not mistaken
+    for "pending again".
+    """
+    if not entry_ids:
+        return []
+    ids = list(entry_ids)
+    locked = conn.execute(_LOCK_CLAIMABLE, {"policy_key": policy_key, "entry_ids": ids}).fetchall()
+    reclaim = [entry_id for entry_id, state in locked if state != "succeeded"]
+    succeeded = [entry_id for entry_id, state in locked if state == "succeeded"]
+    if succeeded:
+        pending_again = still_pending(succeeded)
+        reclaim.extend(entry_id for entry_id in succeeded if entry_id in pending_again)
+    claims: dict[str, uuid.UUID] = {}
+    if reclaim:
+        for entry_id, fence in conn.execute(
+            _CLAIM_LOCKED,
+            {"policy_key": policy_key, "entry_ids": reclaim, "lease_seconds": lease_seconds},
+        ):
+            claims[entry_id] = fence
+    for entry_id, fence in conn.execute(
+        _CLAIM_NEW, {"policy_key": policy_key, "entry_ids": ids, "lease_seconds": lease_seconds}
+    ):
+        claims[entry_id] = fence
+    # Keep the source's keyset order, so dispatch order follows spec.source.orderBy.
+    return [Claim(entry_id, claims[entry_id]) for entry_id in ids if entry_id in claims]
+
+
+_RELEASE_CLAIMS = sql.SQL(
+    """
+    UPDATE {entries} SET lease_deadline = now(), updated_at = now()
+    WHERE fence_token = ANY(%s) AND state = 'queued'
+    """
+).format(entries=_ENTRIES)
+
+
+def release_claims(conn: psycopg.Connection[Any], *, fence_tokens: Sequence[uuid.UUID]) -> int:
+    """Make claims whose publish failed eligible again at once, instead of after the lease.
+
+    Safe even if some of those messages did reach the broker: the next claim writes a new
+    fence token, and a worker drops any delivery whose task id is not the current fence.
+    """
+    if not fence_tokens:
+        return 0
+    return conn.execute(_RELEASE_CLAIMS, [list(fence_tokens)]).rowcount
+
+
+_LEASE_HOLDERS = sql.SQL(
+    "SELECT DISTINCT worker FROM {entries} WHERE policy_key = %s AND state = 'running' "
+    "AND worker IS NOT NULL"
+).format(entries=_ENTRIES)
+
+
+def lease_holders(conn: psycopg.Connection[Any], *, policy_key: str) -> set[str]:
+    """Workers (pod names) holding running leases of the policy right now."""
+    return {row[0] for row in conn.execute(_LEASE_HOLDERS, [policy_key])}
+
+
+_COUNT_IN_FLIGHT = sql.SQL(
+    "SELECT count(*) FROM {entries} WHERE policy_key = %s AND state IN ('queued', 'running') "
+    "AND lease_deadline > now()"
+).format(entries=_ENTRIES)
+
+
+def count_in_flight(conn: psycopg.Connection[Any], *, policy_key: str) -> int:
+    """Entries dispatched or running under a live lease (what ``maxInFlight`` limits)."""
+    row = conn.execute(_COUNT_IN_FLIGHT, [policy_key]).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+_SECONDS_UNTIL_NEXT_DUE = sql.SQL(
+    """
+    SELECT EXTRACT(EPOCH FROM min(CASE
+        WHEN state = 'retry_wait' THEN next_attempt_at
+        WHEN state IN ('queued', 'running') THEN lease_deadline
+    END) - now())
+    FROM {entries}
+    WHERE policy_key = %s AND state IN ('queued', 'running', 'retry_wait')
+    """
+).format(entries=_ENTRIES)
+
+
+def seconds_until_next_due(conn: psycopg.Connection[Any], *, policy_key: str) -> float | None:
+    """Time until the earliest retry falls due or lease runs out (None: nothing scheduled)."""
+    row = conn.execute(_SECONDS_UNTIL_NEXT_DUE, [policy_key]).fetchone()
+    return None if row is None or row[0] is None else float(row[0])
+
+
+_UNSETTLED = sql.SQL(
+    """
+    SELECT entry_id FROM {entries}
+    WHERE policy_key = %s AND state = 'retry_wait'
+    ORDER BY next_attempt_at LIMIT %s
+    """
+).format(entries=_ENTRIES)
+
+_MARK_SETTLED = sql.SQL(
+    """
+    UPDATE {entries} SET state = 'succeeded', next_attempt_at = NULL, updated_at = now(),
+        finished_at = coalesce(finished_at, now())
+    WHERE policy_key = %s AND entry_id = ANY(%s) AND state = 'retry_wait'
+    """
+).format(entries=_ENTRIES)
+
+
+def settle_finished(
+    conn: psycopg.Connection[Any],
+    *,
+    policy_key: str,
+    still_pending: Callable[[Sequence[str]], set[str]],
+    limit: int = 10_000,
+) -> int:
+    """Mark ``retry_wait`` rows succeeded when the source says the entry is processed.
+
+    This happens when a body committed its work but the worker died (or lost its lease)
+    before recording success: the entry is done, and counting it as "retrying" would lie.
+    """
+    waiting = [row[0] for row in conn.execute(_UNSETTLED, [policy_key, limit])]
+    if not waiting:
+        return 0
+    pending = still_pending(waiting)
+    done = [entry_id for entry_id in waiting if entry_id not in pending]
+    if not done:
+        return 0
+    return conn.execute(_MARK_SETTLED, [policy_key, done]).rowcount
+
+
+_RETRY_DEAD = sql.SQL(
+    """
+    WITH revived AS (
+        UPDATE {entries} SET state = 'retry_wait', attempt = 0, next_attempt_at = now(),
+            updated_at = now()
+        WHERE policy_key = %(policy_key)s AND state = 'dead'
+          AND (%(entry_ids)s::text[] IS NULL OR entry_id = ANY(%(entry_ids)s::text[]))
+        RETURNING 1
+    )
+    SELECT count(*) FROM revived
+    """
+).format(entries=_ENTRIES)
+
+
+def retry_dead(
+    conn: psycopg.Connection[Any], *, policy_key: str, entry_ids: Sequence[str] | None = None
+) -> int:
+    """Give dead entries (all, or the given ids) a fresh set of attempts, due now."""
+    row = conn.execute(
+        _RETRY_DEAD,
+        {"policy_key": policy_key, "entry_ids": None if entry_ids is None else list(entry_ids)},
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+_COUNTS = sql.SQL(
+    """
+    SELECT
+        count(*) FILTER (WHERE state = 'queued'),
+        count(*) FILTER (WHERE state = 'running'),
+        count(*) FILTER (WHERE state = 'retry_wait'),
+        count(*) FILTER (WHERE state = 'succeeded'),
+        count(*) FILTER (WHERE state = 'dead'),
+        EXTRACT(EPOCH FROM min(CASE
+            WHEN state = 'retry_wait' THEN next_attempt_at
+            WHEN state IN ('queued', 'running') THEN lease_deadline
+        END) - now())
+    FROM {entries} WHERE policy_key = %s
+    """
+).format(entries=_ENTRIES)
+
+
+def counts(conn: psycopg.Connection[Any], *, policy_key: str) -> LedgerCounts:
+    """Per-state counts for ProcessingStatus (``pending`` comes from the source)."""
+    row = conn.execute(_COUNTS, [policy_key]).fetchone()
+    assert row is not None
+    return LedgerCounts(
+        queued=row[0],
+        running=row[1],
+        retrying=row[2],
+        succeeded=row[3],
+        dead=row[4],
+        seconds_until_next_due=None if row[5] is None else float(row[5]),
+    )
+
+
+_ENTRY = sql.SQL(
+    """
+    SELECT policy_key, entry_id, state, attempt, fence_token, lease_deadline, next_attempt_at,
+        worker, last_error, created_at, updated_at
+    FROM {entries} WHERE policy_key = %s AND entry_id = %s
+    """
+).format(entries=_ENTRIES)
+_ATTEMPT_HISTORY = sql.SQL(
+    """
+    SELECT attempt, fence_token, worker, outcome, error, dispatched_at, started_at,
+        finished_at, retry_at
+    FROM {attempts} WHERE policy_key = %s AND entry_id = %s ORDER BY id
+    """
+).format(attempts=_ATTEMPTS)
+
+
+def history(
+    conn: psycopg.Connection[Any], *, policy_key: str, entry_id: str
+) -> EntryHistory | None:
+    """The ledger row of one entry and every attempt it had (for ``explain``)."""
+    with conn.cursor(row_factory=dict_row) as cursor:
+        entry = cursor.execute(_ENTRY, [policy_key, entry_id]).fetchone()
+        if entry is None:
+            return None
+        attempts = cursor.execute(_ATTEMPT_HISTORY, [policy_key, entry_id]).fetchall()
+    return EntryHistory(**entry, attempts=tuple(AttemptRecord(**attempt) for attempt in attempts))
+
+
+# --- worker side ---------------------------------------------------------------------------
+
+# The fence: a worker may run the body only if its task id is the entry's current fence
+# token, the entry is still queued (not already running, retried or finished) and the lease
+# is live. One UPDATE checks and claims at once, so two deliveries cannot both pass.
+_START_ATTEMPT = sql.SQL(
+    """
+    WITH started AS (
+        UPDATE {entries} e SET
+            state = 'running',
+            attempt = e.attempt + 1,
+            worker = %(worker)s,
+            started_at = now(),
+            finished_at = NULL,
+            lease_deadline = now() + make_interval(secs => p.lease_seconds),
+            updated_at = now()
+        FROM {policies} p
+        WHERE e.fence_token = %(fence_token)s
+          AND (%(entry_id)s::text IS NULL OR e.entry_id = %(entry_id)s::text)
+          AND e.state = 'queued'
+          AND e.lease_deadline > now()
+          AND p.policy_key = e.policy_key
+        RETURNING e.policy_key, e.entry_id, e.attempt, e.fence_token, e.dispatched_at,
+            e.started_at, p.max_attempts, p.initial_delay_seconds, p.backoff_factor,
+            p.max_delay_seconds, p.jitter, p.lease_seconds
+    ), recorded AS (
+        INSERT INTO {attempts} (policy_key, entry_id, attempt, fence_token, worker, outcome,
+            dispatched_at, started_at)
+        SELECT policy_key, entry_id, attempt, fence_token, %(worker)s, 'running',
+            dispatched_at, started_at
+        FROM started
+    )
+    SELECT policy_key, entry_id, attempt, fence_token, max_attempts, initial_delay_seconds,
+        backoff_factor, max_delay_seconds, jitter, lease_seconds
+    FROM started
+    """
+).format(entries=_ENTRIES, policies=_POLICIES, attempts=_ATTEMPTS)
+
+
+def start_attempt(
+    conn: psycopg.Connection[Any], *, fence_token: str, entry_id: str | None, worker: str
+) -> RunningAttempt | None:
+    """Claim the right to run the body, or ``None`` for a stale or foreign delivery.
+
+    ``entry_id`` (when known) must match the ledger row of the fence token too, so a
+    message can never run the body for a different entry than the one it was claimed for.
+    """
+    try:
+        token = uuid.UUID(fence_token)
+    except ValueError:
+        return None  # not one of our messages: task ids we publish are always UUIDs
+    row = conn.execute(
+        _START_ATTEMPT, {"fence_token": token, "entry_id": entry_id, "worker": worker}
+    ).fetchone()
+    if row is None:
+        return None
+    (key, entry, attempt, fence, max_attempts, initial, factor, max_delay, jitter, lease) = row
+    return RunningAttempt(
+        policy_key=key,
+        entry_id=entry,
+        attempt=attempt,
+        fence_token=fence,
+        retry=policy_module.Retry(
+            max_attempts=max_attempts,
+            initial_delay_seconds=initial,
+            backoff_factor=factor,
+            max_delay_seconds=max_delay,
+            jitter=jitter,
+        ),
+        lease_seconds=lease,
+    )
+
+
+_RECORD_SUCCESS = sql.SQL(
+    """
+    WITH done AS (
+        UPDATE {entries} SET state = 'succeeded', lease_deadline = NULL,
+            next_attempt_at = NULL, finished_at = now(), updated_at = now()
+        WHERE fence_token = %(fence_token)s AND state = 'running'
+        RETURNING fence_token
+    ), recorded AS (
+        UPDATE {attempts} a SET outcome = 'succeeded', finished_at = now()
+        FROM done WHERE a.fence_token = done.fence_token AND a.outcome = 'running'
+    )
+    SELECT count(*) FROM done
+    """
+).format(entries=_ENTRIES, attempts=_ATTEMPTS)
+
+
+def record_success(conn: psycopg.Connection[Any], *, fence_token: uuid.UUID) -> bool:
+    """Mark the attempt succeeded; ``False`` if it no longer owned the entry (lease lost)."""
+    row = conn.execute(_RECORD_SUCCESS, {"fence_token": fence_token}).fetchone()
+    return bool(row and row[0])
+
+
+_RECORD_FAILURE = sql.SQL(
+    """
+    WITH failed AS (
+        UPDATE {entries} SET
+            state = CASE WHEN %(retry_in_seconds)s::float8 IS NULL THEN 'dead'
+                         ELSE 'retry_wait' END,
+            next_attempt_at = now() + make_interval(secs => %(retry_in_seconds)s::float8),
+            last_error = %(error)s,
+            lease_deadline = NULL,
+            finished_at = now(),
+            updated_at = now()
+        WHERE fence_token = %(fence_token)s AND state = 'running'
+        RETURNING fence_token, state, next_attempt_at
+    ), recorded AS (
+        UPDATE {attempts} a SET outcome = 'failed', error = %(error)s, finished_at = now(),
+            retry_at = failed.next_attempt_at
+        FROM failed WHERE a.fence_token = failed.fence_token AND a.outcome = 'running'
+    )
+    SELECT state FROM failed
+    """
+).format(entries=_ENTRIES, attempts=_ATTEMPTS)
+
+
+def record_failure(
+    conn: psycopg.Connection[Any],
+    *,
+    fence_token: uuid.UUID,
+    error: str,
+    retry_in_seconds: float | None,
+) -> str | None:
+    """Schedule a retry (``retry_in_seconds``) or dead-letter (``None``) with the error.
+
+    ``error`` must already be sanitized (``sanitize_error``). Returns the new state, or
+    ``None`` if the attempt no longer owned the entry.
+    """
+    row = conn.execute(
+        _RECORD_FAILURE,
+        {"fence_token": fence_token, "error": error, "retry_in_seconds": retry_in_seconds},
+    ).fetchone()
+    return None if row is None else str(row[0])

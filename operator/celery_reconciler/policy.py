@@ -1,0 +1,652 @@
+"""The typed ProcessingPolicy: one parse of the user's ``spec`` into frozen dataclasses.
+
+Everything downstream (planning, the ledger, the source reader, the broker, the kopf
+handlers, the CLI) works on a ``Policy`` and never on the raw dict, so validation happens in
+exactly one place and a bad spec is rejected before it can reach SQL or a broker.
+
+Why a hand-written parser rather than a schema library: the errors are the product here. A
+user who typed ``table: "journal; drop"`` must read ``spec.source.table: ... is not a SQL
+identifier`` with the field path, and must see *every* problem of the spec at once, not the
+first one. ``InvalidPolicy`` carries the full list.
+
+Identifiers are only validated here (``^[A-Za-z_][A-Za-z0-9_]{0,62}$`` per part); they are
+always quoted later with ``psycopg.sql.Identifier``, so MixedCase names work and nothing is
+ever concatenated into SQL. The pending predicate is structured (``equals`` / ``in`` /
+``isNull``), never raw SQL.
+
+This module is pure: it imports no psycopg, celery, kopf or kubernetes, so the CLI and the
+unit tests can load it anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+# Celery accepts any string as a task or queue name; we accept the conventional subset so a
+# name can never smuggle whitespace or control characters into logs or broker keys.
+TASK_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-]{0,254}$")
+QUEUE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,199}$")
+LABEL_VALUE_PATTERN = re.compile(r"^[A-Za-z0-9_./\-]{0,253}$")
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_UNIT_SECONDS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
+DEFAULT_QUEUE = "celery"
+DEFAULT_ID_COLUMN = "id"
+DEFAULT_DATABASE_SECRET_KEY = "dsn"
+DEFAULT_BROKER_SECRET_KEY = "url"
+DEFAULT_SWEEP_INTERVAL = "5m"
+DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_INITIAL_DELAY = "60s"
+DEFAULT_BACKOFF_FACTOR = 2.0
+DEFAULT_MAX_DELAY = "1h"
+DEFAULT_LEASE_TIMEOUT = "15m"
+DEFAULT_BATCH_SIZE = 500
+DEFAULT_MAX_IN_FLIGHT = 10_000
+MAX_BATCH_SIZE = 50_000
+
+
+class InvalidDuration(ValueError):
+    """A duration string is not Go-style (``90s``, ``5m``, ``1h30m``, ``250ms``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a spec, located by its field path (``spec.retry.maxAttempts``)."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class InvalidPolicy(ValueError):
+    """The spec cannot be used; ``problems`` lists every field that is wrong, not just one."""
+
+    def __init__(self, policy_key: str, problems: Sequence[Problem]) -> None:
+        self.policy_key = policy_key
+        self.problems = tuple(problems)
+        lines = "\n".join(f"  - {problem}" for problem in self.problems)
+        super().__init__(
+            f"ProcessingPolicy {policy_key} is invalid ({len(self.problems)} problem"
+            f"{'s' if len(self.problems) != 1 else ''}); fix these fields:\n{lines}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SecretRef:
+    name: str
+    key: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TableName:
+    """A table, optionally schema-qualified; each part a validated identifier."""
+
+    schema: str | None
+    table: str
+
+    def __str__(self) -> str:
+        return f"{self.schema}.{self.table}" if self.schema else self.table
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingEquals:
+    """``column = value``: a boolean flag (``insights_extracted = false``) or a status value."""
+
+    column: str
+    value: bool | int | str
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingIn:
+    """``column IN (values)``: a status column within a set (``status in [new, failed]``)."""
+
+    column: str
+    values: tuple[str, ...] | tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingIsNull:
+    """``column IS NULL`` (``is_null``) or ``IS NOT NULL``: e.g. ``processed_at IS NULL``."""
+
+    column: str
+    is_null: bool
+
+
+PendingPredicate = PendingEquals | PendingIn | PendingIsNull
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    database_secret: SecretRef | None
+    table: TableName
+    id_column: str
+    pending: PendingPredicate
+    order_by: str
+
+    @property
+    def orders_by_id(self) -> bool:
+        return self.order_by == self.id_column
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    broker_secret: SecretRef | None
+    queue: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    sweep_interval_seconds: float
+    suspend: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Retry:
+    max_attempts: int
+    initial_delay_seconds: float
+    backoff_factor: float
+    max_delay_seconds: float
+    jitter: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Lease:
+    timeout_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSelectorRequirement:
+    key: str
+    operator: str
+    values: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Workers:
+    """Which pods run the task; their restarts orphan the leases they held."""
+
+    match_labels: tuple[tuple[str, str], ...]
+    match_expressions: tuple[LabelSelectorRequirement, ...]
+
+    @property
+    def has_selector(self) -> bool:
+        return bool(self.match_labels or self.match_expressions)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    batch_size: int
+    max_in_flight: int
+    dispatch_per_second: float  # 0 means unlimited
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    namespace: str
+    name: str
+    source: Source
+    task: Task
+    schedule: Schedule
+    retry: Retry
+    lease: Lease
+    workers: Workers
+    limits: Limits
+
+    @property
+    def key(self) -> str:
+        """The policy's key in the ledger: ``"<namespace>/<name>"``."""
+        return f"{self.namespace}/{self.name}"
+
+
+def parse_duration_seconds(text: str) -> float:
+    """Parse a Go-style duration (``90s``, ``5m``, ``1h30m``, ``250ms``, ``-5m``) to seconds.
+
+    Negative durations parse (so the caller can say "must be positive" rather than "bad
+    syntax"); a bare number without a unit is rejected because ``300`` is ambiguous.
+    """
+    if not isinstance(text, str):
+        raise InvalidDuration(f'{text!r} is not a duration string; write e.g. "90s" or "5m"')
+    body = text.strip()
+    sign = 1.0
+    if body and body[0] in "+-":
+        sign = -1.0 if body[0] == "-" else 1.0
+        body = body[1:]
+    if body == "0":
+        return 0.0
+    position = 0
+    total = 0.0
+    while position < len(body):
+        match = _DURATION_PART.match(body, position)
+        if match is None:
+            break
+        total += float(match.group(1)) * _DURATION_UNIT_SECONDS[match.group(2)]
+        position = match.end()
+    if not body or position != len(body):
+        raise InvalidDuration(
+            f"{text!r} is not a duration; write a number with a unit (ns, us, ms, s, m, h), "
+            'e.g. "90s", "5m", "1h30m" or "250ms"'
+        )
+    return sign * total
+
+
+def parse_policy(
+    spec: Mapping[str, Any],
+    *,
+    namespace: str,
+    name: str,
+    require_secret_refs: bool = True,
+) -> Policy:
+    """Validate ``spec`` and build a ``Policy``, or raise ``InvalidPolicy`` listing every problem.
+
+    ``require_secret_refs=False`` is for the CLI, where the DSN and broker URL come from
+    flags or the environment instead of Kubernetes Secrets.
+    """
+    parser = _Parser()
+    policy = parser.policy(
+        spec, namespace=namespace, name=name, require_secrets=require_secret_refs
+    )
+    if parser.problems or policy is None:
+        raise InvalidPolicy(f"{namespace}/{name}", parser.problems)
+    return policy
+
+
+class _Parser:
+    """Collects problems instead of stopping at the first one."""
+
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(Problem(path, message))
+
+    # --- generic field readers: each returns a usable fallback after recording a problem
+
+    def mapping(self, value: Any, path: str, *, allowed: Sequence[str]) -> Mapping[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            self.problem(path, f"must be an object, got {_describe(value)}")
+            return {}
+        for key in value:
+            if key not in allowed:
+                self.problem(
+                    f"{path}.{key}", f"unknown field; known fields are {', '.join(allowed)}"
+                )
+        return value
+
+    def identifier(self, value: Any, path: str) -> str:
+        if not isinstance(value, str) or not IDENTIFIER_PATTERN.match(value):
+            self.problem(
+                path,
+                f"{_describe(value)} is not a SQL identifier; use letters, digits and "
+                "underscores, starting with a letter or underscore, at most 63 characters",
+            )
+            return "invalid"
+        return value
+
+    def duration(self, value: Any, path: str, *, allow_zero: bool = False) -> float:
+        try:
+            seconds = parse_duration_seconds(value)
+        except InvalidDuration as error:
+            self.problem(path, str(error))
+            return 1.0
+        if seconds < 0 or (seconds == 0 and not allow_zero):
+            self.problem(
+                path,
+                f"{value!r} must be {'zero or ' if allow_zero else ''}positive",
+            )
+            return 1.0
+        return seconds
+
+    def integer(self, value: Any, path: str, *, minimum: int, maximum: int | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.problem(path, f"must be an integer, got {_describe(value)}")
+            return minimum
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            self.problem(path, f"{value} is out of range; it must be {bound}")
+            return minimum
+        return value
+
+    def number(self, value: Any, path: str, *, minimum: float) -> float:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            self.problem(path, f"must be a number, got {_describe(value)}")
+            return minimum
+        if value < minimum:
+            self.problem(path, f"{value} is out of range; it must be >= {minimum:g}")
+            return minimum
+        return float(value)
+
+    def boolean(self, value: Any, path: str) -> bool:
+        if not isinstance(value, bool):
+            self.problem(path, f"must be true or false, got {_describe(value)}")
+            return False
+        return value
+
+    def secret_ref(
+        self, value: Any, path: str, *, default_key: str, required: bool
+    ) -> SecretRef | None:
+        if value is None:
+            if required:
+                self.problem(path, f"is required: {{name: <secret>, key: {default_key}}}")
+            return None
+        ref = self.mapping(value, path, allowed=("name", "key"))
+        secret_name = ref.get("name")
+        if not isinstance(secret_name, str) or not secret_name:
+            self.problem(f"{path}.name", "is required: the name of a Secret in this namespace")
+            secret_name = "invalid"
+        key = ref.get("key", default_key)
+        if not isinstance(key, str) or not key:
+            self.problem(f"{path}.key", f"must be a non-empty string, got {_describe(key)}")
+            key = default_key
+        return SecretRef(name=secret_name, key=key)
+
+    # --- the spec's sections
+
+    def policy(
+        self, spec: Any, *, namespace: str, name: str, require_secrets: bool
+    ) -> Policy | None:
+        if not namespace or not name:
+            self.problem("metadata", "namespace and name are required")
+        if not isinstance(spec, Mapping):
+            self.problem("spec", f"must be an object, got {_describe(spec)}")
+            return None
+        top = self.mapping(
+            spec,
+            "spec",
+            allowed=("source", "task", "schedule", "retry", "lease", "workers", "limits"),
+        )
+        if "source" not in top:
+            self.problem("spec.source", "is required")
+        if "task" not in top:
+            self.problem("spec.task", "is required")
+        source = self.source(top.get("source"), require_secrets=require_secrets)
+        task = self.task(top.get("task"), require_secrets=require_secrets)
+        schedule = self.schedule(top.get("schedule"))
+        retry = self.retry(top.get("retry"))
+        lease = self.lease(top.get("lease"))
+        workers = self.workers(top.get("workers"))
+        limits = self.limits(top.get("limits"))
+        return Policy(
+            namespace=namespace,
+            name=name,
+            source=source,
+            task=task,
+            schedule=schedule,
+            retry=retry,
+            lease=lease,
+            workers=workers,
+            limits=limits,
+        )
+
+    def source(self, value: Any, *, require_secrets: bool) -> Source:
+        path = "spec.source"
+        raw = self.mapping(
+            value,
+            path,
+            allowed=("databaseSecretRef", "table", "idColumn", "pending", "orderBy"),
+        )
+        secret = self.secret_ref(
+            raw.get("databaseSecretRef"),
+            f"{path}.databaseSecretRef",
+            default_key=DEFAULT_DATABASE_SECRET_KEY,
+            required=require_secrets,
+        )
+        table = self.table(raw.get("table"), f"{path}.table")
+        id_column = self.identifier(raw.get("idColumn", DEFAULT_ID_COLUMN), f"{path}.idColumn")
+        pending = self.pending(raw.get("pending"), f"{path}.pending")
+        order_by = raw.get("orderBy")
+        order_column = (
+            id_column if order_by is None else self.identifier(order_by, f"{path}.orderBy")
+        )
+        return Source(
+            database_secret=secret,
+            table=table,
+            id_column=id_column,
+            pending=pending,
+            order_by=order_column,
+        )
+
+    def table(self, value: Any, path: str) -> TableName:
+        if not isinstance(value, str) or not value:
+            self.problem(path, 'is required: "table" or "schema.table"')
+            return TableName(schema=None, table="invalid")
+        parts = value.split(".")
+        if len(parts) > 2 or not all(IDENTIFIER_PATTERN.match(part) for part in parts):
+            self.problem(
+                path,
+                f'{value!r} is not a SQL identifier: write "table" or "schema.table", each '
+                "part letters, digits and underscores, starting with a letter or underscore, "
+                "at most 63 characters",
+            )
+            return TableName(schema=None, table="invalid")
+        if len(parts) == 2:
+            return TableName(schema=parts[0], table=parts[1])
+        return TableName(schema=None, table=parts[0])
+
+    def pending(self, value: Any, path: str) -> PendingPredicate:
+        fallback = PendingIsNull(column="invalid", is_null=True)
+        if value is None:
+            self.problem(path, "is required: {column: <name>, equals: <value>} (or in / isNull)")
+            return fallback
+        raw = self.mapping(value, path, allowed=("column", "equals", "in", "isNull"))
+        if not raw:
+            return fallback
+        column = self.identifier(raw.get("column"), f"{path}.column")
+        given = [key for key in ("equals", "in", "isNull") if key in raw]
+        if len(given) != 1:
+            self.problem(
+                path,
+                "needs exactly one of equals, in or isNull"
+                + (f" (got {', '.join(given)})" if given else ""),
+            )
+            return fallback
+        match given[0]:
+            case "equals":
+                equals = raw["equals"]
+                if not isinstance(equals, bool | int | str) or (
+                    isinstance(equals, str) and not equals
+                ):
+                    self.problem(
+                        f"{path}.equals",
+                        f"must be a boolean, an integer or a non-empty string, got "
+                        f"{_describe(equals)}",
+                    )
+                    return fallback
+                return PendingEquals(column=column, value=equals)
+            case "in":
+                return self.pending_in(raw["in"], f"{path}.in", column=column) or fallback
+            case _:
+                return PendingIsNull(
+                    column=column, is_null=self.boolean(raw["isNull"], f"{path}.isNull")
+                )
+
+    def pending_in(self, value: Any, path: str, *, column: str) -> PendingIn | None:
+        if not isinstance(value, list) or not value:
+            self.problem(path, f"must be a non-empty list of values, got {_describe(value)}")
+            return None
+        if all(isinstance(item, str) and item for item in value):
+            return PendingIn(column=column, values=tuple(str(item) for item in value))
+        if all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+            return PendingIn(column=column, values=tuple(int(item) for item in value))
+        self.problem(path, "must hold only non-empty strings or only integers")
+        return None
+
+    def task(self, value: Any, *, require_secrets: bool) -> Task:
+        path = "spec.task"
+        raw = self.mapping(value, path, allowed=("name", "brokerSecretRef", "queue"))
+        task_name = raw.get("name")
+        if not isinstance(task_name, str) or not TASK_NAME_PATTERN.match(task_name):
+            self.problem(
+                f"{path}.name",
+                f"{_describe(task_name)} is not a Celery task name; it is required, e.g. "
+                "insights.tasks.extract_insights_task (letters, digits, _ . : -)",
+            )
+            task_name = "invalid"
+        secret = self.secret_ref(
+            raw.get("brokerSecretRef"),
+            f"{path}.brokerSecretRef",
+            default_key=DEFAULT_BROKER_SECRET_KEY,
+            required=require_secrets,
+        )
+        queue = raw.get("queue", DEFAULT_QUEUE)
+        if not isinstance(queue, str) or not QUEUE_NAME_PATTERN.match(queue):
+            self.problem(
+                f"{path}.queue",
+                f"{_describe(queue)} is not a queue name (letters, digits, _ . : -)",
+            )
+            queue = DEFAULT_QUEUE
+        return Task(name=task_name, broker_secret=secret, queue=queue)
+
+    def schedule(self, value: Any) -> Schedule:
+        path = "spec.schedule"
+        raw = self.mapping(value, path, allowed=("sweepInterval", "suspend"))
+        return Schedule(
+            sweep_interval_seconds=self.duration(
+                raw.get("sweepInterval", DEFAULT_SWEEP_INTERVAL), f"{path}.sweepInterval"
+            ),
+            suspend=self.boolean(raw.get("suspend", False), f"{path}.suspend"),
+        )
+
+    def retry(self, value: Any) -> Retry:
+        path = "spec.retry"
+        raw = self.mapping(
+            value,
+            path,
+            allowed=("maxAttempts", "initialDelay", "factor", "maxDelay", "jitter"),
+        )
+        initial = self.duration(
+            raw.get("initialDelay", DEFAULT_INITIAL_DELAY), f"{path}.initialDelay", allow_zero=True
+        )
+        maximum = self.duration(
+            raw.get("maxDelay", DEFAULT_MAX_DELAY), f"{path}.maxDelay", allow_zero=True
+        )
+        if maximum < initial:
+            self.problem(
+                f"{path}.maxDelay",
+                f"{raw.get('maxDelay', DEFAULT_MAX_DELAY)!r} is shorter than initialDelay "
+                f"{raw.get('initialDelay', DEFAULT_INITIAL_DELAY)!r}",
+            )
+        return Retry(
+            max_attempts=self.integer(
+                raw.get("maxAttempts", DEFAULT_MAX_ATTEMPTS), f"{path}.maxAttempts", minimum=1
+            ),
+            initial_delay_seconds=initial,
+            backoff_factor=self.number(
+                raw.get("factor", DEFAULT_BACKOFF_FACTOR), f"{path}.factor", minimum=1.0
+            ),
+            max_delay_seconds=max(maximum, initial),
+            jitter=self.boolean(raw.get("jitter", True), f"{path}.jitter"),
+        )
+
+    def lease(self, value: Any) -> Lease:
+        path = "spec.lease"
+        raw = self.mapping(value, path, allowed=("timeout",))
+        return Lease(
+            timeout_seconds=self.duration(
+                raw.get("timeout", DEFAULT_LEASE_TIMEOUT), f"{path}.timeout"
+            )
+        )
+
+    def workers(self, value: Any) -> Workers:
+        path = "spec.workers"
+        raw = self.mapping(value, path, allowed=("podSelector",))
+        selector = self.mapping(
+            raw.get("podSelector"),
+            f"{path}.podSelector",
+            allowed=("matchLabels", "matchExpressions"),
+        )
+        labels: list[tuple[str, str]] = []
+        match_labels = selector.get("matchLabels") or {}
+        if not isinstance(match_labels, Mapping):
+            self.problem(f"{path}.podSelector.matchLabels", "must be a map of label: value")
+            match_labels = {}
+        for key, label_value in match_labels.items():
+            if (
+                not isinstance(key, str)
+                or not key
+                or not isinstance(label_value, str)
+                or not (LABEL_VALUE_PATTERN.match(label_value))
+            ):
+                self.problem(
+                    f"{path}.podSelector.matchLabels.{key}",
+                    f"{_describe(label_value)} is not a label value",
+                )
+                continue
+            labels.append((key, label_value))
+        expressions: list[LabelSelectorRequirement] = []
+        raw_expressions = selector.get("matchExpressions") or []
+        if not isinstance(raw_expressions, list):
+            self.problem(f"{path}.podSelector.matchExpressions", "must be a list")
+            raw_expressions = []
+        for index, item in enumerate(raw_expressions):
+            item_path = f"{path}.podSelector.matchExpressions[{index}]"
+            expression = self.mapping(item, item_path, allowed=("key", "operator", "values"))
+            key = expression.get("key")
+            operator = expression.get("operator")
+            values = expression.get("values") or []
+            if not isinstance(key, str) or not key:
+                self.problem(f"{item_path}.key", "is required")
+                continue
+            if operator not in ("In", "NotIn", "Exists", "DoesNotExist"):
+                self.problem(
+                    f"{item_path}.operator", "must be one of In, NotIn, Exists, DoesNotExist"
+                )
+                continue
+            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                self.problem(f"{item_path}.values", "must be a list of strings")
+                continue
+            expressions.append(
+                LabelSelectorRequirement(key=key, operator=operator, values=tuple(values))
+            )
+        return Workers(match_labels=tuple(sorted(labels)), match_expressions=tuple(expressions))
+
+    def limits(self, value: Any) -> Limits:
+        path = "spec.limits"
+        raw = self.mapping(value, path, allowed=("batchSize", "maxInFlight", "dispatchPerSecond"))
+        return Limits(
+            batch_size=self.integer(
+                raw.get("batchSize", DEFAULT_BATCH_SIZE),
+                f"{path}.batchSize",
+                minimum=1,
+                maximum=MAX_BATCH_SIZE,
+            ),
+            max_in_flight=self.integer(
+                raw.get("maxInFlight", DEFAULT_MAX_IN_FLIGHT), f"{path}.maxInFlight", minimum=1
+            ),
+            dispatch_per_second=self.number(
+                raw.get("dispatchPerSecond", 0), f"{path}.dispatchPerSecond", minimum=0.0
+            ),
+        )
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 80 else repr(value[:77] + "...")
+    if isinstance(value, bool | int | float):
+        return repr(value)
+    return f"a {type(value).__name__}"

@@ -1,0 +1,204 @@
+"""Safe reads of the user's table: keyset pages of pending ids, and "is it still pending?".
+
+The user's table is the source of truth for "processed" (the policy's predicate); we never
+ask the user to change it. This module is the only code that reads it, and it only reads.
+
+Cost follows the backlog, not the table: every query is "rows matching the predicate, after
+the last key, in key order, limit n" (keyset pagination on ``(orderBy, idColumn)``), which an
+index on the predicate answers by reading only pending rows — e.g. for
+``pending: {column: insights_extracted, equals: false}`` and ``orderBy: created_at``::
+
+    CREATE INDEX ON journal_entry (created_at, id) WHERE NOT insights_extracted;
+
+Composition rules: table and column names are ``psycopg.sql.Identifier`` (validated by
+``policy`` first). The predicate's constants are ``psycopg.sql.Literal`` — deliberately not
+bound parameters: PostgreSQL matches a *partial* index like the one above only when it can
+prove the query's predicate implies the index's, which it can do against a constant but not
+against ``$1`` in a generic prepared plan. ``Literal`` quotes and types the value itself, so
+nothing is concatenated. Keyset bounds, limits and id lists are bound parameters.
+
+Ids of any type (bigint, uuid, text) come back as text (``id::text``), which is how the
+ledger stores them; the native key is kept only to continue the keyset. Id lists sent back
+(``filter_pending``) are bound as an untyped array literal, so PostgreSQL casts it to the id
+column's own array type and the lookup uses the id index instead of comparing text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from celery_reconciler import policy as policy_module
+
+
+class SourceInvalid(RuntimeError):
+    """The policy's table or columns do not work in this database; the fix is in the spec."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingRow:
+    entry_id: str
+    key: tuple[Any, ...]  # the native keyset position: (orderBy, id) or (id,)
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingSummary:
+    count: int
+    oldest_seconds: float | None  # age of the oldest pending entry, if orderBy is a time
+
+
+def table_identifier(table: policy_module.TableName) -> sql.Identifier:
+    if table.schema:
+        return sql.Identifier(table.schema, table.table)
+    return sql.Identifier(table.table)
+
+
+def predicate(pending: policy_module.PendingPredicate) -> sql.Composable:
+    """The pending predicate as composed SQL (identifiers and literals, never raw text)."""
+    column = _column(pending.column)
+    match pending:
+        case policy_module.PendingEquals(value=value):
+            return sql.SQL("{} = {}").format(column, sql.Literal(value))
+        case policy_module.PendingIn(values=values):
+            return sql.SQL("{} IN ({})").format(
+                column, sql.SQL(", ").join(sql.Literal(value) for value in values)
+            )
+        case policy_module.PendingIsNull(is_null=is_null):
+            return sql.SQL("{} IS NULL" if is_null else "{} IS NOT NULL").format(column)
+
+
+# The table's alias in our queries: qualified column references can never be mistaken for
+# an output column (``SELECT id, id::text ... ORDER BY id`` would be ambiguous).
+_ALIAS = "src"
+
+
+def _column(name: str) -> sql.Identifier:
+    return sql.Identifier(_ALIAS, name)
+
+
+def _keyset_columns(source: policy_module.Source) -> list[sql.Identifier]:
+    if source.orders_by_id:
+        return [_column(source.id_column)]
+    return [_column(source.order_by), _column(source.id_column)]
+
+
+def page_query(source: policy_module.Source, *, after: bool) -> sql.Composed:
+    """``SELECT key..., id::text FROM table WHERE pending [AND key > %s] ORDER BY key LIMIT %s``."""
+    keys = _keyset_columns(source)
+    key_list = sql.SQL(", ").join(keys)
+    where = predicate(source.pending)
+    if after:
+        bound = sql.SQL(", ").join(sql.Placeholder() for _ in keys)
+        where = sql.SQL("{} AND ({}) > ({})").format(where, key_list, bound)
+    return sql.SQL(
+        "SELECT {keys}, {id}::text FROM {table} AS {alias} WHERE {where} ORDER BY {keys} LIMIT %s"
+    ).format(
+        keys=key_list,
+        id=_column(source.id_column),
+        table=table_identifier(source.table),
+        alias=sql.Identifier(_ALIAS),
+        where=where,
+    )
+
+
+def pending_page(
+    conn: psycopg.Connection[Any],
+    source: policy_module.Source,
+    *,
+    after: tuple[Any, ...] | None,
+    limit: int,
+) -> list[PendingRow]:
+    """The next ``limit`` pending entries after the keyset position ``after`` (None: start)."""
+    if limit <= 0:
+        return []
+    query = page_query(source, after=after is not None)
+    params: list[Any] = [*(after or ()), limit]
+    rows = _execute(conn, source, query, params).fetchall()
+    return [PendingRow(entry_id=row[-1], key=tuple(row[:-1])) for row in rows]
+
+
+def id_array_literal(entry_ids: Sequence[str]) -> str:
+    """A PostgreSQL array literal of the ids, bound untyped so the server picks the type."""
+    quoted = (
+        '"' + entry_id.replace("\\", "\\\\").replace('"', '\\"') + '"' for entry_id in entry_ids
+    )
+    return "{" + ",".join(quoted) + "}"
+
+
+def filter_pending(
+    conn: psycopg.Connection[Any], source: policy_module.Source, entry_ids: Sequence[str]
+) -> set[str]:
+    """Which of ``entry_ids`` still match the pending predicate (an indexed id lookup)."""
+    if not entry_ids:
+        return set()
+    query = sql.SQL(
+        "SELECT {id}::text FROM {table} AS {alias} WHERE {id} = ANY(%s) AND {where}"
+    ).format(
+        id=_column(source.id_column),
+        table=table_identifier(source.table),
+        alias=sql.Identifier(_ALIAS),
+        where=predicate(source.pending),
+    )
+    return {row[0] for row in _execute(conn, source, query, [id_array_literal(entry_ids)])}
+
+
+def pending_summary(conn: psycopg.Connection[Any], source: policy_module.Source) -> PendingSummary:
+    """How many entries match the predicate (in flight or not) and how old the oldest is."""
+    query = sql.SQL("SELECT count(*), min({order}) FROM {table} AS {alias} WHERE {where}").format(
+        order=_column(source.order_by),
+        table=table_identifier(source.table),
+        alias=sql.Identifier(_ALIAS),
+        where=predicate(source.pending),
+    )
+    row = _execute(conn, source, query, []).fetchone()
+    assert row is not None
+    count, oldest = row
+    oldest_seconds: float | None = None
+    if isinstance(oldest, datetime.datetime):
+        # Age by the database's clock: a timestamptz against now(), a plain timestamp
+        # against the session's local time (how such columns are usually filled).
+        age = (
+            sql.SQL("SELECT EXTRACT(EPOCH FROM now() - %s::timestamptz)")
+            if oldest.tzinfo
+            else sql.SQL("SELECT EXTRACT(EPOCH FROM localtimestamp - %s::timestamp)")
+        )
+        age_row = conn.execute(age, [oldest]).fetchone()
+        assert age_row is not None
+        oldest_seconds = max(0.0, float(age_row[0]))
+    return PendingSummary(count=int(count), oldest_seconds=oldest_seconds)
+
+
+def _execute(
+    conn: psycopg.Connection[Any],
+    source: policy_module.Source,
+    query: sql.Composed,
+    params: Sequence[Any],
+) -> psycopg.Cursor[Any]:
+    try:
+        return conn.execute(query, params)
+    except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName) as error:
+        raise SourceInvalid(
+            f"table {source.table} does not exist ({error.diag.message_primary}) — fix "
+            "spec.source.table or create the table"
+        ) from None
+    except psycopg.errors.UndefinedColumn as error:
+        raise SourceInvalid(
+            f"a column of the policy is missing in table {source.table} "
+            f"({error.diag.message_primary}) — fix spec.source.idColumn, "
+            "spec.source.pending.column or spec.source.orderBy"
+        ) from None
+    except (psycopg.errors.DatatypeMismatch, psycopg.errors.InvalidTextRepresentation) as error:
+        raise SourceInvalid(
+            f"the pending predicate does not fit the column types of {source.table} "
+            f"({error.diag.message_primary}) — fix spec.source.pending"
+        ) from None
+    except psycopg.errors.InsufficientPrivilege as error:
+        raise SourceInvalid(
+            f"the database user may not read {source.table} ({error.diag.message_primary}) — "
+            "GRANT SELECT on it to the user in spec.source.databaseSecretRef"
+        ) from None
