@@ -34,7 +34,7 @@ CRD_NAMES = (
 
 
 @pytest.fixture(scope="module")
-def crds(kube: devstack_kube.ControlPlane) -> None:
+def applied_crds(kube: devstack_kube.ControlPlane) -> None:
     kube.kubectl("apply", "-f", str(CRD_DIR))
     for name in CRD_NAMES:
         kube.kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=30s")
@@ -74,7 +74,7 @@ def _apply(
 
 
 def test_sample_policy_is_accepted_with_defaults_filled(
-    kube: devstack_kube.ControlPlane, namespace: str, crds: None
+    kube: devstack_kube.ControlPlane, namespace: str, applied_crds: None
 ) -> None:
     kube.kubectl("-n", namespace, "apply", "-f", str(SAMPLES))
     policy = json.loads(
@@ -207,7 +207,7 @@ INVALID_POLICIES = {
 
 @pytest.mark.parametrize("case", list(INVALID_POLICIES))
 def test_invalid_policy_is_refused_by_kubectl_apply_naming_the_field(
-    kube: devstack_kube.ControlPlane, namespace: str, crds: None, case: str
+    kube: devstack_kube.ControlPlane, namespace: str, applied_crds: None, case: str
 ) -> None:
     mutate, expected = INVALID_POLICIES[case]
     doc = _policy(mutate)
@@ -231,7 +231,7 @@ VALID_PREDICATES = {
 
 @pytest.mark.parametrize("case", list(VALID_PREDICATES))
 def test_every_kind_of_pending_predicate_is_accepted_as_written(
-    kube: devstack_kube.ControlPlane, namespace: str, crds: None, case: str
+    kube: devstack_kube.ControlPlane, namespace: str, applied_crds: None, case: str
 ) -> None:
     predicate = VALID_PREDICATES[case]
     doc = _policy(_set("source.pending", predicate))
@@ -246,7 +246,7 @@ def test_every_kind_of_pending_predicate_is_accepted_as_written(
 
 
 def test_unknown_keys_are_refused_by_strict_field_validation_not_kept(
-    kube: devstack_kube.ControlPlane, namespace: str, crds: None
+    kube: devstack_kube.ControlPlane, namespace: str, applied_crds: None
 ) -> None:
     """The schema prunes unknown keys; kubectl's default (Strict) makes that a refusal."""
     doc = _policy(_set("retry.maxAttemps", 3))
@@ -275,7 +275,7 @@ def _condition(status: str) -> dict[str, Any]:
 
 
 def test_policy_status_is_a_subresource_with_standard_conditions(
-    kube: devstack_kube.ControlPlane, namespace: str, crds: None
+    kube: devstack_kube.ControlPlane, namespace: str, applied_crds: None
 ) -> None:
     doc = _policy(lambda spec: None)
     name = doc["metadata"]["name"]
@@ -307,7 +307,7 @@ def test_policy_status_is_a_subresource_with_standard_conditions(
 
 
 def test_processing_status_columns_answer_is_my_work_getting_done(
-    kube: devstack_kube.ControlPlane, namespace: str, crds: None
+    kube: devstack_kube.ControlPlane, namespace: str, applied_crds: None
 ) -> None:
     status: dict[str, Any] = {
         "apiVersion": "celery-reconciler.io/v1alpha1",
@@ -350,7 +350,7 @@ def test_processing_status_columns_answer_is_my_work_getting_done(
 
 
 def test_processing_status_is_garbage_collected_with_its_policy(
-    kube: devstack_kube.ControlPlane, namespace: str, crds: None
+    kube: devstack_kube.ControlPlane, namespace: str, applied_crds: None
 ) -> None:
     """What the operator does (ownerReference to the policy) is enough for deletion to cascade."""
     doc = _policy(lambda spec: None)

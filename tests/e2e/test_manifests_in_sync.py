@@ -7,10 +7,13 @@ person to (crds.yaml first, then install.yaml).
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from devstack import kube as devstack_kube
 
@@ -68,3 +71,29 @@ def test_samples_are_valid_and_tiny(kube: devstack_kube.ControlPlane, namespace:
         text = sample.read_text()
         assert text.startswith("#"), f"{sample.name} must open with a comment saying what it is"
         assert len(text.splitlines()) <= 30, f"{sample.name} is not tiny"
+
+
+def _leaf_paths(node: object, prefix: str = "") -> list[str]:
+    if isinstance(node, dict) and node:
+        return [p for k, v in node.items() for p in _leaf_paths(v, f"{prefix}{k}.")]
+    return [prefix.rstrip(".")]
+
+
+def test_every_value_is_documented_and_the_chart_readme_is_current() -> None:
+    readme_script = ROOT / "scripts" / "chart-readme.py"
+    values_text = (ROOT / "charts" / "celery-reconciler" / "values.yaml").read_text()
+    spec = importlib.util.spec_from_file_location("chart_readme", readme_script)
+    assert spec is not None and spec.loader is not None
+    chart_readme = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chart_readme)
+    documented = {key for key, _ in chart_readme.documented_keys(values_text.splitlines())}
+    undocumented = [
+        leaf
+        for leaf in _leaf_paths(yaml.safe_load(values_text))
+        if not any(leaf == key or leaf.startswith(f"{key}.") for key in documented)
+    ]
+    assert undocumented == [], "give each of these a `# --` comment in values.yaml"
+    checked = subprocess.run(
+        [sys.executable, str(readme_script), "--check"], capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stderr
