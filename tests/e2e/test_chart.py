@@ -9,8 +9,11 @@ what the rendered rules grant, not what we meant them to grant.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ import pytest
 import yaml
 
 from devstack import kube as devstack_kube
+from devstack import processes
 
 pytestmark = pytest.mark.e2e
 
@@ -313,3 +317,91 @@ def test_cluster_scope_grants_the_same_rules_everywhere_and_nothing_more(
     assert not {g for g in grants if "*" in g}
     assert ("kopf.dev", "clusterkopfpeerings", "patch") in grants
     assert not {g for g in grants if g[1] == "kopfpeerings"}
+
+
+# A minimal kopf operator doing what ours does through the framework: serve policies (status
+# patch, finalizer, Events) and watch pods, with peering. Run under the chart's token, it
+# proves the RBAC covers kopf itself; the real operator under the token is tested elsewhere.
+MINIMAL_KOPF_OPERATOR = """
+import kopf
+
+@kopf.on.create("celery-reconciler.io", "v1alpha1", "processingpolicies")
+def created(body, patch, **_):
+    patch.status["observedGeneration"] = body.metadata.get("generation")
+    kopf.info(body, reason="Seen", message="served under the chart's ServiceAccount")
+
+@kopf.on.delete("celery-reconciler.io", "v1alpha1", "processingpolicies")
+def deleted(**_):
+    pass
+
+@kopf.on.event("", "v1", "pods")
+def pod_event(**_):
+    pass
+"""
+
+
+def _wait_for(what: str, check: Callable[[], bool], timeout_seconds: float = 30) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout_seconds} s waiting for {what}")
+
+
+@pytest.mark.parametrize("scope", ["cluster", "namespaced"])
+def test_kopf_runs_under_the_chart_service_account_without_permission_warnings(
+    kube: devstack_kube.ControlPlane, namespace: str, tmp_path: Path, scope: str
+) -> None:
+    _adopt_existing_crds(kube, namespace)
+    kube.helm(
+        "install", RELEASE, str(CHART), "-n", namespace,
+        *_scope_values([] if scope == "cluster" else [namespace]),
+    )  # fmt: skip
+    operator_file = tmp_path / "minimal_operator.py"
+    operator_file.write_text(MINIMAL_KOPF_OPERATOR)
+    config = kube.service_account_kubeconfig(
+        namespace=namespace, service_account=FULLNAME, path=tmp_path / "sa.kubeconfig"
+    )
+    port = processes.free_port()
+    scope_args = ["--all-namespaces"] if scope == "cluster" else ["--namespace", namespace]
+    log_path = tmp_path / "kopf.log"
+    with log_path.open("w") as log:
+        kopf = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "kopf"), "run", *scope_args,
+                "--peering", FULLNAME, "--liveness", f"http://127.0.0.1:{port}/healthz",
+                str(operator_file),
+            ],
+            env={**kube.env(kubeconfig=config), "POD_ID": "operator-0"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        _wait_for("kopf's liveness endpoint", lambda: processes.port_accepts(port))
+        kube.kubectl("-n", namespace, "apply", "-f", str(ROOT / "manifests" / "samples"))
+
+        def served() -> bool:
+            status = kube.kubectl(
+                "-n", namespace, "get", "ppol", "journal-insights",
+                "-o", "jsonpath={.status.observedGeneration}",
+            )  # fmt: skip
+            return status.stdout == "1"
+
+        _wait_for("the policy's status patched by kopf", served)
+        events = kube.kubectl("-n", namespace, "get", "events", "-o", "json").stdout
+        assert "served under the chart's ServiceAccount" in events
+        peering_kind = "clusterkopfpeering" if scope == "cluster" else "kopfpeering"
+        peers = kube.kubectl(
+            "-n", namespace, "get", peering_kind, FULLNAME, "-o", "jsonpath={.status}"
+        ).stdout
+        assert "operator-0" in peers
+        # The finalizer kopf added comes off again: deletion completes.
+        kube.kubectl("-n", namespace, "delete", "ppol", "journal-insights", "--timeout=30s")
+    finally:
+        kopf.terminate()
+        kopf.wait(timeout=30)
+        kube.helm("uninstall", RELEASE, "-n", namespace, check=False)
+    log_text = log_path.read_text()
+    for complaint in ("Forbidden", "Not enough permissions", "Unauthorized", "403"):
+        assert complaint not in log_text, log_text
