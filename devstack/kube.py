@@ -282,7 +282,7 @@ def start(workdir: Path, *, controller_manager: bool = True) -> ControlPlane:
                 "--secure-port",
                 "0",
                 "--controllers",
-                "*,-nodeipam,-nodelifecycle",
+                "*,-nodeipam,-nodelifecycle,-kube-apiserver-serving-clustertrustbundle-publisher-controller",
                 "--concurrent-gc-syncs",
                 "5",
             ],

@@ -28,7 +28,7 @@ import yaml
 
 from celery_reconciler import broker as broker_module
 from celery_reconciler import policy as policy_module
-from celery_reconciler import reconcile
+from celery_reconciler import reconcile, runner
 
 DSN_ENVIRONMENT_VARIABLE = "CELERY_RECONCILER_DSN"
 BROKER_ENVIRONMENT_VARIABLE = "CELERY_BROKER_URL"
@@ -133,7 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--broker", help=f"Celery broker URL (default: ${BROKER_ENVIRONMENT_VARIABLE})"
     )
+    runner.add_run_command(
+        add_subcommand(subparsers, "run", cmd_run, help="run the operator (kopf) until stopped")
+    )
     return parser
+
+
+def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
+    return runner.run(runner.options_from_args(args))
 
 
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:

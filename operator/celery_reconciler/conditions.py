@@ -22,6 +22,7 @@ INVALID_SPEC = "InvalidSpec"
 SECRET_NOT_FOUND = "SecretNotFound"
 DATABASE_UNAVAILABLE = "DatabaseUnavailable"
 BROKER_UNAVAILABLE = "BrokerUnavailable"
+SOURCE_INVALID = "SourceInvalid"
 KUBERNETES_UNAVAILABLE = "KubernetesUnavailable"
 AS_EXPECTED = "AsExpected"
 

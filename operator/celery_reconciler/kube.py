@@ -17,8 +17,11 @@ The official client is synchronous; callers in the event loop use ``asyncio.to_t
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
+import datetime
 import functools
+import os
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -44,6 +47,7 @@ class WorkerPod:
     name: str
     uid: str
     restart_counts: Mapping[str, int]
+    phase: str | None = None
 
 
 @functools.cache
@@ -159,6 +163,7 @@ def pod_from_body(body: Mapping[str, Any]) -> WorkerPod:
     return WorkerPod(
         name=metadata.get("name", ""),
         uid=metadata.get("uid", ""),
+        phase=status.get("phase"),
         restart_counts={
             s.get("name", ""): int(s.get("restartCount", s.get("restart_count", 0)) or 0)
             for s in statuses
@@ -199,6 +204,7 @@ def watch_worker_pods(
     namespace: str,
     label_selector: str,
     on_event: Callable[[str, WorkerPod], None],
+    on_listed: Callable[[frozenset[str]], None],
     stopping: threading.Event,
 ) -> None:
     """Stream ADDED/MODIFIED/DELETED pod events for one policy's workers until ``stopping``.
@@ -214,6 +220,7 @@ def watch_worker_pods(
             listing = core.list_namespaced_pod(namespace, label_selector=label_selector)
             for pod in listing.items:
                 on_event("ADDED", pod_from_body(pod.to_dict()))
+            on_listed(frozenset(pod.metadata.name for pod in listing.items))
             resource_version = listing.metadata.resource_version
             while not stopping.is_set():
                 stream = kubernetes.watch.Watch().stream(
@@ -236,3 +243,42 @@ def watch_worker_pods(
                 stopping.wait(2.0)
         except Exception:  # a dropped connection must not end the watch
             stopping.wait(2.0)
+
+
+def post_event(
+    *,
+    namespace: str,
+    policy_name: str,
+    policy_uid: str,
+    event_type: str,
+    reason: str,
+    message: str,
+) -> None:
+    """A core/v1 Event on the policy, so ``kubectl describe processingpolicy`` tells the story.
+
+    Best effort: an Event that cannot be written must never stop a sweep.
+    """
+    now = datetime.datetime.now(datetime.UTC)
+    body = kubernetes.client.CoreV1Event(
+        metadata=kubernetes.client.V1ObjectMeta(
+            generate_name=f"{policy_name}.", namespace=namespace
+        ),
+        involved_object=kubernetes.client.V1ObjectReference(
+            api_version=f"{GROUP}/{VERSION}",
+            kind="ProcessingPolicy",
+            name=policy_name,
+            namespace=namespace,
+            uid=policy_uid,
+        ),
+        type=event_type,
+        reason=reason,
+        message=message[:1024],
+        first_timestamp=now,
+        last_timestamp=now,
+        count=1,
+        source=kubernetes.client.V1EventSource(component="celery-reconciler"),
+        reporting_component="celery-reconciler",
+        reporting_instance=os.environ.get("HOSTNAME", "celery-reconciler"),
+    )
+    with contextlib.suppress(Exception):
+        _core().create_namespaced_event(namespace, body)

@@ -1,0 +1,104 @@
+"""Real ``celery worker`` processes of the demo app, one per simulated worker pod.
+
+There is no kubelet here, so a "worker pod" is two things the tests and the demo create
+together: a Pod object in the apiserver (what the operator's pod-restart hook watches) and a
+local ``celery worker`` whose ``HOSTNAME`` is that Pod's name (what the worker records in the
+ledger as the holder of a lease, exactly as inside a real pod).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from devstack import processes
+
+
+def start_worker(
+    *,
+    pod_name: str,
+    broker_url: str,
+    dsn: str,
+    log_dir: Path,
+    concurrency: int = 2,
+    queue: str = "insights",
+    lease_seconds: float | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> processes.ManagedProcess:
+    env = dict(os.environ)
+    env.update(
+        CELERY_BROKER_URL=broker_url,
+        CELERY_RECONCILER_DSN=dsn,
+        HOSTNAME=pod_name,
+        PYTHONUNBUFFERED="1",
+    )
+    if lease_seconds is not None:
+        env["DEMO_LEASE_SECONDS"] = str(lease_seconds)
+    env.update(extra_env or {})
+    worker = processes.ManagedProcess(
+        name=f"worker:{pod_name}",
+        argv=[
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "celery_app.demo",
+            "worker",
+            "-Q",
+            queue,
+            "-c",
+            str(concurrency),
+            "-n",
+            f"{pod_name}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-l",
+            "INFO",
+        ],
+        log_path=log_dir / f"worker-{pod_name}.log",
+        env=env,
+    )
+    worker.start()
+    worker.wait_until(
+        lambda: "ready." in worker.log_path.read_text(errors="replace"),
+        timeout_seconds=60,
+        what="ready",
+    )
+    return worker
+
+
+def pod_manifest(*, name: str, labels: dict[str, str]) -> dict[str, object]:
+    """A Pod object standing for a local worker; it stays Pending (no scheduler, no kubelet)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "containers": [{"name": "worker", "image": "celery-reconciler:demo"}],
+            "automountServiceAccountToken": False,
+        },
+    }
+
+
+def running_status(
+    *, image: str = "celery-reconciler:demo", restart_count: int = 0
+) -> dict[str, object]:
+    """The status a kubelet would report for a running worker container, for ``pods/status``."""
+    return {
+        "status": {
+            "phase": "Running",
+            "containerStatuses": [
+                {
+                    "name": "worker",
+                    "image": image,
+                    "imageID": "",
+                    "ready": True,
+                    "started": True,
+                    "restartCount": restart_count,
+                    "state": {"running": {}},
+                }
+            ],
+        }
+    }

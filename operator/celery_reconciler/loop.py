@@ -1,0 +1,528 @@
+"""The per-policy control loop that replaces celery beat, and its pod-restart hook.
+
+One ``PolicyLoop`` runs per ProcessingPolicy, inside a kopf daemon. Each iteration reads the
+live spec, resolves the Secrets, runs one sweep (``reconcile.reconcile_once``: expire, claim,
+publish), then reports — ProcessingStatus, conditions, Events, metrics — and sleeps until the
+next sweep is due, a scheduled retry falls due, or something wakes it: a spec change, the
+sweep-now or retry-dead annotation, or a worker pod that restarted or vanished.
+
+Why a daemon and not a kopf timer: a timer's interval is fixed at decoration time, while
+ours follows ``spec.schedule.sweepInterval`` and the earliest due retry, must be woken early
+by other handlers, and backs off on its own when the database or broker is down (a
+condition and an Event, never a crash loop). The loop also owns the pod watch of its
+policy's workers, so that both stop together when the policy is deleted.
+
+All blocking I/O (psycopg, redis, the Kubernetes client) runs in threads via
+``asyncio.to_thread``; the loop itself only decides when to do what.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from celery_reconciler import broker, conditions, kube, metrics, planning, reconcile
+from celery_reconciler import policy as policy_module
+
+SWEEP_NOW_ANNOTATION = "celery-reconciler.io/sweep-now"
+RETRY_DEAD_ANNOTATION = "celery-reconciler.io/retry-dead"
+# ProcessingStatus is a summary for people and dashboards: refreshing it per entry or per
+# page would cost an API write per page on large backlogs.
+STATUS_MIN_INTERVAL_SECONDS = 2.0
+ERROR_BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+INVALID_SPEC_RECHECK_SECONDS = 300.0
+
+logger = logging.getLogger(__name__)
+
+# Wake-up events of the running loops by policy key, for handlers that must poke a loop.
+_WAKERS: dict[str, asyncio.Event] = {}
+
+
+def wake(policy_key: str) -> bool:
+    waker = _WAKERS.get(policy_key)
+    if waker is None:
+        return False
+    waker.set()
+    return True
+
+
+def utc_now_text() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclasses.dataclass
+class Rescue:
+    pod: str
+    count: int
+    time: str
+    seconds_to_redispatch: float | None = None
+
+
+@dataclasses.dataclass
+class Connections:
+    """The database and broker of one policy, reopened when a Secret's value changes.
+
+    The pod-restart hook gets a database connection of its own: it runs while a sweep may
+    hold the main one inside a transaction.
+    """
+
+    dsn: str | None = None
+    db: reconcile.Database | None = None
+    rescue_db: reconcile.Database | None = None
+    broker_url: str | None = None
+    publisher: broker.Publisher | None = None
+
+    def use(self, *, dsn: str, broker_url: str) -> None:
+        if dsn != self.dsn:
+            self.close_databases()
+            self.dsn = dsn
+            self.db = reconcile.Database(dsn)
+            self.rescue_db = reconcile.Database(dsn, application_name="celery-reconciler-rescue")
+        if broker_url != self.broker_url:
+            if self.publisher is not None:
+                self.publisher.close()
+            self.publisher = broker.connect(broker_url)
+            self.broker_url = broker_url
+
+    def close_databases(self) -> None:
+        for db in (self.db, self.rescue_db):
+            if db is not None:
+                db.close()
+        self.db = self.rescue_db = None
+
+    def close(self) -> None:
+        self.close_databases()
+        if self.publisher is not None:
+            self.publisher.close()
+            self.publisher = None
+
+
+class PolicyLoop:
+    def __init__(self, *, namespace: str, name: str, uid: str, body: Mapping[str, Any]) -> None:
+        self.namespace = namespace
+        self.name = name
+        self.uid = uid
+        self.body = body  # kopf's live view: always the latest spec and annotations
+        self.key = f"{namespace}/{name}"
+        self.waker = asyncio.Event()
+        self.connections = Connections()
+        self.policy: policy_module.Policy | None = None
+        self.last_status_write = 0.0
+        self.reported_generation: int | None = None
+        self.last_problem: conditions.Problem | None = None
+        self.failures_in_a_row = 0
+        self.last_rescue: Rescue | None = None
+        self.pending_rescue_started: float | None = None
+        self.restart_counts: dict[str, Mapping[str, int]] = {}
+        self.live_pods: set[str] = set()
+        self.pods_listed = False
+        self.pod_watch_stop: threading.Event | None = None
+        self.pod_selector = ""
+
+    # -- the loop -----------------------------------------------------------------------
+
+    async def run(self, stopped: Any) -> None:
+        _WAKERS[self.key] = self.waker
+        try:
+            while not stopped:
+                delay = await self.iterate()
+                await self.sleep(delay, stopped)
+        finally:
+            _WAKERS.pop(self.key, None)
+            self.stop_pod_watch()
+            self.connections.close()
+
+    async def sleep(self, delay_seconds: float, stopped: Any) -> None:
+        if self.waker.is_set():
+            self.waker.clear()
+            return
+        stop_waiter = asyncio.ensure_future(stopped.wait())
+        wake_waiter = asyncio.ensure_future(self.waker.wait())
+        try:
+            await asyncio.wait(
+                {stop_waiter, wake_waiter},
+                timeout=max(0.0, delay_seconds),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            stop_waiter.cancel()
+            wake_waiter.cancel()
+        self.waker.clear()
+
+    async def iterate(self) -> float:
+        """One pass: returns how many seconds to sleep before the next one."""
+        generation = int(self.body.get("metadata", {}).get("generation") or 0)
+        try:
+            policy = policy_module.parse_policy(
+                self.body.get("spec") or {}, namespace=self.namespace, name=self.name
+            )
+        except policy_module.InvalidPolicy as error:
+            problem = conditions.Problem(conditions.INVALID_SPEC, str(error))
+            await self.report(policy=None, problem=problem, generation=generation)
+            return INVALID_SPEC_RECHECK_SECONDS
+        self.policy = policy
+        self.ensure_pod_watch(policy)
+        try:
+            dsn, broker_url = await asyncio.to_thread(self.read_secrets, policy)
+            self.connections.use(dsn=dsn, broker_url=broker_url)
+            db, publisher = self.connections.db, self.connections.publisher
+            assert db is not None and publisher is not None
+            await self.handle_retry_dead_request(policy, db=db)
+            await self.clear_annotation(SWEEP_NOW_ANNOTATION)
+            result: reconcile.SweepResult | None = None
+            if not policy.schedule.suspend:
+                await self.expire_leases_of_vanished_pods(policy, db=db)
+                result = await asyncio.to_thread(
+                    reconcile.reconcile_once, policy, db=db, broker=publisher
+                )
+                metrics.SWEEP_SECONDS.labels(self.namespace, self.name).observe(
+                    result.duration_seconds
+                )
+                self.note_rescue_redispatched(result)
+            counts = await asyncio.to_thread(reconcile.collect_status, policy, db=db)
+        except SWEEP_ERRORS as error:
+            problem = problem_of(error)
+            metrics.SWEEP_ERRORS.labels(self.namespace, self.name, problem.reason).inc()
+            await self.report(policy=policy, problem=problem, generation=generation)
+            self.failures_in_a_row += 1
+            return ERROR_BACKOFF_SECONDS[
+                min(self.failures_in_a_row, len(ERROR_BACKOFF_SECONDS)) - 1
+            ]
+        self.failures_in_a_row = 0
+        await self.report(
+            policy=policy, problem=None, generation=generation, result=result, counts=counts
+        )
+        if policy.schedule.suspend:
+            return policy.schedule.sweep_interval_seconds
+        return planning.next_wakeup_seconds(
+            sweep_interval_seconds=policy.schedule.sweep_interval_seconds,
+            earliest_retry_in_seconds=counts.seconds_until_next_due,
+        )
+
+    # -- inputs -------------------------------------------------------------------------
+
+    def read_secrets(self, policy: policy_module.Policy) -> tuple[str, str]:
+        database, broker_ref = policy.source.database_secret, policy.task.broker_secret
+        assert database is not None and broker_ref is not None  # parse_policy requires them
+        dsn = kube.read_secret_value(
+            namespace=self.namespace,
+            name=database.name,
+            key=database.key,
+            field="spec.source.databaseSecretRef",
+        )
+        url = kube.read_secret_value(
+            namespace=self.namespace,
+            name=broker_ref.name,
+            key=broker_ref.key,
+            field="spec.task.brokerSecretRef",
+        )
+        return dsn, url
+
+    def annotation(self, name: str) -> str | None:
+        annotations = self.body.get("metadata", {}).get("annotations") or {}
+        value = annotations.get(name)
+        return None if value is None else str(value)
+
+    async def clear_annotation(self, name: str) -> None:
+        if self.annotation(name) is not None:
+            await asyncio.to_thread(
+                kube.remove_policy_annotation,
+                namespace=self.namespace,
+                name=self.name,
+                annotation=name,
+            )
+
+    async def handle_retry_dead_request(
+        self, policy: policy_module.Policy, *, db: reconcile.Database
+    ) -> None:
+        request = self.annotation(RETRY_DEAD_ANNOTATION)
+        if request is None:
+            return
+        ids = (
+            None
+            if request.strip() in ("", "all", "*")
+            else [part.strip() for part in request.split(",") if part.strip()]
+        )
+        revived = await asyncio.to_thread(reconcile.retry_dead, policy, db=db, entry_ids=ids)
+        await self.event("Normal", "RetryDead", f"{revived} dead entries scheduled to run again")
+        await self.clear_annotation(RETRY_DEAD_ANNOTATION)
+
+    # -- pod-restart hook ---------------------------------------------------------------
+
+    def ensure_pod_watch(self, policy: policy_module.Policy) -> None:
+        selector = kube.label_selector_string(
+            {
+                "matchLabels": dict(policy.workers.match_labels),
+                "matchExpressions": [
+                    {"key": r.key, "operator": r.operator, "values": list(r.values)}
+                    for r in policy.workers.match_expressions
+                ],
+            }
+        )
+        if selector == self.pod_selector:
+            return
+        self.stop_pod_watch()
+        self.pod_selector = selector
+        self.restart_counts.clear()
+        self.live_pods.clear()
+        self.pods_listed = False
+        if not selector:
+            return
+        stopping = threading.Event()
+        self.pod_watch_stop = stopping
+        loop = asyncio.get_running_loop()
+
+        def on_event(event_type: str, pod: kube.WorkerPod) -> None:
+            loop.call_soon_threadsafe(
+                lambda: asyncio.ensure_future(self.on_pod_event(event_type, pod))
+            )
+
+        def on_listed(names: frozenset[str]) -> None:
+            loop.call_soon_threadsafe(self.mark_pods_listed, names)
+
+        threading.Thread(
+            target=kube.watch_worker_pods,
+            kwargs={
+                "namespace": self.namespace,
+                "label_selector": selector,
+                "on_event": on_event,
+                "on_listed": on_listed,
+                "stopping": stopping,
+            },
+            name=f"pods:{self.key}",
+            daemon=True,
+        ).start()
+
+    def mark_pods_listed(self, names: frozenset[str]) -> None:
+        # A (re)list is the truth: pods deleted while the watch was down are gone from it.
+        self.live_pods = set(names)
+        self.pods_listed = True
+
+    def stop_pod_watch(self) -> None:
+        if self.pod_watch_stop is not None:
+            self.pod_watch_stop.set()
+            self.pod_watch_stop = None
+
+    async def on_pod_event(self, event_type: str, pod: kube.WorkerPod) -> None:
+        previous = self.restart_counts.get(pod.name)
+        deleted = event_type == "DELETED"
+        if deleted:
+            self.restart_counts.pop(pod.name, None)
+            self.live_pods.discard(pod.name)
+        else:
+            self.restart_counts[pod.name] = pod.restart_counts
+            self.live_pods.add(pod.name)
+        orphaned = planning.pod_orphans_leases(
+            old_statuses=None if previous is None else as_statuses(previous),
+            new_statuses=as_statuses(pod.restart_counts),
+            deleted=deleted,
+            phase=pod.phase,
+        )
+        if orphaned:
+            await self.rescue(pod.name, why="deleted" if deleted else "restarted")
+
+    async def rescue(self, pod_name: str, *, why: str) -> None:
+        db, policy = self.connections.rescue_db, self.policy
+        if db is None or policy is None:
+            return  # no sweep has resolved the Secret yet; the first sweep expires by time
+        started = time.monotonic()
+        try:
+            expired = await asyncio.to_thread(
+                reconcile.expire_worker_leases, policy, db=db, worker=pod_name
+            )
+        except reconcile.DatabaseUnavailable as error:
+            logger.warning("policy %s: could not rescue pod %s: %s", self.key, pod_name, error)
+            return
+        count = expired.retry_now + expired.dead
+        if count == 0:
+            return
+        self.last_rescue = Rescue(pod=pod_name, count=count, time=utc_now_text())
+        self.pending_rescue_started = started
+        metrics.RESCUED.labels(self.namespace, self.name).inc(count)
+        logger.info(
+            "policy %s: pod %s %s; re-dispatching %d entries", self.key, pod_name, why, count
+        )
+        await self.event(
+            "Normal", "Rescued", f"worker pod {pod_name} {why}: re-dispatching {count} entries"
+        )
+        self.waker.set()
+
+    def note_rescue_redispatched(self, result: reconcile.SweepResult) -> None:
+        if self.pending_rescue_started is not None and self.last_rescue is not None:
+            if result.published:
+                self.last_rescue.seconds_to_redispatch = round(
+                    time.monotonic() - self.pending_rescue_started, 3
+                )
+            self.pending_rescue_started = None
+
+    async def expire_leases_of_vanished_pods(
+        self, policy: policy_module.Policy, *, db: reconcile.Database
+    ) -> None:
+        """Leases held by pods that no longer exist — deleted while the operator was down, so
+        no event told us — are orphaned too; the watch's first listing tells which exist."""
+        if not self.pods_listed or not policy.workers.has_selector:
+            return
+        holders = await asyncio.to_thread(reconcile.lease_holders, policy, db=db)
+        for worker in sorted(holders - self.live_pods):
+            await self.rescue(worker, why="is gone")
+
+    # -- outputs ------------------------------------------------------------------------
+
+    async def event(self, event_type: str, reason: str, message: str) -> None:
+        await asyncio.to_thread(
+            kube.post_event,
+            namespace=self.namespace,
+            policy_name=self.name,
+            policy_uid=self.uid,
+            event_type=event_type,
+            reason=reason,
+            message=message,
+        )
+
+    async def report(
+        self,
+        *,
+        policy: policy_module.Policy | None,
+        problem: conditions.Problem | None,
+        generation: int,
+        result: reconcile.SweepResult | None = None,
+        counts: reconcile.StatusSnapshot | None = None,
+    ) -> None:
+        changed = problem != self.last_problem
+        if changed and problem is not None:
+            logger.warning("policy %s: %s: %s", self.key, problem.reason, problem.message)
+            await self.event("Warning", problem.reason, problem.message)
+        elif changed and self.last_problem is not None:
+            await self.event("Normal", "Recovered", f"{self.last_problem.reason} resolved")
+        self.last_problem = problem
+        if result is not None:
+            record_sweep_metrics(self.namespace, self.name, result)
+            logger.info(
+                "policy %s: swept in %.3fs: dispatched %d in %d pages, lost workers %d, "
+                "dead %d, lost messages %d",
+                self.key,
+                result.duration_seconds,
+                result.published,
+                result.pages,
+                result.expired.retry_now,
+                result.expired.dead,
+                result.expired.unstarted,
+                extra={"fields": sweep_fields(result)},
+            )
+        if counts is not None:
+            record_count_metrics(self.namespace, self.name, counts)
+        due = time.monotonic() - self.last_status_write >= STATUS_MIN_INTERVAL_SECONDS
+        new_generation = generation != self.reported_generation
+        if not (changed or due or new_generation or (result is not None and result.published)):
+            return
+        self.last_status_write = time.monotonic()
+        self.reported_generation = generation
+        suspended = policy is not None and policy.schedule.suspend
+        summary = (
+            f"last sweep dispatched {result.published}" if result is not None else "up to date"
+        )
+        now = utc_now_text()
+        previous = (self.body.get("status") or {}).get("conditions")
+        merged = conditions.merge(
+            previous,
+            conditions.health(problem=problem, suspended=suspended, summary=summary),
+            now=now,
+            generation=generation,
+        )
+        policy_status: dict[str, Any] = {"observedGeneration": generation, "conditions": merged}
+        processing: dict[str, Any] = {"policyGeneration": generation, "conditions": merged}
+        if problem is None:
+            policy_status["lastSweepTime"] = now
+            processing["lastSweepTime"] = now
+        if counts is not None:
+            processing.update(status_counts(counts))
+        if result is not None:
+            processing["lastDispatched"] = result.published
+        if self.last_rescue is not None:
+            processing["lastRescue"] = dataclasses.asdict(self.last_rescue)
+        try:
+            await asyncio.to_thread(
+                kube.patch_policy_status,
+                namespace=self.namespace,
+                name=self.name,
+                status=policy_status,
+            )
+            await asyncio.to_thread(
+                kube.write_processing_status,
+                namespace=self.namespace,
+                name=self.name,
+                owner_uid=self.uid,
+                status=processing,
+            )
+        except kube.KubernetesUnavailable as error:
+            logger.warning("policy %s: status not written: %s", self.key, error)
+
+
+def as_statuses(restart_counts: Mapping[str, int]) -> list[dict[str, Any]]:
+    return [{"name": name, "restartCount": count} for name, count in restart_counts.items()]
+
+
+SWEEP_ERRORS = (
+    kube.SecretNotFound,
+    kube.KubernetesUnavailable,
+    reconcile.DatabaseUnavailable,
+    reconcile.BrokerUnavailable,
+    reconcile.SourceInvalid,
+)
+
+
+def problem_of(error: Exception) -> conditions.Problem:
+    reason = conditions.DATABASE_UNAVAILABLE
+    if isinstance(error, kube.SecretNotFound):
+        reason = conditions.SECRET_NOT_FOUND
+    elif isinstance(error, kube.KubernetesUnavailable):
+        reason = conditions.KUBERNETES_UNAVAILABLE
+    elif isinstance(error, reconcile.BrokerUnavailable):
+        reason = conditions.BROKER_UNAVAILABLE
+    elif isinstance(error, reconcile.SourceInvalid):
+        reason = conditions.SOURCE_INVALID
+    return conditions.Problem(reason, str(error))
+
+
+def status_counts(counts: reconcile.StatusSnapshot) -> dict[str, Any]:
+    oldest = counts.oldest_pending_seconds
+    return {
+        "pending": counts.pending,
+        "inFlight": counts.in_flight,
+        "retrying": counts.retrying,
+        "succeeded": counts.succeeded,
+        "dead": counts.dead,
+        "oldestPendingSeconds": None if oldest is None else int(oldest),
+    }
+
+
+def sweep_fields(result: reconcile.SweepResult) -> dict[str, Any]:
+    return {
+        "policy": result.policy_key,
+        "dispatched": result.published,
+        "pages": result.pages,
+        "in_flight_before": result.in_flight_before,
+        "lost_workers": result.expired.retry_now,
+        "dead_on_expiry": result.expired.dead,
+        "lost_messages": result.expired.unstarted,
+        "settled": result.settled,
+        "duration_seconds": round(result.duration_seconds, 4),
+    }
+
+
+def record_sweep_metrics(namespace: str, name: str, result: reconcile.SweepResult) -> None:
+    metrics.DISPATCHED.labels(namespace, name).inc(result.published)
+
+
+def record_count_metrics(namespace: str, name: str, counts: reconcile.StatusSnapshot) -> None:
+    metrics.PENDING.labels(namespace, name).set(counts.pending)
+    metrics.IN_FLIGHT.labels(namespace, name).set(counts.in_flight)
+    metrics.RETRYING.labels(namespace, name).set(counts.retrying)
+    metrics.DEAD.labels(namespace, name).set(counts.dead)
+    metrics.OLDEST_PENDING_SECONDS.labels(namespace, name).set(counts.oldest_pending_seconds or 0)

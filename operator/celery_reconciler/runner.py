@@ -1,0 +1,120 @@
+"""Start the operator: kopf with our handlers, settings, health endpoint and metrics.
+
+``celery-reconciler run`` (and the container's default command) lands here. kopf's own
+``kopf run`` CLI would work too, but an entry point of ours keeps the flags the chart and the
+docs speak of in one place and configures peering the way replicas of a Deployment need it.
+
+Why a random peering priority: kopf's peering freezes *every* operator that sees another one
+with the same priority, and the replicas of a Deployment all run the same command. Each
+replica therefore picks a random priority at start unless ``--priority`` is given: the
+highest one is active, the others stand by, and when the active one dies its peering record
+expires and the next highest takes over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import random
+import threading
+from collections.abc import Sequence
+
+import kopf
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    namespaces: Sequence[str] = ()
+    all_namespaces: bool = False
+    liveness_endpoint: str | None = None
+    metrics_port: int | None = None
+    peering_name: str | None = None
+    priority: int | None = None
+    peering_lifetime_seconds: int = 30
+    json_logs: bool = False
+    verbose: bool = False
+
+
+def add_run_command(parser: argparse.ArgumentParser) -> None:
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        dest="namespaces",
+        help="watch this namespace (repeatable); the default is --all-namespaces",
+    )
+    scope.add_argument("--all-namespaces", "-A", action="store_true", help="watch every namespace")
+    parser.add_argument(
+        "--liveness",
+        metavar="URL",
+        help="serve kopf's health probe, e.g. http://0.0.0.0:8080/healthz",
+    )
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    peering = parser.add_mutually_exclusive_group()
+    peering.add_argument(
+        "--peering", metavar="NAME", help="coordinate replicas through this kopf peering object"
+    )
+    peering.add_argument(
+        "--standalone", action="store_true", help="no peering: this is the only replica"
+    )
+    parser.add_argument(
+        "--priority", type=int, help="peering priority (default: random, so replicas differ)"
+    )
+    parser.add_argument(
+        "--peering-lifetime",
+        type=int,
+        default=30,
+        metavar="SECONDS",
+        help="how long a silent replica counts as alive (the standby's takeover delay)",
+    )
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+
+def options_from_args(args: argparse.Namespace) -> RunOptions:
+    return RunOptions(
+        namespaces=tuple(args.namespaces),
+        all_namespaces=args.all_namespaces or not args.namespaces,
+        liveness_endpoint=args.liveness,
+        metrics_port=args.metrics_port,
+        peering_name=None if args.standalone else args.peering,
+        priority=args.priority,
+        peering_lifetime_seconds=args.peering_lifetime,
+        json_logs=args.log_format == "json",
+        verbose=args.verbose,
+    )
+
+
+def configure_logging(*, json_logs: bool, verbose: bool) -> None:
+    from celery_reconciler import logs
+
+    logs.configure(json_logs=json_logs, level=logging.DEBUG if verbose else logging.INFO)
+
+
+def run(options: RunOptions, *, stop_flag: threading.Event | None = None) -> int:
+    # Imported for its side effect: the @kopf decorators register the handlers.
+    from celery_reconciler import handlers, metrics
+
+    configure_logging(json_logs=options.json_logs, verbose=options.verbose)
+    if options.metrics_port is not None:
+        metrics.serve(port=options.metrics_port)
+    standalone = options.peering_name is None
+    priority = options.priority
+    if not standalone and priority is None:
+        priority = random.SystemRandom().randint(1, 2**31 - 1)
+    handlers.configure_peering(lifetime_seconds=options.peering_lifetime_seconds)
+    kopf.run(
+        loop=asyncio.new_event_loop(),
+        standalone=standalone,
+        peering_name=options.peering_name,
+        priority=priority,
+        liveness_endpoint=options.liveness_endpoint,
+        clusterwide=options.all_namespaces,
+        namespaces=list(options.namespaces),
+        stop_flag=stop_flag,
+    )
+    return 0
