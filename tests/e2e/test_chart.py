@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
+from celery_app import reliable
 from devstack import kube as devstack_kube
 from devstack import processes
 
@@ -405,3 +406,19 @@ def test_kopf_runs_under_the_chart_service_account_without_permission_warnings(
     log_text = log_path.read_text()
     for complaint in ("Forbidden", "Not enough permissions", "Unauthorized", "403"):
         assert complaint not in log_text, log_text
+
+
+def test_demo_worker_gets_the_environment_the_celery_app_reads(
+    kube: devstack_kube.ControlPlane, namespace: str
+) -> None:
+    rendered = _template(kube, namespace, "--set", "demoWorker.enabled=true")
+    worker = _deployment(rendered, f"{FULLNAME}-demo-worker")
+    container = worker["spec"]["template"]["spec"]["containers"][0]
+    assert [container["command"][0], *container["args"][:3]] == [
+        "celery", "-A", "celery_app.demo", "worker",
+    ]  # fmt: skip
+    env_names = {variable["name"] for variable in container["env"]}
+    assert env_names >= {"CELERY_BROKER_URL", reliable.DSN_ENVIRONMENT_VARIABLE}
+    labels = worker["spec"]["template"]["metadata"]["labels"]
+    sample = yaml.safe_load((ROOT / "manifests" / "samples" / "processingpolicy.yaml").read_text())
+    assert sample["spec"]["workers"]["podSelector"]["matchLabels"].items() <= labels.items()
