@@ -158,7 +158,7 @@ class MessageBuilder:
         time_limits_seconds: tuple[float, float] | None,
     ) -> dict[str, Any]:
         soft, hard = time_limits_seconds or (None, None)
-        args = (message.entry_id,)
+        args = [message.entry_id]  # a list, as send_task(args=[...]) passes it
         headers, properties, body, _ = self._app.amqp.create_task_message(
             message.task_id,
             task_name,
@@ -169,7 +169,7 @@ class MessageBuilder:
             reply_to=self._reply_to,
             ignore_result=None,
             origin=self._origin,
-            # Celery's saferepr of a one-string tuple is its repr unless it is huge; passing
+            # Celery's saferepr of a one-string list is its repr unless it is huge; passing
             # it saves a third of the build time. Long ids are left to saferepr.
             argsrepr=repr(args) if len(message.entry_id) <= SHORT_ID_LENGTH else None,
             kwargsrepr="{}",

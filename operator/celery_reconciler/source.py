@@ -133,31 +133,52 @@ def id_array_literal(entry_ids: Sequence[str]) -> str:
 def filter_pending(
     conn: psycopg.Connection[Any], source: policy_module.Source, entry_ids: Sequence[str]
 ) -> set[str]:
-    """Which of ``entry_ids`` still match the pending predicate (an indexed id lookup)."""
+    """Which of ``entry_ids`` still match the pending predicate (an indexed id lookup).
+
+    Ids that cannot be the column's type (a ledger row left from an earlier ``idColumn``,
+    say) cannot be pending; the lookup then compares as text, still bounded by the
+    predicate, instead of failing every sweep.
+    """
     if not entry_ids:
         return set()
+    table = table_identifier(source.table)
+    alias = sql.Identifier(_ALIAS)
     query = sql.SQL(
         "SELECT {id}::text FROM {table} AS {alias} WHERE {id} = ANY(%s) AND {where}"
     ).format(
-        id=_column(source.id_column),
-        table=table_identifier(source.table),
-        alias=sql.Identifier(_ALIAS),
-        where=predicate(source.pending),
+        id=_column(source.id_column), table=table, alias=alias, where=predicate(source.pending)
     )
-    return {row[0] for row in _execute(conn, source, query, [id_array_literal(entry_ids)])}
+    try:
+        with conn.transaction():  # a savepoint inside the caller's claim transaction
+            rows = conn.execute(query, [id_array_literal(entry_ids)]).fetchall()
+    except (psycopg.errors.InvalidTextRepresentation, psycopg.errors.NumericValueOutOfRange):
+        as_text = sql.SQL(
+            "SELECT {id}::text FROM {table} AS {alias} WHERE {id}::text = ANY(%s) AND {where}"
+        ).format(
+            id=_column(source.id_column), table=table, alias=alias, where=predicate(source.pending)
+        )
+        rows = _execute(conn, source, as_text, [list(entry_ids)]).fetchall()
+    return {row[0] for row in rows}
 
 
 def pending_summary(conn: psycopg.Connection[Any], source: policy_module.Source) -> PendingSummary:
     """How many entries match the predicate (in flight or not) and how old the oldest is."""
-    query = sql.SQL("SELECT count(*), min({order}) FROM {table} AS {alias} WHERE {where}").format(
-        order=_column(source.order_by),
-        table=table_identifier(source.table),
-        alias=sql.Identifier(_ALIAS),
-        where=predicate(source.pending),
+    table = table_identifier(source.table)
+    alias = sql.Identifier(_ALIAS)
+    where = predicate(source.pending)
+    count_query = sql.SQL("SELECT count(*) FROM {table} AS {alias} WHERE {where}").format(
+        table=table, alias=alias, where=where
     )
-    row = _execute(conn, source, query, []).fetchone()
-    assert row is not None
-    count, oldest = row
+    # ORDER BY ... LIMIT 1 rather than min(): it works for every orderable type (min() does
+    # not exist for uuid) and reads one entry of the pending index.
+    oldest_query = sql.SQL(
+        "SELECT {order} FROM {table} AS {alias} WHERE {where} ORDER BY {order} LIMIT 1"
+    ).format(order=_column(source.order_by), table=table, alias=alias, where=where)
+    count_row = _execute(conn, source, count_query, []).fetchone()
+    oldest_row = _execute(conn, source, oldest_query, []).fetchone()
+    assert count_row is not None
+    count = count_row[0]
+    oldest = None if oldest_row is None else oldest_row[0]
     oldest_seconds: float | None = None
     if isinstance(oldest, datetime.datetime):
         # Age by the database's clock: a timestamptz against now(), a plain timestamp

@@ -1,0 +1,162 @@
+"""Helpers shared by the integration tests (fixtures live in ``conftest.py``).
+
+They read outcomes from the DATABASE (``task_runs``, the ledger), never from test memory,
+and ``sweep_until`` is the real ``reconcile_once`` called repeatedly, as the operator's
+timer would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import itertools
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from celery_app.demo import schema
+from celery_reconciler import broker, policy, reconcile
+from devstack import processes
+
+
+@dataclasses.dataclass
+class Worker:
+    name: str
+    process: processes.ManagedProcess
+
+    @property
+    def log_path(self) -> Path:
+        return self.process.log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL the worker's whole process group: a crashed or OOM-killed pod."""
+        self.process.kill()
+
+    def stop(self) -> None:
+        self.process.stop(timeout_seconds=20)
+
+
+WorkerFactory = Callable[..., Worker]
+
+
+def make_policy(
+    *,
+    lease_timeout: str = "30s",
+    retry: dict[str, Any] | None = None,
+    limits: dict[str, Any] | None = None,
+    task_name: str = schema.TASK_NAME,
+    name: str = "journal-insights",
+) -> policy.Policy:
+    spec = schema.policy_spec(
+        lease_timeout=lease_timeout,
+        retry=retry or {"maxAttempts": 5, "initialDelay": "1s", "factor": 2, "maxDelay": "5s"},
+        limits=limits,
+        task_name=task_name,
+    )
+    return policy.parse_policy(spec, namespace="test", name=name)
+
+
+def pending_count(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT count(*) FROM journal_entry WHERE NOT insights_extracted").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def sweep_until(
+    done: Callable[[], bool],
+    *,
+    policy_: policy.Policy,
+    dsn: str,
+    broker_url: str,
+    timeout_seconds: float,
+    interval_seconds: float = 0.3,
+    what: str = "all entries processed",
+) -> list[reconcile.SweepResult]:
+    """Sweep like the operator's timer until ``done()``; fail with the last state if not."""
+    db = reconcile.Database(dsn)
+    publisher = broker.connect(broker_url)
+    results: list[reconcile.SweepResult] = []
+    deadline = time.monotonic() + timeout_seconds
+    try:
+        while True:
+            results.append(reconcile.reconcile_once(policy_, db=db, broker=publisher))
+            if done():
+                return results
+            if time.monotonic() > deadline:
+                pytest.fail(f"not {what} after {timeout_seconds}s; last sweep: {results[-1]}")
+            time.sleep(interval_seconds)
+    finally:
+        publisher.close()
+        db.close()
+
+
+def wait_for(
+    condition: Callable[[], bool], *, timeout_seconds: float, what: str, poll_seconds: float = 0.1
+) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_seconds}s waiting for {what}")
+        time.sleep(poll_seconds)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    entry_id: int
+    task_id: str
+    worker: str
+    started_at: datetime.datetime
+    finished_at: datetime.datetime | None
+    outcome: str | None
+
+
+def runs(conn: psycopg.Connection[Any]) -> list[Run]:
+    rows = conn.execute(
+        "SELECT entry_id, task_id, worker, started_at, finished_at, outcome FROM task_runs "
+        "ORDER BY entry_id, started_at"
+    ).fetchall()
+    return [Run(*row) for row in rows]
+
+
+def overlapping_runs(
+    all_runs: list[Run], *, killed_at: dict[str, datetime.datetime] | None = None
+) -> list[tuple[Run, Run]]:
+    """Pairs of runs of the same entry whose intervals overlap.
+
+    A run without ``finished_at`` belongs to a killed worker: it ended when the worker was
+    killed (``killed_at[worker]``), or, if its worker was never killed, it is still running
+    and ends "never".
+    """
+    never = datetime.datetime.max.replace(tzinfo=datetime.UTC)
+
+    def end(run: Run) -> datetime.datetime:
+        if run.finished_at is not None:
+            return run.finished_at
+        return (killed_at or {}).get(run.worker, never)
+
+    overlaps = []
+    by_entry: dict[int, list[Run]] = {}
+    for run in all_runs:
+        by_entry.setdefault(run.entry_id, []).append(run)
+    for entry_runs in by_entry.values():
+        ordered = sorted(entry_runs, key=lambda run: run.started_at)
+        overlaps.extend(
+            (first, second)
+            for first, second in itertools.pairwise(ordered)
+            if second.started_at < end(first)
+        )
+    return overlaps
+
+
+def database_now(conn: psycopg.Connection[Any]) -> datetime.datetime:
+    row = conn.execute("SELECT clock_timestamp()").fetchone()
+    assert row is not None
+    value: datetime.datetime = row[0]
+    return value

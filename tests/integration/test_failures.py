@@ -1,0 +1,355 @@
+"""Nothing lost and no concurrent double run through crashes, restarts, failures and outages.
+
+Each test breaks one real component — SIGKILL a worker, restart Redis without persistence,
+stop PostgreSQL or Redis, fail a task body, name a task nobody registered — and then proves
+from the database that every entry still ends processed (or dead with its reason), and
+that no entry's body ran twice at the same time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+from reconcile_support import (
+    WorkerFactory,
+    database_now,
+    make_policy,
+    overlapping_runs,
+    pending_count,
+    runs,
+    sweep_until,
+    wait_for,
+)
+
+from celery_app.demo import schema
+from celery_reconciler import broker, ledger, planning, reconcile
+from devstack import postgres as devstack_postgres
+from devstack import redis as devstack_redis
+
+pytestmark = pytest.mark.integration
+
+
+def test_worker_killed_mid_task_loses_nothing_and_never_overlaps(
+    demo_dsn: str, conn: psycopg.Connection[Any], redis_url: str, start_worker: WorkerFactory
+) -> None:
+    schema.seed(conn, count=40)
+    for entry_id in range(1, 41):
+        schema.set_fault(conn, entry_id=entry_id, kind="sleep", seconds=0.5)
+    policy = make_policy(lease_timeout="5s")
+    victim = start_worker(broker_url=redis_url, dsn=demo_dsn, concurrency=2, lease_seconds=5)
+    survivor = start_worker(broker_url=redis_url, dsn=demo_dsn, concurrency=2, lease_seconds=5)
+    db = reconcile.Database(demo_dsn)
+    publisher = broker.connect(redis_url)
+    try:
+        assert reconcile.reconcile_once(policy, db=db, broker=publisher).published == 40
+
+        def victim_is_mid_task() -> bool:
+            row = conn.execute(
+                "SELECT count(*) FILTER (WHERE finished_at IS NULL), count(*) FROM task_runs "
+                "WHERE worker = %s",
+                [victim.name],
+            ).fetchone()
+            return row is not None and row[0] >= 1 and row[1] >= 3
+
+        wait_for(victim_is_mid_task, timeout_seconds=30, what="the victim worker mid-task")
+        victim.kill()
+        killed_at = {victim.name: database_now(conn)}
+    finally:
+        publisher.close()
+        db.close()
+
+    interrupted = conn.execute(
+        "SELECT entry_id FROM task_runs WHERE worker = %s AND finished_at IS NULL",
+        [victim.name],
+    ).fetchall()
+    assert interrupted, "the kill must interrupt at least one body"
+
+    sweep_until(
+        lambda: pending_count(conn) == 0,
+        policy_=policy,
+        dsn=demo_dsn,
+        broker_url=redis_url,
+        timeout_seconds=90,
+    )
+
+    all_runs = runs(conn)
+    assert overlapping_runs(all_runs, killed_at=killed_at) == []
+    succeeded = [run for run in all_runs if run.outcome == "succeeded"]
+    assert sorted(run.entry_id for run in succeeded) == list(range(1, 41))  # once each
+    for (entry_id,) in interrupted:
+        later = [run for run in succeeded if run.entry_id == entry_id]
+        assert later and later[0].worker == survivor.name
+    lost = conn.execute(
+        "SELECT count(*) FROM celery_reconciler.attempts WHERE outcome = 'lost' AND worker = %s",
+        [victim.name],
+    ).fetchone()
+    assert lost is not None and lost[0] == len(interrupted)  # each kill cost one attempt
+    states = dict(
+        conn.execute("SELECT state, count(*) FROM celery_reconciler.entries GROUP BY state")
+    )
+    assert states == {"succeeded": 40}
+
+
+def test_redis_restart_without_persistence_loses_nothing(
+    demo_dsn: str,
+    conn: psycopg.Connection[Any],
+    private_redis: devstack_redis.RedisServer,
+    start_worker: WorkerFactory,
+) -> None:
+    schema.seed(conn, count=200)
+    for entry_id in range(1, 201):
+        schema.set_fault(conn, entry_id=entry_id, kind="sleep", seconds=0.03)
+    policy = make_policy(lease_timeout="4s")
+    start_worker(broker_url=private_redis.url, dsn=demo_dsn, concurrency=1, lease_seconds=4)
+    db = reconcile.Database(demo_dsn)
+    publisher = broker.connect(private_redis.url)
+    try:
+        assert reconcile.reconcile_once(policy, db=db, broker=publisher).published == 200
+        wait_for(
+            lambda: 200 - pending_count(conn) >= 10,
+            timeout_seconds=30,
+            what="the worker under way",
+        )
+        assert publisher.queue_depth("insights") > 50  # many messages are still queued ...
+        private_redis.kill()
+        private_redis.start()  # ... and are gone: no RDB, no AOF
+        assert publisher.queue_depth("insights") == 0
+    finally:
+        publisher.close()
+        db.close()
+    left_behind = pending_count(conn)
+    assert left_behind > 50
+
+    results = sweep_until(
+        lambda: pending_count(conn) == 0,
+        policy_=policy,
+        dsn=demo_dsn,
+        broker_url=private_redis.url,
+        timeout_seconds=120,
+        interval_seconds=0.5,
+    )
+    assert sum(result.expired.unstarted for result in results) >= left_behind - 2
+    all_runs = runs(conn)
+    assert overlapping_runs(all_runs) == []
+    assert sorted({run.entry_id for run in all_runs if run.outcome == "succeeded"}) == list(
+        range(1, 201)
+    )
+
+
+def test_failing_entry_backs_off_within_jitter_bounds_dies_and_comes_back(
+    demo_dsn: str, conn: psycopg.Connection[Any], redis_url: str, start_worker: WorkerFactory
+) -> None:
+    schema.seed(conn, count=3)
+    schema.set_fault(conn, entry_id=2, kind="fail")
+    policy = make_policy(
+        lease_timeout="10s",
+        retry={
+            "maxAttempts": 4,
+            "initialDelay": "400ms",
+            "factor": 2,
+            "maxDelay": "1s",
+            "jitter": True,
+        },
+    )
+    start_worker(broker_url=redis_url, dsn=demo_dsn, lease_seconds=10)
+
+    def dead() -> bool:
+        row = conn.execute(
+            "SELECT state FROM celery_reconciler.entries WHERE entry_id = '2'"
+        ).fetchone()
+        return row is not None and row[0] == "dead"
+
+    sweep_until(
+        lambda: dead() and pending_count(conn) == 1,
+        policy_=policy,
+        dsn=demo_dsn,
+        broker_url=redis_url,
+        timeout_seconds=60,
+        interval_seconds=0.1,
+        what="entry 2 dead and the others processed",
+    )
+
+    history = ledger.history(conn, policy_key=policy.key, entry_id="2")
+    assert history is not None
+    assert history.state == "dead" and history.attempt == 4
+    assert history.last_error == "DemoFailure: entry 2 is marked to fail in demo_faults"
+    assert [a.outcome for a in history.attempts] == ["failed"] * 4
+    for number, (failed, following) in enumerate(
+        zip(history.attempts, history.attempts[1:], strict=False), start=1
+    ):
+        assert failed.retry_at is not None and failed.finished_at is not None
+        delay = (failed.retry_at - failed.finished_at).total_seconds()
+        low, high = planning.retry_delay_bounds_seconds(attempt=number, retry=policy.retry)
+        assert low - 1e-6 <= delay <= high + 1e-6, (number, delay, low, high)
+        assert following.started_at >= failed.retry_at  # never dispatched before it was due
+    assert history.attempts[-1].retry_at is None  # the last failure dead-lettered
+    assert len([run for run in runs(conn) if run.entry_id == 2]) == 4
+
+    # An explicit retry-dead, after the cause is fixed, brings it back and it succeeds.
+    schema.clear_fault(conn, entry_id=2)
+    db = reconcile.Database(demo_dsn)
+    try:
+        assert reconcile.retry_dead(policy, db=db) == 1
+    finally:
+        db.close()
+    sweep_until(
+        lambda: pending_count(conn) == 0,
+        policy_=policy,
+        dsn=demo_dsn,
+        broker_url=redis_url,
+        timeout_seconds=30,
+        interval_seconds=0.1,
+    )
+    revived = ledger.history(conn, policy_key=policy.key, entry_id="2")
+    assert revived is not None and revived.state == "succeeded" and revived.attempt == 1
+    assert [a.outcome for a in revived.attempts] == ["failed"] * 4 + ["succeeded"]
+
+
+def assert_no_secret(message: str, *secrets: str) -> None:
+    for secret in secrets:
+        assert secret not in message
+
+
+def test_database_down_is_a_clear_error_and_the_next_sweep_after_recovery_proceeds(
+    demo_dsn: str,
+    conn: psycopg.Connection[Any],
+    postgres: devstack_postgres.PostgresServer,
+    redis_url: str,
+    start_worker: WorkerFactory,
+) -> None:
+    schema.seed(conn, count=30)
+    policy = make_policy(lease_timeout="5s")
+    db = reconcile.Database(demo_dsn)
+    publisher = broker.connect(redis_url)
+    try:
+        first = reconcile.reconcile_once(policy, db=db, broker=publisher)
+        assert first.published == 30
+        postgres.stop()
+        try:
+            with pytest.raises(reconcile.DatabaseUnavailable) as caught:
+                reconcile.reconcile_once(policy, db=db, broker=publisher)
+            message = str(caught.value)
+            assert "PostgreSQL unavailable" in message
+            assert f"127.0.0.1:{postgres.port}" in message  # names the server ...
+            assert_no_secret(message, postgres.password, demo_dsn)  # ... not the secret
+            with pytest.raises(reconcile.DatabaseUnavailable) as again:
+                reconcile.reconcile_once(policy, db=db, broker=publisher)  # reconnect fails
+            assert "connecting" in str(again.value)
+            assert_no_secret(str(again.value), postgres.password, demo_dsn)
+        finally:
+            postgres.start()
+        # The same Database object reconnects on the next sweep.
+        assert reconcile.reconcile_once(policy, db=db, broker=publisher).published == 0
+    finally:
+        publisher.close()
+        db.close()
+
+    start_worker(broker_url=redis_url, dsn=demo_dsn, lease_seconds=5)
+    with psycopg.connect(demo_dsn, autocommit=True) as fresh:
+        sweep_until(
+            lambda: pending_count(fresh) == 0,
+            policy_=policy,
+            dsn=demo_dsn,
+            broker_url=redis_url,
+            timeout_seconds=60,
+        )
+        assert len({run.entry_id for run in runs(fresh)}) == 30
+
+
+def test_broker_down_is_a_clear_error_releases_claims_and_recovers(
+    demo_dsn: str,
+    conn: psycopg.Connection[Any],
+    private_redis: devstack_redis.RedisServer,
+    start_worker: WorkerFactory,
+) -> None:
+    schema.seed(conn, count=25)
+    policy = make_policy(lease_timeout="60s")  # recovery must not wait for this lease
+    db = reconcile.Database(demo_dsn)
+    publisher = broker.connect(private_redis.url)
+    try:
+        private_redis.stop()
+        with pytest.raises(reconcile.BrokerUnavailable) as caught:
+            reconcile.reconcile_once(policy, db=db, broker=publisher)
+        message = str(caught.value)
+        assert "broker unavailable while publishing to queue 'insights'" in message
+        assert f"redis://:***@127.0.0.1:{private_redis.port}/0" in message
+        assert_no_secret(message, private_redis.password)
+        # Claimed, not published, and released: eligible for the very next sweep.
+        counts = ledger.counts(conn, policy_key=policy.key)
+        assert counts.queued == 25
+        assert ledger.count_in_flight(conn, policy_key=policy.key) == 0
+        private_redis.start()
+        start_worker(broker_url=private_redis.url, dsn=demo_dsn, lease_seconds=60)
+        after = reconcile.reconcile_once(policy, db=db, broker=publisher)
+        assert after.published == 25
+    finally:
+        publisher.close()
+        db.close()
+    wait_for(lambda: pending_count(conn) == 0, timeout_seconds=30, what="all processed")
+    assert len(runs(conn)) == 25
+
+
+def test_unknown_task_name_is_recorded_clearly_and_recovers_after_the_fix(
+    demo_dsn: str, conn: psycopg.Connection[Any], redis_url: str, start_worker: WorkerFactory
+) -> None:
+    schema.seed(conn, count=3)
+    retry = {"maxAttempts": 2, "initialDelay": "200ms", "factor": 1, "maxDelay": "200ms"}
+    wrong = make_policy(task_name="insights.tasks.extract_insight_task", retry=retry)
+    worker = start_worker(broker_url=redis_url, dsn=demo_dsn)
+
+    def all_dead() -> bool:
+        return ledger.counts(conn, policy_key=wrong.key).dead == 3
+
+    sweep_until(
+        all_dead,
+        policy_=wrong,
+        dsn=demo_dsn,
+        broker_url=redis_url,
+        timeout_seconds=30,
+        interval_seconds=0.2,
+        what="the misnamed entries dead-lettered",
+    )
+    errors = {row[0] for row in conn.execute("SELECT last_error FROM celery_reconciler.entries")}
+    assert errors == {
+        f"NotRegistered: no task named 'insights.tasks.extract_insight_task' is registered on "
+        f"worker {worker.name} — fix spec.task.name or deploy workers that register it "
+        "(then retry-dead)"
+    }
+    assert runs(conn) == []  # no body ran
+    assert pending_count(conn) == 3  # nothing lost: still pending in the table
+
+    fixed = make_policy(retry=retry)
+    db = reconcile.Database(demo_dsn)
+    try:
+        assert reconcile.retry_dead(fixed, db=db) == 3
+    finally:
+        db.close()
+    sweep_until(
+        lambda: pending_count(conn) == 0,
+        policy_=fixed,
+        dsn=demo_dsn,
+        broker_url=redis_url,
+        timeout_seconds=30,
+    )
+    assert len(runs(conn)) == 3
+
+
+def test_invalid_database_credentials_never_echo_the_dsn(
+    postgres: devstack_postgres.PostgresServer, redis_url: str
+) -> None:
+    policy = make_policy()
+    wrong_password = "not-the-password-4711"
+    dsn = postgres.dsn.replace(postgres.password, wrong_password)
+    garbage_dsn = f"postgresql://postgres:{wrong_password}@127.0.0.1:{postgres.port}/x?sslmode=b"
+    publisher = broker.connect(redis_url)
+    try:
+        for candidate in (dsn, garbage_dsn, f"host= password={wrong_password} port='"):
+            db = reconcile.Database(candidate)
+            with pytest.raises(reconcile.DatabaseUnavailable) as caught:
+                reconcile.reconcile_once(policy, db=db, broker=publisher)
+            assert_no_secret(str(caught.value), wrong_password, candidate)
+            assert_no_secret(repr(db), wrong_password)
+    finally:
+        publisher.close()
