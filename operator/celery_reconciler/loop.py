@@ -129,6 +129,7 @@ class PolicyLoop:
 
     async def run(self, stopped: Any) -> None:
         _WAKERS[self.key] = self.waker
+        logger.info("policy %s: loop started", self.key)
         try:
             while not stopped:
                 delay = await self.iterate()
@@ -137,6 +138,7 @@ class PolicyLoop:
             _WAKERS.pop(self.key, None)
             self.stop_pod_watch()
             self.connections.close()
+            logger.info("policy %s: loop stopped", self.key)
 
     async def sleep(self, delay_seconds: float, stopped: Any) -> None:
         if self.waker.is_set():

@@ -6,23 +6,28 @@ the admin's by default, or a ServiceAccount token's for the least-privilege test
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
-from e2e_support import OperatorProcess, healthy
+from e2e_support import WORKER_LABELS, OperatorProcess, healthy
 
+from celery_app.demo import schema
 from devstack import kube as devstack_kube
-from devstack import processes
+from devstack import processes, workers
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_DIR = ROOT / "charts" / "celery-reconciler" / "files" / "crds"
+PEERING_CRDS = ROOT / "charts" / "celery-reconciler" / "crds" / "kopf-peerings.yaml"
 
 
 @pytest.fixture(scope="session")
 def crds(kube: devstack_kube.ControlPlane) -> devstack_kube.ControlPlane:
     kube.kubectl("apply", "--server-side", "-f", str(CRD_DIR))
+    kube.kubectl("apply", "--server-side", "-f", str(PEERING_CRDS))
     kube.kubectl(
         "wait",
         "--for=condition=Established",
@@ -46,6 +51,7 @@ def start_operator(
         peering: str | None = None,
         name: str = "operator",
         extra_env: dict[str, str] | None = None,
+        extra_args: list[str] | None = None,
     ) -> OperatorProcess:
         liveness_port, metrics_port = processes.free_port(), processes.free_port()
         argv = [
@@ -61,6 +67,7 @@ def start_operator(
         ]
         argv += [f"--namespace={ns}" for ns in namespaces] or ["--all-namespaces"]
         argv += [f"--peering={peering}"] if peering else ["--standalone"]
+        argv += extra_args or []
         env = crds.env(kubeconfig=kubeconfig)
         env.update(extra_env or {})
         env.setdefault("PYTHONUNBUFFERED", "1")
@@ -81,3 +88,51 @@ def start_operator(
     yield start
     for operator in started:
         operator.stop()
+
+
+@pytest.fixture
+def journal(database_dsn: str) -> str:
+    with psycopg.connect(database_dsn, autocommit=True) as conn:
+        schema.create_schema(conn)
+    return database_dsn
+
+
+@pytest.fixture
+def worker_pods(
+    crds: devstack_kube.ControlPlane, namespace: str, journal: str, redis_url: str, tmp_path: Path
+) -> Iterator[Callable[..., processes.ManagedProcess]]:
+    started: list[processes.ManagedProcess] = []
+
+    def start(pod_name: str, *, concurrency: int = 2) -> processes.ManagedProcess:
+        crds.kubectl(
+            "-n",
+            namespace,
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps(workers.pod_manifest(name=pod_name, labels=WORKER_LABELS)),
+        )
+        crds.kubectl(
+            "-n",
+            namespace,
+            "patch",
+            "pod",
+            pod_name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json.dumps(workers.running_status()),
+        )
+        worker = workers.start_worker(
+            pod_name=pod_name,
+            broker_url=redis_url,
+            dsn=journal,
+            log_dir=tmp_path,
+            concurrency=concurrency,
+        )
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()

@@ -9,6 +9,9 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
+
+from celery_app.demo import audit, schema
 from devstack import kube as devstack_kube
 from devstack import processes
 
@@ -55,3 +58,111 @@ def wait_for(
     raise AssertionError(
         f"timed out after {timeout_seconds:.0f}s waiting for {what}; last: {last!r}"
     )
+
+
+WORKER_LABELS = {"app": "insights-worker"}
+
+
+def secrets_manifest(*, dsn: str, broker_url: str) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "List",
+            "items": [
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "metadata": {"name": "demo-db"},
+                    "stringData": {"dsn": dsn},
+                },
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "metadata": {"name": "demo-broker"},
+                    "stringData": {"url": broker_url},
+                },
+            ],
+        }
+    )
+
+
+def policy_manifest(name: str = "journal-insights", **spec_overrides: Any) -> str:
+    spec = schema.policy_spec(
+        sweep_interval=spec_overrides.pop("sweep_interval", "30s"),
+        lease_timeout=spec_overrides.pop("lease_timeout", "10m"),
+        retry=spec_overrides.pop("retry", None),
+    )
+    spec["workers"] = {"podSelector": {"matchLabels": WORKER_LABELS}}
+    spec.update(spec_overrides)
+    return json.dumps(
+        {
+            "apiVersion": "celery-reconciler.io/v1alpha1",
+            "kind": "ProcessingPolicy",
+            "metadata": {"name": name},
+            "spec": spec,
+        }
+    )
+
+
+def processingstatus_table(kube: devstack_kube.ControlPlane, namespace: str) -> dict[str, str]:
+    """``kubectl get processingstatus`` as a person reads it: header -> value of the one row."""
+    lines = kube.kubectl("-n", namespace, "get", "processingstatus").stdout.splitlines()
+    if len(lines) < 2:
+        return {}
+    header = lines[0].split()
+    return dict(zip(header, lines[1].split(), strict=False))
+
+
+def seed(dsn: str, count: int) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        schema.seed(conn, count=count)
+
+
+def unprocessed(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM journal_entry WHERE NOT insights_extracted")
+        return int(row.fetchone()[0])  # type: ignore[index]
+
+
+def tally(dsn: str) -> audit.Tally:
+    with psycopg.connect(dsn) as conn:
+        return audit.tally(conn)
+
+
+def ledger_rows(
+    dsn: str, *, state: str | None = None, worker: str | None = None
+) -> list[tuple[Any, ...]]:
+    """(entry_id, state, worker, attempt) rows of the operator's ledger, optionally filtered.
+
+    Empty until the operator's first sweep has created the ledger schema."""
+    with psycopg.connect(dsn) as conn:
+        exists = conn.execute("SELECT to_regclass('celery_reconciler.entries')").fetchone()
+        if exists is None or exists[0] is None:
+            return []
+        return conn.execute(
+            "SELECT entry_id, state, worker, attempt FROM celery_reconciler.entries "
+            "WHERE (%(state)s::text IS NULL OR state = %(state)s) "
+            "AND (%(worker)s::text IS NULL OR worker = %(worker)s) ORDER BY entry_id",
+            {"state": state, "worker": worker},
+        ).fetchall()
+
+
+def annotate(kube: devstack_kube.ControlPlane, namespace: str, annotation: str) -> None:
+    kube.kubectl(
+        "-n",
+        namespace,
+        "annotate",
+        "--overwrite",
+        "processingpolicy",
+        "journal-insights",
+        annotation,
+    )
+
+
+def metric_value(text: str, name: str, *, namespace: str, policy: str) -> float:
+    """The value of one labelled sample in Prometheus text, 0 when absent."""
+    wanted = f'{name}{{namespace="{namespace}",policy="{policy}"}}'
+    for line in text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.split()[-1])
+    return 0.0

@@ -1,0 +1,226 @@
+"""Recovery on the real stack: worker pods that die, an operator that dies, two replicas."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+import psycopg
+import pytest
+from e2e_support import (
+    OperatorProcess,
+    get_json,
+    ledger_rows,
+    metric_value,
+    policy_manifest,
+    secrets_manifest,
+    seed,
+    tally,
+    unprocessed,
+    wait_for,
+)
+
+from celery_app.demo import audit, schema
+from devstack import kube as devstack_kube
+from devstack import processes, workers
+
+
+def apply_policy(
+    kube: devstack_kube.ControlPlane, namespace: str, dsn: str, broker: str, **spec: object
+) -> None:
+    kube.kubectl(
+        "-n", namespace, "apply", "-f", "-", input=secrets_manifest(dsn=dsn, broker_url=broker)
+    )
+    kube.kubectl("-n", namespace, "apply", "-f", "-", input=policy_manifest(**spec))
+
+
+def overlaps(dsn: str, killed: dict[str, object]) -> list[tuple[audit.Run, audit.Run]]:
+    with psycopg.connect(dsn) as conn:
+        return audit.overlapping_runs(audit.runs(conn), killed_at=killed)  # type: ignore[arg-type]
+
+
+def database_now(dsn: str) -> object:
+    with psycopg.connect(dsn) as conn:
+        return audit.database_now(conn)
+
+
+@pytest.mark.parametrize("how", ["restart", "delete"])
+def test_a_dead_worker_pods_entries_are_rescued_long_before_the_lease(
+    how: str,
+    crds: devstack_kube.ControlPlane,
+    namespace: str,
+    journal: str,
+    redis_url: str,
+    start_operator: Callable[..., OperatorProcess],
+    worker_pods: Callable[..., processes.ManagedProcess],
+) -> None:
+    seed(journal, 6)
+    with psycopg.connect(journal, autocommit=True) as conn:
+        for entry_id in range(1, 7):
+            schema.set_fault(conn, entry_id=entry_id, kind="sleep", seconds=600)
+    doomed = worker_pods("insights-worker-a", concurrency=2)
+    start_operator()
+    # The lease is 10 minutes and sweeps are an hour apart: only the pod hook can rescue.
+    apply_policy(crds, namespace, journal, redis_url, lease_timeout="10m", sweep_interval="1h")
+    held = wait_for(
+        lambda: (
+            len(rows := ledger_rows(journal, state="running", worker="insights-worker-a")) == 2
+            and rows
+        ),
+        timeout_seconds=60,
+        what="worker a to be running two entries",
+    )
+    with psycopg.connect(journal, autocommit=True) as conn:
+        conn.execute("DELETE FROM demo_faults")
+    doomed.kill()
+    killed_at = database_now(journal)
+    worker_pods("insights-worker-b", concurrency=2)
+
+    noticed = time.monotonic()
+    if how == "restart":
+        crds.kubectl(
+            "-n",
+            namespace,
+            "patch",
+            "pod",
+            "insights-worker-a",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json.dumps(workers.running_status(restart_count=1)),
+        )
+    else:
+        crds.kubectl("-n", namespace, "delete", "pod", "insights-worker-a", "--wait=false")
+    wait_for(
+        lambda: unprocessed(journal) == 0,
+        timeout_seconds=120,
+        what="the orphaned entries to be processed",
+    )
+    rescue_seconds = time.monotonic() - noticed
+    print(
+        f"rescue after pod {how}: all {len(held)} orphaned entries processed in "
+        f"{rescue_seconds:.2f}s (lease 600s)"
+    )
+
+    status = get_json(crds, "-n", namespace, "get", "processingstatus", "journal-insights")
+    last_rescue = wait_for(
+        lambda: get_json(crds, "-n", namespace, "get", "processingstatus", "journal-insights")[
+            "status"
+        ].get("lastRescue"),
+        timeout_seconds=30,
+        what="lastRescue in ProcessingStatus",
+    )
+    assert last_rescue["pod"] == "insights-worker-a"
+    assert last_rescue["count"] == 2
+    assert status["metadata"]["ownerReferences"][0]["kind"] == "ProcessingPolicy"
+    events = get_json(
+        crds,
+        "-n",
+        namespace,
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=journal-insights",
+    )
+    assert any(
+        e["reason"] == "Rescued" and "insights-worker-a" in e["message"] for e in events["items"]
+    )
+    counted = tally(journal)
+    assert (counted.processed, counted.duplicate_successes) == (6, 0)
+    assert overlaps(journal, {"insights-worker-a": killed_at}) == []
+
+
+def test_an_operator_killed_mid_sweep_finishes_the_work_after_restart(
+    crds: devstack_kube.ControlPlane,
+    namespace: str,
+    journal: str,
+    redis_url: str,
+    start_operator: Callable[..., OperatorProcess],
+    worker_pods: Callable[..., processes.ManagedProcess],
+) -> None:
+    seed(journal, 3000)
+    worker_pods("insights-worker-a", concurrency=4)
+    first = start_operator(name="operator-1")
+    # A paced dispatch makes the sweep last ~15 s, so the kill lands in the middle of it.
+    apply_policy(
+        crds,
+        namespace,
+        journal,
+        redis_url,
+        sweep_interval="1h",
+        lease_timeout="20s",
+        limits={"batchSize": 50, "maxInFlight": 10000, "dispatchPerSecond": 200},
+    )
+    wait_for(
+        lambda: len(ledger_rows(journal)) >= 300,
+        timeout_seconds=60,
+        what="the first sweep to be under way",
+    )
+    first.kill()
+    claimed_when_killed = len(ledger_rows(journal))
+    assert 0 < claimed_when_killed < 3000, claimed_when_killed
+
+    start_operator(name="operator-2")
+    wait_for(
+        lambda: unprocessed(journal) == 0,
+        timeout_seconds=240,
+        what="the restarted operator's startup sweep to finish the work",
+    )
+    counted = tally(journal)
+    assert (counted.processed, counted.duplicate_successes) == (3000, 0)
+    assert overlaps(journal, {}) == []
+
+
+def test_of_two_replicas_exactly_one_dispatches(
+    crds: devstack_kube.ControlPlane,
+    namespace: str,
+    journal: str,
+    redis_url: str,
+    start_operator: Callable[..., OperatorProcess],
+    worker_pods: Callable[..., processes.ManagedProcess],
+) -> None:
+    peering = f"e2e-{namespace}"
+    crds.kubectl(
+        "apply",
+        "-f",
+        "-",
+        input=json.dumps(
+            {
+                "apiVersion": "kopf.dev/v1",
+                "kind": "ClusterKopfPeering",
+                "metadata": {"name": peering},
+            }
+        ),
+    )
+    seed(journal, 200)
+    worker_pods("insights-worker-a", concurrency=2)
+    replicas = [
+        start_operator(name=f"replica-{n}", peering=peering, extra_args=["--peering-lifetime=10"])
+        for n in (1, 2)
+    ]
+    apply_policy(crds, namespace, journal, redis_url, sweep_interval="2s")
+    wait_for(lambda: unprocessed(journal) == 0, timeout_seconds=120, what="all processed")
+
+    def dispatched(replica: OperatorProcess) -> float:
+        return metric_value(
+            replica.metrics_text(),
+            "celery_reconciler_dispatched_total",
+            namespace=namespace,
+            policy="journal-insights",
+        )
+
+    counts = sorted(dispatched(r) for r in replicas)
+    assert counts == [0.0, 200.0]
+    active = max(replicas, key=dispatched)
+    standby = min(replicas, key=dispatched)
+
+    active.kill()
+    seed(journal, 50)
+    wait_for(
+        lambda: unprocessed(journal) == 0,
+        timeout_seconds=120,
+        what="the standby replica to take over",
+    )
+    assert dispatched(standby) == 50.0
+    assert tally(journal).duplicate_successes == 0
