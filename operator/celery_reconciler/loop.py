@@ -32,9 +32,11 @@ from celery_reconciler import policy as policy_module
 
 SWEEP_NOW_ANNOTATION = "celery-reconciler.io/sweep-now"
 RETRY_DEAD_ANNOTATION = "celery-reconciler.io/retry-dead"
-# ProcessingStatus is a summary for people and dashboards: refreshing it per entry or per
-# page would cost an API write per page on large backlogs.
-STATUS_MIN_INTERVAL_SECONDS = 2.0
+# ProcessingStatus is a summary for people and dashboards: it is written when what it says
+# changes, but at most once a second (a burst of wake-ups must not become a burst of API
+# writes), and refreshed every half minute even when nothing changed (lastSweepTime).
+STATUS_MIN_INTERVAL_SECONDS = 1.0
+STATUS_REFRESH_SECONDS = 30.0
 ERROR_BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 INVALID_SPEC_RECHECK_SECONDS = 300.0
 
@@ -114,7 +116,8 @@ class PolicyLoop:
         self.connections = Connections()
         self.policy: policy_module.Policy | None = None
         self.last_status_write = 0.0
-        self.reported_generation: int | None = None
+        self.reported_facts: tuple[Any, ...] | None = None
+        self.status_write_deferred = False
         self.last_problem: conditions.Problem | None = None
         self.failures_in_a_row = 0
         self.last_rescue: Rescue | None = None
@@ -200,12 +203,15 @@ class PolicyLoop:
         await self.report(
             policy=policy, problem=None, generation=generation, result=result, counts=counts
         )
-        if policy.schedule.suspend:
-            return policy.schedule.sweep_interval_seconds
-        return planning.next_wakeup_seconds(
-            sweep_interval_seconds=policy.schedule.sweep_interval_seconds,
-            earliest_retry_in_seconds=counts.seconds_until_next_due,
-        )
+        delay = policy.schedule.sweep_interval_seconds
+        if not policy.schedule.suspend:
+            delay = planning.next_wakeup_seconds(
+                sweep_interval_seconds=delay,
+                earliest_retry_in_seconds=counts.seconds_until_next_due,
+            )
+        if self.status_write_deferred:
+            delay = min(delay, STATUS_MIN_INTERVAL_SECONDS)
+        return delay
 
     # -- inputs -------------------------------------------------------------------------
 
@@ -419,12 +425,22 @@ class PolicyLoop:
             )
         if counts is not None:
             record_count_metrics(self.namespace, self.name, counts)
-        due = time.monotonic() - self.last_status_write >= STATUS_MIN_INTERVAL_SECONDS
-        new_generation = generation != self.reported_generation
-        if not (changed or due or new_generation or (result is not None and result.published)):
+        facts = (
+            generation,
+            problem,
+            None if counts is None else status_counts(counts),
+            None if result is None else result.published,
+            None if self.last_rescue is None else dataclasses.astuple(self.last_rescue),
+        )
+        since_write = time.monotonic() - self.last_status_write
+        if not changed and facts == self.reported_facts and since_write < STATUS_REFRESH_SECONDS:
             return
+        if not changed and since_write < STATUS_MIN_INTERVAL_SECONDS:
+            self.status_write_deferred = True
+            return
+        self.status_write_deferred = False
         self.last_status_write = time.monotonic()
-        self.reported_generation = generation
+        self.reported_facts = facts
         suspended = policy is not None and policy.schedule.suspend
         summary = (
             f"last sweep dispatched {result.published}" if result is not None else "up to date"
