@@ -467,18 +467,27 @@ def expire_leases_held_by(
     return ExpiredLeases(retry_now=row[0], dead=row[1], unstarted=0)
 
 
+# One unique-key probe per candidate id, forced by LATERAL: a plain ``entry_id = ANY(...)``
+# lets the planner scan every row of the policy when the ledger's statistics are stale
+# (a fresh ledger filling up within one big sweep), which made each page cost O(ledger).
 _LOCK_CLAIMABLE = sql.SQL(
     """
-    SELECT entry_id, state FROM {entries}
-    WHERE policy_key = %(policy_key)s
-      AND entry_id = ANY(%(entry_ids)s)
-      AND (state = 'succeeded'
-           OR (state = 'queued' AND lease_deadline <= now())
-           OR (state = 'retry_wait' AND next_attempt_at <= now()))
-    FOR UPDATE SKIP LOCKED
+    SELECT e.ctid, e.entry_id, e.state
+    FROM unnest(%(entry_ids)s::text[]) AS candidate(entry_id)
+    CROSS JOIN LATERAL (
+        SELECT ctid, entry_id, state FROM {entries}
+        WHERE policy_key = %(policy_key)s
+          AND entry_id = candidate.entry_id
+          AND (state = 'succeeded'
+               OR (state = 'queued' AND lease_deadline <= now())
+               OR (state = 'retry_wait' AND next_attempt_at <= now()))
+        FOR UPDATE SKIP LOCKED
+    ) AS e
     """
 ).format(entries=_ENTRIES)
 
+# The rows are locked by this transaction, so their ctids cannot change under us: a TID
+# scan updates exactly them, whatever the planner believes about the table's size.
 _CLAIM_LOCKED = sql.SQL(
     """
     UPDATE {entries} SET
@@ -490,7 +499,9 @@ _CLAIM_LOCKED = sql.SQL(
         attempt = CASE WHEN state = 'succeeded' THEN 0 ELSE attempt END,
         last_error = CASE WHEN state = 'succeeded' THEN NULL ELSE last_error END,
         updated_at = now()
-    WHERE policy_key = %(policy_key)s AND entry_id = ANY(%(entry_ids)s)
+    WHERE ctid = ANY(%(row_ids)s::tid[])
+      AND policy_key = %(policy_key)s
+      AND entry_id = ANY(%(entry_ids)s::text[])
     RETURNING entry_id, fence_token
     """
 ).format(entries=_ENTRIES)
@@ -534,8 +545,9 @@ def claim(
         return []
     ids = list(entry_ids)
     locked = conn.execute(_LOCK_CLAIMABLE, {"policy_key": policy_key, "entry_ids": ids}).fetchall()
-    reclaim = [entry_id for entry_id, state in locked if state != "succeeded"]
-    succeeded = [entry_id for entry_id, state in locked if state == "succeeded"]
+    row_ids = {entry_id: row_id for row_id, entry_id, _ in locked}
+    reclaim = [entry_id for _, entry_id, state in locked if state != "succeeded"]
+    succeeded = [entry_id for _, entry_id, state in locked if state == "succeeded"]
     if succeeded:
         pending_again = still_pending(succeeded)
         reclaim.extend(entry_id for entry_id in succeeded if entry_id in pending_again)
@@ -543,7 +555,12 @@ def claim(
     if reclaim:
         for entry_id, fence in conn.execute(
             _CLAIM_LOCKED,
-            {"policy_key": policy_key, "entry_ids": reclaim, "lease_seconds": lease_seconds},
+            {
+                "policy_key": policy_key,
+                "entry_ids": reclaim,
+                "row_ids": [row_ids[entry_id] for entry_id in reclaim],
+                "lease_seconds": lease_seconds,
+            },
         ):
             claims[entry_id] = fence
     for entry_id, fence in conn.execute(

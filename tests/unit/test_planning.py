@@ -87,8 +87,8 @@ def test_attempts_start_at_one() -> None:
 
 
 @given(
-    in_flight=st.integers(min_value=0, max_value=10**6),
-    max_in_flight=st.integers(min_value=1, max_value=10**6),
+    in_flight=st.integers(min_value=0, max_value=20_000),
+    max_in_flight=st.integers(min_value=1, max_value=20_000),
     batch=st.integers(min_value=1, max_value=50_000),
 )
 def test_claims_never_exceed_max_in_flight_or_batch(

@@ -1,0 +1,210 @@
+"""The dispatch benchmark: seed's loop vs the raw limit vs ``reconcile_once``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import celery
+import psycopg
+import redis
+
+from celery_app.demo import schema
+from celery_reconciler import broker, policy, reconcile
+from devstack import postgres as devstack_postgres
+from devstack import redis as devstack_redis
+
+QUEUE = "insights"
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    label: str
+    entries: int
+    seconds: float
+
+    @property
+    def per_second(self) -> float:
+        return self.entries / self.seconds if self.seconds > 0 else 0.0
+
+
+def fresh_backlog(server: devstack_postgres.PostgresServer, name: str, entries: int) -> str:
+    dsn = server.create_database(name)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        schema.create_schema(conn)
+        schema.seed(conn, count=entries)
+        conn.execute("VACUUM ANALYZE journal_entry")
+    return dsn
+
+
+def queued(url: str) -> int:
+    return int(redis.Redis.from_url(url).llen(QUEUE))
+
+
+def seed_way(dsn: str, url: str, *, entries: int) -> Measurement:
+    """Per entry: UPDATE (its own commit) then send_task, one broker round trip each."""
+    app = celery.Celery("seed", broker=url, set_as_current=False)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        ids = [
+            row[0]
+            for row in conn.execute(
+                "SELECT id FROM journal_entry WHERE NOT insights_extracted "
+                "ORDER BY created_at, id LIMIT %s",
+                [entries],
+            )
+        ]
+        app.connection_for_write().ensure_connection()
+        started = time.perf_counter()
+        with app.producer_or_acquire() as producer:
+            for entry_id in ids:
+                conn.execute(
+                    "UPDATE journal_entry SET insights = '{\"queued\": true}' WHERE id = %s",
+                    [entry_id],
+                )
+                app.send_task(
+                    schema.TASK_NAME, args=[str(entry_id)], queue=QUEUE, producer=producer
+                )
+        seconds = time.perf_counter() - started
+    app.close()
+    return Measurement("(a) seed: per-entry UPDATE + send_task", len(ids), seconds)
+
+
+def raw_limit(dsn: str, url: str, *, batch_size: int) -> Measurement:
+    """Per page: one UPDATE ... RETURNING, then one pipelined LPUSH of Celery messages."""
+    publisher = broker.RedisPublisher(url)
+    # Keyset pagination like ours, so both read only the pending index, page after page.
+    claim_page = """
+        UPDATE journal_entry SET insights = '{"queued": true}'
+        WHERE id IN (
+            SELECT id FROM journal_entry
+            WHERE NOT insights_extracted AND (created_at, id) > (%s, %s)
+            ORDER BY created_at, id LIMIT %s
+        )
+        RETURNING id::text, gen_random_uuid()::text, created_at, id
+    """
+    total = 0
+    after: tuple[Any, Any] = (datetime.datetime.min.replace(tzinfo=datetime.UTC), 0)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        started = time.perf_counter()
+        while True:
+            rows = conn.execute(claim_page, [*after, batch_size]).fetchall()
+            if not rows:
+                break
+            publisher.publish(
+                task_name=schema.TASK_NAME,
+                queue=QUEUE,
+                messages=[broker.TaskMessage(entry_id=row[0], task_id=row[1]) for row in rows],
+                time_limits_seconds=(800.0, 855.0),
+            )
+            total += len(rows)
+            after = max((row[2], row[3]) for row in rows)
+        seconds = time.perf_counter() - started
+    publisher.close()
+    return Measurement("(b) raw: UPDATE..RETURNING + pipelined LPUSH", total, seconds)
+
+
+def ours(dsn: str, url: str, *, entries: int, batch_size: int) -> tuple[Measurement, Any]:
+    """One ``reconcile_once`` sweep over the whole backlog."""
+    spec = schema.policy_spec(limits={"batchSize": batch_size, "maxInFlight": entries})
+    parsed = policy.parse_policy(spec, namespace="bench", name="dispatch")
+    db = reconcile.Database(dsn)
+    db.connection()  # connect and create the ledger schema outside the timing
+    publisher = broker.connect(url)
+    started = time.perf_counter()
+    result = reconcile.reconcile_once(parsed, db=db, broker=publisher)
+    seconds = time.perf_counter() - started
+    publisher.close()
+    db.close()
+    return Measurement("(c) ours: reconcile_once", result.published, seconds), result
+
+
+def run(*, entries: int, seed_entries: int, batch_size: int, workdir: Path) -> list[str]:
+    database = devstack_postgres.start(workdir)
+    broker_server = devstack_redis.start(workdir)
+    client = redis.Redis.from_url(broker_server.url)
+    lines: list[str] = []
+    try:
+        results: dict[str, Measurement] = {}
+        client.flushall()
+        dsn = fresh_backlog(database, "bench_seed", seed_entries)
+        results["seed"] = seed_way(dsn, broker_server.url, entries=seed_entries)
+        assert queued(broker_server.url) == results["seed"].entries
+
+        client.flushall()
+        dsn = fresh_backlog(database, "bench_raw", entries)
+        results["raw"] = raw_limit(dsn, broker_server.url, batch_size=batch_size)
+        assert queued(broker_server.url) == results["raw"].entries == entries
+
+        client.flushall()
+        dsn = fresh_backlog(database, "bench_ours", entries)
+        results["ours"], sweep = ours(
+            dsn, broker_server.url, entries=entries, batch_size=batch_size
+        )
+        assert queued(broker_server.url) == results["ours"].entries == entries
+    finally:
+        broker_server.stop()
+        database.remove()
+
+    lines.append(
+        f"dispatch throughput: backlog of {entries:,} pending entries, pages of {batch_size}"
+        + (f" (the seed's loop measured on {seed_entries:,})" if seed_entries != entries else "")
+    )
+    for measurement in results.values():
+        lines.append(
+            f"  {measurement.label:<48} {measurement.per_second:>9,.0f} entries/s"
+            f"   ({measurement.entries:,} in {measurement.seconds:.2f} s)"
+        )
+    lines.append(
+        f"  ours: claim {sweep.claim_seconds:.2f} s + publish {sweep.publish_seconds:.2f} s"
+        f" in {sweep.pages} pages"
+    )
+    ours_rate, raw_rate, seed_rate = (
+        results["ours"].per_second,
+        results["raw"].per_second,
+        results["seed"].per_second,
+    )
+    lines.append(
+        f"  ours/raw = {ours_rate / raw_rate:.2f}   ours/seed = {ours_rate / seed_rate:.1f}x"
+    )
+    lines.append(
+        "  json: "
+        + json.dumps(
+            {
+                "entries": entries,
+                "seed_per_second": round(seed_rate),
+                "raw_per_second": round(raw_rate),
+                "ours_per_second": round(ours_rate),
+                "ours_over_raw": round(ours_rate / raw_rate, 3),
+                "ours_over_seed": round(ours_rate / seed_rate, 2),
+            }
+        )
+    )
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--entries", type=int, default=100_000, help="backlog size (100000)")
+    parser.add_argument(
+        "--seed-entries",
+        type=int,
+        help="entries for the seed's slow loop (default: the same backlog)",
+    )
+    parser.add_argument("--batch-size", type=int, default=500, help="page size (500)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="cr-bench-") as workdir:
+        for line in run(
+            entries=args.entries,
+            seed_entries=args.seed_entries or args.entries,
+            batch_size=args.batch_size,
+            workdir=Path(workdir),
+        ):
+            print(line, flush=True)
+    return 0
