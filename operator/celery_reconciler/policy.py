@@ -58,6 +58,8 @@ DEFAULT_LEASE_TIMEOUT = "15m"
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_MAX_IN_FLIGHT = 10_000
 MAX_BATCH_SIZE = 50_000
+MAX_ATTEMPTS_LIMIT = 1000
+MIN_SWEEP_INTERVAL_SECONDS = 1.0
 
 
 class InvalidDuration(ValueError):
@@ -302,17 +304,14 @@ class _Parser:
             return "invalid"
         return value
 
-    def duration(self, value: Any, path: str, *, allow_zero: bool = False) -> float:
+    def duration(self, value: Any, path: str) -> float:
         try:
             seconds = parse_duration_seconds(value)
         except InvalidDuration as error:
             self.problem(path, str(error))
             return 1.0
-        if seconds < 0 or (seconds == 0 and not allow_zero):
-            self.problem(
-                path,
-                f"{value!r} must be {'zero or ' if allow_zero else ''}positive",
-            )
+        if seconds <= 0:
+            self.problem(path, f"{value!r} must be positive")
             return 1.0
         return seconds
 
@@ -523,10 +522,16 @@ class _Parser:
     def schedule(self, value: Any) -> Schedule:
         path = "spec.schedule"
         raw = self.mapping(value, path, allowed=("sweepInterval", "suspend"))
+        interval = raw.get("sweepInterval", DEFAULT_SWEEP_INTERVAL)
+        seconds = self.duration(interval, f"{path}.sweepInterval")
+        if 0 < seconds < MIN_SWEEP_INTERVAL_SECONDS:
+            self.problem(
+                f"{path}.sweepInterval",
+                f"{interval!r} is shorter than {MIN_SWEEP_INTERVAL_SECONDS:g}s; a sweep more "
+                "often than that only loads the database (due retries wake the loop anyway)",
+            )
         return Schedule(
-            sweep_interval_seconds=self.duration(
-                raw.get("sweepInterval", DEFAULT_SWEEP_INTERVAL), f"{path}.sweepInterval"
-            ),
+            sweep_interval_seconds=max(seconds, MIN_SWEEP_INTERVAL_SECONDS),
             suspend=self.boolean(raw.get("suspend", False), f"{path}.suspend"),
         )
 
@@ -538,11 +543,9 @@ class _Parser:
             allowed=("maxAttempts", "initialDelay", "factor", "maxDelay", "jitter"),
         )
         initial = self.duration(
-            raw.get("initialDelay", DEFAULT_INITIAL_DELAY), f"{path}.initialDelay", allow_zero=True
+            raw.get("initialDelay", DEFAULT_INITIAL_DELAY), f"{path}.initialDelay"
         )
-        maximum = self.duration(
-            raw.get("maxDelay", DEFAULT_MAX_DELAY), f"{path}.maxDelay", allow_zero=True
-        )
+        maximum = self.duration(raw.get("maxDelay", DEFAULT_MAX_DELAY), f"{path}.maxDelay")
         if maximum < initial:
             self.problem(
                 f"{path}.maxDelay",
@@ -551,7 +554,10 @@ class _Parser:
             )
         return Retry(
             max_attempts=self.integer(
-                raw.get("maxAttempts", DEFAULT_MAX_ATTEMPTS), f"{path}.maxAttempts", minimum=1
+                raw.get("maxAttempts", DEFAULT_MAX_ATTEMPTS),
+                f"{path}.maxAttempts",
+                minimum=1,
+                maximum=MAX_ATTEMPTS_LIMIT,
             ),
             initial_delay_seconds=initial,
             backoff_factor=self.number(
@@ -578,6 +584,14 @@ class _Parser:
             f"{path}.podSelector",
             allowed=("matchLabels", "matchExpressions"),
         )
+        if "podSelector" in raw and not (
+            selector.get("matchLabels") or selector.get("matchExpressions")
+        ):
+            self.problem(
+                f"{path}.podSelector",
+                "is empty, which would select every pod in the namespace; give matchLabels "
+                "or matchExpressions of the worker pods, or leave workers out",
+            )
         labels: list[tuple[str, str]] = []
         match_labels = selector.get("matchLabels") or {}
         if not isinstance(match_labels, Mapping):
@@ -626,16 +640,25 @@ class _Parser:
     def limits(self, value: Any) -> Limits:
         path = "spec.limits"
         raw = self.mapping(value, path, allowed=("batchSize", "maxInFlight", "dispatchPerSecond"))
-        return Limits(
-            batch_size=self.integer(
-                raw.get("batchSize", DEFAULT_BATCH_SIZE),
+        batch_size = self.integer(
+            raw.get("batchSize", DEFAULT_BATCH_SIZE),
+            f"{path}.batchSize",
+            minimum=1,
+            maximum=MAX_BATCH_SIZE,
+        )
+        problems_before = len(self.problems)
+        max_in_flight = self.integer(
+            raw.get("maxInFlight", DEFAULT_MAX_IN_FLIGHT), f"{path}.maxInFlight", minimum=1
+        )
+        if len(self.problems) == problems_before and batch_size > max_in_flight:
+            self.problem(
                 f"{path}.batchSize",
-                minimum=1,
-                maximum=MAX_BATCH_SIZE,
-            ),
-            max_in_flight=self.integer(
-                raw.get("maxInFlight", DEFAULT_MAX_IN_FLIGHT), f"{path}.maxInFlight", minimum=1
-            ),
+                f"{batch_size} is larger than maxInFlight {max_in_flight}; a page can never "
+                "exceed what may be in flight",
+            )
+        return Limits(
+            batch_size=batch_size,
+            max_in_flight=max_in_flight,
             dispatch_per_second=self.number(
                 raw.get("dispatchPerSecond", 0), f"{path}.dispatchPerSecond", minimum=0.0
             ),

@@ -174,8 +174,8 @@ def test_every_problem_is_reported_at_once() -> None:
     assert message.startswith(
         "ProcessingPolicy mindjourney/journal-insights is invalid (6 problems)"
     )
-    assert "spec.retry.maxAttempts: 0 is out of range; it must be >= 1" in message
-    assert "spec.retry.initialDelay: '-5m' must be zero or positive" in message
+    assert "spec.retry.maxAttempts: 0 is out of range; it must be between 1 and 1000" in message
+    assert "spec.retry.initialDelay: '-5m' must be positive" in message
     assert "spec.source.table: 'x; drop' is not a SQL identifier" in message
 
 
@@ -192,6 +192,11 @@ def test_every_problem_is_reported_at_once() -> None:
         (("retry", "maxAttempts"), True, "spec.retry.maxAttempts"),
         (("retry", "maxAttempts"), 2.5, "spec.retry.maxAttempts"),
         (("limits", "maxInFlight"), 0, "spec.limits.maxInFlight"),
+        (("limits", "batchSize"), 10001, "spec.limits.batchSize"),
+        (("schedule", "sweepInterval"), "500ms", "spec.schedule.sweepInterval"),
+        (("retry", "initialDelay"), "0s", "spec.retry.initialDelay"),
+        (("retry", "maxAttempts"), 1001, "spec.retry.maxAttempts"),
+        (("workers", "podSelector"), {}, "spec.workers.podSelector"),
         (("limits", "dispatchPerSecond"), -3, "spec.limits.dispatchPerSecond"),
         (("limits", "batchSize"), 10**9, "spec.limits.batchSize"),
         (("task", "queue"), "in sights", "spec.task.queue"),
