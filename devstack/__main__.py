@@ -74,8 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("up", help="start the local stack in the background")
     commands.add_parser("down", help="stop the stack that `up` started")
-    commands.add_parser("demo", help="the main job, end to end")
-    args = parser.parse_args(argv)
+    commands.add_parser("demo", help="the main job, end to end (see devstack/demo.py)")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "demo":
+        from devstack import demo
+
+        return demo.main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "down":
         return stack_down()
     return stack_up()
