@@ -353,3 +353,90 @@ def test_invalid_database_credentials_never_echo_the_dsn(
             assert_no_secret(repr(db), wrong_password)
     finally:
         publisher.close()
+
+
+def test_pod_restart_hook_expires_the_dead_workers_leases_at_once(
+    demo_dsn: str, conn: psycopg.Connection[Any], redis_url: str, start_worker: WorkerFactory
+) -> None:
+    schema.seed(conn, count=6)
+    for entry_id in range(1, 7):
+        schema.set_fault(conn, entry_id=entry_id, kind="sleep", seconds=3)
+    # A lease far longer than the test: only the hook can explain a quick recovery.
+    policy = make_policy(lease_timeout="5m")
+    victim = start_worker(broker_url=redis_url, dsn=demo_dsn, concurrency=2, lease_seconds=300)
+    db = reconcile.Database(demo_dsn)
+    publisher = broker.connect(redis_url)
+    try:
+        reconcile.reconcile_once(policy, db=db, broker=publisher)
+        wait_for(
+            lambda: ledger.counts(conn, policy_key=policy.key).running == 2,
+            timeout_seconds=20,
+            what="two bodies running on the victim",
+        )
+        assert reconcile.lease_holders(policy, db=db) == {victim.name}
+        victim.kill()
+        killed_at = {victim.name: database_now(conn)}
+        for (entry_id,) in conn.execute("SELECT entry_id FROM demo_faults").fetchall():
+            schema.clear_fault(conn, entry_id=entry_id)
+
+        expired = reconcile.expire_worker_leases(policy, db=db, worker=victim.name)
+        assert (expired.retry_now, expired.dead) == (2, 0)
+        assert reconcile.lease_holders(policy, db=db) == set()
+        rescued = reconcile.reconcile_once(policy, db=db, broker=publisher)
+        assert rescued.published == 2  # re-dispatched now, not in 5 minutes
+    finally:
+        publisher.close()
+        db.close()
+
+    start_worker(broker_url=redis_url, dsn=demo_dsn, lease_seconds=300)
+    rescued_entries = {
+        row[0]
+        for row in conn.execute(
+            "SELECT entry_id FROM task_runs WHERE worker = %s AND finished_at IS NULL",
+            [victim.name],
+        )
+    }
+    assert len(rescued_entries) == 2
+    wait_for(
+        lambda: (
+            rescued_entries <= {run.entry_id for run in runs(conn) if run.outcome == "succeeded"}
+        ),
+        timeout_seconds=30,
+        what="the rescued entries processed",
+    )
+    assert overlapping_runs(runs(conn), killed_at=killed_at) == []
+    reasons = {
+        row[0]
+        for row in conn.execute(
+            "SELECT error FROM celery_reconciler.attempts WHERE outcome = 'lost'"
+        )
+    }
+    assert reasons == {
+        f"worker pod restarted or was deleted while running this attempt: {victim.name}"
+    }
+
+
+def test_dispatch_rate_paces_publishing(
+    demo_dsn: str, conn: psycopg.Connection[Any], redis_url: str
+) -> None:
+    schema.seed(conn, count=250)
+    policy = make_policy(limits={"batchSize": 500, "maxInFlight": 10000, "dispatchPerSecond": 100})
+    now = [0.0]
+    pauses: list[float] = []
+
+    def sleep(seconds: float) -> None:  # a simulated clock: no real waiting, no timing asserts
+        pauses.append(seconds)
+        now[0] += seconds
+
+    db = reconcile.Database(demo_dsn)
+    publisher = broker.connect(redis_url)
+    try:
+        result = reconcile.reconcile_once(
+            policy, db=db, broker=publisher, sleep=sleep, clock=lambda: now[0]
+        )
+    finally:
+        publisher.close()
+        db.close()
+    assert result.published == 250
+    assert result.pages == 3  # pages shrink to a second's worth: 100, 100, 50
+    assert pauses == [1.0, 1.0]  # 100 sent at t=0, the next 100 at t=1, the last 50 at t=2
