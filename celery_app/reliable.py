@@ -201,6 +201,10 @@ class ReconciledTask(celery.Task):  # type: ignore[misc]
     """
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.request.called_directly:
+            # A plain Python call (``extract(entry_id)`` in a shell or a unit test) is not a
+            # delivery: there is no fence to check and nothing to record.
+            return super().__call__(*args, **kwargs)
         entry_id = str(args[0]) if args else str(kwargs.get("entry_id"))
         fence_token = str(self.request.id)
         attempt: ledger.RunningAttempt | None = _ledger_call(

@@ -119,9 +119,10 @@ def next_wakeup_seconds(
 ) -> float:
     """Seconds until the per-policy loop should sweep again.
 
-    The jittered sweep interval, or sooner when a scheduled retry falls due first (retries are
-    dispatched by the loop, never by Celery countdowns that die with a worker). A retry that
-    is already due means "now" (0).
+    The jittered sweep interval, or sooner when something in the ledger falls due first — a
+    scheduled retry (retries are dispatched by the loop, never by Celery countdowns that die
+    with a worker) or a lease deadline (``ledger.seconds_until_next_due``). Already due means
+    "now" (0).
     """
     low, high = sweep_delay_bounds_seconds(sweep_interval_seconds)
     delay = low + (high - low) * random()
