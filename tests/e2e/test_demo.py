@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_demo_processes_everything_after_killing_a_worker() -> None:
+    marker = f"demo-test-{uuid.uuid4().hex}"
     result = subprocess.run(
         [sys.executable, "-m", "devstack", "demo", "--entries", "120", "--task-seconds", "0.05"],
         cwd=ROOT,
+        env={**os.environ, "CELERY_RECONCILER_TEST_MARKER": marker},
         capture_output=True,
         text=True,
         timeout=600,
@@ -22,7 +26,16 @@ def test_the_demo_processes_everything_after_killing_a_worker() -> None:
     assert "SIGKILL worker insights-worker-0 mid-run" in output
     assert "==> all 120 entries processed, 0 lost, 0 duplicate runs" in output
     assert "rescued:" in output
-    leftovers = subprocess.run(
-        ["pgrep", "-f", "celery_app.demo worker"], capture_output=True, text=True
-    ).stdout.split()
-    assert leftovers == [], f"the demo left workers running: {leftovers}"
+    assert processes_carrying(marker) == [], "the demo left processes running"
+
+
+def processes_carrying(marker: str) -> list[str]:
+    """Command lines of live processes that inherited the demo run's environment marker."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if marker.encode() in (proc / "environ").read_bytes():
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, ValueError):
+            continue
+    return found
