@@ -166,3 +166,23 @@ def metric_value(text: str, name: str, *, namespace: str, policy: str) -> float:
         if line.startswith(wanted + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+OUR_CRDS = ("processingpolicies.celery-reconciler.io", "processingstatuses.celery-reconciler.io")
+
+
+def adopt_crds(kube: devstack_kube.ControlPlane, *, release: str, namespace: str) -> None:
+    """Let a Helm release own our CRDs when another test applied them with kubectl first.
+
+    A user's cluster has them from exactly one source; the session's apiserver is shared."""
+    for name in OUR_CRDS:
+        if kube.kubectl("get", "crd", name, check=False).returncode == 0:
+            kube.kubectl("label", "--overwrite", "crd", name, "app.kubernetes.io/managed-by=Helm")
+            kube.kubectl(
+                "annotate",
+                "--overwrite",
+                "crd",
+                name,
+                f"meta.helm.sh/release-name={release}",
+                f"meta.helm.sh/release-namespace={namespace}",
+            )

@@ -1,0 +1,297 @@
+"""Install the way a user does, then prove the install works with exactly the rights it grants.
+
+``helm install`` (one namespace, and the whole cluster) and ``kubectl apply -f manifests/``
+put the chart's objects into the real apiserver. There is no kubelet, so the installed
+Deployment never runs a pod; the operator runs out-of-cluster instead, as a real process with
+the Deployment's own arguments (scope, peering, ``POD_ID``) and a token of the installed
+ServiceAccount (``kubectl create token``). It then does the whole job — Secrets and a policy
+applied, every entry processed by real celery workers, ``kubectl get processingstatus``
+showing them succeeded, the policy deleted again (kopf's finalizer removed) — and its log must
+hold no permission error. Real requests with the same token show what it is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from e2e_support import (
+    OUR_CRDS,
+    OperatorProcess,
+    adopt_crds,
+    get_json,
+    ledger_rows,
+    policy_manifest,
+    processingstatus_table,
+    secrets_manifest,
+    seed,
+    tally,
+    unprocessed,
+    wait_for,
+)
+
+from celery_app.demo import schema
+from devstack import kube as devstack_kube
+from devstack import processes, workers
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "celery-reconciler"
+MANIFESTS = ROOT / "manifests"
+RELEASE = "install-e2e"
+FULLNAME = f"{RELEASE}-celery-reconciler"
+ENTRIES = 40
+# What kopf or the kubernetes client log when the apiserver refuses a request. A bare "403"
+# would also match the milliseconds of a timestamp (",403"), hence the preceding character.
+PERMISSION_ERROR = re.compile(
+    r"Forbidden|forbidden|Unauthorized|Not enough permissions|[ (:=]403\b"
+)
+# Every kind the chart can create, to find what an uninstall left behind.
+RELEASE_KINDS = (
+    "deployments,replicasets,pods,services,serviceaccounts,roles,rolebindings,"
+    "clusterroles,clusterrolebindings,poddisruptionbudgets,kopfpeerings,clusterkopfpeerings,"
+    "customresourcedefinitions"
+)
+
+
+@pytest.fixture
+def other_namespace(kube: devstack_kube.ControlPlane) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    kube.kubectl("create", "namespace", name)
+    yield name
+    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@contextlib.contextmanager
+def helm_installed(
+    kube: devstack_kube.ControlPlane, *, namespace: str, watched: list[str]
+) -> Iterator[None]:
+    """``helm install`` the chart; uninstalled at the end unless the test did it already."""
+    adopt_crds(kube, release=RELEASE, namespace=namespace)
+    kube.helm(
+        "install", RELEASE, str(CHART), "-n", namespace,
+        "--set-json", f"watch.namespaces={json.dumps(watched)}",
+    )  # fmt: skip
+    try:
+        yield
+    finally:
+        kube.helm("uninstall", RELEASE, "-n", namespace, check=False)
+
+
+def operator_options(
+    kube: devstack_kube.ControlPlane, *, namespace: str, deployment: str
+) -> dict[str, Any]:
+    """``start_operator`` keywords that mirror the installed Deployment's container args.
+
+    The health and metrics ports are the fixture's own (free loopback ports); everything
+    else must be understood here, so a new argument in the chart fails this test loudly."""
+    found = get_json(kube, "-n", namespace, "get", "deployment", deployment)
+    (container,) = found["spec"]["template"]["spec"]["containers"]
+    args = list(container["args"])
+    assert args.pop(0) == "run"
+    namespaces: list[str] = []
+    peering: str | None = None
+    while args:
+        arg = args.pop(0)
+        if arg == "--namespace":
+            namespaces.append(args.pop(0))
+        elif arg == "--peering":
+            peering = args.pop(0)
+        elif arg in ("--liveness", "--metrics-port"):
+            args.pop(0)
+        else:
+            assert arg in ("--all-namespaces", "--standalone"), f"unknown operator arg {arg}"
+    assert [e["name"] for e in container["env"]] == ["POD_ID"]
+    return {
+        "namespaces": tuple(namespaces),
+        "peering": peering,
+        "extra_env": {"POD_ID": f"{deployment}-out-of-cluster"},
+    }
+
+
+def run_the_whole_job(
+    kube: devstack_kube.ControlPlane,
+    *,
+    namespace: str,
+    journal: str,
+    redis_url: str,
+    worker_pods: Callable[..., processes.ManagedProcess],
+    start_operator: Callable[..., OperatorProcess],
+    operator_options: dict[str, Any],
+    kubeconfig: Path,
+) -> None:
+    """The user's part (Secrets, policy) as admin; the rest is the operator's, under the token.
+
+    Beyond dispatch, this covers what the operator does with Kubernetes only now and then and
+    best effort (its pod watch retries and its Events are dropped quietly when refused): one
+    entry hangs on a worker whose pod then restarts, and must be rescued by the pod hook —
+    the lease is 10 minutes — and told in a ``Rescued`` Event.
+    """
+    seed(journal, ENTRIES)
+    with psycopg.connect(journal, autocommit=True) as conn:
+        schema.set_fault(conn, entry_id=1, kind="sleep", seconds=600)
+    doomed = worker_pods("insights-worker-a")
+    operator = start_operator(kubeconfig=kubeconfig, **operator_options)
+    kube.kubectl(
+        "-n",
+        namespace,
+        "apply",
+        "-f",
+        "-",
+        input=secrets_manifest(dsn=journal, broker_url=redis_url),
+    )
+    kube.kubectl("-n", namespace, "apply", "-f", "-", input=policy_manifest(lease_timeout="10m"))
+    wait_for(
+        lambda: (
+            unprocessed(journal) == 1
+            and ledger_rows(journal, state="running", worker="insights-worker-a")
+        ),
+        timeout_seconds=60,
+        what="all entries but the hanging one processed",
+    )
+
+    with psycopg.connect(journal, autocommit=True) as conn:
+        schema.clear_fault(conn, entry_id=1)
+    doomed.kill()
+    worker_pods("insights-worker-b")
+    kube.kubectl(
+        "-n", namespace, "patch", "pod", "insights-worker-a", "--subresource=status",
+        "--type=merge", "-p", json.dumps(workers.running_status(restart_count=1)),
+    )  # fmt: skip
+    wait_for(
+        lambda: unprocessed(journal) == 0,
+        timeout_seconds=30,
+        what="the pod hook to rescue the hanging entry (its lease has 10 minutes to go)",
+    )
+    table = wait_for(
+        lambda: (
+            (t := processingstatus_table(kube, namespace)).get("SUCCEEDED") == str(ENTRIES) and t
+        ),
+        timeout_seconds=60,
+        what=f"kubectl get processingstatus to show {ENTRIES} succeeded",
+    )
+    assert (table["PENDING"], table["IN-FLIGHT"], table["DEAD"]) == ("0", "0", "0")
+    counted = tally(journal)
+    assert (counted.processed, counted.duplicate_successes) == (ENTRIES, 0)
+    events = get_json(
+        kube, "-n", namespace, "get", "events",
+        "--field-selector", "involvedObject.name=journal-insights",
+    )  # fmt: skip
+    assert "Rescued" in {e["reason"] for e in events["items"]}
+    # Deleting waits for the operator to take its finalizer off (a patch under its token).
+    kube.kubectl("-n", namespace, "delete", "processingpolicy", "journal-insights", "--timeout=30s")
+    operator.stop()
+    log = operator.process.log_path.read_text(errors="replace")
+    complaints = [line for line in log.splitlines() if PERMISSION_ERROR.search(line)]
+    assert complaints == [], "the operator was refused something it needs"
+
+
+def assert_refused(kube: devstack_kube.ControlPlane, config: Path, *request: str) -> None:
+    """A real request with the token: RBAC must refuse it (403: "... is forbidden: User ...
+    cannot ...", worded a little differently by some kubectl verbs)."""
+    answer = kube.kubectl(*request, kubeconfig=config, check=False)
+    assert answer.returncode != 0, f"allowed: kubectl {' '.join(request)}"
+    assert "forbidden: User" in answer.stderr and "cannot" in answer.stderr, answer.stderr
+
+
+def leftovers(kube: devstack_kube.ControlPlane, *, release: str, namespace: str) -> list[str]:
+    """Objects of the release still in the apiserver (Helm's own release records included)."""
+    labelled = kube.kubectl(
+        "get", RELEASE_KINDS, "-A", "-l", f"app.kubernetes.io/instance={release}", "-o", "name"
+    ).stdout.split()
+    records = kube.kubectl(
+        "-n", namespace, "get", "secrets", "-l", f"owner=helm,name={release}", "-o", "name"
+    ).stdout.split()
+    return sorted(labelled + records)
+
+
+KEPT_CRDS = sorted(f"customresourcedefinition.apiextensions.k8s.io/{name}" for name in OUR_CRDS)
+
+
+def test_helm_install_in_one_namespace_works_with_exactly_its_rights_then_upgrades_and_uninstalls(
+    crds: devstack_kube.ControlPlane,
+    namespace: str,
+    other_namespace: str,
+    journal: str,
+    redis_url: str,
+    start_operator: Callable[..., OperatorProcess],
+    worker_pods: Callable[..., processes.ManagedProcess],
+    tmp_path: Path,
+) -> None:
+    with helm_installed(crds, namespace=namespace, watched=[namespace]):
+        options = operator_options(crds, namespace=namespace, deployment=FULLNAME)
+        assert options["namespaces"] == (namespace,) and options["peering"] == FULLNAME
+        config = crds.service_account_kubeconfig(
+            namespace=namespace, service_account=FULLNAME, path=tmp_path / "sa.kubeconfig"
+        )
+        run_the_whole_job(
+            crds,
+            namespace=namespace,
+            journal=journal,
+            redis_url=redis_url,
+            worker_pods=worker_pods,
+            start_operator=start_operator,
+            operator_options=options,
+            kubeconfig=config,
+        )
+
+        crds.kubectl(
+            "-n", other_namespace, "create", "secret", "generic", "db", "--from-literal=dsn=x"
+        )
+        crds.kubectl("-n", namespace, "get", "secret", "demo-db", kubeconfig=config)
+        policy_file = tmp_path / "policy.json"
+        policy_file.write_text(policy_manifest(name="not-the-operators-to-create"))
+        for request in (
+            ["-n", other_namespace, "get", "secret", "db"],
+            ["-n", namespace, "get", "secrets"],
+            ["-n", namespace, "create", "secret", "generic", "stolen", "--from-literal=k=v"],
+            ["-n", namespace, "delete", "pod", "insights-worker-b"],
+            ["-n", namespace, "run", "shell", "--image=busybox"],
+            ["-n", namespace, "get", "configmaps"],
+            ["-n", namespace, "scale", "deployment", FULLNAME, "--replicas=0"],
+            ["-n", namespace, "create", "-f", str(policy_file)],
+            ["-n", other_namespace, "get", "processingpolicies"],
+            ["-n", other_namespace, "get", "pods"],
+            ["patch", "clusterkopfpeering", FULLNAME, "--type=merge", "-p", "{}"],
+            ["create", "clusterrolebinding", "escalate", "--clusterrole=cluster-admin",
+             f"--serviceaccount={namespace}:{FULLNAME}"],
+            ["get", "nodes"],
+        ):  # fmt: skip
+            assert_refused(crds, config, *request)
+
+        # Upgrade to serve a second namespace: its Role and KopfPeering appear, the same token
+        # reads a Secret there by name (still not by listing), the Deployment's args follow.
+        crds.helm(
+            "upgrade", RELEASE, str(CHART), "-n", namespace, "--reuse-values",
+            "--set-json", f"watch.namespaces={json.dumps([namespace, other_namespace])}",
+        )  # fmt: skip
+        crds.kubectl("-n", other_namespace, "get", "role,rolebinding,kopfpeering", FULLNAME)
+        crds.kubectl("-n", other_namespace, "get", "secret", "db", kubeconfig=config)
+        assert_refused(crds, config, "-n", other_namespace, "get", "secrets")
+        upgraded = operator_options(crds, namespace=namespace, deployment=FULLNAME)
+        assert upgraded["namespaces"] == (namespace, other_namespace)
+        history = json.loads(crds.helm("history", RELEASE, "-n", namespace, "-o", "json").stdout)
+        assert [(r["revision"], r["status"]) for r in history] == [
+            (1, "superseded"),
+            (2, "deployed"),
+        ]
+
+        uninstalled = crds.helm("uninstall", RELEASE, "-n", namespace)
+        # CRDs are kept by design (crds.keep): deleting them would delete every policy.
+        assert "kept due to the resource policy" in uninstalled.stdout + uninstalled.stderr
+        # The Deployment's ReplicaSet and Pods go by garbage collection, shortly after.
+        wait_for(
+            lambda: leftovers(crds, release=RELEASE, namespace=namespace) == KEPT_CRDS,
+            timeout_seconds=30,
+            what="nothing but the kept CRDs left after helm uninstall",
+        )
+        # The bindings are gone: what the token could read a minute ago it is now refused.
+        assert_refused(crds, config, "-n", namespace, "get", "secret", "demo-db")
