@@ -202,6 +202,14 @@ def assert_refused(kube: devstack_kube.ControlPlane, config: Path, *request: str
     assert "forbidden: User" in answer.stderr and "cannot" in answer.stderr, answer.stderr
 
 
+def assert_revoked(kube: devstack_kube.ControlPlane, config: Path, *request: str) -> None:
+    """After an uninstall, what the token could read a minute ago is refused: Forbidden once
+    the bindings are gone, Unauthorized once the apiserver has noticed its ServiceAccount is."""
+    answer = kube.kubectl(*request, kubeconfig=config, check=False)
+    assert answer.returncode != 0, f"still allowed: kubectl {' '.join(request)}"
+    assert "forbidden: User" in answer.stderr or "(Unauthorized)" in answer.stderr, answer.stderr
+
+
 def leftovers(kube: devstack_kube.ControlPlane, *, release: str, namespace: str) -> list[str]:
     """Objects of the release still in the apiserver (Helm's own release records included)."""
     labelled = kube.kubectl(
@@ -293,5 +301,101 @@ def test_helm_install_in_one_namespace_works_with_exactly_its_rights_then_upgrad
             timeout_seconds=30,
             what="nothing but the kept CRDs left after helm uninstall",
         )
-        # The bindings are gone: what the token could read a minute ago it is now refused.
-        assert_refused(crds, config, "-n", namespace, "get", "secret", "demo-db")
+        assert_revoked(crds, config, "-n", namespace, "get", "secret", "demo-db")
+
+
+def test_helm_install_for_the_whole_cluster_works_with_exactly_its_rights_and_uninstalls(
+    crds: devstack_kube.ControlPlane,
+    namespace: str,
+    other_namespace: str,
+    journal: str,
+    redis_url: str,
+    start_operator: Callable[..., OperatorProcess],
+    worker_pods: Callable[..., processes.ManagedProcess],
+    tmp_path: Path,
+) -> None:
+    home = other_namespace  # the operator's own namespace; the policy lives in another one
+    with helm_installed(crds, namespace=home, watched=[]):
+        options = operator_options(crds, namespace=home, deployment=FULLNAME)
+        assert options["namespaces"] == () and options["peering"] == FULLNAME
+        crds.kubectl("get", "clusterkopfpeering", FULLNAME)
+        config = crds.service_account_kubeconfig(
+            namespace=home, service_account=FULLNAME, path=tmp_path / "sa.kubeconfig"
+        )
+        run_the_whole_job(
+            crds,
+            namespace=namespace,
+            journal=journal,
+            redis_url=redis_url,
+            worker_pods=worker_pods,
+            start_operator=start_operator,
+            operator_options=options,
+            kubeconfig=config,
+        )
+
+        crds.kubectl("-n", namespace, "get", "secret", "demo-db", kubeconfig=config)
+        for request in (
+            ["get", "secrets", "--all-namespaces"],
+            ["-n", namespace, "get", "secrets"],
+            ["-n", namespace, "create", "secret", "generic", "stolen", "--from-literal=k=v"],
+            ["-n", namespace, "delete", "pod", "insights-worker-b"],
+            ["-n", namespace, "run", "shell", "--image=busybox"],
+            ["get", "configmaps", "--all-namespaces"],
+            ["-n", home, "scale", "deployment", FULLNAME, "--replicas=0"],
+            ["-n", home, "create", "rolebinding", "escalate", "--clusterrole=cluster-admin",
+             f"--serviceaccount={home}:{FULLNAME}"],
+            ["delete", "crd", OUR_CRDS[0]],
+            ["get", "nodes"],
+        ):  # fmt: skip
+            assert_refused(crds, config, *request)
+
+        crds.helm("uninstall", RELEASE, "-n", home)
+        wait_for(
+            lambda: leftovers(crds, release=RELEASE, namespace=home) == KEPT_CRDS,
+            timeout_seconds=30,
+            what="nothing but the kept CRDs left after helm uninstall",
+        )
+        assert_revoked(crds, config, "-n", namespace, "get", "secret", "demo-db")
+
+
+def test_kubectl_apply_of_the_manifests_gives_the_same_working_install(
+    crds: devstack_kube.ControlPlane,
+    namespace: str,
+    journal: str,
+    redis_url: str,
+    start_operator: Callable[..., OperatorProcess],
+    worker_pods: Callable[..., processes.ManagedProcess],
+    tmp_path: Path,
+) -> None:
+    """The README's commands, in its order: CRDs first (install.yaml holds a
+    ClusterKopfPeering, which needs its CRD established), then the install."""
+    crds.kubectl("apply", "-f", str(MANIFESTS / "crds.yaml"))
+    crds.kubectl("wait", "--for=condition=Established", "crd", "--all", "--timeout=30s")
+    crds.kubectl("apply", "-f", str(MANIFESTS / "install.yaml"))
+    home = name = "celery-reconciler"
+    try:
+        options = operator_options(crds, namespace=home, deployment=name)
+        assert options["namespaces"] == () and options["peering"] == name
+        config = crds.service_account_kubeconfig(
+            namespace=home, service_account=name, path=tmp_path / "sa.kubeconfig"
+        )
+        run_the_whole_job(
+            crds,
+            namespace=namespace,
+            journal=journal,
+            redis_url=redis_url,
+            worker_pods=worker_pods,
+            start_operator=start_operator,
+            operator_options=options,
+            kubeconfig=config,
+        )
+        assert_refused(crds, config, "get", "secrets", "--all-namespaces")
+        assert_refused(crds, config, "-n", namespace, "delete", "pod", "insights-worker-b")
+    finally:
+        # The README's way to remove it and keep the CRDs (and so every policy).
+        crds.kubectl("delete", "namespace", home, "--timeout=60s", check=False)
+        crds.kubectl(
+            "delete", "clusterrole,clusterrolebinding,clusterkopfpeering",
+            "-l", f"app.kubernetes.io/instance={name}", check=False,
+        )  # fmt: skip
+    assert leftovers(crds, release=name, namespace=home) == KEPT_CRDS
