@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv/bin
 PYTEST_ARGS ?=
 
-.PHONY: help setup test unit lint demo bench manifests stack-up stack-down clean
+.PHONY: help setup test unit lint demo bench manifests docs stack-up stack-down clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ bench: setup ## dispatch throughput against baselines measured in the same run
 
 manifests: setup ## render manifests/crds.yaml and install.yaml from the Helm chart
 	bash scripts/render-manifests.sh
+
+docs: setup ## render docs/api-reference.md from the CRD schemas
+	$(VENV)/python scripts/api-reference.py
 
 stack-up: setup ## start etcd, kube-apiserver, PostgreSQL and Redis for a person
 	$(VENV)/python -m devstack up
