@@ -11,6 +11,10 @@ the handlers stay thin and the API calls (and the RBAC they need) are listed in 
     processingpolicies              patch   (to clear the sweep-now / retry-dead annotations)
     pods                            list    (kopf watches them too: list, watch)
 
+The ``celery-reconciler`` CLI uses the same module with the person's own credentials, found
+the way kubectl finds them (``cluster_like_kubectl``), and needs: processingpolicies get,
+list, patch; processingstatuses get, list; secrets get (``explain`` only).
+
 The official client is synchronous; callers in the event loop use ``asyncio.to_thread``.
 """
 
@@ -21,12 +25,14 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import json
 import os
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import kubernetes
+import urllib3
 
 GROUP = "celery-reconciler.io"
 VERSION = "v1alpha1"
@@ -50,6 +56,11 @@ class WorkerPod:
     phase: str | None = None
 
 
+# Set by the CLI (``use_api_client``): a client from an explicit kubeconfig replaces the
+# operator's in-cluster-first one for every function of this module.
+_selected_client: kubernetes.client.ApiClient | None = None
+
+
 @functools.cache
 def api_client() -> kubernetes.client.ApiClient:
     try:
@@ -59,12 +70,16 @@ def api_client() -> kubernetes.client.ApiClient:
     return kubernetes.client.ApiClient()
 
 
+def _client() -> kubernetes.client.ApiClient:
+    return _selected_client or api_client()
+
+
 def _core() -> kubernetes.client.CoreV1Api:
-    return kubernetes.client.CoreV1Api(api_client())
+    return kubernetes.client.CoreV1Api(_client())
 
 
 def _custom() -> kubernetes.client.CustomObjectsApi:
-    return kubernetes.client.CustomObjectsApi(api_client())
+    return kubernetes.client.CustomObjectsApi(_client())
 
 
 def read_secret_value(*, namespace: str, name: str, key: str, field: str) -> str:
@@ -282,3 +297,214 @@ def post_event(
     )
     with contextlib.suppress(Exception):
         _core().create_namespaced_event(namespace, body)
+
+
+# --- the CLI: a person's credentials, found the way kubectl finds them ----------------------
+
+IN_CLUSTER_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+DEFAULT_KUBECONFIG = "~/.kube/config"
+CLI_REQUEST_TIMEOUT_SECONDS = 30.0
+
+
+class KubeconfigInvalid(Exception):
+    """No usable Kubernetes configuration: the message says where we looked."""
+
+
+class KubernetesUnreachable(KubernetesUnavailable):
+    """The API server did not answer at all (closed port, wrong address, network down)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """The API server a CLI command talks to, and the namespace a bare command means."""
+
+    client: kubernetes.client.ApiClient
+    server: str
+    namespace: str
+    source: str  # where the configuration came from, for error messages
+
+
+def cluster_like_kubectl(
+    *,
+    kubeconfig: str | None = None,
+    context: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Cluster:
+    """Load credentials in kubectl's order: ``--kubeconfig``, ``$KUBECONFIG`` (a list of
+    files, merged), ``~/.kube/config``, then the pod's ServiceAccount (in-cluster).
+
+    The operator's ``api_client`` tries in-cluster first, which is right for a Deployment
+    but wrong for a person whose shell happens to run in a pod with a kubeconfig.
+    The namespace is the context's, else the pod's own (in-cluster), else ``default``.
+    """
+    env = os.environ if environ is None else environ
+    configuration = kubernetes.client.Configuration()
+    path, source = kubeconfig, "--kubeconfig"
+    if not path and env.get("KUBECONFIG"):
+        path, source = env["KUBECONFIG"], "KUBECONFIG"
+    if not path and os.path.exists(os.path.expanduser(DEFAULT_KUBECONFIG)):
+        path, source = os.path.expanduser(DEFAULT_KUBECONFIG), DEFAULT_KUBECONFIG
+    if path:
+        try:
+            kubernetes.config.load_kube_config(
+                config_file=path,
+                context=context,
+                client_configuration=configuration,
+                persist_config=False,
+            )
+            contexts, active = kubernetes.config.list_kube_config_contexts(config_file=path)
+        except (kubernetes.config.ConfigException, OSError, ValueError) as error:
+            raise KubeconfigInvalid(
+                f"cannot use the kubeconfig {path} (from {source}): {error} — fix it, or "
+                "point --kubeconfig or KUBECONFIG at a working one"
+            ) from None
+        if context is not None:
+            active = next((c for c in contexts if c.get("name") == context), active)
+        namespace = (active.get("context") or {}).get("namespace") or "default"
+    else:
+        try:
+            kubernetes.config.load_incluster_config(client_configuration=configuration)
+        except kubernetes.config.ConfigException:
+            raise KubeconfigInvalid(
+                "no Kubernetes configuration found: pass --kubeconfig, set KUBECONFIG or "
+                f"create {DEFAULT_KUBECONFIG} (inside a pod, its ServiceAccount is used)"
+            ) from None
+        source = "in-cluster ServiceAccount"
+        try:
+            with open(IN_CLUSTER_NAMESPACE_FILE) as file:
+                namespace = file.read().strip() or "default"
+        except OSError:
+            namespace = "default"
+    return Cluster(
+        client=kubernetes.client.ApiClient(configuration),
+        server=str(configuration.host),
+        namespace=namespace,
+        source=source,
+    )
+
+
+def use_api_client(client: kubernetes.client.ApiClient) -> None:
+    """Route every call of this module through ``client`` (the CLI's credentials)."""
+    global _selected_client
+    _selected_client = client
+
+
+def get_policy(*, namespace: str, name: str) -> dict[str, Any] | None:
+    """The ProcessingPolicy object, or ``None`` when it does not exist."""
+    return _get_custom(namespace=namespace, plural=POLICIES, name=name)
+
+
+def get_processing_status(*, namespace: str, name: str) -> dict[str, Any] | None:
+    """The ProcessingStatus object of a policy, or ``None`` before its first sweep."""
+    return _get_custom(namespace=namespace, plural=STATUSES, name=name)
+
+
+def list_policies(*, namespace: str | None) -> list[dict[str, Any]]:
+    """ProcessingPolicies of one namespace, or of all (``namespace=None``)."""
+    return _list_custom(namespace=namespace, plural=POLICIES)
+
+
+def list_processing_statuses(*, namespace: str | None) -> list[dict[str, Any]]:
+    return _list_custom(namespace=namespace, plural=STATUSES)
+
+
+def annotate_policy(
+    *, namespace: str, name: str, annotations: Mapping[str, str | None]
+) -> dict[str, Any]:
+    """Set (or, with ``None``, remove) annotations of a policy by a merge patch."""
+    body = {"metadata": {"annotations": dict(annotations)}}
+    result: dict[str, Any] = _cli_call(
+        _custom().patch_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        namespace,
+        POLICIES,
+        name,
+        body,
+        doing=f"annotating processingpolicy {namespace}/{name}",
+    )
+    return result
+
+
+def _get_custom(*, namespace: str, plural: str, name: str) -> dict[str, Any] | None:
+    try:
+        result: dict[str, Any] = _cli_call(
+            _custom().get_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            plural,
+            name,
+            doing=f"reading {plural} {namespace}/{name}",
+            not_found_is_error=False,
+        )
+    except _NotFound:
+        return None
+    return result
+
+
+def _list_custom(*, namespace: str | None, plural: str) -> list[dict[str, Any]]:
+    where = "every namespace" if namespace is None else f'namespace "{namespace}"'
+    if namespace is None:
+        listing = _cli_call(
+            _custom().list_cluster_custom_object, GROUP, VERSION, plural, doing=f"listing {plural}"
+        )
+    else:
+        listing = _cli_call(
+            _custom().list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            plural,
+            doing=f"listing {plural} in {where}",
+        )
+    return list(listing.get("items") or [])
+
+
+class _NotFound(Exception):
+    pass
+
+
+def _cli_call(
+    method: Any, *args: Any, doing: str, not_found_is_error: bool = True, **kwargs: Any
+) -> Any:
+    """Call the API with a timeout; translate failures into messages a person can act on.
+
+    Messages name the server URL, never the token (the client's headers stay inside it).
+    """
+    server = _client().configuration.host
+    try:
+        return method(*args, _request_timeout=CLI_REQUEST_TIMEOUT_SECONDS, **kwargs)
+    except kubernetes.client.ApiException as error:
+        if error.status == 404 and not not_found_is_error:
+            raise _NotFound() from None
+        raise KubernetesUnavailable(
+            f"{doing} failed: HTTP {error.status} {error.reason}{_api_message(error)}"
+        ) from None
+    except urllib3.exceptions.HTTPError as error:
+        raise KubernetesUnreachable(
+            f"cannot reach the Kubernetes API server at {server} ({_network_reason(error)}) — "
+            "check KUBECONFIG (or --kubeconfig) and that the cluster is running"
+        ) from None
+
+
+def _api_message(error: kubernetes.client.ApiException) -> str:
+    """The apiserver's own explanation (e.g. which RBAC verb is missing), when it sent one."""
+    if error.status == 404:
+        return (
+            " — the ProcessingPolicy/ProcessingStatus CRDs are not installed in this cluster: "
+            "install the chart (or manifests/crds.yaml)"
+        )
+    try:
+        message = json.loads(error.body or "{}").get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return f": {message}" if message else ""
+
+
+def _network_reason(error: Exception) -> str:
+    reason = str(getattr(error, "reason", None) or error)
+    marker = "Failed to establish a new connection: "
+    if marker in reason:
+        reason = reason.split(marker, 1)[1].rstrip(")'\"")
+    return reason
