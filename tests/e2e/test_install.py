@@ -6,8 +6,12 @@ Deployment never runs a pod; the operator runs out-of-cluster instead, as a real
 the Deployment's own arguments (scope, peering, ``POD_ID``) and a token of the installed
 ServiceAccount (``kubectl create token``). It then does the whole job — Secrets and a policy
 applied, every entry processed by real celery workers, ``kubectl get processingstatus``
-showing them succeeded, the policy deleted again (kopf's finalizer removed) — and its log must
-hold no permission error. Real requests with the same token show what it is refused.
+showing them succeeded, a hanging entry rescued by the pod-restart hook and told in an Event,
+the policy deleted again (kopf's finalizer removed) — and its log must hold no permission
+error. The log alone would prove little: the pod watch and Events are best effort and retry
+or drop a refusal quietly, hence the rescue. Real requests with the same token show what it
+is refused; ``helm upgrade`` and ``helm uninstall`` leave nothing behind but the CRDs, which
+are kept by design (deleting a CRD deletes every policy).
 """
 
 from __future__ import annotations
