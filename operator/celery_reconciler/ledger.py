@@ -280,6 +280,16 @@ _MIGRATIONS: tuple[tuple[int, tuple[sql.Composed, ...]], ...] = (
             ).format(attempts=_ATTEMPTS),
         ),
     ),
+    (
+        2,
+        (
+            # The operator turns finished attempts into Prometheus counters by time window.
+            sql.SQL(
+                "CREATE INDEX attempts_finished ON {attempts} (policy_key, finished_at) "
+                "WHERE finished_at IS NOT NULL"
+            ).format(attempts=_ATTEMPTS),
+        ),
+    ),
 )
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
 
@@ -404,7 +414,8 @@ _EXPIRE_RUNNING = sql.SQL(
           AND {which}
         RETURNING e.fence_token, e.state, e.last_error
     ), history AS (
-        UPDATE {attempts} a SET outcome = 'lost', error = lost.last_error, finished_at = now()
+        UPDATE {attempts} a SET outcome = 'lost', error = lost.last_error, finished_at = now(),
+            retry_at = CASE WHEN lost.state = 'dead' THEN NULL ELSE now() END
         FROM lost
         WHERE a.fence_token = lost.fence_token AND a.outcome = 'running'
     )
@@ -891,3 +902,45 @@ def record_failure(
         {"fence_token": fence_token, "error": error, "retry_in_seconds": retry_in_seconds},
     ).fetchone()
     return None if row is None else str(row[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcomes:
+    """Attempts that finished in a time window, by what became of their entry."""
+
+    succeeded: int
+    retried: int  # failed or lost, with another attempt scheduled
+    dead_lettered: int  # failed or lost with no attempts left
+    until: datetime.datetime  # the window's end: pass it as ``since`` next time
+
+
+# A window ends a few seconds in the past: an attempt's finished_at is its transaction's
+# start, so one committing right now may carry a time just before the window's end.
+OUTCOME_SETTLE_SECONDS = 5.0
+
+_OUTCOMES = sql.SQL(
+    """
+    WITH window_end AS (SELECT now() - make_interval(secs => %(settle)s) AS until)
+    SELECT window_end.until,
+        count(*) FILTER (WHERE outcome = 'succeeded'),
+        count(*) FILTER (WHERE outcome IN ('failed', 'lost') AND retry_at IS NOT NULL),
+        count(*) FILTER (WHERE outcome IN ('failed', 'lost') AND retry_at IS NULL)
+    FROM window_end LEFT JOIN {attempts} a
+      ON a.policy_key = %(policy_key)s
+     AND a.finished_at > coalesce(%(since)s::timestamptz, '-infinity')
+     AND a.finished_at <= window_end.until
+    GROUP BY window_end.until
+    """
+).format(attempts=_ATTEMPTS)
+
+
+def outcomes_since(
+    conn: psycopg.Connection[Any], *, policy_key: str, since: datetime.datetime | None
+) -> Outcomes:
+    """Outcomes of attempts finished after ``since`` (all history when ``None``)."""
+    row = conn.execute(
+        _OUTCOMES,
+        {"policy_key": policy_key, "since": since, "settle": OUTCOME_SETTLE_SECONDS},
+    ).fetchone()
+    assert row is not None
+    return Outcomes(until=row[0], succeeded=row[1], retried=row[2], dead_lettered=row[3])

@@ -126,6 +126,7 @@ class PolicyLoop:
         self.reported_facts: tuple[Any, ...] | None = None
         self.status_write_deferred = False
         self.last_counts: reconcile.StatusSnapshot | None = None
+        self.outcomes_until: datetime.datetime | None = None
         self.last_problem: conditions.Problem | None = None
         self.failures_in_a_row = 0
         self.last_rescue: Rescue | None = None
@@ -174,6 +175,7 @@ class PolicyLoop:
             return
         try:
             counts = await asyncio.to_thread(reconcile.collect_status, policy, db=db)
+            await self.count_outcomes(policy, db=db)
         except reconcile.DatabaseUnavailable:
             return  # the next sweep reports it as a condition
         generation = int(self.body.get("metadata", {}).get("generation") or 0)
@@ -230,6 +232,7 @@ class PolicyLoop:
                 )
                 self.note_rescue_redispatched(result)
             counts = await asyncio.to_thread(reconcile.collect_status, policy, db=db)
+            await self.count_outcomes(policy, db=db)
         except SWEEP_ERRORS as error:
             problem = problem_of(error)
             metrics.SWEEP_ERRORS.labels(self.namespace, self.name, problem.reason).inc()
@@ -251,6 +254,19 @@ class PolicyLoop:
         if self.status_write_deferred:
             delay = min(delay, STATUS_MIN_INTERVAL_SECONDS)
         return delay
+
+    async def count_outcomes(self, policy: policy_module.Policy, *, db: reconcile.Database) -> None:
+        """Advance the succeeded / retried / dead-lettered counters by what finished since
+        the last sweep. The first call counts the ledger's whole history, so the counters
+        of a fresh operator process agree with the ledger."""
+        outcomes = await asyncio.to_thread(
+            reconcile.collect_outcomes, policy, db=db, since=self.outcomes_until
+        )
+        self.outcomes_until = outcomes.until
+        labels = (self.namespace, self.name)
+        metrics.SUCCEEDED.labels(*labels).inc(outcomes.succeeded)
+        metrics.RETRIED.labels(*labels).inc(outcomes.retried)
+        metrics.DEAD_LETTERED.labels(*labels).inc(outcomes.dead_lettered)
 
     # -- inputs -------------------------------------------------------------------------
 

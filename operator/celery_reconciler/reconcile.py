@@ -29,6 +29,7 @@ counts messages that expired unstarted (no worker consumed them at all).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -292,3 +293,13 @@ def collect_status(policy: policy_module.Policy, *, db: Database) -> StatusSnaps
         dead=counts.dead,
         seconds_until_next_due=counts.seconds_until_next_due,
     )
+
+
+def collect_outcomes(
+    policy: policy_module.Policy, *, db: Database, since: datetime.datetime | None
+) -> ledger.Outcomes:
+    """Attempts finished since the last call, for the operator's Prometheus counters."""
+    try:
+        return ledger.outcomes_since(db.connection(), policy_key=policy.key, since=since)
+    except (psycopg.OperationalError, psycopg.InterfaceError) as error:
+        raise db.unavailable(error, doing="reading finished attempts") from None

@@ -60,7 +60,7 @@ def test_a_dead_worker_pods_entries_are_rescued_long_before_the_lease(
         for entry_id in range(1, 7):
             schema.set_fault(conn, entry_id=entry_id, kind="sleep", seconds=600)
     doomed = worker_pods("insights-worker-a", concurrency=2)
-    start_operator()
+    operator = start_operator()
     # The lease is 10 minutes and sweeps are an hour apart: only the pod hook can rescue.
     apply_policy(crds, namespace, journal, redis_url, lease_timeout="10m", sweep_interval="1h")
     held = wait_for(
@@ -129,6 +129,13 @@ def test_a_dead_worker_pods_entries_are_rescued_long_before_the_lease(
     counted = tally(journal)
     assert (counted.processed, counted.duplicate_successes) == (6, 0)
     assert overlaps(journal, {"insights-worker-a": killed_at}) == []
+    rescued = metric_value(
+        operator.metrics_text(),
+        "celery_reconciler_rescued_total",
+        namespace=namespace,
+        policy="journal-insights",
+    )
+    assert rescued == 2
 
 
 def test_an_operator_killed_mid_sweep_finishes_the_work_after_restart(

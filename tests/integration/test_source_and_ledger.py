@@ -174,9 +174,9 @@ def test_schema_creation_is_idempotent_under_concurrency(demo_dsn: str) -> None:
     with psycopg.connect(demo_dsn, autocommit=True) as conn:
         assert ledger.ensure_schema(conn) == ledger.SCHEMA_VERSION
         versions = conn.execute(
-            "SELECT version FROM celery_reconciler.schema_migrations"
+            "SELECT version FROM celery_reconciler.schema_migrations ORDER BY version"
         ).fetchall()
-        assert versions == [(ledger.SCHEMA_VERSION,)]
+        assert versions == [(v,) for v in range(1, ledger.SCHEMA_VERSION + 1)]
 
 
 def test_concurrent_claims_never_hand_out_the_same_entry(demo_dsn: str) -> None:
