@@ -516,6 +516,7 @@ def wait_for_sweep_report(
 def cmd_retry_dead(args: argparse.Namespace, out: TextIO) -> int:
     ids = None if args.ids is None else parse_entry_ids(args.ids)
     value = "all" if ids is None else ",".join(ids)
+    requested = utc_now().strftime("%Y-%m-%dT%H:%M:%SZ")
     namespace, name, took = request_and_wait(
         args, annotation=loop.RETRY_DEAD_ANNOTATION, value=value
     )
@@ -527,12 +528,14 @@ def cmd_retry_dead(args: argparse.Namespace, out: TextIO) -> int:
             f"{prog_name()} status -n {namespace}\n"
         )
         return EXIT_OK
-    status = kube.get_processing_status(namespace=namespace, name=name) or {}
+    # The loop revives, clears the annotation, then sweeps: show the counts of that sweep.
+    policy, counts = wait_for_sweep_report(namespace=namespace, name=name, since=requested)
+    ready, healthy = describe_ready(policy)
     out.write(
         f"the operator scheduled {which} of {namespace}/{name} to run again "
-        f"(took the request in {took:.1f}s); {describe_counts(status.get('status') or {})}\n"
+        f"(took the request in {took:.1f}s); {describe_counts(counts)}; {ready}\n"
     )
-    return EXIT_OK
+    return EXIT_OK if healthy else EXIT_UNAVAILABLE
 
 
 def cmd_explain(args: argparse.Namespace, out: TextIO) -> int:

@@ -383,8 +383,9 @@ def cluster_like_kubectl(
     )
 
 
-def use_api_client(client: kubernetes.client.ApiClient) -> None:
-    """Route every call of this module through ``client`` (the CLI's credentials)."""
+def use_api_client(client: kubernetes.client.ApiClient | None) -> None:
+    """Route every call of this module through ``client`` (the CLI's credentials);
+    ``None`` goes back to the operator's own ``api_client()``."""
     global _selected_client
     _selected_client = client
 

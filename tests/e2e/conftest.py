@@ -16,6 +16,7 @@ import pytest
 from e2e_support import WORKER_LABELS, OperatorProcess, healthy
 
 from celery_app.demo import schema
+from celery_reconciler import kube as operator_kube
 from devstack import kube as devstack_kube
 from devstack import processes, workers
 
@@ -136,3 +137,15 @@ def worker_pods(
     yield start
     for worker in started:
         worker.stop()
+
+
+@pytest.fixture
+def cli_shell(
+    crds: devstack_kube.ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[devstack_kube.ControlPlane]:
+    """A person's shell for the CLI: the admin kubeconfig in $KUBECONFIG and no DSN in the
+    environment, so ``explain`` must read it from the policy's Secret."""
+    monkeypatch.setenv("KUBECONFIG", str(crds.kubeconfig))
+    monkeypatch.delenv("CELERY_RECONCILER_DSN", raising=False)
+    yield crds
+    operator_kube.use_api_client(None)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
 
 from celery_app.demo import audit, schema
+from celery_reconciler import cli
 from devstack import kube as devstack_kube
 from devstack import processes
 
@@ -186,3 +190,42 @@ def adopt_crds(kube: devstack_kube.ControlPlane, *, release: str, namespace: str
                 f"meta.helm.sh/release-name={release}",
                 f"meta.helm.sh/release-namespace={namespace}",
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+def cli_run(*argv: str) -> CliResult:
+    """``celery-reconciler ARGV`` in this process: exit code, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli.main(list(argv), out=out)
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def table_rows(text: str) -> list[dict[str, str]]:
+    """A kubectl-style table as header -> cell dicts (cells hold no spaces)."""
+    lines = text.splitlines()
+    header = lines[0].split()
+    return [dict(zip(header, line.split(), strict=True)) for line in lines[1:]]
+
+
+def unreachable_kubeconfig(path: Path, *, port: int, token: str) -> Path:
+    """A kubeconfig whose server is a closed loopback port."""
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "gone", "cluster": {"server": f"https://127.0.0.1:{port}"}}],
+                "users": [{"name": "me", "user": {"token": token}}],
+                "contexts": [{"name": "gone", "context": {"cluster": "gone", "user": "me"}}],
+                "current-context": "gone",
+            }
+        )
+    )
+    return path
