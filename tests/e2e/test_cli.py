@@ -261,5 +261,12 @@ def test_errors_say_what_is_wrong_and_what_to_do(
     assert process.returncode == 1
     assert f"https://127.0.0.1:{port}" in process.stderr and token not in process.stderr
 
+    # No operator runs here: --wait gives up, saying so, and leaves the request for later.
+    unanswered = cli_run("sweep-now", POLICY, "-n", namespace, "--wait", "--timeout", "1")
+    assert unanswered.code == 1
+    assert "the operator did not handle celery-reconciler.io/sweep-now" in unanswered.err
+    assert "is it running and watching namespace" in unanswered.err
+    assert "celery-reconciler.io/sweep-now" in annotations(kube, namespace)
+
     bad_ids = cli_run("retry-dead", POLICY, "-n", namespace, "--ids", "3,,4")
     assert bad_ids.code == 2 and "comma-separated entry ids" in bad_ids.err
