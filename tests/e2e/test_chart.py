@@ -239,7 +239,7 @@ def test_helm_install_upgrade_uninstall(
 # (verb, resource, in the watched namespace?) -> allowed; what the operator uses, and the
 # nearest things it must not be able to do.
 NAMESPACED_RIGHTS = [
-    ("get", "processingpolicies.celery-reconciler.io", True),
+    ("get", "processingpolicies.celery-reconciler.io", False),
     ("watch", "processingpolicies.celery-reconciler.io", True),
     ("patch", "processingpolicies.celery-reconciler.io", True),
     ("patch", "processingpolicies.celery-reconciler.io/status", True),
@@ -255,7 +255,12 @@ NAMESPACED_RIGHTS = [
     ("delete", "pods", False),
     ("create", "pods", False),
     ("create", "events", True),
-    ("create", "events.events.k8s.io", True),
+    ("create", "events.events.k8s.io", False),
+    ("patch", "events", False),
+    ("get", "pods", False),
+    ("update", "processingpolicies.celery-reconciler.io/status", False),
+    ("update", "processingpolicies.celery-reconciler.io/finalizers", False),
+    ("get", "processingstatuses.celery-reconciler.io", False),
     ("patch", "kopfpeerings.kopf.dev", True),
     ("list", "configmaps", False),
     ("create", "deployments.apps", False),

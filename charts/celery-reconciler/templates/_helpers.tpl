@@ -83,51 +83,47 @@ everywhere (watch.namespaces empty), a Role in each listed namespace otherwise.
 Nothing here is for convenience: each rule names the code that uses it.
 */}}
 {{- define "celery-reconciler.rbac.namespacedRules" -}}
-# kopf watches policies and patches them (finalizer, last-handled annotations).
+# kopf lists and watches policies and patches them (finalizer, last-handled annotations);
+# kube.remove_policy_annotation patches away the sweep-now / retry-dead annotations.
 - apiGroups: [celery-reconciler.io]
   resources: [processingpolicies]
-  verbs: [get, list, watch, patch]
-# Conditions, observedGeneration and kopf's progress go through the status subresource.
+  verbs: [list, watch, patch]
+# kube.patch_policy_status: conditions, observedGeneration, lastSweepTime.
 - apiGroups: [celery-reconciler.io]
   resources: [processingpolicies/status]
-  verbs: [patch, update]
-# The ProcessingStatus owner reference sets blockOwnerDeletion, which clusters with the
-# OwnerReferencesPermissionEnforcement admission plugin allow only to who may update this.
-- apiGroups: [celery-reconciler.io]
-  resources: [processingpolicies/finalizers]
-  verbs: [update]
-# One ProcessingStatus per policy, written by the operator.
+  verbs: [patch]
+# kube.write_processing_status patches, and creates on the first sweep. It sets an owner
+# reference, which clusters with the OwnerReferencesPermissionEnforcement admission plugin
+# allow only to who may delete the object; blockOwnerDeletion is false, so no finalizers
+# right on the policy is needed.
 - apiGroups: [celery-reconciler.io]
   resources: [processingstatuses]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [create, patch, delete]
 # DSN and broker URL are read by name when a sweep needs them: GET only, never list/watch,
 # so the operator cannot enumerate or stream the namespace's other Secrets.
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get]
-# Pod-restart hooks: restartCount rises and deletions of worker pods.
+# Pod-restart hooks (kube.watch_worker_pods): list, then watch, a policy's worker pods.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch]
-# Events for people (kopf posts core/v1 Events; our own code may use events.k8s.io).
+  verbs: [list, watch]
+# kube.post_event and kopf's own error events: core/v1 Events, created only.
 - apiGroups: [""]
   resources: [events]
-  verbs: [create, patch]
-- apiGroups: [events.k8s.io]
-  resources: [events]
-  verbs: [create, patch]
+  verbs: [create]
 {{- end }}
 
 {{/* kopf peering: watch the peering object and patch this replica's heartbeat into it. */}}
 {{- define "celery-reconciler.rbac.peeringRule" -}}
 - apiGroups: [kopf.dev]
   resources: [{{ . }}]
-  verbs: [get, list, watch, patch]
+  verbs: [list, watch, patch]
 {{- end }}
 
 {{/* kopf discovers CRDs (and notices them being added or removed) by watching them. */}}
 {{- define "celery-reconciler.rbac.crdRule" -}}
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
-  verbs: [get, list, watch]
+  verbs: [list, watch]
 {{- end }}
