@@ -21,11 +21,11 @@ The official client is synchronous; callers in the event loop use ``asyncio.to_t
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
 import datetime
 import functools
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -33,6 +33,8 @@ from typing import Any
 
 import kubernetes
 import urllib3
+
+logger = logging.getLogger(__name__)
 
 GROUP = "celery-reconciler.io"
 VERSION = "v1alpha1"
@@ -230,6 +232,7 @@ def watch_worker_pods(
     replays the current pods as ADDED, so the caller's baseline survives watch expiry.
     """
     core = _core()
+    last_failure: str | None = None  # log a failure once, not every retry
     while not stopping.is_set():
         try:
             listing = core.list_namespaced_pod(namespace, label_selector=label_selector)
@@ -253,10 +256,27 @@ def watch_worker_pods(
                         on_event(event["type"], pod_from_body(raw))
                     if stopping.is_set():
                         break
+            last_failure = None
         except kubernetes.client.ApiException as error:
-            if error.status != 410:  # 410 Gone: our resourceVersion is too old; re-list.
-                stopping.wait(2.0)
-        except Exception:  # a dropped connection must not end the watch
+            if error.status == 410:  # Gone: our resourceVersion is too old; re-list now.
+                continue
+            failure = f"HTTP {error.status} {error.reason}"
+            if failure != last_failure:
+                logger.warning(
+                    "watching pods %r in namespace %s failed (%s)%s; retrying every 2 s — "
+                    "until it works, rescues wait for lease expiry",
+                    label_selector,
+                    namespace,
+                    failure,
+                    " — grant the operator list and watch on pods" if error.status == 403 else "",
+                )
+                last_failure = failure
+            stopping.wait(2.0)
+        except Exception as error:  # a dropped connection must not end the watch
+            failure = type(error).__name__
+            if failure != last_failure:
+                logger.warning("watching pods in namespace %s: %s; retrying", namespace, failure)
+                last_failure = failure
             stopping.wait(2.0)
 
 
@@ -295,8 +315,20 @@ def post_event(
         reporting_component="celery-reconciler",
         reporting_instance=os.environ.get("HOSTNAME", "celery-reconciler"),
     )
-    with contextlib.suppress(Exception):
+    try:
         _core().create_namespaced_event(namespace, body)
+    except kubernetes.client.ApiException as error:
+        logger.warning(
+            "could not post Event %s on %s/%s: HTTP %s %s%s",
+            reason,
+            namespace,
+            policy_name,
+            error.status,
+            error.reason,
+            " — grant the operator create on events" if error.status == 403 else "",
+        )
+    except Exception as error:  # an Event is never worth failing a sweep over
+        logger.warning("could not post Event %s: %s", reason, type(error).__name__)
 
 
 # --- the CLI: a person's credentials, found the way kubectl finds them ----------------------

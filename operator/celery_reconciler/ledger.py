@@ -386,15 +386,6 @@ def upsert_policy(conn: psycopg.Connection[Any], policy: policy_module.Policy) -
     )
 
 
-def forget_policy(conn: psycopg.Connection[Any], *, policy_key: str) -> None:
-    """Delete every ledger row of a policy (the ProcessingPolicy itself was deleted)."""
-    with conn.transaction():
-        for table in (_ATTEMPTS, _ENTRIES, _POLICIES):
-            conn.execute(
-                sql.SQL("DELETE FROM {} WHERE policy_key = %s").format(table), [policy_key]
-            )
-
-
 # An expired running lease is a failed attempt (the worker died or the body overran), so it
 # consumes the attempt: a poison entry that kills its worker ends dead, not in a crash loop.
 _EXPIRE_RUNNING = sql.SQL(

@@ -127,6 +127,7 @@ class PolicyLoop:
         self.status_write_deferred = False
         self.last_counts: reconcile.StatusSnapshot | None = None
         self.outcomes_until: datetime.datetime | None = None
+        self.dispatched_since_write = 0
         self.last_problem: conditions.Problem | None = None
         self.failures_in_a_row = 0
         self.last_rescue: Rescue | None = None
@@ -465,6 +466,7 @@ class PolicyLoop:
             await self.event("Normal", "Recovered", f"{self.last_problem.reason} resolved")
         self.last_problem = problem
         if result is not None:
+            self.dispatched_since_write += result.published
             record_sweep_metrics(self.namespace, self.name, result)
             logger.info(
                 "policy %s: swept in %.3fs: dispatched %d in %d pages, lost workers %d, "
@@ -485,7 +487,7 @@ class PolicyLoop:
             generation,
             problem,
             None if counts is None else status_counts(counts),
-            None if result is None else result.published,
+            self.dispatched_since_write,
             None if self.last_rescue is None else dataclasses.astuple(self.last_rescue),
         )
         since_write = time.monotonic() - self.last_status_write
@@ -517,7 +519,9 @@ class PolicyLoop:
         if counts is not None:
             processing.update(status_counts(counts))
         if result is not None:
-            processing["lastDispatched"] = result.published
+            # A deferred write must not lose what the sweeps before it dispatched.
+            processing["lastDispatched"] = self.dispatched_since_write
+            self.dispatched_since_write = 0
         if self.last_rescue is not None:
             processing["lastRescue"] = self.last_rescue.as_status()
         try:

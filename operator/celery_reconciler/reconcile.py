@@ -1,8 +1,8 @@
 """One sweep of one policy, with no Kubernetes: expire, claim (commit), then publish.
 
-``reconcile_once`` is the whole operator minus its triggers. The kopf timer, the pod-restart
-hook, ``sweep-now`` and the CLI all call it; the tests call it directly against real
-PostgreSQL and Redis. It reads like the invariants:
+``reconcile_once`` is the whole operator minus its triggers. The operator's loop (after
+start-up, a pod restart, ``sweep-now``) and the CLI all call it; the tests call it
+directly against real PostgreSQL and Redis. It reads like the invariants:
 
 1. publish the policy's retry/lease rules to the ledger (workers read them there);
 2. expire running leases that ran out — each is a failed attempt (invariant 1, 4);
