@@ -1,15 +1,13 @@
 """Helpers shared by the integration tests (fixtures live in ``conftest.py``).
 
-They read outcomes from the DATABASE (``task_runs``, the ledger), never from test memory,
-and ``sweep_until`` is the real ``reconcile_once`` called repeatedly, as the operator's
-timer would.
+They read outcomes from the DATABASE (the ledger here; ``task_runs`` through
+``celery_app.demo.audit``, which ``make demo`` uses too), never from test memory, and
+``sweep_until`` is the real ``reconcile_once`` called repeatedly, as the operator's timer would.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import itertools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -105,58 +103,3 @@ def wait_for(
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_seconds}s waiting for {what}")
         time.sleep(poll_seconds)
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    entry_id: int
-    task_id: str
-    worker: str
-    started_at: datetime.datetime
-    finished_at: datetime.datetime | None
-    outcome: str | None
-
-
-def runs(conn: psycopg.Connection[Any]) -> list[Run]:
-    rows = conn.execute(
-        "SELECT entry_id, task_id, worker, started_at, finished_at, outcome FROM task_runs "
-        "ORDER BY entry_id, started_at"
-    ).fetchall()
-    return [Run(*row) for row in rows]
-
-
-def overlapping_runs(
-    all_runs: list[Run], *, killed_at: dict[str, datetime.datetime] | None = None
-) -> list[tuple[Run, Run]]:
-    """Pairs of runs of the same entry whose intervals overlap.
-
-    A run without ``finished_at`` belongs to a killed worker: it ended when the worker was
-    killed (``killed_at[worker]``), or, if its worker was never killed, it is still running
-    and ends "never".
-    """
-    never = datetime.datetime.max.replace(tzinfo=datetime.UTC)
-
-    def end(run: Run) -> datetime.datetime:
-        if run.finished_at is not None:
-            return run.finished_at
-        return (killed_at or {}).get(run.worker, never)
-
-    overlaps = []
-    by_entry: dict[int, list[Run]] = {}
-    for run in all_runs:
-        by_entry.setdefault(run.entry_id, []).append(run)
-    for entry_runs in by_entry.values():
-        ordered = sorted(entry_runs, key=lambda run: run.started_at)
-        overlaps.extend(
-            (first, second)
-            for first, second in itertools.pairwise(ordered)
-            if second.started_at < end(first)
-        )
-    return overlaps
-
-
-def database_now(conn: psycopg.Connection[Any]) -> datetime.datetime:
-    row = conn.execute("SELECT clock_timestamp()").fetchone()
-    assert row is not None
-    value: datetime.datetime = row[0]
-    return value

@@ -17,14 +17,12 @@ import redis
 from reconcile_support import (
     WorkerFactory,
     make_policy,
-    overlapping_runs,
     pending_count,
-    runs,
     sweep_until,
     wait_for,
 )
 
-from celery_app.demo import schema
+from celery_app.demo import audit, schema
 from celery_reconciler import broker, ledger, reconcile
 
 pytestmark = pytest.mark.integration
@@ -49,12 +47,12 @@ def test_two_workers_process_2000_entries_exactly_once(
 
     assert results[0].published == 2000  # one sweep dispatched the whole backlog
     assert sum(result.published for result in results) == 2000  # and nothing twice
-    all_runs = runs(conn)
+    all_runs = audit.runs(conn)
     assert len(all_runs) == 2000
     assert len({run.entry_id for run in all_runs}) == 2000
     assert {run.outcome for run in all_runs} == {"succeeded"}
     assert len({run.worker for run in all_runs}) == 2  # both workers took part
-    assert overlapping_runs(all_runs) == []
+    assert audit.overlapping_runs(all_runs) == []
     states = dict(
         conn.execute("SELECT state, count(*) FROM celery_reconciler.entries GROUP BY state")
     )
@@ -108,7 +106,7 @@ def test_crash_between_claim_and_publish_is_recovered_after_the_lease(
     assert recovered.published == 50
     assert recovered.expired.unstarted == 50  # recovered as lost messages, no attempt charged
     assert time.monotonic() - claimed_at >= 0  # (recovery needed the lease to run out)
-    all_runs = runs(conn)
+    all_runs = audit.runs(conn)
     assert len(all_runs) == 50 and len({run.entry_id for run in all_runs}) == 50
     attempts = dict(conn.execute("SELECT entry_id, attempt FROM celery_reconciler.entries"))
     assert set(attempts.values()) == {1}
@@ -155,7 +153,7 @@ def test_stale_redeliveries_never_run_the_body(
         what="three stale deliveries dropped",
     )
 
-    all_runs = runs(conn)
+    all_runs = audit.runs(conn)
     assert [(run.task_id, run.outcome) for run in all_runs] == [(current_fence, "succeeded")]
     entry = conn.execute(
         "SELECT state, attempt, fence_token::text FROM celery_reconciler.entries"

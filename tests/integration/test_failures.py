@@ -14,16 +14,13 @@ import psycopg
 import pytest
 from reconcile_support import (
     WorkerFactory,
-    database_now,
     make_policy,
-    overlapping_runs,
     pending_count,
-    runs,
     sweep_until,
     wait_for,
 )
 
-from celery_app.demo import schema
+from celery_app.demo import audit, schema
 from celery_reconciler import broker, ledger, planning, reconcile
 from devstack import postgres as devstack_postgres
 from devstack import redis as devstack_redis
@@ -55,7 +52,7 @@ def test_worker_killed_mid_task_loses_nothing_and_never_overlaps(
 
         wait_for(victim_is_mid_task, timeout_seconds=30, what="the victim worker mid-task")
         victim.kill()
-        killed_at = {victim.name: database_now(conn)}
+        killed_at = {victim.name: audit.database_now(conn)}
     finally:
         publisher.close()
         db.close()
@@ -74,8 +71,8 @@ def test_worker_killed_mid_task_loses_nothing_and_never_overlaps(
         timeout_seconds=90,
     )
 
-    all_runs = runs(conn)
-    assert overlapping_runs(all_runs, killed_at=killed_at) == []
+    all_runs = audit.runs(conn)
+    assert audit.overlapping_runs(all_runs, killed_at=killed_at) == []
     succeeded = [run for run in all_runs if run.outcome == "succeeded"]
     assert sorted(run.entry_id for run in succeeded) == list(range(1, 41))  # once each
     for (entry_id,) in interrupted:
@@ -131,8 +128,8 @@ def test_redis_restart_without_persistence_loses_nothing(
         interval_seconds=0.5,
     )
     assert sum(result.expired.unstarted for result in results) >= left_behind - 2
-    all_runs = runs(conn)
-    assert overlapping_runs(all_runs) == []
+    all_runs = audit.runs(conn)
+    assert audit.overlapping_runs(all_runs) == []
     assert sorted({run.entry_id for run in all_runs if run.outcome == "succeeded"}) == list(
         range(1, 201)
     )
@@ -185,7 +182,7 @@ def test_failing_entry_backs_off_within_jitter_bounds_dies_and_comes_back(
         assert low - 1e-6 <= delay <= high + 1e-6, (number, delay, low, high)
         assert following.started_at >= failed.retry_at  # never dispatched before it was due
     assert history.attempts[-1].retry_at is None  # the last failure dead-lettered
-    assert len([run for run in runs(conn) if run.entry_id == 2]) == 4
+    assert len([run for run in audit.runs(conn) if run.entry_id == 2]) == 4
 
     # An explicit retry-dead, after the cause is fixed, brings it back and it succeeds.
     schema.clear_fault(conn, entry_id=2)
@@ -255,7 +252,7 @@ def test_database_down_is_a_clear_error_and_the_next_sweep_after_recovery_procee
             broker_url=redis_url,
             timeout_seconds=60,
         )
-        assert len({run.entry_id for run in runs(fresh)}) == 30
+        assert len({run.entry_id for run in audit.runs(fresh)}) == 30
 
 
 def test_broker_down_is_a_clear_error_releases_claims_and_recovers(
@@ -288,7 +285,7 @@ def test_broker_down_is_a_clear_error_releases_claims_and_recovers(
         publisher.close()
         db.close()
     wait_for(lambda: pending_count(conn) == 0, timeout_seconds=30, what="all processed")
-    assert len(runs(conn)) == 25
+    assert len(audit.runs(conn)) == 25
 
 
 def test_unknown_task_name_is_recorded_clearly_and_recovers_after_the_fix(
@@ -317,7 +314,7 @@ def test_unknown_task_name_is_recorded_clearly_and_recovers_after_the_fix(
         f"worker {worker.name} — fix spec.task.name or deploy workers that register it "
         "(then retry-dead)"
     }
-    assert runs(conn) == []  # no body ran
+    assert audit.runs(conn) == []  # no body ran
     assert pending_count(conn) == 3  # nothing lost: still pending in the table
 
     fixed = make_policy(retry=retry)
@@ -333,7 +330,7 @@ def test_unknown_task_name_is_recorded_clearly_and_recovers_after_the_fix(
         broker_url=redis_url,
         timeout_seconds=30,
     )
-    assert len(runs(conn)) == 3
+    assert len(audit.runs(conn)) == 3
 
 
 def test_invalid_database_credentials_never_echo_the_dsn(
@@ -375,7 +372,7 @@ def test_pod_restart_hook_expires_the_dead_workers_leases_at_once(
         )
         assert reconcile.lease_holders(policy, db=db) == {victim.name}
         victim.kill()
-        killed_at = {victim.name: database_now(conn)}
+        killed_at = {victim.name: audit.database_now(conn)}
         for (entry_id,) in conn.execute("SELECT entry_id FROM demo_faults").fetchall():
             schema.clear_fault(conn, entry_id=entry_id)
 
@@ -399,12 +396,13 @@ def test_pod_restart_hook_expires_the_dead_workers_leases_at_once(
     assert len(rescued_entries) == 2
     wait_for(
         lambda: (
-            rescued_entries <= {run.entry_id for run in runs(conn) if run.outcome == "succeeded"}
+            rescued_entries
+            <= {run.entry_id for run in audit.runs(conn) if run.outcome == "succeeded"}
         ),
         timeout_seconds=30,
         what="the rescued entries processed",
     )
-    assert overlapping_runs(runs(conn), killed_at=killed_at) == []
+    assert audit.overlapping_runs(audit.runs(conn), killed_at=killed_at) == []
     reasons = {
         row[0]
         for row in conn.execute(
