@@ -3,7 +3,9 @@
 There is no kubelet here, so a "worker pod" is two things the tests and the demo create
 together: a Pod object in the apiserver (what the operator's pod-restart hook watches) and a
 local ``celery worker`` whose ``HOSTNAME`` is that Pod's name (what the worker records in the
-ledger as the holder of a lease, exactly as inside a real pod).
+ledger as the holder of a lease, exactly as inside a real pod). The integration tests start
+their workers here too, without the Pod, and with ``app`` pointed at a probe app when they
+compare our messages with what Celery itself sends.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ def start_worker(
     dsn: str,
     log_dir: Path,
     concurrency: int = 2,
+    app: str = "celery_app.demo",
     queue: str = "insights",
     lease_seconds: float | None = None,
     extra_env: dict[str, str] | None = None,
@@ -43,7 +46,7 @@ def start_worker(
             "-m",
             "celery",
             "-A",
-            "celery_app.demo",
+            app,
             "worker",
             "-Q",
             queue,
@@ -62,7 +65,7 @@ def start_worker(
     )
     worker.start()
     worker.wait_until(
-        lambda: "ready." in worker.log_path.read_text(errors="replace"),
+        lambda: " ready." in worker.log_path.read_text(errors="replace"),
         timeout_seconds=60,
         what="ready",
     )

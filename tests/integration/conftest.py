@@ -1,18 +1,18 @@
 """Integration fixtures: the demo schema in a fresh database, and real ``celery worker``s.
 
-Workers are ``celery -A celery_app.demo worker`` subprocesses started through devstack's
-``ManagedProcess`` — each in its own process group, so ``kill()`` is a ``kill -9`` of the
-whole worker (main process and pool children) like a crashed pod, and each logging to a file
-that a failing test prints. Their ``HOSTNAME`` is the worker name the ledger records.
+Workers are ``celery -A celery_app.demo worker`` subprocesses started by
+``devstack.workers.start_worker``, as for e2e and ``make demo`` — each in its own process
+group, so ``kill()`` is a ``kill -9`` of the whole worker (main process and pool children)
+like a crashed pod, and each logging to a file that a failing test prints. Their
+``HOSTNAME`` is the worker name the ledger records.
 
-Plain helpers (sweep loops, run analysis) are in ``reconcile_support``.
+Plain helpers (sweep loops) are in ``reconcile_support``; the run analysis is
+``celery_app.demo.audit``.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import pytest
 from reconcile_support import Worker, WorkerFactory
 
 from celery_app.demo import schema
-from devstack import processes
+from devstack import workers
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 _worker_numbers = itertools.count(1)
@@ -58,45 +58,19 @@ def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
         extra_env: dict[str, str] | None = None,
     ) -> Worker:
         name = f"worker-{next(_worker_numbers)}"
-        env = {
-            **os.environ,
-            "CELERY_BROKER_URL": broker_url,
-            "CELERY_RECONCILER_DSN": dsn,
-            "HOSTNAME": name,
-            "DEMO_LEASE_SECONDS": str(lease_seconds),
-            "PYTHONUNBUFFERED": "1",
-            **(extra_env or {}),
-        }
-        process = processes.ManagedProcess(
-            name=f"celery {name}",
-            argv=[
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                app,
-                "worker",
-                "-Q",
-                queue,
-                "-c",
-                str(concurrency),
-                "-n",
-                f"{name}@%h",
-                "--loglevel",
-                "INFO",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ],
-            log_path=tmp_path / f"{name}.log",
-            env=env,
+        process = workers.start_worker(
+            pod_name=name,
+            broker_url=broker_url,
+            dsn=dsn,
+            log_dir=tmp_path,
+            concurrency=concurrency,
+            app=app,
+            queue=queue,
+            lease_seconds=lease_seconds,
+            extra_env=extra_env,
         )
-        process.start()
         worker = Worker(name=name, process=process)
         started.append(worker)
-        process.wait_until(
-            lambda: " ready." in worker.log(), timeout_seconds=60, what="ready to consume"
-        )
         return worker
 
     yield start
