@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
 from e2e_support import (
     OperatorProcess,
+    apply_policy,
     get_json,
+    policy_conditions,
     policy_manifest,
     processingstatus_table,
     secrets_manifest,
@@ -33,15 +37,7 @@ def test_applying_a_policy_processes_every_entry_and_status_converges(
     worker_pods("insights-worker-a")
     worker_pods("insights-worker-b")
     start_operator()
-    crds.kubectl(
-        "-n",
-        namespace,
-        "apply",
-        "-f",
-        "-",
-        input=secrets_manifest(dsn=journal, broker_url=redis_url),
-    )
-    crds.kubectl("-n", namespace, "apply", "-f", "-", input=policy_manifest())
+    apply_policy(crds, namespace, dsn=journal, broker_url=redis_url)
 
     wait_for(lambda: unprocessed(journal) == 0, timeout_seconds=120, what="all entries processed")
     table = wait_for(
@@ -57,7 +53,7 @@ def test_applying_a_policy_processes_every_entry_and_status_converges(
     assert (counted.processed, counted.runs, counted.duplicate_successes) == (300, 300, 0)
 
     policy = get_json(crds, "-n", namespace, "get", "processingpolicy", "journal-insights")
-    ready = {c["type"]: c for c in policy["status"]["conditions"]}["Ready"]
+    ready = policy_conditions(policy)["Ready"]
     assert ready["status"] == "True"
     assert policy["status"]["observedGeneration"] == policy["metadata"]["generation"]
 
@@ -75,8 +71,7 @@ def test_a_missing_secret_degrades_the_policy_until_it_is_created(
 
     def condition(kind: str) -> dict[str, Any]:
         policy = get_json(crds, "-n", namespace, "get", "processingpolicy", "journal-insights")
-        found = {c["type"]: c for c in (policy.get("status") or {}).get("conditions", [])}
-        return found.get(kind, {})
+        return policy_conditions(policy).get(kind, {})
 
     degraded = wait_for(
         lambda: (c := condition("Degraded")).get("status") == "True" and c,
@@ -109,3 +104,86 @@ def test_a_missing_secret_degrades_the_policy_until_it_is_created(
         timeout_seconds=60,
         what="Ready=True after the Secret was created (no restart)",
     )
+
+
+def test_secrets_never_reach_logs_status_or_events(
+    crds: devstack_kube.ControlPlane,
+    namespace: str,
+    journal: str,
+    redis_url: str,
+    start_operator: Callable[..., OperatorProcess],
+    worker_pods: Callable[..., processes.ManagedProcess],
+) -> None:
+    db_password = urllib.parse.urlsplit(journal).password
+    broker_password = urllib.parse.urlsplit(redis_url).password
+    assert db_password and broker_password
+    seed(journal, 20)
+    worker_pods("insights-worker-a")
+    operator = start_operator(extra_args=["--log-format=json"])
+    # First a broker nobody listens on (with the real password in its URL), then the real one.
+    closed_port = processes.free_port()
+    dead_broker = f"redis://:{broker_password}@127.0.0.1:{closed_port}/0"
+    crds.kubectl(
+        "-n",
+        namespace,
+        "apply",
+        "-f",
+        "-",
+        input=secrets_manifest(dsn=journal, broker_url=dead_broker),
+    )
+    crds.kubectl("-n", namespace, "apply", "-f", "-", input=policy_manifest())
+    degraded = wait_for(
+        lambda: (
+            (c := policy_condition(crds, namespace, "Degraded")).get("reason")
+            == "BrokerUnavailable"
+            and c
+        ),
+        timeout_seconds=60,
+        what="Degraded with reason BrokerUnavailable",
+    )
+    assert f"127.0.0.1:{closed_port}" in degraded["message"]
+    crds.kubectl(
+        "-n",
+        namespace,
+        "apply",
+        "-f",
+        "-",
+        input=secrets_manifest(dsn=journal, broker_url=redis_url),
+    )
+    wait_for(
+        lambda: unprocessed(journal) == 0,
+        timeout_seconds=90,
+        what="processing after the Secret was fixed",
+    )
+    wait_for(
+        lambda: policy_condition(crds, namespace, "Ready").get("status") == "True",
+        timeout_seconds=30,
+        what="Ready again",
+    )
+
+    log = operator.process.log_path.read_text()
+    sweep_lines = [
+        json.loads(line)
+        for line in log.splitlines()
+        if line.startswith("{") and '"dispatched"' in line
+    ]
+    assert sweep_lines, "no structured sweep line in the JSON log"
+    assert {"policy", "dispatched", "duration_seconds"} <= sweep_lines[0].keys()
+    everything = "\n".join(
+        [
+            log,
+            crds.kubectl(
+                "-n", namespace, "get", "processingpolicy,processingstatus", "-o", "yaml"
+            ).stdout,
+            crds.kubectl("-n", namespace, "get", "events", "-o", "yaml").stdout,
+        ]
+    )
+    assert "BrokerUnavailable" in everything
+    assert db_password not in everything
+    assert broker_password not in everything
+
+
+def policy_condition(kube: devstack_kube.ControlPlane, namespace: str, kind: str) -> dict[str, Any]:
+    policy = get_json(kube, "-n", namespace, "get", "processingpolicy", "journal-insights")
+    found = {c["type"]: c for c in (policy.get("status") or {}).get("conditions", [])}
+    return dict(found.get(kind, {}))
