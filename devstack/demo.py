@@ -142,29 +142,6 @@ class Demo:
         self.worker_processes[pod_name] = worker
         return worker
 
-    def register_pod(self, pod_name: str, *, restart_count: int = 0) -> None:
-        plane = self.require_plane()
-        if restart_count == 0:
-            plane.kubectl(
-                "-n",
-                NAMESPACE,
-                "apply",
-                "-f",
-                "-",
-                input=json.dumps(workers.pod_manifest(name=pod_name, labels=WORKER_LABELS)),
-            )
-        plane.kubectl(
-            "-n",
-            NAMESPACE,
-            "patch",
-            "pod",
-            pod_name,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            json.dumps(workers.running_status(restart_count=restart_count)),
-        )
-
     def seed(self) -> None:
         say(f"seeding {self.entries} journal entries (each body takes {self.task_seconds}s)")
         with psycopg.connect(self.dsn, autocommit=True) as conn:
@@ -233,7 +210,9 @@ class Demo:
         with psycopg.connect(self.dsn) as conn:
             killed_at = audit.database_now(conn)
         say(f"marking Pod {pod_name} restarted (restartCount 1), as the kubelet would")
-        self.register_pod(pod_name, restart_count=1)
+        workers.report_running(
+            self.require_plane(), namespace=NAMESPACE, name=pod_name, restart_count=1
+        )
         self.start_worker(pod_name)
         return killed_at
 
@@ -241,7 +220,9 @@ class Demo:
         self.start_stack()
         operator_kubeconfig = self.install_chart()
         for pod_name in ("insights-worker-0", "insights-worker-1"):
-            self.register_pod(pod_name)
+            workers.register_pod(
+                self.require_plane(), namespace=NAMESPACE, name=pod_name, labels=WORKER_LABELS
+            )
             self.start_worker(pod_name)
         say("two celery workers are up, registered as Pods insights-worker-0 and -1")
         self.seed()

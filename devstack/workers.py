@@ -10,11 +10,12 @@ compare our messages with what Celery itself sends.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 
-from devstack import processes
+from devstack import kube, processes
 
 
 def start_worker(
@@ -70,6 +71,38 @@ def start_worker(
         what="ready",
     )
     return worker
+
+
+def register_pod(
+    plane: kube.ControlPlane, *, namespace: str, name: str, labels: dict[str, str]
+) -> None:
+    """Create the Pod object standing for a local worker and report it running."""
+    plane.kubectl(
+        "-n",
+        namespace,
+        "apply",
+        "-f",
+        "-",
+        input=json.dumps(pod_manifest(name=name, labels=labels)),
+    )
+    report_running(plane, namespace=namespace, name=name)
+
+
+def report_running(
+    plane: kube.ControlPlane, *, namespace: str, name: str, restart_count: int = 0
+) -> None:
+    """Write ``pods/status`` as the kubelet would; a higher ``restart_count`` is a restart."""
+    plane.kubectl(
+        "-n",
+        namespace,
+        "patch",
+        "pod",
+        name,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(running_status(restart_count=restart_count)),
+    )
 
 
 def pod_manifest(*, name: str, labels: dict[str, str]) -> dict[str, object]:

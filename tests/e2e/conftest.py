@@ -6,7 +6,6 @@ the admin's by default, or a ServiceAccount token's for the least-privilege test
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -105,25 +104,7 @@ def worker_pods(
     started: list[processes.ManagedProcess] = []
 
     def start(pod_name: str, *, concurrency: int = 2) -> processes.ManagedProcess:
-        crds.kubectl(
-            "-n",
-            namespace,
-            "apply",
-            "-f",
-            "-",
-            input=json.dumps(workers.pod_manifest(name=pod_name, labels=WORKER_LABELS)),
-        )
-        crds.kubectl(
-            "-n",
-            namespace,
-            "patch",
-            "pod",
-            pod_name,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            json.dumps(workers.running_status()),
-        )
+        workers.register_pod(crds, namespace=namespace, name=pod_name, labels=WORKER_LABELS)
         worker = workers.start_worker(
             pod_name=pod_name,
             broker_url=redis_url,

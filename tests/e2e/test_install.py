@@ -166,10 +166,7 @@ def run_the_whole_job(
         schema.clear_fault(conn, entry_id=1)
     doomed.kill()
     worker_pods("insights-worker-b")
-    kube.kubectl(
-        "-n", namespace, "patch", "pod", "insights-worker-a", "--subresource=status",
-        "--type=merge", "-p", json.dumps(workers.running_status(restart_count=1)),
-    )  # fmt: skip
+    workers.report_running(kube, namespace=namespace, name="insights-worker-a", restart_count=1)
     wait_for(
         lambda: unprocessed(journal) == 0,
         timeout_seconds=30,

@@ -79,17 +79,7 @@ def test_a_dead_worker_pods_entries_are_rescued_long_before_the_lease(
 
     noticed = time.monotonic()
     if how == "restart":
-        crds.kubectl(
-            "-n",
-            namespace,
-            "patch",
-            "pod",
-            "insights-worker-a",
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            json.dumps(workers.running_status(restart_count=1)),
-        )
+        workers.report_running(crds, namespace=namespace, name="insights-worker-a", restart_count=1)
     else:
         crds.kubectl("-n", namespace, "delete", "pod", "insights-worker-a", "--wait=false")
     wait_for(
