@@ -108,6 +108,26 @@ def policy_manifest(name: str = "journal-insights", **spec_overrides: Any) -> st
     )
 
 
+def apply_policy(
+    kube: devstack_kube.ControlPlane,
+    namespace: str,
+    *,
+    dsn: str,
+    broker_url: str,
+    **spec_overrides: Any,
+) -> None:
+    """The user's part: the two Secrets, then a ProcessingPolicy naming them."""
+    kube.kubectl(
+        "-n", namespace, "apply", "-f", "-", input=secrets_manifest(dsn=dsn, broker_url=broker_url)
+    )
+    kube.kubectl("-n", namespace, "apply", "-f", "-", input=policy_manifest(**spec_overrides))
+
+
+def policy_conditions(policy: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A ProcessingPolicy's status conditions by type; none before the operator wrote any."""
+    return {c["type"]: c for c in (policy.get("status") or {}).get("conditions", [])}
+
+
 def processingstatus_table(kube: devstack_kube.ControlPlane, namespace: str) -> dict[str, str]:
     """``kubectl get processingstatus`` as a person reads it: header -> value of the one row."""
     lines = kube.kubectl("-n", namespace, "get", "processingstatus").stdout.splitlines()

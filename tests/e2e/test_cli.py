@@ -18,6 +18,7 @@ from pathlib import Path
 import psycopg
 from e2e_support import (
     OperatorProcess,
+    apply_policy,
     cli_run,
     get_json,
     ledger_rows,
@@ -75,17 +76,9 @@ def test_every_verb_against_the_running_operator(
         schema.set_fault(conn, entry_id=2, kind="fail")
     worker_pods("insights-worker-a")
     start_operator()
-    kube.kubectl(
-        "-n",
-        namespace,
-        "apply",
-        "-f",
-        "-",
-        input=secrets_manifest(dsn=journal, broker_url=redis_url),
-    )
     retry = {"maxAttempts": 2, "initialDelay": "1s", "factor": 2, "maxDelay": "2s", "jitter": False}
-    kube.kubectl(
-        "-n", namespace, "apply", "-f", "-", input=policy_manifest(sweep_interval="1h", retry=retry)
+    apply_policy(
+        kube, namespace, dsn=journal, broker_url=redis_url, sweep_interval="1h", retry=retry
     )
 
     # status: the dead entry and the healthy policy, as JSON, as a table, across namespaces.

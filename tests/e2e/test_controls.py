@@ -9,12 +9,13 @@ import psycopg
 from e2e_support import (
     OperatorProcess,
     annotate,
+    apply_policy,
     get_json,
     ledger_rows,
     metric_value,
+    policy_conditions,
     policy_manifest,
     processingstatus_table,
-    secrets_manifest,
     seed,
     tally,
     unprocessed,
@@ -28,15 +29,6 @@ from devstack import processes
 POLICY = "journal-insights"
 
 
-def apply(
-    kube: devstack_kube.ControlPlane, namespace: str, dsn: str, broker: str, **spec: object
-) -> None:
-    kube.kubectl(
-        "-n", namespace, "apply", "-f", "-", input=secrets_manifest(dsn=dsn, broker_url=broker)
-    )
-    kube.kubectl("-n", namespace, "apply", "-f", "-", input=policy_manifest(**spec))
-
-
 def annotations(kube: devstack_kube.ControlPlane, namespace: str) -> dict[str, str]:
     policy = get_json(kube, "-n", namespace, "get", "processingpolicy", POLICY)
     return dict(policy["metadata"].get("annotations") or {})
@@ -44,8 +36,7 @@ def annotations(kube: devstack_kube.ControlPlane, namespace: str) -> dict[str, s
 
 def ready(kube: devstack_kube.ControlPlane, namespace: str) -> dict[str, object]:
     policy = get_json(kube, "-n", namespace, "get", "processingpolicy", POLICY)
-    conditions = {c["type"]: c for c in (policy.get("status") or {}).get("conditions", [])}
-    ready = dict(conditions.get("Ready", {}))
+    ready = dict(policy_conditions(policy).get("Ready", {}))
     ready["generation"] = policy["metadata"]["generation"]
     return ready
 
@@ -62,7 +53,7 @@ def test_suspend_stops_dispatch_resume_continues_and_sweep_now_sweeps_at_once(
     worker_pods("insights-worker-a")
     start_operator()
     # Sweeps an hour apart: anything processed later than the startup sweep was asked for.
-    apply(crds, namespace, journal, redis_url, sweep_interval="1h")
+    apply_policy(crds, namespace, dsn=journal, broker_url=redis_url, sweep_interval="1h")
     wait_for(lambda: unprocessed(journal) == 0, timeout_seconds=60, what="the startup sweep")
 
     crds.kubectl(
@@ -130,11 +121,11 @@ def test_retry_dead_brings_a_dead_entry_back(
         schema.set_fault(conn, entry_id=2, kind="fail")
     worker_pods("insights-worker-a")
     operator = start_operator()
-    apply(
+    apply_policy(
         crds,
         namespace,
-        journal,
-        redis_url,
+        dsn=journal,
+        broker_url=redis_url,
         sweep_interval="1h",
         retry={
             "maxAttempts": 2,
@@ -189,7 +180,7 @@ def test_deleting_a_policy_stops_its_loop_and_collects_its_status(
     seed(journal, 5)
     worker_pods("insights-worker-a")
     operator = start_operator()
-    apply(crds, namespace, journal, redis_url, sweep_interval="1s")
+    apply_policy(crds, namespace, dsn=journal, broker_url=redis_url, sweep_interval="1s")
     wait_for(lambda: unprocessed(journal) == 0, timeout_seconds=60, what="first entries")
     wait_for(
         lambda: processingstatus_table(crds, namespace),

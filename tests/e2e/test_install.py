@@ -30,11 +30,11 @@ from e2e_support import (
     OUR_CRDS,
     OperatorProcess,
     adopt_crds,
+    apply_policy,
     get_json,
     ledger_rows,
     policy_manifest,
     processingstatus_table,
-    secrets_manifest,
     seed,
     tally,
     unprocessed,
@@ -144,15 +144,7 @@ def run_the_whole_job(
         schema.set_fault(conn, entry_id=1, kind="sleep", seconds=600)
     doomed = worker_pods("insights-worker-a")
     operator = start_operator(kubeconfig=kubeconfig, **operator_options)
-    kube.kubectl(
-        "-n",
-        namespace,
-        "apply",
-        "-f",
-        "-",
-        input=secrets_manifest(dsn=journal, broker_url=redis_url),
-    )
-    kube.kubectl("-n", namespace, "apply", "-f", "-", input=policy_manifest(lease_timeout="10m"))
+    apply_policy(kube, namespace, dsn=journal, broker_url=redis_url, lease_timeout="10m")
     wait_for(
         lambda: (
             unprocessed(journal) == 1

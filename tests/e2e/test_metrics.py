@@ -7,10 +7,9 @@ from collections.abc import Callable
 import psycopg
 from e2e_support import (
     OperatorProcess,
+    apply_policy,
     ledger_rows,
     metric_value,
-    policy_manifest,
-    secrets_manifest,
     seed,
     unprocessed,
     wait_for,
@@ -70,30 +69,19 @@ def test_counters_match_the_ledger(
             schema.set_fault(conn, entry_id=entry_id, kind="fail")
     worker_pods("insights-worker-a")
     operator = start_operator()
-    crds.kubectl(
-        "-n",
+    apply_policy(
+        crds,
         namespace,
-        "apply",
-        "-f",
-        "-",
-        input=secrets_manifest(dsn=journal, broker_url=redis_url),
-    )
-    crds.kubectl(
-        "-n",
-        namespace,
-        "apply",
-        "-f",
-        "-",
-        input=policy_manifest(
-            sweep_interval="2s",
-            retry={
-                "maxAttempts": 3,
-                "initialDelay": "1s",
-                "factor": 2,
-                "maxDelay": "2s",
-                "jitter": False,
-            },
-        ),
+        dsn=journal,
+        broker_url=redis_url,
+        sweep_interval="2s",
+        retry={
+            "maxAttempts": 3,
+            "initialDelay": "1s",
+            "factor": 2,
+            "maxDelay": "2s",
+            "jitter": False,
+        },
     )
     wait_for(
         lambda: len(ledger_rows(journal, state="dead")) == 2 and unprocessed(journal) == 2,

@@ -10,11 +10,10 @@ import psycopg
 import pytest
 from e2e_support import (
     OperatorProcess,
+    apply_policy,
     get_json,
     ledger_rows,
     metric_value,
-    policy_manifest,
-    secrets_manifest,
     seed,
     tally,
     unprocessed,
@@ -24,15 +23,6 @@ from e2e_support import (
 from celery_app.demo import audit, schema
 from devstack import kube as devstack_kube
 from devstack import processes, workers
-
-
-def apply_policy(
-    kube: devstack_kube.ControlPlane, namespace: str, dsn: str, broker: str, **spec: object
-) -> None:
-    kube.kubectl(
-        "-n", namespace, "apply", "-f", "-", input=secrets_manifest(dsn=dsn, broker_url=broker)
-    )
-    kube.kubectl("-n", namespace, "apply", "-f", "-", input=policy_manifest(**spec))
 
 
 def overlaps(dsn: str, killed: dict[str, object]) -> list[tuple[audit.Run, audit.Run]]:
@@ -62,7 +52,9 @@ def test_a_dead_worker_pods_entries_are_rescued_long_before_the_lease(
     doomed = worker_pods("insights-worker-a", concurrency=2)
     operator = start_operator()
     # The lease is 10 minutes and sweeps are an hour apart: only the pod hook can rescue.
-    apply_policy(crds, namespace, journal, redis_url, lease_timeout="10m", sweep_interval="1h")
+    apply_policy(
+        crds, namespace, dsn=journal, broker_url=redis_url, lease_timeout="10m", sweep_interval="1h"
+    )
     held = wait_for(
         lambda: (
             len(rows := ledger_rows(journal, state="running", worker="insights-worker-a")) == 2
@@ -143,8 +135,8 @@ def test_an_operator_killed_mid_sweep_finishes_the_work_after_restart(
     apply_policy(
         crds,
         namespace,
-        journal,
-        redis_url,
+        dsn=journal,
+        broker_url=redis_url,
         sweep_interval="1h",
         lease_timeout="20s",
         limits={"batchSize": 50, "maxInFlight": 10000, "dispatchPerSecond": 200},
@@ -196,7 +188,7 @@ def test_of_two_replicas_exactly_one_dispatches(
         start_operator(name=f"replica-{n}", peering=peering, extra_args=["--peering-lifetime=10"])
         for n in (1, 2)
     ]
-    apply_policy(crds, namespace, journal, redis_url, sweep_interval="2s")
+    apply_policy(crds, namespace, dsn=journal, broker_url=redis_url, sweep_interval="2s")
     wait_for(lambda: unprocessed(journal) == 0, timeout_seconds=120, what="all processed")
 
     def dispatched(replica: OperatorProcess) -> float:
