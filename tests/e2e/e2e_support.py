@@ -117,15 +117,38 @@ def apply_policy(
     **spec_overrides: Any,
 ) -> None:
     """The user's part: the two Secrets, then a ProcessingPolicy naming them."""
+    apply_secrets(kube, namespace, dsn=dsn, broker_url=broker_url)
+    kube.kubectl("-n", namespace, "apply", "-f", "-", input=policy_manifest(**spec_overrides))
+
+
+def apply_secrets(
+    kube: devstack_kube.ControlPlane, namespace: str, *, dsn: str, broker_url: str
+) -> None:
+    """Create or fix the two Secrets a policy names (``demo-db`` and ``demo-broker``)."""
     kube.kubectl(
         "-n", namespace, "apply", "-f", "-", input=secrets_manifest(dsn=dsn, broker_url=broker_url)
     )
-    kube.kubectl("-n", namespace, "apply", "-f", "-", input=policy_manifest(**spec_overrides))
 
 
 def policy_conditions(policy: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """A ProcessingPolicy's status conditions by type; none before the operator wrote any."""
     return {c["type"]: c for c in (policy.get("status") or {}).get("conditions", [])}
+
+
+def policy_events(
+    kube: devstack_kube.ControlPlane, namespace: str, name: str = "journal-insights"
+) -> list[dict[str, Any]]:
+    """The Events the operator posted about one ProcessingPolicy."""
+    events = get_json(
+        kube,
+        "-n",
+        namespace,
+        "get",
+        "events",
+        "--field-selector",
+        f"involvedObject.name={name}",
+    )
+    return list(events["items"])
 
 
 def processingstatus_table(kube: devstack_kube.ControlPlane, namespace: str) -> dict[str, str]:

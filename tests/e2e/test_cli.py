@@ -19,11 +19,11 @@ import psycopg
 from e2e_support import (
     OperatorProcess,
     apply_policy,
+    apply_secrets,
     cli_run,
     get_json,
     ledger_rows,
     policy_manifest,
-    secrets_manifest,
     seed,
     table_rows,
     tally,
@@ -217,14 +217,7 @@ def test_errors_say_what_is_wrong_and_what_to_do(
         f'secret "demo-db" not found in namespace "{namespace}" — create it or fix '
         "spec.source.databaseSecretRef"
     ) in no_secret.err
-    kube.kubectl(
-        "-n",
-        namespace,
-        "apply",
-        "-f",
-        "-",
-        input=secrets_manifest(dsn=journal, broker_url="redis://x"),
-    )
+    apply_secrets(kube, namespace, dsn=journal, broker_url="redis://x")
     no_ledger = cli_run("explain", POLICY, "1", "-n", namespace)
     assert no_ledger.code == 2
     assert f"the operator has not swept {namespace}/{POLICY} yet" in no_ledger.err

@@ -14,6 +14,7 @@ from e2e_support import (
     ledger_rows,
     metric_value,
     policy_conditions,
+    policy_events,
     policy_manifest,
     processingstatus_table,
     seed,
@@ -150,16 +151,8 @@ def test_retry_dead_brings_a_dead_entry_back(
     wait_for(
         lambda: unprocessed(journal) == 0, timeout_seconds=60, what="the revived entry to succeed"
     )
-    events = get_json(
-        crds,
-        "-n",
-        namespace,
-        "get",
-        "events",
-        "--field-selector",
-        "involvedObject.name=journal-insights",
-    )
-    assert any(e["reason"] == "RetryDead" for e in events["items"])
+    events = policy_events(crds, namespace)
+    assert any(e["reason"] == "RetryDead" for e in events)
     wait_for(
         lambda: processingstatus_table(crds, namespace).get("DEAD") == "0",
         timeout_seconds=30,

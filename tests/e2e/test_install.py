@@ -33,6 +33,7 @@ from e2e_support import (
     apply_policy,
     get_json,
     ledger_rows,
+    policy_events,
     policy_manifest,
     processingstatus_table,
     seed,
@@ -174,11 +175,8 @@ def run_the_whole_job(
     assert (table["PENDING"], table["IN-FLIGHT"], table["DEAD"]) == ("0", "0", "0")
     counted = tally(journal)
     assert (counted.processed, counted.duplicate_successes) == (ENTRIES, 0)
-    events = get_json(
-        kube, "-n", namespace, "get", "events",
-        "--field-selector", "involvedObject.name=journal-insights",
-    )  # fmt: skip
-    assert "Rescued" in {e["reason"] for e in events["items"]}
+    events = policy_events(kube, namespace)
+    assert "Rescued" in {e["reason"] for e in events}
     # Deleting waits for the operator to take its finalizer off (a patch under its token).
     kube.kubectl("-n", namespace, "delete", "processingpolicy", "journal-insights", "--timeout=30s")
     operator.stop()

@@ -10,11 +10,12 @@ from typing import Any
 from e2e_support import (
     OperatorProcess,
     apply_policy,
+    apply_secrets,
     get_json,
     policy_conditions,
+    policy_events,
     policy_manifest,
     processingstatus_table,
-    secrets_manifest,
     seed,
     tally,
     unprocessed,
@@ -69,38 +70,19 @@ def test_a_missing_secret_degrades_the_policy_until_it_is_created(
     start_operator()
     crds.kubectl("-n", namespace, "apply", "-f", "-", input=policy_manifest())
 
-    def condition(kind: str) -> dict[str, Any]:
-        policy = get_json(crds, "-n", namespace, "get", "processingpolicy", "journal-insights")
-        return policy_conditions(policy).get(kind, {})
-
     degraded = wait_for(
-        lambda: (c := condition("Degraded")).get("status") == "True" and c,
+        lambda: (c := policy_condition(crds, namespace, "Degraded")).get("status") == "True" and c,
         timeout_seconds=30,
         what="Degraded=True",
     )
     assert degraded["reason"] == "SecretNotFound"
     assert 'secret "demo-db"' in degraded["message"]
-    events = get_json(
-        crds,
-        "-n",
-        namespace,
-        "get",
-        "events",
-        "--field-selector",
-        "involvedObject.name=journal-insights",
-    )
-    assert any(e["reason"] == "SecretNotFound" for e in events["items"])
+    events = policy_events(crds, namespace)
+    assert any(e["reason"] == "SecretNotFound" for e in events)
 
-    crds.kubectl(
-        "-n",
-        namespace,
-        "apply",
-        "-f",
-        "-",
-        input=secrets_manifest(dsn=journal, broker_url=redis_url),
-    )
+    apply_secrets(crds, namespace, dsn=journal, broker_url=redis_url)
     wait_for(
-        lambda: condition("Ready").get("status") == "True",
+        lambda: policy_condition(crds, namespace, "Ready").get("status") == "True",
         timeout_seconds=60,
         what="Ready=True after the Secret was created (no restart)",
     )
@@ -123,15 +105,7 @@ def test_secrets_never_reach_logs_status_or_events(
     # First a broker nobody listens on (with the real password in its URL), then the real one.
     closed_port = processes.free_port()
     dead_broker = f"redis://:{broker_password}@127.0.0.1:{closed_port}/0"
-    crds.kubectl(
-        "-n",
-        namespace,
-        "apply",
-        "-f",
-        "-",
-        input=secrets_manifest(dsn=journal, broker_url=dead_broker),
-    )
-    crds.kubectl("-n", namespace, "apply", "-f", "-", input=policy_manifest())
+    apply_policy(crds, namespace, dsn=journal, broker_url=dead_broker)
     degraded = wait_for(
         lambda: (
             (c := policy_condition(crds, namespace, "Degraded")).get("reason")
@@ -142,14 +116,7 @@ def test_secrets_never_reach_logs_status_or_events(
         what="Degraded with reason BrokerUnavailable",
     )
     assert f"127.0.0.1:{closed_port}" in degraded["message"]
-    crds.kubectl(
-        "-n",
-        namespace,
-        "apply",
-        "-f",
-        "-",
-        input=secrets_manifest(dsn=journal, broker_url=redis_url),
-    )
+    apply_secrets(crds, namespace, dsn=journal, broker_url=redis_url)
     wait_for(
         lambda: unprocessed(journal) == 0,
         timeout_seconds=90,
@@ -185,5 +152,4 @@ def test_secrets_never_reach_logs_status_or_events(
 
 def policy_condition(kube: devstack_kube.ControlPlane, namespace: str, kind: str) -> dict[str, Any]:
     policy = get_json(kube, "-n", namespace, "get", "processingpolicy", "journal-insights")
-    found = {c["type"]: c for c in (policy.get("status") or {}).get("conditions", [])}
-    return dict(found.get(kind, {}))
+    return dict(policy_conditions(policy).get(kind, {}))

@@ -14,6 +14,7 @@ from e2e_support import (
     get_json,
     ledger_rows,
     metric_value,
+    policy_events,
     seed,
     tally,
     unprocessed,
@@ -96,18 +97,8 @@ def test_a_dead_worker_pods_entries_are_rescued_long_before_the_lease(
     assert last_rescue["pod"] == "insights-worker-a"
     assert last_rescue["count"] == 2
     assert status["metadata"]["ownerReferences"][0]["kind"] == "ProcessingPolicy"
-    events = get_json(
-        crds,
-        "-n",
-        namespace,
-        "get",
-        "events",
-        "--field-selector",
-        "involvedObject.name=journal-insights",
-    )
-    assert any(
-        e["reason"] == "Rescued" and "insights-worker-a" in e["message"] for e in events["items"]
-    )
+    events = policy_events(crds, namespace)
+    assert any(e["reason"] == "Rescued" and "insights-worker-a" in e["message"] for e in events)
     counted = tally(journal)
     assert (counted.processed, counted.duplicate_successes) == (6, 0)
     assert overlaps(journal, {"insights-worker-a": killed_at}) == []
