@@ -122,67 +122,73 @@ def operator_options(
     }
 
 
+@pytest.fixture
 def run_the_whole_job(
-    kube: devstack_kube.ControlPlane,
-    *,
+    crds: devstack_kube.ControlPlane,
     namespace: str,
     journal: str,
     redis_url: str,
     worker_pods: Callable[..., processes.ManagedProcess],
     start_operator: Callable[..., OperatorProcess],
-    operator_options: dict[str, Any],
-    kubeconfig: Path,
-) -> None:
-    """The user's part (Secrets, policy) as admin; the rest is the operator's, under the token.
+) -> Callable[..., None]:
+    """``run_the_whole_job(operator_options=..., kubeconfig=...)`` in the test's namespace:
+    the user's part (Secrets, policy) as admin; the rest is the operator's, under the token.
 
     Beyond dispatch, this covers what the operator does with Kubernetes only now and then and
     best effort (its pod watch retries and its Events are dropped quietly when refused): one
     entry hangs on a worker whose pod then restarts, and must be rescued by the pod hook —
     the lease is 10 minutes — and told in a ``Rescued`` Event.
     """
-    seed(journal, ENTRIES)
-    with psycopg.connect(journal, autocommit=True) as conn:
-        schema.set_fault(conn, entry_id=1, kind="sleep", seconds=600)
-    doomed = worker_pods("insights-worker-a")
-    operator = start_operator(kubeconfig=kubeconfig, **operator_options)
-    apply_policy(kube, namespace, dsn=journal, broker_url=redis_url, lease_timeout="10m")
-    wait_for(
-        lambda: (
-            unprocessed(journal) == 1
-            and ledger_rows(journal, state="running", worker="insights-worker-a")
-        ),
-        timeout_seconds=60,
-        what="all entries but the hanging one processed",
-    )
 
-    with psycopg.connect(journal, autocommit=True) as conn:
-        schema.clear_fault(conn, entry_id=1)
-    doomed.kill()
-    worker_pods("insights-worker-b")
-    workers.report_running(kube, namespace=namespace, name="insights-worker-a", restart_count=1)
-    wait_for(
-        lambda: unprocessed(journal) == 0,
-        timeout_seconds=30,
-        what="the pod hook to rescue the hanging entry (its lease has 10 minutes to go)",
-    )
-    table = wait_for(
-        lambda: (
-            (t := processingstatus_table(kube, namespace)).get("SUCCEEDED") == str(ENTRIES) and t
-        ),
-        timeout_seconds=60,
-        what=f"kubectl get processingstatus to show {ENTRIES} succeeded",
-    )
-    assert (table["PENDING"], table["IN-FLIGHT"], table["DEAD"]) == ("0", "0", "0")
-    counted = tally(journal)
-    assert (counted.processed, counted.duplicate_successes) == (ENTRIES, 0)
-    events = policy_events(kube, namespace)
-    assert "Rescued" in {e["reason"] for e in events}
-    # Deleting waits for the operator to take its finalizer off (a patch under its token).
-    kube.kubectl("-n", namespace, "delete", "processingpolicy", "journal-insights", "--timeout=30s")
-    operator.stop()
-    log = operator.process.log_path.read_text(errors="replace")
-    complaints = [line for line in log.splitlines() if PERMISSION_ERROR.search(line)]
-    assert complaints == [], "the operator was refused something it needs"
+    def run(*, operator_options: dict[str, Any], kubeconfig: Path) -> None:
+        seed(journal, ENTRIES)
+        with psycopg.connect(journal, autocommit=True) as conn:
+            schema.set_fault(conn, entry_id=1, kind="sleep", seconds=600)
+        doomed = worker_pods("insights-worker-a")
+        operator = start_operator(kubeconfig=kubeconfig, **operator_options)
+        apply_policy(crds, namespace, dsn=journal, broker_url=redis_url, lease_timeout="10m")
+        wait_for(
+            lambda: (
+                unprocessed(journal) == 1
+                and ledger_rows(journal, state="running", worker="insights-worker-a")
+            ),
+            timeout_seconds=60,
+            what="all entries but the hanging one processed",
+        )
+
+        with psycopg.connect(journal, autocommit=True) as conn:
+            schema.clear_fault(conn, entry_id=1)
+        doomed.kill()
+        worker_pods("insights-worker-b")
+        workers.report_running(crds, namespace=namespace, name="insights-worker-a", restart_count=1)
+        wait_for(
+            lambda: unprocessed(journal) == 0,
+            timeout_seconds=30,
+            what="the pod hook to rescue the hanging entry (its lease has 10 minutes to go)",
+        )
+        table = wait_for(
+            lambda: (
+                (t := processingstatus_table(crds, namespace)).get("SUCCEEDED") == str(ENTRIES)
+                and t
+            ),
+            timeout_seconds=60,
+            what=f"kubectl get processingstatus to show {ENTRIES} succeeded",
+        )
+        assert (table["PENDING"], table["IN-FLIGHT"], table["DEAD"]) == ("0", "0", "0")
+        counted = tally(journal)
+        assert (counted.processed, counted.duplicate_successes) == (ENTRIES, 0)
+        events = policy_events(crds, namespace)
+        assert "Rescued" in {e["reason"] for e in events}
+        # Deleting waits for the operator to take its finalizer off (a patch under its token).
+        crds.kubectl(
+            "-n", namespace, "delete", "processingpolicy", "journal-insights", "--timeout=30s"
+        )
+        operator.stop()
+        log = operator.process.log_path.read_text(errors="replace")
+        complaints = [line for line in log.splitlines() if PERMISSION_ERROR.search(line)]
+        assert complaints == [], "the operator was refused something it needs"
+
+    return run
 
 
 def assert_refused(kube: devstack_kube.ControlPlane, config: Path, *request: str) -> None:
@@ -219,10 +225,7 @@ def test_helm_install_in_one_namespace_works_with_exactly_its_rights_then_upgrad
     crds: devstack_kube.ControlPlane,
     namespace: str,
     other_namespace: str,
-    journal: str,
-    redis_url: str,
-    start_operator: Callable[..., OperatorProcess],
-    worker_pods: Callable[..., processes.ManagedProcess],
+    run_the_whole_job: Callable[..., None],
     tmp_path: Path,
 ) -> None:
     with helm_installed(crds, namespace=namespace, watched=[namespace]):
@@ -231,16 +234,7 @@ def test_helm_install_in_one_namespace_works_with_exactly_its_rights_then_upgrad
         config = crds.service_account_kubeconfig(
             namespace=namespace, service_account=FULLNAME, path=tmp_path / "sa.kubeconfig"
         )
-        run_the_whole_job(
-            crds,
-            namespace=namespace,
-            journal=journal,
-            redis_url=redis_url,
-            worker_pods=worker_pods,
-            start_operator=start_operator,
-            operator_options=options,
-            kubeconfig=config,
-        )
+        run_the_whole_job(operator_options=options, kubeconfig=config)
 
         crds.kubectl(
             "-n", other_namespace, "create", "secret", "generic", "db", "--from-literal=dsn=x"
@@ -299,10 +293,7 @@ def test_helm_install_for_the_whole_cluster_works_with_exactly_its_rights_and_un
     crds: devstack_kube.ControlPlane,
     namespace: str,
     other_namespace: str,
-    journal: str,
-    redis_url: str,
-    start_operator: Callable[..., OperatorProcess],
-    worker_pods: Callable[..., processes.ManagedProcess],
+    run_the_whole_job: Callable[..., None],
     tmp_path: Path,
 ) -> None:
     home = other_namespace  # the operator's own namespace; the policy lives in another one
@@ -313,16 +304,7 @@ def test_helm_install_for_the_whole_cluster_works_with_exactly_its_rights_and_un
         config = crds.service_account_kubeconfig(
             namespace=home, service_account=FULLNAME, path=tmp_path / "sa.kubeconfig"
         )
-        run_the_whole_job(
-            crds,
-            namespace=namespace,
-            journal=journal,
-            redis_url=redis_url,
-            worker_pods=worker_pods,
-            start_operator=start_operator,
-            operator_options=options,
-            kubeconfig=config,
-        )
+        run_the_whole_job(operator_options=options, kubeconfig=config)
 
         crds.kubectl("-n", namespace, "get", "secret", "demo-db", kubeconfig=config)
         for request in (
@@ -352,10 +334,7 @@ def test_helm_install_for_the_whole_cluster_works_with_exactly_its_rights_and_un
 def test_kubectl_apply_of_the_manifests_gives_the_same_working_install(
     crds: devstack_kube.ControlPlane,
     namespace: str,
-    journal: str,
-    redis_url: str,
-    start_operator: Callable[..., OperatorProcess],
-    worker_pods: Callable[..., processes.ManagedProcess],
+    run_the_whole_job: Callable[..., None],
     tmp_path: Path,
 ) -> None:
     """The README's commands, in its order: CRDs first (install.yaml holds a
@@ -370,16 +349,7 @@ def test_kubectl_apply_of_the_manifests_gives_the_same_working_install(
         config = crds.service_account_kubeconfig(
             namespace=home, service_account=name, path=tmp_path / "sa.kubeconfig"
         )
-        run_the_whole_job(
-            crds,
-            namespace=namespace,
-            journal=journal,
-            redis_url=redis_url,
-            worker_pods=worker_pods,
-            start_operator=start_operator,
-            operator_options=options,
-            kubeconfig=config,
-        )
+        run_the_whole_job(operator_options=options, kubeconfig=config)
         assert_refused(crds, config, "get", "secrets", "--all-namespaces")
         assert_refused(crds, config, "-n", namespace, "delete", "pod", "insights-worker-b")
     finally:
