@@ -7,9 +7,10 @@ They read outcomes from the DATABASE (the ledger here; ``task_runs`` through
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +79,9 @@ def sweep_until(
     what: str = "all entries processed",
 ) -> list[reconcile.SweepResult]:
     """Sweep like the operator's timer until ``done()``; fail with the last state if not."""
-    db = reconcile.Database(dsn)
-    publisher = broker.connect(broker_url)
     results: list[reconcile.SweepResult] = []
-    deadline = time.monotonic() + timeout_seconds
-    try:
+    with sweep_connections(dsn, broker_url) as (db, publisher):
+        deadline = time.monotonic() + timeout_seconds
         while True:
             results.append(reconcile.reconcile_once(policy_, db=db, broker=publisher))
             if done():
@@ -90,8 +89,28 @@ def sweep_until(
             if time.monotonic() > deadline:
                 pytest.fail(f"not {what} after {timeout_seconds}s; last sweep: {results[-1]}")
             time.sleep(interval_seconds)
+
+
+@contextlib.contextmanager
+def sweep_connections(
+    dsn: str, broker_url: str
+) -> Iterator[tuple[reconcile.Database, broker.Publisher]]:
+    """What the operator holds per policy, for calling ``reconcile`` directly; closed after."""
+    db = reconcile.Database(dsn)
+    publisher = broker.connect(broker_url)
+    try:
+        yield db, publisher
     finally:
         publisher.close()
+        db.close()
+
+
+def retry_dead(policy_: policy.Policy, *, dsn: str) -> int:
+    """``reconcile.retry_dead`` on a database connection of its own, closed after."""
+    db = reconcile.Database(dsn)
+    try:
+        return reconcile.retry_dead(policy_, db=db)
+    finally:
         db.close()
 
 

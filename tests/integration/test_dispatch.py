@@ -18,6 +18,7 @@ from reconcile_support import (
     WorkerFactory,
     make_policy,
     pending_count,
+    sweep_connections,
     sweep_until,
     wait_for,
 )
@@ -77,9 +78,7 @@ def test_crash_between_claim_and_publish_is_recovered_after_the_lease(
 ) -> None:
     schema.seed(conn, count=50)
     policy = make_policy(lease_timeout="3s")
-    db = reconcile.Database(demo_dsn)
-    publisher = broker.connect(redis_url)
-    try:
+    with sweep_connections(demo_dsn, redis_url) as (db, publisher):
         with pytest.raises(SimulatedCrash):
             reconcile.reconcile_once(policy, db=db, broker=publisher, publish=crash)
         # The claim committed, nothing was published.
@@ -89,9 +88,6 @@ def test_crash_between_claim_and_publish_is_recovered_after_the_lease(
         # While the leases live, a new sweep must not dispatch them a second time.
         again = reconcile.reconcile_once(policy, db=db, broker=publisher)
         assert again.published == 0 and again.in_flight_before == 50
-    finally:
-        publisher.close()
-        db.close()
 
     start_worker(broker_url=redis_url, dsn=demo_dsn, lease_seconds=3)
     claimed_at = time.monotonic()
@@ -121,9 +117,7 @@ def test_stale_redeliveries_never_run_the_body(
     schema.seed(conn, count=1)
     policy = make_policy(lease_timeout="1s")
     client = redis.Redis.from_url(redis_url)
-    db = reconcile.Database(demo_dsn)
-    publisher = broker.connect(redis_url)
-    try:
+    with sweep_connections(demo_dsn, redis_url) as (db, publisher):
         reconcile.reconcile_once(policy, db=db, broker=publisher)
         # A consumer took the first message and vanished without acking (what a visibility
         # timeout restore or an acks_late redelivery brings back later).
@@ -133,9 +127,6 @@ def test_stale_redeliveries_never_run_the_body(
         time.sleep(1.2)  # the lease runs out: the entry is dispatched again, new fence
         second = reconcile.reconcile_once(policy, db=db, broker=publisher)
         assert second.published == 1 and second.expired.unstarted == 1
-    finally:
-        publisher.close()
-        db.close()
     current_message = client.lindex("insights", 0)
     assert current_message is not None
     current_fence = json.loads(current_message)["headers"]["id"]
@@ -166,17 +157,12 @@ def test_max_in_flight_bounds_each_sweep(
 ) -> None:
     schema.seed(conn, count=120)
     policy = make_policy(limits={"batchSize": 7, "maxInFlight": 50})
-    db = reconcile.Database(demo_dsn)
-    publisher = broker.connect(redis_url)
-    try:
+    with sweep_connections(demo_dsn, redis_url) as (db, publisher):
         first = reconcile.reconcile_once(policy, db=db, broker=publisher)
         second = reconcile.reconcile_once(policy, db=db, broker=publisher)
         assert (first.published, first.pages) == (50, 8)  # 7 pages of 7, then 1
         assert (second.budget, second.published) == (0, 0)
         assert publisher.queue_depth("insights") == 50
-    finally:
-        publisher.close()
-        db.close()
     dispatched = [
         row[0]
         for row in conn.execute("SELECT entry_id::bigint FROM celery_reconciler.entries ORDER BY 1")

@@ -16,6 +16,8 @@ from reconcile_support import (
     WorkerFactory,
     make_policy,
     pending_count,
+    retry_dead,
+    sweep_connections,
     sweep_until,
     wait_for,
 )
@@ -37,9 +39,7 @@ def test_worker_killed_mid_task_loses_nothing_and_never_overlaps(
     policy = make_policy(lease_timeout="5s")
     victim = start_worker(broker_url=redis_url, dsn=demo_dsn, concurrency=2, lease_seconds=5)
     survivor = start_worker(broker_url=redis_url, dsn=demo_dsn, concurrency=2, lease_seconds=5)
-    db = reconcile.Database(demo_dsn)
-    publisher = broker.connect(redis_url)
-    try:
+    with sweep_connections(demo_dsn, redis_url) as (db, publisher):
         assert reconcile.reconcile_once(policy, db=db, broker=publisher).published == 40
 
         def victim_is_mid_task() -> bool:
@@ -53,9 +53,6 @@ def test_worker_killed_mid_task_loses_nothing_and_never_overlaps(
         wait_for(victim_is_mid_task, timeout_seconds=30, what="the victim worker mid-task")
         victim.kill()
         killed_at = {victim.name: audit.database_now(conn)}
-    finally:
-        publisher.close()
-        db.close()
 
     interrupted = conn.execute(
         "SELECT entry_id FROM task_runs WHERE worker = %s AND finished_at IS NULL",
@@ -100,9 +97,7 @@ def test_redis_restart_without_persistence_loses_nothing(
         schema.set_fault(conn, entry_id=entry_id, kind="sleep", seconds=0.03)
     policy = make_policy(lease_timeout="4s")
     start_worker(broker_url=private_redis.url, dsn=demo_dsn, concurrency=1, lease_seconds=4)
-    db = reconcile.Database(demo_dsn)
-    publisher = broker.connect(private_redis.url)
-    try:
+    with sweep_connections(demo_dsn, private_redis.url) as (db, publisher):
         assert reconcile.reconcile_once(policy, db=db, broker=publisher).published == 200
         wait_for(
             lambda: 200 - pending_count(conn) >= 10,
@@ -113,9 +108,6 @@ def test_redis_restart_without_persistence_loses_nothing(
         private_redis.kill()
         private_redis.start()  # ... and are gone: no RDB, no AOF
         assert publisher.queue_depth("insights") == 0
-    finally:
-        publisher.close()
-        db.close()
     left_behind = pending_count(conn)
     assert left_behind > 50
 
@@ -186,11 +178,7 @@ def test_failing_entry_backs_off_within_jitter_bounds_dies_and_comes_back(
 
     # An explicit retry-dead, after the cause is fixed, brings it back and it succeeds.
     schema.clear_fault(conn, entry_id=2)
-    db = reconcile.Database(demo_dsn)
-    try:
-        assert reconcile.retry_dead(policy, db=db) == 1
-    finally:
-        db.close()
+    assert retry_dead(policy, dsn=demo_dsn) == 1
     sweep_until(
         lambda: pending_count(conn) == 0,
         policy_=policy,
@@ -218,9 +206,7 @@ def test_database_down_is_a_clear_error_and_the_next_sweep_after_recovery_procee
 ) -> None:
     schema.seed(conn, count=30)
     policy = make_policy(lease_timeout="5s")
-    db = reconcile.Database(demo_dsn)
-    publisher = broker.connect(redis_url)
-    try:
+    with sweep_connections(demo_dsn, redis_url) as (db, publisher):
         first = reconcile.reconcile_once(policy, db=db, broker=publisher)
         assert first.published == 30
         postgres.stop()
@@ -239,9 +225,6 @@ def test_database_down_is_a_clear_error_and_the_next_sweep_after_recovery_procee
             postgres.start()
         # The same Database object reconnects on the next sweep.
         assert reconcile.reconcile_once(policy, db=db, broker=publisher).published == 0
-    finally:
-        publisher.close()
-        db.close()
 
     start_worker(broker_url=redis_url, dsn=demo_dsn, lease_seconds=5)
     with psycopg.connect(demo_dsn, autocommit=True) as fresh:
@@ -263,9 +246,7 @@ def test_broker_down_is_a_clear_error_releases_claims_and_recovers(
 ) -> None:
     schema.seed(conn, count=25)
     policy = make_policy(lease_timeout="60s")  # recovery must not wait for this lease
-    db = reconcile.Database(demo_dsn)
-    publisher = broker.connect(private_redis.url)
-    try:
+    with sweep_connections(demo_dsn, private_redis.url) as (db, publisher):
         private_redis.stop()
         with pytest.raises(reconcile.BrokerUnavailable) as caught:
             reconcile.reconcile_once(policy, db=db, broker=publisher)
@@ -281,9 +262,6 @@ def test_broker_down_is_a_clear_error_releases_claims_and_recovers(
         start_worker(broker_url=private_redis.url, dsn=demo_dsn, lease_seconds=60)
         after = reconcile.reconcile_once(policy, db=db, broker=publisher)
         assert after.published == 25
-    finally:
-        publisher.close()
-        db.close()
     wait_for(lambda: pending_count(conn) == 0, timeout_seconds=30, what="all processed")
     assert len(audit.runs(conn)) == 25
 
@@ -318,11 +296,7 @@ def test_unknown_task_name_is_recorded_clearly_and_recovers_after_the_fix(
     assert pending_count(conn) == 3  # nothing lost: still pending in the table
 
     fixed = make_policy(retry=retry)
-    db = reconcile.Database(demo_dsn)
-    try:
-        assert reconcile.retry_dead(fixed, db=db) == 3
-    finally:
-        db.close()
+    assert retry_dead(fixed, dsn=demo_dsn) == 3
     sweep_until(
         lambda: pending_count(conn) == 0,
         policy_=fixed,
@@ -361,9 +335,7 @@ def test_pod_restart_hook_expires_the_dead_workers_leases_at_once(
     # A lease far longer than the test: only the hook can explain a quick recovery.
     policy = make_policy(lease_timeout="5m")
     victim = start_worker(broker_url=redis_url, dsn=demo_dsn, concurrency=2, lease_seconds=300)
-    db = reconcile.Database(demo_dsn)
-    publisher = broker.connect(redis_url)
-    try:
+    with sweep_connections(demo_dsn, redis_url) as (db, publisher):
         reconcile.reconcile_once(policy, db=db, broker=publisher)
         wait_for(
             lambda: ledger.counts(conn, policy_key=policy.key).running == 2,
@@ -381,9 +353,6 @@ def test_pod_restart_hook_expires_the_dead_workers_leases_at_once(
         assert reconcile.lease_holders(policy, db=db) == set()
         rescued = reconcile.reconcile_once(policy, db=db, broker=publisher)
         assert rescued.published == 2  # re-dispatched now, not in 5 minutes
-    finally:
-        publisher.close()
-        db.close()
 
     start_worker(broker_url=redis_url, dsn=demo_dsn, lease_seconds=300)
     rescued_entries = {
@@ -426,15 +395,10 @@ def test_dispatch_rate_paces_publishing(
         pauses.append(seconds)
         now[0] += seconds
 
-    db = reconcile.Database(demo_dsn)
-    publisher = broker.connect(redis_url)
-    try:
+    with sweep_connections(demo_dsn, redis_url) as (db, publisher):
         result = reconcile.reconcile_once(
             policy, db=db, broker=publisher, sleep=sleep, clock=lambda: now[0]
         )
-    finally:
-        publisher.close()
-        db.close()
     assert result.published == 250
     assert result.pages == 3  # pages shrink to a second's worth: 100, 100, 50
     assert pauses == [1.0, 1.0]  # 100 sent at t=0, the next 100 at t=1, the last 50 at t=2
