@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import re
 import time
 import urllib.request
 from collections.abc import Callable
@@ -272,3 +273,10 @@ def unreachable_kubeconfig(path: Path, *, port: int, token: str) -> Path:
         )
     )
     return path
+
+
+# What kopf or the kubernetes client log when the apiserver refuses a request. A bare "403"
+# would also match the milliseconds of a timestamp (",403"), hence the preceding character.
+PERMISSION_ERROR = re.compile(
+    r"Forbidden|forbidden|Unauthorized|Not enough permissions|[ (:=]403\b"
+)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ import psycopg
 import pytest
 from e2e_support import (
     OUR_CRDS,
+    PERMISSION_ERROR,
     OperatorProcess,
     adopt_crds,
     apply_policy,
@@ -54,11 +54,6 @@ MANIFESTS = ROOT / "manifests"
 RELEASE = "install-e2e"
 FULLNAME = f"{RELEASE}-celery-reconciler"
 ENTRIES = 40
-# What kopf or the kubernetes client log when the apiserver refuses a request. A bare "403"
-# would also match the milliseconds of a timestamp (",403"), hence the preceding character.
-PERMISSION_ERROR = re.compile(
-    r"Forbidden|forbidden|Unauthorized|Not enough permissions|[ (:=]403\b"
-)
 # Every kind the chart can create, to find what an uninstall left behind.
 RELEASE_KINDS = (
     "deployments,replicasets,pods,services,serviceaccounts,roles,rolebindings,"
