@@ -82,6 +82,11 @@ class Publisher(Protocol):
 
     def queue_depth(self, queue: str) -> int: ...
 
+    def instance_id(self) -> str | None:
+        """Identifies the broker's server process; it changes when the broker restarts (and
+        may have forgotten every queued message). ``None`` when the broker cannot tell."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -263,6 +268,14 @@ class RedisPublisher:
             raise unavailable(error, url=self._url, doing=f"measuring queue {queue!r}") from None
         return sum(int(size) for size in sizes)
 
+    def instance_id(self) -> str | None:
+        try:
+            server = self._client.info("server")
+        except redis.exceptions.RedisError as error:
+            raise unavailable(error, url=self._url, doing="asking the broker who it is") from None
+        run_id = server.get("run_id")
+        return None if run_id is None else str(run_id)
+
     def close(self) -> None:
         self._client.close()
 
@@ -308,6 +321,9 @@ class KombuPublisher:
                 return int(depth)
         except (kombu.exceptions.KombuError, OSError, ConnectionError) as error:
             raise unavailable(error, url=self._url, doing=f"measuring queue {queue!r}") from None
+
+    def instance_id(self) -> str | None:
+        return None  # AMQP brokers keep durable queues across restarts; nothing to detect
 
     def close(self) -> None:
         self._app.close()

@@ -592,6 +592,23 @@ def release_claims(conn: psycopg.Connection[Any], *, fence_tokens: Sequence[uuid
     return conn.execute(_RELEASE_CLAIMS, [list(fence_tokens)]).rowcount
 
 
+_RELEASE_QUEUED = sql.SQL(
+    """
+    UPDATE {entries} SET lease_deadline = now(), updated_at = now()
+    WHERE policy_key = %s AND state = 'queued' AND lease_deadline > now()
+    """
+).format(entries=_ENTRIES)
+
+
+def release_queued(conn: psycopg.Connection[Any], *, policy_key: str) -> int:
+    """Make every queued (published, not started) entry eligible now: its message is gone.
+
+    Used when the broker restarted without its queues. A message that did survive carries
+    the old fence token and is dropped by the worker, so releasing is always safe.
+    """
+    return conn.execute(_RELEASE_QUEUED, [policy_key]).rowcount
+
+
 _LEASE_HOLDERS = sql.SQL(
     "SELECT DISTINCT worker FROM {entries} WHERE policy_key = %s AND state = 'running' "
     "AND worker IS NOT NULL"

@@ -128,6 +128,7 @@ class PolicyLoop:
         self.last_counts: reconcile.StatusSnapshot | None = None
         self.outcomes_until: datetime.datetime | None = None
         self.dispatched_since_write = 0
+        self.broker_identity: str | None = None
         self.last_problem: conditions.Problem | None = None
         self.failures_in_a_row = 0
         self.last_rescue: Rescue | None = None
@@ -174,10 +175,15 @@ class PolicyLoop:
         db, policy = self.connections.db, self.policy
         if db is None or policy is None or self.last_problem is not None:
             return
+        publisher = self.connections.publisher
         try:
+            if publisher is not None and await self.notice_broker_restart(
+                policy, db=db, publisher=publisher
+            ):
+                return  # the loop was woken to re-dispatch; it reports after that sweep
             counts = await asyncio.to_thread(reconcile.collect_status, policy, db=db)
             await self.count_outcomes(policy, db=db)
-        except reconcile.DatabaseUnavailable:
+        except (reconcile.DatabaseUnavailable, reconcile.BrokerUnavailable):
             return  # the next sweep reports it as a condition
         generation = int(self.body.get("metadata", {}).get("generation") or 0)
         await self.report(policy=policy, problem=None, generation=generation, counts=counts)
@@ -223,6 +229,7 @@ class PolicyLoop:
             await self.handle_retry_dead_request(policy, db=db)
             await self.clear_annotation(SWEEP_NOW_ANNOTATION)
             result: reconcile.SweepResult | None = None
+            await self.notice_broker_restart(policy, db=db, publisher=publisher)
             if not policy.schedule.suspend:
                 await self.expire_leases_of_vanished_pods(policy, db=db)
                 result = await asyncio.to_thread(
@@ -255,6 +262,33 @@ class PolicyLoop:
         if self.status_write_deferred:
             delay = min(delay, STATUS_MIN_INTERVAL_SECONDS)
         return delay
+
+    async def notice_broker_restart(
+        self,
+        policy: policy_module.Policy,
+        *,
+        db: reconcile.Database,
+        publisher: broker.Publisher,
+    ) -> bool:
+        """A broker that restarted without persistence forgot every queued message; its
+        entries would wait for their leases. Spot the restart (a new server identity) and
+        make them eligible at once. True when entries were released and the loop woken."""
+        identity = await asyncio.to_thread(publisher.instance_id)
+        previous, self.broker_identity = self.broker_identity, identity
+        if previous is None or identity is None or identity == previous:
+            return False
+        released = await asyncio.to_thread(reconcile.release_queued, policy, db=db)
+        logger.warning(
+            "policy %s: the broker restarted; re-dispatching %d queued entries", self.key, released
+        )
+        await self.event(
+            "Warning",
+            "BrokerRestarted",
+            f"the broker restarted (new server identity): re-dispatching {released} queued "
+            "entries whose messages it may have lost",
+        )
+        self.waker.set()
+        return True
 
     async def count_outcomes(self, policy: policy_module.Policy, *, db: reconcile.Database) -> None:
         """Advance the succeeded / retried / dead-lettered counters by what finished since

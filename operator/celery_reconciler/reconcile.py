@@ -303,3 +303,11 @@ def collect_outcomes(
         return ledger.outcomes_since(db.connection(), policy_key=policy.key, since=since)
     except (psycopg.OperationalError, psycopg.InterfaceError) as error:
         raise db.unavailable(error, doing="reading finished attempts") from None
+
+
+def release_queued(policy: policy_module.Policy, *, db: Database) -> int:
+    """The broker restarted: re-dispatch what was queued instead of waiting for the lease."""
+    try:
+        return ledger.release_queued(db.connection(), policy_key=policy.key)
+    except (psycopg.OperationalError, psycopg.InterfaceError) as error:
+        raise db.unavailable(error, doing="releasing queued entries") from None

@@ -103,11 +103,13 @@ def worker_pods(
 ) -> Iterator[Callable[..., processes.ManagedProcess]]:
     started: list[processes.ManagedProcess] = []
 
-    def start(pod_name: str, *, concurrency: int = 2) -> processes.ManagedProcess:
+    def start(
+        pod_name: str, *, concurrency: int = 2, broker_url: str | None = None
+    ) -> processes.ManagedProcess:
         workers.register_pod(crds, namespace=namespace, name=pod_name, labels=WORKER_LABELS)
         worker = workers.start_worker(
             pod_name=pod_name,
-            broker_url=redis_url,
+            broker_url=broker_url or redis_url,
             dsn=journal,
             log_dir=tmp_path,
             concurrency=concurrency,
