@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import tempfile
 import time
-from collections.abc import Sequence
+import tracemalloc
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +127,43 @@ def ours(dsn: str, url: str, *, entries: int, batch_size: int) -> tuple[Measurem
     return Measurement("(c) ours: reconcile_once", result.published, seconds), result
 
 
-def run(*, entries: int, seed_entries: int, batch_size: int, workdir: Path) -> list[str]:
+def peak_heap_mib(dispatch: Callable[[], object]) -> float:
+    """Peak Python heap (tracemalloc) while ``dispatch`` runs. Measured in a pass of its own:
+    tracemalloc slows allocation, so it must never share a run with the timings."""
+    tracemalloc.start()
+    try:
+        dispatch()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak / 2**20
+
+
+def memory_pass(
+    database: devstack_postgres.PostgresServer,
+    broker_url: str,
+    *,
+    entries: int,
+    batch_size: int,
+) -> dict[str, float]:
+    client = redis.Redis.from_url(broker_url)
+    peaks: dict[str, float] = {}
+    variants: dict[str, Callable[[str], object]] = {
+        "seed": lambda dsn: seed_way(dsn, broker_url, entries=entries),
+        "raw": lambda dsn: raw_limit(dsn, broker_url, batch_size=batch_size),
+        "ours": lambda dsn: ours(dsn, broker_url, entries=entries, batch_size=batch_size),
+    }
+    for name, variant in variants.items():
+        client.flushall()
+        dsn = fresh_backlog(database, f"bench_memory_{name}", entries)
+        peaks[name] = peak_heap_mib(functools.partial(variant, dsn))
+        assert queued(broker_url) == entries
+    return peaks
+
+
+def run(
+    *, entries: int, seed_entries: int, batch_size: int, memory_entries: int, workdir: Path
+) -> list[str]:
     database = devstack_postgres.start(workdir)
     broker_server = devstack_redis.start(workdir)
     client = redis.Redis.from_url(broker_server.url)
@@ -148,6 +186,9 @@ def run(*, entries: int, seed_entries: int, batch_size: int, workdir: Path) -> l
             dsn, broker_server.url, entries=entries, batch_size=batch_size
         )
         assert queued(broker_server.url) == results["ours"].entries == entries
+        peaks = memory_pass(
+            database, broker_server.url, entries=memory_entries, batch_size=batch_size
+        )
     finally:
         broker_server.stop()
         database.remove()
@@ -174,6 +215,16 @@ def run(*, entries: int, seed_entries: int, batch_size: int, workdir: Path) -> l
         f"  ours/raw = {ours_rate / raw_rate:.2f}   ours/seed = {ours_rate / seed_rate:.1f}x"
     )
     lines.append(
+        f"memory: peak Python heap while dispatching {memory_entries:,} entries (tracemalloc, "
+        "a separate pass)"
+    )
+    lines.append(
+        "  "
+        + "   ".join(f"{name} {peak:.1f} MiB" for name, peak in peaks.items())
+        + f"   ours/raw = {peaks['ours'] / peaks['raw']:.2f}"
+        + f"   ours/seed = {peaks['ours'] / peaks['seed']:.2f}"
+    )
+    lines.append(
         "  json: "
         + json.dumps(
             {
@@ -183,6 +234,8 @@ def run(*, entries: int, seed_entries: int, batch_size: int, workdir: Path) -> l
                 "ours_per_second": round(ours_rate),
                 "ours_over_raw": round(ours_rate / raw_rate, 3),
                 "ours_over_seed": round(ours_rate / seed_rate, 2),
+                "memory_entries": memory_entries,
+                "peak_heap_mib": {name: round(peak, 2) for name, peak in peaks.items()},
             }
         )
     )
@@ -198,12 +251,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="entries for the seed's slow loop (default: the same backlog)",
     )
     parser.add_argument("--batch-size", type=int, default=500, help="page size (500)")
+    parser.add_argument(
+        "--memory-entries",
+        type=int,
+        default=20_000,
+        help="backlog of the separate memory pass (20000)",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="cr-bench-") as workdir:
         for line in run(
             entries=args.entries,
             seed_entries=args.seed_entries or args.entries,
             batch_size=args.batch_size,
+            memory_entries=args.memory_entries,
             workdir=Path(workdir),
         ):
             print(line, flush=True)
