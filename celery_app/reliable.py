@@ -172,6 +172,14 @@ def describe_error(error: BaseException) -> str:
 
 
 def _ledger_call(doing: str, call: Any, **kwargs: Any) -> Any:
+    """Run one ledger statement; a connection that died (say, the database restarted since
+    the last task) is replaced and the statement tried once more. Each ledger statement is
+    a single atomic UPDATE guarded by the fence token, so a second try can never apply it
+    twice: at worst it finds the work already done and reports so."""
+    try:
+        return call(_ledger_connection.get(), **kwargs)
+    except (psycopg.OperationalError, psycopg.InterfaceError):
+        _ledger_connection.failed()
     try:
         return call(_ledger_connection.get(), **kwargs)
     except (psycopg.OperationalError, psycopg.InterfaceError) as error:

@@ -66,6 +66,13 @@ class _Connection:
         if self._connection is not None and self._pid != os.getpid():
             self._inherited.append(self._connection)
             self._connection = None
+        if self._connection is not None and not self._connection.closed:
+            # A database restart leaves the connection open but dead; find out before the
+            # body starts, not half-way through it (what Django's CONN_HEALTH_CHECKS does).
+            try:
+                self._connection.execute("SELECT 1")
+            except psycopg.OperationalError:
+                self._connection = None
         if self._connection is None or self._connection.closed:
             self._connection = psycopg.connect(
                 os.environ[reliable.DSN_ENVIRONMENT_VARIABLE], autocommit=True

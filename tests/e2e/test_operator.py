@@ -23,6 +23,7 @@ from e2e_support import (
 )
 
 from devstack import kube as devstack_kube
+from devstack import postgres as devstack_postgres
 from devstack import processes
 
 
@@ -153,3 +154,49 @@ def test_secrets_never_reach_logs_status_or_events(
 def policy_condition(kube: devstack_kube.ControlPlane, namespace: str, kind: str) -> dict[str, Any]:
     policy = get_json(kube, "-n", namespace, "get", "processingpolicy", "journal-insights")
     return dict(policy_conditions(policy).get(kind, {}))
+
+
+def test_a_database_outage_degrades_the_policy_and_it_recovers_by_itself(
+    crds: devstack_kube.ControlPlane,
+    namespace: str,
+    journal: str,
+    redis_url: str,
+    postgres: devstack_postgres.PostgresServer,
+    start_operator: Callable[..., OperatorProcess],
+    worker_pods: Callable[..., processes.ManagedProcess],
+) -> None:
+    seed(journal, 10)
+    worker_pods("insights-worker-a")
+    start_operator()
+    apply_policy(crds, namespace, dsn=journal, broker_url=redis_url, sweep_interval="2s")
+    wait_for(lambda: unprocessed(journal) == 0, timeout_seconds=60, what="the first entries")
+
+    postgres.stop()
+    try:
+        degraded = wait_for(
+            lambda: (
+                (c := policy_condition(crds, namespace, "Degraded")).get("reason")
+                == "DatabaseUnavailable"
+                and c
+            ),
+            timeout_seconds=60,
+            what="Degraded with reason DatabaseUnavailable",
+        )
+        assert postgres.password not in degraded["message"]
+        assert policy_condition(crds, namespace, "Ready")["status"] == "False"
+    finally:
+        postgres.start()
+    seed(journal, 5)
+    wait_for(
+        lambda: policy_condition(crds, namespace, "Ready").get("status") == "True",
+        timeout_seconds=90,
+        what="Ready again once the database is back",
+    )
+    wait_for(
+        lambda: unprocessed(journal) == 0,
+        timeout_seconds=60,
+        what="entries seeded after the outage to be processed",
+    )
+    reasons = [e["reason"] for e in policy_events(crds, namespace)]
+    assert "DatabaseUnavailable" in reasons and "Recovered" in reasons
+    assert tally(journal).duplicate_successes == 0
