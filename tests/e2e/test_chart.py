@@ -310,7 +310,11 @@ def test_cluster_scope_grants_the_same_rules_everywhere_and_nothing_more(
     kube: devstack_kube.ControlPlane, namespace: str, other_namespace: str
 ) -> None:
     rendered = _template(kube, namespace)
-    (cluster_role,) = [d for d in _docs(rendered) if d["kind"] == "ClusterRole"]
+    (cluster_role,) = [
+        d
+        for d in _docs(rendered)
+        if d["kind"] == "ClusterRole" and d["metadata"]["name"] == FULLNAME
+    ]
     grants = {
         (group, resource, verb)
         for rule in cluster_role["rules"]
@@ -427,3 +431,58 @@ def test_demo_worker_gets_the_environment_the_celery_app_reads(
     labels = worker["spec"]["template"]["metadata"]["labels"]
     sample = yaml.safe_load((ROOT / "manifests" / "samples" / "processingpolicy.yaml").read_text())
     assert sample["spec"]["workers"]["podSelector"]["matchLabels"].items() <= labels.items()
+
+
+def test_people_with_view_or_edit_can_read_or_poke_policies(
+    kube: devstack_kube.ControlPlane, namespace: str
+) -> None:
+    _adopt_existing_crds(kube, namespace)
+    kube.helm("install", RELEASE, str(CHART), "-n", namespace, *_scope_values([namespace]))
+    try:
+        kube.kubectl("-n", namespace, "create", "serviceaccount", "viewer")
+        kube.kubectl("-n", namespace, "create", "serviceaccount", "editor")
+        kube.kubectl(
+            "-n",
+            namespace,
+            "create",
+            "rolebinding",
+            "viewer",
+            "--clusterrole=view",
+            f"--serviceaccount={namespace}:viewer",
+        )
+        kube.kubectl(
+            "-n",
+            namespace,
+            "create",
+            "rolebinding",
+            "editor",
+            "--clusterrole=edit",
+            f"--serviceaccount={namespace}:editor",
+        )
+        viewer = f"system:serviceaccount:{namespace}:viewer"
+        editor = f"system:serviceaccount:{namespace}:editor"
+        # The aggregation controller copies our rules into view/edit within a moment.
+        _wait_for(
+            "the view role to include processingstatuses",
+            lambda: _can(
+                kube, viewer, "list", "processingstatuses.celery-reconciler.io", "-n", namespace
+            ),
+        )
+        _wait_for(
+            "the edit role to include patching processingpolicies",
+            lambda: _can(
+                kube, editor, "patch", "processingpolicies.celery-reconciler.io", "-n", namespace
+            ),
+        )
+        assert _can(kube, viewer, "get", "processingpolicies.celery-reconciler.io", "-n", namespace)
+        assert not _can(
+            kube, viewer, "patch", "processingpolicies.celery-reconciler.io", "-n", namespace
+        )
+        assert not _can(
+            kube, viewer, "patch", "processingstatuses.celery-reconciler.io", "-n", namespace
+        )
+        assert not _can(
+            kube, editor, "patch", "processingstatuses.celery-reconciler.io", "-n", namespace
+        ), "only the operator writes ProcessingStatus"
+    finally:
+        kube.helm("uninstall", RELEASE, "-n", namespace, check=False)
