@@ -28,11 +28,12 @@ counts messages that expired unstarted (no worker consumed them at all).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -72,6 +73,15 @@ class Database:
             ledger.ensure_schema(self._connection)
             self._schema_ready = True
         return self._connection
+
+    @contextlib.contextmanager
+    def session(self, *, doing: str) -> Iterator[psycopg.Connection[Any]]:
+        """The connection, with a connection failure raised as ``DatabaseUnavailable``
+        saying what we were ``doing`` (and no DSN)."""
+        try:
+            yield self.connection()
+        except (psycopg.OperationalError, psycopg.InterfaceError) as error:
+            raise self.unavailable(error, doing=doing) from None
 
     def unavailable(self, error: BaseException, *, doing: str) -> DatabaseUnavailable:
         """Forget the broken connection and describe the failure without secrets."""
@@ -253,37 +263,28 @@ def expire_worker_leases(
     policy: policy_module.Policy, *, db: Database, worker: str
 ) -> ledger.ExpiredLeases:
     """The pod-restart hook: expire what ``worker`` held so the next sweep re-dispatches it."""
-    try:
-        return ledger.expire_leases_held_by(db.connection(), policy_key=policy.key, worker=worker)
-    except (psycopg.OperationalError, psycopg.InterfaceError) as error:
-        raise db.unavailable(error, doing=f"expiring the leases of worker {worker}") from None
+    with db.session(doing=f"expiring the leases of worker {worker}") as conn:
+        return ledger.expire_leases_held_by(conn, policy_key=policy.key, worker=worker)
 
 
 def lease_holders(policy: policy_module.Policy, *, db: Database) -> set[str]:
     """Pod names holding running leases of ``policy`` (to find pods that vanished)."""
-    try:
-        return ledger.lease_holders(db.connection(), policy_key=policy.key)
-    except (psycopg.OperationalError, psycopg.InterfaceError) as error:
-        raise db.unavailable(error, doing="listing lease holders") from None
+    with db.session(doing="listing lease holders") as conn:
+        return ledger.lease_holders(conn, policy_key=policy.key)
 
 
 def retry_dead(
     policy: policy_module.Policy, *, db: Database, entry_ids: Sequence[str] | None = None
 ) -> int:
     """Bring dead entries back (all, or ``entry_ids``); the next sweep dispatches them."""
-    try:
-        return ledger.retry_dead(db.connection(), policy_key=policy.key, entry_ids=entry_ids)
-    except (psycopg.OperationalError, psycopg.InterfaceError) as error:
-        raise db.unavailable(error, doing="reviving dead entries") from None
+    with db.session(doing="reviving dead entries") as conn:
+        return ledger.retry_dead(conn, policy_key=policy.key, entry_ids=entry_ids)
 
 
 def collect_status(policy: policy_module.Policy, *, db: Database) -> StatusSnapshot:
-    try:
-        conn = db.connection()
+    with db.session(doing="reading status counts") as conn:
         summary = source.pending_summary(conn, policy.source)
         counts = ledger.counts(conn, policy_key=policy.key)
-    except (psycopg.OperationalError, psycopg.InterfaceError) as error:
-        raise db.unavailable(error, doing="reading status counts") from None
     return StatusSnapshot(
         pending=summary.count,
         oldest_pending_seconds=summary.oldest_seconds,
@@ -299,15 +300,11 @@ def collect_outcomes(
     policy: policy_module.Policy, *, db: Database, since: datetime.datetime | None
 ) -> ledger.Outcomes:
     """Attempts finished since the last call, for the operator's Prometheus counters."""
-    try:
-        return ledger.outcomes_since(db.connection(), policy_key=policy.key, since=since)
-    except (psycopg.OperationalError, psycopg.InterfaceError) as error:
-        raise db.unavailable(error, doing="reading finished attempts") from None
+    with db.session(doing="reading finished attempts") as conn:
+        return ledger.outcomes_since(conn, policy_key=policy.key, since=since)
 
 
 def release_queued(policy: policy_module.Policy, *, db: Database) -> int:
     """The broker restarted: re-dispatch what was queued instead of waiting for the lease."""
-    try:
-        return ledger.release_queued(db.connection(), policy_key=policy.key)
-    except (psycopg.OperationalError, psycopg.InterfaceError) as error:
-        raise db.unavailable(error, doing="releasing queued entries") from None
+    with db.session(doing="releasing queued entries") as conn:
+        return ledger.release_queued(conn, policy_key=policy.key)
