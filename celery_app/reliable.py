@@ -43,9 +43,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from typing import Any
 
 import celery
+import celery.exceptions
 import celery.signals
 import psycopg
 
@@ -60,6 +62,9 @@ DEFAULT_LEASE_SECONDS = 15 * 60.0
 VISIBILITY_TIMEOUT_LEASE_FACTOR = 1.5
 
 logger = logging.getLogger(__name__)
+
+# How long a worker waits before handing a delivery back when the ledger is unreachable.
+REQUEUE_PAUSE_SECONDS = 2.0
 
 
 class LedgerUnavailable(RuntimeError):
@@ -215,13 +220,26 @@ class ReconciledTask(celery.Task):  # type: ignore[misc]
             return super().__call__(*args, **kwargs)
         entry_id = str(args[0]) if args else str(kwargs.get("entry_id"))
         fence_token = str(self.request.id)
-        attempt: ledger.RunningAttempt | None = _ledger_call(
-            "checking the fence token",
-            ledger.start_attempt,
-            fence_token=fence_token,
-            entry_id=entry_id,
-            worker=worker_name(),
-        )
+        try:
+            attempt: ledger.RunningAttempt | None = _ledger_call(
+                "checking the fence token",
+                ledger.start_attempt,
+                fence_token=fence_token,
+                entry_id=entry_id,
+                worker=worker_name(),
+            )
+        except LedgerUnavailable as error:
+            # Without the fence check the body must not run, but the delivery must not be
+            # spent either: back into the queue, so it runs as soon as the database is back
+            # instead of after the lease. The pause keeps a worker from spinning meanwhile.
+            logger.warning(
+                "entry %s: %s; returning the delivery to the queue in %.0f s",
+                entry_id,
+                error,
+                REQUEUE_PAUSE_SECONDS,
+            )
+            time.sleep(REQUEUE_PAUSE_SECONDS)
+            raise celery.exceptions.Reject(str(error), requeue=True) from None
         if attempt is None:
             logger.info(
                 "dropped a stale delivery of entry %s (task id %s is not the entry's current "

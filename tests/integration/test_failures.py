@@ -402,3 +402,36 @@ def test_dispatch_rate_paces_publishing(
     assert result.published == 250
     assert result.pages == 3  # pages shrink to a second's worth: 100, 100, 50
     assert pauses == [1.0, 1.0]  # 100 sent at t=0, the next 100 at t=1, the last 50 at t=2
+
+
+def test_deliveries_during_a_database_outage_go_back_to_the_queue_not_to_the_lease(
+    demo_dsn: str,
+    conn: psycopg.Connection[Any],
+    postgres: devstack_postgres.PostgresServer,
+    redis_url: str,
+    start_worker: WorkerFactory,
+) -> None:
+    schema.seed(conn, count=5)
+    policy = make_policy(lease_timeout="10m")
+    with sweep_connections(demo_dsn, redis_url) as (db, publisher):
+        assert reconcile.reconcile_once(policy, db=db, broker=publisher).published == 5
+    postgres.stop()
+    try:
+        worker = start_worker(broker_url=redis_url, dsn=demo_dsn, lease_seconds=600)
+        wait_for(
+            lambda: "returning the delivery to the queue" in worker.log(),
+            timeout_seconds=30,
+            what="the worker to hand a delivery back while the ledger is unreachable",
+        )
+    finally:
+        postgres.start()
+    # No sweep runs from here on and the lease is 10 minutes: only the requeued deliveries
+    # themselves can get the entries processed.
+    with psycopg.connect(demo_dsn, autocommit=True) as fresh:
+        wait_for(
+            lambda: pending_count(fresh) == 0,
+            timeout_seconds=60,
+            what="the requeued deliveries to run once the database is back",
+        )
+        assert len(audit.runs(fresh)) == 5
+        assert audit.overlapping_runs(audit.runs(fresh)) == []
