@@ -183,6 +183,9 @@ class PolicyLoop:
                 return  # the loop was woken to re-dispatch; it reports after that sweep
             counts = await asyncio.to_thread(reconcile.collect_status, policy, db=db)
             await self.count_outcomes(policy, db=db)
+            if publisher is not None:
+                depth = await asyncio.to_thread(publisher.queue_depth, policy.task.queue)
+                metrics.QUEUE_DEPTH.labels(self.namespace, self.name).set(depth)
         except (reconcile.DatabaseUnavailable, reconcile.BrokerUnavailable):
             return  # the next sweep reports it as a condition
         generation = int(self.body.get("metadata", {}).get("generation") or 0)
@@ -241,6 +244,8 @@ class PolicyLoop:
                 self.note_rescue_redispatched(result)
             counts = await asyncio.to_thread(reconcile.collect_status, policy, db=db)
             await self.count_outcomes(policy, db=db)
+            depth = await asyncio.to_thread(publisher.queue_depth, policy.task.queue)
+            metrics.QUEUE_DEPTH.labels(self.namespace, self.name).set(depth)
         except SWEEP_ERRORS as error:
             problem = problem_of(error)
             metrics.SWEEP_ERRORS.labels(self.namespace, self.name, problem.reason).inc()

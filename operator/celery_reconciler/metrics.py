@@ -49,6 +49,12 @@ DEAD = prometheus_client.Gauge("celery_reconciler_dead", "Dead-lettered entries.
 OLDEST_PENDING_SECONDS = prometheus_client.Gauge(
     "celery_reconciler_oldest_pending_seconds", "Age of the oldest pending entry.", LABELS
 )
+QUEUE_DEPTH = prometheus_client.Gauge(
+    "celery_reconciler_queue_depth",
+    "Messages waiting in the policy's broker queue (shared by policies that use one queue); "
+    "what an autoscaler such as KEDA scales workers on.",
+    LABELS,
+)
 SWEEP_SECONDS = prometheus_client.Histogram(
     "celery_reconciler_sweep_duration_seconds",
     "Wall time of one sweep (expire, claim, publish).",

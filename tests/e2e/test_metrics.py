@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import psycopg
+import redis
 from e2e_support import (
     OperatorProcess,
     apply_policy,
@@ -104,3 +105,6 @@ def test_counters_match_the_ledger(
     )
     text = operator.metrics_text()
     assert f'celery_reconciler_sweep_duration_seconds_count{{namespace="{namespace}"' in text
+    # Every message was consumed: the broker queue the gauge watches is empty, and says so.
+    assert redis.Redis.from_url(redis_url).llen("insights") == 0
+    assert f'celery_reconciler_queue_depth{{namespace="{namespace}",policy="{POLICY}"}} 0.0' in text

@@ -216,7 +216,7 @@ def test_a_broker_restart_that_lost_the_queue_is_redispatched_at_once(
     worker_pods: Callable[..., processes.ManagedProcess],
 ) -> None:
     seed(journal, 20)
-    start_operator()
+    operator = start_operator()
     # No worker yet: the messages wait in Redis. Leases are 10 minutes, sweeps an hour apart.
     apply_policy(
         crds,
@@ -230,6 +230,19 @@ def test_a_broker_restart_that_lost_the_queue_is_redispatched_at_once(
         lambda: len(ledger_rows(journal, state="queued")) == 20,
         timeout_seconds=60,
         what="20 entries queued in the broker",
+    )
+    wait_for(
+        lambda: (
+            metric_value(
+                operator.metrics_text(),
+                "celery_reconciler_queue_depth",
+                namespace=namespace,
+                policy="journal-insights",
+            )
+            == 20
+        ),
+        timeout_seconds=30,
+        what="the queue-depth gauge to show the 20 waiting messages",
     )
     private_redis.restart()  # no persistence: the 20 messages are gone
     restarted = time.monotonic()
