@@ -55,11 +55,6 @@ class ControlPlane:
     apiserver: processes.ManagedProcess
     controller_manager: processes.ManagedProcess | None
 
-    @property
-    def log_paths(self) -> list[Path]:
-        procs = [self.etcd, self.apiserver, self.controller_manager]
-        return [p.log_path for p in procs if p is not None]
-
     def env(self, *, kubeconfig: Path | None = None) -> dict[str, str]:
         env = dict(os.environ)
         env["KUBECONFIG"] = str(kubeconfig or self.kubeconfig)

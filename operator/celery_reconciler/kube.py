@@ -2,14 +2,15 @@
 
 kopf watches and patches the objects its handlers are attached to; everything else —
 reading the Secrets a policy names, writing the ProcessingStatus object, patching a policy's
-status from a long-running loop, listing the worker pods — goes through this module, so
+status from a long-running loop, watching the worker pods — goes through this module, so
 the handlers stay thin and the API calls (and the RBAC they need) are listed in one place:
 
     secrets                         get
-    processingstatuses              get, create, patch
+    processingstatuses              create, patch
     processingpolicies/status       patch
     processingpolicies              patch   (to clear the sweep-now / retry-dead annotations)
-    pods                            list    (kopf watches them too: list, watch)
+    pods                            list, watch   (the per-policy worker pod watch)
+    events                          create
 
 The ``celery-reconciler`` CLI uses the same module with the person's own credentials, found
 the way kubectl finds them (``cluster_like_kubectl``), and needs: processingpolicies get,
@@ -165,11 +166,6 @@ def write_processing_status(
         "status": dict(status),
     }
     _call(_custom().create_namespaced_custom_object, GROUP, VERSION, namespace, STATUSES, body)
-
-
-def list_worker_pods(*, namespace: str, label_selector: str) -> list[WorkerPod]:
-    pods = _call(_core().list_namespaced_pod, namespace, label_selector=label_selector)
-    return [pod_from_body(pod.to_dict()) for pod in pods.items]
 
 
 def pod_from_body(body: Mapping[str, Any]) -> WorkerPod:
