@@ -172,20 +172,13 @@ class PolicyLoop:
             await self.refresh_status()
 
     async def refresh_status(self) -> None:
-        db, policy = self.connections.db, self.policy
-        if db is None or policy is None or self.last_problem is not None:
+        db, publisher, policy = self.connections.db, self.connections.publisher, self.policy
+        if db is None or publisher is None or policy is None or self.last_problem is not None:
             return
-        publisher = self.connections.publisher
         try:
-            if publisher is not None and await self.notice_broker_restart(
-                policy, db=db, publisher=publisher
-            ):
+            if await self.notice_broker_restart(policy, db=db, publisher=publisher):
                 return  # the loop was woken to re-dispatch; it reports after that sweep
-            counts = await asyncio.to_thread(reconcile.collect_status, policy, db=db)
-            await self.count_outcomes(policy, db=db)
-            if publisher is not None:
-                depth = await asyncio.to_thread(publisher.queue_depth, policy.task.queue)
-                metrics.QUEUE_DEPTH.labels(self.namespace, self.name).set(depth)
+            counts = await self.observe(policy, db=db, publisher=publisher)
         except (reconcile.DatabaseUnavailable, reconcile.BrokerUnavailable):
             return  # the next sweep reports it as a condition
         generation = int(self.body.get("metadata", {}).get("generation") or 0)
@@ -242,10 +235,7 @@ class PolicyLoop:
                     result.duration_seconds
                 )
                 self.note_rescue_redispatched(result)
-            counts = await asyncio.to_thread(reconcile.collect_status, policy, db=db)
-            await self.count_outcomes(policy, db=db)
-            depth = await asyncio.to_thread(publisher.queue_depth, policy.task.queue)
-            metrics.QUEUE_DEPTH.labels(self.namespace, self.name).set(depth)
+            counts = await self.observe(policy, db=db, publisher=publisher)
         except SWEEP_ERRORS as error:
             problem = problem_of(error)
             metrics.SWEEP_ERRORS.labels(self.namespace, self.name, problem.reason).inc()
@@ -267,6 +257,20 @@ class PolicyLoop:
         if self.status_write_deferred:
             delay = min(delay, STATUS_MIN_INTERVAL_SECONDS)
         return delay
+
+    async def observe(
+        self,
+        policy: policy_module.Policy,
+        *,
+        db: reconcile.Database,
+        publisher: broker.Publisher,
+    ) -> reconcile.StatusSnapshot:
+        """Read what the status and the metrics show: counts, finished attempts, queue depth."""
+        counts = await asyncio.to_thread(reconcile.collect_status, policy, db=db)
+        await self.count_outcomes(policy, db=db)
+        depth = await asyncio.to_thread(publisher.queue_depth, policy.task.queue)
+        metrics.QUEUE_DEPTH.labels(self.namespace, self.name).set(depth)
+        return counts
 
     async def notice_broker_restart(
         self,
