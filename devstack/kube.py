@@ -160,6 +160,20 @@ def _readyz(server: str, token: str, ca_file: Path) -> bool:
 
 
 def start(workdir: Path, *, controller_manager: bool = True) -> ControlPlane:
+    """Start etcd, kube-apiserver (and kube-controller-manager); if any of them fails, stop
+    those already running, so a failed start-up leaves no server behind."""
+    started: list[processes.ManagedProcess] = []
+    try:
+        return _start(workdir, controller_manager=controller_manager, started=started)
+    except BaseException:
+        for process in reversed(started):
+            process.stop(timeout_seconds=5)
+        raise
+
+
+def _start(
+    workdir: Path, *, controller_manager: bool, started: list[processes.ManagedProcess]
+) -> ControlPlane:
     binaries = bin_dir()
     workdir.mkdir(parents=True, exist_ok=True)
     certs = workdir / "certs"
@@ -204,6 +218,7 @@ def start(workdir: Path, *, controller_manager: bool = True) -> ControlPlane:
         log_path=workdir / "etcd.log",
     )
     etcd.start()
+    started.append(etcd)
     etcd.wait_until(lambda: processes.port_accepts(etcd_port), timeout_seconds=30, what="listening")
 
     server = f"https://127.0.0.1:{api_port}"
@@ -243,6 +258,7 @@ def start(workdir: Path, *, controller_manager: bool = True) -> ControlPlane:
         log_path=workdir / "kube-apiserver.log",
     )
     apiserver.start()
+    started.append(apiserver)
     apiserver.wait_until(
         lambda: ca_file.exists() and _readyz(server, admin_token, ca_file),
         timeout_seconds=90,
@@ -284,6 +300,7 @@ def start(workdir: Path, *, controller_manager: bool = True) -> ControlPlane:
             log_path=workdir / "kube-controller-manager.log",
         )
         plane.controller_manager.start()
+        started.append(plane.controller_manager)
         plane.controller_manager.wait_until(
             lambda: (
                 "default"

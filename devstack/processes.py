@@ -92,6 +92,8 @@ class ManagedProcess:
                 if ready():
                     return
             time.sleep(0.1)
+        # A server that never became ready must not outlive the failure it caused.
+        self.kill()
         raise StartupFailed(
             f"{self.name} not {what} after {timeout_seconds:.0f}s; last log lines of "
             f"{self.log_path}:\n" + log_tail(self.log_path)
