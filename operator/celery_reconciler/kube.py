@@ -118,18 +118,6 @@ def patch_policy_status(*, namespace: str, name: str, status: Mapping[str, Any])
     )
 
 
-def remove_policy_annotation(*, namespace: str, name: str, annotation: str) -> None:
-    _call(
-        _custom().patch_namespaced_custom_object,
-        GROUP,
-        VERSION,
-        namespace,
-        POLICIES,
-        name,
-        {"metadata": {"annotations": {annotation: None}}},
-    )
-
-
 def write_processing_status(
     *, namespace: str, name: str, owner_uid: str, status: Mapping[str, Any]
 ) -> None:

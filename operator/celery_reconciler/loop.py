@@ -339,10 +339,10 @@ class PolicyLoop:
     async def clear_annotation(self, name: str) -> None:
         if self.annotation(name) is not None:
             await asyncio.to_thread(
-                kube.remove_policy_annotation,
+                kube.annotate_policy,
                 namespace=self.namespace,
                 name=self.name,
-                annotation=name,
+                annotations={name: None},
             )
 
     async def handle_retry_dead_request(
