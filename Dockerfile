@@ -18,7 +18,6 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY operator/ operator/
 COPY celery_app/ celery_app/
-COPY devstack/ devstack/
 RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip wheel --wheel-dir /wheels . \
  && /opt/venv/bin/pip install --no-index --find-links /wheels celery-reconciler

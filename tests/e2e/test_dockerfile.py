@@ -1,17 +1,21 @@
-"""The image's commands exist in the installed package, and the Dockerfile passes hadolint.
+"""The image's commands exist in the installed package, the wheel the Dockerfile installs
+holds what the image runs, and the Dockerfile passes hadolint.
 
-There is no Docker engine here, so the image is never built in tests; what can break it
-silently is a renamed console script, a CLI flag the chart passes but the CLI lost, or a demo
-app that moved. Those are checked against the project as installed in .venv, which is built
-from the same pyproject.toml the Dockerfile installs.
+The tests run the project as an editable install, which finds every module in the checkout,
+so they cannot see a package the wheel leaves out: that is how ``celery_app.demo`` once went
+missing from the image. Hence one test builds the wheel from exactly the files the
+Dockerfile copies into its builder stage and reads the wheel's file list. The image itself is
+built and run in test_image.py.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -88,3 +92,44 @@ def test_the_demo_worker_command_finds_its_app() -> None:
         "assert isinstance(app, celery.Celery), app",
     )  # fmt: skip
     assert probe.returncode == 0, probe.stderr
+
+
+def _builder_context() -> list[str]:
+    """What the builder stage COPYs from the build context (not ``--from`` another stage)."""
+    builder = DOCKERFILE.read_text().split("\nFROM ")[1]
+    sources: list[str] = []
+    for line in re.findall(r"^COPY\s+(?!--)(.+)$", builder, flags=re.MULTILINE):
+        sources += line.split()[:-1]
+    return sources
+
+
+def test_the_wheel_holds_every_package_the_image_runs_and_no_test_harness(
+    tmp_path: Path,
+) -> None:
+    context = tmp_path / "context"
+    for source in _builder_context():
+        origin = ROOT / source
+        if origin.is_dir():
+            shutil.copytree(origin, context / source, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            context.mkdir(exist_ok=True)
+            shutil.copy2(origin, context / source)
+    built = _run(
+        sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+        "--wheel-dir", str(tmp_path / "wheels"), str(context),
+    )  # fmt: skip
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = (tmp_path / "wheels").glob("celery_reconciler-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    packages = {name.rsplit("/", 1)[0] for name in names if name.endswith("/__init__.py")}
+    # Every package of the source tree the image needs, found by walking it, not by a list
+    # that could go stale the same way pyproject's did.
+    wanted = {
+        str(init.parent.relative_to(base)).replace("\\", "/")
+        for base, top in ((ROOT / "operator", "celery_reconciler"), (ROOT, "celery_app"))
+        for init in (base / top).rglob("__init__.py")
+    }
+    assert "celery_app/demo" in wanted
+    assert sorted(wanted - packages) == []
+    assert [name for name in names if name.startswith(("devstack/", "tests/"))] == []
+    assert "celery_reconciler/py.typed" in names
