@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds the real control plane the tests drive (etcd, kube-apiserver,
-# kube-controller-manager, kubectl, helm) from the Go module proxy, because this
-# machine has no Docker engine and may fetch no prebuilt binaries. The binaries are
-# cached under a directory keyed by their versions, so a second run is a no-op.
+# kube-controller-manager, kube-scheduler, kubectl, helm) and the node's kubelet from the
+# Go module proxy, because this machine has no Docker engine and may fetch no prebuilt
+# binaries. The binaries are cached under a directory keyed by their versions, so a second
+# run is a no-op; kubelet and kube-scheduler come from the same Kubernetes module (and so
+# the same version key) as the apiserver, which also lets Go reuse most compiled packages.
 # Prints the bin directory on its last line.
 set -euo pipefail
 
@@ -13,7 +15,7 @@ HELM_VERSION=4.3.1
 here=$(cd "$(dirname "$0")/.." && pwd)
 cache_root=${XDG_CACHE_HOME:-$HOME/.cache}/celery-reconciler
 bin_dir=$cache_root/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-helm-$HELM_VERSION/bin
-wanted=(etcd kube-apiserver kube-controller-manager kubectl helm)
+wanted=(etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl helm)
 
 log() { echo "build-controlplane: $*" >&2; }
 
@@ -52,7 +54,7 @@ for name in "${missing[@]}"; do
   case "$name" in
     etcd)
       (cd "$here/tests/controlplane/etcd" && go build "${build_flags[@]}" -ldflags="-s -w" -o "$bin_dir/etcd.tmp" .) ;;
-    kube-apiserver|kube-controller-manager|kubectl)
+    kube-apiserver|kube-controller-manager|kube-scheduler|kubelet|kubectl)
       (cd "$here/tests/controlplane/kube" && go build "${build_flags[@]}" -ldflags="-s -w $version_ldflags" \
         -o "$bin_dir/$name.tmp" "k8s.io/kubernetes/cmd/$name") ;;
     helm)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes this machine ready for `make test` and `make demo`: the Debian packages the
-# test bed runs (PostgreSQL server, Redis, openssl), the project's .venv, and the
-# control-plane binaries. Every step checks first, so a ready machine takes seconds.
+# test bed runs (PostgreSQL server, Redis, openssl; runc for the node, buildah and
+# debootstrap for the image), the project's .venv, the control-plane and node binaries,
+# and the project's image. Every step checks first, so a ready machine takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,10 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_packages+=(postgresq
 command -v redis-server >/dev/null || need_packages+=(redis-server)
 command -v openssl >/dev/null || need_packages+=(openssl)
 command -v git >/dev/null || need_packages+=(git)
+[ -x /usr/sbin/runc ] || need_packages+=(runc)
+command -v buildah >/dev/null || need_packages+=(buildah)
+command -v debootstrap >/dev/null || need_packages+=(debootstrap)
+command -v gcc >/dev/null || need_packages+=(gcc libc6-dev)   # the static pause binary
 if [ ${#need_packages[@]} -gt 0 ]; then
   log "installing Debian packages: ${need_packages[*]}"
   [ "$(id -u)" = 0 ] || { log "need root (or sudo) to install ${need_packages[*]}"; exit 1; }
@@ -36,4 +41,6 @@ if [ ! -f "$stamp" ]; then
 fi
 
 bash scripts/build-controlplane.sh >/dev/null
+bash scripts/build-node.sh >/dev/null
+bash scripts/build-image.sh >/dev/null
 log "ready"
