@@ -1,7 +1,8 @@
 """``python -m devstack up|down|demo``: the local stack for a person, outside pytest.
 
-``up`` starts the same real servers the tests use and leaves them running in the
-background, recording their PIDs in ``.stack/state.json`` so ``down`` can stop them.
+``up`` starts the same real servers the tests use — and the node that runs the project's
+image — and leaves them running in the background, recording their PIDs (and the node's
+paths and cgroup root) in ``.stack/state.json`` so ``down`` can stop them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from devstack import kube, postgres, processes, redis
+from devstack import kube, node, postgres, processes, redis
 
 STACK_DIR = Path(__file__).resolve().parent.parent / ".stack"
 STATE_FILE = STACK_DIR / "state.json"
@@ -26,6 +27,14 @@ def stack_up() -> int:
     database = postgres.start(STACK_DIR / "postgres")
     broker = redis.start(STACK_DIR / "redis")
     plane = kube.start(STACK_DIR / "kube")
+    try:
+        worker_node = node.start(plane, STACK_DIR / "node")
+    except BaseException:
+        # Nothing is recorded yet, so `make stack-down` could not stop these.
+        plane.stop()
+        broker.stop()
+        database.remove()
+        raise
     pids = [
         p.pid
         for p in (
@@ -38,7 +47,14 @@ def stack_up() -> int:
         if p is not None and p.pid is not None
     ]
     STATE_FILE.write_text(
-        json.dumps({"pids": pids, "postgres_home": str(database.data_dir.parent)}, indent=2)
+        json.dumps(
+            {
+                "pids": pids,
+                "postgres_home": str(database.data_dir.parent),
+                "node": worker_node.record(),
+            },
+            indent=2,
+        )
     )
     env_file = STACK_DIR / "env.sh"
     env_file.write_text(
@@ -48,7 +64,11 @@ def stack_up() -> int:
         f"export BROKER_URL='{broker.url}'\n"
     )
     env_file.chmod(0o600)
-    print("stack is up: etcd, kube-apiserver, kube-controller-manager, PostgreSQL, Redis")
+    print(
+        "stack is up: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, "
+        f"node {worker_node.name} (kubelet, containerd, runc), PostgreSQL, Redis"
+    )
+    print(f"  image:     {worker_node.image.ref} (imagePullPolicy: Never; hostNetwork Pods)")
     print(f"  logs:      {STACK_DIR}")
     print(f"  use it:    source {env_file}   # sets KUBECONFIG, PATH, DATABASE_URL, BROKER_URL")
     print("  then:      kubectl get namespaces")
@@ -61,6 +81,9 @@ def stack_down() -> int:
         print("no stack is recorded; nothing to stop")
         return 0
     state = json.loads(STATE_FILE.read_text())
+    # The node first: its containers and mounts must go while the apiserver still answers.
+    if "node" in state:
+        node.stop_recorded(state["node"])
     for pid in state["pids"]:
         processes.stop_pid(pid)
     shutil.rmtree(state["postgres_home"], ignore_errors=True)

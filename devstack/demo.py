@@ -1,12 +1,14 @@
-"""``make demo``: the whole promise on a local stack, in about a minute.
+"""``make demo``: the whole promise on a local stack, in a few minutes.
 
-It brings up real servers (etcd, kube-apiserver, kube-controller-manager, PostgreSQL, Redis),
-installs the chart with ``helm install`` (CRDs, ServiceAccount, least-privilege RBAC), runs
-the operator with the chart's own arguments and a token of the chart's ServiceAccount, starts
-two demo ``celery worker`` processes registered as Pods, seeds journal entries and applies a
-ProcessingPolicy. While ``kubectl get processingstatus`` refreshes on screen, it SIGKILLs one
-worker mid-run and marks its Pod restarted, as a kubelet would, then restarts the worker.
-The summary is read from the database: every entry processed, none lost, none run twice.
+It brings up real servers (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
+PostgreSQL, Redis) and a real node (kubelet, containerd, runc) that runs the project's image,
+built from the Dockerfile. ``helm install`` runs the operator in cluster (its ServiceAccount,
+least-privilege RBAC, kopf's probes) and two demo workers as the chart's Deployment; it seeds
+journal entries and applies a ProcessingPolicy. While ``kubectl get processingstatus``
+refreshes on screen, it SIGKILLs the main process of one worker container mid-run: the
+kubelet restarts it (``kubectl get pods`` shows RESTARTS 1) and the operator re-dispatches
+what it held. The summary is read from the database: every entry processed, none lost, none
+run twice.
 
 Ctrl-C, or the end, stops every process it started.
 """
@@ -16,13 +18,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -31,14 +32,16 @@ from typing import Any
 import psycopg
 
 from celery_app.demo import audit, schema
-from devstack import kube, postgres, processes, redis, workers
+from devstack import kube, node, postgres, processes, redis
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "celery-reconciler"
 NAMESPACE = "mindjourney"
-OPERATOR_NAMESPACE = "celery-reconciler"
+RELEASE = "celery-reconciler"
 POLICY = "journal-insights"
 WORKER_LABELS = {"app": "insights-worker"}
+WORKER_CONCURRENCY = 2
+WORKER_SELECTOR = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=demo-worker"
 
 
 def say(text: str) -> None:
@@ -52,9 +55,11 @@ class Demo:
         self.task_seconds = task_seconds
         self.stoppables: list[Any] = []
         self.plane: kube.ControlPlane | None = None
+        self.node: node.Node | None = None
         self.dsn = ""
         self.broker_url = ""
-        self.worker_processes: dict[str, processes.ManagedProcess] = {}
+        self.spec = schema.policy_spec(sweep_interval="30s", lease_timeout="5m")
+        self.spec["workers"] = {"podSelector": {"matchLabels": WORKER_LABELS}}
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -68,79 +73,68 @@ class Demo:
         self.stoppables.append(self.plane.stop)
         self.dsn = database.create_database("mindjourney")
         self.broker_url = broker.url
+        say("starting a node: containerd, runc, kubelet, kube-scheduler; importing the image")
+        self.node = node.start(self.plane, self.workdir / "node")
+        self.stoppables.append(self.node.stop)
+        say(f"node {self.node.name} is Ready; image {self.node.image.ref} (built from Dockerfile)")
 
-    def install_chart(self) -> Path:
-        plane = self.require_plane()
-        say(
-            f"helm install celery-reconciler (namespace {OPERATOR_NAMESPACE}, watching {NAMESPACE})"
-        )
+    def install_chart(self) -> int:
+        """``helm install`` the operator and two demo workers; returns the metrics port."""
+        plane, worker_node = self.require_plane(), self.require_node()
         plane.kubectl("create", "namespace", NAMESPACE)
+        say("kubectl apply the two Secrets the workers and the policy read")
+        self.apply(self.secrets())
+        metrics_port = processes.free_port()
+        say(f"helm install celery-reconciler (namespace {NAMESPACE}): operator + 2 workers")
         plane.helm(
             "install",
-            "celery-reconciler",
+            RELEASE,
             str(CHART),
             "--namespace",
-            OPERATOR_NAMESPACE,
-            "--create-namespace",
-            "--set",
-            f"watch.namespaces={{{NAMESPACE}}}",
+            NAMESPACE,
+            *node.chart_flags(
+                worker_node,
+                watch_namespace=NAMESPACE,
+                workers=2,
+                concurrency=WORKER_CONCURRENCY,
+                health_port=processes.free_port(),
+                metrics_port=metrics_port,
+                broker_secret=("demo-broker", "url"),
+                database_secret=("demo-db", "dsn"),
+            ),
         )
-        return plane.service_account_kubeconfig(
-            namespace=OPERATOR_NAMESPACE,
-            service_account="celery-reconciler",
-            path=self.workdir / "operator.kubeconfig",
-        )
-
-    def chart_operator_args(self) -> list[str]:
-        """The arguments the chart's Deployment gives the operator container."""
-        plane = self.require_plane()
-        deployment = json.loads(
+        for deployment in (RELEASE, f"{RELEASE}-demo-worker"):
             plane.kubectl(
-                "-n", OPERATOR_NAMESPACE, "get", "deployment", "celery-reconciler", "-o", "json"
-            ).stdout
-        )
-        container = deployment["spec"]["template"]["spec"]["containers"][0]
-        return [str(arg) for arg in container.get("args", [])]
+                "-n", NAMESPACE, "rollout", "status", f"deployment/{deployment}", "--timeout=300s"
+            )  # fmt: skip
+        self.show_pods("operator Ready (kubelet's probes pass), workers running")
+        return metrics_port
 
-    def start_operator(self, kubeconfig: Path) -> int:
-        plane = self.require_plane()
-        liveness, metrics = processes.free_port(), processes.free_port()
-        args = self.chart_operator_args()
-        # Same command as in the pod; only the listening addresses move to loopback ports.
-        for flag, value in (
-            ("--liveness", f"http://127.0.0.1:{liveness}/healthz"),
-            ("--metrics-port", str(metrics)),
-        ):
-            if flag in args:
-                args[args.index(flag) + 1] = value
-            else:
-                args += [flag, value]
-        say("starting the operator with the chart's arguments and its ServiceAccount's token")
-        operator = processes.ManagedProcess(
-            name="operator",
-            argv=[sys.executable, "-m", "celery_reconciler", *args],
-            log_path=self.workdir / "operator.log",
-            env=plane.env(kubeconfig=kubeconfig),
-        )
-        operator.start()
-        self.stoppables.append(operator.stop)
-        operator.wait_until(
-            lambda: _http_ok(f"http://127.0.0.1:{liveness}/healthz"),
-            timeout_seconds=60,
-            what="healthy",
-        )
-        return metrics
+    def secrets(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "demo-db"},
+                "stringData": {"dsn": self.dsn},
+            },
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "demo-broker"},
+                "stringData": {"url": self.broker_url},
+            },
+        ]
 
-    def start_worker(self, pod_name: str) -> processes.ManagedProcess:
-        worker = workers.start_worker(
-            pod_name=pod_name,
-            broker_url=self.broker_url,
-            dsn=self.dsn,
-            log_dir=self.workdir,
-            concurrency=2,
+    def apply(self, manifests: list[dict[str, Any]]) -> None:
+        self.require_plane().kubectl(
+            "-n",
+            NAMESPACE,
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": manifests}),
         )
-        self.worker_processes[pod_name] = worker
-        return worker
 
     def seed(self) -> None:
         say(f"seeding {self.entries} journal entries (each body takes {self.task_seconds}s)")
@@ -154,37 +148,16 @@ class Demo:
             )
 
     def apply_policy(self) -> None:
-        plane = self.require_plane()
-        spec = schema.policy_spec(sweep_interval="30s", lease_timeout="5m")
-        spec["workers"] = {"podSelector": {"matchLabels": WORKER_LABELS}}
-        manifests = [
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {"name": "demo-db"},
-                "stringData": {"dsn": self.dsn},
-            },
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {"name": "demo-broker"},
-                "stringData": {"url": self.broker_url},
-            },
-            {
-                "apiVersion": "celery-reconciler.io/v1alpha1",
-                "kind": "ProcessingPolicy",
-                "metadata": {"name": POLICY},
-                "spec": spec,
-            },
-        ]
-        say(f"kubectl apply a ProcessingPolicy ({POLICY}) and its two Secrets")
-        plane.kubectl(
-            "-n",
-            NAMESPACE,
-            "apply",
-            "-f",
-            "-",
-            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": manifests}),
+        say(f"kubectl apply a ProcessingPolicy ({POLICY})")
+        self.apply(
+            [
+                {
+                    "apiVersion": "celery-reconciler.io/v1alpha1",
+                    "kind": "ProcessingPolicy",
+                    "metadata": {"name": POLICY},
+                    "spec": self.spec,
+                }
+            ]
         )
 
     # -- the run ------------------------------------------------------------------------
@@ -204,29 +177,54 @@ class Demo:
             f"\n[{stamp}] $ kubectl get processingstatus -n {NAMESPACE}{note}\n{table}", flush=True
         )
 
-    def kill_a_worker_mid_run(self, pod_name: str) -> Any:
-        say(f"SIGKILL worker {pod_name} mid-run (its bodies die with it)")
-        self.worker_processes[pod_name].kill()
-        with psycopg.connect(self.dsn) as conn:
-            killed_at = audit.database_now(conn)
-        say(f"marking Pod {pod_name} restarted (restartCount 1), as the kubelet would")
-        workers.report_running(
-            self.require_plane(), namespace=NAMESPACE, name=pod_name, restart_count=1
+    def show_pods(self, note: str) -> None:
+        pods = self.require_plane().kubectl("-n", NAMESPACE, "get", "pods", check=False).stdout
+        stamp = time.strftime("%H:%M:%S")
+        print(f"\n[{stamp}] $ kubectl get pods -n {NAMESPACE}   ({note})\n{pods}", flush=True)
+
+    def worker_pods(self) -> list[str]:
+        listed = self.require_plane().kubectl(
+            "-n", NAMESPACE, "get", "pods", "-l", WORKER_SELECTOR, "-o", "json"
+        )  # fmt: skip
+        items = json.loads(listed.stdout)["items"]
+        return sorted(p["metadata"]["name"] for p in items)
+
+    def restart_count(self, pod: str) -> int:
+        status = self.require_node().container_status(
+            namespace=NAMESPACE, pod=pod, container="worker"
         )
-        self.start_worker(pod_name)
+        return int(status.get("restartCount", 0))
+
+    def kill_a_worker_mid_run(self, pod: str) -> Any:
+        """SIGKILL the worker's container while both its pool processes run a body.
+
+        Waiting for two bodies in flight makes the demo show what a kill mid-task costs;
+        killed between bodies, a worker may hold only a prefetched message, which comes back
+        through the broker or the lease rather than the pod hook (docs/concepts.md)."""
+        pid = self.require_node().main_pid(namespace=NAMESPACE, pod=pod, container="worker")
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            while True:
+                running = conn.execute(
+                    "SELECT count(*) FROM celery_reconciler.entries "
+                    "WHERE state = 'running' AND worker = %s",
+                    [pod],
+                ).fetchone()
+                if running is not None and running[0] >= WORKER_CONCURRENCY:
+                    os.kill(pid, signal.SIGKILL)
+                    killed_at = audit.database_now(conn)
+                    break
+        say(f"SIGKILL the main process (host PID {pid}) of worker Pod {pod} mid-run")
+        deadline = time.monotonic() + 120
+        while self.restart_count(pod) < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        self.show_pods(f"the kubelet restarted {pod}'s container")
         return killed_at
 
     def run(self) -> int:
         self.start_stack()
-        operator_kubeconfig = self.install_chart()
-        for pod_name in ("insights-worker-0", "insights-worker-1"):
-            workers.register_pod(
-                self.require_plane(), namespace=NAMESPACE, name=pod_name, labels=WORKER_LABELS
-            )
-            self.start_worker(pod_name)
-        say("two celery workers are up, registered as Pods insights-worker-0 and -1")
         self.seed()
-        metrics_port = self.start_operator(operator_kubeconfig)
+        metrics_port = self.install_chart()
+        victim = self.worker_pods()[0]
         self.apply_policy()
 
         started = time.monotonic()
@@ -235,7 +233,7 @@ class Demo:
             done = self.processed()
             self.show(f"   ({done}/{self.entries} processed in the database)")
             if killed_at is None and done >= self.entries // 3:
-                killed_at = self.kill_a_worker_mid_run("insights-worker-0")
+                killed_at = self.kill_a_worker_mid_run(victim)
             if done >= self.entries:
                 break
             if time.monotonic() - started > 600:
@@ -245,13 +243,15 @@ class Demo:
         elapsed = time.monotonic() - started
         time.sleep(1.5)  # let the operator's next status write land
         self.show("   (final)")
-        return self.summarize(elapsed=elapsed, killed_at=killed_at, metrics_port=metrics_port)
+        return self.summarize(
+            elapsed=elapsed, victim=victim, killed_at=killed_at, metrics_port=metrics_port
+        )
 
-    def summarize(self, *, elapsed: float, killed_at: Any, metrics_port: int) -> int:
+    def summarize(self, *, elapsed: float, victim: str, killed_at: Any, metrics_port: int) -> int:
         with psycopg.connect(self.dsn) as conn:
             tally = audit.tally(conn)
             all_runs = audit.runs(conn)
-            overlaps = audit.overlapping_runs(all_runs, killed_at={"insights-worker-0": killed_at})
+            overlaps = audit.overlapping_runs(all_runs, killed_at={victim: killed_at})
         plane = self.require_plane()
         status = json.loads(
             plane.kubectl("-n", NAMESPACE, "get", "processingstatus", POLICY, "-o", "json").stdout
@@ -274,14 +274,18 @@ class Demo:
             "runs at once)"
         )
         print(
+            f"    restarts:             {victim}: {self.restart_count(victim)} "
+            "(counted by the kubelet)"
+        )
+        print(
             f"    rescued:              {rescue.get('count', 0)} entries held by "
             f"{rescue.get('pod', '-')}, re-dispatched "
             f"{rescue.get('secondsToRedispatch', '?')}s after its Pod restarted "
-            "(lease: 300s)"
+            f"(lease: {self.spec['lease']['timeout']})"
         )
         print(f"    wall time:            {elapsed:.1f}s for {self.entries} entries")
         print(f"    metrics:              http://127.0.0.1:{metrics_port}/metrics (until exit)")
-        print(f"    logs:                 {self.workdir}")
+        print(f"    logs:                 {self.workdir} (pod logs: node/kubelet/pod-logs)")
         print()
         ok = lost == 0 and duplicates == 0
         verdict = f"all {tally.entries} entries processed, {lost} lost, {duplicates} duplicate runs"
@@ -292,17 +296,14 @@ class Demo:
         assert self.plane is not None
         return self.plane
 
+    def require_node(self) -> node.Node:
+        assert self.node is not None
+        return self.node
+
     def stop(self) -> None:
-        for worker in self.worker_processes.values():
-            worker.stop()
         for stop in reversed(self.stoppables):
             with contextlib.suppress(Exception):
                 stop()
-
-
-def _http_ok(url: str) -> bool:
-    with urllib.request.urlopen(url, timeout=2) as response:
-        return bool(response.status == 200)
 
 
 @contextlib.contextmanager
@@ -345,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         say("stopping every process the demo started")
         demo.stop()
-        # Keep the logs the summary points at; drop the bulky etcd data.
+        # Keep the logs the summary points at; drop the bulky etcd data and images.
         shutil.rmtree(workdir / "kube" / "etcd-data", ignore_errors=True)
+        node.remove_state(workdir / "node")
     return code

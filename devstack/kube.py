@@ -293,7 +293,7 @@ def _start(
                 "--secure-port",
                 "0",
                 "--controllers",
-                "*,-nodeipam,-nodelifecycle,-kube-apiserver-serving-clustertrustbundle-publisher-controller",
+                "*,-nodeipam,-kube-apiserver-serving-clustertrustbundle-publisher-controller",
                 "--concurrent-gc-syncs",
                 "5",
             ],

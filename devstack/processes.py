@@ -121,6 +121,14 @@ class ManagedProcess:
         RUNNING.pop(self.name, None)
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def stop_pid(pid: int, *, timeout_seconds: float = 10.0) -> None:
     """Stop a process group started by an earlier ``make stack-up``, by its recorded PID."""
     with contextlib.suppress(ProcessLookupError):

@@ -16,6 +16,7 @@ import pytest
 import redis as redis_client
 
 from devstack import kube as devstack_kube
+from devstack import node as devstack_node
 from devstack import postgres as devstack_postgres
 from devstack import processes
 from devstack import redis as devstack_redis
@@ -75,6 +76,18 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devstack_kube.Con
     plane = devstack_kube.start(tmp_path_factory.mktemp("kube"))
     yield plane
     plane.stop()
+
+
+@pytest.fixture(scope="session")
+def node(
+    kube: devstack_kube.ControlPlane, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[devstack_node.Node]:
+    """A real node (containerd, runc, kubelet, kube-scheduler) running the project's image."""
+    workdir = tmp_path_factory.mktemp("node")
+    started = devstack_node.start(kube, workdir)
+    yield started
+    started.stop()
+    devstack_node.remove_state(workdir)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from e2e_support import WORKER_LABELS, OperatorProcess, healthy
 from celery_app.demo import schema
 from celery_reconciler import kube as operator_kube
 from devstack import kube as devstack_kube
+from devstack import node as devstack_node
 from devstack import processes, workers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,19 +100,25 @@ def journal(database_dsn: str) -> str:
 
 @pytest.fixture
 def worker_pods(
-    crds: devstack_kube.ControlPlane, namespace: str, journal: str, redis_url: str, tmp_path: Path
-) -> Iterator[Callable[..., processes.ManagedProcess]]:
-    started: list[processes.ManagedProcess] = []
+    crds: devstack_kube.ControlPlane,
+    node: devstack_node.Node,
+    namespace: str,
+    journal: str,
+    redis_url: str,
+) -> Iterator[Callable[..., workers.WorkerPod]]:
+    """``worker_pods(name)``: a demo worker as a real Pod of the image, running on the node."""
+    started: list[workers.WorkerPod] = []
 
     def start(
         pod_name: str, *, concurrency: int = 2, broker_url: str | None = None
-    ) -> processes.ManagedProcess:
-        workers.register_pod(crds, namespace=namespace, name=pod_name, labels=WORKER_LABELS)
-        worker = workers.start_worker(
+    ) -> workers.WorkerPod:
+        worker = workers.start_worker_pod(
+            node=node,
+            namespace=namespace,
             pod_name=pod_name,
+            labels=WORKER_LABELS,
             broker_url=broker_url or redis_url,
             dsn=journal,
-            log_dir=tmp_path,
             concurrency=concurrency,
         )
         started.append(worker)
@@ -119,7 +126,7 @@ def worker_pods(
 
     yield start
     for worker in started:
-        worker.stop()
+        worker.delete(grace_seconds=1, wait=False)
 
 
 @pytest.fixture

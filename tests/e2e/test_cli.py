@@ -34,7 +34,7 @@ from e2e_support import (
 
 from celery_app.demo import schema
 from devstack import kube as devstack_kube
-from devstack import processes
+from devstack import processes, workers
 
 POLICY = "journal-insights"
 SCRIPTS = Path(sys.executable).parent
@@ -68,7 +68,7 @@ def test_every_verb_against_the_running_operator(
     journal: str,
     redis_url: str,
     start_operator: Callable[..., OperatorProcess],
-    worker_pods: Callable[..., processes.ManagedProcess],
+    worker_pods: Callable[..., workers.WorkerPod],
 ) -> None:
     kube = cli_shell
     seed(journal, 3)

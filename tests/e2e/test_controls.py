@@ -25,7 +25,7 @@ from e2e_support import (
 
 from celery_app.demo import schema
 from devstack import kube as devstack_kube
-from devstack import processes
+from devstack import workers
 
 POLICY = "journal-insights"
 
@@ -48,7 +48,7 @@ def test_suspend_stops_dispatch_resume_continues_and_sweep_now_sweeps_at_once(
     journal: str,
     redis_url: str,
     start_operator: Callable[..., OperatorProcess],
-    worker_pods: Callable[..., processes.ManagedProcess],
+    worker_pods: Callable[..., workers.WorkerPod],
 ) -> None:
     seed(journal, 20)
     worker_pods("insights-worker-a")
@@ -115,7 +115,7 @@ def test_retry_dead_brings_a_dead_entry_back(
     journal: str,
     redis_url: str,
     start_operator: Callable[..., OperatorProcess],
-    worker_pods: Callable[..., processes.ManagedProcess],
+    worker_pods: Callable[..., workers.WorkerPod],
 ) -> None:
     seed(journal, 3)
     with psycopg.connect(journal, autocommit=True) as conn:
@@ -168,7 +168,7 @@ def test_deleting_a_policy_stops_its_loop_and_collects_its_status(
     journal: str,
     redis_url: str,
     start_operator: Callable[..., OperatorProcess],
-    worker_pods: Callable[..., processes.ManagedProcess],
+    worker_pods: Callable[..., workers.WorkerPod],
 ) -> None:
     seed(journal, 5)
     worker_pods("insights-worker-a")

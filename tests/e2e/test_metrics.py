@@ -18,7 +18,7 @@ from e2e_support import (
 
 from celery_app.demo import schema
 from devstack import kube as devstack_kube
-from devstack import processes
+from devstack import workers
 
 POLICY = "journal-insights"
 
@@ -62,7 +62,7 @@ def test_counters_match_the_ledger(
     journal: str,
     redis_url: str,
     start_operator: Callable[..., OperatorProcess],
-    worker_pods: Callable[..., processes.ManagedProcess],
+    worker_pods: Callable[..., workers.WorkerPod],
 ) -> None:
     seed(journal, 30)
     with psycopg.connect(journal, autocommit=True) as conn:

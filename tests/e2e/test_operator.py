@@ -24,7 +24,7 @@ from e2e_support import (
 
 from devstack import kube as devstack_kube
 from devstack import postgres as devstack_postgres
-from devstack import processes
+from devstack import processes, workers
 
 
 def test_applying_a_policy_processes_every_entry_and_status_converges(
@@ -33,7 +33,7 @@ def test_applying_a_policy_processes_every_entry_and_status_converges(
     journal: str,
     redis_url: str,
     start_operator: Callable[..., OperatorProcess],
-    worker_pods: Callable[..., processes.ManagedProcess],
+    worker_pods: Callable[..., workers.WorkerPod],
 ) -> None:
     seed(journal, 300)
     worker_pods("insights-worker-a")
@@ -95,7 +95,7 @@ def test_secrets_never_reach_logs_status_or_events(
     journal: str,
     redis_url: str,
     start_operator: Callable[..., OperatorProcess],
-    worker_pods: Callable[..., processes.ManagedProcess],
+    worker_pods: Callable[..., workers.WorkerPod],
 ) -> None:
     db_password = urllib.parse.urlsplit(journal).password
     broker_password = urllib.parse.urlsplit(redis_url).password
@@ -163,7 +163,7 @@ def test_a_database_outage_degrades_the_policy_and_it_recovers_by_itself(
     redis_url: str,
     postgres: devstack_postgres.PostgresServer,
     start_operator: Callable[..., OperatorProcess],
-    worker_pods: Callable[..., processes.ManagedProcess],
+    worker_pods: Callable[..., workers.WorkerPod],
 ) -> None:
     seed(journal, 10)
     worker_pods("insights-worker-a")

@@ -1,4 +1,8 @@
-"""Recovery on the real stack: worker pods that die, an operator that dies, two replicas."""
+"""Recovery on the real stack: worker pods that die, an operator that dies, two replicas.
+
+Worker pods are real Pods of the image on the devstack node: a restart is the kubelet's,
+after a SIGKILL of the container's main process, and a deletion is ``kubectl delete pod``.
+"""
 
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ def test_a_dead_worker_pods_entries_are_rescued_long_before_the_lease(
     journal: str,
     redis_url: str,
     start_operator: Callable[..., OperatorProcess],
-    worker_pods: Callable[..., processes.ManagedProcess],
+    worker_pods: Callable[..., workers.WorkerPod],
 ) -> None:
     seed(journal, 6)
     with psycopg.connect(journal, autocommit=True) as conn:
@@ -67,15 +71,20 @@ def test_a_dead_worker_pods_entries_are_rescued_long_before_the_lease(
     )
     with psycopg.connect(journal, autocommit=True) as conn:
         conn.execute("DELETE FROM demo_faults")
-    doomed.kill()
+    noticed = time.monotonic()
+    main_pid = doomed.main_pid()
+    if how == "restart":
+        # The kubelet sees the container die, restarts it and reports restartCount 1.
+        doomed.kill()
+    else:
+        # SIGTERM, then SIGKILL a second later; the Pod object goes once its containers did.
+        doomed.delete(grace_seconds=1)
+    # The bodies end when the container's init does (its PID namespace dies with it).
+    wait_for(
+        lambda: not processes.pid_alive(main_pid), timeout_seconds=30, what="the worker to die"
+    )
     killed_at = database_now(journal)
     worker_pods("insights-worker-b", concurrency=2)
-
-    noticed = time.monotonic()
-    if how == "restart":
-        workers.report_running(crds, namespace=namespace, name="insights-worker-a", restart_count=1)
-    else:
-        crds.kubectl("-n", namespace, "delete", "pod", "insights-worker-a", "--wait=false")
     wait_for(
         lambda: unprocessed(journal) == 0,
         timeout_seconds=120,
@@ -118,7 +127,7 @@ def test_an_operator_killed_mid_sweep_finishes_the_work_after_restart(
     journal: str,
     redis_url: str,
     start_operator: Callable[..., OperatorProcess],
-    worker_pods: Callable[..., processes.ManagedProcess],
+    worker_pods: Callable[..., workers.WorkerPod],
 ) -> None:
     seed(journal, 3000)
     worker_pods("insights-worker-a", concurrency=4)
@@ -159,7 +168,7 @@ def test_of_two_replicas_exactly_one_dispatches(
     journal: str,
     redis_url: str,
     start_operator: Callable[..., OperatorProcess],
-    worker_pods: Callable[..., processes.ManagedProcess],
+    worker_pods: Callable[..., workers.WorkerPod],
 ) -> None:
     peering = f"e2e-{namespace}"
     crds.kubectl(
@@ -213,7 +222,7 @@ def test_a_broker_restart_that_lost_the_queue_is_redispatched_at_once(
     journal: str,
     private_redis: devstack_redis.RedisServer,
     start_operator: Callable[..., OperatorProcess],
-    worker_pods: Callable[..., processes.ManagedProcess],
+    worker_pods: Callable[..., workers.WorkerPod],
 ) -> None:
     seed(journal, 20)
     operator = start_operator()
