@@ -1,11 +1,11 @@
 """A real Kubernetes control plane without Docker: etcd, kube-apiserver, kube-controller-manager.
 
-There is no kubelet or scheduler, so Pods never run: tests run workers and the operator as
-local processes and create the Pod objects themselves. What *is* real is everything our
-claims rest on — CRD schema and CEL validation, RBAC (``--authorization-mode=Node,RBAC`` with
-ServiceAccount tokens from ``kubectl create token``), watches, status subresources, and
-ownerReference garbage collection (that one needs kube-controller-manager, which also
-creates the ``default`` ServiceAccount every Pod needs).
+Real here is everything our claims rest on — CRD schema and CEL validation, RBAC
+(``--authorization-mode=Node,RBAC`` with ServiceAccount tokens from ``kubectl create
+token``), watches, status subresources, and ownerReference garbage collection (that one
+needs kube-controller-manager, which also creates the ``default`` ServiceAccount every Pod
+needs, publishes the root CA Pods mount, and lifts a new Node's not-ready taint). Pods run
+on the node that ``node.py`` adds (kubelet, containerd, runc, kube-scheduler).
 
 The binaries come from ``scripts/build-controlplane.sh`` (built from the Go module proxy).
 """
