@@ -388,6 +388,7 @@ def _start_containerd(*, workdir: Path, node_bin: Path, socket: Path) -> process
             socket=json.dumps(str(socket)),
             ttrpc=json.dumps(f"{socket}.ttrpc"),
             runc=json.dumps(RUNC),
+            runc_root=json.dumps(str(state / "runc")),
             cni_bin=json.dumps(str(cni_bin)),
             cni_conf=json.dumps(str(cni_conf)),
         )
@@ -413,7 +414,8 @@ def _start_containerd(*, workdir: Path, node_bin: Path, socket: Path) -> process
 
 
 # containerd 2.x reads config version 3 (and migrates it in memory). NRI is off because
-# its socket path is machine-wide and a second stack's containerd would collide on it.
+# its socket path is machine-wide and a second stack's containerd would collide on it; runc
+# keeps its state under the stack's directory rather than the machine's /run/containerd.
 _CONTAINERD_CONFIG = """\
 version = 3
 root = {root}
@@ -443,6 +445,7 @@ state = {state}
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
         SystemdCgroup = false
         BinaryName = {runc}
+        Root = {runc_root}
   [plugins."io.containerd.cri.v1.runtime".cni]
     bin_dirs = [{cni_bin}]
     conf_dir = {cni_conf}
@@ -573,5 +576,5 @@ def _wait_until_schedulable(node: Node) -> None:
 def remove_state(workdir: Path) -> None:
     """Delete the node's images, containers and volumes once ``teardown`` unmounted them
     (hundreds of MB per stack); the logs stay for whoever reads them next."""
-    for state in ("containerd/root", "containerd/state", "kubelet/root"):
+    for state in ("containerd/root", "containerd/state", "containerd/runc", "kubelet/root"):
         shutil.rmtree(workdir / state, ignore_errors=True)
