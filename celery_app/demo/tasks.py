@@ -125,7 +125,8 @@ def _extract(conn: psycopg.Connection[Any], *, entry_id: int, task_id: str) -> d
     if row is None:
         raise LookupError(f"journal entry {entry_id} does not exist")
     insights = derive_insights(row[0])
-    with conn.transaction():
+    # The effect, the audit row and the done mark commit together or not at all.
+    with reliable.fenced_transaction(conn):
         conn.execute(
             "UPDATE journal_entry SET insights = %s, insights_extracted = true WHERE id = %s",
             [json.dumps(insights), entry_id],
