@@ -55,6 +55,7 @@ class Demo:
         self.dsn = ""
         self.broker_url = ""
         self.worker_processes: dict[str, processes.ManagedProcess] = {}
+        self.pods: dict[str, workers.PodIdentity] = {}
 
     # -- set-up -------------------------------------------------------------------------
 
@@ -131,9 +132,11 @@ class Demo:
         )
         return metrics
 
-    def start_worker(self, pod_name: str) -> processes.ManagedProcess:
+    def start_worker(self, pod: workers.PodIdentity) -> processes.ManagedProcess:
+        pod_name = pod.name
         worker = workers.start_worker(
             pod_name=pod_name,
+            pod=pod,
             broker_url=self.broker_url,
             dsn=self.dsn,
             log_dir=self.workdir,
@@ -213,17 +216,17 @@ class Demo:
         workers.report_running(
             self.require_plane(), namespace=NAMESPACE, name=pod_name, restart_count=1
         )
-        self.start_worker(pod_name)
+        self.start_worker(self.pods[pod_name])
         return killed_at
 
     def run(self) -> int:
         self.start_stack()
         operator_kubeconfig = self.install_chart()
         for pod_name in ("insights-worker-0", "insights-worker-1"):
-            workers.register_pod(
+            self.pods[pod_name] = workers.register_pod(
                 self.require_plane(), namespace=NAMESPACE, name=pod_name, labels=WORKER_LABELS
             )
-            self.start_worker(pod_name)
+            self.start_worker(self.pods[pod_name])
         say("two celery workers are up, registered as Pods insights-worker-0 and -1")
         self.seed()
         metrics_port = self.start_operator(operator_kubeconfig)

@@ -10,6 +10,7 @@ compare our messages with what Celery itself sends.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -29,7 +30,10 @@ def start_worker(
     queue: str = "insights",
     lease_seconds: float | None = None,
     extra_env: dict[str, str] | None = None,
+    pod: PodIdentity | None = None,
 ) -> processes.ManagedProcess:
+    """A local ``celery worker``; ``pod`` gives it the env a worker Pod gets from the
+    Downward API, so pod events about that Pod end its incarnations."""
     env = dict(os.environ)
     env.update(
         CELERY_BROKER_URL=broker_url,
@@ -37,6 +41,12 @@ def start_worker(
         HOSTNAME=pod_name,
         PYTHONUNBUFFERED="1",
     )
+    if pod is not None:
+        env.update(
+            CELERY_RECONCILER_POD_NAME=pod.name,
+            CELERY_RECONCILER_POD_NAMESPACE=pod.namespace,
+            CELERY_RECONCILER_POD_UID=pod.uid,
+        )
     if lease_seconds is not None:
         env["DEMO_LEASE_SECONDS"] = str(lease_seconds)
     env.update(extra_env or {})
@@ -73,9 +83,18 @@ def start_worker(
     return worker
 
 
+@dataclasses.dataclass(frozen=True)
+class PodIdentity:
+    """What the Downward API tells a worker container about its Pod."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
 def register_pod(
     plane: kube.ControlPlane, *, namespace: str, name: str, labels: dict[str, str]
-) -> None:
+) -> PodIdentity:
     """Create the Pod object standing for a local worker and report it running."""
     plane.kubectl(
         "-n",
@@ -86,6 +105,8 @@ def register_pod(
         input=json.dumps(pod_manifest(name=name, labels=labels)),
     )
     report_running(plane, namespace=namespace, name=name)
+    uid = plane.kubectl("-n", namespace, "get", "pod", name, "-o", "jsonpath={.metadata.uid}")
+    return PodIdentity(name=name, namespace=namespace, uid=uid.stdout.strip())
 
 
 def report_running(

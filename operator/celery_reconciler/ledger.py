@@ -541,7 +541,8 @@ _END_POD_INCARNATIONS = sql.SQL(
            OR (container_id IS NULL
                AND (container_name IS NULL
                     OR container_name = ANY(%(restarted_containers)s::text[]))
-               AND started_at < %(started_before)s::timestamptz))
+               AND (%(started_before)s::timestamptz IS NULL
+                    OR started_at < %(started_before)s::timestamptz)))
     """
 ).format(incarnations=_INCARNATIONS)
 

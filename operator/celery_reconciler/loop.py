@@ -428,7 +428,6 @@ class PolicyLoop:
             new=pod.containers,
             deleted=deleted,
             phase=pod.phase,
-            now=datetime.datetime.now(datetime.UTC),
         )
         if ending is not None:
             self.unfinished_rescues.append(

@@ -158,7 +158,7 @@ class PodEnding:
     ``whole_pod``: every incarnation of ``pod_uid``. Otherwise, of ``pod_uid``: those whose
     container id is known and not among ``running_container_ids``, and those without one
     (no cgroup path to read it from) that belong to a restarted container and started
-    before ``started_before``.
+    before ``started_before`` (``None``: a restarted container is not running, so all).
     """
 
     pod_uid: str
@@ -183,15 +183,15 @@ def pod_ending(
     new: Iterable[ContainerStatus],
     deleted: bool,
     phase: str | None,
-    now: datetime.datetime,
 ) -> PodEnding | None:
     """Which incarnations of a worker pod an event ends, or ``None`` (nothing died).
 
     A pod deleted or finished (``Succeeded``/``Failed``) runs nothing any more: all of its
     incarnations end. A container whose ``restartCount`` rose lost every process it ran:
     the incarnations that started before the new container did (with
-    ``POD_CLOCK_SKEW_MARGIN_SECONDS`` to spare), or, exactly, those whose container id is no
-    longer running. Nothing is ever concluded from a pod's *absence* from a listing.
+    ``POD_CLOCK_SKEW_MARGIN_SECONDS`` to spare; all of them while it is not running again),
+    or, exactly, those whose container id is no longer running. Nothing is ever concluded
+    from a pod's *absence* from a listing.
     """
     if not pod_uid:
         return None
@@ -210,7 +210,15 @@ def pod_ending(
     )
     if not restarted:
         return None
-    starts = [status.started_at or now for status in restarted]
+    # A restarted container that is not running (yet) runs no process at all, so every
+    # incarnation of it ended; one that runs again bounds the end by its new start.
+    starts = [status.started_at for status in restarted]
+    started_before = (
+        None
+        if None in starts
+        else min(start for start in starts if start is not None)
+        - datetime.timedelta(seconds=POD_CLOCK_SKEW_MARGIN_SECONDS)
+    )
     return PodEnding(
         pod_uid=pod_uid,
         reason="its container " + ", ".join(status.name for status in restarted) + " restarted",
@@ -220,5 +228,5 @@ def pod_ending(
             for status in new_statuses
             if status.container_id and status.started_at is not None
         ),
-        started_before=min(starts) - datetime.timedelta(seconds=POD_CLOCK_SKEW_MARGIN_SECONDS),
+        started_before=started_before,
     )

@@ -106,9 +106,10 @@ def worker_pods(
     def start(
         pod_name: str, *, concurrency: int = 2, broker_url: str | None = None
     ) -> processes.ManagedProcess:
-        workers.register_pod(crds, namespace=namespace, name=pod_name, labels=WORKER_LABELS)
+        pod = workers.register_pod(crds, namespace=namespace, name=pod_name, labels=WORKER_LABELS)
         worker = workers.start_worker(
             pod_name=pod_name,
+            pod=pod,
             broker_url=broker_url or redis_url,
             dsn=journal,
             log_dir=tmp_path,

@@ -169,15 +169,13 @@ def container(
 
 def test_a_pod_with_no_restart_ends_nothing() -> None:
     same = [container(), container("sidecar", restarts=2)]
-    ending = planning.pod_ending(
-        pod_uid="u1", old=same, new=same, deleted=False, phase="Running", now=NOW
-    )
+    ending = planning.pod_ending(pod_uid="u1", old=same, new=same, deleted=False, phase="Running")
     assert ending is None
 
 
 def test_a_new_pod_is_not_a_restart() -> None:
     ending = planning.pod_ending(
-        pod_uid="u1", old=None, new=[container(restarts=3)], deleted=False, phase=None, now=NOW
+        pod_uid="u1", old=None, new=[container(restarts=3)], deleted=False, phase=None
     )
     assert ending is None
 
@@ -185,7 +183,7 @@ def test_a_new_pod_is_not_a_restart() -> None:
 @pytest.mark.parametrize(("deleted", "phase"), [(True, "Running"), (False, "Failed")])
 def test_a_deleted_or_finished_pod_ends_all_its_incarnations(deleted: bool, phase: str) -> None:
     ending = planning.pod_ending(
-        pod_uid="u1", old=[container()], new=[container()], deleted=deleted, phase=phase, now=NOW
+        pod_uid="u1", old=[container()], new=[container()], deleted=deleted, phase=phase
     )
     assert ending is not None and ending.whole_pod and ending.pod_uid == "u1"
 
@@ -202,7 +200,6 @@ def test_a_restart_ends_what_started_before_the_new_container() -> None:
         new=new,
         deleted=False,
         phase="Running",
-        now=NOW,
     )
     assert ending is not None and not ending.whole_pod
     assert ending.restarted_containers == ("worker",)
@@ -214,16 +211,16 @@ def test_a_restart_ends_what_started_before_the_new_container() -> None:
 def test_a_restarted_container_not_running_yet_uses_the_event_time() -> None:
     waiting = container(restarts=1, container_id=None, started_at=None)
     ending = planning.pod_ending(
-        pod_uid="u1", old=[container()], new=[waiting], deleted=False, phase="Running", now=NOW
+        pod_uid="u1", old=[container()], new=[waiting], deleted=False, phase="Running"
     )
     assert ending is not None
     assert ending.running_container_ids == ()
-    assert ending.started_before is not None and ending.started_before < NOW
+    assert ending.started_before is None  # not running: every incarnation of it is dead
 
 
 def test_a_pod_without_uid_ends_nothing() -> None:
     ending = planning.pod_ending(
-        pod_uid="", old=[container()], new=[container()], deleted=True, phase=None, now=NOW
+        pod_uid="", old=[container()], new=[container()], deleted=True, phase=None
     )
     assert ending is None
 
@@ -239,7 +236,5 @@ def test_restarted_containers_property(counts: list[tuple[str, int, int]]) -> No
     old = [container(name, before) for name, before, _ in counts]
     new = [container(name, after) for name, _, after in counts]
     expected = tuple(sorted(name for name, before, after in counts if after > before))
-    ending = planning.pod_ending(
-        pod_uid="u", old=old, new=new, deleted=False, phase="Running", now=NOW
-    )
+    ending = planning.pod_ending(pod_uid="u", old=old, new=new, deleted=False, phase="Running")
     assert (ending.restarted_containers if ending else ()) == expected
