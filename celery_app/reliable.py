@@ -8,15 +8,21 @@ still ``queued`` and its lease live. Anything else — an ``acks_late`` redelive
 attempt, a Redis visibility-timeout restore, a duplicate publish — is dropped without
 running the body. After the body it records success, or on an exception schedules the
 retry with the policy's backoff (``planning.after_failure``: the jitter bounds documented
-there) or dead-letters after ``maxAttempts`` with the error (truncated, no secrets). The
-worker's name in the ledger is ``$HOSTNAME`` — the pod name in Kubernetes, which is what the
-operator's pod-restart hook matches.
+there) or dead-letters after ``maxAttempts`` with the error (truncated, no secrets).
+
+Each worker process that runs bodies is an *incarnation* in the ledger (``_Incarnation``):
+registered by its first body, tied to its pod by the Downward API env (pod uid; the
+container id where the cgroup path shows it), kept alive by a heartbeat thread, and guarded
+by a watchdog that kills the process — and so its bodies — when it cannot renew within half
+its timeout, before the operator may hand those entries to someone else. A body may commit
+its own writes together with the done mark (``fenced_transaction``): exactly-once effects
+for work in the ledger's database. ``$HOSTNAME`` is only a display name.
 
 Retries are never Celery countdowns (they live in worker memory and die with it): the ledger
 stores ``next_attempt_at`` and the operator re-dispatches. So do not combine this base class
 with ``autoretry_for`` or ``self.retry()``.
 
-Adoption (10 lines)::
+Adoption::
 
     import os
     from celery import Celery
@@ -27,10 +33,14 @@ Adoption (10 lines)::
 
     @app.task(base=reliable.ReconciledTask, name="insights.tasks.extract_insights_task")
     def extract_insights_task(entry_id: str) -> None:
-        ...  # process the entry; commit; raise on failure
+        with psycopg.connect(os.environ["DATABASE_URL"]) as conn:
+            insights = ...  # read and compute; raise on failure
+            with reliable.fenced_transaction(conn):  # the writes + the done mark, atomically
+                conn.execute("UPDATE journal_entry SET insights = %s, ...", ...)
 
 and run the worker with ``CELERY_RECONCILER_DSN`` set to the database that holds the table
-(the ledger lives there, in schema ``celery_reconciler``). The entry id arrives as text.
+(the ledger lives there, in schema ``celery_reconciler``) and the ``CELERY_RECONCILER_POD_*``
+variables from the Downward API. The entry id arrives as text.
 
 Importing this module also connects a handler to Celery's ``task_unknown`` signal: when a
 worker receives one of our messages for a task name it does not register, the delivery is

@@ -11,16 +11,23 @@ Tables (see docs/design.md):
   sweep so workers can compute backoff without reading the ProcessingPolicy.
 * ``entries``: one row per (policy, entry id) with its state machine
   ``queued -> running -> succeeded | retry_wait | dead``, the fence token (the Celery task id
-  of the current dispatch), the lease deadline and the last error.
+  of the current dispatch), the lease deadline, the incarnation running it and the last error.
 * ``attempts``: the history of each execution, for ``explain`` and for tests that check the
   retry timestamps.
+* ``incarnations``: one row per worker process life (pod uid, container id or start time,
+  host, pid, heartbeat). Liveness is a fact about an incarnation, never about a name: the
+  operator ends one when a pod event proves its container dead, or when its heartbeat is older
+  than its timeout — by then the worker has stopped its own bodies (``celery_app.reliable``).
 
 Two sides call this module:
 
-* the operator (``reconcile``): ``ensure_schema``, ``upsert_policy``, ``expire_leases``,
-  ``claim`` (inside the caller's transaction), ``release_claims``, ``retry_dead``, counts;
-* the worker (``celery_app.reliable``): ``start_attempt`` (the atomic fence check),
-  ``record_success``, ``record_failure``.
+* the operator (``reconcile``): ``ensure_schema``, ``upsert_policy``,
+  ``end_silent_incarnations``, ``end_pod_incarnations``, ``expire_leases``, ``claim``
+  (inside the caller's transaction), ``due_retries``, ``release_claims``, ``retry_dead``,
+  counts;
+* the worker (``celery_app.reliable``): ``register_incarnation``, ``heartbeat``,
+  ``start_attempt`` (the atomic fence check), ``record_success`` (also inside the body's own
+  transaction: the fenced commit), ``record_failure``.
 
 Every statement is composed with ``psycopg.sql`` from constant text and identifiers; values
 are always bound parameters. All times are the database's ``now()``, never a host clock, so

@@ -4,7 +4,12 @@ One ``PolicyLoop`` runs per ProcessingPolicy, inside a kopf daemon. Each iterati
 live spec, resolves the Secrets, runs one sweep (``reconcile.reconcile_once``: expire, claim,
 publish), then reports — ProcessingStatus, conditions, Events, metrics — and sleeps until the
 next sweep is due, a scheduled retry falls due, or something wakes it: a spec change, the
-sweep-now or retry-dead annotation, or a worker pod that restarted or vanished.
+sweep-now or retry-dead annotation, or a rescue that must be reported.
+
+The pod-restart hook turns each pod event into the worker incarnations it proves dead
+(``planning.pod_ending``: by pod uid, never by name or by absence from a listing) and runs
+``reconcile.rescue`` at once; a rescue that fails (the database is away) is kept and retried
+with backoff, and by every sweep, until it succeeds.
 
 Why a daemon and not a kopf timer: a timer's interval is fixed at decoration time, while
 ours follows ``spec.schedule.sweepInterval`` and the earliest due retry, must be woken early

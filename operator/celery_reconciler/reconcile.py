@@ -5,14 +5,22 @@ start-up, a pod restart, ``sweep-now``) and the CLI all call it; the tests call 
 directly against real PostgreSQL and Redis. It reads like the invariants:
 
 1. publish the policy's retry/lease rules to the ledger (workers read them there);
-2. expire running leases that ran out — each is a failed attempt (invariant 1, 4);
-3. settle ``retry_wait`` rows whose entry the source already shows processed;
-4. page through pending ids in keyset order (invariant 5); for each page, ONE transaction
+2. end the worker incarnations whose heartbeat is older than their timeout (they stopped
+   their own bodies), then expire the running attempts of ended incarnations — and, as the
+   backstop for workers without one, attempts whose lease ran out; each is a failed attempt
+   (invariant 1, 4);
+3. settle ``retry_wait`` and ``dead`` rows whose entry the source already shows processed;
+4. re-dispatch due retries first — published *ahead* of the queue, since they already
+   waited once and the backlog's keyset order need not reach them;
+5. page through pending ids in keyset order (invariant 5); for each page, ONE transaction
    reads the page and claims the eligible entries with fresh fence tokens and leases, and
    commits — only then are the page's messages published, pipelined (invariant 3);
-5. a publish that fails releases its claims at once, so the next sweep re-dispatches them
+6. a publish that fails releases its claims at once, so the next sweep re-dispatches them
    without waiting for the lease; a crash between claim and publish (the process dies)
    leaves them to lease expiry. Either way nothing is lost.
+
+``rescue`` is the pod-restart hook's part: end the incarnations a pod event killed and
+re-dispatch their entries ahead of the queue at once, without waiting for a sweep.
 
 The broker is a ``broker.Publisher``; ``publish`` may be replaced by a callable for tests
 that need to fail at an exact point (e.g. "crash between claim and publish") without
