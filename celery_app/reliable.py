@@ -460,6 +460,13 @@ def fenced_transaction(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Connec
     current = _current_attempt.get()
     if current is None:
         raise RuntimeError("fenced_transaction is for the body of a ReconciledTask delivery")
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        # Inside the caller's open transaction this would only be a savepoint, and the done
+        # mark would wait for a commit that may never come.
+        raise RuntimeError(
+            "fenced_transaction needs a connection outside any transaction (commit or roll "
+            "back first, or use an autocommit connection): it must own the commit"
+        )
     with conn.transaction():
         yield conn
         if not ledger.record_success(conn, fence_token=current.attempt.fence_token):
