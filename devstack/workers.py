@@ -31,6 +31,7 @@ def start_worker(
     lease_seconds: float | None = None,
     extra_env: dict[str, str] | None = None,
     pod: PodIdentity | None = None,
+    pool: str = "prefork",
 ) -> processes.ManagedProcess:
     """A local ``celery worker``; ``pod`` gives it the env a worker Pod gets from the
     Downward API, so pod events about that Pod end its incarnations."""
@@ -63,6 +64,8 @@ def start_worker(
             queue,
             "-c",
             str(concurrency),
+            "-P",
+            pool,
             "-n",
             f"{pod_name}@%h",
             "--without-gossip",
