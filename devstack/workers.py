@@ -29,6 +29,7 @@ def start_worker(
     queue: str = "insights",
     lease_seconds: float | None = None,
     extra_env: dict[str, str] | None = None,
+    pool: str = "prefork",
 ) -> processes.ManagedProcess:
     env = dict(os.environ)
     env.update(
@@ -53,6 +54,8 @@ def start_worker(
             queue,
             "-c",
             str(concurrency),
+            "--pool",
+            pool,
             "-n",
             f"{pod_name}@%h",
             "--without-gossip",
