@@ -224,7 +224,11 @@ def test_a_worker_frozen_then_killed_at_each_commit_point_leaves_each_effect_exa
 ) -> None:
     """SIGSTOP at the point is a long GC pause or a partition: the worker cannot heartbeat,
     its attempt is judged lost and may run elsewhere; then it wakes up (SIGCONT) with its body
-    mid-way, and is finally killed. A stale body's commit must roll back."""
+    mid-way, and is finally killed. A stale body's commit must roll back.
+
+    The threads pool: Celery enforces no time limit there, so nothing but the fence can stop
+    the woken body (under prefork, today's hard time limit would kill it on waking and hide
+    the hole this test is about)."""
     fault, max_attempts = COMMIT_POINTS[point]
     schema.seed(conn, count=3)
     schema.set_fault(conn, entry_id=1, kind=fault, seconds=HOLD_SECONDS)
@@ -233,7 +237,12 @@ def test_a_worker_frozen_then_killed_at_each_commit_point_leaves_each_effect_exa
         retry={"maxAttempts": max_attempts, "initialDelay": "1s", "factor": 1, "maxDelay": "1s"},
     )
     frozen = start_worker(
-        broker_url=redis_url, dsn=demo_dsn, concurrency=1, lease_seconds=8, extra_env=HEARTBEAT_ENV
+        broker_url=redis_url,
+        dsn=demo_dsn,
+        concurrency=1,
+        lease_seconds=8,
+        pool="threads",
+        extra_env=HEARTBEAT_ENV,
     )
     with Sweeper(policy, dsn=demo_dsn, broker_url=redis_url):
 
@@ -250,6 +259,7 @@ def test_a_worker_frozen_then_killed_at_each_commit_point_leaves_each_effect_exa
                 dsn=demo_dsn,
                 concurrency=1,
                 lease_seconds=8,
+                pool="threads",
                 extra_env=HEARTBEAT_ENV,
             )
             # Past the lease and the heartbeat timeout, with room: whatever the operator
