@@ -2,8 +2,9 @@
 
 There is no kubelet here, so a "worker pod" is two things the tests and the demo create
 together: a Pod object in the apiserver (what the operator's pod-restart hook watches) and a
-local ``celery worker`` whose ``HOSTNAME`` is that Pod's name (what the worker records in the
-ledger as the holder of a lease, exactly as inside a real pod). The integration tests start
+local ``celery worker`` whose ``HOSTNAME`` is that Pod's name and whose environment carries
+what the Downward API would give it inside the pod (``downward_api_env``: the Pod's name,
+namespace and uid), exactly as inside a real pod. The integration tests start
 their workers here too, without the Pod, and with ``app`` pointed at a probe app when they
 compare our messages with what Celery itself sends.
 """
@@ -11,6 +12,7 @@ compare our messages with what Celery itself sends.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import sys
@@ -30,8 +32,8 @@ def start_worker(
     queue: str = "insights",
     lease_seconds: float | None = None,
     extra_env: dict[str, str] | None = None,
-    pod: PodIdentity | None = None,
     pool: str = "prefork",
+    pod: PodIdentity | None = None,
 ) -> processes.ManagedProcess:
     """A local ``celery worker``; ``pod`` gives it the env a worker Pod gets from the
     Downward API, so pod events about that Pod end its incarnations."""
@@ -43,11 +45,7 @@ def start_worker(
         PYTHONUNBUFFERED="1",
     )
     if pod is not None:
-        env.update(
-            CELERY_RECONCILER_POD_NAME=pod.name,
-            CELERY_RECONCILER_POD_NAMESPACE=pod.namespace,
-            CELERY_RECONCILER_POD_UID=pod.uid,
-        )
+        env.update(pod.downward_api_env())
     if lease_seconds is not None:
         env["DEMO_LEASE_SECONDS"] = str(lease_seconds)
     env.update(extra_env or {})
@@ -64,7 +62,7 @@ def start_worker(
             queue,
             "-c",
             str(concurrency),
-            "-P",
+            "--pool",
             pool,
             "-n",
             f"{pod_name}@%h",
@@ -94,6 +92,13 @@ class PodIdentity:
     namespace: str
     uid: str
 
+    def downward_api_env(self) -> dict[str, str]:
+        return {
+            "CELERY_RECONCILER_POD_NAME": self.name,
+            "CELERY_RECONCILER_POD_NAMESPACE": self.namespace,
+            "CELERY_RECONCILER_POD_UID": self.uid,
+        }
+
 
 def register_pod(
     plane: kube.ControlPlane, *, namespace: str, name: str, labels: dict[str, str]
@@ -107,15 +112,40 @@ def register_pod(
         "-",
         input=json.dumps(pod_manifest(name=name, labels=labels)),
     )
-    report_running(plane, namespace=namespace, name=name)
-    uid = plane.kubectl("-n", namespace, "get", "pod", name, "-o", "jsonpath={.metadata.uid}")
-    return PodIdentity(name=name, namespace=namespace, uid=uid.stdout.strip())
+    report_running(plane, namespace=namespace, name=name, started_at=kubernetes_now())
+    return PodIdentity(
+        name=name, namespace=namespace, uid=pod_uid(plane, namespace=namespace, name=name)
+    )
+
+
+def kubernetes_now() -> str:
+    """Now, as the kubelet writes times (RFC 3339, whole seconds, rounded down)."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def pod_uid(plane: kube.ControlPlane, *, namespace: str, name: str) -> str:
+    return plane.kubectl(
+        "-n", namespace, "get", "pod", name, "-o", "jsonpath={.metadata.uid}"
+    ).stdout.strip()
+
+
+def downward_api_env(plane: kube.ControlPlane, *, namespace: str, name: str) -> dict[str, str]:
+    """What a worker container gets from the Downward API (``fieldRef`` metadata.name,
+    metadata.namespace, metadata.uid) — for a local worker standing for that Pod."""
+    uid = pod_uid(plane, namespace=namespace, name=name)
+    return PodIdentity(name=name, namespace=namespace, uid=uid).downward_api_env()
 
 
 def report_running(
-    plane: kube.ControlPlane, *, namespace: str, name: str, restart_count: int = 0
+    plane: kube.ControlPlane,
+    *,
+    namespace: str,
+    name: str,
+    restart_count: int = 0,
+    started_at: str | None = None,
 ) -> None:
-    """Write ``pods/status`` as the kubelet would; a higher ``restart_count`` is a restart."""
+    """Write ``pods/status`` as the kubelet would; a higher ``restart_count`` is a restart,
+    ``started_at`` the (re)started container's ``state.running.startedAt``."""
     plane.kubectl(
         "-n",
         namespace,
@@ -125,7 +155,7 @@ def report_running(
         "--subresource=status",
         "--type=merge",
         "-p",
-        json.dumps(running_status(restart_count=restart_count)),
+        json.dumps(running_status(restart_count=restart_count, started_at=started_at)),
     )
 
 
@@ -143,9 +173,13 @@ def pod_manifest(*, name: str, labels: dict[str, str]) -> dict[str, object]:
 
 
 def running_status(
-    *, image: str = "celery-reconciler:demo", restart_count: int = 0
+    *,
+    image: str = "celery-reconciler:demo",
+    restart_count: int = 0,
+    started_at: str | None = None,
 ) -> dict[str, object]:
     """The status a kubelet would report for a running worker container, for ``pods/status``."""
+    running = {} if started_at is None else {"startedAt": started_at}
     return {
         "status": {
             "phase": "Running",
@@ -157,7 +191,7 @@ def running_status(
                     "ready": True,
                     "started": True,
                     "restartCount": restart_count,
-                    "state": {"running": {}},
+                    "state": {"running": running},
                 }
             ],
         }

@@ -98,22 +98,27 @@ def journal(database_dsn: str) -> str:
 
 
 @pytest.fixture
-def worker_pods(
-    crds: devstack_kube.ControlPlane, namespace: str, journal: str, redis_url: str, tmp_path: Path
+def local_workers(
+    journal: str, redis_url: str, tmp_path: Path
 ) -> Iterator[Callable[..., processes.ManagedProcess]]:
+    """``local_workers(hostname, concurrency=2, extra_env=...)``: a celery worker of the demo
+    app with that ``HOSTNAME`` and no Pod object of its own; stopped at the end."""
     started: list[processes.ManagedProcess] = []
 
     def start(
-        pod_name: str, *, concurrency: int = 2, broker_url: str | None = None
+        hostname: str,
+        *,
+        concurrency: int = 2,
+        broker_url: str | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> processes.ManagedProcess:
-        pod = workers.register_pod(crds, namespace=namespace, name=pod_name, labels=WORKER_LABELS)
         worker = workers.start_worker(
-            pod_name=pod_name,
-            pod=pod,
+            pod_name=hostname,
             broker_url=broker_url or redis_url,
             dsn=journal,
             log_dir=tmp_path,
             concurrency=concurrency,
+            extra_env=extra_env,
         )
         started.append(worker)
         return worker
@@ -121,6 +126,29 @@ def worker_pods(
     yield start
     for worker in started:
         worker.stop()
+
+
+@pytest.fixture
+def worker_pods(
+    crds: devstack_kube.ControlPlane,
+    namespace: str,
+    local_workers: Callable[..., processes.ManagedProcess],
+) -> Callable[..., processes.ManagedProcess]:
+    """``worker_pods(name)``: a Pod object matching the policies' selector, reported running,
+    and the local worker standing for it (``HOSTNAME`` and the Downward API env of that Pod)."""
+
+    def start(
+        pod_name: str, *, concurrency: int = 2, broker_url: str | None = None
+    ) -> processes.ManagedProcess:
+        workers.register_pod(crds, namespace=namespace, name=pod_name, labels=WORKER_LABELS)
+        return local_workers(
+            pod_name,
+            concurrency=concurrency,
+            broker_url=broker_url,
+            extra_env=workers.downward_api_env(crds, namespace=namespace, name=pod_name),
+        )
+
+    return start
 
 
 @pytest.fixture

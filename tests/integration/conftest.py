@@ -44,7 +44,7 @@ def conn(demo_dsn: str) -> Iterator[psycopg.Connection[Any]]:
 
 @pytest.fixture
 def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
-    """``start_worker(broker_url=..., dsn=..., concurrency=2, lease_seconds=...)``."""
+    """``start_worker(broker_url=..., dsn=..., concurrency=2, lease_seconds=..., pool=...)``."""
     started: list[Worker] = []
 
     def start(
