@@ -342,8 +342,15 @@ def test_the_ledger_migrates_in_place_under_running_attempts_of_the_previous_ver
     )
     assert swept.returncode == 0, swept.stderr
     assert "dispatched 8 entries" in swept.stdout
+    # Started in the previous release's folder: celery puts its working directory first on
+    # sys.path, which would otherwise be this checkout with this version's celery_app.
     old_worker = start_worker(
-        broker_url=redis_url, dsn=demo_dsn, concurrency=2, lease_seconds=20, extra_env=previous_env
+        broker_url=redis_url,
+        dsn=demo_dsn,
+        concurrency=2,
+        lease_seconds=20,
+        extra_env=previous_env,
+        cwd=previous,
     )
     wait_for(
         lambda: len(ledger_rows_running_on(conn, old_worker.name)) == 2,
