@@ -318,6 +318,10 @@ class _Incarnation:
         self._ended = False
         self._running = 0
         self._threads_for: int | None = None
+        # Attempts whose body finished while the ledger was unreachable: the next heartbeat
+        # that gets through releases them, instead of renewing them for as long as we live.
+        self._unrecorded: set[uuid.UUID] = set()
+        self._registering = threading.Lock()  # the threads pool starts bodies concurrently
 
     def _stale(self) -> bool:
         return time.monotonic() - self._renewed_at > self.timeout_seconds / 2
@@ -325,8 +329,13 @@ class _Incarnation:
     def ready_for_a_body(self) -> uuid.UUID:
         """The id to start an attempt under: registered, not ended, renewed within half its
         timeout (renewing now, through the task's ledger connection, if it is not)."""
+        with self._registering:
+            return self._ready()
+
+    def _ready(self) -> uuid.UUID:
         if self._pid != os.getpid():
             self.id, self._pid, self._running = None, os.getpid(), 0
+            self._unrecorded = set()
         if self.id is not None and not self._ended and self._stale():
             sent = time.monotonic()
             if _ledger_call("renewing the heartbeat", ledger.heartbeat, incarnation=self.id):
@@ -350,12 +359,17 @@ class _Incarnation:
         )
         with self._lock:
             self.id, self._renewed_at, self._ended = incarnation, sent, False
+            self._unrecorded = set()  # the ended incarnation's attempts are the operator's now
         logger.info(
             "worker process %d is incarnation %s (heartbeat timeout %.0f s)",
             os.getpid(),
             incarnation,
             self.timeout_seconds,
         )
+
+    def outcome_unrecorded(self, fence_token: uuid.UUID) -> None:
+        with self._lock:
+            self._unrecorded.add(fence_token)
 
     @contextlib.contextmanager
     def running_a_body(self) -> Iterator[None]:
@@ -380,7 +394,8 @@ class _Incarnation:
         connection = None
         while True:
             time.sleep(self.timeout_seconds / HEARTBEATS_PER_TIMEOUT)
-            incarnation = self.id
+            with self._lock:
+                incarnation, unrecorded = self.id, tuple(self._unrecorded)
             if incarnation is None or self._ended:
                 continue
             sent = time.monotonic()
@@ -390,8 +405,9 @@ class _Incarnation:
                         _dsn(),
                         application_name=f"celery-worker {worker_name()} heartbeat",
                         connect_timeout_seconds=max(1, int(self.timeout_seconds / 4)),
+                        tcp_user_timeout_seconds=self.timeout_seconds / 2,
                     )
-                alive = ledger.heartbeat(connection, incarnation=incarnation)
+                alive = ledger.heartbeat(connection, incarnation=incarnation, unrecorded=unrecorded)
             except (ledger.DatabaseUnavailable, LedgerUnavailable, psycopg.Error) as error:
                 logger.warning("heartbeat of incarnation %s failed: %s", incarnation, error)
                 if connection is not None:
@@ -401,6 +417,7 @@ class _Incarnation:
             with self._lock:
                 if incarnation != self.id:
                     continue  # re-registered meanwhile; this answer is about the old one
+                self._unrecorded.difference_update(unrecorded)
                 if alive:
                     self._renewed_at = max(self._renewed_at, sent)
                 else:
@@ -536,7 +553,18 @@ class ReconciledTask(celery.Task):  # type: ignore[misc]
             logger.warning("%s", error)
             return None
         except Exception as error:
-            state = record_failed_attempt(attempt, error)
+            try:
+                state = record_failed_attempt(attempt, error)
+            except LedgerUnavailable as unrecorded:
+                _incarnation.outcome_unrecorded(attempt.fence_token)
+                logger.warning(
+                    "entry %s attempt %d failed and its failure could not be recorded (%s); "
+                    "the next heartbeat hands it back to the operator",
+                    entry_id,
+                    attempt.attempt,
+                    unrecorded,
+                )
+                raise error from None
             logger.warning(
                 "entry %s attempt %d failed (%s); ledger state now %s",
                 entry_id,
@@ -547,9 +575,23 @@ class ReconciledTask(celery.Task):  # type: ignore[misc]
             raise
         finally:
             _current_attempt.reset(token)
-        if not current.recorded and not _ledger_call(
-            "recording success", ledger.record_success, fence_token=attempt.fence_token
-        ):
+        if current.recorded:
+            return result
+        try:
+            recorded = _ledger_call(
+                "recording success", ledger.record_success, fence_token=attempt.fence_token
+            )
+        except LedgerUnavailable as error:
+            _incarnation.outcome_unrecorded(attempt.fence_token)
+            logger.warning(
+                "entry %s attempt %d succeeded but could not be recorded (%s); the next "
+                "heartbeat hands it back to the operator, which settles it from the table",
+                entry_id,
+                attempt.attempt,
+                error,
+            )
+            return result
+        if not recorded:
             logger.warning(
                 "entry %s attempt %d finished after its lease was lost; the operator settles "
                 "it from the table",

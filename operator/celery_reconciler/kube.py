@@ -269,7 +269,7 @@ def watch_worker_pods(
             if failure != last_failure:
                 logger.warning(
                     "watching pods %r in namespace %s failed (%s)%s; retrying every 2 s — "
-                    "until it works, rescues wait for lease expiry",
+                    "until it works, workers' heartbeats alone tell the operator which died",
                     label_selector,
                     namespace,
                     failure,

@@ -197,16 +197,36 @@ def unavailable(error: BaseException, *, dsn: str, doing: str) -> DatabaseUnavai
     )
 
 
+# TCP keepalives, so a connection whose peer vanished (a half-open socket after a network
+# cut or a server host that died) fails in tens of seconds instead of blocking forever.
+KEEPALIVES_IDLE_SECONDS = 10
+KEEPALIVES_INTERVAL_SECONDS = 5
+KEEPALIVES_COUNT = 3
+
+
 def connect(
-    dsn: str, *, application_name: str = "celery-reconciler", connect_timeout_seconds: int = 5
+    dsn: str,
+    *,
+    application_name: str = "celery-reconciler",
+    connect_timeout_seconds: int = 5,
+    tcp_user_timeout_seconds: float = 30.0,
 ) -> psycopg.Connection[Any]:
-    """An autocommit connection, or ``DatabaseUnavailable`` naming the server (not the DSN)."""
+    """An autocommit connection, or ``DatabaseUnavailable`` naming the server (not the DSN).
+
+    ``tcp_user_timeout_seconds`` bounds how long sent data may stay unacknowledged before
+    the connection fails (libpq's ``tcp_user_timeout``).
+    """
     try:
         return psycopg.connect(
             dsn,
             autocommit=True,
             application_name=application_name,
             connect_timeout=connect_timeout_seconds,
+            tcp_user_timeout=int(tcp_user_timeout_seconds * 1000),
+            keepalives=1,
+            keepalives_idle=KEEPALIVES_IDLE_SECONDS,
+            keepalives_interval=KEEPALIVES_INTERVAL_SECONDS,
+            keepalives_count=KEEPALIVES_COUNT,
         )
     except psycopg.Error as error:
         raise unavailable(error, dsn=dsn, doing="connecting") from None
@@ -546,8 +566,8 @@ _END_POD_INCARNATIONS = sql.SQL(
            OR (container_id IS NOT NULL
                AND NOT (container_id = ANY(%(running_container_ids)s::text[])))
            OR (container_id IS NULL
-               AND (container_name IS NULL
-                    OR container_name = ANY(%(restarted_containers)s::text[]))
+               AND (container_name = ANY(%(restarted_containers)s::text[])
+                    OR (container_name IS NULL AND %(single_container)s))
                AND (%(started_before)s::timestamptz IS NULL
                     OR started_at < %(started_before)s::timestamptz)))
     """
@@ -564,6 +584,7 @@ def end_pod_incarnations(conn: psycopg.Connection[Any], *, ending: planning.PodE
             "whole_pod": ending.whole_pod,
             "running_container_ids": list(ending.running_container_ids),
             "restarted_containers": list(ending.restarted_containers),
+            "single_container": ending.single_container,
             "started_before": ending.started_before,
         },
     ).rowcount
@@ -902,7 +923,7 @@ def history(
 _START_ATTEMPT = sql.SQL(
     """
     WITH me AS (
-        SELECT id FROM {incarnations}
+        SELECT id, heartbeat_timeout_seconds FROM {incarnations}
         WHERE id = %(incarnation)s::uuid AND ended_at IS NULL
           AND heartbeat_at > now() - make_interval(secs => heartbeat_timeout_seconds / 2)
         FOR SHARE
@@ -914,7 +935,8 @@ _START_ATTEMPT = sql.SQL(
             incarnation = %(incarnation)s::uuid,
             started_at = now(),
             finished_at = NULL,
-            lease_deadline = now() + make_interval(secs => p.lease_seconds),
+            lease_deadline = now() + make_interval(secs => greatest(p.lease_seconds,
+                coalesce((SELECT heartbeat_timeout_seconds FROM me), 0))),
             updated_at = now()
         FROM {policies} p
         WHERE e.fence_token = %(fence_token)s
@@ -1094,14 +1116,22 @@ def register_incarnation(
 
 # One statement per incarnation per interval, however many bodies it runs: renew the
 # incarnation and push the lease of each attempt it runs, so a long body never outlives it.
+# Attempts whose body finished but whose outcome could not be recorded (the database was
+# away) are not renewed but released: their lease ends now, and the next sweep settles them
+# from the table or re-dispatches them. The lease is never shorter than the incarnation's
+# heartbeat timeout, so the backstop cannot fire between the renewals of a live worker.
 _HEARTBEAT = sql.SQL(
     """
     WITH me AS (
         UPDATE {incarnations} SET heartbeat_at = now()
         WHERE id = %(incarnation)s AND ended_at IS NULL
-        RETURNING id
+        RETURNING id, heartbeat_timeout_seconds
     ), renewed AS (
-        UPDATE {entries} e SET lease_deadline = now() + make_interval(secs => p.lease_seconds)
+        UPDATE {entries} e SET lease_deadline = CASE
+            WHEN e.fence_token = ANY(%(unrecorded)s::uuid[]) THEN now()
+            ELSE now() + make_interval(
+                secs => greatest(p.lease_seconds, me.heartbeat_timeout_seconds))
+        END
         FROM {policies} p, me
         WHERE e.incarnation = me.id AND e.state = 'running' AND p.policy_key = e.policy_key
     )
@@ -1110,9 +1140,17 @@ _HEARTBEAT = sql.SQL(
 ).format(incarnations=_INCARNATIONS, entries=_ENTRIES, policies=_POLICIES)
 
 
-def heartbeat(conn: psycopg.Connection[Any], *, incarnation: uuid.UUID) -> bool:
-    """Renew ``incarnation``; ``False`` when the operator has ended it (stop its bodies)."""
-    row = conn.execute(_HEARTBEAT, {"incarnation": incarnation}).fetchone()
+def heartbeat(
+    conn: psycopg.Connection[Any],
+    *,
+    incarnation: uuid.UUID,
+    unrecorded: Sequence[uuid.UUID] = (),
+) -> bool:
+    """Renew ``incarnation`` and release its ``unrecorded`` attempts; ``False`` when the
+    operator has ended it (stop its bodies)."""
+    row = conn.execute(
+        _HEARTBEAT, {"incarnation": incarnation, "unrecorded": list(unrecorded)}
+    ).fetchone()
     return bool(row and row[0])
 
 
@@ -1129,19 +1167,6 @@ def incarnation_is_live(conn: psycopg.Connection[Any], *, incarnation: uuid.UUID
     """Whether ``start_attempt`` would accept this incarnation (not ended, heartbeat fresh)."""
     row = conn.execute(_INCARNATION_IS_LIVE, [incarnation]).fetchone()
     return bool(row and row[0])
-
-
-_END_OWN_INCARNATION = sql.SQL(
-    """
-    UPDATE {incarnations} SET ended_at = now(), ended_reason = %(reason)s
-    WHERE id = %(incarnation)s AND ended_at IS NULL
-    """
-).format(incarnations=_INCARNATIONS)
-
-
-def end_incarnation(conn: psycopg.Connection[Any], *, incarnation: uuid.UUID, reason: str) -> None:
-    """A worker process ending its own incarnation (a clean shutdown, or its own fence)."""
-    conn.execute(_END_OWN_INCARNATION, {"incarnation": incarnation, "reason": reason})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -488,6 +488,7 @@ class PolicyLoop:
         self.rescue_retry = asyncio.ensure_future(retry_later())
 
     async def note_rescue(self, pending: PendingRescue, result: reconcile.RescueResult) -> None:
+        metrics.DISPATCHED.labels(self.namespace, self.name).inc(result.redispatched)
         count = result.expired.retry_now + result.expired.dead
         if count == 0:
             return

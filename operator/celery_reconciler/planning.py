@@ -157,8 +157,10 @@ class PodEnding:
 
     ``whole_pod``: every incarnation of ``pod_uid``. Otherwise, of ``pod_uid``: those whose
     container id is known and not among ``running_container_ids``, and those without one
-    (no cgroup path to read it from) that belong to a restarted container and started
-    before ``started_before`` (``None``: a restarted container is not running, so all).
+    (no cgroup path to read it from) that belong to a restarted container — by their
+    container name, or as the pod's only container — and started before ``started_before``
+    (``None``: a restarted container is not running, so all). An incarnation that cannot be
+    placed in a container of a multi-container pod is left to its heartbeat.
     """
 
     pod_uid: str
@@ -167,12 +169,16 @@ class PodEnding:
     restarted_containers: tuple[str, ...] = ()
     running_container_ids: tuple[str, ...] = ()
     started_before: datetime.datetime | None = None
+    # Whether the pod has one container: only then can an incarnation that names no
+    # container (CELERY_RECONCILER_CONTAINER_NAME unset) be known to be in the restarted one.
+    single_container: bool = True
 
 
 # The new container's start (the node's clock) is compared with incarnation start times (the
-# database's clock): an incarnation counts as older only with this much to spare, so clock
-# skew below it never ends a live process. One that lived less than this after its
-# container started is caught by its missing heartbeats instead.
+# database's clock, taken when the process registers, at its first body): an incarnation
+# counts as older only with this much to spare, so clock skew below it never ends a live
+# process. One registered less than this before the new container started is caught by its
+# missing heartbeats instead.
 POD_CLOCK_SKEW_MARGIN_SECONDS = 5.0
 
 
@@ -229,4 +235,5 @@ def pod_ending(
             if status.container_id and status.started_at is not None
         ),
         started_before=started_before,
+        single_container=len(new_statuses) == 1,
     )

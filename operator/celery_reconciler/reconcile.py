@@ -349,11 +349,16 @@ def rescue(
             policy_key=policy.key,
             still_pending=functools.partial(source.filter_pending, conn, policy.source),
         )
-        redispatched = _redispatch(
-            conn,
-            policy,
-            functools.partial(_publish, policy, broker, ahead=True),
-            entry_ids=expired.retry_ids,
+        # A suspended policy dispatches nothing: its rescued entries wait, due, for resume.
+        redispatched = (
+            0
+            if policy.schedule.suspend
+            else _redispatch(
+                conn,
+                policy,
+                functools.partial(_publish, policy, broker, ahead=True),
+                entry_ids=expired.retry_ids,
+            )
         )
     return RescueResult(ended=ended, expired=expired, settled=settled, redispatched=redispatched)
 

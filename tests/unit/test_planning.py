@@ -208,7 +208,7 @@ def test_a_restart_ends_what_started_before_the_new_container() -> None:
     assert ending.started_before == restarted_at - margin
 
 
-def test_a_restarted_container_not_running_yet_uses_the_event_time() -> None:
+def test_a_restarted_container_not_running_yet_ends_all_its_incarnations() -> None:
     waiting = container(restarts=1, container_id=None, started_at=None)
     ending = planning.pod_ending(
         pod_uid="u1", old=[container()], new=[waiting], deleted=False, phase="Running"
@@ -216,6 +216,15 @@ def test_a_restarted_container_not_running_yet_uses_the_event_time() -> None:
     assert ending is not None
     assert ending.running_container_ids == ()
     assert ending.started_before is None  # not running: every incarnation of it is dead
+    assert ending.single_container
+
+
+def test_a_multi_container_pod_says_so() -> None:
+    old = [container(), container("sidecar", container_id="c" * 64)]
+    new = [container(), container("sidecar", restarts=1, container_id="d" * 64)]
+    ending = planning.pod_ending(pod_uid="u1", old=old, new=new, deleted=False, phase="Running")
+    assert ending is not None and ending.restarted_containers == ("sidecar",)
+    assert not ending.single_container
 
 
 def test_a_pod_without_uid_ends_nothing() -> None:
