@@ -161,6 +161,10 @@ def successes_by_entry(conn: psycopg.Connection[Any]) -> dict[int, int]:
 
 
 def ledger_states(conn: psycopg.Connection[Any]) -> dict[str, str]:
+    """Entry id -> ledger state; empty before the first sweep created the ledger."""
+    exists = conn.execute("SELECT to_regclass('celery_reconciler.entries')").fetchone()
+    if exists is None or exists[0] is None:
+        return {}
     return {
         str(entry_id): str(state)
         for entry_id, state in conn.execute(
