@@ -57,7 +57,6 @@ class ManagedProcess:
     log_path: Path
     env: dict[str, str] | None = None
     user: str | None = None
-    cwd: Path | None = None
     popen: subprocess.Popen[bytes] | None = None
 
     @property
@@ -74,7 +73,6 @@ class ManagedProcess:
                 stdin=subprocess.DEVNULL,
                 env=self.env,
                 user=self.user,
-                cwd=self.cwd,
                 start_new_session=True,
             )
         RUNNING[self.name] = self

@@ -34,7 +34,6 @@ def start_worker(
     extra_env: dict[str, str] | None = None,
     pool: str = "prefork",
     pod: PodIdentity | None = None,
-    cwd: Path | None = None,
 ) -> processes.ManagedProcess:
     """A local ``celery worker``; ``pod`` gives it the env a worker Pod gets from the
     Downward API, so pod events about that Pod end its incarnations."""
@@ -75,7 +74,6 @@ def start_worker(
         ],
         log_path=log_dir / f"worker-{pod_name}.log",
         env=env,
-        cwd=cwd,
     )
     worker.start()
     worker.wait_until(

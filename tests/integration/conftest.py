@@ -57,7 +57,6 @@ def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
         queue: str = "insights",
         extra_env: dict[str, str] | None = None,
         pool: str = "prefork",
-        cwd: Path | None = None,
     ) -> Worker:
         name = f"worker-{next(_worker_numbers)}"
         process = workers.start_worker(
@@ -71,7 +70,6 @@ def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
             lease_seconds=lease_seconds,
             extra_env=extra_env,
             pool=pool,
-            cwd=cwd,
         )
         worker = Worker(name=name, process=process)
         started.append(worker)

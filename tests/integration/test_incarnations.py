@@ -158,6 +158,71 @@ def ledger_rows_running_on(conn: psycopg.Connection[Any], worker: str) -> list[t
     ).fetchall()
 
 
+def test_a_dead_workers_entry_runs_next_not_behind_the_backlog(
+    demo_dsn: str, conn: psycopg.Connection[Any], redis_url: str, start_worker: WorkerFactory
+) -> None:
+    """A worker dies mid-body while another drains a backlog of 600 queued entries: its
+    heartbeat stops, the sweep loop rescues the entry (the lease is 10 minutes), and the
+    rescued body starts next — at most a body or two of the backlog in between (the one
+    running and the one prefetched), not the rest of the queue."""
+    schema.seed(conn, count=601)
+    schema.set_fault(conn, entry_id=1, kind="sleep", seconds=600)
+    conn.execute(
+        "INSERT INTO demo_faults (entry_id, kind, seconds) "
+        "SELECT id, 'sleep', 0.02 FROM journal_entry WHERE id > 1"
+    )
+    policy = make_policy(lease_timeout="10m")
+    with Sweeper(policy, dsn=demo_dsn, broker_url=redis_url):
+        wait_for(
+            lambda: ledger_states(conn).get("1") == "queued",
+            timeout_seconds=30,
+            what="the backlog dispatched",
+        )
+        doomed = start_worker(
+            broker_url=redis_url, dsn=demo_dsn, concurrency=1, extra_env=HEARTBEAT_ENV
+        )
+        wait_for(
+            lambda: ledger_states(conn).get("1") == "running",
+            timeout_seconds=30,
+            what="entry 1 running on the doomed worker",
+        )
+        start_worker(broker_url=redis_url, dsn=demo_dsn, concurrency=1, extra_env=HEARTBEAT_ENV)
+        wait_for(
+            lambda: 601 - pending_count(conn) >= 20,
+            timeout_seconds=30,
+            what="the other worker draining the backlog",
+        )
+        schema.clear_fault(conn, entry_id=1)
+        doomed.kill()
+        wait_for(
+            lambda: (
+                conn.execute("SELECT insights_extracted FROM journal_entry WHERE id = 1").fetchone()
+                == (True,)
+            ),
+            timeout_seconds=60,
+            what="entry 1 rescued and processed (the lease has 10 minutes to go)",
+            poll_seconds=0.3,
+        )
+        left_in_backlog = pending_count(conn)
+    assert left_in_backlog > 100, "the backlog drained before the rescue: nothing to measure"
+    rescued = conn.execute(
+        "SELECT dispatched_at FROM celery_reconciler.attempts WHERE entry_id = '1' "
+        "ORDER BY attempt DESC LIMIT 1"
+    ).fetchone()
+    assert rescued is not None
+    rerun = [run for run in audit.runs(conn) if run.entry_id == 1 and run.outcome == "succeeded"]
+    assert len(rerun) == 1
+    overtaking = conn.execute(
+        "SELECT count(*) FROM task_runs WHERE entry_id <> 1 AND started_at > %s "
+        "AND started_at < %s",
+        [rescued[0], rerun[0].started_at],
+    ).fetchone()
+    assert overtaking is not None and overtaking[0] <= 2, (
+        f"{overtaking[0]} backlog bodies started between the rescue's re-dispatch and the "
+        "rescued body"
+    )
+
+
 def test_a_processed_entry_whose_worker_died_before_recording_it_ends_succeeded_not_dead(
     demo_dsn: str, conn: psycopg.Connection[Any], redis_url: str, start_worker: WorkerFactory
 ) -> None:
@@ -344,15 +409,8 @@ def test_the_ledger_migrates_in_place_under_running_attempts_of_the_previous_ver
     )
     assert swept.returncode == 0, swept.stderr
     assert "dispatched 8 entries" in swept.stdout
-    # Started in the previous release's folder: celery puts its working directory first on
-    # sys.path, which would otherwise be this checkout with this version's celery_app.
     old_worker = start_worker(
-        broker_url=redis_url,
-        dsn=demo_dsn,
-        concurrency=2,
-        lease_seconds=20,
-        extra_env=previous_env,
-        cwd=previous,
+        broker_url=redis_url, dsn=demo_dsn, concurrency=2, lease_seconds=20, extra_env=previous_env
     )
     wait_for(
         lambda: len(ledger_rows_running_on(conn, old_worker.name)) == 2,
