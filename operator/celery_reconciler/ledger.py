@@ -913,6 +913,26 @@ def history(
 
 # --- worker side ---------------------------------------------------------------------------
 
+# Bodies an incarnation finished since its last statement, marked succeeded by the next one
+# (its next fence check, or its heartbeat): a worker spends one ledger statement per task.
+# Until then the entry stays ``running`` under a live incarnation — nothing re-dispatches
+# it — and if the process dies first, the source shows it processed and the sweep settles
+# it. Every statement that embeds this binds ``%(finished)s`` (a uuid[]).
+_MARK_FINISHED = sql.SQL(
+    """
+    finished AS (
+        UPDATE {entries} SET state = 'succeeded', lease_deadline = NULL,
+            next_attempt_at = NULL, finished_at = now(), updated_at = now()
+        WHERE fence_token = ANY(%(finished)s::uuid[]) AND state = 'running'
+        RETURNING fence_token
+    ), finished_history AS (
+        UPDATE {attempts} a SET outcome = 'succeeded', finished_at = now()
+        FROM finished WHERE a.fence_token = finished.fence_token AND a.outcome = 'running'
+    )
+    """
+).format(entries=_ENTRIES, attempts=_ATTEMPTS)
+
+
 # The fence: a worker may run the body only if its task id is the entry's current fence
 # token, the entry is still queued (not already running, retried or finished) and the lease
 # is live — and, for a worker with an incarnation, only while that incarnation is live and
@@ -922,7 +942,7 @@ def history(
 # wins, and a start that waited re-reads the row and sees it ended.
 _START_ATTEMPT = sql.SQL(
     """
-    WITH me AS (
+    WITH {mark_finished}, me AS (
         SELECT id, heartbeat_timeout_seconds FROM {incarnations}
         WHERE id = %(incarnation)s::uuid AND ended_at IS NULL
           AND heartbeat_at > now() - make_interval(secs => heartbeat_timeout_seconds / 2)
@@ -959,7 +979,13 @@ _START_ATTEMPT = sql.SQL(
         backoff_factor, max_delay_seconds, jitter, lease_seconds
     FROM started
     """
-).format(entries=_ENTRIES, policies=_POLICIES, attempts=_ATTEMPTS, incarnations=_INCARNATIONS)
+).format(
+    entries=_ENTRIES,
+    policies=_POLICIES,
+    attempts=_ATTEMPTS,
+    incarnations=_INCARNATIONS,
+    mark_finished=_MARK_FINISHED,
+)
 
 
 def start_attempt(
@@ -969,12 +995,15 @@ def start_attempt(
     entry_id: str | None,
     worker: str,
     incarnation: uuid.UUID | None = None,
+    finished: Sequence[uuid.UUID] = (),
 ) -> RunningAttempt | None:
     """Claim the right to run the body, or ``None`` for a stale or foreign delivery (or an
     incarnation that is no longer live: see ``incarnation_is_live``).
 
     ``entry_id`` (when known) must match the ledger row of the fence token too, so a
     message can never run the body for a different entry than the one it was claimed for.
+    ``finished``: this incarnation's bodies that succeeded since its last statement, marked
+    succeeded in the same statement (see ``_MARK_FINISHED``).
     """
     try:
         token = uuid.UUID(fence_token)
@@ -987,6 +1016,7 @@ def start_attempt(
             "entry_id": entry_id,
             "worker": worker,
             "incarnation": incarnation,
+            "finished": list(finished),
         },
     ).fetchone()
     if row is None:
@@ -1122,7 +1152,7 @@ def register_incarnation(
 # heartbeat timeout, so the backstop cannot fire between the renewals of a live worker.
 _HEARTBEAT = sql.SQL(
     """
-    WITH me AS (
+    WITH {mark_finished}, me AS (
         UPDATE {incarnations} SET heartbeat_at = now()
         WHERE id = %(incarnation)s AND ended_at IS NULL
         RETURNING id, heartbeat_timeout_seconds
@@ -1134,10 +1164,16 @@ _HEARTBEAT = sql.SQL(
         END
         FROM {policies} p, me
         WHERE e.incarnation = me.id AND e.state = 'running' AND p.policy_key = e.policy_key
+          AND NOT e.fence_token = ANY(%(finished)s::uuid[])
     )
     SELECT count(*) FROM me
     """
-).format(incarnations=_INCARNATIONS, entries=_ENTRIES, policies=_POLICIES)
+).format(
+    incarnations=_INCARNATIONS,
+    entries=_ENTRIES,
+    policies=_POLICIES,
+    mark_finished=_MARK_FINISHED,
+)
 
 
 def heartbeat(
@@ -1145,11 +1181,17 @@ def heartbeat(
     *,
     incarnation: uuid.UUID,
     unrecorded: Sequence[uuid.UUID] = (),
+    finished: Sequence[uuid.UUID] = (),
 ) -> bool:
-    """Renew ``incarnation`` and release its ``unrecorded`` attempts; ``False`` when the
-    operator has ended it (stop its bodies)."""
+    """Renew ``incarnation``, mark its ``finished`` attempts succeeded and release its
+    ``unrecorded`` ones; ``False`` when the operator has ended it (stop its bodies)."""
     row = conn.execute(
-        _HEARTBEAT, {"incarnation": incarnation, "unrecorded": list(unrecorded)}
+        _HEARTBEAT,
+        {
+            "incarnation": incarnation,
+            "unrecorded": list(unrecorded),
+            "finished": list(finished),
+        },
     ).fetchone()
     return bool(row and row[0])
 
