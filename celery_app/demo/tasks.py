@@ -136,15 +136,7 @@ def _extract(conn: psycopg.Connection[Any], *, entry_id: int, task_id: str) -> d
         _hold_once(conn, entry_id=entry_id, kind=kind)
     # The effect, the audit row and the done mark commit together or not at all.
     with reliable.fenced_transaction(conn):
-        conn.execute(
-            "UPDATE journal_entry SET insights = %s, insights_extracted = true WHERE id = %s",
-            [json.dumps(insights), entry_id],
-        )
-        conn.execute(
-            "UPDATE task_runs SET finished_at = clock_timestamp(), outcome = 'succeeded' "
-            "WHERE id = %s",
-            [run_id],
-        )
+        _write_effect(conn, entry_id=entry_id, run_id=run_id, insights=insights)
     if kind == "hold_after_commit":
         _hold_once(conn, entry_id=entry_id, kind=kind)
     if kind == "hold_after_done":
@@ -172,17 +164,23 @@ def _commit_unfenced_then_kill(
     """Commit the effect the way a body without the fenced-commit helper does, then die
     (the whole worker, as a pod's container would) before anything records the outcome."""
     with conn.transaction():
-        conn.execute(
-            "UPDATE journal_entry SET insights = %s, insights_extracted = true WHERE id = %s",
-            [json.dumps(insights), entry_id],
-        )
-        conn.execute(
-            "UPDATE task_runs SET finished_at = clock_timestamp(), outcome = 'succeeded' "
-            "WHERE id = %s",
-            [run_id],
-        )
+        _write_effect(conn, entry_id=entry_id, run_id=run_id, insights=insights)
         conn.execute("DELETE FROM demo_faults WHERE entry_id = %s", [entry_id])
     os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def _write_effect(
+    conn: psycopg.Connection[Any], *, entry_id: int, run_id: int, insights: dict[str, Any]
+) -> None:
+    """The task's effect — the insights and the processed flag — and its audit row."""
+    conn.execute(
+        "UPDATE journal_entry SET insights = %s, insights_extracted = true WHERE id = %s",
+        [json.dumps(insights), entry_id],
+    )
+    conn.execute(
+        "UPDATE task_runs SET finished_at = clock_timestamp(), outcome = 'succeeded' WHERE id = %s",
+        [run_id],
+    )
 
 
 def _hold_after_done(sender: Any = None, task_id: str | None = None, **_: Any) -> None:

@@ -377,15 +377,7 @@ def test_a_rescue_after_a_postgresql_restart_still_happens_within_seconds(
     clear_faults(journal, list(range(1, ENTRIES + 1)))
     worker_pods("insights-worker-c", concurrency=ENTRIES)
 
-    first.kill()
-    killed = {"insights-worker-a": database_now(journal)}
-    workers.report_running(
-        crds,
-        namespace=namespace,
-        name="insights-worker-a",
-        restart_count=1,
-        started_at=workers.kubernetes_now(),
-    )
+    killed = {"insights-worker-a": kill_and_report_restart(crds, namespace, journal, first, "a")}
     wait_for(
         lambda: unprocessed(journal) == 2,
         timeout_seconds=30,
@@ -395,15 +387,7 @@ def test_a_rescue_after_a_postgresql_restart_still_happens_within_seconds(
     postgres.stop()
     postgres.start()
     wait_seconds(8, why="the operator's sweeps to meet the restarted database")
-    second.kill()
-    killed["insights-worker-b"] = database_now(journal)
-    workers.report_running(
-        crds,
-        namespace=namespace,
-        name="insights-worker-b",
-        restart_count=1,
-        started_at=workers.kubernetes_now(),
-    )
+    killed["insights-worker-b"] = kill_and_report_restart(crds, namespace, journal, second, "b")
     wait_for(
         lambda: unprocessed(journal) == 0,
         timeout_seconds=45,
@@ -411,3 +395,24 @@ def test_a_rescue_after_a_postgresql_restart_still_happens_within_seconds(
     )
     assert runs_per_entry(journal) == dict.fromkeys(range(1, ENTRIES + 1), 2)
     assert audit.overlapping_runs(runs(journal), killed_at=killed) == []
+
+
+def kill_and_report_restart(
+    crds: devstack_kube.ControlPlane,
+    namespace: str,
+    journal: str,
+    worker: processes.ManagedProcess,
+    letter: str,
+) -> object:
+    """SIGKILL the worker of Pod ``insights-worker-<letter>`` and report its container
+    restarted, as the kubelet would; returns the database's time of the kill."""
+    worker.kill()
+    killed_at = database_now(journal)
+    workers.report_running(
+        crds,
+        namespace=namespace,
+        name=f"insights-worker-{letter}",
+        restart_count=1,
+        started_at=workers.kubernetes_now(),
+    )
+    return killed_at
