@@ -27,8 +27,9 @@ lint: setup ## ruff, mypy and hadolint
 demo: setup ## the main job end to end on a local stack
 	$(VENV)/python -m devstack demo $(DEMO_ARGS)
 
-bench: setup ## dispatch throughput against baselines measured in the same run
+bench: setup ## dispatch throughput and rescue latency, against baselines measured in the same run
 	$(VENV)/python -m benchmarks $(BENCH_ARGS)
+	$(VENV)/python -m benchmarks.rescue --compare-tail $(RESCUE_BENCH_ARGS)
 
 manifests: setup ## render manifests/crds.yaml and install.yaml from the Helm chart
 	bash scripts/render-manifests.sh

@@ -12,6 +12,9 @@ fresh database and an empty Redis each time:
 (c) ours: one ``reconcile_once`` over the whole backlog (ledger claim with fence tokens and
     leases, commit, then pipelined publish).
 
-It prints entries/s for each and the ratios ours/raw and ours/seed. Timings are printed,
-never asserted: the tests assert behaviour, not speed.
+It prints entries/s for each and the ratios ours/raw and ours/seed. Then
+``benchmarks.worker`` measures the worker side: the drain rate of one prefork worker for a
+``ReconciledTask`` against a plain Celery task with the same body (no-op, and 20 ms), and
+prints ours/plain. ``python -m benchmarks dispatch`` or ``... worker`` runs one of them.
+Timings are printed, never asserted: the tests assert behaviour, not speed.
 """

@@ -16,6 +16,7 @@ Ctrl-C, or the end, stops every process it started.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -32,6 +33,7 @@ from typing import Any
 import psycopg
 
 from celery_app.demo import audit, schema
+from celery_reconciler import policy
 from devstack import kube, node, postgres, processes, redis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -259,15 +261,29 @@ class Demo:
         rescue = status.get("lastRescue") or {}
         lost = tally.entries - tally.processed
         duplicates = tally.duplicate_successes + len(overlaps)
-        interrupted = sum(1 for run in all_runs if run.finished_at is None)
+        cut_short = [run for run in all_runs if run.finished_at is None]
+        # How often each cut-short entry's body ran again afterwards, counted from task_runs.
+        reruns = collections.Counter(
+            sum(
+                1
+                for run in all_runs
+                if run.entry_id == cut.entry_id and run.started_at > cut.started_at
+            )
+            for cut in cut_short
+        )
+        lease_seconds = self.require_policy_lease_seconds()
         print()
         say("summary (read from PostgreSQL, not from the operator)")
         print(f"    entries:              {tally.entries}")
         print(f"    processed:            {tally.processed}")
         print(f"    lost:                 {lost}")
         print(
-            f"    body runs:            {tally.runs} ({interrupted} cut short by the kill, "
-            "each re-run once)"
+            f"    body runs:            {tally.runs} ({len(cut_short)} cut short by the kill; "
+            + ", ".join(
+                f"{entries} re-ran {times} time{'s' if times != 1 else ''}"
+                for times, entries in sorted(reruns.items())
+            )
+            + ")"
         )
         print(
             f"    duplicate runs:       {duplicates} (same entry succeeding twice, or two "
@@ -281,7 +297,7 @@ class Demo:
             f"    rescued:              {rescue.get('count', 0)} entries held by "
             f"{rescue.get('pod', '-')}, re-dispatched "
             f"{rescue.get('secondsToRedispatch', '?')}s after its Pod restarted "
-            f"(lease: {self.spec['lease']['timeout']})"
+            f"(lease: {lease_seconds:.0f}s)"
         )
         print(f"    wall time:            {elapsed:.1f}s for {self.entries} entries")
         print(f"    metrics:              http://127.0.0.1:{metrics_port}/metrics (until exit)")
@@ -291,6 +307,15 @@ class Demo:
         verdict = f"all {tally.entries} entries processed, {lost} lost, {duplicates} duplicate runs"
         say(verdict if ok else f"FAILED: {verdict}")
         return 0 if ok else 1
+
+    def require_policy_lease_seconds(self) -> float:
+        """The lease of the policy as the API server holds it (what the operator uses)."""
+        spec = json.loads(
+            self.require_plane()
+            .kubectl("-n", NAMESPACE, "get", "processingpolicy", POLICY, "-o", "json")
+            .stdout
+        )["spec"]
+        return policy.parse_duration_seconds(spec["lease"]["timeout"])
 
     def require_plane(self) -> kube.ControlPlane:
         assert self.plane is not None

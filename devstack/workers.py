@@ -1,15 +1,20 @@
 """Real ``celery worker`` processes of the demo app: as Pods on the devstack node, or local.
 
-e2e tests and the demo run workers as real Pods of the project's image (``start_worker_pod``):
-the kubelet restarts a killed container and reports it, which is what the operator's
-pod-restart rescue watches for. The integration tests, which need no Kubernetes, start local
-``celery worker`` processes (``start_worker``) whose ``HOSTNAME`` stands in for a pod name,
-with ``app`` pointed at a probe app when they compare our messages with what Celery sends.
+e2e tests and the demo run workers as real Pods of the project's image
+(``start_worker_pod``): the kubelet restarts a killed container and reports it, and the
+Downward API gives the worker its Pod's name, namespace and uid — what the operator's
+pod-restart rescue acts on. Local ``celery worker`` processes (``start_worker``) serve the
+integration tests, which need no Kubernetes, and the few e2e cases a kubelet cannot stage:
+a worker whose Pod object exists but which the operator must not see, or a Pod status
+written by hand at a chosen moment (``register_pod``, ``report_running``); their
+environment carries what the Downward API would give them (``downward_api_env``).
+``app`` may point at a probe app when a test compares our messages with Celery's own.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import sys
@@ -17,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from devstack import kube, processes
 from devstack import node as devstack_node
-from devstack import processes
 
 
 def start_worker(
@@ -32,7 +37,11 @@ def start_worker(
     queue: str = "insights",
     lease_seconds: float | None = None,
     extra_env: dict[str, str] | None = None,
+    pool: str = "prefork",
+    pod: PodIdentity | None = None,
 ) -> processes.ManagedProcess:
+    """A local ``celery worker``; ``pod`` gives it the env a worker Pod gets from the
+    Downward API, so pod events about that Pod end its incarnations."""
     env = dict(os.environ)
     env.update(
         CELERY_BROKER_URL=broker_url,
@@ -40,6 +49,8 @@ def start_worker(
         HOSTNAME=pod_name,
         PYTHONUNBUFFERED="1",
     )
+    if pod is not None:
+        env.update(pod.downward_api_env())
     if lease_seconds is not None:
         env["DEMO_LEASE_SECONDS"] = str(lease_seconds)
     env.update(extra_env or {})
@@ -56,6 +67,8 @@ def start_worker(
             queue,
             "-c",
             str(concurrency),
+            "--pool",
+            pool,
             "-n",
             f"{pod_name}@%h",
             "--without-gossip",
@@ -74,6 +87,120 @@ def start_worker(
         what="ready",
     )
     return worker
+
+
+@dataclasses.dataclass(frozen=True)
+class PodIdentity:
+    """What the Downward API tells a worker container about its Pod."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def downward_api_env(self) -> dict[str, str]:
+        return {
+            "CELERY_RECONCILER_POD_NAME": self.name,
+            "CELERY_RECONCILER_POD_NAMESPACE": self.namespace,
+            "CELERY_RECONCILER_POD_UID": self.uid,
+        }
+
+
+def register_pod(
+    plane: kube.ControlPlane, *, namespace: str, name: str, labels: dict[str, str]
+) -> PodIdentity:
+    """Create the Pod object standing for a local worker and report it running."""
+    plane.kubectl(
+        "-n",
+        namespace,
+        "apply",
+        "-f",
+        "-",
+        input=json.dumps(pod_manifest(name=name, labels=labels)),
+    )
+    report_running(plane, namespace=namespace, name=name, started_at=kubernetes_now())
+    return PodIdentity(
+        name=name, namespace=namespace, uid=pod_uid(plane, namespace=namespace, name=name)
+    )
+
+
+def kubernetes_now() -> str:
+    """Now, as the kubelet writes times (RFC 3339, whole seconds, rounded down)."""
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def pod_uid(plane: kube.ControlPlane, *, namespace: str, name: str) -> str:
+    return plane.kubectl(
+        "-n", namespace, "get", "pod", name, "-o", "jsonpath={.metadata.uid}"
+    ).stdout.strip()
+
+
+def downward_api_env(plane: kube.ControlPlane, *, namespace: str, name: str) -> dict[str, str]:
+    """What a worker container gets from the Downward API (``fieldRef`` metadata.name,
+    metadata.namespace, metadata.uid) — for a local worker standing for that Pod."""
+    uid = pod_uid(plane, namespace=namespace, name=name)
+    return PodIdentity(name=name, namespace=namespace, uid=uid).downward_api_env()
+
+
+def report_running(
+    plane: kube.ControlPlane,
+    *,
+    namespace: str,
+    name: str,
+    restart_count: int = 0,
+    started_at: str | None = None,
+) -> None:
+    """Write ``pods/status`` as the kubelet would; a higher ``restart_count`` is a restart,
+    ``started_at`` the (re)started container's ``state.running.startedAt``."""
+    plane.kubectl(
+        "-n",
+        namespace,
+        "patch",
+        "pod",
+        name,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps(running_status(restart_count=restart_count, started_at=started_at)),
+    )
+
+
+def pod_manifest(*, name: str, labels: dict[str, str]) -> dict[str, object]:
+    """A Pod object standing for a local worker; it stays Pending (no scheduler, no kubelet)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "containers": [{"name": "worker", "image": "celery-reconciler:demo"}],
+            "automountServiceAccountToken": False,
+        },
+    }
+
+
+def running_status(
+    *,
+    image: str = "celery-reconciler:demo",
+    restart_count: int = 0,
+    started_at: str | None = None,
+) -> dict[str, object]:
+    """The status a kubelet would report for a running worker container, for ``pods/status``."""
+    running = {} if started_at is None else {"startedAt": started_at}
+    return {
+        "status": {
+            "phase": "Running",
+            "containerStatuses": [
+                {
+                    "name": "worker",
+                    "image": image,
+                    "imageID": "",
+                    "ready": True,
+                    "started": True,
+                    "restartCount": restart_count,
+                    "state": {"running": running},
+                }
+            ],
+        }
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,10 +310,19 @@ def worker_pod_manifest(
     extra_env: dict[str, str],
 ) -> dict[str, Any]:
     """The chart's demo worker container as a bare Pod, on the test bed's host network."""
+
+    def field(path: str) -> dict[str, Any]:
+        return {"fieldRef": {"fieldPath": path}}
+
+    # The same Downward API variables as the chart's demo worker: the Pod's name, namespace
+    # and uid make the worker's incarnations end exactly when this Pod's container dies.
+    # HOSTNAME, its display name, is the node's on the host network: set it to the Pod's.
     env: list[dict[str, Any]] = [
-        # The worker names itself in the ledger by $HOSTNAME; a hostNetwork Pod's hostname
-        # is the node's, so the Downward API gives it the Pod's name, as the chart does.
-        {"name": "HOSTNAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "HOSTNAME", "valueFrom": field("metadata.name")},
+        {"name": "CELERY_RECONCILER_POD_NAME", "valueFrom": field("metadata.name")},
+        {"name": "CELERY_RECONCILER_POD_NAMESPACE", "valueFrom": field("metadata.namespace")},
+        {"name": "CELERY_RECONCILER_POD_UID", "valueFrom": field("metadata.uid")},
+        {"name": "CELERY_RECONCILER_CONTAINER_NAME", "value": "worker"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     env += [{"name": key, "value": value} for key, value in extra_env.items()]

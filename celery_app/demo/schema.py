@@ -10,7 +10,13 @@ worker that was killed mid-run (its run has no ``finished_at``).
 
 ``demo_faults`` makes chosen entries misbehave: ``fail`` raises on every run while the row
 exists; ``sleep`` holds the body for ``seconds`` (to kill a worker mid-task or overrun a
-lease).
+lease). The others fire once — the row is deleted when they fire, so a re-run is ordinary —
+and place a stop at an exact point of the body, for tests that kill or freeze the worker
+there: ``hold_before_commit``, ``hold_after_commit`` and ``hold_after_done`` (after the
+task returned and its outcome was recorded) sleep ``seconds`` at that point;
+``unfenced_commit_then_kill`` commits the effect in a plain transaction of its own (as a
+body that does not use the fenced-commit helper would) and then SIGKILLs the whole worker
+(its process group) before anything records the outcome.
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ _STATEMENTS = (
     """
     CREATE TABLE IF NOT EXISTS demo_faults (
         entry_id bigint PRIMARY KEY,
-        kind text NOT NULL CHECK (kind IN ('fail', 'sleep')),
+        kind text NOT NULL CHECK (kind IN ('fail', 'sleep', 'hold_before_commit',
+            'hold_after_commit', 'hold_after_done', 'unfenced_commit_then_kill')),
         seconds double precision NOT NULL DEFAULT 0
     )
     """,

@@ -4,7 +4,9 @@ The body is deliberately ordinary — read the entry, compute insights, store th
 ``insights_extracted = true`` in one transaction — because the point of the demo is that
 the reliability comes from ``reliable.ReconciledTask`` and the operator, not from the task.
 It also records its run in ``task_runs`` (committed before the work, so a killed run stays
-visible) and obeys ``demo_faults``.
+visible) and obeys ``demo_faults``, whose one-shot kinds stop the body at an exact point
+(before its commit, after it, after the outcome was recorded) or commit unfenced and kill
+the worker, for the tests that freeze or kill a worker there.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import time
 from collections import Counter
 from typing import Any
 
+import celery.signals
 import psycopg
 
 from celery_app import reliable
@@ -125,14 +129,65 @@ def _extract(conn: psycopg.Connection[Any], *, entry_id: int, task_id: str) -> d
     if row is None:
         raise LookupError(f"journal entry {entry_id} does not exist")
     insights = derive_insights(row[0])
-    with conn.transaction():
-        conn.execute(
-            "UPDATE journal_entry SET insights = %s, insights_extracted = true WHERE id = %s",
-            [json.dumps(insights), entry_id],
-        )
-        conn.execute(
-            "UPDATE task_runs SET finished_at = clock_timestamp(), outcome = 'succeeded' "
-            "WHERE id = %s",
-            [run_id],
-        )
+    kind = None if fault is None else str(fault[0])
+    if kind == "unfenced_commit_then_kill":
+        _commit_unfenced_then_kill(conn, entry_id=entry_id, run_id=run_id, insights=insights)
+    if kind == "hold_before_commit":
+        _hold_once(conn, entry_id=entry_id, kind=kind)
+    # The effect, the audit row and the done mark commit together or not at all.
+    with reliable.fenced_transaction(conn):
+        _write_effect(conn, entry_id=entry_id, run_id=run_id, insights=insights)
+    if kind == "hold_after_commit":
+        _hold_once(conn, entry_id=entry_id, kind=kind)
+    if kind == "hold_after_done":
+        _holds_after_done[task_id] = entry_id
     return insights
+
+
+# Entries whose one-shot ``hold_after_done`` fault waits for the end of the task, by task id.
+_holds_after_done: dict[str, int] = {}
+
+
+def _hold_once(conn: psycopg.Connection[Any], *, entry_id: int, kind: str) -> None:
+    """Consume the entry's one-shot fault ``kind`` and sleep its seconds (a point to stop at)."""
+    row = conn.execute(
+        "DELETE FROM demo_faults WHERE entry_id = %s AND kind = %s RETURNING seconds",
+        [entry_id, kind],
+    ).fetchone()
+    if row is not None:
+        time.sleep(float(row[0]))
+
+
+def _commit_unfenced_then_kill(
+    conn: psycopg.Connection[Any], *, entry_id: int, run_id: int, insights: dict[str, Any]
+) -> None:
+    """Commit the effect the way a body without the fenced-commit helper does, then die
+    (the whole worker, as a pod's container would) before anything records the outcome."""
+    with conn.transaction():
+        _write_effect(conn, entry_id=entry_id, run_id=run_id, insights=insights)
+        conn.execute("DELETE FROM demo_faults WHERE entry_id = %s", [entry_id])
+    os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def _write_effect(
+    conn: psycopg.Connection[Any], *, entry_id: int, run_id: int, insights: dict[str, Any]
+) -> None:
+    """The task's effect — the insights and the processed flag — and its audit row."""
+    conn.execute(
+        "UPDATE journal_entry SET insights = %s, insights_extracted = true WHERE id = %s",
+        [json.dumps(insights), entry_id],
+    )
+    conn.execute(
+        "UPDATE task_runs SET finished_at = clock_timestamp(), outcome = 'succeeded' WHERE id = %s",
+        [run_id],
+    )
+
+
+def _hold_after_done(sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+    """After ``ReconciledTask`` recorded the outcome: the ``hold_after_done`` stop."""
+    entry_id = _holds_after_done.pop(str(task_id), None)
+    if entry_id is not None:
+        _hold_once(_connection.get(), entry_id=entry_id, kind="hold_after_done")
+
+
+celery.signals.task_postrun.connect(_hold_after_done, weak=False)

@@ -22,9 +22,10 @@ A stock ``celery worker`` cannot tell these messages from ``send_task`` ones (an
 integration test proves it on headers, retries and task id). Other brokers (AMQP, SQS ...)
 fall back to ``send_task`` on one reused producer: correct, just not pipelined.
 
-Per-message Celery time limits (``timelimit`` header) are set below the lease
-(``planning.task_time_limits_seconds``) so a prefork pool kills an overlong body before the
-operator would re-dispatch it.
+The operator sends no per-message time limit: a body may run as long as its worker keeps
+heartbeating (``celery_app.reliable``), and a worker that cannot heartbeat stops its own
+bodies. Re-dispatches (rescues, due retries) are published *ahead* of the backlog on Redis
+(``RPUSH`` to the end kombu pops), so rescued work runs next instead of last.
 
 Broker errors surface as ``BrokerUnavailable`` whose message never contains the URL's
 password (``redact_url``).
@@ -78,7 +79,11 @@ class Publisher(Protocol):
         queue: str,
         messages: Sequence[TaskMessage],
         time_limits_seconds: tuple[float, float] | None,
-    ) -> int: ...
+        ahead: bool = False,
+    ) -> int:
+        """Publish ``messages``; ``ahead`` puts them before everything already queued (where
+        the broker can), for re-dispatches that must run next, not behind the backlog."""
+        ...
 
     def queue_depth(self, queue: str) -> int: ...
 
@@ -228,6 +233,7 @@ class RedisPublisher:
         queue: str,
         messages: Sequence[TaskMessage],
         time_limits_seconds: tuple[float, float] | None,
+        ahead: bool = False,
     ) -> int:
         if not messages:
             return 0
@@ -243,10 +249,18 @@ class RedisPublisher:
             for message in messages
         ]
         key = self._key_prefix + queue
+        if ahead:
+            # kombu's worker pops the list's right end (BRPOP): RPUSH lands next in line;
+            # reversed, so the first of ``messages`` is the first to run.
+            payloads.reverse()
         try:
             with self._client.pipeline(transaction=False) as pipe:
                 for start in range(0, len(payloads), LPUSH_CHUNK):
-                    pipe.lpush(key, *payloads[start : start + LPUSH_CHUNK])
+                    chunk = payloads[start : start + LPUSH_CHUNK]
+                    if ahead:
+                        pipe.rpush(key, *chunk)
+                    else:
+                        pipe.lpush(key, *chunk)
                 pipe.execute()
         except redis.exceptions.RedisError as error:
             raise unavailable(
@@ -294,7 +308,9 @@ class KombuPublisher:
         queue: str,
         messages: Sequence[TaskMessage],
         time_limits_seconds: tuple[float, float] | None,
+        ahead: bool = False,
     ) -> int:
+        # AMQP has no "front of the queue"; re-dispatches join the tail (see concepts.md).
         soft, hard = time_limits_seconds or (None, None)
         try:
             with self._app.producer_or_acquire() as producer:

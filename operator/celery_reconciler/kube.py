@@ -35,6 +35,8 @@ from typing import Any
 import kubernetes
 import urllib3
 
+from celery_reconciler import planning
+
 logger = logging.getLogger(__name__)
 
 GROUP = "celery-reconciler.io"
@@ -55,8 +57,12 @@ class KubernetesUnavailable(Exception):
 class WorkerPod:
     name: str
     uid: str
-    restart_counts: Mapping[str, int]
+    containers: tuple[planning.ContainerStatus, ...] = ()
     phase: str | None = None
+
+    @property
+    def restart_counts(self) -> dict[str, int]:
+        return {container.name: container.restart_count for container in self.containers}
 
 
 # Set by the CLI (``use_api_client``): a client from an explicit kubeconfig replaces the
@@ -165,11 +171,28 @@ def pod_from_body(body: Mapping[str, Any]) -> WorkerPod:
         name=metadata.get("name", ""),
         uid=metadata.get("uid", ""),
         phase=status.get("phase"),
-        restart_counts={
-            s.get("name", ""): int(s.get("restartCount", s.get("restart_count", 0)) or 0)
-            for s in statuses
-        },
+        containers=tuple(_container_status(raw) for raw in statuses),
     )
+
+
+def _container_status(raw: Mapping[str, Any]) -> planning.ContainerStatus:
+    running = (raw.get("state") or {}).get("running") or {}
+    container_id = raw.get("containerID") or raw.get("container_id") or ""
+    return planning.ContainerStatus(
+        name=str(raw.get("name", "")),
+        restart_count=int(raw.get("restartCount", raw.get("restart_count", 0)) or 0),
+        container_id=container_id.split("://", 1)[-1] or None,
+        started_at=_timestamp(running.get("startedAt") or running.get("started_at")),
+    )
+
+
+def _timestamp(value: object) -> datetime.datetime | None:
+    """An API timestamp: a datetime from the client's models, RFC 3339 text from a watch."""
+    if isinstance(value, datetime.datetime):
+        return value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
+    if isinstance(value, str) and value:
+        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return None
 
 
 def label_selector_string(selector: Mapping[str, Any]) -> str:
@@ -205,7 +228,6 @@ def watch_worker_pods(
     namespace: str,
     label_selector: str,
     on_event: Callable[[str, WorkerPod], None],
-    on_listed: Callable[[frozenset[str]], None],
     stopping: threading.Event,
 ) -> None:
     """Stream ADDED/MODIFIED/DELETED pod events for one policy's workers until ``stopping``.
@@ -222,7 +244,6 @@ def watch_worker_pods(
             listing = core.list_namespaced_pod(namespace, label_selector=label_selector)
             for pod in listing.items:
                 on_event("ADDED", pod_from_body(pod.to_dict()))
-            on_listed(frozenset(pod.metadata.name for pod in listing.items))
             resource_version = listing.metadata.resource_version
             while not stopping.is_set():
                 stream = kubernetes.watch.Watch().stream(
@@ -248,7 +269,7 @@ def watch_worker_pods(
             if failure != last_failure:
                 logger.warning(
                     "watching pods %r in namespace %s failed (%s)%s; retrying every 2 s — "
-                    "until it works, rescues wait for lease expiry",
+                    "until it works, workers' heartbeats alone tell the operator which died",
                     label_selector,
                     namespace,
                     failure,

@@ -11,16 +11,23 @@ Tables (see docs/design.md):
   sweep so workers can compute backoff without reading the ProcessingPolicy.
 * ``entries``: one row per (policy, entry id) with its state machine
   ``queued -> running -> succeeded | retry_wait | dead``, the fence token (the Celery task id
-  of the current dispatch), the lease deadline and the last error.
+  of the current dispatch), the lease deadline, the incarnation running it and the last error.
 * ``attempts``: the history of each execution, for ``explain`` and for tests that check the
   retry timestamps.
+* ``incarnations``: one row per worker process life (pod uid, container id or start time,
+  host, pid, heartbeat). Liveness is a fact about an incarnation, never about a name: the
+  operator ends one when a pod event proves its container dead, or when its heartbeat is older
+  than its timeout — by then the worker has stopped its own bodies (``celery_app.reliable``).
 
 Two sides call this module:
 
-* the operator (``reconcile``): ``ensure_schema``, ``upsert_policy``, ``expire_leases``,
-  ``claim`` (inside the caller's transaction), ``release_claims``, ``retry_dead``, counts;
-* the worker (``celery_app.reliable``): ``start_attempt`` (the atomic fence check),
-  ``record_success``, ``record_failure``.
+* the operator (``reconcile``): ``ensure_schema``, ``upsert_policy``,
+  ``end_silent_incarnations``, ``end_pod_incarnations``, ``expire_leases``, ``claim``
+  (inside the caller's transaction), ``due_retries``, ``release_claims``, ``retry_dead``,
+  counts;
+* the worker (``celery_app.reliable``): ``register_incarnation``, ``heartbeat``,
+  ``start_attempt`` (the atomic fence check), ``record_success`` (also inside the body's own
+  transaction: the fenced commit), ``record_failure``.
 
 Every statement is composed with ``psycopg.sql`` from constant text and identifiers; values
 are always bound parameters. All times are the database's ``now()``, never a host clock, so
@@ -42,6 +49,7 @@ import psycopg
 from psycopg import conninfo, sql
 from psycopg.rows import dict_row
 
+from celery_reconciler import planning
 from celery_reconciler import policy as policy_module
 
 SCHEMA = "celery_reconciler"
@@ -55,6 +63,7 @@ _SCHEMA = sql.Identifier(SCHEMA)
 _POLICIES = sql.Identifier(SCHEMA, "policies")
 _ENTRIES = sql.Identifier(SCHEMA, "entries")
 _ATTEMPTS = sql.Identifier(SCHEMA, "attempts")
+_INCARNATIONS = sql.Identifier(SCHEMA, "incarnations")
 _MIGRATIONS_TABLE = sql.Identifier(SCHEMA, "schema_migrations")
 
 
@@ -75,6 +84,7 @@ class ExpiredLeases:
     retry_now: int  # running attempts lost, entry pending again (counts as a failed attempt)
     dead: int  # running attempts lost with no attempts left
     unstarted: int  # queued messages never started before the lease ran out (lost messages)
+    retry_ids: tuple[str, ...] = ()  # the entries of ``retry_now``, due again now
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,16 +197,36 @@ def unavailable(error: BaseException, *, dsn: str, doing: str) -> DatabaseUnavai
     )
 
 
+# TCP keepalives, so a connection whose peer vanished (a half-open socket after a network
+# cut or a server host that died) fails in tens of seconds instead of blocking forever.
+KEEPALIVES_IDLE_SECONDS = 10
+KEEPALIVES_INTERVAL_SECONDS = 5
+KEEPALIVES_COUNT = 3
+
+
 def connect(
-    dsn: str, *, application_name: str = "celery-reconciler", connect_timeout_seconds: int = 5
+    dsn: str,
+    *,
+    application_name: str = "celery-reconciler",
+    connect_timeout_seconds: int = 5,
+    tcp_user_timeout_seconds: float = 30.0,
 ) -> psycopg.Connection[Any]:
-    """An autocommit connection, or ``DatabaseUnavailable`` naming the server (not the DSN)."""
+    """An autocommit connection, or ``DatabaseUnavailable`` naming the server (not the DSN).
+
+    ``tcp_user_timeout_seconds`` bounds how long sent data may stay unacknowledged before
+    the connection fails (libpq's ``tcp_user_timeout``).
+    """
     try:
         return psycopg.connect(
             dsn,
             autocommit=True,
             application_name=application_name,
             connect_timeout=connect_timeout_seconds,
+            tcp_user_timeout=int(tcp_user_timeout_seconds * 1000),
+            keepalives=1,
+            keepalives_idle=KEEPALIVES_IDLE_SECONDS,
+            keepalives_interval=KEEPALIVES_INTERVAL_SECONDS,
+            keepalives_count=KEEPALIVES_COUNT,
         )
     except psycopg.Error as error:
         raise unavailable(error, dsn=dsn, doing="connecting") from None
@@ -288,6 +318,55 @@ _MIGRATIONS: tuple[tuple[int, tuple[sql.Composed, ...]], ...] = (
                 "CREATE INDEX attempts_finished ON {attempts} (policy_key, finished_at) "
                 "WHERE finished_at IS NOT NULL"
             ).format(attempts=_ATTEMPTS),
+        ),
+    ),
+    (
+        3,
+        (
+            # One row per worker process life. Liveness is a fact about an incarnation (its
+            # heartbeat, or the pod event that killed its container), never about a name.
+            sql.SQL(
+                """
+                CREATE TABLE {incarnations} (
+                    id uuid PRIMARY KEY,
+                    hostname text NOT NULL,
+                    pid integer NOT NULL,
+                    pod_name text,
+                    pod_namespace text,
+                    pod_uid text,
+                    container_id text,
+                    container_name text,
+                    heartbeat_timeout_seconds double precision NOT NULL
+                        CHECK (heartbeat_timeout_seconds > 0),
+                    started_at timestamptz NOT NULL DEFAULT now(),
+                    heartbeat_at timestamptz NOT NULL DEFAULT now(),
+                    ended_at timestamptz,
+                    ended_reason text
+                )
+                """
+            ).format(incarnations=_INCARNATIONS),
+            sql.SQL(
+                "CREATE INDEX incarnations_live_by_pod ON {incarnations} (pod_uid) "
+                "WHERE ended_at IS NULL"
+            ).format(incarnations=_INCARNATIONS),
+            sql.SQL(
+                "CREATE INDEX incarnations_live ON {incarnations} (heartbeat_at) "
+                "WHERE ended_at IS NULL"
+            ).format(incarnations=_INCARNATIONS),
+            sql.SQL(
+                "CREATE INDEX incarnations_ended ON {incarnations} (ended_at) "
+                "WHERE ended_at IS NOT NULL"
+            ).format(incarnations=_INCARNATIONS),
+            # Rows running under a worker of the previous schema keep a NULL incarnation and
+            # are judged by their lease alone, as before the upgrade.
+            sql.SQL("ALTER TABLE {entries} ADD COLUMN incarnation uuid").format(entries=_ENTRIES),
+            sql.SQL("ALTER TABLE {attempts} ADD COLUMN incarnation uuid").format(
+                attempts=_ATTEMPTS
+            ),
+            sql.SQL(
+                "CREATE INDEX entries_running_by_incarnation ON {entries} (incarnation) "
+                "WHERE state = 'running'"
+            ).format(entries=_ENTRIES),
         ),
     ),
 )
@@ -386,15 +465,24 @@ def upsert_policy(conn: psycopg.Connection[Any], policy: policy_module.Policy) -
     )
 
 
-# An expired running lease is a failed attempt (the worker died or the body overran), so it
+# A lost running attempt is a failed attempt (the worker died or the body overran), so it
 # consumes the attempt: a poison entry that kills its worker ends dead, not in a crash loop.
-_EXPIRE_RUNNING = sql.SQL(
+# An attempt is lost when the incarnation running it has ended (a pod event proved its
+# container dead, or it stopped heartbeating and so stopped its own bodies), or — the backstop
+# for workers of the previous schema, which have no incarnation — when its lease ran out.
+_EXPIRE_LOST = sql.SQL(
     """
     WITH lost AS (
         UPDATE {entries} e SET
             state = CASE WHEN e.attempt >= p.max_attempts THEN 'dead' ELSE 'retry_wait' END,
             next_attempt_at = CASE WHEN e.attempt >= p.max_attempts THEN NULL ELSE now() END,
-            last_error = %(reason)s || coalesce(e.worker, 'an unknown worker'),
+            last_error = coalesce(
+                (SELECT 'the worker process running this attempt ended (' || i.ended_reason
+                        || ')'
+                 FROM {incarnations} i WHERE i.id = e.incarnation AND i.ended_at IS NOT NULL),
+                'lease expired while running (the worker died, was restarted, or the body ran '
+                || 'past spec.lease.timeout without heartbeats)')
+                || ' on worker ' || coalesce(e.worker, 'an unknown worker'),
             lease_deadline = NULL,
             finished_at = now(),
             updated_at = now()
@@ -402,30 +490,19 @@ _EXPIRE_RUNNING = sql.SQL(
         WHERE p.policy_key = e.policy_key
           AND e.policy_key = %(policy_key)s
           AND e.state = 'running'
-          AND {which}
-        RETURNING e.fence_token, e.state, e.last_error
+          AND (e.lease_deadline <= now()
+               OR EXISTS (SELECT 1 FROM {incarnations} i
+                          WHERE i.id = e.incarnation AND i.ended_at IS NOT NULL))
+        RETURNING e.entry_id, e.fence_token, e.state, e.last_error
     ), history AS (
         UPDATE {attempts} a SET outcome = 'lost', error = lost.last_error, finished_at = now(),
             retry_at = CASE WHEN lost.state = 'dead' THEN NULL ELSE now() END
         FROM lost
         WHERE a.fence_token = lost.fence_token AND a.outcome = 'running'
     )
-    SELECT count(*) FILTER (WHERE state = 'retry_wait'), count(*) FILTER (WHERE state = 'dead')
-    FROM lost
+    SELECT entry_id, state FROM lost
     """
-)
-_EXPIRE_BY_TIME = _EXPIRE_RUNNING.format(
-    entries=_ENTRIES,
-    policies=_POLICIES,
-    attempts=_ATTEMPTS,
-    which=sql.SQL("e.lease_deadline <= now()"),
-)
-_EXPIRE_BY_WORKER = _EXPIRE_RUNNING.format(
-    entries=_ENTRIES,
-    policies=_POLICIES,
-    attempts=_ATTEMPTS,
-    which=sql.SQL("e.worker = %(worker)s"),
-)
+).format(entries=_ENTRIES, policies=_POLICIES, attempts=_ATTEMPTS, incarnations=_INCARNATIONS)
 _COUNT_UNSTARTED_EXPIRED = sql.SQL(
     "SELECT count(*) FROM {entries} WHERE policy_key = %s AND state = 'queued' "
     "AND lease_deadline <= now()"
@@ -433,40 +510,84 @@ _COUNT_UNSTARTED_EXPIRED = sql.SQL(
 
 
 def expire_leases(conn: psycopg.Connection[Any], *, policy_key: str) -> ExpiredLeases:
-    """Turn running attempts whose lease ran out into failed attempts; count lost messages.
+    """Turn lost running attempts into failed ones; count lost messages.
 
-    Queued rows whose lease ran out need no write: they are eligible for the next claim as
-    they are (their message was lost, so no attempt is charged).
+    Lost: the incarnation running it has ended, or (backstop) its lease ran out. Queued rows
+    whose lease ran out need no write: they are eligible for the next claim as they are (their
+    message was lost, so no attempt is charged).
     """
     with conn.transaction():
-        row = conn.execute(
-            _EXPIRE_BY_TIME,
-            {
-                "policy_key": policy_key,
-                "reason": "lease expired while running (the worker died, was restarted, or the "
-                "body ran past spec.lease.timeout) on worker ",
-            },
-        ).fetchone()
+        lost = conn.execute(_EXPIRE_LOST, {"policy_key": policy_key}).fetchall()
         unstarted = conn.execute(_COUNT_UNSTARTED_EXPIRED, [policy_key]).fetchone()
-    assert row is not None and unstarted is not None
-    return ExpiredLeases(retry_now=row[0], dead=row[1], unstarted=unstarted[0])
+    assert unstarted is not None
+    retry_ids = tuple(entry_id for entry_id, state in lost if state == "retry_wait")
+    return ExpiredLeases(
+        retry_now=len(retry_ids),
+        dead=len(lost) - len(retry_ids),
+        unstarted=unstarted[0],
+        retry_ids=retry_ids,
+    )
 
 
-def expire_leases_held_by(
-    conn: psycopg.Connection[Any], *, policy_key: str, worker: str
-) -> ExpiredLeases:
-    """Expire at once every running lease held by ``worker`` (a pod that restarted or left)."""
-    with conn.transaction():
-        row = conn.execute(
-            _EXPIRE_BY_WORKER,
-            {
-                "policy_key": policy_key,
-                "worker": worker,
-                "reason": "worker pod restarted or was deleted while running this attempt: ",
-            },
-        ).fetchone()
-    assert row is not None
-    return ExpiredLeases(retry_now=row[0], dead=row[1], unstarted=0)
+_END_SILENT_INCARNATIONS = sql.SQL(
+    """
+    UPDATE {incarnations} SET ended_at = now(),
+        ended_reason = 'no heartbeat for ' || round(heartbeat_timeout_seconds::numeric, 1)
+            || ' s: it stopped its own bodies'
+    WHERE ended_at IS NULL
+      AND heartbeat_at < now() - make_interval(secs => heartbeat_timeout_seconds)
+    """
+).format(incarnations=_INCARNATIONS)
+# Ended incarnations are kept a day for ``explain`` and people, then pruned in batches.
+_PRUNE_ENDED_INCARNATIONS = sql.SQL(
+    """
+    DELETE FROM {incarnations} WHERE id IN (
+        SELECT id FROM {incarnations} WHERE ended_at < now() - interval '1 day' LIMIT 1000)
+    """
+).format(incarnations=_INCARNATIONS)
+
+
+def end_silent_incarnations(conn: psycopg.Connection[Any]) -> int:
+    """End every incarnation whose heartbeat is older than its timeout; how many ended.
+
+    Such a worker has, by its own rule, stopped its bodies at half the timeout (or it is
+    dead), so the operator may hand its attempts to someone else.
+    """
+    ended = conn.execute(_END_SILENT_INCARNATIONS).rowcount
+    conn.execute(_PRUNE_ENDED_INCARNATIONS)
+    return ended
+
+
+_END_POD_INCARNATIONS = sql.SQL(
+    """
+    UPDATE {incarnations} SET ended_at = now(), ended_reason = %(reason)s
+    WHERE ended_at IS NULL AND pod_uid = %(pod_uid)s
+      AND (%(whole_pod)s
+           OR (container_id IS NOT NULL
+               AND NOT (container_id = ANY(%(running_container_ids)s::text[])))
+           OR (container_id IS NULL
+               AND (container_name = ANY(%(restarted_containers)s::text[])
+                    OR (container_name IS NULL AND %(single_container)s))
+               AND (%(started_before)s::timestamptz IS NULL
+                    OR started_at < %(started_before)s::timestamptz)))
+    """
+).format(incarnations=_INCARNATIONS)
+
+
+def end_pod_incarnations(conn: psycopg.Connection[Any], *, ending: planning.PodEnding) -> int:
+    """End exactly the incarnations a pod event killed (see ``planning.pod_ending``)."""
+    return conn.execute(
+        _END_POD_INCARNATIONS,
+        {
+            "reason": ending.reason,
+            "pod_uid": ending.pod_uid,
+            "whole_pod": ending.whole_pod,
+            "running_container_ids": list(ending.running_container_ids),
+            "restarted_containers": list(ending.restarted_containers),
+            "single_container": ending.single_container,
+            "started_before": ending.started_before,
+        },
+    ).rowcount
 
 
 # One unique-key probe per candidate id, forced by LATERAL: a plain ``entry_id = ANY(...)``
@@ -499,6 +620,7 @@ _CLAIM_LOCKED = sql.SQL(
         next_attempt_at = NULL,
         dispatched_at = now(),
         attempt = CASE WHEN state = 'succeeded' THEN 0 ELSE attempt END,
+        incarnation = NULL,
         last_error = CASE WHEN state = 'succeeded' THEN NULL ELSE last_error END,
         updated_at = now()
     WHERE ctid = ANY(%(row_ids)s::tid[])
@@ -609,17 +731,6 @@ def release_queued(conn: psycopg.Connection[Any], *, policy_key: str) -> int:
     return conn.execute(_RELEASE_QUEUED, [policy_key]).rowcount
 
 
-_LEASE_HOLDERS = sql.SQL(
-    "SELECT DISTINCT worker FROM {entries} WHERE policy_key = %s AND state = 'running' "
-    "AND worker IS NOT NULL"
-).format(entries=_ENTRIES)
-
-
-def lease_holders(conn: psycopg.Connection[Any], *, policy_key: str) -> set[str]:
-    """Workers (pod names) holding running leases of the policy right now."""
-    return {row[0] for row in conn.execute(_LEASE_HOLDERS, [policy_key])}
-
-
 _COUNT_IN_FLIGHT = sql.SQL(
     "SELECT count(*) FROM {entries} WHERE policy_key = %s AND state IN ('queued', 'running') "
     "AND lease_deadline > now()"
@@ -633,16 +744,26 @@ def count_in_flight(conn: psycopg.Connection[Any], *, policy_key: str) -> int:
     return int(row[0])
 
 
+# When the loop must look again: the earliest due retry, lease deadline, or the moment a
+# running attempt's incarnation would be silent for longer than its heartbeat timeout.
+_NEXT_DUE = sql.SQL(
+    """
+    min(CASE
+        WHEN e.state = 'retry_wait' THEN e.next_attempt_at
+        WHEN e.state = 'queued' THEN e.lease_deadline
+        WHEN e.state = 'running' THEN least(e.lease_deadline,
+            (SELECT i.heartbeat_at + make_interval(secs => i.heartbeat_timeout_seconds)
+             FROM {incarnations} i WHERE i.id = e.incarnation))
+    END)
+    """
+).format(incarnations=_INCARNATIONS)
 _SECONDS_UNTIL_NEXT_DUE = sql.SQL(
     """
-    SELECT EXTRACT(EPOCH FROM min(CASE
-        WHEN state = 'retry_wait' THEN next_attempt_at
-        WHEN state IN ('queued', 'running') THEN lease_deadline
-    END) - now())
-    FROM {entries}
-    WHERE policy_key = %s AND state IN ('queued', 'running', 'retry_wait')
+    SELECT EXTRACT(EPOCH FROM {next_due} - now())
+    FROM {entries} e
+    WHERE e.policy_key = %s AND e.state IN ('queued', 'running', 'retry_wait')
     """
-).format(entries=_ENTRIES)
+).format(entries=_ENTRIES, next_due=_NEXT_DUE)
 
 
 def seconds_until_next_due(conn: psycopg.Connection[Any], *, policy_key: str) -> float | None:
@@ -654,8 +775,8 @@ def seconds_until_next_due(conn: psycopg.Connection[Any], *, policy_key: str) ->
 _UNSETTLED = sql.SQL(
     """
     SELECT entry_id FROM {entries}
-    WHERE policy_key = %s AND state = 'retry_wait'
-    ORDER BY next_attempt_at LIMIT %s
+    WHERE policy_key = %s AND state IN ('retry_wait', 'dead')
+    ORDER BY updated_at LIMIT %s
     """
 ).format(entries=_ENTRIES)
 
@@ -663,7 +784,7 @@ _MARK_SETTLED = sql.SQL(
     """
     UPDATE {entries} SET state = 'succeeded', next_attempt_at = NULL, updated_at = now(),
         finished_at = coalesce(finished_at, now())
-    WHERE policy_key = %s AND entry_id = ANY(%s) AND state = 'retry_wait'
+    WHERE policy_key = %s AND entry_id = ANY(%s) AND state IN ('retry_wait', 'dead')
     """
 ).format(entries=_ENTRIES)
 
@@ -675,10 +796,12 @@ def settle_finished(
     still_pending: Callable[[Sequence[str]], set[str]],
     limit: int = 10_000,
 ) -> int:
-    """Mark ``retry_wait`` rows succeeded when the source says the entry is processed.
+    """Mark ``retry_wait`` and ``dead`` rows succeeded when the source says the entry is
+    processed.
 
     This happens when a body committed its work but the worker died (or lost its lease)
-    before recording success: the entry is done, and counting it as "retrying" would lie.
+    before recording success: the entry is done, and counting it as retrying or dead-lettered
+    would lie.
     """
     waiting = [row[0] for row in conn.execute(_UNSETTLED, [policy_key, limit])]
     if not waiting:
@@ -688,6 +811,22 @@ def settle_finished(
     if not done:
         return 0
     return conn.execute(_MARK_SETTLED, [policy_key, done]).rowcount
+
+
+_DUE_RETRIES = sql.SQL(
+    """
+    SELECT entry_id FROM {entries}
+    WHERE policy_key = %s AND state = 'retry_wait' AND next_attempt_at <= now()
+    ORDER BY next_attempt_at LIMIT %s
+    """
+).format(entries=_ENTRIES)
+
+
+def due_retries(conn: psycopg.Connection[Any], *, policy_key: str, limit: int) -> list[str]:
+    """Entries whose retry is due, the longest-waiting first: dispatched ahead of the backlog."""
+    if limit <= 0:
+        return []
+    return [row[0] for row in conn.execute(_DUE_RETRIES, [policy_key, limit])]
 
 
 _RETRY_DEAD = sql.SQL(
@@ -719,18 +858,15 @@ def retry_dead(
 _COUNTS = sql.SQL(
     """
     SELECT
-        count(*) FILTER (WHERE state = 'queued'),
-        count(*) FILTER (WHERE state = 'running'),
-        count(*) FILTER (WHERE state = 'retry_wait'),
-        count(*) FILTER (WHERE state = 'succeeded'),
-        count(*) FILTER (WHERE state = 'dead'),
-        EXTRACT(EPOCH FROM min(CASE
-            WHEN state = 'retry_wait' THEN next_attempt_at
-            WHEN state IN ('queued', 'running') THEN lease_deadline
-        END) - now())
-    FROM {entries} WHERE policy_key = %s
+        count(*) FILTER (WHERE e.state = 'queued'),
+        count(*) FILTER (WHERE e.state = 'running'),
+        count(*) FILTER (WHERE e.state = 'retry_wait'),
+        count(*) FILTER (WHERE e.state = 'succeeded'),
+        count(*) FILTER (WHERE e.state = 'dead'),
+        EXTRACT(EPOCH FROM {next_due} - now())
+    FROM {entries} e WHERE e.policy_key = %s
     """
-).format(entries=_ENTRIES)
+).format(entries=_ENTRIES, next_due=_NEXT_DUE)
 
 
 def counts(conn: psycopg.Connection[Any], *, policy_key: str) -> LedgerCounts:
@@ -777,19 +913,50 @@ def history(
 
 # --- worker side ---------------------------------------------------------------------------
 
+# Bodies an incarnation finished since its last statement, marked succeeded by the next one
+# (its next fence check, or its heartbeat): a worker spends one ledger statement per task.
+# Until then the entry stays ``running`` under a live incarnation — nothing re-dispatches
+# it — and if the process dies first, the source shows it processed and the sweep settles
+# it. Every statement that embeds this binds ``%(finished)s`` (a uuid[]).
+_MARK_FINISHED = sql.SQL(
+    """
+    finished AS (
+        UPDATE {entries} SET state = 'succeeded', lease_deadline = NULL,
+            next_attempt_at = NULL, finished_at = now(), updated_at = now()
+        WHERE fence_token = ANY(%(finished)s::uuid[]) AND state = 'running'
+        RETURNING fence_token
+    ), finished_history AS (
+        UPDATE {attempts} a SET outcome = 'succeeded', finished_at = now()
+        FROM finished WHERE a.fence_token = finished.fence_token AND a.outcome = 'running'
+    )
+    """
+).format(entries=_ENTRIES, attempts=_ATTEMPTS)
+
+
 # The fence: a worker may run the body only if its task id is the entry's current fence
 # token, the entry is still queued (not already running, retried or finished) and the lease
-# is live. One UPDATE checks and claims at once, so two deliveries cannot both pass.
+# is live — and, for a worker with an incarnation, only while that incarnation is live and
+# heartbeated within half its timeout. One statement checks and claims at once, so two
+# deliveries cannot both pass. ``FOR SHARE`` on the incarnation row makes the operator's
+# ending of it (an UPDATE of that row) and this start serialize: whichever commits first
+# wins, and a start that waited re-reads the row and sees it ended.
 _START_ATTEMPT = sql.SQL(
     """
-    WITH started AS (
+    WITH {mark_finished}, me AS (
+        SELECT id, heartbeat_timeout_seconds FROM {incarnations}
+        WHERE id = %(incarnation)s::uuid AND ended_at IS NULL
+          AND heartbeat_at > now() - make_interval(secs => heartbeat_timeout_seconds / 2)
+        FOR SHARE
+    ), started AS (
         UPDATE {entries} e SET
             state = 'running',
             attempt = e.attempt + 1,
             worker = %(worker)s,
+            incarnation = %(incarnation)s::uuid,
             started_at = now(),
             finished_at = NULL,
-            lease_deadline = now() + make_interval(secs => p.lease_seconds),
+            lease_deadline = now() + make_interval(secs => greatest(p.lease_seconds,
+                coalesce((SELECT heartbeat_timeout_seconds FROM me), 0))),
             updated_at = now()
         FROM {policies} p
         WHERE e.fence_token = %(fence_token)s
@@ -797,37 +964,60 @@ _START_ATTEMPT = sql.SQL(
           AND e.state = 'queued'
           AND e.lease_deadline > now()
           AND p.policy_key = e.policy_key
+          AND (%(incarnation)s::uuid IS NULL OR EXISTS (SELECT 1 FROM me))
         RETURNING e.policy_key, e.entry_id, e.attempt, e.fence_token, e.dispatched_at,
             e.started_at, p.max_attempts, p.initial_delay_seconds, p.backoff_factor,
             p.max_delay_seconds, p.jitter, p.lease_seconds
     ), recorded AS (
         INSERT INTO {attempts} (policy_key, entry_id, attempt, fence_token, worker, outcome,
-            dispatched_at, started_at)
+            dispatched_at, started_at, incarnation)
         SELECT policy_key, entry_id, attempt, fence_token, %(worker)s, 'running',
-            dispatched_at, started_at
+            dispatched_at, started_at, %(incarnation)s::uuid
         FROM started
     )
     SELECT policy_key, entry_id, attempt, fence_token, max_attempts, initial_delay_seconds,
         backoff_factor, max_delay_seconds, jitter, lease_seconds
     FROM started
     """
-).format(entries=_ENTRIES, policies=_POLICIES, attempts=_ATTEMPTS)
+).format(
+    entries=_ENTRIES,
+    policies=_POLICIES,
+    attempts=_ATTEMPTS,
+    incarnations=_INCARNATIONS,
+    mark_finished=_MARK_FINISHED,
+)
 
 
 def start_attempt(
-    conn: psycopg.Connection[Any], *, fence_token: str, entry_id: str | None, worker: str
+    conn: psycopg.Connection[Any],
+    *,
+    fence_token: str,
+    entry_id: str | None,
+    worker: str,
+    incarnation: uuid.UUID | None = None,
+    finished: Sequence[uuid.UUID] = (),
 ) -> RunningAttempt | None:
-    """Claim the right to run the body, or ``None`` for a stale or foreign delivery.
+    """Claim the right to run the body, or ``None`` for a stale or foreign delivery (or an
+    incarnation that is no longer live: see ``incarnation_is_live``).
 
     ``entry_id`` (when known) must match the ledger row of the fence token too, so a
     message can never run the body for a different entry than the one it was claimed for.
+    ``finished``: this incarnation's bodies that succeeded since its last statement, marked
+    succeeded in the same statement (see ``_MARK_FINISHED``).
     """
     try:
         token = uuid.UUID(fence_token)
     except ValueError:
         return None  # not one of our messages: task ids we publish are always UUIDs
     row = conn.execute(
-        _START_ATTEMPT, {"fence_token": token, "entry_id": entry_id, "worker": worker}
+        _START_ATTEMPT,
+        {
+            "fence_token": token,
+            "entry_id": entry_id,
+            "worker": worker,
+            "incarnation": incarnation,
+            "finished": list(finished),
+        },
     ).fetchone()
     if row is None:
         return None
@@ -910,6 +1100,115 @@ def record_failure(
         {"fence_token": fence_token, "error": error, "retry_in_seconds": retry_in_seconds},
     ).fetchone()
     return None if row is None else str(row[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerIdentity:
+    """Who a worker process is, as far as it can tell (the Downward API gives the pod)."""
+
+    hostname: str
+    pid: int
+    pod_name: str | None = None
+    pod_namespace: str | None = None
+    pod_uid: str | None = None
+    container_id: str | None = None
+    container_name: str | None = None
+
+
+_REGISTER_INCARNATION = sql.SQL(
+    """
+    INSERT INTO {incarnations} (id, hostname, pid, pod_name, pod_namespace, pod_uid,
+        container_id, container_name, heartbeat_timeout_seconds)
+    VALUES (%(id)s, %(hostname)s, %(pid)s, %(pod_name)s, %(pod_namespace)s, %(pod_uid)s,
+        %(container_id)s, %(container_name)s, %(timeout)s)
+    """
+).format(incarnations=_INCARNATIONS)
+
+
+def register_incarnation(
+    conn: psycopg.Connection[Any],
+    *,
+    identity: WorkerIdentity,
+    heartbeat_timeout_seconds: float,
+) -> uuid.UUID:
+    """Start a new incarnation (registering counts as its first heartbeat); its id."""
+    incarnation = uuid.uuid4()
+    conn.execute(
+        _REGISTER_INCARNATION,
+        {
+            "id": incarnation,
+            "timeout": heartbeat_timeout_seconds,
+            **dataclasses.asdict(identity),
+        },
+    )
+    return incarnation
+
+
+# One statement per incarnation per interval, however many bodies it runs: renew the
+# incarnation and push the lease of each attempt it runs, so a long body never outlives it.
+# Attempts whose body finished but whose outcome could not be recorded (the database was
+# away) are not renewed but released: their lease ends now, and the next sweep settles them
+# from the table or re-dispatches them. The lease is never shorter than the incarnation's
+# heartbeat timeout, so the backstop cannot fire between the renewals of a live worker.
+_HEARTBEAT = sql.SQL(
+    """
+    WITH {mark_finished}, me AS (
+        UPDATE {incarnations} SET heartbeat_at = now()
+        WHERE id = %(incarnation)s AND ended_at IS NULL
+        RETURNING id, heartbeat_timeout_seconds
+    ), renewed AS (
+        UPDATE {entries} e SET lease_deadline = CASE
+            WHEN e.fence_token = ANY(%(unrecorded)s::uuid[]) THEN now()
+            ELSE now() + make_interval(
+                secs => greatest(p.lease_seconds, me.heartbeat_timeout_seconds))
+        END
+        FROM {policies} p, me
+        WHERE e.incarnation = me.id AND e.state = 'running' AND p.policy_key = e.policy_key
+          AND NOT e.fence_token = ANY(%(finished)s::uuid[])
+    )
+    SELECT count(*) FROM me
+    """
+).format(
+    incarnations=_INCARNATIONS,
+    entries=_ENTRIES,
+    policies=_POLICIES,
+    mark_finished=_MARK_FINISHED,
+)
+
+
+def heartbeat(
+    conn: psycopg.Connection[Any],
+    *,
+    incarnation: uuid.UUID,
+    unrecorded: Sequence[uuid.UUID] = (),
+    finished: Sequence[uuid.UUID] = (),
+) -> bool:
+    """Renew ``incarnation``, mark its ``finished`` attempts succeeded and release its
+    ``unrecorded`` ones; ``False`` when the operator has ended it (stop its bodies)."""
+    row = conn.execute(
+        _HEARTBEAT,
+        {
+            "incarnation": incarnation,
+            "unrecorded": list(unrecorded),
+            "finished": list(finished),
+        },
+    ).fetchone()
+    return bool(row and row[0])
+
+
+_INCARNATION_IS_LIVE = sql.SQL(
+    """
+    SELECT ended_at IS NULL
+        AND heartbeat_at > now() - make_interval(secs => heartbeat_timeout_seconds / 2)
+    FROM {incarnations} WHERE id = %s
+    """
+).format(incarnations=_INCARNATIONS)
+
+
+def incarnation_is_live(conn: psycopg.Connection[Any], *, incarnation: uuid.UUID) -> bool:
+    """Whether ``start_attempt`` would accept this incarnation (not ended, heartbeat fresh)."""
+    row = conn.execute(_INCARNATION_IS_LIVE, [incarnation]).fetchone()
+    return bool(row and row[0])
 
 
 @dataclasses.dataclass(frozen=True)

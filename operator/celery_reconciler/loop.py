@@ -4,7 +4,12 @@ One ``PolicyLoop`` runs per ProcessingPolicy, inside a kopf daemon. Each iterati
 live spec, resolves the Secrets, runs one sweep (``reconcile.reconcile_once``: expire, claim,
 publish), then reports — ProcessingStatus, conditions, Events, metrics — and sleeps until the
 next sweep is due, a scheduled retry falls due, or something wakes it: a spec change, the
-sweep-now or retry-dead annotation, or a worker pod that restarted or vanished.
+sweep-now or retry-dead annotation, or a rescue that must be reported.
+
+The pod-restart hook turns each pod event into the worker incarnations it proves dead
+(``planning.pod_ending``: by pod uid, never by name or by absence from a listing) and runs
+``reconcile.rescue`` at once; a rescue that fails (the database is away) is kept and retried
+with backoff, and by every sweep, until it succeeds.
 
 Why a daemon and not a kopf timer: a timer's interval is fixed at decoration time, while
 ours follows ``spec.schedule.sweepInterval`` and the earliest due retry, must be woken early
@@ -74,6 +79,14 @@ class Rescue:
 
 
 @dataclasses.dataclass
+class PendingRescue:
+    pod: str
+    ending: planning.PodEnding
+    started: float  # time.monotonic() of the pod event
+    failures: int = 0
+
+
+@dataclasses.dataclass
 class Connections:
     """The database and broker of one policy, reopened when a Secret's value changes.
 
@@ -132,10 +145,13 @@ class PolicyLoop:
         self.last_problem: conditions.Problem | None = None
         self.failures_in_a_row = 0
         self.last_rescue: Rescue | None = None
-        self.pending_rescue_started: float | None = None
-        self.restart_counts: dict[str, Mapping[str, int]] = {}
-        self.live_pods: set[str] = set()
-        self.pods_listed = False
+        self.rescue_retry: asyncio.Future[None] | None = None
+        self.rescue_lock = asyncio.Lock()  # pod events arrive concurrently; rescue in order
+        # The last container statuses seen per pod uid: a restart is a rise against them.
+        self.containers_seen: dict[str, tuple[planning.ContainerStatus, ...]] = {}
+        # Pod events whose rescue has not succeeded yet (say, the database was down): kept
+        # and retried until it does, so a rescue is never dropped.
+        self.unfinished_rescues: list[PendingRescue] = []
         self.pod_watch_stop: threading.Event | None = None
         self.pod_selector = ""
 
@@ -226,15 +242,14 @@ class PolicyLoop:
             await self.clear_annotation(SWEEP_NOW_ANNOTATION)
             result: reconcile.SweepResult | None = None
             await self.notice_broker_restart(policy, db=db, publisher=publisher)
+            await self.finish_rescues()
             if not policy.schedule.suspend:
-                await self.expire_leases_of_vanished_pods(policy, db=db)
                 result = await asyncio.to_thread(
                     reconcile.reconcile_once, policy, db=db, broker=publisher
                 )
                 metrics.SWEEP_SECONDS.labels(self.namespace, self.name).observe(
                     result.duration_seconds
                 )
-                self.note_rescue_redispatched(result)
             counts = await self.observe(policy, db=db, publisher=publisher)
         except SWEEP_ERRORS as error:
             problem = problem_of(error)
@@ -376,9 +391,7 @@ class PolicyLoop:
             return
         self.stop_pod_watch()
         self.pod_selector = selector
-        self.restart_counts.clear()
-        self.live_pods.clear()
-        self.pods_listed = False
+        self.containers_seen.clear()
         if not selector:
             return
         stopping = threading.Event()
@@ -390,26 +403,17 @@ class PolicyLoop:
                 lambda: asyncio.ensure_future(self.on_pod_event(event_type, pod))
             )
 
-        def on_listed(names: frozenset[str]) -> None:
-            loop.call_soon_threadsafe(self.mark_pods_listed, names)
-
         threading.Thread(
             target=kube.watch_worker_pods,
             kwargs={
                 "namespace": self.namespace,
                 "label_selector": selector,
                 "on_event": on_event,
-                "on_listed": on_listed,
                 "stopping": stopping,
             },
             name=f"pods:{self.key}",
             daemon=True,
         ).start()
-
-    def mark_pods_listed(self, names: frozenset[str]) -> None:
-        # A (re)list is the truth: pods deleted while the watch was down are gone from it.
-        self.live_pods = set(names)
-        self.pods_listed = True
 
     def stop_pod_watch(self) -> None:
         if self.pod_watch_stop is not None:
@@ -417,67 +421,92 @@ class PolicyLoop:
             self.pod_watch_stop = None
 
     async def on_pod_event(self, event_type: str, pod: kube.WorkerPod) -> None:
-        previous = self.restart_counts.get(pod.name)
         deleted = event_type == "DELETED"
+        previous = self.containers_seen.get(pod.uid)
         if deleted:
-            self.restart_counts.pop(pod.name, None)
-            self.live_pods.discard(pod.name)
+            self.containers_seen.pop(pod.uid, None)
         else:
-            self.restart_counts[pod.name] = pod.restart_counts
-            self.live_pods.add(pod.name)
-        orphaned = planning.pod_orphans_leases(
-            old_statuses=None if previous is None else as_statuses(previous),
-            new_statuses=as_statuses(pod.restart_counts),
+            self.containers_seen[pod.uid] = pod.containers
+        ending = planning.pod_ending(
+            pod_uid=pod.uid,
+            old=previous,
+            new=pod.containers,
             deleted=deleted,
             phase=pod.phase,
         )
-        if orphaned:
-            await self.rescue(pod.name, why="deleted" if deleted else "restarted")
-
-    async def rescue(self, pod_name: str, *, why: str) -> None:
-        db, policy = self.connections.rescue_db, self.policy
-        if db is None or policy is None:
-            return  # no sweep has resolved the Secret yet; the first sweep expires by time
-        started = time.monotonic()
-        try:
-            expired = await asyncio.to_thread(
-                reconcile.expire_worker_leases, policy, db=db, worker=pod_name
+        if ending is not None:
+            self.unfinished_rescues.append(
+                PendingRescue(pod=pod.name, ending=ending, started=time.monotonic())
             )
-        except reconcile.DatabaseUnavailable as error:
-            logger.warning("policy %s: could not rescue pod %s: %s", self.key, pod_name, error)
+            await self.finish_rescues()
+
+    async def finish_rescues(self) -> None:
+        """Run every rescue not yet done; one that fails stays queued and is retried with
+        backoff (and by every sweep) until it succeeds."""
+        db, publisher, policy = self.connections.rescue_db, self.connections.publisher, self.policy
+        if db is None or publisher is None or policy is None:
+            return  # no sweep has resolved the Secrets yet: the first sweep runs them
+        async with self.rescue_lock:
+            await self.run_unfinished_rescues(policy, db=db, publisher=publisher)
+
+    async def run_unfinished_rescues(
+        self,
+        policy: policy_module.Policy,
+        *,
+        db: reconcile.Database,
+        publisher: broker.Publisher,
+    ) -> None:
+        while self.unfinished_rescues:
+            pending = self.unfinished_rescues[0]
+            try:
+                result = await asyncio.to_thread(
+                    reconcile.rescue, policy, db=db, broker=publisher, ending=pending.ending
+                )
+            except (reconcile.DatabaseUnavailable, reconcile.BrokerUnavailable) as error:
+                pending.failures += 1
+                logger.warning(
+                    "policy %s: rescue after pod %s (%s) failed: %s; retrying",
+                    self.key,
+                    pending.pod,
+                    pending.ending.reason,
+                    error,
+                )
+                self.schedule_rescue_retry(pending.failures)
+                return
+            self.unfinished_rescues.pop(0)
+            await self.note_rescue(pending, result)
+
+    def schedule_rescue_retry(self, failures: int) -> None:
+        if self.rescue_retry is not None and not self.rescue_retry.done():
             return
-        count = expired.retry_now + expired.dead
+        delay = ERROR_BACKOFF_SECONDS[min(failures, len(ERROR_BACKOFF_SECONDS)) - 1]
+
+        async def retry_later() -> None:
+            await asyncio.sleep(delay)
+            await self.finish_rescues()
+
+        self.rescue_retry = asyncio.ensure_future(retry_later())
+
+    async def note_rescue(self, pending: PendingRescue, result: reconcile.RescueResult) -> None:
+        metrics.DISPATCHED.labels(self.namespace, self.name).inc(result.redispatched)
+        count = result.expired.retry_now + result.expired.dead
         if count == 0:
             return
-        self.last_rescue = Rescue(pod=pod_name, count=count, time=utc_now_text())
-        self.pending_rescue_started = started
+        self.last_rescue = Rescue(
+            pod=pending.pod,
+            count=count,
+            time=utc_now_text(),
+            seconds_to_redispatch=round(time.monotonic() - pending.started, 3),
+        )
         metrics.RESCUED.labels(self.namespace, self.name).inc(count)
-        logger.info(
-            "policy %s: pod %s %s; re-dispatching %d entries", self.key, pod_name, why, count
+        message = (
+            f"worker pod {pending.pod}: {pending.ending.reason}; {result.ended} worker "
+            f"processes ended, {result.redispatched} entries re-dispatched ahead of the queue, "
+            f"{result.settled} found already processed, {result.expired.dead} dead-lettered"
         )
-        await self.event(
-            "Normal", "Rescued", f"worker pod {pod_name} {why}: re-dispatching {count} entries"
-        )
-        self.waker.set()
-
-    def note_rescue_redispatched(self, result: reconcile.SweepResult) -> None:
-        if self.pending_rescue_started is not None and self.last_rescue is not None:
-            if result.published:
-                self.last_rescue.seconds_to_redispatch = round(
-                    time.monotonic() - self.pending_rescue_started, 3
-                )
-            self.pending_rescue_started = None
-
-    async def expire_leases_of_vanished_pods(
-        self, policy: policy_module.Policy, *, db: reconcile.Database
-    ) -> None:
-        """Leases held by pods that no longer exist — deleted while the operator was down, so
-        no event told us — are orphaned too; the watch's first listing tells which exist."""
-        if not self.pods_listed or not policy.workers.has_selector:
-            return
-        holders = await asyncio.to_thread(reconcile.lease_holders, policy, db=db)
-        for worker in sorted(holders - self.live_pods):
-            await self.rescue(worker, why="is gone")
+        logger.info("policy %s: %s", self.key, message)
+        await self.event("Normal", "Rescued", message)
+        self.waker.set()  # report the rescue in the status now
 
     # -- outputs ------------------------------------------------------------------------
 
@@ -583,10 +612,6 @@ class PolicyLoop:
             )
         except kube.KubernetesUnavailable as error:
             logger.warning("policy %s: status not written: %s", self.key, error)
-
-
-def as_statuses(restart_counts: Mapping[str, int]) -> list[dict[str, Any]]:
-    return [{"name": name, "restartCount": count} for name, count in restart_counts.items()]
 
 
 SWEEP_ERRORS = (

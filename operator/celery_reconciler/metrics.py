@@ -30,7 +30,7 @@ DEAD_LETTERED = prometheus_client.Counter(
 )
 RESCUED = prometheus_client.Counter(
     "celery_reconciler_rescued_total",
-    "Leases expired at once because the worker pod holding them restarted or went away.",
+    "Running attempts handed out again at once: a pod event proved their worker process dead.",
     LABELS,
 )
 SWEEP_ERRORS = prometheus_client.Counter(

@@ -1,4 +1,4 @@
-"""Every reconcile decision that needs no I/O: backoff, jitter, budgets, wake-ups, orphans.
+"""Every reconcile decision that needs no I/O: backoff, jitter, budgets, wake-ups, pod endings.
 
 The operator loop, the worker integration and the CLI all ask this module *what* to do and
 then do it through the adapters (``ledger``, ``source``, ``broker``). Keeping the decisions
@@ -27,18 +27,14 @@ This module imports only ``policy`` (itself pure): no kopf, psycopg, celery or k
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import random as random_module
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable
 
 from celery_reconciler import policy as policy_module
 
 RETRY_JITTER_LOW_FRACTION = 0.5
 SWEEP_JITTER_LOW_FRACTION = 0.9
-# A lease shorter than this leaves no room for a hard time limit below it.
-MIN_TIME_LIMIT_MARGIN_SECONDS = 2.0
-TIME_LIMIT_MARGIN_FRACTION = 0.05
-SOFT_TIME_LIMIT_FRACTION = 0.9
 
 RandomSource = Callable[[], float]
 
@@ -145,59 +141,99 @@ def dispatch_pause_seconds(
     return max(0.0, dispatched / dispatch_per_second - elapsed_seconds)
 
 
-def task_time_limits_seconds(lease_seconds: float) -> tuple[float, float]:
-    """(soft, hard) Celery time limits that end a body before its running lease expires.
+@dataclasses.dataclass(frozen=True)
+class ContainerStatus:
+    """What a pod event says of one container (``status.containerStatuses[]``)."""
 
-    The operator treats an expired running lease as a lost worker and re-dispatches; if the
-    body were still running, two attempts would overlap. Sending a hard time limit below the
-    lease in every message makes the prefork pool kill an overlong body first. The margin is
-    5% of the lease, at least 2 s (the pool checks time limits about once a second), and at
-    most half the lease.
+    name: str
+    restart_count: int
+    container_id: str | None  # without the ``containerd://`` scheme; None when not created
+    started_at: datetime.datetime | None  # ``state.running.startedAt``; None when not running
+
+
+@dataclasses.dataclass(frozen=True)
+class PodEnding:
+    """The worker incarnations a pod event proves dead: ``ledger.end_pod_incarnations``.
+
+    ``whole_pod``: every incarnation of ``pod_uid``. Otherwise, of ``pod_uid``: those whose
+    container id is known and not among ``running_container_ids``, and those without one
+    (no cgroup path to read it from) that belong to a restarted container — by their
+    container name, or as the pod's only container — and started before ``started_before``
+    (``None``: a restarted container is not running, so all). An incarnation that cannot be
+    placed in a container of a multi-container pod is left to its heartbeat.
     """
-    margin = min(
-        lease_seconds / 2,
-        max(MIN_TIME_LIMIT_MARGIN_SECONDS, lease_seconds * TIME_LIMIT_MARGIN_FRACTION),
-    )
-    hard = lease_seconds - margin
-    return hard * SOFT_TIME_LIMIT_FRACTION, hard
+
+    pod_uid: str
+    reason: str
+    whole_pod: bool = False
+    restarted_containers: tuple[str, ...] = ()
+    running_container_ids: tuple[str, ...] = ()
+    started_before: datetime.datetime | None = None
+    # Whether the pod has one container: only then can an incarnation that names no
+    # container (CELERY_RECONCILER_CONTAINER_NAME unset) be known to be in the restarted one.
+    single_container: bool = True
 
 
-def restarted_containers(
-    old_statuses: Iterable[Mapping[str, Any]] | None,
-    new_statuses: Iterable[Mapping[str, Any]] | None,
-) -> tuple[str, ...]:
-    """Names of containers whose ``restartCount`` rose between two pod status snapshots.
-
-    Takes the ``status.containerStatuses`` lists as the API returns them. A container that
-    restarted lost whatever bodies it was running, so the leases its pod held are orphaned.
-    A container absent from the old snapshot is not a restart (the pod just started).
-    """
-    before = {
-        str(status.get("name")): int(status.get("restartCount") or 0)
-        for status in old_statuses or ()
-    }
-    rose = [
-        str(status.get("name"))
-        for status in new_statuses or ()
-        if str(status.get("name")) in before
-        and int(status.get("restartCount") or 0) > before[str(status.get("name"))]
-    ]
-    return tuple(sorted(rose))
+# The new container's start (the node's clock) is compared with incarnation start times (the
+# database's clock, taken when the process registers, at its first body): an incarnation
+# counts as older only with this much to spare, so clock skew below it never ends a live
+# process. One registered less than this before the new container started is caught by its
+# missing heartbeats instead.
+POD_CLOCK_SKEW_MARGIN_SECONDS = 5.0
 
 
-def pod_orphans_leases(
+def pod_ending(
     *,
-    old_statuses: Iterable[Mapping[str, Any]] | None,
-    new_statuses: Iterable[Mapping[str, Any]] | None,
-    deleted: bool = False,
-    phase: str | None = None,
-) -> bool:
-    """Whether the leases held by a worker pod should be expired now.
+    pod_uid: str,
+    old: Iterable[ContainerStatus] | None,
+    new: Iterable[ContainerStatus],
+    deleted: bool,
+    phase: str | None,
+) -> PodEnding | None:
+    """Which incarnations of a worker pod an event ends, or ``None`` (nothing died).
 
-    A pod that is deleted, finished (``Succeeded``/``Failed``) or whose container restarted
-    runs none of the bodies it had claimed any more; waiting for the lease would only delay
-    those entries.
+    A pod deleted or finished (``Succeeded``/``Failed``) runs nothing any more: all of its
+    incarnations end. A container whose ``restartCount`` rose lost every process it ran:
+    the incarnations that started before the new container did (with
+    ``POD_CLOCK_SKEW_MARGIN_SECONDS`` to spare; all of them while it is not running again),
+    or, exactly, those whose container id is no longer running. Nothing is ever concluded
+    from a pod's *absence* from a listing.
     """
+    if not pod_uid:
+        return None
+    new_statuses = tuple(new)
     if deleted or phase in ("Succeeded", "Failed"):
-        return True
-    return bool(restarted_containers(old_statuses, new_statuses))
+        why = "its pod was deleted" if deleted else f"its pod finished ({phase})"
+        return PodEnding(pod_uid=pod_uid, reason=why, whole_pod=True)
+    before = {status.name: status.restart_count for status in old or ()}
+    restarted = sorted(
+        (
+            status
+            for status in new_statuses
+            if status.name in before and status.restart_count > before[status.name]
+        ),
+        key=lambda status: status.name,
+    )
+    if not restarted:
+        return None
+    # A restarted container that is not running (yet) runs no process at all, so every
+    # incarnation of it ended; one that runs again bounds the end by its new start.
+    starts = [status.started_at for status in restarted]
+    started_before = (
+        None
+        if None in starts
+        else min(start for start in starts if start is not None)
+        - datetime.timedelta(seconds=POD_CLOCK_SKEW_MARGIN_SECONDS)
+    )
+    return PodEnding(
+        pod_uid=pod_uid,
+        reason="its container " + ", ".join(status.name for status in restarted) + " restarted",
+        restarted_containers=tuple(status.name for status in restarted),
+        running_container_ids=tuple(
+            status.container_id
+            for status in new_statuses
+            if status.container_id and status.started_at is not None
+        ),
+        started_before=started_before,
+        single_container=len(new_statuses) == 1,
+    )

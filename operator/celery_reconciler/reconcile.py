@@ -5,14 +5,22 @@ start-up, a pod restart, ``sweep-now``) and the CLI all call it; the tests call 
 directly against real PostgreSQL and Redis. It reads like the invariants:
 
 1. publish the policy's retry/lease rules to the ledger (workers read them there);
-2. expire running leases that ran out — each is a failed attempt (invariant 1, 4);
-3. settle ``retry_wait`` rows whose entry the source already shows processed;
-4. page through pending ids in keyset order (invariant 5); for each page, ONE transaction
+2. end the worker incarnations whose heartbeat is older than their timeout (they stopped
+   their own bodies), then expire the running attempts of ended incarnations — and, as the
+   backstop for workers without one, attempts whose lease ran out; each is a failed attempt
+   (invariant 1, 4);
+3. settle ``retry_wait`` and ``dead`` rows whose entry the source already shows processed;
+4. re-dispatch due retries first — published *ahead* of the queue, since they already
+   waited once and the backlog's keyset order need not reach them;
+5. page through pending ids in keyset order (invariant 5); for each page, ONE transaction
    reads the page and claims the eligible entries with fresh fence tokens and leases, and
    commits — only then are the page's messages published, pipelined (invariant 3);
-5. a publish that fails releases its claims at once, so the next sweep re-dispatches them
+6. a publish that fails releases its claims at once, so the next sweep re-dispatches them
    without waiting for the lease; a crash between claim and publish (the process dies)
    leaves them to lease expiry. Either way nothing is lost.
+
+``rescue`` is the pod-restart hook's part: end the incarnations a pod event killed and
+re-dispatch their entries ahead of the queue at once, without waiting for a sweep.
 
 The broker is a ``broker.Publisher``; ``publish`` may be replaced by a callable for tests
 that need to fail at an exact point (e.g. "crash between claim and publish") without
@@ -147,23 +155,15 @@ def reconcile_once(
     entry is either published, released for the next sweep, or recovered at lease expiry.
     """
     started = clock()
-    time_limits = planning.task_time_limits_seconds(policy.lease.timeout_seconds)
-
-    def publish_with_broker(messages: Sequence[broker_module.TaskMessage]) -> object:
-        return broker.publish(
-            task_name=policy.task.name,
-            queue=policy.task.queue,
-            messages=messages,
-            time_limits_seconds=time_limits,
-        )
-
-    send = publish or publish_with_broker
+    send = publish or functools.partial(_publish, policy, broker, ahead=False)
+    send_ahead = publish or functools.partial(_publish, policy, broker, ahead=True)
     doing = "preparing the sweep"
     try:
         conn = db.connection()
         still_pending = functools.partial(source.filter_pending, conn, policy.source)
         ledger.upsert_policy(conn, policy)
         doing = "expiring leases"
+        ledger.end_silent_incarnations(conn)
         expired = ledger.expire_leases(conn, policy_key=policy.key)
         settled = ledger.settle_finished(conn, policy_key=policy.key, still_pending=still_pending)
         in_flight = ledger.count_in_flight(conn, policy_key=policy.key)
@@ -174,6 +174,12 @@ def reconcile_once(
                 in_flight=in_flight, max_in_flight=policy.limits.max_in_flight
             )
         )
+        # Due retries (a lost worker's attempts among them) go first and ahead of the
+        # queue: they waited once already, and the backlog's keyset order need not reach them.
+        doing = "re-dispatching due retries"
+        due = ledger.due_retries(conn, policy_key=policy.key, limit=budget)
+        redispatched = _redispatch(conn, policy, send_ahead, entry_ids=due)
+        budget -= redispatched
         batch_size = policy.limits.batch_size
         if policy.limits.dispatch_per_second > 0:
             # A page is published as one burst; keep bursts to about a second's worth.
@@ -181,7 +187,8 @@ def reconcile_once(
 
         remaining = budget
         after: tuple[Any, ...] | None = None
-        pages = claimed = published = 0
+        pages = 0
+        claimed = published = redispatched
         claim_seconds = publish_seconds = 0.0
         while remaining > 0:
             pause = planning.dispatch_pause_seconds(
@@ -244,6 +251,59 @@ def reconcile_once(
     )
 
 
+def _publish(
+    policy: policy_module.Policy,
+    broker: broker_module.Publisher,
+    messages: Sequence[broker_module.TaskMessage],
+    *,
+    ahead: bool,
+) -> object:
+    return broker.publish(
+        task_name=policy.task.name,
+        queue=policy.task.queue,
+        messages=messages,
+        time_limits_seconds=None,
+        ahead=ahead,
+    )
+
+
+def _redispatch(
+    conn: psycopg.Connection[Any],
+    policy: policy_module.Policy,
+    send: PublishFunction,
+    *,
+    entry_ids: Sequence[str],
+) -> int:
+    """Claim the given ledger entries that are still pending in the source, then publish.
+
+    For entries the ledger already knows (due retries, a lost worker's attempts): the source
+    is asked first, because such an entry may have been processed by the very attempt that
+    was lost (its body committed, its worker died before the done mark).
+    """
+    if not entry_ids:
+        return 0
+    with conn.transaction():
+        pending = source.filter_pending(conn, policy.source, entry_ids)
+        claims = ledger.claim(
+            conn,
+            policy_key=policy.key,
+            entry_ids=[entry_id for entry_id in entry_ids if entry_id in pending],
+            lease_seconds=policy.lease.timeout_seconds,
+            still_pending=functools.partial(source.filter_pending, conn, policy.source),
+        )
+    if claims:
+        _publish_or_release(
+            conn,
+            send,
+            [
+                broker_module.TaskMessage(entry_id=c.entry_id, task_id=str(c.fence_token))
+                for c in claims
+            ],
+            claims,
+        )
+    return len(claims)
+
+
 def _publish_or_release(
     conn: psycopg.Connection[Any],
     send: PublishFunction,
@@ -259,18 +319,48 @@ def _publish_or_release(
         raise
 
 
-def expire_worker_leases(
-    policy: policy_module.Policy, *, db: Database, worker: str
-) -> ledger.ExpiredLeases:
-    """The pod-restart hook: expire what ``worker`` held so the next sweep re-dispatches it."""
-    with db.session(doing=f"expiring the leases of worker {worker}") as conn:
-        return ledger.expire_leases_held_by(conn, policy_key=policy.key, worker=worker)
+@dataclasses.dataclass(frozen=True)
+class RescueResult:
+    ended: int  # incarnations the pod event ended
+    expired: ledger.ExpiredLeases  # their running attempts, now failed attempts
+    settled: int  # of those, entries the source shows processed (the body had committed)
+    redispatched: int  # published again, ahead of the backlog
 
 
-def lease_holders(policy: policy_module.Policy, *, db: Database) -> set[str]:
-    """Pod names holding running leases of ``policy`` (to find pods that vanished)."""
-    with db.session(doing="listing lease holders") as conn:
-        return ledger.lease_holders(conn, policy_key=policy.key)
+def rescue(
+    policy: policy_module.Policy,
+    *,
+    db: Database,
+    broker: broker_module.Publisher,
+    ending: planning.PodEnding | None,
+) -> RescueResult:
+    """The pod-restart hook: end the incarnations a pod event killed, and hand their work out
+    again at once — ahead of the queue — instead of at the next sweep.
+
+    With ``ending=None`` it only releases what incarnations ended earlier still hold (a
+    rescue that failed half-way is retried this way). Safe to repeat: every step is a
+    fenced, idempotent statement.
+    """
+    with db.session(doing="rescuing a worker's entries") as conn:
+        ended = 0 if ending is None else ledger.end_pod_incarnations(conn, ending=ending)
+        expired = ledger.expire_leases(conn, policy_key=policy.key)
+        settled = ledger.settle_finished(
+            conn,
+            policy_key=policy.key,
+            still_pending=functools.partial(source.filter_pending, conn, policy.source),
+        )
+        # A suspended policy dispatches nothing: its rescued entries wait, due, for resume.
+        redispatched = (
+            0
+            if policy.schedule.suspend
+            else _redispatch(
+                conn,
+                policy,
+                functools.partial(_publish, policy, broker, ahead=True),
+                entry_ids=expired.retry_ids,
+            )
+        )
+    return RescueResult(ended=ended, expired=expired, settled=settled, redispatched=redispatched)
 
 
 def retry_dead(

@@ -99,6 +99,38 @@ def journal(database_dsn: str) -> str:
 
 
 @pytest.fixture
+def local_workers(
+    journal: str, redis_url: str, tmp_path: Path
+) -> Iterator[Callable[..., processes.ManagedProcess]]:
+    """``local_workers(hostname, concurrency=2, extra_env=...)``: a celery worker of the demo
+    app with that ``HOSTNAME`` and no Pod object of its own; stopped at the end. For the
+    cases a kubelet cannot stage (see devstack.workers); real workers are ``worker_pods``."""
+    started: list[processes.ManagedProcess] = []
+
+    def start(
+        hostname: str,
+        *,
+        concurrency: int = 2,
+        broker_url: str | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> processes.ManagedProcess:
+        worker = workers.start_worker(
+            pod_name=hostname,
+            broker_url=broker_url or redis_url,
+            dsn=journal,
+            log_dir=tmp_path,
+            concurrency=concurrency,
+            extra_env=extra_env,
+        )
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture
 def worker_pods(
     crds: devstack_kube.ControlPlane,
     node: devstack_node.Node,
@@ -106,7 +138,8 @@ def worker_pods(
     journal: str,
     redis_url: str,
 ) -> Iterator[Callable[..., workers.WorkerPod]]:
-    """``worker_pods(name)``: a demo worker as a real Pod of the image, running on the node."""
+    """``worker_pods(name)``: a demo worker as a real Pod of the image, running on the node,
+    with the Downward API env the chart gives it."""
     started: list[workers.WorkerPod] = []
 
     def start(

@@ -44,7 +44,7 @@ def conn(demo_dsn: str) -> Iterator[psycopg.Connection[Any]]:
 
 @pytest.fixture
 def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
-    """``start_worker(broker_url=..., dsn=..., concurrency=2, lease_seconds=...)``."""
+    """``start_worker(broker_url=..., dsn=..., concurrency=2, lease_seconds=..., pool=...)``."""
     started: list[Worker] = []
 
     def start(
@@ -56,6 +56,7 @@ def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
         app: str = "celery_app.demo",
         queue: str = "insights",
         extra_env: dict[str, str] | None = None,
+        pool: str = "prefork",
     ) -> Worker:
         name = f"worker-{next(_worker_numbers)}"
         process = workers.start_worker(
@@ -68,6 +69,7 @@ def start_worker(tmp_path: Path) -> Iterator[WorkerFactory]:
             queue=queue,
             lease_seconds=lease_seconds,
             extra_env=extra_env,
+            pool=pool,
         )
         worker = Worker(name=name, process=process)
         started.append(worker)

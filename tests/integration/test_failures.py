@@ -326,7 +326,7 @@ def test_invalid_database_credentials_never_echo_the_dsn(
         publisher.close()
 
 
-def test_pod_restart_hook_expires_the_dead_workers_leases_at_once(
+def test_pod_restart_hook_ends_the_dead_pods_incarnations_and_redispatches_at_once(
     demo_dsn: str, conn: psycopg.Connection[Any], redis_url: str, start_worker: WorkerFactory
 ) -> None:
     schema.seed(conn, count=6)
@@ -334,27 +334,47 @@ def test_pod_restart_hook_expires_the_dead_workers_leases_at_once(
         schema.set_fault(conn, entry_id=entry_id, kind="sleep", seconds=3)
     # A lease far longer than the test: only the hook can explain a quick recovery.
     policy = make_policy(lease_timeout="5m")
-    victim = start_worker(broker_url=redis_url, dsn=demo_dsn, concurrency=2, lease_seconds=300)
+    pod_uid = "0f1e2d3c-0000-4000-8000-000000000001"
+    victim = start_worker(
+        broker_url=redis_url,
+        dsn=demo_dsn,
+        concurrency=2,
+        lease_seconds=300,
+        extra_env={"CELERY_RECONCILER_POD_UID": pod_uid},
+    )
+    bystander = start_worker(
+        broker_url=redis_url,
+        dsn=demo_dsn,
+        concurrency=1,
+        lease_seconds=300,
+        extra_env={"CELERY_RECONCILER_POD_UID": "0f1e2d3c-0000-4000-8000-000000000002"},
+    )
     with sweep_connections(demo_dsn, redis_url) as (db, publisher):
         reconcile.reconcile_once(policy, db=db, broker=publisher)
         wait_for(
-            lambda: ledger.counts(conn, policy_key=policy.key).running == 2,
+            lambda: ledger.counts(conn, policy_key=policy.key).running == 3,
             timeout_seconds=20,
-            what="two bodies running on the victim",
+            what="three bodies running, two on the victim",
         )
-        assert reconcile.lease_holders(policy, db=db) == {victim.name}
         victim.kill()
         killed_at = {victim.name: audit.database_now(conn)}
         for (entry_id,) in conn.execute("SELECT entry_id FROM demo_faults").fetchall():
             schema.clear_fault(conn, entry_id=entry_id)
 
-        expired = reconcile.expire_worker_leases(policy, db=db, worker=victim.name)
-        assert (expired.retry_now, expired.dead) == (2, 0)
-        assert reconcile.lease_holders(policy, db=db) == set()
-        rescued = reconcile.reconcile_once(policy, db=db, broker=publisher)
-        assert rescued.published == 2  # re-dispatched now, not in 5 minutes
+        rescued = reconcile.rescue(
+            policy,
+            db=db,
+            broker=publisher,
+            ending=planning.PodEnding(
+                pod_uid=pod_uid, reason="its pod was deleted", whole_pod=True
+            ),
+        )
+        # Re-dispatched now (ahead of the queue), not in 5 minutes; the bystander's body,
+        # under another pod uid, keeps running.
+        assert (rescued.expired.retry_now, rescued.expired.dead) == (2, 0)
+        assert rescued.redispatched == 2
+        assert ledger.counts(conn, policy_key=policy.key).running == 1
 
-    start_worker(broker_url=redis_url, dsn=demo_dsn, lease_seconds=300)
     rescued_entries = {
         row[0]
         for row in conn.execute(
@@ -369,7 +389,7 @@ def test_pod_restart_hook_expires_the_dead_workers_leases_at_once(
             <= {run.entry_id for run in audit.runs(conn) if run.outcome == "succeeded"}
         ),
         timeout_seconds=30,
-        what="the rescued entries processed",
+        what="the rescued entries processed by the bystander",
     )
     assert audit.overlapping_runs(audit.runs(conn), killed_at=killed_at) == []
     reasons = {
@@ -379,8 +399,10 @@ def test_pod_restart_hook_expires_the_dead_workers_leases_at_once(
         )
     }
     assert reasons == {
-        f"worker pod restarted or was deleted while running this attempt: {victim.name}"
+        "the worker process running this attempt ended (its pod was deleted) on worker "
+        + victim.name
     }
+    assert bystander.process.running()
 
 
 def test_dispatch_rate_paces_publishing(

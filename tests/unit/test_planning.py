@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import math
 
 import pytest
@@ -151,39 +152,86 @@ def test_unlimited_rate_never_pauses() -> None:
     )
 
 
-@given(lease=st.floats(min_value=0.1, max_value=7 * 86400.0))
-def test_time_limits_end_the_body_before_the_lease(lease: float) -> None:
-    soft, hard = planning.task_time_limits_seconds(lease)
-    assert 0 < soft < hard < lease
-    assert hard >= lease / 2
+NOW = datetime.datetime(2026, 11, 25, 18, 0, tzinfo=datetime.UTC)
+EARLIER = NOW - datetime.timedelta(minutes=10)
 
 
-def test_time_limit_margin_is_five_percent_but_at_least_two_seconds() -> None:
-    assert planning.task_time_limits_seconds(900.0)[1] == pytest.approx(855.0)
-    assert planning.task_time_limits_seconds(10.0)[1] == pytest.approx(8.0)
-    assert planning.task_time_limits_seconds(2.0)[1] == pytest.approx(1.0)
-
-
-def test_restarted_containers_are_those_whose_restart_count_rose() -> None:
-    old = [{"name": "worker", "restartCount": 0}, {"name": "sidecar", "restartCount": 2}]
-    new = [
-        {"name": "worker", "restartCount": 1},
-        {"name": "sidecar", "restartCount": 2},
-        {"name": "late", "restartCount": 5},
-    ]
-    assert planning.restarted_containers(old, new) == ("worker",)
-    assert planning.restarted_containers(None, new) == ()
-    assert planning.restarted_containers(old, None) == ()
-
-
-def test_pods_orphan_leases_when_deleted_finished_or_restarted() -> None:
-    same = [{"name": "worker", "restartCount": 0}]
-    assert not planning.pod_orphans_leases(old_statuses=same, new_statuses=same)
-    assert planning.pod_orphans_leases(old_statuses=same, new_statuses=same, deleted=True)
-    assert planning.pod_orphans_leases(old_statuses=same, new_statuses=same, phase="Failed")
-    assert planning.pod_orphans_leases(
-        old_statuses=same, new_statuses=[{"name": "worker", "restartCount": 1}]
+def container(
+    name: str = "worker",
+    restarts: int = 0,
+    container_id: str | None = "a" * 64,
+    started_at: datetime.datetime | None = EARLIER,
+) -> planning.ContainerStatus:
+    return planning.ContainerStatus(
+        name=name, restart_count=restarts, container_id=container_id, started_at=started_at
     )
+
+
+def test_a_pod_with_no_restart_ends_nothing() -> None:
+    same = [container(), container("sidecar", restarts=2)]
+    ending = planning.pod_ending(pod_uid="u1", old=same, new=same, deleted=False, phase="Running")
+    assert ending is None
+
+
+def test_a_new_pod_is_not_a_restart() -> None:
+    ending = planning.pod_ending(
+        pod_uid="u1", old=None, new=[container(restarts=3)], deleted=False, phase=None
+    )
+    assert ending is None
+
+
+@pytest.mark.parametrize(("deleted", "phase"), [(True, "Running"), (False, "Failed")])
+def test_a_deleted_or_finished_pod_ends_all_its_incarnations(deleted: bool, phase: str) -> None:
+    ending = planning.pod_ending(
+        pod_uid="u1", old=[container()], new=[container()], deleted=deleted, phase=phase
+    )
+    assert ending is not None and ending.whole_pod and ending.pod_uid == "u1"
+
+
+def test_a_restart_ends_what_started_before_the_new_container() -> None:
+    restarted_at = NOW - datetime.timedelta(seconds=6)
+    new = [
+        container(restarts=1, container_id="b" * 64, started_at=restarted_at),
+        container("sidecar", container_id="c" * 64),
+    ]
+    ending = planning.pod_ending(
+        pod_uid="u1",
+        old=[container(), container("sidecar")],
+        new=new,
+        deleted=False,
+        phase="Running",
+    )
+    assert ending is not None and not ending.whole_pod
+    assert ending.restarted_containers == ("worker",)
+    assert set(ending.running_container_ids) == {"b" * 64, "c" * 64}
+    margin = datetime.timedelta(seconds=planning.POD_CLOCK_SKEW_MARGIN_SECONDS)
+    assert ending.started_before == restarted_at - margin
+
+
+def test_a_restarted_container_not_running_yet_ends_all_its_incarnations() -> None:
+    waiting = container(restarts=1, container_id=None, started_at=None)
+    ending = planning.pod_ending(
+        pod_uid="u1", old=[container()], new=[waiting], deleted=False, phase="Running"
+    )
+    assert ending is not None
+    assert ending.running_container_ids == ()
+    assert ending.started_before is None  # not running: every incarnation of it is dead
+    assert ending.single_container
+
+
+def test_a_multi_container_pod_says_so() -> None:
+    old = [container(), container("sidecar", container_id="c" * 64)]
+    new = [container(), container("sidecar", restarts=1, container_id="d" * 64)]
+    ending = planning.pod_ending(pod_uid="u1", old=old, new=new, deleted=False, phase="Running")
+    assert ending is not None and ending.restarted_containers == ("sidecar",)
+    assert not ending.single_container
+
+
+def test_a_pod_without_uid_ends_nothing() -> None:
+    ending = planning.pod_ending(
+        pod_uid="", old=[container()], new=[container()], deleted=True, phase=None
+    )
+    assert ending is None
 
 
 @given(
@@ -194,7 +242,8 @@ def test_pods_orphan_leases_when_deleted_finished_or_restarted() -> None:
     )
 )
 def test_restarted_containers_property(counts: list[tuple[str, int, int]]) -> None:
-    old = [{"name": name, "restartCount": before} for name, before, _ in counts]
-    new = [{"name": name, "restartCount": after} for name, _, after in counts]
+    old = [container(name, before) for name, before, _ in counts]
+    new = [container(name, after) for name, _, after in counts]
     expected = tuple(sorted(name for name, before, after in counts if after > before))
-    assert planning.restarted_containers(old, new) == expected
+    ending = planning.pod_ending(pod_uid="u", old=old, new=new, deleted=False, phase="Running")
+    assert (ending.restarted_containers if ending else ()) == expected
