@@ -4,9 +4,9 @@ e2e tests and the demo run workers as real Pods of the project's image
 (``start_worker_pod``): the kubelet restarts a killed container and reports it, and the
 Downward API gives the worker its Pod's name, namespace and uid — what the operator's
 pod-restart rescue acts on. Local ``celery worker`` processes (``start_worker``) serve the
-integration tests, which need no Kubernetes, and the few e2e cases a kubelet cannot stage:
-a worker whose Pod object exists but which the operator must not see, or a Pod status
-written by hand at a chosen moment (``register_pod``, ``report_running``); their
+integration tests, which need no Kubernetes, workers outside Kubernetes, and the one e2e
+case a kubelet cannot stage: a restart report written by hand at a chosen moment, after
+the restarted process started work (``register_pod``, ``report_running``); their
 environment carries what the Downward API would give them (``downward_api_env``).
 ``app`` may point at a probe app when a test compares our messages with Celery's own.
 """

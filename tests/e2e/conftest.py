@@ -158,8 +158,10 @@ def worker_pods(
         return worker
 
     yield start
+    # Waited for: a worker Pod left running would take the next test's messages from the
+    # session's shared Redis (and write to this test's database).
     for worker in started:
-        worker.delete(grace_seconds=1, wait=False)
+        worker.delete(grace_seconds=1, wait=True)
 
 
 @pytest.fixture

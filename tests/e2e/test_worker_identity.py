@@ -34,6 +34,7 @@ from e2e_support import (
 
 from celery_app.demo import audit, schema
 from devstack import kube as devstack_kube
+from devstack import node as devstack_node
 from devstack import postgres as devstack_postgres
 from devstack import processes, workers
 
@@ -133,6 +134,7 @@ def assert_each_entry_ran_once(dsn: str) -> None:
 def test_a_live_worker_the_operator_cannot_see_keeps_its_running_attempts(
     where: str,
     crds: devstack_kube.ControlPlane,
+    node: devstack_node.Node,
     namespace: str,
     other_namespace: str,
     journal: str,
@@ -140,21 +142,44 @@ def test_a_live_worker_the_operator_cannot_see_keeps_its_running_attempts(
     start_operator: Callable[..., OperatorProcess],
     local_workers: Callable[..., processes.ManagedProcess],
 ) -> None:
-    """Setups the docs allow: such a worker is judged by its heartbeat alone."""
-    env: dict[str, str] = {}
-    if where == "hostname_is_no_pod":
-        hostname = "outside-1"
-    elif where == "pod_in_another_namespace":
-        hostname = "insights-worker-elsewhere"
-        workers.register_pod(crds, namespace=other_namespace, name=hostname, labels=WORKER_LABELS)
-        env = workers.downward_api_env(crds, namespace=other_namespace, name=hostname)
-    else:
-        hostname = "insights-worker-unselected"
-        workers.register_pod(crds, namespace=namespace, name=hostname, labels={"app": "other"})
-        env = workers.downward_api_env(crds, namespace=namespace, name=hostname)
+    """Setups the docs allow: such a worker is judged by its heartbeat alone. A worker
+    outside Kubernetes is a local process; the other two are real Pods on the node."""
     seed_long_bodies(journal)
     # More slots than entries: a wrongly re-dispatched copy would run at once, side by side.
-    local_workers(hostname, concurrency=2 * ENTRIES, extra_env=env)
+    pod: workers.WorkerPod | None = None
+    if where == "hostname_is_no_pod":
+        local_workers("outside-1", concurrency=2 * ENTRIES)
+    else:
+        elsewhere = where == "pod_in_another_namespace"
+        pod = workers.start_worker_pod(
+            node=node,
+            namespace=other_namespace if elsewhere else namespace,
+            pod_name="insights-worker-elsewhere" if elsewhere else "insights-worker-unselected",
+            labels=WORKER_LABELS if elsewhere else {"app": "other"},
+            broker_url=redis_url,
+            dsn=journal,
+            concurrency=2 * ENTRIES,
+        )
+    try:
+        check_entries_run_once_by_an_unseen_worker(
+            crds, namespace=namespace, journal=journal, redis_url=redis_url,
+            start_operator=start_operator,
+        )  # fmt: skip
+    finally:
+        # A Pod outlives its test unless deleted and waited for, and would take the next
+        # test's messages from the shared Redis.
+        if pod is not None:
+            pod.delete(grace_seconds=1, wait=True)
+
+
+def check_entries_run_once_by_an_unseen_worker(
+    crds: devstack_kube.ControlPlane,
+    *,
+    namespace: str,
+    journal: str,
+    redis_url: str,
+    start_operator: Callable[..., OperatorProcess],
+) -> None:
     start_operator()
     apply_policy(
         crds,
