@@ -327,8 +327,11 @@ class Demo:
 
     def stop(self) -> None:
         for stop in reversed(self.stoppables):
-            with contextlib.suppress(Exception):
+            # One failure must not keep the rest running; it is told, not swallowed.
+            try:
                 stop()
+            except Exception as error:
+                say(f"while stopping: {type(error).__name__}: {error}")
 
 
 @contextlib.contextmanager

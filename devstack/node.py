@@ -158,9 +158,14 @@ class Node:
         return {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port}
 
     def stop(self) -> None:
-        for process in (self.scheduler, self.kubelet):
-            if process is not None:
-                process.stop(timeout_seconds=10)
+        try:
+            for process in (self.scheduler, self.kubelet):
+                if process is not None:
+                    process.stop(timeout_seconds=10)
+        finally:
+            self._teardown()
+
+    def _teardown(self) -> None:
         teardown(
             workdir=self.workdir,
             socket=self.socket,
@@ -298,31 +303,43 @@ def teardown(
     stop_containerd: Callable[[], None],
 ) -> None:
     """Everything the node started, stopped by PID and by path: containers (whatever is in
-    our cgroup root), shims (by our socket), containerd, then mounts and cgroups."""
-    for _ in range(50):
-        remaining = _processes_in_cgroup(cgroup_root)
-        if not remaining:
-            break
-        _kill_all(remaining)
-        time.sleep(0.1)
-    if socket.exists():
-        tasks = subprocess.run(
-            [str(ctr_binary), "-a", str(socket), "-n", "k8s.io", "tasks", "ls", "-q"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        ).stdout.split()
-        for task in tasks:
+    our cgroup root), shims (by our socket), containerd, then mounts and cgroups. Each later
+    step runs even if an earlier one failed: a containerd left running would outlive its
+    caller, and a mount or cgroup left behind would outlive the machine's next stacks."""
+    try:
+        for _ in range(50):
+            remaining = _processes_in_cgroup(cgroup_root)
+            if not remaining:
+                break
+            _kill_all(remaining)
+            time.sleep(0.1)
+        _remove_tasks(ctr_binary=ctr_binary, socket=socket)
+        _kill_all(_shim_pids(socket))
+    finally:
+        try:
+            stop_containerd()
+        finally:
+            _unmount_under(workdir)
+            _remove_cgroups(cgroup_root)
+
+
+def _remove_tasks(*, ctr_binary: Path, socket: Path) -> None:
+    """Ask our containerd to forget its (dead) tasks, so their shims exit; best effort,
+    since the shims are killed by PID next anyway."""
+    if not socket.exists():
+        return
+    ctr = [str(ctr_binary), "-a", str(socket), "-n", "k8s.io"]
+    with contextlib.suppress(subprocess.SubprocessError, OSError):
+        listed = subprocess.run(
+            [*ctr, "tasks", "ls", "-q"], capture_output=True, text=True, timeout=10, check=False
+        )
+        for task in listed.stdout.split():
             subprocess.run(
-                [str(ctr_binary), "-a", str(socket), "-n", "k8s.io", "tasks", "rm", "-f", task],
-                capture_output=True,
-                timeout=30,
-                check=False,
+                [*ctr, "tasks", "rm", "-f", task], capture_output=True, timeout=10, check=False
             )
-    _kill_all(_shim_pids(socket))
-    stop_containerd()
-    _unmount_under(workdir)
+
+
+def _remove_cgroups(cgroup_root: str) -> None:
     for hierarchy in _cgroup_hierarchies():
         tree = hierarchy / cgroup_root.lstrip("/")
         if tree.is_dir():
