@@ -261,6 +261,9 @@ class TailOnly:
     def instance_id(self) -> str | None:
         return self._inner.instance_id()
 
+    def deliveries_older_than(self, seconds: float) -> set[str]:
+        return self._inner.deliveries_older_than(seconds)
+
     def close(self) -> None:
         self._inner.close()
 

@@ -37,6 +37,7 @@ import base64
 import contextlib
 import dataclasses
 import json
+import time
 import urllib.parse
 import uuid
 from collections.abc import Mapping, Sequence
@@ -90,6 +91,11 @@ class Publisher(Protocol):
     def instance_id(self) -> str | None:
         """Identifies the broker's server process; it changes when the broker restarts (and
         may have forgotten every queued message). ``None`` when the broker cannot tell."""
+        ...
+
+    def deliveries_older_than(self, seconds: float) -> set[str]:
+        """Task ids of messages a consumer took more than ``seconds`` ago and has not
+        acknowledged (where the broker keeps them aside; empty where it does not)."""
         ...
 
     def close(self) -> None: ...
@@ -290,6 +296,29 @@ class RedisPublisher:
         run_id = server.get("run_id")
         return None if run_id is None else str(run_id)
 
+    def deliveries_older_than(self, seconds: float) -> set[str]:
+        """kombu's Redis transport keeps every delivered, unacknowledged message in the
+        ``unacked`` hash, indexed by delivery time (the consumer's clock) in
+        ``unacked_index``, until it is acked or restored after the visibility timeout. A
+        message whose body never started there was taken by a worker that died in between."""
+        cutoff = time.time() - seconds
+        try:
+            tags = self._client.zrangebyscore(self._key_prefix + "unacked_index", "-inf", cutoff)
+            raws = self._client.hmget(self._key_prefix + "unacked", tags) if tags else []
+        except redis.exceptions.RedisError as error:
+            raise unavailable(
+                error, url=self._url, doing="reading unacknowledged deliveries"
+            ) from None
+        task_ids: set[str] = set()
+        for raw in raws:
+            if raw is None:
+                continue  # acked meanwhile
+            try:
+                task_ids.add(str(json.loads(raw)[0]["headers"]["id"]))
+            except (ValueError, LookupError, TypeError):
+                continue  # not a Celery message of ours
+        return task_ids
+
     def close(self) -> None:
         self._client.close()
 
@@ -340,6 +369,9 @@ class KombuPublisher:
 
     def instance_id(self) -> str | None:
         return None  # AMQP brokers keep durable queues across restarts; nothing to detect
+
+    def deliveries_older_than(self, seconds: float) -> set[str]:
+        return set()  # AMQP requeues a dead consumer's unacked messages by itself
 
     def close(self) -> None:
         self._app.close()

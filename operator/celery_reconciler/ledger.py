@@ -38,6 +38,7 @@ claim transaction so the read of the source and the claim commit together.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import re
@@ -712,6 +713,30 @@ def release_claims(conn: psycopg.Connection[Any], *, fence_tokens: Sequence[uuid
     if not fence_tokens:
         return 0
     return conn.execute(_RELEASE_CLAIMS, [list(fence_tokens)]).rowcount
+
+
+_RELEASE_DELIVERIES = sql.SQL(
+    """
+    UPDATE {entries} SET lease_deadline = now(), updated_at = now()
+    WHERE policy_key = %s AND fence_token = ANY(%s::uuid[]) AND state = 'queued'
+    RETURNING entry_id
+    """
+).format(entries=_ENTRIES)
+
+
+def release_deliveries(
+    conn: psycopg.Connection[Any], *, policy_key: str, fence_tokens: Sequence[str]
+) -> list[str]:
+    """Entries whose current message a worker took but never started: released now (their
+    lease ends), so they can be dispatched again at once. Safe whatever became of that
+    worker, since the new claim's fence makes the old delivery drop itself."""
+    tokens = []
+    for token in fence_tokens:
+        with contextlib.suppress(ValueError):
+            tokens.append(uuid.UUID(token))
+    if not tokens:
+        return []
+    return [row[0] for row in conn.execute(_RELEASE_DELIVERIES, [policy_key, tokens])]
 
 
 _RELEASE_QUEUED = sql.SQL(

@@ -507,6 +507,11 @@ class PolicyLoop:
         logger.info("policy %s: %s", self.key, message)
         await self.event("Normal", "Rescued", message)
         self.waker.set()  # report the rescue in the status now
+        # A message the dead worker took just before it died is not "stranded" yet; the
+        # sweep that follows this long after finds it (reconcile._redispatch_stranded).
+        asyncio.get_running_loop().call_later(
+            reconcile.STRANDED_DELIVERY_SECONDS + 0.5, self.waker.set
+        )
 
     # -- outputs ------------------------------------------------------------------------
 

@@ -166,6 +166,8 @@ def reconcile_once(
         ledger.end_silent_incarnations(conn)
         expired = ledger.expire_leases(conn, policy_key=policy.key)
         settled = ledger.settle_finished(conn, policy_key=policy.key, still_pending=still_pending)
+        doing = "re-dispatching deliveries that never started"
+        stranded = _redispatch_stranded(conn, policy, broker, send_ahead)
         in_flight = ledger.count_in_flight(conn, policy_key=policy.key)
         budget = (
             0
@@ -188,7 +190,7 @@ def reconcile_once(
         remaining = budget
         after: tuple[Any, ...] | None = None
         pages = 0
-        claimed = published = redispatched
+        claimed = published = redispatched + stranded
         claim_seconds = publish_seconds = 0.0
         while remaining > 0:
             pause = planning.dispatch_pause_seconds(
@@ -304,6 +306,28 @@ def _redispatch(
     return len(claims)
 
 
+# A live worker starts a delivered body within milliseconds (its fence check); one whose
+# message is still unstarted after this long took it and died (or is stuck on the database,
+# and then its delivery is simply dropped as stale when it gets through). Compared with the
+# consumer's clock, so skew between hosts only shifts when the release happens.
+STRANDED_DELIVERY_SECONDS = 2.0
+
+
+def _redispatch_stranded(
+    conn: psycopg.Connection[Any],
+    policy: policy_module.Policy,
+    broker: broker_module.Publisher,
+    send: PublishFunction,
+) -> int:
+    """Messages a worker took but never started (it died between taking and starting)
+    would wait out their lease; release and re-dispatch them ahead of the queue now."""
+    task_ids = broker.deliveries_older_than(STRANDED_DELIVERY_SECONDS)
+    if not task_ids:
+        return 0
+    released = ledger.release_deliveries(conn, policy_key=policy.key, fence_tokens=sorted(task_ids))
+    return _redispatch(conn, policy, send, entry_ids=released)
+
+
 def _publish_or_release(
     conn: psycopg.Connection[Any],
     send: PublishFunction,
@@ -350,15 +374,12 @@ def rescue(
             still_pending=functools.partial(source.filter_pending, conn, policy.source),
         )
         # A suspended policy dispatches nothing: its rescued entries wait, due, for resume.
+        send_ahead = functools.partial(_publish, policy, broker, ahead=True)
         redispatched = (
             0
             if policy.schedule.suspend
-            else _redispatch(
-                conn,
-                policy,
-                functools.partial(_publish, policy, broker, ahead=True),
-                entry_ids=expired.retry_ids,
-            )
+            else _redispatch(conn, policy, send_ahead, entry_ids=expired.retry_ids)
+            + _redispatch_stranded(conn, policy, broker, send_ahead)
         )
     return RescueResult(ended=ended, expired=expired, settled=settled, redispatched=redispatched)
 
