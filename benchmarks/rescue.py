@@ -261,8 +261,8 @@ class TailOnly:
     def instance_id(self) -> str | None:
         return self._inner.instance_id()
 
-    def deliveries_older_than(self, seconds: float) -> set[str]:
-        return self._inner.deliveries_older_than(seconds)
+    def messages_accounted_for(self, queue: str, *, taken_within_seconds: float) -> set[str] | None:
+        return self._inner.messages_accounted_for(queue, taken_within_seconds=taken_within_seconds)
 
     def close(self) -> None:
         self._inner.close()

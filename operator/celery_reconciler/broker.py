@@ -93,12 +93,29 @@ class Publisher(Protocol):
         may have forgotten every queued message). ``None`` when the broker cannot tell."""
         ...
 
-    def deliveries_older_than(self, seconds: float) -> set[str]:
-        """Task ids of messages a consumer took more than ``seconds`` ago and has not
-        acknowledged (where the broker keeps them aside; empty where it does not)."""
+    def messages_accounted_for(self, queue: str, *, taken_within_seconds: float) -> set[str] | None:
+        """Task ids whose message is waiting in ``queue`` or was taken by a consumer within
+        the last ``taken_within_seconds`` and not acknowledged yet; ``None`` where the broker
+        cannot tell (or the queue is too long to read)."""
         ...
 
     def close(self) -> None: ...
+
+
+# Above this many waiting messages a sweep does not read the whole queue to account for its
+# entries' messages (the lease stays the backstop for lost ones).
+AUDIT_QUEUE_LIMIT = 50_000
+
+
+def _task_id(raw: bytes, *, taken: bool) -> str | None:
+    """The Celery task id of a kombu envelope as the queue's list holds it, or as the
+    ``unacked`` hash does (``[envelope, exchange, routing_key]``); ``None`` for anything
+    else."""
+    try:
+        envelope = json.loads(raw)
+        return str((envelope[0] if taken else envelope)["headers"]["id"])
+    except (ValueError, LookupError, TypeError):
+        return None
 
 
 def redact_url(url: str) -> str:
@@ -296,28 +313,24 @@ class RedisPublisher:
         run_id = server.get("run_id")
         return None if run_id is None else str(run_id)
 
-    def deliveries_older_than(self, seconds: float) -> set[str]:
-        """kombu's Redis transport keeps every delivered, unacknowledged message in the
-        ``unacked`` hash, indexed by delivery time (the consumer's clock) in
-        ``unacked_index``, until it is acked or restored after the visibility timeout. A
-        message whose body never started there was taken by a worker that died in between."""
-        cutoff = time.time() - seconds
+    def messages_accounted_for(self, queue: str, *, taken_within_seconds: float) -> set[str] | None:
+        """The queue's list, plus kombu's ``unacked`` hash of delivered, unacknowledged
+        messages indexed by delivery time (the consumer's clock) in ``unacked_index``."""
+        key = self._key_prefix + queue
+        recent = time.time() - taken_within_seconds
         try:
-            tags = self._client.zrangebyscore(self._key_prefix + "unacked_index", "-inf", cutoff)
-            raws = self._client.hmget(self._key_prefix + "unacked", tags) if tags else []
+            if self._client.llen(key) > AUDIT_QUEUE_LIMIT:
+                return None
+            with self._client.pipeline(transaction=False) as pipe:
+                pipe.lrange(key, 0, -1)
+                pipe.zrangebyscore(self._key_prefix + "unacked_index", recent, "+inf")
+                waiting, tags = pipe.execute()
+            taken = self._client.hmget(self._key_prefix + "unacked", tags) if tags else []
         except redis.exceptions.RedisError as error:
-            raise unavailable(
-                error, url=self._url, doing="reading unacknowledged deliveries"
-            ) from None
-        task_ids: set[str] = set()
-        for raw in raws:
-            if raw is None:
-                continue  # acked meanwhile
-            try:
-                task_ids.add(str(json.loads(raw)[0]["headers"]["id"]))
-            except (ValueError, LookupError, TypeError):
-                continue  # not a Celery message of ours
-        return task_ids
+            raise unavailable(error, url=self._url, doing=f"reading queue {queue!r}") from None
+        found = {_task_id(raw, taken=False) for raw in waiting}
+        found.update(_task_id(raw, taken=True) for raw in taken if raw is not None)
+        return {task_id for task_id in found if task_id is not None}
 
     def close(self) -> None:
         self._client.close()
@@ -370,8 +383,8 @@ class KombuPublisher:
     def instance_id(self) -> str | None:
         return None  # AMQP brokers keep durable queues across restarts; nothing to detect
 
-    def deliveries_older_than(self, seconds: float) -> set[str]:
-        return set()  # AMQP requeues a dead consumer's unacked messages by itself
+    def messages_accounted_for(self, queue: str, *, taken_within_seconds: float) -> set[str] | None:
+        return None  # AMQP requeues a dead consumer's unacked messages by itself
 
     def close(self) -> None:
         self._app.close()

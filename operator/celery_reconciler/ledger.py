@@ -715,6 +715,20 @@ def release_claims(conn: psycopg.Connection[Any], *, fence_tokens: Sequence[uuid
     return conn.execute(_RELEASE_CLAIMS, [list(fence_tokens)]).rowcount
 
 
+_QUEUED_SINCE = sql.SQL(
+    """
+    SELECT fence_token::text FROM {entries}
+    WHERE policy_key = %s AND state = 'queued' AND lease_deadline > now()
+      AND dispatched_at < now() - make_interval(secs => %s)
+    """
+).format(entries=_ENTRIES)
+
+
+def queued_since(conn: psycopg.Connection[Any], *, policy_key: str, seconds: float) -> list[str]:
+    """Fence tokens of entries published more than ``seconds`` ago and not started yet."""
+    return [row[0] for row in conn.execute(_QUEUED_SINCE, [policy_key, seconds])]
+
+
 _RELEASE_DELIVERIES = sql.SQL(
     """
     UPDATE {entries} SET lease_deadline = now(), updated_at = now()
@@ -727,9 +741,10 @@ _RELEASE_DELIVERIES = sql.SQL(
 def release_deliveries(
     conn: psycopg.Connection[Any], *, policy_key: str, fence_tokens: Sequence[str]
 ) -> list[str]:
-    """Entries whose current message a worker took but never started: released now (their
-    lease ends), so they can be dispatched again at once. Safe whatever became of that
-    worker, since the new claim's fence makes the old delivery drop itself."""
+    """Entries whose current message is gone (a worker took it and died before starting it,
+    or it was lost on the way): released now (their lease ends), so they can be dispatched
+    again at once. Safe whatever became of that message: the new claim's fence makes the
+    old one drop itself if it is ever delivered."""
     tokens = []
     for token in fence_tokens:
         with contextlib.suppress(ValueError):

@@ -554,7 +554,7 @@ class PolicyLoop:
                 result.pages,
                 result.expired.retry_now,
                 result.expired.dead,
-                result.expired.unstarted,
+                result.expired.unstarted + result.missing_messages,
                 extra={"fields": sweep_fields(result)},
             )
         if counts is not None:
@@ -664,7 +664,7 @@ def sweep_fields(result: reconcile.SweepResult) -> dict[str, Any]:
         "in_flight_before": result.in_flight_before,
         "lost_workers": result.expired.retry_now,
         "dead_on_expiry": result.expired.dead,
-        "lost_messages": result.expired.unstarted,
+        "lost_messages": result.expired.unstarted + result.missing_messages,
         "settled": result.settled,
         "duration_seconds": round(result.duration_seconds, 4),
     }

@@ -110,6 +110,7 @@ class SweepResult:
     suspended: bool
     expired: ledger.ExpiredLeases
     settled: int
+    missing_messages: int  # queued entries whose message was gone, dispatched again
     in_flight_before: int
     budget: int
     pages: int
@@ -241,6 +242,7 @@ def reconcile_once(
         suspended=policy.schedule.suspend,
         expired=expired,
         settled=settled,
+        missing_messages=stranded,
         in_flight_before=in_flight,
         budget=budget,
         pages=pages,
@@ -306,9 +308,11 @@ def _redispatch(
     return len(claims)
 
 
-# A live worker starts a delivered body within milliseconds (its fence check); one whose
-# message is still unstarted after this long took it and died (or is stuck on the database,
-# and then its delivery is simply dropped as stale when it gets through). Compared with the
+# A live worker starts a delivered body within milliseconds (its fence check), and a
+# published message is in the queue at once. An entry queued for longer whose message is
+# neither waiting in the queue nor taken within this long has lost it: its worker died
+# between taking and starting it (kombu pops, then records the delivery: a kill in between
+# leaves no trace in Redis at all), or the broker dropped it. Delivery times are the
 # consumer's clock, so skew between hosts only shifts when the release happens.
 STRANDED_DELIVERY_SECONDS = 2.0
 
@@ -319,15 +323,23 @@ def _redispatch_stranded(
     broker: broker_module.Publisher,
     send: PublishFunction,
 ) -> int:
-    """Messages a worker took but never started (it died between taking and starting)
-    would wait out their lease; release and re-dispatch them ahead of the queue now."""
+    """Account for every queued entry's message in the broker; re-dispatch, ahead of the
+    queue, the entries whose message is gone — instead of letting them wait for the lease.
+    The ledger is read first, so a message that moves on meanwhile (taken, then started)
+    is found in its new place or the entry is no longer queued."""
+    candidates = ledger.queued_since(conn, policy_key=policy.key, seconds=STRANDED_DELIVERY_SECONDS)
+    if not candidates:
+        return 0
     try:
-        task_ids = broker.deliveries_older_than(STRANDED_DELIVERY_SECONDS)
+        present = broker.messages_accounted_for(
+            policy.task.queue, taken_within_seconds=STRANDED_DELIVERY_SECONDS
+        )
     except BrokerUnavailable:
         return 0  # the sweep's own publish meets the same broker and reports it
-    if not task_ids:
+    if present is None:
         return 0
-    released = ledger.release_deliveries(conn, policy_key=policy.key, fence_tokens=sorted(task_ids))
+    missing = [token for token in candidates if token not in present]
+    released = ledger.release_deliveries(conn, policy_key=policy.key, fence_tokens=missing)
     return _redispatch(conn, policy, send, entry_ids=released)
 
 
