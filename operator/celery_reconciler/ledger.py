@@ -78,6 +78,7 @@ class Claim:
 
     entry_id: str
     fence_token: uuid.UUID
+    again: bool = False  # dispatched before (a retry, a rescue, a lost message): runs next
 
 
 @dataclasses.dataclass(frozen=True)
@@ -676,7 +677,7 @@ def claim(
     if succeeded:
         pending_again = still_pending(succeeded)
         reclaim.extend(entry_id for entry_id in succeeded if entry_id in pending_again)
-    claims: dict[str, uuid.UUID] = {}
+    claims: dict[str, Claim] = {}
     if reclaim:
         for entry_id, fence in conn.execute(
             _CLAIM_LOCKED,
@@ -687,13 +688,13 @@ def claim(
                 "lease_seconds": lease_seconds,
             },
         ):
-            claims[entry_id] = fence
+            claims[entry_id] = Claim(entry_id, fence, again=True)
     for entry_id, fence in conn.execute(
         _CLAIM_NEW, {"policy_key": policy_key, "entry_ids": ids, "lease_seconds": lease_seconds}
     ):
-        claims[entry_id] = fence
+        claims[entry_id] = Claim(entry_id, fence)
     # Keep the source's keyset order, so dispatch order follows spec.source.orderBy.
-    return [Claim(entry_id, claims[entry_id]) for entry_id in ids if entry_id in claims]
+    return [claims[entry_id] for entry_id in ids if entry_id in claims]
 
 
 _RELEASE_CLAIMS = sql.SQL(

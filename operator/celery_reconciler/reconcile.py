@@ -217,15 +217,13 @@ def reconcile_once(
             pages += 1
             if claims:
                 publish_started = clock()
-                _publish_or_release(
-                    conn,
-                    send,
-                    [
-                        broker_module.TaskMessage(entry_id=c.entry_id, task_id=str(c.fence_token))
-                        for c in claims
-                    ],
-                    claims,
-                )
+                # Entries dispatched before (a retry that fell due, a rescued or lost one the
+                # page reached first) go ahead of the queue; first dispatches join its tail.
+                again = [claim for claim in claims if claim.again]
+                first = [claim for claim in claims if not claim.again]
+                for batch, sender in ((again, send_ahead), (first, send)):
+                    if batch:
+                        _publish_or_release(conn, sender, _messages(batch), batch)
                 publish_seconds += clock() - publish_started
                 claimed += len(claims)
                 published += len(claims)
@@ -296,16 +294,15 @@ def _redispatch(
             still_pending=functools.partial(source.filter_pending, conn, policy.source),
         )
     if claims:
-        _publish_or_release(
-            conn,
-            send,
-            [
-                broker_module.TaskMessage(entry_id=c.entry_id, task_id=str(c.fence_token))
-                for c in claims
-            ],
-            claims,
-        )
+        _publish_or_release(conn, send, _messages(claims), claims)
     return len(claims)
+
+
+def _messages(claims: Sequence[ledger.Claim]) -> list[broker_module.TaskMessage]:
+    return [
+        broker_module.TaskMessage(entry_id=claim.entry_id, task_id=str(claim.fence_token))
+        for claim in claims
+    ]
 
 
 # A live worker starts a delivered body within milliseconds (its fence check), and a
