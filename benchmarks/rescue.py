@@ -261,6 +261,9 @@ class TailOnly:
     def instance_id(self) -> str | None:
         return self._inner.instance_id()
 
+    def messages_accounted_for(self, queue: str, *, taken_within_seconds: float) -> set[str] | None:
+        return self._inner.messages_accounted_for(queue, taken_within_seconds=taken_within_seconds)
+
     def close(self) -> None:
         self._inner.close()
 

@@ -660,3 +660,26 @@ def _record_unknown_task(
 
 
 celery.signals.task_unknown.connect(_record_unknown_task, weak=False)
+
+
+def _refuse_to_start_without_the_ledger(sender: Any = None, **_: Any) -> None:
+    """A worker whose app registers a ``ReconciledTask`` but has no ledger DSN could never
+    pass a fence check: it would hand every delivery back, forever, while looking healthy.
+    It stops at start instead, saying what to set."""
+    app = getattr(sender, "app", None)
+    tasks = getattr(app, "tasks", {}) if app is not None else {}
+    if os.environ.get(DSN_ENVIRONMENT_VARIABLE) or not any(
+        isinstance(task, ReconciledTask) for task in tasks.values()
+    ):
+        return
+    message = (
+        f"{DSN_ENVIRONMENT_VARIABLE} is not set: this worker runs ReconciledTask tasks, which "
+        "need the DSN of the database holding the ledger (the same database as the entries "
+        "table) — set it in the worker's environment, e.g. from the Secret the policy's "
+        "spec.source.databaseSecretRef names"
+    )
+    logger.critical("%s", message)
+    raise SystemExit(message)  # a plain exception would be logged and the worker would go on
+
+
+celery.signals.worker_init.connect(_refuse_to_start_without_the_ledger, weak=False)

@@ -37,6 +37,7 @@ import base64
 import contextlib
 import dataclasses
 import json
+import time
 import urllib.parse
 import uuid
 from collections.abc import Mapping, Sequence
@@ -92,7 +93,29 @@ class Publisher(Protocol):
         may have forgotten every queued message). ``None`` when the broker cannot tell."""
         ...
 
+    def messages_accounted_for(self, queue: str, *, taken_within_seconds: float) -> set[str] | None:
+        """Task ids whose message is waiting in ``queue`` or was taken by a consumer within
+        the last ``taken_within_seconds`` and not acknowledged yet; ``None`` where the broker
+        cannot tell (or the queue is too long to read)."""
+        ...
+
     def close(self) -> None: ...
+
+
+# Above this many waiting messages a sweep does not read the whole queue to account for its
+# entries' messages (the lease stays the backstop for lost ones).
+AUDIT_QUEUE_LIMIT = 50_000
+
+
+def _task_id(raw: bytes, *, taken: bool) -> str | None:
+    """The Celery task id of a kombu envelope as the queue's list holds it, or as the
+    ``unacked`` hash does (``[envelope, exchange, routing_key]``); ``None`` for anything
+    else."""
+    try:
+        envelope = json.loads(raw)
+        return str((envelope[0] if taken else envelope)["headers"]["id"])
+    except (ValueError, LookupError, TypeError):
+        return None
 
 
 def redact_url(url: str) -> str:
@@ -290,6 +313,25 @@ class RedisPublisher:
         run_id = server.get("run_id")
         return None if run_id is None else str(run_id)
 
+    def messages_accounted_for(self, queue: str, *, taken_within_seconds: float) -> set[str] | None:
+        """The queue's list, plus kombu's ``unacked`` hash of delivered, unacknowledged
+        messages indexed by delivery time (the consumer's clock) in ``unacked_index``."""
+        key = self._key_prefix + queue
+        recent = time.time() - taken_within_seconds
+        try:
+            if self._client.llen(key) > AUDIT_QUEUE_LIMIT:
+                return None
+            with self._client.pipeline(transaction=False) as pipe:
+                pipe.lrange(key, 0, -1)
+                pipe.zrangebyscore(self._key_prefix + "unacked_index", recent, "+inf")
+                waiting, tags = pipe.execute()
+            taken = self._client.hmget(self._key_prefix + "unacked", tags) if tags else []
+        except redis.exceptions.RedisError as error:
+            raise unavailable(error, url=self._url, doing=f"reading queue {queue!r}") from None
+        found = {_task_id(raw, taken=False) for raw in waiting}
+        found.update(_task_id(raw, taken=True) for raw in taken if raw is not None)
+        return {task_id for task_id in found if task_id is not None}
+
     def close(self) -> None:
         self._client.close()
 
@@ -340,6 +382,9 @@ class KombuPublisher:
 
     def instance_id(self) -> str | None:
         return None  # AMQP brokers keep durable queues across restarts; nothing to detect
+
+    def messages_accounted_for(self, queue: str, *, taken_within_seconds: float) -> set[str] | None:
+        return None  # AMQP requeues a dead consumer's unacked messages by itself
 
     def close(self) -> None:
         self._app.close()

@@ -38,6 +38,7 @@ claim transaction so the read of the source and the claim commit together.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import re
@@ -77,6 +78,7 @@ class Claim:
 
     entry_id: str
     fence_token: uuid.UUID
+    again: bool = False  # dispatched before (a retry, a rescue, a lost message): runs next
 
 
 @dataclasses.dataclass(frozen=True)
@@ -675,7 +677,7 @@ def claim(
     if succeeded:
         pending_again = still_pending(succeeded)
         reclaim.extend(entry_id for entry_id in succeeded if entry_id in pending_again)
-    claims: dict[str, uuid.UUID] = {}
+    claims: dict[str, Claim] = {}
     if reclaim:
         for entry_id, fence in conn.execute(
             _CLAIM_LOCKED,
@@ -686,13 +688,13 @@ def claim(
                 "lease_seconds": lease_seconds,
             },
         ):
-            claims[entry_id] = fence
+            claims[entry_id] = Claim(entry_id, fence, again=True)
     for entry_id, fence in conn.execute(
         _CLAIM_NEW, {"policy_key": policy_key, "entry_ids": ids, "lease_seconds": lease_seconds}
     ):
-        claims[entry_id] = fence
+        claims[entry_id] = Claim(entry_id, fence)
     # Keep the source's keyset order, so dispatch order follows spec.source.orderBy.
-    return [Claim(entry_id, claims[entry_id]) for entry_id in ids if entry_id in claims]
+    return [claims[entry_id] for entry_id in ids if entry_id in claims]
 
 
 _RELEASE_CLAIMS = sql.SQL(
@@ -712,6 +714,45 @@ def release_claims(conn: psycopg.Connection[Any], *, fence_tokens: Sequence[uuid
     if not fence_tokens:
         return 0
     return conn.execute(_RELEASE_CLAIMS, [list(fence_tokens)]).rowcount
+
+
+_QUEUED_SINCE = sql.SQL(
+    """
+    SELECT fence_token::text FROM {entries}
+    WHERE policy_key = %s AND state = 'queued' AND lease_deadline > now()
+      AND dispatched_at < now() - make_interval(secs => %s)
+    """
+).format(entries=_ENTRIES)
+
+
+def queued_since(conn: psycopg.Connection[Any], *, policy_key: str, seconds: float) -> list[str]:
+    """Fence tokens of entries published more than ``seconds`` ago and not started yet."""
+    return [row[0] for row in conn.execute(_QUEUED_SINCE, [policy_key, seconds])]
+
+
+_RELEASE_DELIVERIES = sql.SQL(
+    """
+    UPDATE {entries} SET lease_deadline = now(), updated_at = now()
+    WHERE policy_key = %s AND fence_token = ANY(%s::uuid[]) AND state = 'queued'
+    RETURNING entry_id
+    """
+).format(entries=_ENTRIES)
+
+
+def release_deliveries(
+    conn: psycopg.Connection[Any], *, policy_key: str, fence_tokens: Sequence[str]
+) -> list[str]:
+    """Entries whose current message is gone (a worker took it and died before starting it,
+    or it was lost on the way): released now (their lease ends), so they can be dispatched
+    again at once. Safe whatever became of that message: the new claim's fence makes the
+    old one drop itself if it is ever delivered."""
+    tokens = []
+    for token in fence_tokens:
+        with contextlib.suppress(ValueError):
+            tokens.append(uuid.UUID(token))
+    if not tokens:
+        return []
+    return [row[0] for row in conn.execute(_RELEASE_DELIVERIES, [policy_key, tokens])]
 
 
 _RELEASE_QUEUED = sql.SQL(

@@ -507,6 +507,11 @@ class PolicyLoop:
         logger.info("policy %s: %s", self.key, message)
         await self.event("Normal", "Rescued", message)
         self.waker.set()  # report the rescue in the status now
+        # A message the dead worker took just before it died is not "stranded" yet; the
+        # sweep that follows this long after finds it (reconcile._redispatch_stranded).
+        asyncio.get_running_loop().call_later(
+            reconcile.STRANDED_DELIVERY_SECONDS + 0.5, self.waker.set
+        )
 
     # -- outputs ------------------------------------------------------------------------
 
@@ -549,7 +554,7 @@ class PolicyLoop:
                 result.pages,
                 result.expired.retry_now,
                 result.expired.dead,
-                result.expired.unstarted,
+                result.expired.unstarted + result.missing_messages,
                 extra={"fields": sweep_fields(result)},
             )
         if counts is not None:
@@ -659,7 +664,7 @@ def sweep_fields(result: reconcile.SweepResult) -> dict[str, Any]:
         "in_flight_before": result.in_flight_before,
         "lost_workers": result.expired.retry_now,
         "dead_on_expiry": result.expired.dead,
-        "lost_messages": result.expired.unstarted,
+        "lost_messages": result.expired.unstarted + result.missing_messages,
         "settled": result.settled,
         "duration_seconds": round(result.duration_seconds, 4),
     }

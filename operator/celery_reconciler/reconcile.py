@@ -110,6 +110,7 @@ class SweepResult:
     suspended: bool
     expired: ledger.ExpiredLeases
     settled: int
+    missing_messages: int  # queued entries whose message was gone, dispatched again
     in_flight_before: int
     budget: int
     pages: int
@@ -166,6 +167,8 @@ def reconcile_once(
         ledger.end_silent_incarnations(conn)
         expired = ledger.expire_leases(conn, policy_key=policy.key)
         settled = ledger.settle_finished(conn, policy_key=policy.key, still_pending=still_pending)
+        doing = "re-dispatching deliveries that never started"
+        stranded = _redispatch_stranded(conn, policy, broker, send_ahead)
         in_flight = ledger.count_in_flight(conn, policy_key=policy.key)
         budget = (
             0
@@ -188,7 +191,7 @@ def reconcile_once(
         remaining = budget
         after: tuple[Any, ...] | None = None
         pages = 0
-        claimed = published = redispatched
+        claimed = published = redispatched + stranded
         claim_seconds = publish_seconds = 0.0
         while remaining > 0:
             pause = planning.dispatch_pause_seconds(
@@ -214,15 +217,13 @@ def reconcile_once(
             pages += 1
             if claims:
                 publish_started = clock()
-                _publish_or_release(
-                    conn,
-                    send,
-                    [
-                        broker_module.TaskMessage(entry_id=c.entry_id, task_id=str(c.fence_token))
-                        for c in claims
-                    ],
-                    claims,
-                )
+                # Entries dispatched before (a retry that fell due, a rescued or lost one the
+                # page reached first) go ahead of the queue; first dispatches join its tail.
+                again = [claim for claim in claims if claim.again]
+                first = [claim for claim in claims if not claim.again]
+                for batch, sender in ((again, send_ahead), (first, send)):
+                    if batch:
+                        _publish_or_release(conn, sender, _messages(batch), batch)
                 publish_seconds += clock() - publish_started
                 claimed += len(claims)
                 published += len(claims)
@@ -239,6 +240,7 @@ def reconcile_once(
         suspended=policy.schedule.suspend,
         expired=expired,
         settled=settled,
+        missing_messages=stranded,
         in_flight_before=in_flight,
         budget=budget,
         pages=pages,
@@ -292,16 +294,50 @@ def _redispatch(
             still_pending=functools.partial(source.filter_pending, conn, policy.source),
         )
     if claims:
-        _publish_or_release(
-            conn,
-            send,
-            [
-                broker_module.TaskMessage(entry_id=c.entry_id, task_id=str(c.fence_token))
-                for c in claims
-            ],
-            claims,
-        )
+        _publish_or_release(conn, send, _messages(claims), claims)
     return len(claims)
+
+
+def _messages(claims: Sequence[ledger.Claim]) -> list[broker_module.TaskMessage]:
+    return [
+        broker_module.TaskMessage(entry_id=claim.entry_id, task_id=str(claim.fence_token))
+        for claim in claims
+    ]
+
+
+# A live worker starts a delivered body within milliseconds (its fence check), and a
+# published message is in the queue at once. An entry queued for longer whose message is
+# neither waiting in the queue nor taken within this long has lost it: its worker died
+# between taking and starting it (kombu pops, then records the delivery: a kill in between
+# leaves no trace in Redis at all), or the broker dropped it. Delivery times are the
+# consumer's clock, so skew between hosts only shifts when the release happens.
+STRANDED_DELIVERY_SECONDS = 2.0
+
+
+def _redispatch_stranded(
+    conn: psycopg.Connection[Any],
+    policy: policy_module.Policy,
+    broker: broker_module.Publisher,
+    send: PublishFunction,
+) -> int:
+    """Account for every queued entry's message in the broker; re-dispatch, ahead of the
+    queue, the entries whose message is gone — instead of letting them wait for the lease.
+    The ledger is read first, so a message that moves on meanwhile (taken, then started)
+    is found in its new place or the entry is no longer queued."""
+    candidates = ledger.queued_since(conn, policy_key=policy.key, seconds=STRANDED_DELIVERY_SECONDS)
+    if not candidates:
+        return 0
+    try:
+        present = broker.messages_accounted_for(
+            policy.task.queue, taken_within_seconds=STRANDED_DELIVERY_SECONDS
+        )
+    except BrokerUnavailable:
+        return 0  # the sweep's own publish meets the same broker and reports it
+    if present is None:
+        return 0
+    missing = [token for token in candidates if token not in present]
+    released = ledger.release_deliveries(conn, policy_key=policy.key, fence_tokens=missing)
+    return _redispatch(conn, policy, send, entry_ids=released)
 
 
 def _publish_or_release(
@@ -350,15 +386,12 @@ def rescue(
             still_pending=functools.partial(source.filter_pending, conn, policy.source),
         )
         # A suspended policy dispatches nothing: its rescued entries wait, due, for resume.
+        send_ahead = functools.partial(_publish, policy, broker, ahead=True)
         redispatched = (
             0
             if policy.schedule.suspend
-            else _redispatch(
-                conn,
-                policy,
-                functools.partial(_publish, policy, broker, ahead=True),
-                entry_ids=expired.retry_ids,
-            )
+            else _redispatch(conn, policy, send_ahead, entry_ids=expired.retry_ids)
+            + _redispatch_stranded(conn, policy, broker, send_ahead)
         )
     return RescueResult(ended=ended, expired=expired, settled=settled, redispatched=redispatched)
 

@@ -8,6 +8,10 @@ that no entry's body ran twice at the same time.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -119,7 +123,11 @@ def test_redis_restart_without_persistence_loses_nothing(
         timeout_seconds=120,
         interval_seconds=0.5,
     )
-    assert sum(result.expired.unstarted for result in results) >= left_behind - 2
+    # Their messages were found missing from the broker (or, at worst, their lease ran out).
+    assert (
+        sum(result.expired.unstarted + result.missing_messages for result in results)
+        >= left_behind - 2
+    )
     all_runs = audit.runs(conn)
     assert audit.overlapping_runs(all_runs) == []
     assert sorted({run.entry_id for run in all_runs if run.outcome == "succeeded"}) == list(
@@ -457,3 +465,23 @@ def test_deliveries_during_a_database_outage_go_back_to_the_queue_not_to_the_lea
         )
         assert len(audit.runs(fresh)) == 5
         assert audit.overlapping_runs(audit.runs(fresh)) == []
+
+
+def test_a_worker_without_the_ledger_dsn_refuses_to_start(redis_url: str, tmp_path: Path) -> None:
+    """It could never pass a fence check: started anyway, it would look ready and hand every
+    delivery back forever. It must stop at once and name what to set."""
+    env = {key: value for key, value in os.environ.items() if key != "CELERY_RECONCILER_DSN"}
+    env["CELERY_BROKER_URL"] = redis_url
+    finished = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "celery_app.demo", "worker", "-l", "INFO"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    output = finished.stdout + finished.stderr
+    assert finished.returncode != 0, output
+    assert "CELERY_RECONCILER_DSN is not set" in output
+    assert " ready." not in output

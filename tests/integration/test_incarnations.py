@@ -34,9 +34,17 @@ from fencing_support import (
     successes_by_entry,
     timed_runs,
 )
-from reconcile_support import WorkerFactory, make_policy, pending_count, sweep_until, wait_for
+from reconcile_support import (
+    WorkerFactory,
+    make_policy,
+    pending_count,
+    sweep_connections,
+    sweep_until,
+    wait_for,
+)
 
 from celery_app.demo import audit, schema
+from celery_reconciler import reconcile
 from devstack import postgres as devstack_postgres
 from devstack import tcp_proxy
 
@@ -485,3 +493,56 @@ def previous_release_env(previous: Path) -> dict[str, str]:
         "PYTHONSAFEPATH": "1",
         "CELERY_WORKDIR": str(previous),
     }
+
+
+TAKE_AND_HOLD = """
+import sys, time
+import kombu
+with kombu.Connection(sys.argv[1]) as connection:
+    queue = connection.SimpleQueue("insights", no_ack=False)
+    message = queue.get(timeout=10)
+    print("taken", message.headers["id"], flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_message_taken_by_a_worker_that_died_before_starting_it_runs_again_at_once(
+    demo_dsn: str, conn: psycopg.Connection[Any], redis_url: str, start_worker: WorkerFactory
+) -> None:
+    """A consumer takes the message the way a worker does (kombu, acknowledged late) and is
+    SIGKILLed before any body starts: the message sits unacknowledged in Redis until the
+    visibility timeout, the entry stays queued until its 10-minute lease — unless the sweep
+    sees the stranded delivery and dispatches the entry again."""
+    schema.seed(conn, count=1)
+    policy = make_policy(lease_timeout="10m")
+    with sweep_connections(demo_dsn, redis_url) as (db, publisher):
+        assert reconcile.reconcile_once(policy, db=db, broker=publisher).published == 1
+        taker = subprocess.Popen(
+            [sys.executable, "-c", TAKE_AND_HOLD, redis_url],
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            assert taker.stdout is not None
+            taken = taker.stdout.readline().split()
+            assert taken[:1] == ["taken"], taken
+        finally:
+            os.killpg(taker.pid, signal.SIGKILL)
+            taker.wait()
+        assert ledger_states(conn) == {"1": "queued"}
+        assert publisher.queue_depth("insights") == 0  # the message is only in "unacked"
+    start_worker(broker_url=redis_url, dsn=demo_dsn, extra_env=HEARTBEAT_ENV)
+    sweep_until(
+        lambda: pending_count(conn) == 0,
+        policy_=policy,
+        dsn=demo_dsn,
+        broker_url=redis_url,
+        timeout_seconds=30,
+        interval_seconds=0.5,
+    )
+    assert successes_by_entry(conn) == {1: 1}
+    stale = conn.execute(
+        "SELECT fence_token::text FROM celery_reconciler.entries WHERE entry_id = '1'"
+    ).fetchone()
+    assert stale is not None and stale[0] != taken[1]  # dispatched again, under a new fence
