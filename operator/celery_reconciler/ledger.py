@@ -38,7 +38,6 @@ claim transaction so the read of the source and the claim commit together.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import re
@@ -700,20 +699,25 @@ def claim(
 _RELEASE_CLAIMS = sql.SQL(
     """
     UPDATE {entries} SET lease_deadline = now(), updated_at = now()
-    WHERE fence_token = ANY(%s) AND state = 'queued'
+    WHERE fence_token = ANY(%s::uuid[]) AND state = 'queued'
+    RETURNING entry_id
     """
 ).format(entries=_ENTRIES)
 
 
-def release_claims(conn: psycopg.Connection[Any], *, fence_tokens: Sequence[uuid.UUID]) -> int:
-    """Make claims whose publish failed eligible again at once, instead of after the lease.
+def release_claims(
+    conn: psycopg.Connection[Any], *, fence_tokens: Sequence[uuid.UUID]
+) -> list[str]:
+    """Make queued entries eligible again at once, instead of after the lease: claims whose
+    publish failed, or whose message is gone (a worker took it and died before starting it,
+    or it was lost on the way). Returns their entry ids.
 
     Safe even if some of those messages did reach the broker: the next claim writes a new
     fence token, and a worker drops any delivery whose task id is not the current fence.
     """
     if not fence_tokens:
-        return 0
-    return conn.execute(_RELEASE_CLAIMS, [list(fence_tokens)]).rowcount
+        return []
+    return [row[0] for row in conn.execute(_RELEASE_CLAIMS, [list(fence_tokens)])]
 
 
 _QUEUED_SINCE = sql.SQL(
@@ -728,31 +732,6 @@ _QUEUED_SINCE = sql.SQL(
 def queued_since(conn: psycopg.Connection[Any], *, policy_key: str, seconds: float) -> list[str]:
     """Fence tokens of entries published more than ``seconds`` ago and not started yet."""
     return [row[0] for row in conn.execute(_QUEUED_SINCE, [policy_key, seconds])]
-
-
-_RELEASE_DELIVERIES = sql.SQL(
-    """
-    UPDATE {entries} SET lease_deadline = now(), updated_at = now()
-    WHERE policy_key = %s AND fence_token = ANY(%s::uuid[]) AND state = 'queued'
-    RETURNING entry_id
-    """
-).format(entries=_ENTRIES)
-
-
-def release_deliveries(
-    conn: psycopg.Connection[Any], *, policy_key: str, fence_tokens: Sequence[str]
-) -> list[str]:
-    """Entries whose current message is gone (a worker took it and died before starting it,
-    or it was lost on the way): released now (their lease ends), so they can be dispatched
-    again at once. Safe whatever became of that message: the new claim's fence makes the
-    old one drop itself if it is ever delivered."""
-    tokens = []
-    for token in fence_tokens:
-        with contextlib.suppress(ValueError):
-            tokens.append(uuid.UUID(token))
-    if not tokens:
-        return []
-    return [row[0] for row in conn.execute(_RELEASE_DELIVERIES, [policy_key, tokens])]
 
 
 _RELEASE_QUEUED = sql.SQL(

@@ -41,6 +41,7 @@ import dataclasses
 import datetime
 import functools
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -335,8 +336,8 @@ def _redispatch_stranded(
         return 0  # the sweep's own publish meets the same broker and reports it
     if present is None:
         return 0
-    missing = [token for token in candidates if token not in present]
-    released = ledger.release_deliveries(conn, policy_key=policy.key, fence_tokens=missing)
+    missing = [uuid.UUID(token) for token in candidates if token not in present]
+    released = ledger.release_claims(conn, fence_tokens=missing)
     return _redispatch(conn, policy, send, entry_ids=released)
 
 
