@@ -24,6 +24,9 @@ DATABASE_UNAVAILABLE = "DatabaseUnavailable"
 BROKER_UNAVAILABLE = "BrokerUnavailable"
 SOURCE_INVALID = "SourceInvalid"
 KUBERNETES_UNAVAILABLE = "KubernetesUnavailable"
+CONFLICT = "Conflict"
+WORKERS_NOT_CONSUMING = "WorkersNotConsuming"
+POD_WATCH_FAILED = "PodWatchFailed"
 AS_EXPECTED = "AsExpected"
 
 

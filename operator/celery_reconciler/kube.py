@@ -36,6 +36,7 @@ import kubernetes
 import urllib3
 
 from celery_reconciler import planning
+from celery_reconciler import policy as policy_module
 
 logger = logging.getLogger(__name__)
 
@@ -195,22 +196,49 @@ def _timestamp(value: object) -> datetime.datetime | None:
     return None
 
 
-def label_selector_string(selector: Mapping[str, Any]) -> str:
-    """A LabelSelector (matchLabels + matchExpressions) as the API's query string."""
-    terms = [f"{k}={v}" for k, v in sorted((selector.get("matchLabels") or {}).items())]
-    for expression in selector.get("matchExpressions") or []:
-        key, operator = expression["key"], expression["operator"]
-        values = ",".join(expression.get("values") or [])
-        match operator:
-            case "In":
-                terms.append(f"{key} in ({values})")
-            case "NotIn":
-                terms.append(f"{key} notin ({values})")
-            case "Exists":
-                terms.append(key)
-            case "DoesNotExist":
-                terms.append(f"!{key}")
+class InvalidLabelSelector(ValueError):
+    """A selector part that is not Kubernetes label syntax; never sent to the API."""
+
+
+def label_selector(workers: policy_module.Workers) -> str:
+    """The worker selector as the API's ``labelSelector`` query string.
+
+    The list and watch calls take only a string, so this is the one place that writes it:
+    each key and value is checked against the Kubernetes label syntax first (which has no
+    ``,``, ``=``, ``!``, ``(``, space or quote), so no part can change the selector's
+    meaning — a key such as ``app,tier!=x`` raises instead of widening the watch.
+    """
+    terms = []
+    for key, value in workers.match_labels:
+        _check_label(key, value=value)
+        terms.append(f"{key}={value}")
+    for requirement in workers.match_expressions:
+        for value in requirement.values:
+            _check_label(requirement.key, value=value)
+        _check_label(requirement.key)
+        values = ",".join(requirement.values)
+        match requirement.operator, bool(requirement.values):
+            case "In", True:
+                terms.append(f"{requirement.key} in ({values})")
+            case "NotIn", True:
+                terms.append(f"{requirement.key} notin ({values})")
+            case "Exists", False:
+                terms.append(requirement.key)
+            case "DoesNotExist", False:
+                terms.append(f"!{requirement.key}")
+            case _:
+                raise InvalidLabelSelector(
+                    f"operator {requirement.operator!r} with {len(requirement.values)} values "
+                    f"on key {requirement.key!r} is not a label selector requirement"
+                )
     return ",".join(terms)
+
+
+def _check_label(key: str, *, value: str | None = None) -> None:
+    if not policy_module.is_label_key(key):
+        raise InvalidLabelSelector(f"{key!r} is not a label key")
+    if value is not None and not policy_module.is_label_value(value):
+        raise InvalidLabelSelector(f"{value!r} is not a label value (key {key!r})")
 
 
 def _call(method: Any, *args: Any, **kwargs: Any) -> Any:
@@ -228,6 +256,7 @@ def watch_worker_pods(
     namespace: str,
     label_selector: str,
     on_event: Callable[[str, WorkerPod], None],
+    on_health: Callable[[str | None], None],
     stopping: threading.Event,
 ) -> None:
     """Stream ADDED/MODIFIED/DELETED pod events for one policy's workers until ``stopping``.
@@ -236,12 +265,20 @@ def watch_worker_pods(
     pod in the cluster) keeps the operator's pod traffic, and its RBAC, to the pods it cares
     about. Runs in a thread: the official client's watch is blocking. Every (re)list
     replays the current pods as ADDED, so the caller's baseline survives watch expiry.
+
+    ``on_health`` hears what the policy's status must say: a failure text while the API
+    refuses the listing or the watch (HTTP 400, 403...), None once a listing works again —
+    a watch that cannot run must not leave the policy saying Ready. A dropped connection is
+    only retried: watches are cut routinely.
     """
     core = _core()
     last_failure: str | None = None  # log a failure once, not every retry
     while not stopping.is_set():
         try:
             listing = core.list_namespaced_pod(namespace, label_selector=label_selector)
+            if last_failure is not None:
+                on_health(None)
+            last_failure = None
             for pod in listing.items:
                 on_event("ADDED", pod_from_body(pod.to_dict()))
             resource_version = listing.metadata.resource_version
@@ -276,6 +313,12 @@ def watch_worker_pods(
                     " — grant the operator list and watch on pods" if error.status == 403 else "",
                 )
                 last_failure = failure
+                on_health(
+                    f"watching worker pods (selector {label_selector!r}) fails with {failure}"
+                    + (": grant the operator list and watch on pods" if error.status == 403 else "")
+                    + "; until it works, dead workers are found by heartbeats and leases only, "
+                    "in minutes instead of seconds"
+                )
             stopping.wait(2.0)
         except Exception as error:  # a dropped connection must not end the watch
             failure = type(error).__name__

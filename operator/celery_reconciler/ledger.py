@@ -903,6 +903,38 @@ def counts(conn: psycopg.Connection[Any], *, policy_key: str) -> LedgerCounts:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Consumption:
+    """Whether workers take this policy's work: ``planning.workers_not_consuming``."""
+
+    oldest_queued_seconds: float | None  # None: nothing published and waiting
+    last_finished_seconds_ago: float | None  # None: no attempt ever finished
+
+
+# Both halves use an index: entries_unfinished (policy_key, state) and attempts_finished
+# (policy_key, finished_at), so the check costs the backlog, not the history.
+_CONSUMPTION = sql.SQL(
+    """
+    SELECT
+        (SELECT EXTRACT(EPOCH FROM now() - min(dispatched_at)) FROM {entries}
+         WHERE policy_key = %(policy_key)s AND state = 'queued' AND lease_deadline > now()),
+        (SELECT EXTRACT(EPOCH FROM now() - max(finished_at)) FROM {attempts}
+         WHERE policy_key = %(policy_key)s AND finished_at IS NOT NULL)
+    """
+).format(entries=_ENTRIES, attempts=_ATTEMPTS)
+
+
+def consumption(conn: psycopg.Connection[Any], *, policy_key: str) -> Consumption:
+    """How long the oldest published entry has waited for a worker, and how long ago any
+    attempt of this policy last finished."""
+    row = conn.execute(_CONSUMPTION, {"policy_key": policy_key}).fetchone()
+    assert row is not None
+    return Consumption(
+        oldest_queued_seconds=None if row[0] is None else float(row[0]),
+        last_finished_seconds_ago=None if row[1] is None else float(row[1]),
+    )
+
+
 _ENTRY = sql.SQL(
     """
     SELECT policy_key, entry_id, state, attempt, fence_token, lease_deadline, next_attempt_at,

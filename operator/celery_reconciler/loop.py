@@ -29,7 +29,7 @@ import datetime
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from celery_reconciler import broker, conditions, kube, metrics, planning, reconcile
@@ -50,6 +50,11 @@ logger = logging.getLogger(__name__)
 
 # Wake-up events of the running loops by policy key, for handlers that must poke a loop.
 _WAKERS: dict[str, asyncio.Event] = {}
+# Loops that yield to an older policy; any policy change in their namespace may free them.
+_CONFLICTED: set[str] = set()
+# Problems a sweep that worked can report (``health_problem``); a status refresh between
+# sweeps recomputes them, where it leaves a sweep's own failure for the next sweep.
+HEALTH_REASONS = (conditions.WORKERS_NOT_CONSUMING, conditions.POD_WATCH_FAILED)
 
 
 def wake(policy_key: str) -> bool:
@@ -58,6 +63,12 @@ def wake(policy_key: str) -> bool:
         return False
     waker.set()
     return True
+
+
+def wake_conflicted(namespace: str) -> None:
+    """A policy of ``namespace`` changed or went away: let the loops that yield re-check."""
+    for key in [key for key in _CONFLICTED if key.partition("/")[0] == namespace]:
+        wake(key)
 
 
 def utc_now_text() -> str:
@@ -126,7 +137,15 @@ class Connections:
 
 
 class PolicyLoop:
-    def __init__(self, *, namespace: str, name: str, uid: str, body: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        *,
+        namespace: str,
+        name: str,
+        uid: str,
+        body: Mapping[str, Any],
+        peers: Mapping[str, Iterable[planning.PolicyClaim]] | None = None,
+    ) -> None:
         self.namespace = namespace
         self.name = name
         self.uid = uid
@@ -154,6 +173,10 @@ class PolicyLoop:
         self.unfinished_rescues: list[PendingRescue] = []
         self.pod_watch_stop: threading.Event | None = None
         self.pod_selector = ""
+        self.pod_watch_failure: str | None = None  # set from the watch thread
+        # Every ProcessingPolicy by namespace (a kopf index), to find the ones that overlap.
+        self.peers = peers or {}
+        self.workers_stuck = False
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -166,6 +189,8 @@ class PolicyLoop:
                 await self.wait_for_next_sweep(delay, stopped)
         finally:
             _WAKERS.pop(self.key, None)
+            _CONFLICTED.discard(self.key)
+            wake_conflicted(self.namespace)
             self.stop_pod_watch()
             self.connections.close()
             logger.info("policy %s: loop stopped", self.key)
@@ -189,7 +214,9 @@ class PolicyLoop:
 
     async def refresh_status(self) -> None:
         db, publisher, policy = self.connections.db, self.connections.publisher, self.policy
-        if db is None or publisher is None or policy is None or self.last_problem is not None:
+        if db is None or publisher is None or policy is None:
+            return
+        if self.last_problem is not None and self.last_problem.reason not in HEALTH_REASONS:
             return
         try:
             if await self.notice_broker_restart(policy, db=db, publisher=publisher):
@@ -198,7 +225,8 @@ class PolicyLoop:
         except (reconcile.DatabaseUnavailable, reconcile.BrokerUnavailable):
             return  # the next sweep reports it as a condition
         generation = int(self.body.get("metadata", {}).get("generation") or 0)
-        await self.report(policy=policy, problem=None, generation=generation, counts=counts)
+        problem = self.health_problem(policy, counts)
+        await self.report(policy=policy, problem=problem, generation=generation, counts=counts)
 
     async def sleep(self, delay_seconds: float, stopped: Any) -> bool:
         """Sleep up to ``delay_seconds``; True when woken early by a wake-up request."""
@@ -232,6 +260,10 @@ class PolicyLoop:
             await self.report(policy=None, problem=problem, generation=generation)
             return INVALID_SPEC_RECHECK_SECONDS
         self.policy = policy
+        conflict = self.conflict(policy)
+        if conflict is not None:
+            await self.report(policy=policy, problem=conflict, generation=generation)
+            return policy.schedule.sweep_interval_seconds
         self.ensure_pod_watch(policy)
         try:
             dsn, broker_url = await asyncio.to_thread(self.read_secrets, policy)
@@ -261,7 +293,11 @@ class PolicyLoop:
             ]
         self.failures_in_a_row = 0
         await self.report(
-            policy=policy, problem=None, generation=generation, result=result, counts=counts
+            policy=policy,
+            problem=self.health_problem(policy, counts),
+            generation=generation,
+            result=result,
+            counts=counts,
         )
         delay = policy.schedule.sweep_interval_seconds
         if not policy.schedule.suspend:
@@ -272,6 +308,52 @@ class PolicyLoop:
         if self.status_write_deferred:
             delay = min(delay, STATUS_MIN_INTERVAL_SECONDS)
         return delay
+
+    def conflict(self, policy: policy_module.Policy) -> conditions.Problem | None:
+        """Conflict when an older policy already processes the same rows (see
+        ``planning.conflicts``): this one then dispatches nothing, so no entry runs twice."""
+        claims = list(self.peers.get(self.namespace, ()))
+        found = planning.conflicts(claims).get(policy.key)
+        if found is None:
+            _CONFLICTED.discard(self.key)
+            return None
+        _CONFLICTED.add(self.key)
+        winner = found.winner.partition("/")[2]
+        return conditions.Problem(
+            conditions.CONFLICT,
+            f"overlaps the older ProcessingPolicy {winner} ({found.what}, same "
+            f"spec.source.databaseSecretRef): this policy dispatches nothing while {winner} "
+            "processes these rows; delete one of them or change its table, pending predicate "
+            "or task",
+        )
+
+    def health_problem(
+        self, policy: policy_module.Policy, counts: reconcile.StatusSnapshot
+    ) -> conditions.Problem | None:
+        """What a sweep that worked can still be wrong about: a pod watch the API refuses,
+        or work that waits for workers that never take it."""
+        if self.pod_watch_failure is not None:
+            return conditions.Problem(conditions.POD_WATCH_FAILED, self.pod_watch_failure)
+        consumption = counts.consumption
+        self.workers_stuck = planning.workers_not_consuming(
+            oldest_queued_seconds=consumption.oldest_queued_seconds,
+            running=counts.running,
+            last_finished_seconds_ago=consumption.last_finished_seconds_ago,
+            start_timeout_seconds=policy.workers.start_timeout_seconds,
+            was_stuck=self.workers_stuck,
+        )
+        if not self.workers_stuck:
+            return None
+        queue, task = policy.task.queue, policy.task.name
+        waited = int(consumption.oldest_queued_seconds or 0)
+        return conditions.Problem(
+            conditions.WORKERS_NOT_CONSUMING,
+            f"{counts.in_flight - counts.running} entries dispatched to queue {queue!r} wait "
+            f"for a worker (the oldest for {waited}s, spec.workers.startTimeout is "
+            f"{policy.workers.start_timeout_seconds:g}s) and no worker started any: check "
+            f"that a worker consumes queue {queue!r} (celery worker -Q {queue}), has task "
+            f"{task!r} registered, and has CELERY_RECONCILER_DSN set",
+        )
 
     async def observe(
         self,
@@ -378,19 +460,12 @@ class PolicyLoop:
     # -- pod-restart hook ---------------------------------------------------------------
 
     def ensure_pod_watch(self, policy: policy_module.Policy) -> None:
-        selector = kube.label_selector_string(
-            {
-                "matchLabels": dict(policy.workers.match_labels),
-                "matchExpressions": [
-                    {"key": r.key, "operator": r.operator, "values": list(r.values)}
-                    for r in policy.workers.match_expressions
-                ],
-            }
-        )
+        selector = kube.label_selector(policy.workers)
         if selector == self.pod_selector:
             return
         self.stop_pod_watch()
         self.pod_selector = selector
+        self.pod_watch_failure = None
         self.containers_seen.clear()
         if not selector:
             return
@@ -403,17 +478,27 @@ class PolicyLoop:
                 lambda: asyncio.ensure_future(self.on_pod_event(event_type, pod))
             )
 
+        def on_health(failure: str | None) -> None:
+            if not stopping.is_set():
+                loop.call_soon_threadsafe(self.note_pod_watch_health, failure)
+
         threading.Thread(
             target=kube.watch_worker_pods,
             kwargs={
                 "namespace": self.namespace,
                 "label_selector": selector,
                 "on_event": on_event,
+                "on_health": on_health,
                 "stopping": stopping,
             },
             name=f"pods:{self.key}",
             daemon=True,
         ).start()
+
+    def note_pod_watch_health(self, failure: str | None) -> None:
+        if failure != self.pod_watch_failure:
+            self.pod_watch_failure = failure
+            self.waker.set()  # report it now, not at the next sweep
 
     def stop_pod_watch(self) -> None:
         if self.pod_watch_stop is not None:

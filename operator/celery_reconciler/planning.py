@@ -237,3 +237,110 @@ def pod_ending(
         started_before=started_before,
         single_container=len(new_statuses) == 1,
     )
+
+
+# --- policies that overlap ------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyClaim:
+    """A policy as the conflict rule sees it: its parsed spec and its age.
+
+    ``created`` is the object's ``metadata.creationTimestamp`` (RFC 3339 in UTC, so text
+    order is time order); ties are broken by name so every replica decides the same way.
+    """
+
+    created: str
+    policy: policy_module.Policy
+
+
+@dataclasses.dataclass(frozen=True)
+class Conflict:
+    """``loser`` overlaps the older, active ``winner``; ``what`` says how, for people."""
+
+    loser: str
+    winner: str
+    what: str
+
+
+def overlap(a: policy_module.Policy, b: policy_module.Policy) -> str | None:
+    """How two policies would process the same rows twice, or None when they cannot.
+
+    The same database is judged by the same Secret and key in the same namespace: the
+    operator never compares DSNs, which would put secrets side by side in its memory and
+    messages (two Secrets holding one DSN are not caught — one Secret per database is the
+    documented practice). An unqualified table is ``public``'s, PostgreSQL's default
+    ``search_path``. Then the same table with the same predicate claims the same entries,
+    and the same table with the same task runs the same body twice per entry, whatever the
+    predicates.
+    """
+    source_a, source_b = a.source, b.source
+    if (
+        a.namespace != b.namespace
+        or source_a.database_secret != source_b.database_secret
+        or _qualified(source_a.table) != _qualified(source_b.table)
+    ):
+        return None
+    table = _qualified(source_a.table)
+    if source_a.pending == source_b.pending:
+        return f"same table {table} and pending predicate"
+    if a.task.name == b.task.name:
+        return f"same table {table} and task {a.task.name}"
+    return None
+
+
+def _qualified(table: policy_module.TableName) -> str:
+    return f"{table.schema or 'public'}.{table.table}"
+
+
+def conflicts(claims: Iterable[PolicyClaim]) -> dict[str, Conflict]:
+    """Which policies must dispatch nothing, by key, and which older policy each yields to.
+
+    Oldest first (creation time, then name), a policy is active unless it overlaps an
+    active older one. A policy that yields blocks nobody: with A older than B older than C,
+    where A overlaps B and B overlaps C but A does not overlap C, A and C both run. Deleting
+    or changing the older policy makes the younger active at its next sweep.
+    """
+    active: list[policy_module.Policy] = []
+    found: dict[str, Conflict] = {}
+    for claim in sorted(claims, key=lambda c: (c.created, c.policy.name)):
+        for older in active:
+            what = overlap(claim.policy, older)
+            if what is not None:
+                found[claim.policy.key] = Conflict(
+                    loser=claim.policy.key, winner=older.key, what=what
+                )
+                break
+        else:
+            active.append(claim.policy)
+    return found
+
+
+# --- workers that do not consume ------------------------------------------------------
+
+
+def workers_not_consuming(
+    *,
+    oldest_queued_seconds: float | None,
+    running: int,
+    last_finished_seconds_ago: float | None,
+    start_timeout_seconds: float,
+    was_stuck: bool,
+) -> bool:
+    """True while dispatched work waits and no worker takes any of it.
+
+    Stuck: an entry has been queued (published, not started) longer than the start timeout,
+    nothing runs, and nothing finished within the timeout either — so a deep backlog that
+    workers are working through is never called stuck, however old its tail. Once stuck, a
+    policy stays so (``was_stuck``) until work starts again or nothing is queued: a lease
+    that expires re-dispatches the entries with a fresh dispatch time, which must not look
+    like a recovery.
+    """
+    if oldest_queued_seconds is None:
+        return False
+    recently_finished = (
+        last_finished_seconds_ago is not None and last_finished_seconds_ago <= start_timeout_seconds
+    )
+    if running > 0 or recently_finished:
+        return False
+    return was_stuck or oldest_queued_seconds > start_timeout_seconds

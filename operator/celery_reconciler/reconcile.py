@@ -139,6 +139,8 @@ class StatusSnapshot:
     succeeded: int
     dead: int
     seconds_until_next_due: float | None
+    running: int
+    consumption: ledger.Consumption
 
 
 def reconcile_once(
@@ -409,6 +411,7 @@ def collect_status(policy: policy_module.Policy, *, db: Database) -> StatusSnaps
     with db.session(doing="reading status counts") as conn:
         summary = source.pending_summary(conn, policy.source)
         counts = ledger.counts(conn, policy_key=policy.key)
+        consumption = ledger.consumption(conn, policy_key=policy.key)
     return StatusSnapshot(
         pending=summary.count,
         oldest_pending_seconds=summary.oldest_seconds,
@@ -417,6 +420,8 @@ def collect_status(policy: policy_module.Policy, *, db: Database) -> StatusSnaps
         succeeded=counts.succeeded,
         dead=counts.dead,
         seconds_until_next_due=counts.seconds_until_next_due,
+        running=counts.running,
+        consumption=consumption,
     )
 
 
