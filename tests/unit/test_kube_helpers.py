@@ -1,7 +1,11 @@
 from __future__ import annotations
 
 import datetime
+import threading
+import types
+from typing import Any
 
+import kubernetes
 import pytest
 
 from celery_reconciler import kube, policy
@@ -143,3 +147,37 @@ def test_pod_from_body_reads_container_ids_and_start_times_in_both_spellings() -
     assert (worker.container_id, worker.started_at) == ("a" * 64, started)
     waiting = kube.pod_from_body(watched).containers[1]
     assert (waiting.container_id, waiting.started_at, waiting.restart_count) == (None, None, 3)
+
+
+class _RefusingCore:
+    """A CoreV1Api whose pod listing the API refuses, then allows."""
+
+    def __init__(self, stopping: threading.Event, failures: int) -> None:
+        self.stopping = stopping
+        self.failures = failures
+
+    def list_namespaced_pod(self, namespace: str, **_: Any) -> Any:
+        if self.failures > 0:
+            self.failures -= 1
+            raise kubernetes.client.ApiException(status=400, reason="Bad Request")
+        self.stopping.set()
+        return types.SimpleNamespace(items=[], metadata=types.SimpleNamespace(resource_version="1"))
+
+
+def test_a_refused_pod_watch_is_reported_and_so_is_its_recovery(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stopping = threading.Event()
+    monkeypatch.setattr(kube, "_core", lambda: _RefusingCore(stopping, failures=1))
+    monkeypatch.setattr(stopping, "wait", lambda timeout=None: False)  # no 2 s pause
+    heard: list[str | None] = []
+    kube.watch_worker_pods(
+        namespace="mindjourney",
+        label_selector="app=insights-worker",
+        on_event=lambda event_type, pod: None,
+        on_health=heard.append,
+        stopping=stopping,
+    )
+    assert len(heard) == 2
+    assert heard[0] is not None and "HTTP 400" in heard[0] and "app=insights-worker" in heard[0]
+    assert heard[1] is None
