@@ -1,10 +1,12 @@
 """What a policy says about itself when its sweeps work but the work does not get done:
-another policy already owns its rows (``Conflict``), or no worker takes what it dispatched
-(``WorkersNotConsuming``). The real operator, apiserver, database, broker and workers."""
+another policy already owns its rows (``Conflict``), no worker takes what it dispatched
+(``WorkersNotConsuming``), or the API refuses the watch of its worker pods
+(``PodWatchFailed``). The real operator, apiserver, database, broker and workers."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -21,6 +23,7 @@ from e2e_support import (
     unprocessed,
     wait_for,
 )
+from test_worker_identity import apply_docs, operator_rbac, without_pod_rights
 
 from celery_app.demo import schema
 from devstack import kube as devstack_kube
@@ -135,3 +138,44 @@ def test_work_that_no_worker_takes_reports_workers_not_consuming_until_one_does(
         what="Ready=True once a worker takes the work",
     )
     assert condition(crds, namespace, FIRST, "Degraded")["status"] == "False"
+
+
+def test_a_pod_watch_the_api_refuses_degrades_the_policy_until_it_is_allowed(
+    crds: devstack_kube.ControlPlane,
+    namespace: str,
+    journal: str,
+    redis_url: str,
+    start_operator: Callable[..., OperatorProcess],
+    tmp_path: Path,
+) -> None:
+    """The operator runs under the chart's RBAC without its pods rule: the watch gets 403."""
+    rbac = operator_rbac(crds, namespace=namespace)
+    fullname = f"rbac-{namespace}-celery-reconciler"
+    apply_docs(crds, without_pod_rights(rbac))
+    try:
+        config = crds.service_account_kubeconfig(
+            namespace=namespace, service_account=fullname, path=tmp_path / "sa.kubeconfig"
+        )
+        start_operator(kubeconfig=config, namespaces=(namespace,))
+        apply_policy(crds, namespace, dsn=journal, broker_url=redis_url, sweep_interval="2s")
+        degraded = wait_for(
+            lambda: (
+                (c := condition(crds, namespace, FIRST, "Degraded")).get("reason")
+                == "PodWatchFailed"
+                and c
+            ),
+            timeout_seconds=60,
+            what="Degraded with reason PodWatchFailed",
+        )
+        assert "HTTP 403" in degraded["message"]
+        assert "app=insights-worker" in degraded["message"]
+        assert condition(crds, namespace, FIRST, "Ready")["status"] == "False"
+
+        apply_docs(crds, rbac)
+        wait_for(
+            lambda: condition(crds, namespace, FIRST, "Ready").get("status") == "True",
+            timeout_seconds=60,
+            what="Ready=True once the operator may watch pods again",
+        )
+    finally:
+        crds.kubectl("delete", "clusterrole,clusterrolebinding", fullname, check=False)
