@@ -479,8 +479,7 @@ class PolicyLoop:
             )
 
         def on_health(failure: str | None) -> None:
-            if not stopping.is_set():
-                loop.call_soon_threadsafe(self.note_pod_watch_health, failure)
+            loop.call_soon_threadsafe(self.note_pod_watch_health, stopping, failure)
 
         threading.Thread(
             target=kube.watch_worker_pods,
@@ -495,8 +494,9 @@ class PolicyLoop:
             daemon=True,
         ).start()
 
-    def note_pod_watch_health(self, failure: str | None) -> None:
-        if failure != self.pod_watch_failure:
+    def note_pod_watch_health(self, watch: threading.Event, failure: str | None) -> None:
+        """What the pod watch thread says about itself; a replaced watch has no say."""
+        if watch is self.pod_watch_stop and failure != self.pod_watch_failure:
             self.pod_watch_failure = failure
             self.waker.set()  # report it now, not at the next sweep
 
