@@ -25,9 +25,10 @@ Two sides call this module:
   ``end_silent_incarnations``, ``end_pod_incarnations``, ``expire_leases``, ``claim``
   (inside the caller's transaction), ``due_retries``, ``release_claims``, ``retry_dead``,
   counts;
-* the worker (``celery_app.reliable``): ``register_incarnation``, ``heartbeat``,
-  ``start_attempt`` (the atomic fence check), ``record_success`` (also inside the body's own
-  transaction: the fenced commit), ``record_failure``.
+* the worker (``celery_app.reliable``): ``register_incarnation``, ``heartbeat`` (which also
+  marks finished bodies succeeded, in batches), ``start_attempt`` (the atomic fence check),
+  ``record_success`` (inside the body's own transaction: the fenced commit),
+  ``retry_rules`` and ``record_failure``.
 
 Every statement is composed with ``psycopg.sql`` from constant text and identifiers; values
 are always bound parameters. All times are the database's ``now()``, never a host clock, so
@@ -90,14 +91,13 @@ class ExpiredLeases:
 
 @dataclasses.dataclass(frozen=True)
 class RunningAttempt:
-    """What a worker learns when its fence check succeeds: the attempt and the retry rules."""
+    """What a worker learns when its fence check succeeds (the retry rules are read only when
+    a body fails: ``retry_rules``)."""
 
     policy_key: str
     entry_id: str
     attempt: int
     fence_token: uuid.UUID
-    retry: policy_module.Retry
-    lease_seconds: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -466,6 +466,46 @@ def upsert_policy(conn: psycopg.Connection[Any], policy: policy_module.Policy) -
     )
 
 
+# An attempt's history row is written once, when the attempt ends (succeeded, failed or
+# lost), from the entry row the ending statement just updated: the worker's fence check is
+# then a single-row UPDATE, the least a per-task statement can be, and a running attempt is
+# read from the entry row itself (``history``). A ledger of the previous schema may still
+# hold ``running`` history rows: those are completed in place instead of inserted.
+# ``ended`` names a CTE returning the entry's ``policy_key, entry_id, attempt, fence_token,
+# worker, dispatched_at, started_at, incarnation``; the expressions may use its columns
+# through the alias ``ended``.
+def _attempt_ended(
+    ended: str, *, outcome: str, error: str = "NULL", retry_at: str = "NULL"
+) -> sql.Composed:
+    return sql.SQL(
+        """
+        {completed} AS (
+            UPDATE {attempts} a SET outcome = {outcome}, error = {error}, finished_at = now(),
+                retry_at = {retry_at}
+            FROM {ended} ended
+            WHERE a.fence_token = ended.fence_token AND a.outcome = 'running'
+        ), {recorded} AS (
+            INSERT INTO {attempts} (policy_key, entry_id, attempt, fence_token, worker,
+                outcome, error, dispatched_at, started_at, finished_at, retry_at, incarnation)
+            SELECT ended.policy_key, ended.entry_id, ended.attempt, ended.fence_token,
+                ended.worker, {outcome}, {error}, ended.dispatched_at,
+                coalesce(ended.started_at, now()), now(), {retry_at}, ended.incarnation
+            FROM {ended} ended
+            WHERE NOT EXISTS (SELECT 1 FROM {attempts} a
+                              WHERE a.fence_token = ended.fence_token AND a.outcome = 'running')
+        )
+        """
+    ).format(
+        ended=sql.Identifier(ended),
+        completed=sql.Identifier(f"{ended}_completed"),
+        recorded=sql.Identifier(f"{ended}_recorded"),
+        attempts=_ATTEMPTS,
+        outcome=sql.Literal(outcome),
+        error=sql.SQL(error),
+        retry_at=sql.SQL(retry_at),
+    )
+
+
 # A lost running attempt is a failed attempt (the worker died or the body overran), so it
 # consumes the attempt: a poison entry that kills its worker ends dead, not in a crash loop.
 # An attempt is lost when the incarnation running it has ended (a pod event proved its
@@ -494,16 +534,22 @@ _EXPIRE_LOST = sql.SQL(
           AND (e.lease_deadline <= now()
                OR EXISTS (SELECT 1 FROM {incarnations} i
                           WHERE i.id = e.incarnation AND i.ended_at IS NOT NULL))
-        RETURNING e.entry_id, e.fence_token, e.state, e.last_error
-    ), history AS (
-        UPDATE {attempts} a SET outcome = 'lost', error = lost.last_error, finished_at = now(),
-            retry_at = CASE WHEN lost.state = 'dead' THEN NULL ELSE now() END
-        FROM lost
-        WHERE a.fence_token = lost.fence_token AND a.outcome = 'running'
-    )
+        RETURNING e.policy_key, e.entry_id, e.attempt, e.fence_token, e.worker,
+            e.dispatched_at, e.started_at, e.incarnation, e.state, e.last_error
+    ), {history}
     SELECT entry_id, state FROM lost
     """
-).format(entries=_ENTRIES, policies=_POLICIES, attempts=_ATTEMPTS, incarnations=_INCARNATIONS)
+).format(
+    entries=_ENTRIES,
+    policies=_POLICIES,
+    incarnations=_INCARNATIONS,
+    history=_attempt_ended(
+        "lost",
+        outcome="lost",
+        error="ended.last_error",
+        retry_at="CASE WHEN ended.state = 'dead' THEN NULL ELSE now() END",
+    ),
+)
 _COUNT_UNSTARTED_EXPIRED = sql.SQL(
     "SELECT count(*) FROM {entries} WHERE policy_key = %s AND state = 'queued' "
     "AND lease_deadline <= now()"
@@ -910,13 +956,27 @@ _ENTRY = sql.SQL(
     FROM {entries} WHERE policy_key = %s AND entry_id = %s
     """
 ).format(entries=_ENTRIES)
+# Ended attempts, then the running one, which has no history row yet (``_attempt_ended``).
 _ATTEMPT_HISTORY = sql.SQL(
     """
     SELECT attempt, fence_token, worker, outcome, error, dispatched_at, started_at,
         finished_at, retry_at
-    FROM {attempts} WHERE policy_key = %s AND entry_id = %s ORDER BY id
+    FROM (
+        SELECT id, attempt, fence_token, worker, outcome, error, dispatched_at, started_at,
+            finished_at, retry_at
+        FROM {attempts} WHERE policy_key = %(policy_key)s AND entry_id = %(entry_id)s
+        UNION ALL
+        SELECT NULL, e.attempt, e.fence_token, e.worker, 'running', NULL, e.dispatched_at,
+            e.started_at, NULL, NULL
+        FROM {entries} e
+        WHERE e.policy_key = %(policy_key)s AND e.entry_id = %(entry_id)s
+          AND e.state = 'running'
+          AND NOT EXISTS (SELECT 1 FROM {attempts} a
+                          WHERE a.fence_token = e.fence_token AND a.outcome = 'running')
+    ) AS attempts
+    ORDER BY id NULLS LAST
     """
-).format(attempts=_ATTEMPTS)
+).format(attempts=_ATTEMPTS, entries=_ENTRIES)
 
 
 def history(
@@ -927,85 +987,65 @@ def history(
         entry = cursor.execute(_ENTRY, [policy_key, entry_id]).fetchone()
         if entry is None:
             return None
-        attempts = cursor.execute(_ATTEMPT_HISTORY, [policy_key, entry_id]).fetchall()
+        attempts = cursor.execute(
+            _ATTEMPT_HISTORY, {"policy_key": policy_key, "entry_id": entry_id}
+        ).fetchall()
     return EntryHistory(**entry, attempts=tuple(AttemptRecord(**attempt) for attempt in attempts))
 
 
 # --- worker side ---------------------------------------------------------------------------
 
-# Bodies an incarnation finished since its last statement, marked succeeded by the next one
-# (its next fence check, or its heartbeat): a worker spends one ledger statement per task.
-# Until then the entry stays ``running`` under a live incarnation — nothing re-dispatches
-# it — and if the process dies first, the source shows it processed and the sweep settles
-# it. Every statement that embeds this binds ``%(finished)s`` (a uuid[]).
+# Bodies an incarnation finished, marked succeeded in one batch by its next heartbeat (or by
+# ``record_success`` inside a fenced commit): a worker spends a single one-row statement per
+# task, its fence check. Until the mark the entry stays ``running`` under a live incarnation —
+# nothing re-dispatches it — and if the process dies first, the source shows it processed
+# and the sweep settles it. Every statement that embeds this binds ``%(finished)s`` (a uuid[]).
 _MARK_FINISHED = sql.SQL(
     """
     finished AS (
         UPDATE {entries} SET state = 'succeeded', lease_deadline = NULL,
             next_attempt_at = NULL, finished_at = now(), updated_at = now()
         WHERE fence_token = ANY(%(finished)s::uuid[]) AND state = 'running'
-        RETURNING fence_token
-    ), finished_history AS (
-        UPDATE {attempts} a SET outcome = 'succeeded', finished_at = now()
-        FROM finished WHERE a.fence_token = finished.fence_token AND a.outcome = 'running'
-    )
+        RETURNING policy_key, entry_id, attempt, fence_token, worker, dispatched_at,
+            started_at, incarnation
+    ), {history}
     """
-).format(entries=_ENTRIES, attempts=_ATTEMPTS)
+).format(entries=_ENTRIES, history=_attempt_ended("finished", outcome="succeeded"))
 
 
 # The fence: a worker may run the body only if its task id is the entry's current fence
 # token, the entry is still queued (not already running, retried or finished) and the lease
 # is live — and, for a worker with an incarnation, only while that incarnation is live and
-# heartbeated within half its timeout. One statement checks and claims at once, so two
+# heartbeated within half its timeout. One single-row UPDATE checks and claims at once, so two
 # deliveries cannot both pass. ``FOR SHARE`` on the incarnation row makes the operator's
 # ending of it (an UPDATE of that row) and this start serialize: whichever commits first
-# wins, and a start that waited re-reads the row and sees it ended.
+# wins, and a start that waited re-reads the row and sees it ended. The lease is never
+# shorter than the heartbeat timeout, so the backstop cannot fire between two renewals.
 _START_ATTEMPT = sql.SQL(
     """
-    WITH {mark_finished}, me AS (
-        SELECT id, heartbeat_timeout_seconds FROM {incarnations}
-        WHERE id = %(incarnation)s::uuid AND ended_at IS NULL
-          AND heartbeat_at > now() - make_interval(secs => heartbeat_timeout_seconds / 2)
-        FOR SHARE
-    ), started AS (
-        UPDATE {entries} e SET
-            state = 'running',
-            attempt = e.attempt + 1,
-            worker = %(worker)s,
-            incarnation = %(incarnation)s::uuid,
-            started_at = now(),
-            finished_at = NULL,
-            lease_deadline = now() + make_interval(secs => greatest(p.lease_seconds,
-                coalesce((SELECT heartbeat_timeout_seconds FROM me), 0))),
-            updated_at = now()
-        FROM {policies} p
-        WHERE e.fence_token = %(fence_token)s
-          AND (%(entry_id)s::text IS NULL OR e.entry_id = %(entry_id)s::text)
-          AND e.state = 'queued'
-          AND e.lease_deadline > now()
-          AND p.policy_key = e.policy_key
-          AND (%(incarnation)s::uuid IS NULL OR EXISTS (SELECT 1 FROM me))
-        RETURNING e.policy_key, e.entry_id, e.attempt, e.fence_token, e.dispatched_at,
-            e.started_at, p.max_attempts, p.initial_delay_seconds, p.backoff_factor,
-            p.max_delay_seconds, p.jitter, p.lease_seconds
-    ), recorded AS (
-        INSERT INTO {attempts} (policy_key, entry_id, attempt, fence_token, worker, outcome,
-            dispatched_at, started_at, incarnation)
-        SELECT policy_key, entry_id, attempt, fence_token, %(worker)s, 'running',
-            dispatched_at, started_at, %(incarnation)s::uuid
-        FROM started
-    )
-    SELECT policy_key, entry_id, attempt, fence_token, max_attempts, initial_delay_seconds,
-        backoff_factor, max_delay_seconds, jitter, lease_seconds
-    FROM started
+    UPDATE {entries} e SET
+        state = 'running',
+        attempt = e.attempt + 1,
+        worker = %(worker)s,
+        incarnation = %(incarnation)s::uuid,
+        started_at = now(),
+        finished_at = NULL,
+        lease_deadline = now() + make_interval(secs => greatest(
+            (SELECT p.lease_seconds FROM {policies} p WHERE p.policy_key = e.policy_key),
+            coalesce(%(heartbeat_timeout)s::float8, 0))),
+        updated_at = now()
+    WHERE e.fence_token = %(fence_token)s
+      AND (%(entry_id)s::text IS NULL OR e.entry_id = %(entry_id)s::text)
+      AND e.state = 'queued'
+      AND e.lease_deadline > now()
+      AND (%(incarnation)s::uuid IS NULL OR EXISTS (
+            SELECT 1 FROM {incarnations} i
+            WHERE i.id = %(incarnation)s::uuid AND i.ended_at IS NULL
+              AND i.heartbeat_at > now() - make_interval(secs => i.heartbeat_timeout_seconds / 2)
+            FOR SHARE))
+    RETURNING e.policy_key, e.entry_id, e.attempt, e.fence_token
     """
-).format(
-    entries=_ENTRIES,
-    policies=_POLICIES,
-    attempts=_ATTEMPTS,
-    incarnations=_INCARNATIONS,
-    mark_finished=_MARK_FINISHED,
-)
+).format(entries=_ENTRIES, policies=_POLICIES, incarnations=_INCARNATIONS)
 
 
 def start_attempt(
@@ -1015,15 +1055,13 @@ def start_attempt(
     entry_id: str | None,
     worker: str,
     incarnation: uuid.UUID | None = None,
-    finished: Sequence[uuid.UUID] = (),
+    heartbeat_timeout_seconds: float | None = None,
 ) -> RunningAttempt | None:
     """Claim the right to run the body, or ``None`` for a stale or foreign delivery (or an
     incarnation that is no longer live: see ``incarnation_is_live``).
 
     ``entry_id`` (when known) must match the ledger row of the fence token too, so a
     message can never run the body for a different entry than the one it was claimed for.
-    ``finished``: this incarnation's bodies that succeeded since its last statement, marked
-    succeeded in the same statement (see ``_MARK_FINISHED``).
     """
     try:
         token = uuid.UUID(fence_token)
@@ -1036,47 +1074,53 @@ def start_attempt(
             "entry_id": entry_id,
             "worker": worker,
             "incarnation": incarnation,
-            "finished": list(finished),
+            "heartbeat_timeout": heartbeat_timeout_seconds,
         },
     ).fetchone()
     if row is None:
         return None
-    (key, entry, attempt, fence, max_attempts, initial, factor, max_delay, jitter, lease) = row
-    return RunningAttempt(
-        policy_key=key,
-        entry_id=entry,
-        attempt=attempt,
-        fence_token=fence,
-        retry=policy_module.Retry(
-            max_attempts=max_attempts,
-            initial_delay_seconds=initial,
-            backoff_factor=factor,
-            max_delay_seconds=max_delay,
-            jitter=jitter,
-        ),
-        lease_seconds=lease,
+    policy_key, entry, attempt, fence = row
+    return RunningAttempt(policy_key=policy_key, entry_id=entry, attempt=attempt, fence_token=fence)
+
+
+_RETRY_RULES = sql.SQL(
+    """
+    SELECT max_attempts, initial_delay_seconds, backoff_factor, max_delay_seconds, jitter
+    FROM {policies} WHERE policy_key = %s
+    """
+).format(policies=_POLICIES)
+
+
+def retry_rules(conn: psycopg.Connection[Any], *, policy_key: str) -> policy_module.Retry:
+    """The policy's retry rules as the operator last wrote them (read when a body fails)."""
+    row = conn.execute(_RETRY_RULES, [policy_key]).fetchone()
+    if row is None:
+        # The policy was deleted while its body ran: one attempt, no retry.
+        return policy_module.Retry(
+            max_attempts=1,
+            initial_delay_seconds=0.0,
+            backoff_factor=1.0,
+            max_delay_seconds=0.0,
+            jitter=False,
+        )
+    max_attempts, initial, factor, max_delay, jitter = row
+    return policy_module.Retry(
+        max_attempts=max_attempts,
+        initial_delay_seconds=initial,
+        backoff_factor=factor,
+        max_delay_seconds=max_delay,
+        jitter=jitter,
     )
 
 
-_RECORD_SUCCESS = sql.SQL(
-    """
-    WITH done AS (
-        UPDATE {entries} SET state = 'succeeded', lease_deadline = NULL,
-            next_attempt_at = NULL, finished_at = now(), updated_at = now()
-        WHERE fence_token = %(fence_token)s AND state = 'running'
-        RETURNING fence_token
-    ), recorded AS (
-        UPDATE {attempts} a SET outcome = 'succeeded', finished_at = now()
-        FROM done WHERE a.fence_token = done.fence_token AND a.outcome = 'running'
-    )
-    SELECT count(*) FROM done
-    """
-).format(entries=_ENTRIES, attempts=_ATTEMPTS)
+_RECORD_SUCCESS = sql.SQL("WITH {mark_finished} SELECT count(*) FROM finished").format(
+    mark_finished=_MARK_FINISHED
+)
 
 
 def record_success(conn: psycopg.Connection[Any], *, fence_token: uuid.UUID) -> bool:
     """Mark the attempt succeeded; ``False`` if it no longer owned the entry (lease lost)."""
-    row = conn.execute(_RECORD_SUCCESS, {"fence_token": fence_token}).fetchone()
+    row = conn.execute(_RECORD_SUCCESS, {"finished": [fence_token]}).fetchone()
     return bool(row and row[0])
 
 
@@ -1092,15 +1136,17 @@ _RECORD_FAILURE = sql.SQL(
             finished_at = now(),
             updated_at = now()
         WHERE fence_token = %(fence_token)s AND state = 'running'
-        RETURNING fence_token, state, next_attempt_at
-    ), recorded AS (
-        UPDATE {attempts} a SET outcome = 'failed', error = %(error)s, finished_at = now(),
-            retry_at = failed.next_attempt_at
-        FROM failed WHERE a.fence_token = failed.fence_token AND a.outcome = 'running'
-    )
+        RETURNING policy_key, entry_id, attempt, fence_token, worker, dispatched_at,
+            started_at, incarnation, state, next_attempt_at
+    ), {history}
     SELECT state FROM failed
     """
-).format(entries=_ENTRIES, attempts=_ATTEMPTS)
+).format(
+    entries=_ENTRIES,
+    history=_attempt_ended(
+        "failed", outcome="failed", error="%(error)s", retry_at="ended.next_attempt_at"
+    ),
+)
 
 
 def record_failure(

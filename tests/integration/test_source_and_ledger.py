@@ -216,3 +216,88 @@ def test_concurrent_claims_never_hand_out_the_same_entry(demo_dsn: str) -> None:
             "SELECT count(DISTINCT fence_token) FROM celery_reconciler.entries"
         ).fetchone()
         assert tokens == (100,)
+
+
+def claimed_and_started(
+    conn: psycopg.Connection[Any], entry_ids: list[str]
+) -> dict[str, ledger.RunningAttempt]:
+    """Claim the entries under policy t/p and start each under one live incarnation."""
+    ledger.ensure_schema(conn)
+    ledger.upsert_policy(conn, policy.parse_policy(schema.policy_spec(), namespace="t", name="p"))
+    with conn.transaction():
+        claims = ledger.claim(
+            conn,
+            policy_key="t/p",
+            entry_ids=entry_ids,
+            lease_seconds=60,
+            still_pending=lambda candidates: set(candidates),
+        )
+    incarnation = ledger.register_incarnation(
+        conn,
+        identity=ledger.WorkerIdentity(hostname="test", pid=1),
+        heartbeat_timeout_seconds=20,
+    )
+    started = {}
+    for claimed in claims:
+        attempt = ledger.start_attempt(
+            conn,
+            fence_token=str(claimed.fence_token),
+            entry_id=claimed.entry_id,
+            worker="test",
+            incarnation=incarnation,
+            heartbeat_timeout_seconds=20,
+        )
+        assert attempt is not None
+        started[claimed.entry_id] = attempt
+    return started
+
+
+def outcomes(conn: psycopg.Connection[Any], entry_id: str) -> list[tuple[int, str]]:
+    history = ledger.history(conn, policy_key="t/p", entry_id=entry_id)
+    assert history is not None
+    return [(attempt.attempt, attempt.outcome) for attempt in history.attempts]
+
+
+def test_each_attempt_has_one_history_row_written_when_it_ends(
+    conn: psycopg.Connection[Any],
+) -> None:
+    started = claimed_and_started(conn, ["1", "2", "3"])
+    # A running attempt is shown from the entry row; its history row comes when it ends.
+    assert outcomes(conn, "1") == [(1, "running")]
+    assert ledger.record_success(conn, fence_token=started["1"].fence_token)
+    assert not ledger.record_success(conn, fence_token=started["1"].fence_token)
+    assert ledger.record_failure(
+        conn, fence_token=started["2"].fence_token, error="Boom", retry_in_seconds=60
+    ) == "retry_wait"
+    assert outcomes(conn, "1") == [(1, "succeeded")]
+    assert outcomes(conn, "2") == [(1, "failed")]
+    assert outcomes(conn, "3") == [(1, "running")]
+    rows = conn.execute(
+        "SELECT entry_id, count(*) FROM celery_reconciler.attempts GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    assert rows == [("1", 1), ("2", 1)]
+
+
+def test_a_running_history_row_of_the_previous_schema_is_completed_not_duplicated(
+    conn: psycopg.Connection[Any],
+) -> None:
+    started = claimed_and_started(conn, ["1", "2"])
+    # Workers of the previous schema wrote the history row when the attempt started.
+    conn.execute(
+        """
+        INSERT INTO celery_reconciler.attempts (policy_key, entry_id, attempt, fence_token,
+            worker, outcome, dispatched_at, started_at)
+        SELECT policy_key, entry_id, attempt, fence_token, worker, 'running', dispatched_at,
+            started_at
+        FROM celery_reconciler.entries
+        """
+    )
+    assert ledger.record_success(conn, fence_token=started["1"].fence_token)
+    assert ledger.heartbeat(
+        conn,
+        incarnation=conn.execute("SELECT id FROM celery_reconciler.incarnations").fetchone()[0],
+        finished=[started["2"].fence_token],
+    )
+    assert outcomes(conn, "1") == [(1, "succeeded")]
+    assert outcomes(conn, "2") == [(1, "succeeded")]
+    assert conn.execute("SELECT count(*) FROM celery_reconciler.attempts").fetchone() == (2,)
