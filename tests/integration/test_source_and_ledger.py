@@ -266,9 +266,12 @@ def test_each_attempt_has_one_history_row_written_when_it_ends(
     assert outcomes(conn, "1") == [(1, "running")]
     assert ledger.record_success(conn, fence_token=started["1"].fence_token)
     assert not ledger.record_success(conn, fence_token=started["1"].fence_token)
-    assert ledger.record_failure(
-        conn, fence_token=started["2"].fence_token, error="Boom", retry_in_seconds=60
-    ) == "retry_wait"
+    assert (
+        ledger.record_failure(
+            conn, fence_token=started["2"].fence_token, error="Boom", retry_in_seconds=60
+        )
+        == "retry_wait"
+    )
     assert outcomes(conn, "1") == [(1, "succeeded")]
     assert outcomes(conn, "2") == [(1, "failed")]
     assert outcomes(conn, "3") == [(1, "running")]
