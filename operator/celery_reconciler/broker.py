@@ -37,6 +37,7 @@ import base64
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import time
 import urllib.parse
@@ -262,56 +263,65 @@ class MessageBuilder:
         }
 
 
+# Ids whose JSON is the id in quotes and whose repr is the id in single quotes: most ids.
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_.:@+-]*")
+
+
 class _EnvelopeTemplate:
-    """An envelope's JSON split around the parts that differ per message.
+    """An envelope's JSON as a ``%``-format string with named slots for what differs per
+    message: the entry id (in the body and ``argsrepr``), the task id and the delivery tag.
 
     Built from a real envelope of a sample message whose entry id and task id are sentinels
     no real value contains; filling it yields exactly the JSON ``build`` would (a unit test
     compares them on awkward ids), at a fraction of the cost.
     """
 
-    def __init__(self, parts: list[str], slots: list[str], body_parts: tuple[str, str]) -> None:
-        self._parts = parts
-        self._slots = slots
-        self._body_parts = body_parts
+    def __init__(self, envelope_format: str, body_format: str) -> None:
+        self._envelope_format = envelope_format
+        self._body_format = body_format
 
     @classmethod
     def of(cls, build: Any) -> _EnvelopeTemplate:
         marker = uuid.uuid4().hex
         sentinels = {kind: f"cr{marker}{kind}" for kind in ("entry", "task", "args", "body", "tag")}
         envelope = build(TaskMessage(entry_id=sentinels["entry"], task_id=sentinels["task"]))
-        payload = json.loads(base64.b64decode(envelope["body"]))
-        body_parts = json.dumps(payload).split(json.dumps(sentinels["entry"]))
-        if len(body_parts) != 2:
+        body_text = json.dumps(json.loads(base64.b64decode(envelope["body"])))
+        if body_text.count(json.dumps(sentinels["entry"])) != 1:
             raise AssertionError("the message body does not hold the entry id exactly once")
         envelope["body"] = sentinels["body"]
         envelope["headers"]["argsrepr"] = sentinels["args"]
         envelope["properties"]["delivery_tag"] = sentinels["tag"]
-        text = json.dumps(envelope)
-        if sentinels["entry"] in text.replace(json.dumps(sentinels["entry"]), ""):
-            raise AssertionError("the envelope holds the entry id outside the body")
-        pattern = "|".join(json.dumps(sentinel) for sentinel in sentinels.values())
-        pieces = re.split(f"({pattern})", text)
-        kinds = {json.dumps(sentinel): kind for kind, sentinel in sentinels.items()}
-        return cls(
-            pieces[0::2], [kinds[piece] for piece in pieces[1::2]], (body_parts[0], body_parts[1])
-        )
+        envelope_text = json.dumps(envelope)
+
+        def format_of(text: str) -> str:
+            text = text.replace("%", "%%")
+            for kind, sentinel in sentinels.items():
+                text = text.replace(json.dumps(sentinel), f"%({kind})s")
+            if marker in text:
+                raise AssertionError("a sentinel is left inside a longer string")
+            return text
+
+        return cls(format_of(envelope_text), format_of(body_text))
 
     def fill(self, message: TaskMessage) -> str:
-        entry = json.dumps(message.entry_id)
-        body = (self._body_parts[0] + entry + self._body_parts[1]).encode("utf-8")
-        values = {
+        entry_id = message.entry_id
+        if _PLAIN_ID.fullmatch(entry_id):
+            entry, args = f'"{entry_id}"', f"\"['{entry_id}']\""
+        else:
+            entry, args = json.dumps(entry_id), json.dumps(repr([entry_id]))
+        body = self._body_format % {"entry": entry}
+        tag = bytearray(os.urandom(16))  # a version-4 UUID, as kombu's delivery tags are
+        tag[6] = (tag[6] & 0x0F) | 0x40
+        tag[8] = (tag[8] & 0x3F) | 0x80
+        hex_tag = tag.hex()
+        return self._envelope_format % {
             "entry": entry,
             "task": json.dumps(message.task_id),
-            "args": json.dumps(repr([message.entry_id])),
-            "body": '"' + base64.b64encode(body).decode("ascii") + '"',
-            "tag": '"' + str(uuid.uuid4()) + '"',
+            "args": args,
+            "body": '"' + base64.b64encode(body.encode("utf-8")).decode("ascii") + '"',
+            "tag": f'"{hex_tag[:8]}-{hex_tag[8:12]}-{hex_tag[12:16]}-{hex_tag[16:20]}-'
+            f'{hex_tag[20:]}"',
         }
-        pieces = [self._parts[0]]
-        for slot, part in zip(self._slots, self._parts[1:], strict=True):
-            pieces.append(values[slot])
-            pieces.append(part)
-        return "".join(pieces)
 
 
 class RedisPublisher:

@@ -18,6 +18,8 @@ from celery_reconciler import broker
 
 AWKWARD_IDS = [
     "1",
+    "Plain-id_1.2:3@4+5",
+    "100%",
     "",
     'quote"s and \\ backslashes',
     "'single' quotes",
@@ -32,7 +34,7 @@ AWKWARD_IDS = [
 def comparable(envelope_json: str) -> dict[str, object]:
     envelope = json.loads(envelope_json)
     tag = envelope["properties"].pop("delivery_tag")
-    assert str(uuid.UUID(tag)) == tag
+    assert str(uuid.UUID(tag)) == tag and uuid.UUID(tag).version == 4
     return dict(envelope)
 
 
