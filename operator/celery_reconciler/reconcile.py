@@ -492,6 +492,12 @@ def collect_status(policy: policy_module.Policy, *, db: Database) -> StatusSnaps
     )
 
 
+def advise_index(policy: policy_module.Policy, *, db: Database) -> source.IndexAdvice | None:
+    """The index the pending query lacks, if any (see ``source.index_advice``)."""
+    with db.session(doing="reading the plan of the pending query") as conn:
+        return source.index_advice(conn, policy.source, page_size=policy.limits.batch_size)
+
+
 def collect_outcomes(
     policy: policy_module.Policy, *, db: Database, since: datetime.datetime | None
 ) -> ledger.Outcomes:

@@ -304,3 +304,25 @@ def test_a_running_history_row_of_the_previous_schema_is_completed_not_duplicate
     assert outcomes(conn, "1") == [(1, "succeeded")]
     assert outcomes(conn, "2") == [(1, "succeeded")]
     assert conn.execute("SELECT count(*) FROM celery_reconciler.attempts").fetchone() == (2,)
+
+
+def test_index_advice_names_an_index_that_postgres_then_uses(
+    conn: psycopg.Connection[Any],
+) -> None:
+    """Without the partial index the pending page reads the whole table: the advice names
+    the index to create. Running exactly the advised statement makes the advice go away."""
+    schema.seed(conn, count=20_000)
+    conn.execute("UPDATE journal_entry SET insights_extracted = true WHERE id % 100 <> 0")
+    conn.execute("DROP INDEX journal_entry_pending")
+    conn.execute("VACUUM ANALYZE journal_entry")
+    source_ = demo_source()
+    advice = source.index_advice(conn, source_, page_size=500)
+    assert advice is not None
+    assert advice.table_rows >= 19_000
+    assert advice.create_index == (
+        'CREATE INDEX CONCURRENTLY ON "public"."journal_entry" ("created_at", "id") '
+        'WHERE "insights_extracted" = false'
+    )
+    conn.execute(advice.create_index)
+    conn.execute("ANALYZE journal_entry")
+    assert source.index_advice(conn, source_, page_size=500) is None
