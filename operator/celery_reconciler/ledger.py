@@ -66,6 +66,7 @@ _ENTRIES = sql.Identifier(SCHEMA, "entries")
 _ATTEMPTS = sql.Identifier(SCHEMA, "attempts")
 _INCARNATIONS = sql.Identifier(SCHEMA, "incarnations")
 _MIGRATIONS_TABLE = sql.Identifier(SCHEMA, "schema_migrations")
+_TALLIES = sql.Identifier(SCHEMA, "tallies")
 
 
 class DatabaseUnavailable(RuntimeError):
@@ -370,6 +371,47 @@ _MIGRATIONS: tuple[tuple[int, tuple[sql.Composed, ...]], ...] = (
             ).format(entries=_ENTRIES),
         ),
     ),
+    (
+        4,
+        (
+            # Status in proportion to the backlog, not to history: the number of succeeded
+            # entries is a tally the operator folds new successes into (``fold_successes``),
+            # so no status read counts the succeeded rows, which grow forever — or would,
+            # without retention (``prune``). ``counted`` marks a succeeded row already in the
+            # tally; today's succeeded rows are, and the tally starts from their count.
+            sql.SQL(
+                "ALTER TABLE {entries} ADD COLUMN counted boolean NOT NULL DEFAULT true"
+            ).format(entries=_ENTRIES),
+            sql.SQL("ALTER TABLE {entries} ALTER COLUMN counted SET DEFAULT false").format(
+                entries=_ENTRIES
+            ),
+            sql.SQL("UPDATE {entries} SET counted = false WHERE state <> 'succeeded'").format(
+                entries=_ENTRIES
+            ),
+            sql.SQL(
+                """
+                CREATE TABLE {tallies} (
+                    policy_key text PRIMARY KEY,
+                    succeeded bigint NOT NULL DEFAULT 0 CHECK (succeeded >= 0)
+                )
+                """
+            ).format(tallies=_TALLIES),
+            sql.SQL(
+                "INSERT INTO {tallies} (policy_key, succeeded) "
+                "SELECT policy_key, count(*) FROM {entries} WHERE state = 'succeeded' "
+                "GROUP BY policy_key"
+            ).format(tallies=_TALLIES, entries=_ENTRIES),
+            sql.SQL(
+                "CREATE INDEX entries_uncounted ON {entries} (policy_key) "
+                "WHERE state = 'succeeded' AND NOT counted"
+            ).format(entries=_ENTRIES),
+            # Retention reads the oldest finished rows of a policy first.
+            sql.SQL(
+                "CREATE INDEX entries_succeeded_by_age ON {entries} (policy_key, finished_at) "
+                "WHERE state = 'succeeded'"
+            ).format(entries=_ENTRIES),
+        ),
+    ),
 )
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
 
@@ -642,10 +684,10 @@ def end_pod_incarnations(conn: psycopg.Connection[Any], *, ending: planning.PodE
 # (a fresh ledger filling up within one big sweep), which made each page cost O(ledger).
 _LOCK_CLAIMABLE = sql.SQL(
     """
-    SELECT e.ctid, e.entry_id, e.state
+    SELECT e.ctid, e.entry_id, e.state, e.counted
     FROM unnest(%(entry_ids)s::text[]) AS candidate(entry_id)
     CROSS JOIN LATERAL (
-        SELECT ctid, entry_id, state FROM {entries}
+        SELECT ctid, entry_id, state, counted FROM {entries}
         WHERE policy_key = %(policy_key)s
           AND entry_id = candidate.entry_id
           AND (state = 'succeeded'
@@ -668,6 +710,7 @@ _CLAIM_LOCKED = sql.SQL(
         dispatched_at = now(),
         attempt = CASE WHEN state = 'succeeded' THEN 0 ELSE attempt END,
         incarnation = NULL,
+        counted = false,
         last_error = CASE WHEN state = 'succeeded' THEN NULL ELSE last_error END,
         updated_at = now()
     WHERE ctid = ANY(%(row_ids)s::tid[])
@@ -716,9 +759,10 @@ def claim(
         return []
     ids = list(entry_ids)
     locked = conn.execute(_LOCK_CLAIMABLE, {"policy_key": policy_key, "entry_ids": ids}).fetchall()
-    row_ids = {entry_id: row_id for row_id, entry_id, _ in locked}
-    reclaim = [entry_id for _, entry_id, state in locked if state != "succeeded"]
-    succeeded = [entry_id for _, entry_id, state in locked if state == "succeeded"]
+    row_ids = {entry_id: row_id for row_id, entry_id, _, _ in locked}
+    tallied = {entry_id for _, entry_id, state, counted in locked if counted}
+    reclaim = [entry_id for _, entry_id, state, _ in locked if state != "succeeded"]
+    succeeded = [entry_id for _, entry_id, state, _ in locked if state == "succeeded"]
     if succeeded:
         pending_again = still_pending(succeeded)
         reclaim.extend(entry_id for entry_id in succeeded if entry_id in pending_again)
@@ -734,6 +778,9 @@ def claim(
             },
         ):
             claims[entry_id] = Claim(entry_id, fence, again=True)
+        untallied = sum(1 for entry_id in claims if entry_id in tallied)
+        if untallied:  # pending again: no longer succeeded, so out of the tally
+            conn.execute(_UNTALLY, {"policy_key": policy_key, "count": untallied})
     for entry_id, fence in conn.execute(
         _CLAIM_NEW, {"policy_key": policy_key, "entry_ids": ids, "lease_seconds": lease_seconds}
     ):
@@ -741,6 +788,10 @@ def claim(
     # Keep the source's keyset order, so dispatch order follows spec.source.orderBy.
     return [claims[entry_id] for entry_id in ids if entry_id in claims]
 
+
+_UNTALLY = sql.SQL(
+    "UPDATE {tallies} SET succeeded = succeeded - %(count)s WHERE policy_key = %(policy_key)s"
+).format(tallies=_TALLIES)
 
 _RELEASE_CLAIMS = sql.SQL(
     """
@@ -921,23 +972,28 @@ def retry_dead(
     return int(row[0])
 
 
+# Unfinished rows only (the partial index ``entries_unfinished``), and the succeeded ones as
+# the tally plus the successes not folded into it yet: the cost follows the backlog and the
+# recent throughput, never the history.
 _COUNTS = sql.SQL(
     """
     SELECT
         count(*) FILTER (WHERE e.state = 'queued'),
         count(*) FILTER (WHERE e.state = 'running'),
         count(*) FILTER (WHERE e.state = 'retry_wait'),
-        count(*) FILTER (WHERE e.state = 'succeeded'),
+        coalesce((SELECT t.succeeded FROM {tallies} t WHERE t.policy_key = %(policy_key)s), 0)
+            + (SELECT count(*) FROM {entries} u
+               WHERE u.policy_key = %(policy_key)s AND u.state = 'succeeded' AND NOT u.counted),
         count(*) FILTER (WHERE e.state = 'dead'),
         EXTRACT(EPOCH FROM {next_due} - now())
-    FROM {entries} e WHERE e.policy_key = %s
+    FROM {entries} e WHERE e.policy_key = %(policy_key)s AND e.state <> 'succeeded'
     """
-).format(entries=_ENTRIES, next_due=_NEXT_DUE)
+).format(entries=_ENTRIES, tallies=_TALLIES, next_due=_NEXT_DUE)
 
 
 def counts(conn: psycopg.Connection[Any], *, policy_key: str) -> LedgerCounts:
     """Per-state counts for ProcessingStatus (``pending`` comes from the source)."""
-    row = conn.execute(_COUNTS, [policy_key]).fetchone()
+    row = conn.execute(_COUNTS, {"policy_key": policy_key}).fetchone()
     assert row is not None
     return LedgerCounts(
         queued=row[0],
@@ -947,6 +1003,85 @@ def counts(conn: psycopg.Connection[Any], *, policy_key: str) -> LedgerCounts:
         dead=row[4],
         seconds_until_next_due=None if row[5] is None else float(row[5]),
     )
+
+
+FOLD_BATCH = 50_000
+PRUNE_BATCH = 10_000
+
+_FOLD_SUCCESSES = sql.SQL(
+    """
+    WITH folded AS (
+        UPDATE {entries} SET counted = true
+        WHERE ctid = ANY(ARRAY(
+            SELECT ctid FROM {entries}
+            WHERE policy_key = %(policy_key)s AND state = 'succeeded' AND NOT counted
+            LIMIT %(limit)s))
+          AND state = 'succeeded' AND NOT counted
+        RETURNING 1
+    )
+    INSERT INTO {tallies} AS t (policy_key, succeeded)
+    SELECT %(policy_key)s, count(*) FROM folded
+    ON CONFLICT (policy_key) DO UPDATE SET succeeded = t.succeeded + EXCLUDED.succeeded
+    RETURNING (SELECT count(*) FROM folded)
+    """
+).format(entries=_ENTRIES, tallies=_TALLIES)
+
+
+def fold_successes(
+    conn: psycopg.Connection[Any], *, policy_key: str, limit: int = FOLD_BATCH
+) -> int:
+    """Add successes not yet counted to the policy's tally (at most ``limit``); how many.
+
+    A row's ``counted`` flag and the tally change in one statement, so each success is
+    counted exactly once, whenever its transaction committed — no time watermark to race.
+    """
+    row = conn.execute(_FOLD_SUCCESSES, {"policy_key": policy_key, "limit": limit}).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+# Oldest first, a bounded batch per sweep, each through its index: retention costs what it
+# deletes, however large the history. Only counted successes go: the tally keeps them.
+_PRUNE_ATTEMPTS = sql.SQL(
+    """
+    DELETE FROM {attempts} WHERE id = ANY(ARRAY(
+        SELECT id FROM {attempts}
+        WHERE policy_key = %(policy_key)s AND finished_at IS NOT NULL
+          AND finished_at < now() - make_interval(secs => %(retention)s)
+        ORDER BY finished_at LIMIT %(limit)s))
+    """
+).format(attempts=_ATTEMPTS)
+_PRUNE_SUCCEEDED = sql.SQL(
+    """
+    DELETE FROM {entries} WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM {entries}
+        WHERE policy_key = %(policy_key)s AND state = 'succeeded' AND counted
+          AND finished_at < now() - make_interval(secs => %(retention)s)
+        ORDER BY finished_at LIMIT %(limit)s))
+      AND state = 'succeeded' AND counted
+    """
+).format(entries=_ENTRIES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pruned:
+    attempts: int
+    entries: int
+
+
+def prune(
+    conn: psycopg.Connection[Any],
+    *,
+    policy_key: str,
+    retention_seconds: float,
+    limit: int = PRUNE_BATCH,
+) -> Pruned:
+    """Delete up to ``limit`` attempts and ``limit`` succeeded entries that finished more than
+    ``retention_seconds`` ago. Dropping a succeeded row loses nothing: an entry the source
+    shows pending again is simply claimed anew."""
+    params = {"policy_key": policy_key, "retention": retention_seconds, "limit": limit}
+    attempts = conn.execute(_PRUNE_ATTEMPTS, params).rowcount
+    entries = conn.execute(_PRUNE_SUCCEEDED, params).rowcount
+    return Pruned(attempts=attempts, entries=entries)
 
 
 _ENTRY = sql.SQL(

@@ -694,6 +694,8 @@ def sweep_fields(result: reconcile.SweepResult) -> dict[str, Any]:
         "dead_on_expiry": result.expired.dead,
         "lost_messages": result.expired.unstarted + result.missing_messages,
         "settled": result.settled,
+        "pruned_attempts": result.pruned.attempts,
+        "pruned_entries": result.pruned.entries,
         "duration_seconds": round(result.duration_seconds, 4),
     }
 

@@ -55,6 +55,9 @@ DEFAULT_INITIAL_DELAY = "60s"
 DEFAULT_BACKOFF_FACTOR = 2.0
 DEFAULT_MAX_DELAY = "1h"
 DEFAULT_LEASE_TIMEOUT = "15m"
+# Ledger history (finished attempts, succeeded rows) is kept a week, then pruned.
+DEFAULT_HISTORY_RETENTION = "168h"
+MIN_HISTORY_RETENTION_SECONDS = 60.0
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_MAX_IN_FLIGHT = 10_000
 MAX_BATCH_SIZE = 50_000
@@ -175,6 +178,11 @@ class Lease:
 
 
 @dataclasses.dataclass(frozen=True)
+class History:
+    retention_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
 class LabelSelectorRequirement:
     key: str
     operator: str
@@ -209,6 +217,7 @@ class Policy:
     schedule: Schedule
     retry: Retry
     lease: Lease
+    history: History
     workers: Workers
     limits: Limits
 
@@ -375,7 +384,16 @@ class _Parser:
         top = self.mapping(
             spec,
             "spec",
-            allowed=("source", "task", "schedule", "retry", "lease", "workers", "limits"),
+            allowed=(
+                "source",
+                "task",
+                "schedule",
+                "retry",
+                "lease",
+                "workers",
+                "limits",
+                "history",
+            ),
         )
         if "source" not in top:
             self.problem("spec.source", "is required")
@@ -386,6 +404,7 @@ class _Parser:
         schedule = self.schedule(top.get("schedule"))
         retry = self.retry(top.get("retry"))
         lease = self.lease(top.get("lease"))
+        history = self.history(top.get("history"))
         workers = self.workers(top.get("workers"))
         limits = self.limits(top.get("limits"))
         return Policy(
@@ -396,6 +415,7 @@ class _Parser:
             schedule=schedule,
             retry=retry,
             lease=lease,
+            history=history,
             workers=workers,
             limits=limits,
         )
@@ -575,6 +595,16 @@ class _Parser:
                 raw.get("timeout", DEFAULT_LEASE_TIMEOUT), f"{path}.timeout"
             )
         )
+
+    def history(self, value: Any) -> History:
+        path = "spec.history"
+        raw = self.mapping(value, path, allowed=("retention",))
+        retention = self.duration(
+            raw.get("retention", DEFAULT_HISTORY_RETENTION), f"{path}.retention"
+        )
+        if retention < MIN_HISTORY_RETENTION_SECONDS:
+            self.problem(f"{path}.retention", "must be at least 1m")
+        return History(retention_seconds=retention)
 
     def workers(self, value: Any) -> Workers:
         path = "spec.workers"

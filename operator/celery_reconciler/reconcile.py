@@ -123,6 +123,7 @@ class SweepResult:
     claim_seconds: float
     publish_seconds: float
     duration_seconds: float
+    pruned: ledger.Pruned  # history past retention, deleted by this sweep
 
     @property
     def entries_per_second(self) -> float:
@@ -170,6 +171,11 @@ def reconcile_once(
         ledger.end_silent_incarnations(conn)
         expired = ledger.expire_leases(conn, policy_key=policy.key)
         settled = ledger.settle_finished(conn, policy_key=policy.key, still_pending=still_pending)
+        doing = "keeping the ledger's history"
+        ledger.fold_successes(conn, policy_key=policy.key)
+        pruned = ledger.prune(
+            conn, policy_key=policy.key, retention_seconds=policy.history.retention_seconds
+        )
         doing = "re-dispatching deliveries that never started"
         stranded = _redispatch_stranded(conn, policy, broker, send_ahead)
         in_flight = ledger.count_in_flight(conn, policy_key=policy.key)
@@ -249,6 +255,7 @@ def reconcile_once(
         claim_seconds=claim_seconds,
         publish_seconds=publish_seconds,
         duration_seconds=clock() - started,
+        pruned=pruned,
     )
 
 

@@ -46,7 +46,7 @@ from reconcile_support import (
 from benchmarks import reconciled_worker
 from benchmarks import worker as benchmark_worker
 from celery_app.demo import audit, schema
-from celery_reconciler import reconcile
+from celery_reconciler import ledger, reconcile
 from devstack import postgres as devstack_postgres
 from devstack import tcp_proxy
 
@@ -450,6 +450,8 @@ def test_the_ledger_migrates_in_place_under_running_attempts_of_the_previous_ver
         timeout_seconds=30,
         what="every ledger row succeeded",
     )
+    # Successes recorded before and after the migration: each in the tally exactly once.
+    assert ledger.counts(conn, policy_key=policy.key).succeeded == 8
     # Only this version's worker registers incarnations (which also proves that the previous
     # version's worker really ran the previous code): the migrated ledger holds its own.
     hostnames = {

@@ -326,3 +326,90 @@ def test_index_advice_names_an_index_that_postgres_then_uses(
     conn.execute(advice.create_index)
     conn.execute("ANALYZE journal_entry")
     assert source.index_advice(conn, source_, page_size=500) is None
+
+
+def succeeded_rows(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM celery_reconciler.entries WHERE state = 'succeeded'"
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_the_succeeded_count_follows_every_transition_without_counting_history(
+    conn: psycopg.Connection[Any],
+) -> None:
+    """Successes are folded into a tally; a succeeded entry claimed again (pending again)
+    leaves it. At every step the count equals the succeeded rows — read from the unfinished
+    rows, the tally and the successes not folded yet, never by counting succeeded rows."""
+    started = claimed_and_started(conn, [str(n) for n in range(1, 11)])
+    for entry_id in ("1", "2", "3"):
+        assert ledger.record_success(conn, fence_token=started[entry_id].fence_token)
+    assert ledger.counts(conn, policy_key="t/p").succeeded == 3 == succeeded_rows(conn)
+    assert ledger.fold_successes(conn, policy_key="t/p") == 3
+    assert ledger.fold_successes(conn, policy_key="t/p") == 0
+    assert ledger.counts(conn, policy_key="t/p").succeeded == 3
+    # Entry 1 is pending again (its predicate holds once more): claimed, out of the tally.
+    with conn.transaction():
+        again = ledger.claim(
+            conn,
+            policy_key="t/p",
+            entry_ids=["1"],
+            lease_seconds=60,
+            still_pending=lambda candidates: set(candidates),
+        )
+    assert [claim.again for claim in again] == [True]
+    assert ledger.counts(conn, policy_key="t/p").succeeded == 2 == succeeded_rows(conn)
+    assert ledger.heartbeat(
+        conn,
+        incarnation=conn.execute("SELECT id FROM celery_reconciler.incarnations").fetchone()[0],
+        finished=[started["4"].fence_token, started["5"].fence_token],
+    )
+    assert ledger.counts(conn, policy_key="t/p").succeeded == 4 == succeeded_rows(conn)
+    assert ledger.fold_successes(conn, policy_key="t/p", limit=1) == 1  # bounded batches
+    assert ledger.counts(conn, policy_key="t/p").succeeded == 4
+    assert ledger.fold_successes(conn, policy_key="t/p") == 1
+    assert ledger.counts(conn, policy_key="t/p").succeeded == 4
+
+
+def test_retention_prunes_old_history_in_batches_and_keeps_the_count(
+    conn: psycopg.Connection[Any],
+) -> None:
+    started = claimed_and_started(conn, [str(n) for n in range(1, 31)])
+    for attempt in started.values():
+        assert ledger.record_success(conn, fence_token=attempt.fence_token)
+    # Twenty of them finished ten days ago; the rest just now.
+    conn.execute(
+        "UPDATE celery_reconciler.entries SET finished_at = now() - interval '10 days' "
+        "WHERE entry_id::int <= 20"
+    )
+    conn.execute(
+        "UPDATE celery_reconciler.attempts SET finished_at = now() - interval '10 days' "
+        "WHERE entry_id::int <= 20"
+    )
+    week = 7 * 24 * 3600.0
+    # Successes not folded into the tally yet are never pruned: the count would lose them.
+    assert ledger.prune(conn, policy_key="t/p", retention_seconds=week, limit=15) == (
+        ledger.Pruned(attempts=15, entries=0)
+    )
+    assert ledger.fold_successes(conn, policy_key="t/p") == 30
+    second = ledger.prune(conn, policy_key="t/p", retention_seconds=week, limit=15)
+    third = ledger.prune(conn, policy_key="t/p", retention_seconds=week, limit=15)
+    assert (second, third) == (
+        ledger.Pruned(attempts=5, entries=15),
+        ledger.Pruned(attempts=0, entries=5),
+    )
+    assert ledger.prune(conn, policy_key="t/p", retention_seconds=week) == ledger.Pruned(0, 0)
+    assert succeeded_rows(conn) == 10
+    assert conn.execute("SELECT count(*) FROM celery_reconciler.attempts").fetchone() == (10,)
+    assert ledger.counts(conn, policy_key="t/p").succeeded == 30
+    # A pruned entry that is pending again is simply claimed anew.
+    with conn.transaction():
+        anew = ledger.claim(
+            conn,
+            policy_key="t/p",
+            entry_ids=["1"],
+            lease_seconds=60,
+            still_pending=lambda candidates: set(candidates),
+        )
+    assert [(claim.entry_id, claim.again) for claim in anew] == [("1", False)]
