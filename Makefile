@@ -27,7 +27,7 @@ lint: setup ## ruff, mypy and hadolint
 demo: setup ## the main job end to end on a local stack
 	$(VENV)/python -m devstack demo $(DEMO_ARGS)
 
-bench: setup ## dispatch throughput and rescue latency, against baselines measured in the same run
+bench: setup ## dispatch, worker-side cost, history at scale and rescue latency, against same-run baselines
 	$(VENV)/python -m benchmarks $(BENCH_ARGS)
 	$(VENV)/python -m benchmarks.rescue --compare-tail $(RESCUE_BENCH_ARGS)
 

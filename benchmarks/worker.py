@@ -7,7 +7,7 @@ and an empty Redis each time:
     processed — the least any Celery task processing an entry does, and no code of ours;
 (b) ours: the same body as a ``ReconciledTask`` (``benchmarks.reconciled_worker``), with
     its messages dispatched by ``reconcile_once`` — the fence check before the body, the
-    done mark after it, and whatever else the worker integration does (heartbeats).
+    done marks (batched into the heartbeat), and whatever else the worker integration does.
 
 Both are measured for a no-op body and a 20 ms body. The drain rate is read from the
 database — each body stamps ``clock_timestamp()`` into the row it marks — as entries per

@@ -25,9 +25,10 @@ Two sides call this module:
   ``end_silent_incarnations``, ``end_pod_incarnations``, ``expire_leases``, ``claim``
   (inside the caller's transaction), ``due_retries``, ``release_claims``, ``retry_dead``,
   counts;
-* the worker (``celery_app.reliable``): ``register_incarnation``, ``heartbeat``,
-  ``start_attempt`` (the atomic fence check), ``record_success`` (also inside the body's own
-  transaction: the fenced commit), ``record_failure``.
+* the worker (``celery_app.reliable``): ``register_incarnation``, ``heartbeat`` (which also
+  marks finished bodies succeeded, in batches), ``start_attempt`` (the atomic fence check),
+  ``record_success`` (inside the body's own transaction: the fenced commit),
+  ``retry_rules`` and ``record_failure``.
 
 Every statement is composed with ``psycopg.sql`` from constant text and identifiers; values
 are always bound parameters. All times are the database's ``now()``, never a host clock, so
@@ -65,6 +66,7 @@ _ENTRIES = sql.Identifier(SCHEMA, "entries")
 _ATTEMPTS = sql.Identifier(SCHEMA, "attempts")
 _INCARNATIONS = sql.Identifier(SCHEMA, "incarnations")
 _MIGRATIONS_TABLE = sql.Identifier(SCHEMA, "schema_migrations")
+_TALLIES = sql.Identifier(SCHEMA, "tallies")
 
 
 class DatabaseUnavailable(RuntimeError):
@@ -90,14 +92,13 @@ class ExpiredLeases:
 
 @dataclasses.dataclass(frozen=True)
 class RunningAttempt:
-    """What a worker learns when its fence check succeeds: the attempt and the retry rules."""
+    """What a worker learns when its fence check succeeds (the retry rules are read only when
+    a body fails: ``retry_rules``)."""
 
     policy_key: str
     entry_id: str
     attempt: int
     fence_token: uuid.UUID
-    retry: policy_module.Retry
-    lease_seconds: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,6 +371,47 @@ _MIGRATIONS: tuple[tuple[int, tuple[sql.Composed, ...]], ...] = (
             ).format(entries=_ENTRIES),
         ),
     ),
+    (
+        4,
+        (
+            # Status in proportion to the backlog, not to history: the number of succeeded
+            # entries is a tally the operator folds new successes into (``fold_successes``),
+            # so no status read counts the succeeded rows, which grow forever — or would,
+            # without retention (``prune``). ``counted`` marks a succeeded row already in the
+            # tally; today's succeeded rows are, and the tally starts from their count.
+            sql.SQL(
+                "ALTER TABLE {entries} ADD COLUMN counted boolean NOT NULL DEFAULT true"
+            ).format(entries=_ENTRIES),
+            sql.SQL("ALTER TABLE {entries} ALTER COLUMN counted SET DEFAULT false").format(
+                entries=_ENTRIES
+            ),
+            sql.SQL("UPDATE {entries} SET counted = false WHERE state <> 'succeeded'").format(
+                entries=_ENTRIES
+            ),
+            sql.SQL(
+                """
+                CREATE TABLE {tallies} (
+                    policy_key text PRIMARY KEY,
+                    succeeded bigint NOT NULL DEFAULT 0 CHECK (succeeded >= 0)
+                )
+                """
+            ).format(tallies=_TALLIES),
+            sql.SQL(
+                "INSERT INTO {tallies} (policy_key, succeeded) "
+                "SELECT policy_key, count(*) FROM {entries} WHERE state = 'succeeded' "
+                "GROUP BY policy_key"
+            ).format(tallies=_TALLIES, entries=_ENTRIES),
+            sql.SQL(
+                "CREATE INDEX entries_uncounted ON {entries} (policy_key) "
+                "WHERE state = 'succeeded' AND NOT counted"
+            ).format(entries=_ENTRIES),
+            # Retention reads the oldest finished rows of a policy first.
+            sql.SQL(
+                "CREATE INDEX entries_succeeded_by_age ON {entries} (policy_key, finished_at) "
+                "WHERE state = 'succeeded'"
+            ).format(entries=_ENTRIES),
+        ),
+    ),
 )
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
 
@@ -466,6 +508,46 @@ def upsert_policy(conn: psycopg.Connection[Any], policy: policy_module.Policy) -
     )
 
 
+# An attempt's history row is written once, when the attempt ends (succeeded, failed or
+# lost), from the entry row the ending statement just updated: the worker's fence check is
+# then a single-row UPDATE, the least a per-task statement can be, and a running attempt is
+# read from the entry row itself (``history``). A ledger of the previous schema may still
+# hold ``running`` history rows: those are completed in place instead of inserted.
+# ``ended`` names a CTE returning the entry's ``policy_key, entry_id, attempt, fence_token,
+# worker, dispatched_at, started_at, incarnation``; the expressions may use its columns
+# through the alias ``ended``.
+def _attempt_ended(
+    ended: str, *, outcome: str, error: str = "NULL", retry_at: str = "NULL"
+) -> sql.Composed:
+    return sql.SQL(
+        """
+        {completed} AS (
+            UPDATE {attempts} a SET outcome = {outcome}, error = {error}, finished_at = now(),
+                retry_at = {retry_at}
+            FROM {ended} ended
+            WHERE a.fence_token = ended.fence_token AND a.outcome = 'running'
+        ), {recorded} AS (
+            INSERT INTO {attempts} (policy_key, entry_id, attempt, fence_token, worker,
+                outcome, error, dispatched_at, started_at, finished_at, retry_at, incarnation)
+            SELECT ended.policy_key, ended.entry_id, ended.attempt, ended.fence_token,
+                ended.worker, {outcome}, {error}, ended.dispatched_at,
+                coalesce(ended.started_at, now()), now(), {retry_at}, ended.incarnation
+            FROM {ended} ended
+            WHERE NOT EXISTS (SELECT 1 FROM {attempts} a
+                              WHERE a.fence_token = ended.fence_token AND a.outcome = 'running')
+        )
+        """
+    ).format(
+        ended=sql.Identifier(ended),
+        completed=sql.Identifier(f"{ended}_completed"),
+        recorded=sql.Identifier(f"{ended}_recorded"),
+        attempts=_ATTEMPTS,
+        outcome=sql.Literal(outcome),
+        error=sql.SQL(error),
+        retry_at=sql.SQL(retry_at),
+    )
+
+
 # A lost running attempt is a failed attempt (the worker died or the body overran), so it
 # consumes the attempt: a poison entry that kills its worker ends dead, not in a crash loop.
 # An attempt is lost when the incarnation running it has ended (a pod event proved its
@@ -494,16 +576,22 @@ _EXPIRE_LOST = sql.SQL(
           AND (e.lease_deadline <= now()
                OR EXISTS (SELECT 1 FROM {incarnations} i
                           WHERE i.id = e.incarnation AND i.ended_at IS NOT NULL))
-        RETURNING e.entry_id, e.fence_token, e.state, e.last_error
-    ), history AS (
-        UPDATE {attempts} a SET outcome = 'lost', error = lost.last_error, finished_at = now(),
-            retry_at = CASE WHEN lost.state = 'dead' THEN NULL ELSE now() END
-        FROM lost
-        WHERE a.fence_token = lost.fence_token AND a.outcome = 'running'
-    )
+        RETURNING e.policy_key, e.entry_id, e.attempt, e.fence_token, e.worker,
+            e.dispatched_at, e.started_at, e.incarnation, e.state, e.last_error
+    ), {history}
     SELECT entry_id, state FROM lost
     """
-).format(entries=_ENTRIES, policies=_POLICIES, attempts=_ATTEMPTS, incarnations=_INCARNATIONS)
+).format(
+    entries=_ENTRIES,
+    policies=_POLICIES,
+    incarnations=_INCARNATIONS,
+    history=_attempt_ended(
+        "lost",
+        outcome="lost",
+        error="ended.last_error",
+        retry_at="CASE WHEN ended.state = 'dead' THEN NULL ELSE now() END",
+    ),
+)
 _COUNT_UNSTARTED_EXPIRED = sql.SQL(
     "SELECT count(*) FROM {entries} WHERE policy_key = %s AND state = 'queued' "
     "AND lease_deadline <= now()"
@@ -596,10 +684,10 @@ def end_pod_incarnations(conn: psycopg.Connection[Any], *, ending: planning.PodE
 # (a fresh ledger filling up within one big sweep), which made each page cost O(ledger).
 _LOCK_CLAIMABLE = sql.SQL(
     """
-    SELECT e.ctid, e.entry_id, e.state
+    SELECT e.ctid, e.entry_id, e.state, e.counted
     FROM unnest(%(entry_ids)s::text[]) AS candidate(entry_id)
     CROSS JOIN LATERAL (
-        SELECT ctid, entry_id, state FROM {entries}
+        SELECT ctid, entry_id, state, counted FROM {entries}
         WHERE policy_key = %(policy_key)s
           AND entry_id = candidate.entry_id
           AND (state = 'succeeded'
@@ -622,6 +710,7 @@ _CLAIM_LOCKED = sql.SQL(
         dispatched_at = now(),
         attempt = CASE WHEN state = 'succeeded' THEN 0 ELSE attempt END,
         incarnation = NULL,
+        counted = false,
         last_error = CASE WHEN state = 'succeeded' THEN NULL ELSE last_error END,
         updated_at = now()
     WHERE ctid = ANY(%(row_ids)s::tid[])
@@ -670,9 +759,10 @@ def claim(
         return []
     ids = list(entry_ids)
     locked = conn.execute(_LOCK_CLAIMABLE, {"policy_key": policy_key, "entry_ids": ids}).fetchall()
-    row_ids = {entry_id: row_id for row_id, entry_id, _ in locked}
-    reclaim = [entry_id for _, entry_id, state in locked if state != "succeeded"]
-    succeeded = [entry_id for _, entry_id, state in locked if state == "succeeded"]
+    row_ids = {entry_id: row_id for row_id, entry_id, _, _ in locked}
+    tallied = {entry_id for _, entry_id, state, counted in locked if counted}
+    reclaim = [entry_id for _, entry_id, state, _ in locked if state != "succeeded"]
+    succeeded = [entry_id for _, entry_id, state, _ in locked if state == "succeeded"]
     if succeeded:
         pending_again = still_pending(succeeded)
         reclaim.extend(entry_id for entry_id in succeeded if entry_id in pending_again)
@@ -688,6 +778,9 @@ def claim(
             },
         ):
             claims[entry_id] = Claim(entry_id, fence, again=True)
+        untallied = sum(1 for entry_id in claims if entry_id in tallied)
+        if untallied:  # pending again: no longer succeeded, so out of the tally
+            conn.execute(_UNTALLY, {"policy_key": policy_key, "count": untallied})
     for entry_id, fence in conn.execute(
         _CLAIM_NEW, {"policy_key": policy_key, "entry_ids": ids, "lease_seconds": lease_seconds}
     ):
@@ -695,6 +788,10 @@ def claim(
     # Keep the source's keyset order, so dispatch order follows spec.source.orderBy.
     return [claims[entry_id] for entry_id in ids if entry_id in claims]
 
+
+_UNTALLY = sql.SQL(
+    "UPDATE {tallies} SET succeeded = succeeded - %(count)s WHERE policy_key = %(policy_key)s"
+).format(tallies=_TALLIES)
 
 _RELEASE_CLAIMS = sql.SQL(
     """
@@ -875,23 +972,28 @@ def retry_dead(
     return int(row[0])
 
 
+# Unfinished rows only (the partial index ``entries_unfinished``), and the succeeded ones as
+# the tally plus the successes not folded into it yet: the cost follows the backlog and the
+# recent throughput, never the history.
 _COUNTS = sql.SQL(
     """
     SELECT
         count(*) FILTER (WHERE e.state = 'queued'),
         count(*) FILTER (WHERE e.state = 'running'),
         count(*) FILTER (WHERE e.state = 'retry_wait'),
-        count(*) FILTER (WHERE e.state = 'succeeded'),
+        coalesce((SELECT t.succeeded FROM {tallies} t WHERE t.policy_key = %(policy_key)s), 0)
+            + (SELECT count(*) FROM {entries} u
+               WHERE u.policy_key = %(policy_key)s AND u.state = 'succeeded' AND NOT u.counted),
         count(*) FILTER (WHERE e.state = 'dead'),
         EXTRACT(EPOCH FROM {next_due} - now())
-    FROM {entries} e WHERE e.policy_key = %s
+    FROM {entries} e WHERE e.policy_key = %(policy_key)s AND e.state <> 'succeeded'
     """
-).format(entries=_ENTRIES, next_due=_NEXT_DUE)
+).format(entries=_ENTRIES, tallies=_TALLIES, next_due=_NEXT_DUE)
 
 
 def counts(conn: psycopg.Connection[Any], *, policy_key: str) -> LedgerCounts:
     """Per-state counts for ProcessingStatus (``pending`` comes from the source)."""
-    row = conn.execute(_COUNTS, [policy_key]).fetchone()
+    row = conn.execute(_COUNTS, {"policy_key": policy_key}).fetchone()
     assert row is not None
     return LedgerCounts(
         queued=row[0],
@@ -935,6 +1037,85 @@ def consumption(conn: psycopg.Connection[Any], *, policy_key: str) -> Consumptio
     )
 
 
+FOLD_BATCH = 50_000
+PRUNE_BATCH = 10_000
+
+_FOLD_SUCCESSES = sql.SQL(
+    """
+    WITH folded AS (
+        UPDATE {entries} SET counted = true
+        WHERE ctid = ANY(ARRAY(
+            SELECT ctid FROM {entries}
+            WHERE policy_key = %(policy_key)s AND state = 'succeeded' AND NOT counted
+            LIMIT %(limit)s))
+          AND state = 'succeeded' AND NOT counted
+        RETURNING 1
+    )
+    INSERT INTO {tallies} AS t (policy_key, succeeded)
+    SELECT %(policy_key)s, count(*) FROM folded
+    ON CONFLICT (policy_key) DO UPDATE SET succeeded = t.succeeded + EXCLUDED.succeeded
+    RETURNING (SELECT count(*) FROM folded)
+    """
+).format(entries=_ENTRIES, tallies=_TALLIES)
+
+
+def fold_successes(
+    conn: psycopg.Connection[Any], *, policy_key: str, limit: int = FOLD_BATCH
+) -> int:
+    """Add successes not yet counted to the policy's tally (at most ``limit``); how many.
+
+    A row's ``counted`` flag and the tally change in one statement, so each success is
+    counted exactly once, whenever its transaction committed — no time watermark to race.
+    """
+    row = conn.execute(_FOLD_SUCCESSES, {"policy_key": policy_key, "limit": limit}).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+# Oldest first, a bounded batch per sweep, each through its index: retention costs what it
+# deletes, however large the history. Only counted successes go: the tally keeps them.
+_PRUNE_ATTEMPTS = sql.SQL(
+    """
+    DELETE FROM {attempts} WHERE id = ANY(ARRAY(
+        SELECT id FROM {attempts}
+        WHERE policy_key = %(policy_key)s AND finished_at IS NOT NULL
+          AND finished_at < now() - make_interval(secs => %(retention)s)
+        ORDER BY finished_at LIMIT %(limit)s))
+    """
+).format(attempts=_ATTEMPTS)
+_PRUNE_SUCCEEDED = sql.SQL(
+    """
+    DELETE FROM {entries} WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM {entries}
+        WHERE policy_key = %(policy_key)s AND state = 'succeeded' AND counted
+          AND finished_at < now() - make_interval(secs => %(retention)s)
+        ORDER BY finished_at LIMIT %(limit)s))
+      AND state = 'succeeded' AND counted
+    """
+).format(entries=_ENTRIES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pruned:
+    attempts: int
+    entries: int
+
+
+def prune(
+    conn: psycopg.Connection[Any],
+    *,
+    policy_key: str,
+    retention_seconds: float,
+    limit: int = PRUNE_BATCH,
+) -> Pruned:
+    """Delete up to ``limit`` attempts and ``limit`` succeeded entries that finished more than
+    ``retention_seconds`` ago. Dropping a succeeded row loses nothing: an entry the source
+    shows pending again is simply claimed anew."""
+    params = {"policy_key": policy_key, "retention": retention_seconds, "limit": limit}
+    attempts = conn.execute(_PRUNE_ATTEMPTS, params).rowcount
+    entries = conn.execute(_PRUNE_SUCCEEDED, params).rowcount
+    return Pruned(attempts=attempts, entries=entries)
+
+
 _ENTRY = sql.SQL(
     """
     SELECT policy_key, entry_id, state, attempt, fence_token, lease_deadline, next_attempt_at,
@@ -942,13 +1123,27 @@ _ENTRY = sql.SQL(
     FROM {entries} WHERE policy_key = %s AND entry_id = %s
     """
 ).format(entries=_ENTRIES)
+# Ended attempts, then the running one, which has no history row yet (``_attempt_ended``).
 _ATTEMPT_HISTORY = sql.SQL(
     """
     SELECT attempt, fence_token, worker, outcome, error, dispatched_at, started_at,
         finished_at, retry_at
-    FROM {attempts} WHERE policy_key = %s AND entry_id = %s ORDER BY id
+    FROM (
+        SELECT id, attempt, fence_token, worker, outcome, error, dispatched_at, started_at,
+            finished_at, retry_at
+        FROM {attempts} WHERE policy_key = %(policy_key)s AND entry_id = %(entry_id)s
+        UNION ALL
+        SELECT NULL, e.attempt, e.fence_token, e.worker, 'running', NULL, e.dispatched_at,
+            e.started_at, NULL, NULL
+        FROM {entries} e
+        WHERE e.policy_key = %(policy_key)s AND e.entry_id = %(entry_id)s
+          AND e.state = 'running'
+          AND NOT EXISTS (SELECT 1 FROM {attempts} a
+                          WHERE a.fence_token = e.fence_token AND a.outcome = 'running')
+    ) AS attempts
+    ORDER BY id NULLS LAST
     """
-).format(attempts=_ATTEMPTS)
+).format(attempts=_ATTEMPTS, entries=_ENTRIES)
 
 
 def history(
@@ -959,85 +1154,65 @@ def history(
         entry = cursor.execute(_ENTRY, [policy_key, entry_id]).fetchone()
         if entry is None:
             return None
-        attempts = cursor.execute(_ATTEMPT_HISTORY, [policy_key, entry_id]).fetchall()
+        attempts = cursor.execute(
+            _ATTEMPT_HISTORY, {"policy_key": policy_key, "entry_id": entry_id}
+        ).fetchall()
     return EntryHistory(**entry, attempts=tuple(AttemptRecord(**attempt) for attempt in attempts))
 
 
 # --- worker side ---------------------------------------------------------------------------
 
-# Bodies an incarnation finished since its last statement, marked succeeded by the next one
-# (its next fence check, or its heartbeat): a worker spends one ledger statement per task.
-# Until then the entry stays ``running`` under a live incarnation — nothing re-dispatches
-# it — and if the process dies first, the source shows it processed and the sweep settles
-# it. Every statement that embeds this binds ``%(finished)s`` (a uuid[]).
+# Bodies an incarnation finished, marked succeeded in one batch by its next heartbeat (or by
+# ``record_success`` inside a fenced commit): a worker spends a single one-row statement per
+# task, its fence check. Until the mark the entry stays ``running`` under a live incarnation —
+# nothing re-dispatches it — and if the process dies first, the source shows it processed
+# and the sweep settles it. Every statement that embeds this binds ``%(finished)s`` (a uuid[]).
 _MARK_FINISHED = sql.SQL(
     """
     finished AS (
         UPDATE {entries} SET state = 'succeeded', lease_deadline = NULL,
             next_attempt_at = NULL, finished_at = now(), updated_at = now()
         WHERE fence_token = ANY(%(finished)s::uuid[]) AND state = 'running'
-        RETURNING fence_token
-    ), finished_history AS (
-        UPDATE {attempts} a SET outcome = 'succeeded', finished_at = now()
-        FROM finished WHERE a.fence_token = finished.fence_token AND a.outcome = 'running'
-    )
+        RETURNING policy_key, entry_id, attempt, fence_token, worker, dispatched_at,
+            started_at, incarnation
+    ), {history}
     """
-).format(entries=_ENTRIES, attempts=_ATTEMPTS)
+).format(entries=_ENTRIES, history=_attempt_ended("finished", outcome="succeeded"))
 
 
 # The fence: a worker may run the body only if its task id is the entry's current fence
 # token, the entry is still queued (not already running, retried or finished) and the lease
 # is live — and, for a worker with an incarnation, only while that incarnation is live and
-# heartbeated within half its timeout. One statement checks and claims at once, so two
+# heartbeated within half its timeout. One single-row UPDATE checks and claims at once, so two
 # deliveries cannot both pass. ``FOR SHARE`` on the incarnation row makes the operator's
 # ending of it (an UPDATE of that row) and this start serialize: whichever commits first
-# wins, and a start that waited re-reads the row and sees it ended.
+# wins, and a start that waited re-reads the row and sees it ended. The lease is never
+# shorter than the heartbeat timeout, so the backstop cannot fire between two renewals.
 _START_ATTEMPT = sql.SQL(
     """
-    WITH {mark_finished}, me AS (
-        SELECT id, heartbeat_timeout_seconds FROM {incarnations}
-        WHERE id = %(incarnation)s::uuid AND ended_at IS NULL
-          AND heartbeat_at > now() - make_interval(secs => heartbeat_timeout_seconds / 2)
-        FOR SHARE
-    ), started AS (
-        UPDATE {entries} e SET
-            state = 'running',
-            attempt = e.attempt + 1,
-            worker = %(worker)s,
-            incarnation = %(incarnation)s::uuid,
-            started_at = now(),
-            finished_at = NULL,
-            lease_deadline = now() + make_interval(secs => greatest(p.lease_seconds,
-                coalesce((SELECT heartbeat_timeout_seconds FROM me), 0))),
-            updated_at = now()
-        FROM {policies} p
-        WHERE e.fence_token = %(fence_token)s
-          AND (%(entry_id)s::text IS NULL OR e.entry_id = %(entry_id)s::text)
-          AND e.state = 'queued'
-          AND e.lease_deadline > now()
-          AND p.policy_key = e.policy_key
-          AND (%(incarnation)s::uuid IS NULL OR EXISTS (SELECT 1 FROM me))
-        RETURNING e.policy_key, e.entry_id, e.attempt, e.fence_token, e.dispatched_at,
-            e.started_at, p.max_attempts, p.initial_delay_seconds, p.backoff_factor,
-            p.max_delay_seconds, p.jitter, p.lease_seconds
-    ), recorded AS (
-        INSERT INTO {attempts} (policy_key, entry_id, attempt, fence_token, worker, outcome,
-            dispatched_at, started_at, incarnation)
-        SELECT policy_key, entry_id, attempt, fence_token, %(worker)s, 'running',
-            dispatched_at, started_at, %(incarnation)s::uuid
-        FROM started
-    )
-    SELECT policy_key, entry_id, attempt, fence_token, max_attempts, initial_delay_seconds,
-        backoff_factor, max_delay_seconds, jitter, lease_seconds
-    FROM started
+    UPDATE {entries} e SET
+        state = 'running',
+        attempt = e.attempt + 1,
+        worker = %(worker)s,
+        incarnation = %(incarnation)s::uuid,
+        started_at = now(),
+        finished_at = NULL,
+        lease_deadline = now() + make_interval(secs => greatest(
+            (SELECT p.lease_seconds FROM {policies} p WHERE p.policy_key = e.policy_key),
+            coalesce(%(heartbeat_timeout)s::float8, 0))),
+        updated_at = now()
+    WHERE e.fence_token = %(fence_token)s
+      AND (%(entry_id)s::text IS NULL OR e.entry_id = %(entry_id)s::text)
+      AND e.state = 'queued'
+      AND e.lease_deadline > now()
+      AND (%(incarnation)s::uuid IS NULL OR EXISTS (
+            SELECT 1 FROM {incarnations} i
+            WHERE i.id = %(incarnation)s::uuid AND i.ended_at IS NULL
+              AND i.heartbeat_at > now() - make_interval(secs => i.heartbeat_timeout_seconds / 2)
+            FOR SHARE))
+    RETURNING e.policy_key, e.entry_id, e.attempt, e.fence_token
     """
-).format(
-    entries=_ENTRIES,
-    policies=_POLICIES,
-    attempts=_ATTEMPTS,
-    incarnations=_INCARNATIONS,
-    mark_finished=_MARK_FINISHED,
-)
+).format(entries=_ENTRIES, policies=_POLICIES, incarnations=_INCARNATIONS)
 
 
 def start_attempt(
@@ -1047,15 +1222,13 @@ def start_attempt(
     entry_id: str | None,
     worker: str,
     incarnation: uuid.UUID | None = None,
-    finished: Sequence[uuid.UUID] = (),
+    heartbeat_timeout_seconds: float | None = None,
 ) -> RunningAttempt | None:
     """Claim the right to run the body, or ``None`` for a stale or foreign delivery (or an
     incarnation that is no longer live: see ``incarnation_is_live``).
 
     ``entry_id`` (when known) must match the ledger row of the fence token too, so a
     message can never run the body for a different entry than the one it was claimed for.
-    ``finished``: this incarnation's bodies that succeeded since its last statement, marked
-    succeeded in the same statement (see ``_MARK_FINISHED``).
     """
     try:
         token = uuid.UUID(fence_token)
@@ -1068,47 +1241,53 @@ def start_attempt(
             "entry_id": entry_id,
             "worker": worker,
             "incarnation": incarnation,
-            "finished": list(finished),
+            "heartbeat_timeout": heartbeat_timeout_seconds,
         },
     ).fetchone()
     if row is None:
         return None
-    (key, entry, attempt, fence, max_attempts, initial, factor, max_delay, jitter, lease) = row
-    return RunningAttempt(
-        policy_key=key,
-        entry_id=entry,
-        attempt=attempt,
-        fence_token=fence,
-        retry=policy_module.Retry(
-            max_attempts=max_attempts,
-            initial_delay_seconds=initial,
-            backoff_factor=factor,
-            max_delay_seconds=max_delay,
-            jitter=jitter,
-        ),
-        lease_seconds=lease,
+    policy_key, entry, attempt, fence = row
+    return RunningAttempt(policy_key=policy_key, entry_id=entry, attempt=attempt, fence_token=fence)
+
+
+_RETRY_RULES = sql.SQL(
+    """
+    SELECT max_attempts, initial_delay_seconds, backoff_factor, max_delay_seconds, jitter
+    FROM {policies} WHERE policy_key = %s
+    """
+).format(policies=_POLICIES)
+
+
+def retry_rules(conn: psycopg.Connection[Any], *, policy_key: str) -> policy_module.Retry:
+    """The policy's retry rules as the operator last wrote them (read when a body fails)."""
+    row = conn.execute(_RETRY_RULES, [policy_key]).fetchone()
+    if row is None:
+        # The policy was deleted while its body ran: one attempt, no retry.
+        return policy_module.Retry(
+            max_attempts=1,
+            initial_delay_seconds=0.0,
+            backoff_factor=1.0,
+            max_delay_seconds=0.0,
+            jitter=False,
+        )
+    max_attempts, initial, factor, max_delay, jitter = row
+    return policy_module.Retry(
+        max_attempts=max_attempts,
+        initial_delay_seconds=initial,
+        backoff_factor=factor,
+        max_delay_seconds=max_delay,
+        jitter=jitter,
     )
 
 
-_RECORD_SUCCESS = sql.SQL(
-    """
-    WITH done AS (
-        UPDATE {entries} SET state = 'succeeded', lease_deadline = NULL,
-            next_attempt_at = NULL, finished_at = now(), updated_at = now()
-        WHERE fence_token = %(fence_token)s AND state = 'running'
-        RETURNING fence_token
-    ), recorded AS (
-        UPDATE {attempts} a SET outcome = 'succeeded', finished_at = now()
-        FROM done WHERE a.fence_token = done.fence_token AND a.outcome = 'running'
-    )
-    SELECT count(*) FROM done
-    """
-).format(entries=_ENTRIES, attempts=_ATTEMPTS)
+_RECORD_SUCCESS = sql.SQL("WITH {mark_finished} SELECT count(*) FROM finished").format(
+    mark_finished=_MARK_FINISHED
+)
 
 
 def record_success(conn: psycopg.Connection[Any], *, fence_token: uuid.UUID) -> bool:
     """Mark the attempt succeeded; ``False`` if it no longer owned the entry (lease lost)."""
-    row = conn.execute(_RECORD_SUCCESS, {"fence_token": fence_token}).fetchone()
+    row = conn.execute(_RECORD_SUCCESS, {"finished": [fence_token]}).fetchone()
     return bool(row and row[0])
 
 
@@ -1124,15 +1303,17 @@ _RECORD_FAILURE = sql.SQL(
             finished_at = now(),
             updated_at = now()
         WHERE fence_token = %(fence_token)s AND state = 'running'
-        RETURNING fence_token, state, next_attempt_at
-    ), recorded AS (
-        UPDATE {attempts} a SET outcome = 'failed', error = %(error)s, finished_at = now(),
-            retry_at = failed.next_attempt_at
-        FROM failed WHERE a.fence_token = failed.fence_token AND a.outcome = 'running'
-    )
+        RETURNING policy_key, entry_id, attempt, fence_token, worker, dispatched_at,
+            started_at, incarnation, state, next_attempt_at
+    ), {history}
     SELECT state FROM failed
     """
-).format(entries=_ENTRIES, attempts=_ATTEMPTS)
+).format(
+    entries=_ENTRIES,
+    history=_attempt_ended(
+        "failed", outcome="failed", error="%(error)s", retry_at="ended.next_attempt_at"
+    ),
+)
 
 
 def record_failure(

@@ -45,6 +45,9 @@ STATUS_REFRESH_SECONDS = 30.0
 STATUS_LIVE_REFRESH_SECONDS = 2.0
 ERROR_BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 INVALID_SPEC_RECHECK_SECONDS = 300.0
+# The pending query's plan is read at the first sweep of each generation, then hourly: an
+# index created (or dropped) by a person shows within the hour, and asking costs one EXPLAIN.
+INDEX_ADVICE_RECHECK_SECONDS = 3600.0
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +175,8 @@ class PolicyLoop:
         # and retried until it does, so a rescue is never dropped.
         self.unfinished_rescues: list[PendingRescue] = []
         self.pod_watch_stop: threading.Event | None = None
+        self.index_condition: tuple[str, str, str, str] | None = None
+        self.index_checked: tuple[int, float] | None = None  # (generation, time.monotonic())
         self.pod_selector = ""
         self.pod_watch_failure: str | None = None  # set from the watch thread
         # Every ProcessingPolicy by namespace (a kopf index), to find the ones that overlap.
@@ -283,6 +288,7 @@ class PolicyLoop:
                     result.duration_seconds
                 )
             counts = await self.observe(policy, db=db, publisher=publisher)
+            await self.check_index(policy, db=db, generation=generation)
         except SWEEP_ERRORS as error:
             problem = problem_of(error)
             metrics.SWEEP_ERRORS.labels(self.namespace, self.name, problem.reason).inc()
@@ -368,6 +374,29 @@ class PolicyLoop:
         depth = await asyncio.to_thread(publisher.queue_depth, policy.task.queue)
         metrics.QUEUE_DEPTH.labels(self.namespace, self.name).set(depth)
         return counts
+
+    async def check_index(
+        self, policy: policy_module.Policy, *, db: reconcile.Database, generation: int
+    ) -> None:
+        """Tell the user, on the policy, when the pending query has no index to use."""
+        checked = self.index_checked
+        if (
+            checked is not None
+            and checked[0] == generation
+            and time.monotonic() - checked[1] < INDEX_ADVICE_RECHECK_SECONDS
+        ):
+            return
+        self.index_checked = (generation, time.monotonic())
+        advice = await asyncio.to_thread(reconcile.advise_index, policy, db=db)
+        condition = conditions.indexed(
+            create_index=None if advice is None else advice.create_index,
+            table=str(policy.source.table),
+            table_rows=0 if advice is None else advice.table_rows,
+        )
+        if advice is not None and condition != self.index_condition:
+            logger.warning("policy %s: %s", self.key, condition[3])
+            await self.event("Warning", conditions.MISSING_INDEX, condition[3])
+        self.index_condition = condition
 
     async def notice_broker_restart(
         self,
@@ -651,6 +680,7 @@ class PolicyLoop:
             None if counts is None else status_counts(counts),
             self.dispatched_since_write,
             None if self.last_rescue is None else dataclasses.astuple(self.last_rescue),
+            self.index_condition,
         )
         since_write = time.monotonic() - self.last_status_write
         if not changed and facts == self.reported_facts and since_write < STATUS_REFRESH_SECONDS:
@@ -667,12 +697,10 @@ class PolicyLoop:
         )
         now = utc_now_text()
         previous = (self.body.get("status") or {}).get("conditions")
-        merged = conditions.merge(
-            previous,
-            conditions.health(problem=problem, suspended=suspended, summary=summary),
-            now=now,
-            generation=generation,
-        )
+        updates = list(conditions.health(problem=problem, suspended=suspended, summary=summary))
+        if self.index_condition is not None:
+            updates.append(self.index_condition)
+        merged = conditions.merge(previous, updates, now=now, generation=generation)
         policy_status: dict[str, Any] = {"observedGeneration": generation, "conditions": merged}
         processing: dict[str, Any] = {"policyGeneration": generation, "conditions": merged}
         if result is not None:
@@ -751,6 +779,8 @@ def sweep_fields(result: reconcile.SweepResult) -> dict[str, Any]:
         "dead_on_expiry": result.expired.dead,
         "lost_messages": result.expired.unstarted + result.missing_messages,
         "settled": result.settled,
+        "pruned_attempts": result.pruned.attempts,
+        "pruned_entries": result.pruned.entries,
         "duration_seconds": round(result.duration_seconds, 4),
     }
 

@@ -29,7 +29,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import random as random_module
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from celery_reconciler import policy as policy_module
 
@@ -344,3 +345,34 @@ def workers_not_consuming(
     if running > 0 or recently_finished:
         return False
     return was_stuck or oldest_queued_seconds > start_timeout_seconds
+
+
+# --- index advice ----------------------------------------------------------------------------
+
+# Below this many rows a table is read whole in about a millisecond: PostgreSQL rightly
+# prefers that to any index, and advising one would be noise.
+INDEX_ADVICE_MIN_ROWS = 10_000
+_SCANS_WITH_FILTERS = ("Index Scan", "Index Only Scan", "Bitmap Heap Scan")
+
+
+def page_needs_index(
+    plan: Mapping[str, Any], *, relation: str, predicate_column: str, table_rows: float
+) -> bool:
+    """Whether a pending page (its ``EXPLAIN (FORMAT JSON)`` plan) reads the source table
+    in proportion to the table rather than to the backlog: a sequential scan of it, or an
+    index scan that filters on the predicate afterwards (the index does not hold it, so
+    every processed row in key order is read and thrown away)."""
+    if table_rows < INDEX_ADVICE_MIN_ROWS:
+        return False
+    nodes = [plan.get("Plan", plan)]
+    while nodes:
+        node = nodes.pop()
+        nodes.extend(node.get("Plans") or ())
+        if node.get("Relation Name") != relation:
+            continue
+        kind = node.get("Node Type")
+        if kind == "Seq Scan":
+            return True
+        if kind in _SCANS_WITH_FILTERS and predicate_column in str(node.get("Filter") or ""):
+            return True
+    return False

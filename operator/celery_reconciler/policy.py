@@ -66,6 +66,9 @@ DEFAULT_INITIAL_DELAY = "60s"
 DEFAULT_BACKOFF_FACTOR = 2.0
 DEFAULT_MAX_DELAY = "1h"
 DEFAULT_LEASE_TIMEOUT = "15m"
+# Ledger history (finished attempts, succeeded rows) is kept a week, then pruned.
+DEFAULT_HISTORY_RETENTION = "168h"
+MIN_HISTORY_RETENTION_SECONDS = 60.0
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_MAX_IN_FLIGHT = 10_000
 MAX_BATCH_SIZE = 50_000
@@ -78,6 +81,7 @@ MAX_SWEEP_INTERVAL_SECONDS = 24 * 3600.0
 MAX_DELAY_SECONDS = 7 * 24 * 3600.0
 MAX_LEASE_SECONDS = 7 * 24 * 3600.0
 MAX_START_TIMEOUT_SECONDS = 24 * 3600.0
+MAX_HISTORY_RETENTION_SECONDS = 87600 * 3600.0  # ten years
 MAX_BACKOFF_FACTOR = 100.0
 MAX_MAX_IN_FLIGHT = 10_000_000
 MIN_DISPATCH_PER_SECOND = 0.01
@@ -197,6 +201,11 @@ class Lease:
 
 
 @dataclasses.dataclass(frozen=True)
+class History:
+    retention_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
 class LabelSelectorRequirement:
     key: str
     operator: str
@@ -234,6 +243,7 @@ class Policy:
     schedule: Schedule
     retry: Retry
     lease: Lease
+    history: History
     workers: Workers
     limits: Limits
 
@@ -424,7 +434,16 @@ class _Parser:
         top = self.mapping(
             spec,
             "spec",
-            allowed=("source", "task", "schedule", "retry", "lease", "workers", "limits"),
+            allowed=(
+                "source",
+                "task",
+                "schedule",
+                "retry",
+                "lease",
+                "workers",
+                "limits",
+                "history",
+            ),
         )
         if "source" not in top:
             self.problem("spec.source", "is required")
@@ -435,6 +454,7 @@ class _Parser:
         schedule = self.schedule(top.get("schedule"))
         retry = self.retry(top.get("retry"))
         lease = self.lease(top.get("lease"))
+        history = self.history(top.get("history"))
         workers = self.workers(top.get("workers"))
         limits = self.limits(top.get("limits"))
         return Policy(
@@ -445,6 +465,7 @@ class _Parser:
             schedule=schedule,
             retry=retry,
             lease=lease,
+            history=history,
             workers=workers,
             limits=limits,
         )
@@ -637,6 +658,18 @@ class _Parser:
                 maximum_seconds=MAX_LEASE_SECONDS,
             )
         )
+
+    def history(self, value: Any) -> History:
+        path = "spec.history"
+        raw = self.mapping(value, path, allowed=("retention",))
+        retention = self.duration(
+            raw.get("retention", DEFAULT_HISTORY_RETENTION),
+            f"{path}.retention",
+            maximum_seconds=MAX_HISTORY_RETENTION_SECONDS,
+        )
+        if retention < MIN_HISTORY_RETENTION_SECONDS:
+            self.problem(f"{path}.retention", "must be at least 1m")
+        return History(retention_seconds=retention)
 
     def workers(self, value: Any) -> Workers:
         path = "spec.workers"

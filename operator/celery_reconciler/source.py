@@ -33,6 +33,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from celery_reconciler import planning
 from celery_reconciler import policy as policy_module
 
 
@@ -58,9 +59,10 @@ def table_identifier(table: policy_module.TableName) -> sql.Identifier:
     return sql.Identifier(table.table)
 
 
-def predicate(pending: policy_module.PendingPredicate) -> sql.Composable:
-    """The pending predicate as composed SQL (identifiers and literals, never raw text)."""
-    column = _column(pending.column)
+def predicate(pending: policy_module.PendingPredicate, *, qualified: bool = True) -> sql.Composable:
+    """The pending predicate as composed SQL (identifiers and literals, never raw text);
+    its column qualified by our alias (queries) or not (an index definition)."""
+    column = _column(pending.column) if qualified else sql.Identifier(pending.column)
     match pending:
         case policy_module.PendingEquals(value=value):
             return sql.SQL("{} = {}").format(column, sql.Literal(value))
@@ -192,6 +194,50 @@ def pending_summary(conn: psycopg.Connection[Any], source: policy_module.Source)
         assert age_row is not None
         oldest_seconds = max(0.0, float(age_row[0]))
     return PendingSummary(count=int(count), oldest_seconds=oldest_seconds)
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexAdvice:
+    table_rows: int
+    create_index: str  # the statement a person would run, composed like every query here
+
+
+def index_advice(
+    conn: psycopg.Connection[Any], source: policy_module.Source, *, page_size: int
+) -> IndexAdvice | None:
+    """``None`` when the pending page is read through an index that holds the predicate;
+    otherwise the index to create. Reads only the plan (``EXPLAIN`` without ``ANALYZE``)
+    and the table's row estimate, so asking costs about nothing."""
+    explain = sql.SQL("EXPLAIN (FORMAT JSON) ") + page_query(source, after=False)
+    explained = _execute(conn, source, explain, [page_size]).fetchone()
+    estimate = conn.execute(
+        "SELECT greatest(c.reltuples, 0)::bigint FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relname = %s AND n.nspname = coalesce(%s, current_schema())",
+        [source.table.table, source.table.schema],
+    ).fetchone()
+    if explained is None or estimate is None:
+        return None
+    plan = explained[0][0] if isinstance(explained[0], list) else explained[0]
+    table_rows = int(estimate[0])
+    if not planning.page_needs_index(
+        plan,
+        relation=source.table.table,
+        predicate_column=source.pending.column,
+        table_rows=table_rows,
+    ):
+        return None
+    keys = (
+        [sql.Identifier(source.id_column)]
+        if source.orders_by_id
+        else [sql.Identifier(source.order_by), sql.Identifier(source.id_column)]
+    )
+    statement = sql.SQL("CREATE INDEX CONCURRENTLY ON {table} ({keys}) WHERE {where}").format(
+        table=table_identifier(source.table),
+        keys=sql.SQL(", ").join(keys),
+        where=predicate(source.pending, qualified=False),
+    )
+    return IndexAdvice(table_rows=table_rows, create_index=statement.as_string(conn))
 
 
 def _execute(

@@ -172,6 +172,7 @@ CASES: list[Case] = [
          "spec.schedule.sweepInterval"),
     Case("startTimeout: 0s", "workers.startTimeout", "0s", "spec.workers.startTimeout"),
     Case("startTimeout: 25h", "workers.startTimeout", "25h", "spec.workers.startTimeout"),
+    Case("history retention: 87601h", "history.retention", "87601h", "spec.history.retention"),
     # --- wrong types
     Case("suspend: a string", "schedule.suspend", "yes", "spec.schedule.suspend"),
     Case("jitter: a number", "retry.jitter", 1, "spec.retry.jitter"),

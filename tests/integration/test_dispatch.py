@@ -173,3 +173,32 @@ def test_max_in_flight_bounds_each_sweep(
         for row in conn.execute("SELECT id FROM journal_entry ORDER BY created_at, id LIMIT 50")
     ]
     assert dispatched == oldest  # keyset order follows spec.source.orderBy
+
+
+def test_a_publish_that_fails_mid_sweep_releases_its_page_and_the_page_claimed_meanwhile(
+    demo_dsn: str, conn: psycopg.Connection[Any], redis_url: str
+) -> None:
+    """Pages are published in a thread while the next one is claimed: when the second
+    page's publish fails, the third page has been claimed meanwhile. Both must be released
+    at once (eligible for the next sweep) — only the first page is in the queue."""
+    schema.seed(conn, count=50)
+    policy = make_policy(limits={"batchSize": 10})
+    calls: list[int] = []
+
+    def publish_then_fail(messages: Sequence[broker.TaskMessage]) -> None:
+        calls.append(len(messages))
+        if len(calls) == 2:
+            raise reconcile.BrokerUnavailable("the broker went away (simulated)")
+        with redis.Redis.from_url(redis_url) as client:
+            client.lpush("insights", *(json.dumps({"id": m.task_id}) for m in messages))
+
+    with sweep_connections(demo_dsn, redis_url) as (db, publisher):
+        with pytest.raises(reconcile.BrokerUnavailable):
+            reconcile.reconcile_once(policy, db=db, broker=publisher, publish=publish_then_fail)
+        assert publisher.queue_depth("insights") == 10
+    live, released = conn.execute(
+        "SELECT count(*) FILTER (WHERE lease_deadline > now()), "
+        "count(*) FILTER (WHERE lease_deadline <= now()) "
+        "FROM celery_reconciler.entries WHERE state = 'queued'"
+    ).fetchone() or (None, None)
+    assert (live, released) == (10, 20)  # page 1 in the queue; pages 2 and 3 released

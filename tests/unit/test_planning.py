@@ -359,3 +359,44 @@ def test_a_lease_redispatch_does_not_clear_stuck_work() -> None:
     """Re-dispatched after its lease, the oldest entry looks fresh; nobody started it."""
     assert _stuck(oldest_queued_seconds=1.0, was_stuck=True)
     assert not _stuck(oldest_queued_seconds=1.0, was_stuck=False)
+
+
+def scan(node_type: str, **fields: object) -> dict[str, object]:
+    return {"Node Type": node_type, "Relation Name": "journal_entry", **fields}
+
+
+def limited(*nodes: dict[str, object]) -> dict[str, object]:
+    return {"Plan": {"Node Type": "Limit", "Plans": [{"Node Type": "Sort", "Plans": list(nodes)}]}}
+
+
+@pytest.mark.parametrize(
+    ("plan", "needs_index"),
+    [
+        (limited(scan("Seq Scan", Filter="(NOT insights_extracted)")), True),
+        # An index on the keyset without the predicate: every processed row is read.
+        (limited(scan("Index Scan", Filter="(NOT src.insights_extracted)")), True),
+        (limited(scan("Bitmap Heap Scan", Filter="(insights_extracted = false)")), True),
+        # A partial index that holds the predicate: no filter left.
+        (limited(scan("Index Scan", **{"Index Name": "journal_entry_pending"})), False),
+        (limited(scan("Index Only Scan")), False),
+        # Another table's sequential scan is not ours to advise on.
+        (limited({"Node Type": "Seq Scan", "Relation Name": "other"}), False),
+    ],
+)
+def test_index_advice_reads_the_plan(plan: dict[str, object], needs_index: bool) -> None:
+    assert (
+        planning.page_needs_index(
+            plan, relation="journal_entry", predicate_column="insights_extracted", table_rows=1e6
+        )
+        is needs_index
+    )
+
+
+def test_a_small_table_needs_no_index_advice() -> None:
+    plan = limited(scan("Seq Scan", Filter="(NOT insights_extracted)"))
+    assert not planning.page_needs_index(
+        plan,
+        relation="journal_entry",
+        predicate_column="insights_extracted",
+        table_rows=planning.INDEX_ADVICE_MIN_ROWS - 1,
+    )

@@ -94,6 +94,7 @@ def test_minimal_spec_takes_documented_defaults() -> None:
     assert parsed.task.queue == "celery"
     assert parsed.retry.max_attempts == 5 and parsed.retry.initial_delay_seconds == 60
     assert parsed.lease.timeout_seconds == 900
+    assert parsed.history.retention_seconds == 7 * 24 * 3600
     assert parsed.limits.batch_size == 500 and parsed.limits.max_in_flight == 10000
     assert not parsed.workers.has_selector
 
@@ -296,6 +297,7 @@ def test_pod_selector_keys_and_values_follow_kubernetes_label_syntax(
         (("lease", "timeout"), "169h", "spec.lease.timeout"),
         (("workers", "startTimeout"), "25h", "spec.workers.startTimeout"),
         (("workers", "startTimeout"), "0s", "spec.workers.startTimeout"),
+        (("history", "retention"), "87601h", "spec.history.retention"),
         (("retry", "factor"), 101, "spec.retry.factor"),
         (("limits", "dispatchPerSecond"), 1e-300, "spec.limits.dispatchPerSecond"),
         (("limits", "dispatchPerSecond"), 1e300, "spec.limits.dispatchPerSecond"),
@@ -350,3 +352,13 @@ def test_go_durations(text: str, seconds: float) -> None:
 def test_malformed_durations(text: str) -> None:
     with pytest.raises(policy.InvalidDuration):
         policy.parse_duration_seconds(text)
+
+
+def test_history_retention_is_a_duration_of_at_least_a_minute() -> None:
+    spec = full_spec()
+    spec["history"] = {"retention": "720h"}
+    assert parse(spec).history.retention_seconds == 720 * 3600
+    spec["history"] = {"retention": "30s"}
+    assert problems_of(spec) == {"spec.history.retention": "must be at least 1m"}
+    spec["history"] = {"retention": "a week"}
+    assert list(problems_of(spec)) == ["spec.history.retention"]
