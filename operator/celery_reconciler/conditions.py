@@ -20,10 +20,15 @@ SWEPT = "Swept"
 SUSPENDED = "Suspended"
 INVALID_SPEC = "InvalidSpec"
 SECRET_NOT_FOUND = "SecretNotFound"
+SECRET_INVALID = "SecretInvalid"
 DATABASE_UNAVAILABLE = "DatabaseUnavailable"
 BROKER_UNAVAILABLE = "BrokerUnavailable"
 SOURCE_INVALID = "SourceInvalid"
+LEDGER_PERMISSION_DENIED = "LedgerPermissionDenied"
 KUBERNETES_UNAVAILABLE = "KubernetesUnavailable"
+# The last resort: a failure no other reason describes is a bug of ours. The loop reports it
+# like any other (condition, Event, metric, backed-off retry) and logs its traceback once.
+INTERNAL_ERROR = "InternalError"
 AS_EXPECTED = "AsExpected"
 
 

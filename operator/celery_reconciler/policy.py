@@ -60,6 +60,10 @@ DEFAULT_MAX_IN_FLIGHT = 10_000
 MAX_BATCH_SIZE = 50_000
 MAX_ATTEMPTS_LIMIT = 1000
 MIN_SWEEP_INTERVAL_SECONDS = 1.0
+# Every duration of a policy is at most a year: longer ones mean a typo, and bounded ones
+# keep the arithmetic on them finite — ``now() + lease`` in SQL, a sleep until the next
+# sweep — where ``9999999999h`` would overflow a timestamp.
+MAX_DURATION_SECONDS = 366 * 24 * 3600.0
 
 
 class InvalidDuration(ValueError):
@@ -312,6 +316,9 @@ class _Parser:
             return 1.0
         if seconds <= 0:
             self.problem(path, f"{value!r} must be positive")
+            return 1.0
+        if not seconds <= MAX_DURATION_SECONDS:
+            self.problem(path, f"{value!r} is longer than a year ({MAX_DURATION_SECONDS:g}s)")
             return 1.0
         return seconds
 
