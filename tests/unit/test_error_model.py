@@ -3,6 +3,9 @@ each message names, and that no text from a Secret is ever quoted."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import psycopg
 import pytest
 
@@ -214,3 +217,11 @@ def test_durations_longer_than_a_year_are_refused_naming_the_field(
     with pytest.raises(policy_module.InvalidPolicy) as caught:
         policy_module.parse_policy(spec, namespace="n", name="p", require_secret_refs=False)
     assert field in str(caught.value)
+
+
+def test_the_operations_guide_lists_exactly_the_reasons_a_policy_can_be_degraded_with() -> None:
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    documented = set(re.findall(r"^\| False \| True \| `(\w+)` \|", guide, flags=re.MULTILINE))
+    in_code = {reason for _, reason in loop.SWEEP_ERRORS}
+    in_code |= {conditions.INVALID_SPEC, conditions.INTERNAL_ERROR}
+    assert documented == in_code
