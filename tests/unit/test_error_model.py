@@ -225,3 +225,24 @@ def test_the_operations_guide_lists_exactly_the_reasons_a_policy_can_be_degraded
     in_code = {reason for _, reason in loop.SWEEP_ERRORS}
     in_code |= {conditions.INVALID_SPEC, conditions.INTERNAL_ERROR}
     assert documented == in_code
+
+
+def test_an_unexpected_error_logs_its_traceback_once_without_secrets(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    policy_loop = loop.PolicyLoop(namespace="n", name="p", uid="u", body={})
+    policy_loop.connections.dsn = DSN
+
+    def fail() -> None:
+        raise KeyError(f"no such thing in {DSN}")
+
+    for _ in range(3):
+        try:
+            fail()
+        except KeyError as error:
+            problem = policy_loop.problem_of(error)
+    assert problem.reason == conditions.INTERNAL_ERROR
+    tracebacks = [r for r in caplog.records if "Traceback" in r.getMessage()]
+    assert len(tracebacks) == 1
+    assert "in fail" in tracebacks[0].getMessage()
+    assert "pa55word-x" not in caplog.text and "pa55word-x" not in problem.message
