@@ -281,6 +281,7 @@ class PolicyLoop:
             delay = planning.next_wakeup_seconds(
                 sweep_interval_seconds=delay,
                 earliest_retry_in_seconds=counts.seconds_until_next_due,
+                rate_allows_in_seconds=None if result is None else result.rate_allows_in_seconds,
             )
         if self.status_write_deferred:
             delay = min(delay, STATUS_MIN_INTERVAL_SECONDS)

@@ -62,17 +62,13 @@ def wait_ready(kube: devstack_kube.ControlPlane, namespace: str, *, what: str) -
     )
 
 
+def patch_spec(kube: devstack_kube.ControlPlane, namespace: str, spec: dict[str, Any]) -> None:
+    patch = json.dumps({"spec": spec})
+    kube.kubectl("-n", namespace, "patch", "processingpolicy", POLICY, "--type=merge", "-p", patch)
+
+
 def patch_pending(kube: devstack_kube.ControlPlane, namespace: str, pending: Any) -> None:
-    kube.kubectl(
-        "-n",
-        namespace,
-        "patch",
-        "processingpolicy",
-        POLICY,
-        "--type=merge",
-        "-p",
-        json.dumps({"spec": {"source": {"pending": pending}}}),
-    )
+    patch_spec(kube, namespace, {"source": {"pending": pending}})
 
 
 def assert_no_loop_traceback(operator: OperatorProcess) -> None:
@@ -107,8 +103,19 @@ def test_a_policy_edited_to_a_wrong_type_or_a_missing_column_degrades_and_the_fi
     patch_pending(crds, namespace, {"column": "insights_extractd", "equals": False})
     wait_degraded(crds, namespace, reason="SourceInvalid", naming="spec.source.pending.column")
 
+    # A lease no timestamp can hold: refused by the parser (it overflowed the ledger's SQL).
+    patch_spec(crds, namespace, {"lease": {"timeout": "9999999999999h"}})
+    wait_degraded(crds, namespace, reason="InvalidSpec", naming="spec.lease.timeout")
+
     seed(journal, 4)
-    patch_pending(crds, namespace, {"column": "insights_extracted", "equals": False})
+    patch_spec(
+        crds,
+        namespace,
+        {
+            "lease": {"timeout": "10m"},
+            "source": {"pending": {"column": "insights_extracted", "equals": False}},
+        },
+    )
     wait_ready(crds, namespace, what="Ready again right after the fix")
     wait_for(
         lambda: unprocessed(journal) == 0,
@@ -117,13 +124,13 @@ def test_a_policy_edited_to_a_wrong_type_or_a_missing_column_degrades_and_the_fi
     )
     reasons = [e["reason"] for e in policy_events(crds, namespace)]
     assert "SourceInvalid" in reasons and "Recovered" in reasons
-    errors = metric_value(
+    source_errors = metric_value(
         operator.metrics_text().replace(',reason="SourceInvalid"', ""),
         "celery_reconciler_sweep_errors_total",
         namespace=namespace,
         policy=POLICY,
     )
-    assert errors >= 2
+    assert source_errors >= 2
     assert_no_loop_traceback(operator)
 
 
@@ -251,4 +258,32 @@ def test_an_api_server_outage_is_kubernetes_unavailable_and_heals_when_it_is_bac
         what="entries seeded after the outage to be processed",
     )
     wait_ready(crds, namespace, what="Ready after the apiserver came back")
+    assert_no_loop_traceback(operator)
+
+
+def test_a_tiny_dispatch_rate_keeps_the_loop_alive_and_a_slow_one_is_kept_across_sweeps(
+    crds: devstack_kube.ControlPlane,
+    namespace: str,
+    journal: str,
+    redis_url: str,
+    start_operator: Callable[..., OperatorProcess],
+    local_workers: Callable[..., processes.ManagedProcess],
+) -> None:
+    seed(journal, 4)
+    local_workers("insights-worker-a")
+    operator = start_operator()
+    limits = {"batchSize": 500, "maxInFlight": 10000, "dispatchPerSecond": 1e-300}
+    apply_policy(
+        crds, namespace, dsn=journal, broker_url=redis_url, sweep_interval="10m", limits=limits
+    )
+    wait_for(lambda: unprocessed(journal) == 3, timeout_seconds=60, what="one entry processed")
+    wait_ready(crds, namespace, what="Ready with a rate of one entry in 1e300 seconds")
+
+    # One entry per 10 s: longer than a sweep may pause, so the loop sweeps again for each.
+    patch_spec(crds, namespace, {"limits": {**limits, "dispatchPerSecond": 0.1}})
+    wait_for(
+        lambda: unprocessed(journal) == 0,
+        timeout_seconds=120,
+        what="the rest dispatched at the slow rate long before the 10m sweep interval",
+    )
     assert_no_loop_traceback(operator)
