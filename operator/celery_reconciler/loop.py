@@ -165,6 +165,7 @@ class PolicyLoop:
         self.pod_watch_stop: threading.Event | None = None
         self.pod_selector = ""
         self.errors_logged: set[type[BaseException]] = set()
+        self.pacing = planning.RatePacing()
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -257,9 +258,15 @@ class PolicyLoop:
             await self.notice_broker_restart(policy, db=db, publisher=publisher)
             await self.finish_rescues()
             if not policy.schedule.suspend:
+                rate = policy.limits.dispatch_per_second
+                held = self.pacing.holds(dispatch_per_second=rate, now=time.monotonic())
                 result = await asyncio.to_thread(
-                    reconcile.reconcile_once, policy, db=db, broker=publisher
+                    reconcile.reconcile_once, policy, db=db, broker=publisher, hold_dispatch=held
                 )
+                if not held:
+                    self.pacing.swept(
+                        rate_allows_in_seconds=result.rate_allows_in_seconds, now=time.monotonic()
+                    )
                 metrics.SWEEP_SECONDS.labels(self.namespace, self.name).observe(
                     result.duration_seconds
                 )
@@ -281,7 +288,7 @@ class PolicyLoop:
             delay = planning.next_wakeup_seconds(
                 sweep_interval_seconds=delay,
                 earliest_retry_in_seconds=counts.seconds_until_next_due,
-                rate_allows_in_seconds=None if result is None else result.rate_allows_in_seconds,
+                rate_allows_in_seconds=self.pacing.allows_in_seconds(now=time.monotonic()),
             )
         if self.status_write_deferred:
             delay = min(delay, STATUS_MIN_INTERVAL_SECONDS)

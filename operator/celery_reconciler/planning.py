@@ -168,6 +168,34 @@ def dispatch_pause_within_sweep(
     return pause if pause <= MAX_DISPATCH_PAUSE_SECONDS else None
 
 
+@dataclasses.dataclass
+class RatePacing:
+    """A slow ``dispatchPerSecond`` kept across sweeps.
+
+    A sweep that stops for the rate (``dispatch_pause_within_sweep``) says when the next page
+    is allowed; until then, sweeps that something else causes (a due retry, a status
+    refresh, an edit) claim nothing new — else every wake-up would publish a page and the
+    rate would mean nothing. A changed rate starts afresh. Times are any monotonic clock.
+    """
+
+    rate: float = 0.0
+    allows_at: float | None = None
+
+    def holds(self, *, dispatch_per_second: float, now: float) -> bool:
+        """Whether the sweep about to run must claim nothing new."""
+        if dispatch_per_second != self.rate:
+            self.rate, self.allows_at = dispatch_per_second, None
+        return self.allows_at is not None and now < self.allows_at
+
+    def swept(self, *, rate_allows_in_seconds: float | None, now: float) -> None:
+        """Record what a sweep that was not held said about the next page."""
+        self.allows_at = None if rate_allows_in_seconds is None else now + rate_allows_in_seconds
+
+    def allows_in_seconds(self, *, now: float) -> float | None:
+        """How long until the next page is allowed (for ``next_wakeup_seconds``)."""
+        return None if self.allows_at is None else max(0.0, self.allows_at - now)
+
+
 def dispatch_batch_size(*, batch_size: int, dispatch_per_second: float) -> int:
     """A page is published as one burst: with a rate, keep bursts to about a second's worth
     (at least one entry; bounded by ``batch_size`` however large the rate)."""

@@ -174,8 +174,12 @@ def reconcile_once(
     publish: PublishFunction | None = None,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    hold_dispatch: bool = False,
 ) -> SweepResult:
     """Run one sweep of ``policy``; see the module docstring for the steps.
+
+    ``hold_dispatch``: claim nothing new (``planning.RatePacing``: the rate allows no page
+    yet); leases still expire and lost messages are still re-dispatched.
 
     Raises ``DatabaseUnavailable`` (``DsnInvalid``), ``LedgerPermissionDenied``,
     ``BrokerUnavailable`` or ``SourceInvalid`` with messages that name the problem and carry
@@ -199,7 +203,7 @@ def reconcile_once(
         in_flight = ledger.count_in_flight(conn, policy_key=policy.key)
         budget = (
             0
-            if policy.schedule.suspend
+            if policy.schedule.suspend or hold_dispatch
             else planning.sweep_claim_budget(
                 in_flight=in_flight, max_in_flight=policy.limits.max_in_flight
             )

@@ -16,6 +16,7 @@ from typing import Any
 
 from e2e_support import (
     OperatorProcess,
+    annotate,
     apply_policy,
     apply_secrets,
     get_json,
@@ -27,6 +28,7 @@ from e2e_support import (
     wait_for,
 )
 
+from celery_reconciler.loop import SWEEP_NOW_ANNOTATION as SWEEP_NOW
 from devstack import kube as devstack_kube
 from devstack import processes
 
@@ -103,8 +105,9 @@ def test_a_policy_edited_to_a_wrong_type_or_a_missing_column_degrades_and_the_fi
     patch_pending(crds, namespace, {"column": "insights_extractd", "equals": False})
     wait_degraded(crds, namespace, reason="SourceInvalid", naming="spec.source.pending.column")
 
-    # A lease no timestamp can hold: refused by the parser (it overflowed the ledger's SQL).
-    patch_spec(crds, namespace, {"lease": {"timeout": "9999999999999h"}})
+    # A lease the CRD lets through but the parser refuses (longer than a year): the loop
+    # then waits for an edit rather than the 5-minute recheck.
+    patch_spec(crds, namespace, {"lease": {"timeout": "9000h"}})
     wait_degraded(crds, namespace, reason="InvalidSpec", naming="spec.lease.timeout")
 
     seed(journal, 4)
@@ -207,6 +210,10 @@ def test_secrets_that_are_not_what_they_claim_degrade_the_policy_and_are_never_q
     assert_no_loop_traceback(operator)
 
 
+def sweep_count(operator: OperatorProcess, namespace: str) -> int:
+    return operator.process.log_path.read_text().count(f"{namespace}/{POLICY}: swept in")
+
+
 def restart_apiserver_after(kube: devstack_kube.ControlPlane, outage: Callable[[], None]) -> None:
     """Stop the kube-apiserver, run ``outage()``, start it again and wait until it serves."""
     kube.apiserver.stop(timeout_seconds=10)
@@ -278,6 +285,15 @@ def test_a_tiny_dispatch_rate_keeps_the_loop_alive_and_a_slow_one_is_kept_across
     )
     wait_for(lambda: unprocessed(journal) == 3, timeout_seconds=60, what="one entry processed")
     wait_ready(crds, namespace, what="Ready with a rate of one entry in 1e300 seconds")
+    for asked in range(2):
+        sweeps_before = sweep_count(operator, namespace)
+        annotate(crds, namespace, f"{SWEEP_NOW}={asked}")
+        wait_for(
+            lambda before=sweeps_before: sweep_count(operator, namespace) > before,
+            timeout_seconds=30,
+            what="the sweep asked for with sweep-now",
+        )
+    assert unprocessed(journal) == 3  # the rate allows no second entry, however often it sweeps
 
     # One entry per 10 s: longer than a sweep may pause, so the loop sweeps again for each.
     patch_spec(crds, namespace, {"limits": {**limits, "dispatchPerSecond": 0.1}})

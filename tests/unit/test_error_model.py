@@ -246,3 +246,17 @@ def test_an_unexpected_error_logs_its_traceback_once_without_secrets(
     assert len(tracebacks) == 1
     assert "in fail" in tracebacks[0].getMessage()
     assert "pa55word-x" not in caplog.text and "pa55word-x" not in problem.message
+
+
+def test_a_slow_rate_is_kept_across_sweeps_and_a_new_rate_starts_afresh() -> None:
+    pacing = planning.RatePacing()
+    assert not pacing.holds(dispatch_per_second=0.1, now=0.0)
+    pacing.swept(rate_allows_in_seconds=10.0, now=0.0)
+    assert pacing.holds(dispatch_per_second=0.1, now=9.9)
+    assert pacing.allows_in_seconds(now=4.0) == 6.0
+    assert not pacing.holds(dispatch_per_second=0.1, now=10.0)
+    pacing.swept(rate_allows_in_seconds=1e300, now=10.0)
+    assert pacing.holds(dispatch_per_second=0.1, now=1e9)
+    assert not pacing.holds(dispatch_per_second=2.0, now=1e9)  # edited: starts afresh
+    pacing.swept(rate_allows_in_seconds=None, now=1e9)
+    assert pacing.allows_in_seconds(now=1e9) is None
