@@ -64,6 +64,28 @@ class BrokerUnavailable(RuntimeError):
     """The broker refused or failed a publish or a depth query; the message has no secrets."""
 
 
+class BrokerUrlInvalid(BrokerUnavailable):
+    """The broker URL does not parse. It came from a Secret, so the message quotes none of
+    it (URL parsers quote the offending part, e.g. a port that is really a password)."""
+
+
+def check_broker_url(url: str, *, where: str) -> None:
+    """Raise ``BrokerUrlInvalid`` naming ``where`` the URL came from — never what it says."""
+    problem = None
+    try:
+        parts = urllib.parse.urlsplit(url)
+        _ = parts.port  # raises ValueError for a port that is not a number
+        if "://" not in url or not parts.scheme:
+            problem = "it has no scheme"
+    except ValueError:
+        problem = "it does not parse"
+    if problem is not None:
+        raise BrokerUrlInvalid(
+            f"{where} is not a broker URL ({problem}; expected e.g. redis://host:6379/0; its "
+            "content is not shown because it came from a Secret)"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskMessage:
     """One dispatch: run ``task_name(entry_id)`` with ``task id = task_id`` on ``queue``."""
@@ -138,7 +160,7 @@ def redact_url(url: str) -> str:
         return "the configured broker URL (it does not parse)"
 
 
-def _url_secrets(url: str) -> tuple[str, ...]:
+def url_secrets(url: str) -> tuple[str, ...]:
     found = [url]
     with contextlib.suppress(ValueError):
         password = urllib.parse.urlsplit(url).password
@@ -148,7 +170,7 @@ def _url_secrets(url: str) -> tuple[str, ...]:
 
 
 def _scrub(text: str, url: str) -> str:
-    for secret in _url_secrets(url):
+    for secret in url_secrets(url):
         if secret and len(secret) >= 3:
             text = text.replace(secret, "***")
     return text
@@ -343,8 +365,10 @@ class RedisPublisher:
                 socket_connect_timeout=5,
                 socket_timeout=socket_timeout_seconds,
             )
-        except ValueError as error:
-            raise unavailable(error, url=url, doing="reading the broker URL") from None
+        except ValueError:
+            raise BrokerUrlInvalid(
+                _URL_WHERE + " is not a Redis URL (its content is not shown)"
+            ) from None
 
     def publish(
         self,
@@ -485,14 +509,13 @@ class KombuPublisher:
         self._app.close()
 
 
+_URL_WHERE = "the broker URL (spec.task.brokerSecretRef, --broker or CELERY_BROKER_URL)"
+
+
 def connect(url: str, *, transport_options: Mapping[str, Any] | None = None) -> Publisher:
     """The fastest correct publisher for ``url``: pipelined on Redis, kombu otherwise."""
-    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    check_broker_url(url, where=_URL_WHERE)
+    scheme = url.split("://", 1)[0].lower()
     if scheme in ("redis", "rediss"):
         return RedisPublisher(url, transport_options=transport_options)
-    if not scheme:
-        raise BrokerUnavailable(
-            "the broker URL has no scheme (expected e.g. redis://host:6379/0) — fix "
-            "spec.task.brokerSecretRef, --broker or CELERY_BROKER_URL"
-        )
     return KombuPublisher(url)

@@ -24,13 +24,18 @@ SWEPT = "Swept"
 SUSPENDED = "Suspended"
 INVALID_SPEC = "InvalidSpec"
 SECRET_NOT_FOUND = "SecretNotFound"
+SECRET_INVALID = "SecretInvalid"
 DATABASE_UNAVAILABLE = "DatabaseUnavailable"
 BROKER_UNAVAILABLE = "BrokerUnavailable"
 SOURCE_INVALID = "SourceInvalid"
+LEDGER_PERMISSION_DENIED = "LedgerPermissionDenied"
 KUBERNETES_UNAVAILABLE = "KubernetesUnavailable"
 CONFLICT = "Conflict"
 WORKERS_NOT_CONSUMING = "WorkersNotConsuming"
 POD_WATCH_FAILED = "PodWatchFailed"
+# The last resort: a failure no other reason describes is a bug of ours. The loop reports it
+# like any other (condition, Event, metric, backed-off retry) and logs its traceback once.
+INTERNAL_ERROR = "InternalError"
 AS_EXPECTED = "AsExpected"
 
 

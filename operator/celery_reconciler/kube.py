@@ -50,8 +50,24 @@ class SecretNotFound(Exception):
     """The Secret, or the key in it, that a policy names does not exist (yet)."""
 
 
+class SecretInvalid(Exception):
+    """A Secret's value is not what its spec field needs (not UTF-8 text, not a DSN or URL).
+
+    The message names the Secret and key, never any of the value."""
+
+
 class KubernetesUnavailable(Exception):
     """The API server refused or failed a call the operator needs."""
+
+
+# Every request of the operator has a deadline, (connect, read) in seconds: a half-open
+# connection to the API server must fail the call — a condition and a retry — rather than
+# hang a policy's loop in a thread kopf cannot cancel.
+REQUEST_TIMEOUT_SECONDS = (5.0, 20.0)
+# The pod watch's read deadline: longer than the server-side watch timeout, so a healthy
+# watch ends by the server's choice and only a dead connection meets it.
+WATCH_TIMEOUT_SECONDS = 5
+WATCH_READ_TIMEOUT_SECONDS = (5.0, 20.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +111,9 @@ def _custom() -> kubernetes.client.CustomObjectsApi:
 def read_secret_value(*, namespace: str, name: str, key: str, field: str) -> str:
     """The decoded value of one key of a Secret; errors name the spec field to fix."""
     try:
-        secret = _core().read_namespaced_secret(name, namespace)
+        secret = _core().read_namespaced_secret(
+            name, namespace, _request_timeout=REQUEST_TIMEOUT_SECONDS
+        )
     except kubernetes.client.ApiException as error:
         if error.status == 404:
             raise SecretNotFound(
@@ -105,12 +123,26 @@ def read_secret_value(*, namespace: str, name: str, key: str, field: str) -> str
             f'reading secret "{name}" in namespace "{namespace}" failed: HTTP {error.status} '
             f"{error.reason}"
         ) from None
+    except (urllib3.exceptions.HTTPError, OSError) as error:
+        doing = f'reading secret "{name}" in namespace "{namespace}"'
+        raise _unreachable(error, doing=doing) from None
     data = secret.data or {}
     if key not in data:
         raise SecretNotFound(
             f'secret "{name}" in namespace "{namespace}" has no key "{key}" — add it or fix {field}'
         )
-    return base64.b64decode(data[key]).decode()
+    try:
+        return base64.b64decode(data[key]).decode()
+    except UnicodeDecodeError:
+        raise SecretInvalid(
+            f'the value of key "{key}" of secret "{name}" in namespace "{namespace}" is not '
+            f"UTF-8 text — store the plain value under that key, or fix {field}"
+        ) from None
+
+
+def secret_value_description(*, namespace: str, name: str, key: str, field: str) -> str:
+    """How errors about a Secret's value name it: where it is, never what it says."""
+    return f'the value of key "{key}" of secret "{name}" in namespace "{namespace}" ({field})'
 
 
 def patch_policy_status(*, namespace: str, name: str, status: Mapping[str, Any]) -> None:
@@ -132,7 +164,13 @@ def write_processing_status(
     garbage-collected with the policy)."""
     try:
         _custom().patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, STATUSES, name, {"status": dict(status)}
+            GROUP,
+            VERSION,
+            namespace,
+            STATUSES,
+            name,
+            {"status": dict(status)},
+            _request_timeout=REQUEST_TIMEOUT_SECONDS,
         )
         return
     except kubernetes.client.ApiException as error:
@@ -140,6 +178,8 @@ def write_processing_status(
             raise KubernetesUnavailable(
                 f"updating ProcessingStatus {namespace}/{name} failed: HTTP {error.status}"
             ) from None
+    except (urllib3.exceptions.HTTPError, OSError) as error:
+        raise _unreachable(error, doing=f"updating ProcessingStatus {namespace}/{name}") from None
     body = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "ProcessingStatus",
@@ -242,13 +282,27 @@ def _check_label(key: str, *, value: str | None = None) -> None:
 
 
 def _call(method: Any, *args: Any, **kwargs: Any) -> Any:
+    """One API request of the operator, with a deadline; every failure is
+    ``KubernetesUnavailable`` (an HTTP error, or no answer at all)."""
     try:
-        return method(*args, **kwargs)
+        return method(*args, _request_timeout=REQUEST_TIMEOUT_SECONDS, **kwargs)
     except kubernetes.client.ApiException as error:
         raise KubernetesUnavailable(
             f"Kubernetes API call {getattr(method, '__name__', method)} failed: "
             f"HTTP {error.status} {error.reason}"
         ) from None
+    except (urllib3.exceptions.HTTPError, OSError) as error:
+        doing = f"Kubernetes API call {getattr(method, '__name__', method)}"
+        raise _unreachable(error, doing=doing) from None
+
+
+def _unreachable(error: Exception, *, doing: str) -> KubernetesUnreachable:
+    """No answer from the API server (refused, reset, timed out): the message names the
+    server, never the token."""
+    return KubernetesUnreachable(
+        f"{doing} failed: no answer from the Kubernetes API server at "
+        f"{_client().configuration.host} ({_network_reason(error)}); retrying"
+    )
 
 
 def watch_worker_pods(
@@ -275,7 +329,9 @@ def watch_worker_pods(
     last_failure: str | None = None  # log a failure once, not every retry
     while not stopping.is_set():
         try:
-            listing = core.list_namespaced_pod(namespace, label_selector=label_selector)
+            listing = core.list_namespaced_pod(
+                namespace, label_selector=label_selector, _request_timeout=REQUEST_TIMEOUT_SECONDS
+            )
             if last_failure is not None:
                 on_health(None)
             last_failure = None
@@ -288,8 +344,9 @@ def watch_worker_pods(
                     namespace,
                     label_selector=label_selector,
                     resource_version=resource_version,
-                    timeout_seconds=5,
+                    timeout_seconds=WATCH_TIMEOUT_SECONDS,
                     allow_watch_bookmarks=True,
+                    _request_timeout=WATCH_READ_TIMEOUT_SECONDS,
                 )
                 for event in stream:
                     raw = event["raw_object"]
@@ -364,7 +421,7 @@ def post_event(
         reporting_instance=os.environ.get("HOSTNAME", "celery-reconciler"),
     )
     try:
-        _core().create_namespaced_event(namespace, body)
+        _core().create_namespaced_event(namespace, body, _request_timeout=REQUEST_TIMEOUT_SECONDS)
     except kubernetes.client.ApiException as error:
         logger.warning(
             "could not post Event %s on %s/%s: HTTP %s %s%s",

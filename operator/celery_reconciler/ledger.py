@@ -43,7 +43,7 @@ import dataclasses
 import datetime
 import re
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -71,6 +71,20 @@ _TALLIES = sql.Identifier(SCHEMA, "tallies")
 
 class DatabaseUnavailable(RuntimeError):
     """PostgreSQL cannot be reached or failed mid-operation; the message carries no secrets."""
+
+
+class DsnInvalid(DatabaseUnavailable):
+    """The DSN does not parse. Its text came from a Secret, so the message quotes none of it:
+    libpq's parse errors quote the offending word, which may be a password or any other
+    value that happened to sit under the Secret's key.
+
+    A ``DatabaseUnavailable`` so that callers that only know that one (the worker) still
+    treat it as "no database"; the operator and the CLI report it as ``SecretInvalid``.
+    """
+
+
+class LedgerPermissionDenied(RuntimeError):
+    """The database user may not create or use our schema; the fix is a GRANT, not a retry."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,37 +181,123 @@ def sanitize_error(text: str, *, secrets: Iterable[str] = (), limit: int = ERROR
     return cleaned
 
 
-def dsn_secrets(dsn: str) -> tuple[str, ...]:
-    """The parts of a DSN that must never be shown: the password, and the DSN itself."""
-    found = [dsn]
+# What ``describe_dsn`` may show of a DSN, and what each value must look like to be shown:
+# enough to find the server. Anything else in a DSN (a password, options, a value that does
+# not look like a host name or a port) is treated as secret.
+_SHOWN_DSN_VALUES = {
+    "host": re.compile(r"^[A-Za-z0-9._\-:/\[\],]{1,255}$"),
+    "hostaddr": re.compile(r"^[0-9A-Fa-f.:,]{1,255}$"),
+    "port": re.compile(r"^[0-9,]{1,40}$"),
+    "dbname": re.compile(r"^[A-Za-z0-9_\-.]{1,63}$"),
+}
+
+
+def _dsn_params(dsn: str) -> dict[str, str] | None:
     try:
-        password = conninfo.conninfo_to_dict(dsn).get("password")
+        return {key: str(value) for key, value in conninfo.conninfo_to_dict(dsn).items()}
     except psycopg.Error:
-        password = None
-    if password:
-        found.append(str(password))
-    return tuple(found)
+        return None
+
+
+def _shown(params: Mapping[str, str], key: str) -> str | None:
+    value = params.get(key)
+    return value if value and _SHOWN_DSN_VALUES[key].match(value) else None
+
+
+def dsn_secrets(dsn: str) -> tuple[str, ...]:
+    """The parts of a DSN that must never be shown: the DSN itself and every value in it
+    that ``describe_dsn`` does not show (the password, options, anything odd)."""
+    params = _dsn_params(dsn) or {}
+    hidden = [
+        value
+        for key, value in params.items()
+        if value and (key not in _SHOWN_DSN_VALUES or _shown(params, key) is None)
+    ]
+    return (dsn, *sorted(set(hidden), key=len, reverse=True))
+
+
+def check_dsn(dsn: str, *, where: str) -> None:
+    """Raise ``DsnInvalid`` naming ``where`` the DSN came from — never what it says."""
+    if _dsn_params(dsn) is None:
+        raise DsnInvalid(
+            f"{where} is not a PostgreSQL DSN (expected postgresql://user@host:5432/dbname or "
+            "key=value pairs such as host=... dbname=...; its content is not shown because "
+            "it came from a Secret)"
+        )
 
 
 def describe_dsn(dsn: str) -> str:
     """``database "x" on host:port`` — enough to find the server, nothing secret."""
-    try:
-        params = conninfo.conninfo_to_dict(dsn)
-    except psycopg.Error:
+    params = _dsn_params(dsn)
+    if params is None:
         return "the configured database (its DSN does not parse)"
-    host = params.get("host") or params.get("hostaddr") or "localhost"
-    return f'database "{params.get("dbname") or "?"}" on {host}:{params.get("port") or 5432}'
+    host = _shown(params, "host") or _shown(params, "hostaddr") or "localhost"
+    port = _shown(params, "port") or ("5432" if "port" not in params else "?")
+    return f'database "{_shown(params, "dbname") or "?"}" on {host}:{port}'
+
+
+def sanitize_database_error(text: str, *, dsn: str) -> str:
+    """A libpq or server message with every secret value of ``dsn`` removed — including
+    values too short to replace everywhere, where libpq quotes them (``"b"``)."""
+    secrets = dsn_secrets(dsn)
+    for secret in secrets:
+        text = text.replace(f'"{secret}"', '"***"')
+    return sanitize_error(text, secrets=secrets)
 
 
 def unavailable(error: BaseException, *, dsn: str, doing: str) -> DatabaseUnavailable:
     """Translate a psycopg error into ``DatabaseUnavailable`` without any credential in it."""
-    reason = sanitize_error(str(error).strip() or type(error).__name__, secrets=dsn_secrets(dsn))
+    reason = sanitize_database_error(str(error).strip() or type(error).__name__, dsn=dsn)
     return DatabaseUnavailable(
         f"PostgreSQL unavailable while {doing} ({describe_dsn(dsn)}): {reason} — check that "
         "the database is up and that the DSN (spec.source.databaseSecretRef, --dsn or "
         "CELERY_RECONCILER_DSN) is right; nothing was lost, the next sweep retries"
     )
 
+
+def permission_denied(error: BaseException, *, dsn: str, doing: str) -> LedgerPermissionDenied:
+    reason = sanitize_database_error(str(error).strip() or type(error).__name__, dsn=dsn)
+    return LedgerPermissionDenied(
+        f"the database user may not use the operator's schema {SCHEMA} while {doing} "
+        f"({describe_dsn(dsn)}): {reason} — the ledger lives in that schema of the entries' "
+        f"database: GRANT CREATE ON DATABASE to the user (the operator creates the schema), "
+        f"or create it and GRANT USAGE, CREATE ON SCHEMA {SCHEMA} and SELECT, INSERT, "
+        f"UPDATE, DELETE ON ALL TABLES IN SCHEMA {SCHEMA} to the user of "
+        "spec.source.databaseSecretRef (--dsn or CELERY_RECONCILER_DSN for the CLI)"
+    )
+
+
+# SQLSTATE classes of a failed server or connection (connection exceptions, insufficient
+# resources, operator intervention such as a shutdown, a statement or lock timeout, system
+# and internal errors): they heal by themselves, and the next sweep retries.
+_UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "55", "57", "58", "XX")
+
+
+def database_failure(error: psycopg.Error, *, dsn: str, doing: str) -> Exception:
+    """What an error of our own statements means for the user, without secrets.
+
+    ``LedgerPermissionDenied`` when the user lacks rights on our schema;
+    ``DatabaseUnavailable`` when the connection or the server failed (or a timeout hit);
+    otherwise ``error`` itself — a statement of ours the server rejects is a bug, which
+    the operator reports as ``InternalError``. Pure: it reads only the error.
+    """
+    state = error.sqlstate or ""
+    if state == "42501":
+        return permission_denied(error, dsn=dsn, doing=doing)
+    if isinstance(error, psycopg.OperationalError | psycopg.InterfaceError) or (
+        state[:2] in _UNAVAILABLE_SQLSTATE_CLASSES
+    ):
+        return unavailable(error, dsn=dsn, doing=doing)
+    return error
+
+
+# The operator's own sessions are bounded: a statement (its reads of the user's table among
+# them) may run this long, and a wait for a lock (a worker's fenced commit holding an entry
+# row, a migration elsewhere) this long, before it fails and the sweep is retried with
+# backoff — rather than holding a policy's loop in a thread nobody can cancel. Workers'
+# sessions have neither: their task bodies may legitimately run long.
+OPERATOR_STATEMENT_TIMEOUT_SECONDS = 60.0
+OPERATOR_LOCK_TIMEOUT_SECONDS = 30.0
 
 # TCP keepalives, so a connection whose peer vanished (a half-open socket after a network
 # cut or a server host that died) fails in tens of seconds instead of blocking forever.
@@ -212,14 +312,19 @@ def connect(
     application_name: str = "celery-reconciler",
     connect_timeout_seconds: int = 5,
     tcp_user_timeout_seconds: float = 30.0,
+    statement_timeout_seconds: float | None = None,
+    lock_timeout_seconds: float | None = None,
 ) -> psycopg.Connection[Any]:
     """An autocommit connection, or ``DatabaseUnavailable`` naming the server (not the DSN).
 
     ``tcp_user_timeout_seconds`` bounds how long sent data may stay unacknowledged before
-    the connection fails (libpq's ``tcp_user_timeout``).
+    the connection fails (libpq's ``tcp_user_timeout``). ``statement_timeout_seconds`` and
+    ``lock_timeout_seconds`` (None: the server's default) are set on the session — not as
+    ``options`` in the DSN, which would replace the user's own.
     """
+    check_dsn(dsn, where="the DSN (spec.source.databaseSecretRef, --dsn or CELERY_RECONCILER_DSN)")
     try:
-        return psycopg.connect(
+        conn = psycopg.connect(
             dsn,
             autocommit=True,
             application_name=application_name,
@@ -232,6 +337,21 @@ def connect(
         )
     except psycopg.Error as error:
         raise unavailable(error, dsn=dsn, doing="connecting") from None
+    try:
+        for setting, seconds in (
+            ("statement_timeout", statement_timeout_seconds),
+            ("lock_timeout", lock_timeout_seconds),
+        ):
+            if seconds is not None:
+                conn.execute(
+                    sql.SQL("SET {} = {}").format(
+                        sql.Identifier(setting), sql.Literal(max(1, round(seconds * 1000)))
+                    )
+                )
+    except psycopg.Error as error:
+        conn.close()
+        raise unavailable(error, dsn=dsn, doing="configuring the session") from None
+    return conn
 
 
 # --- schema --------------------------------------------------------------------------------

@@ -29,10 +29,11 @@ import datetime
 import logging
 import threading
 import time
+import traceback
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from celery_reconciler import broker, conditions, kube, metrics, planning, reconcile
+from celery_reconciler import broker, conditions, kube, ledger, metrics, planning, reconcile
 from celery_reconciler import policy as policy_module
 
 SWEEP_NOW_ANNOTATION = "celery-reconciler.io/sweep-now"
@@ -126,6 +127,15 @@ class Connections:
             self.publisher = broker.connect(broker_url)
             self.broker_url = broker_url
 
+    def secrets(self) -> tuple[str, ...]:
+        """What must never appear in a message: the DSN, the broker URL and their passwords."""
+        found: tuple[str, ...] = ()
+        if self.dsn is not None:
+            found += ledger.dsn_secrets(self.dsn)
+        if self.broker_url is not None:
+            found += broker.url_secrets(self.broker_url)
+        return found
+
     def close_databases(self) -> None:
         for db in (self.db, self.rescue_db):
             if db is not None:
@@ -182,6 +192,8 @@ class PolicyLoop:
         # Every ProcessingPolicy by namespace (a kopf index), to find the ones that overlap.
         self.peers = peers or {}
         self.workers_stuck = False
+        self.errors_logged: set[type[BaseException]] = set()
+        self.pacing = planning.RatePacing()
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -227,8 +239,8 @@ class PolicyLoop:
             if await self.notice_broker_restart(policy, db=db, publisher=publisher):
                 return  # the loop was woken to re-dispatch; it reports after that sweep
             counts = await self.observe(policy, db=db, publisher=publisher)
-        except (reconcile.DatabaseUnavailable, reconcile.BrokerUnavailable):
-            return  # the next sweep reports it as a condition
+        except Exception:  # the next sweep meets it too, and reports it
+            return
         generation = int(self.body.get("metadata", {}).get("generation") or 0)
         problem = self.health_problem(policy, counts)
         await self.report(policy=policy, problem=problem, generation=generation, counts=counts)
@@ -261,7 +273,9 @@ class PolicyLoop:
                 self.body.get("spec") or {}, namespace=self.namespace, name=self.name
             )
         except policy_module.InvalidPolicy as error:
+            # An edit of the spec wakes the loop at once (handlers.wake_on_change).
             problem = conditions.Problem(conditions.INVALID_SPEC, str(error))
+            metrics.SWEEP_ERRORS.labels(self.namespace, self.name, problem.reason).inc()
             await self.report(policy=None, problem=problem, generation=generation)
             return INVALID_SPEC_RECHECK_SECONDS
         self.policy = policy
@@ -281,16 +295,22 @@ class PolicyLoop:
             await self.notice_broker_restart(policy, db=db, publisher=publisher)
             await self.finish_rescues()
             if not policy.schedule.suspend:
+                rate = policy.limits.dispatch_per_second
+                held = self.pacing.holds(dispatch_per_second=rate, now=time.monotonic())
                 result = await asyncio.to_thread(
-                    reconcile.reconcile_once, policy, db=db, broker=publisher
+                    reconcile.reconcile_once, policy, db=db, broker=publisher, hold_dispatch=held
                 )
+                if not held:
+                    self.pacing.swept(
+                        rate_allows_in_seconds=result.rate_allows_in_seconds, now=time.monotonic()
+                    )
                 metrics.SWEEP_SECONDS.labels(self.namespace, self.name).observe(
                     result.duration_seconds
                 )
             counts = await self.observe(policy, db=db, publisher=publisher)
             await self.check_index(policy, db=db, generation=generation)
-        except SWEEP_ERRORS as error:
-            problem = problem_of(error)
+        except Exception as error:  # every failure is a condition, never a dead loop
+            problem = self.problem_of(error)
             metrics.SWEEP_ERRORS.labels(self.namespace, self.name, problem.reason).inc()
             await self.report(policy=policy, problem=problem, generation=generation)
             self.failures_in_a_row += 1
@@ -310,6 +330,7 @@ class PolicyLoop:
             delay = planning.next_wakeup_seconds(
                 sweep_interval_seconds=delay,
                 earliest_retry_in_seconds=counts.seconds_until_next_due,
+                rate_allows_in_seconds=self.pacing.allows_in_seconds(now=time.monotonic()),
             )
         if self.status_write_deferred:
             delay = min(delay, STATUS_MIN_INTERVAL_SECONDS)
@@ -360,6 +381,21 @@ class PolicyLoop:
             f"that a worker consumes queue {queue!r} (celery worker -Q {queue}), has task "
             f"{task!r} registered, and has CELERY_RECONCILER_DSN set",
         )
+
+    def problem_of(self, error: Exception) -> conditions.Problem:
+        """``problem_of``, and the traceback of an unexpected error in the log — once per
+        kind of error, without secrets — since that one is a bug to report."""
+        problem = problem_of(error, secrets=self.connections.secrets())
+        if problem.reason == conditions.INTERNAL_ERROR and type(error) not in self.errors_logged:
+            self.errors_logged.add(type(error))
+            trace = "".join(traceback.format_exception(error))
+            logger.error(
+                "policy %s: unexpected error, reported as %s (logged once):\n%s",
+                self.key,
+                conditions.INTERNAL_ERROR,
+                ledger.sanitize_error(trace, secrets=self.connections.secrets(), limit=20_000),
+            )
+        return problem
 
     async def observe(
         self,
@@ -443,18 +479,23 @@ class PolicyLoop:
     def read_secrets(self, policy: policy_module.Policy) -> tuple[str, str]:
         database, broker_ref = policy.source.database_secret, policy.task.broker_secret
         assert database is not None and broker_ref is not None  # parse_policy requires them
-        dsn = kube.read_secret_value(
-            namespace=self.namespace,
-            name=database.name,
-            key=database.key,
-            field="spec.source.databaseSecretRef",
-        )
-        url = kube.read_secret_value(
-            namespace=self.namespace,
-            name=broker_ref.name,
-            key=broker_ref.key,
-            field="spec.task.brokerSecretRef",
-        )
+        database_at = {
+            "namespace": self.namespace,
+            "name": database.name,
+            "key": database.key,
+            "field": "spec.source.databaseSecretRef",
+        }
+        broker_at = {
+            "namespace": self.namespace,
+            "name": broker_ref.name,
+            "key": broker_ref.key,
+            "field": "spec.task.brokerSecretRef",
+        }
+        dsn = kube.read_secret_value(**database_at)
+        url = kube.read_secret_value(**broker_at)
+        # Checked here, where the Secret's name is known, so the error can name it.
+        ledger.check_dsn(dsn, where=kube.secret_value_description(**database_at))
+        broker.check_broker_url(url, where=kube.secret_value_description(**broker_at))
         return dsn, url
 
     def annotation(self, name: str) -> str | None:
@@ -576,14 +617,14 @@ class PolicyLoop:
                 result = await asyncio.to_thread(
                     reconcile.rescue, policy, db=db, broker=publisher, ending=pending.ending
                 )
-            except (reconcile.DatabaseUnavailable, reconcile.BrokerUnavailable) as error:
+            except Exception as error:  # kept and retried, whatever the failure
                 pending.failures += 1
                 logger.warning(
                     "policy %s: rescue after pod %s (%s) failed: %s; retrying",
                     self.key,
                     pending.pod,
                     pending.ending.reason,
-                    error,
+                    self.problem_of(error).message,
                 )
                 self.schedule_rescue_retry(pending.failures)
                 return
@@ -732,26 +773,40 @@ class PolicyLoop:
             logger.warning("policy %s: status not written: %s", self.key, error)
 
 
-SWEEP_ERRORS = (
-    kube.SecretNotFound,
-    kube.KubernetesUnavailable,
-    reconcile.DatabaseUnavailable,
-    reconcile.BrokerUnavailable,
-    reconcile.SourceInvalid,
+# The failures a sweep can meet, each with its condition reason; the first match wins, so
+# a subclass comes before its base (``DsnInvalid`` is a ``DatabaseUnavailable``). Every
+# message here was written for the user: it names the field to fix and holds no secret.
+SWEEP_ERRORS: tuple[tuple[type[Exception], str], ...] = (
+    (kube.SecretNotFound, conditions.SECRET_NOT_FOUND),
+    (kube.SecretInvalid, conditions.SECRET_INVALID),
+    (reconcile.DsnInvalid, conditions.SECRET_INVALID),
+    (broker.BrokerUrlInvalid, conditions.SECRET_INVALID),
+    (kube.KubernetesUnavailable, conditions.KUBERNETES_UNAVAILABLE),
+    (reconcile.DatabaseUnavailable, conditions.DATABASE_UNAVAILABLE),
+    (reconcile.LedgerPermissionDenied, conditions.LEDGER_PERMISSION_DENIED),
+    (reconcile.BrokerUnavailable, conditions.BROKER_UNAVAILABLE),
+    (reconcile.SourceInvalid, conditions.SOURCE_INVALID),
 )
 
 
-def problem_of(error: Exception) -> conditions.Problem:
-    reason = conditions.DATABASE_UNAVAILABLE
-    if isinstance(error, kube.SecretNotFound):
-        reason = conditions.SECRET_NOT_FOUND
-    elif isinstance(error, kube.KubernetesUnavailable):
-        reason = conditions.KUBERNETES_UNAVAILABLE
-    elif isinstance(error, reconcile.BrokerUnavailable):
-        reason = conditions.BROKER_UNAVAILABLE
-    elif isinstance(error, reconcile.SourceInvalid):
-        reason = conditions.SOURCE_INVALID
-    return conditions.Problem(reason, str(error))
+def problem_of(error: BaseException, *, secrets: tuple[str, ...] = ()) -> conditions.Problem:
+    """The condition for a failed sweep. Anything not in ``SWEEP_ERRORS`` is a bug of ours,
+    ``InternalError``, whose message is sanitized of ``secrets`` since nobody wrote it for
+    the user."""
+    for kind, reason in SWEEP_ERRORS:
+        if isinstance(error, kind):
+            return conditions.Problem(reason, str(error))
+    detail = ledger.sanitize_error(
+        str(error).strip() or "no message", secrets=secrets, limit=ERROR_MESSAGE_LIMIT
+    )
+    return conditions.Problem(
+        conditions.INTERNAL_ERROR,
+        f"unexpected {type(error).__name__}: {detail} — a bug of celery-reconciler: please "
+        "report it with the operator's log (it has the traceback); the loop retries with backoff",
+    )
+
+
+ERROR_MESSAGE_LIMIT = 500
 
 
 def status_counts(counts: reconcile.StatusSnapshot) -> dict[str, Any]:

@@ -112,6 +112,7 @@ def next_wakeup_seconds(
     *,
     sweep_interval_seconds: float,
     earliest_retry_in_seconds: float | None,
+    rate_allows_in_seconds: float | None = None,
     random: RandomSource = random_module.random,
 ) -> float:
     """Seconds until the per-policy loop should sweep again.
@@ -119,12 +120,14 @@ def next_wakeup_seconds(
     The jittered sweep interval, or sooner when something in the ledger falls due first — a
     scheduled retry (retries are dispatched by the loop, never by Celery countdowns that die
     with a worker) or a lease deadline (``ledger.seconds_until_next_due``). Already due means
-    "now" (0).
+    "now" (0). ``rate_allows_in_seconds``: a sweep that stopped dispatching for
+    ``dispatchPerSecond`` (``dispatch_pause_within_sweep``) goes on when the rate allows.
     """
     low, high = sweep_delay_bounds_seconds(sweep_interval_seconds)
     delay = low + (high - low) * random()
-    if earliest_retry_in_seconds is not None:
-        delay = min(delay, max(0.0, earliest_retry_in_seconds))
+    for due in (earliest_retry_in_seconds, rate_allows_in_seconds):
+        if due is not None:
+            delay = min(delay, max(0.0, due))
     return delay
 
 
@@ -140,6 +143,66 @@ def dispatch_pause_seconds(
     if dispatch_per_second <= 0 or dispatched <= 0:
         return 0.0
     return max(0.0, dispatched / dispatch_per_second - elapsed_seconds)
+
+
+# The longest a sweep waits between pages to keep to ``dispatchPerSecond``. A sweep runs in
+# a thread nobody can interrupt; a tiny rate (``1e-9``: one entry in 30 years) would hold it
+# there for good — or overflow ``time.sleep`` — so a pause longer than this ends the
+# sweep's dispatching instead, and the loop sweeps again when the rate allows.
+MAX_DISPATCH_PAUSE_SECONDS = 5.0
+
+
+def dispatch_pause_within_sweep(
+    *, dispatched: int, elapsed_seconds: float, dispatch_per_second: float
+) -> float | None:
+    """The pause before the next page (``dispatch_pause_seconds``), or ``None`` when it is
+    longer than ``MAX_DISPATCH_PAUSE_SECONDS``: this sweep dispatches nothing more.
+
+    The caller sweeps again after ``dispatch_pause_seconds`` (``next_wakeup_seconds``'s
+    ``rate_allows_in_seconds``), so a slow rate is kept across sweeps.
+    """
+    pause = dispatch_pause_seconds(
+        dispatched=dispatched,
+        elapsed_seconds=elapsed_seconds,
+        dispatch_per_second=dispatch_per_second,
+    )
+    return pause if pause <= MAX_DISPATCH_PAUSE_SECONDS else None
+
+
+@dataclasses.dataclass
+class RatePacing:
+    """A slow ``dispatchPerSecond`` kept across sweeps.
+
+    A sweep that stops for the rate (``dispatch_pause_within_sweep``) says when the next page
+    is allowed; until then, sweeps that something else causes (a due retry, a status
+    refresh, an edit) claim nothing new — else every wake-up would publish a page and the
+    rate would mean nothing. A changed rate starts afresh. Times are any monotonic clock.
+    """
+
+    rate: float = 0.0
+    allows_at: float | None = None
+
+    def holds(self, *, dispatch_per_second: float, now: float) -> bool:
+        """Whether the sweep about to run must claim nothing new."""
+        if dispatch_per_second != self.rate:
+            self.rate, self.allows_at = dispatch_per_second, None
+        return self.allows_at is not None and now < self.allows_at
+
+    def swept(self, *, rate_allows_in_seconds: float | None, now: float) -> None:
+        """Record what a sweep that was not held said about the next page."""
+        self.allows_at = None if rate_allows_in_seconds is None else now + rate_allows_in_seconds
+
+    def allows_in_seconds(self, *, now: float) -> float | None:
+        """How long until the next page is allowed (for ``next_wakeup_seconds``)."""
+        return None if self.allows_at is None else max(0.0, self.allows_at - now)
+
+
+def dispatch_batch_size(*, batch_size: int, dispatch_per_second: float) -> int:
+    """A page is published as one burst: with a rate, keep bursts to about a second's worth
+    (at least one entry; bounded by ``batch_size`` however large the rate)."""
+    if dispatch_per_second <= 0:
+        return batch_size
+    return max(1, min(batch_size, int(min(dispatch_per_second, float(batch_size)))))
 
 
 @dataclasses.dataclass(frozen=True)

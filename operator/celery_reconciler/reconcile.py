@@ -54,6 +54,8 @@ from celery_reconciler import ledger, planning, source
 from celery_reconciler import policy as policy_module
 
 DatabaseUnavailable = ledger.DatabaseUnavailable
+DsnInvalid = ledger.DsnInvalid
+LedgerPermissionDenied = ledger.LedgerPermissionDenied
 BrokerUnavailable = broker_module.BrokerUnavailable
 SourceInvalid = source.SourceInvalid
 
@@ -65,11 +67,21 @@ class Database:
 
     A connection that failed is dropped and reopened by the next call, so a sweep after a
     database restart just works. The DSN is kept private and never appears in ``repr``.
+    Sessions are the operator's: bounded by a statement and a lock timeout.
     """
 
-    def __init__(self, dsn: str, *, application_name: str = "celery-reconciler") -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        application_name: str = "celery-reconciler",
+        statement_timeout_seconds: float = ledger.OPERATOR_STATEMENT_TIMEOUT_SECONDS,
+        lock_timeout_seconds: float = ledger.OPERATOR_LOCK_TIMEOUT_SECONDS,
+    ) -> None:
         self._dsn = dsn
         self._application_name = application_name
+        self._statement_timeout_seconds = statement_timeout_seconds
+        self._lock_timeout_seconds = lock_timeout_seconds
         self._connection: psycopg.Connection[Any] | None = None
         self._schema_ready = False
 
@@ -78,26 +90,36 @@ class Database:
 
     def connection(self) -> psycopg.Connection[Any]:
         if self._connection is None or self._connection.closed:
-            self._connection = ledger.connect(self._dsn, application_name=self._application_name)
+            self._connection = ledger.connect(
+                self._dsn,
+                application_name=self._application_name,
+                statement_timeout_seconds=self._statement_timeout_seconds,
+                lock_timeout_seconds=self._lock_timeout_seconds,
+            )
             self._schema_ready = False
         if not self._schema_ready:
-            ledger.ensure_schema(self._connection)
+            try:
+                ledger.ensure_schema(self._connection)
+            except psycopg.Error as error:
+                raise self.failure(error, doing="creating the ledger schema") from None
             self._schema_ready = True
         return self._connection
 
     @contextlib.contextmanager
     def session(self, *, doing: str) -> Iterator[psycopg.Connection[Any]]:
-        """The connection, with a connection failure raised as ``DatabaseUnavailable``
-        saying what we were ``doing`` (and no DSN)."""
+        """The connection, with a database error raised as what it means for the user
+        (``ledger.database_failure``) saying what we were ``doing`` (and no DSN)."""
         try:
             yield self.connection()
-        except (psycopg.OperationalError, psycopg.InterfaceError) as error:
-            raise self.unavailable(error, doing=doing) from None
+        except psycopg.Error as error:
+            raise self.failure(error, doing=doing) from None
 
-    def unavailable(self, error: BaseException, *, doing: str) -> DatabaseUnavailable:
-        """Forget the broken connection and describe the failure without secrets."""
-        self.close()
-        return ledger.unavailable(error, dsn=self._dsn, doing=doing)
+    def failure(self, error: psycopg.Error, *, doing: str) -> Exception:
+        """``ledger.database_failure``, forgetting a connection that broke."""
+        failure = ledger.database_failure(error, dsn=self._dsn, doing=doing)
+        if isinstance(failure, DatabaseUnavailable):
+            self.close()
+        return failure
 
     def close(self) -> None:
         if self._connection is not None:
@@ -124,6 +146,9 @@ class SweepResult:
     publish_seconds: float
     duration_seconds: float
     pruned: ledger.Pruned  # history past retention, deleted by this sweep
+    # Set when the sweep stopped dispatching to keep to ``dispatchPerSecond``: sweep again
+    # this much later (``planning.next_wakeup_seconds``).
+    rate_allows_in_seconds: float | None = None
 
     @property
     def entries_per_second(self) -> float:
@@ -154,11 +179,16 @@ def reconcile_once(
     publish: PublishFunction | None = None,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    hold_dispatch: bool = False,
 ) -> SweepResult:
     """Run one sweep of ``policy``; see the module docstring for the steps.
 
-    Raises ``DatabaseUnavailable``, ``BrokerUnavailable`` or ``SourceInvalid`` with messages
-    that name the problem and carry no DSN or password. Whatever it raises, every claimed
+    ``hold_dispatch``: claim nothing new (``planning.RatePacing``: the rate allows no page
+    yet); leases still expire and lost messages are still re-dispatched.
+
+    Raises ``DatabaseUnavailable`` (``DsnInvalid``), ``LedgerPermissionDenied``,
+    ``BrokerUnavailable`` or ``SourceInvalid`` with messages that name the problem and carry
+    no DSN or password; any other error is a bug of ours. Whatever it raises, every claimed
     entry is either published, released for the next sweep, or recovered at lease expiry.
     """
     started = clock()
@@ -183,7 +213,7 @@ def reconcile_once(
         in_flight = ledger.count_in_flight(conn, policy_key=policy.key)
         budget = (
             0
-            if policy.schedule.suspend
+            if policy.schedule.suspend or hold_dispatch
             else planning.sweep_claim_budget(
                 in_flight=in_flight, max_in_flight=policy.limits.max_in_flight
             )
@@ -194,23 +224,32 @@ def reconcile_once(
         due = ledger.due_retries(conn, policy_key=policy.key, limit=budget)
         redispatched = _redispatch(conn, policy, send_ahead, entry_ids=due)
         budget -= redispatched
-        batch_size = policy.limits.batch_size
-        if policy.limits.dispatch_per_second > 0:
-            # A page is published as one burst; keep bursts to about a second's worth.
-            batch_size = min(batch_size, max(1, int(policy.limits.dispatch_per_second)))
+        batch_size = planning.dispatch_batch_size(
+            batch_size=policy.limits.batch_size,
+            dispatch_per_second=policy.limits.dispatch_per_second,
+        )
 
         remaining = budget
+        rate_allows_in: float | None = None
         after: tuple[Any, ...] | None = None
         pages = 0
         claimed = published = redispatched + stranded
         claim_seconds = 0.0
         with _PagePublisher(conn, send=send, send_ahead=send_ahead, clock=clock) as pages_out:
             while remaining > 0:
-                pause = planning.dispatch_pause_seconds(
+                pause = planning.dispatch_pause_within_sweep(
                     dispatched=published,
                     elapsed_seconds=clock() - started,
                     dispatch_per_second=policy.limits.dispatch_per_second,
                 )
+                if pause is None:
+                    # The rate allows no more in this sweep; the loop sweeps again when it does.
+                    rate_allows_in = planning.dispatch_pause_seconds(
+                        dispatched=published,
+                        elapsed_seconds=clock() - started,
+                        dispatch_per_second=policy.limits.dispatch_per_second,
+                    )
+                    break
                 if pause > 0:
                     sleep(pause)
                 size = planning.page_size(remaining_budget=remaining, batch_size=batch_size)
@@ -240,8 +279,8 @@ def reconcile_once(
         publish_seconds = pages_out.seconds
         doing = "reading the next due time"
         next_due = ledger.seconds_until_next_due(conn, policy_key=policy.key)
-    except (psycopg.OperationalError, psycopg.InterfaceError) as error:
-        raise db.unavailable(error, doing=doing) from None
+    except psycopg.Error as error:
+        raise db.failure(error, doing=doing) from None
     return SweepResult(
         policy_key=policy.key,
         suspended=policy.schedule.suspend,
@@ -258,6 +297,7 @@ def reconcile_once(
         publish_seconds=publish_seconds,
         duration_seconds=clock() - started,
         pruned=pruned,
+        rate_allows_in_seconds=rate_allows_in,
     )
 
 
