@@ -271,12 +271,13 @@ def test_a_tiny_dispatch_rate_keeps_the_loop_alive_and_a_slow_one_is_kept_across
     seed(journal, 4)
     local_workers("insights-worker-a")
     operator = start_operator()
-    limits = {"batchSize": 500, "maxInFlight": 10000, "dispatchPerSecond": 1e-300}
+    # The smallest rate the CRD allows: one entry per 100 s.
+    limits = {"batchSize": 500, "maxInFlight": 10000, "dispatchPerSecond": 0.01}
     apply_policy(
         crds, namespace, dsn=journal, broker_url=redis_url, sweep_interval="10m", limits=limits
     )
     wait_for(lambda: unprocessed(journal) == 3, timeout_seconds=60, what="one entry processed")
-    wait_ready(crds, namespace, what="Ready with a rate of one entry in 1e300 seconds")
+    wait_ready(crds, namespace, what="Ready with a rate of one entry per 100 seconds")
     for asked in range(2):
         sweeps_before = sweep_count(operator, namespace)
         annotate(crds, namespace, f"{SWEEP_NOW}={asked}")

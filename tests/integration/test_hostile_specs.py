@@ -192,7 +192,7 @@ def test_a_tiny_dispatch_rate_ends_the_sweep_instead_of_sleeping_forever(
 ) -> None:
     schema.seed(conn, count=5)
     policy = make_policy(
-        limits={"batchSize": 500, "maxInFlight": 10000, "dispatchPerSecond": 1e-300}
+        limits={"batchSize": 500, "maxInFlight": 10000, "dispatchPerSecond": 0.01}
     )
     slept: list[float] = []
     with sweep_connections(demo_dsn, redis_url) as (db, publisher):
