@@ -67,6 +67,7 @@ _ATTEMPTS = sql.Identifier(SCHEMA, "attempts")
 _INCARNATIONS = sql.Identifier(SCHEMA, "incarnations")
 _MIGRATIONS_TABLE = sql.Identifier(SCHEMA, "schema_migrations")
 _TALLIES = sql.Identifier(SCHEMA, "tallies")
+_BACKLOG = sql.Identifier(SCHEMA, "backlog")
 
 
 class DatabaseUnavailable(RuntimeError):
@@ -530,6 +531,28 @@ _MIGRATIONS: tuple[tuple[int, tuple[sql.Composed, ...]], ...] = (
                 "CREATE INDEX entries_succeeded_by_age ON {entries} (policy_key, finished_at) "
                 "WHERE state = 'succeeded'"
             ).format(entries=_ENTRIES),
+        ),
+    ),
+    (
+        5,
+        (
+            # A stable interface for autoscalers (KEDA's postgresql trigger) and dashboards:
+            # per policy, what waits for a worker and what workers run. Its columns only
+            # ever grow; read it with nothing but SELECT on the view (see operations.md).
+            sql.SQL(
+                """
+                CREATE VIEW {backlog} AS
+                SELECT p.policy_key,
+                    count(e.entry_id) FILTER (WHERE e.state = 'queued') AS queued,
+                    count(e.entry_id) FILTER (WHERE e.state = 'running') AS running,
+                    count(e.entry_id) FILTER (WHERE e.state = 'retry_wait'
+                                                AND e.next_attempt_at <= now()) AS retries_due
+                FROM {policies} p
+                LEFT JOIN {entries} e ON e.policy_key = p.policy_key
+                    AND e.state IN ('queued', 'running', 'retry_wait')
+                GROUP BY p.policy_key
+                """
+            ).format(backlog=_BACKLOG, policies=_POLICIES, entries=_ENTRIES),
         ),
     ),
 )

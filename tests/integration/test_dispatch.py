@@ -126,7 +126,10 @@ def test_stale_redeliveries_never_run_the_body(
         assert old_message is not None
         old_fence = json.loads(old_message)["headers"]["id"]
         time.sleep(1.2)  # the lease runs out: the entry is dispatched again, new fence
-        second = reconcile.reconcile_once(policy, db=db, broker=publisher)
+        # ... under a lease long enough for the worker below to start it however slowly
+        # this machine boots it (a lease that ran out makes even the current delivery stale).
+        patient = make_policy(lease_timeout="60s")
+        second = reconcile.reconcile_once(patient, db=db, broker=publisher)
         assert second.published == 1 and second.expired.unstarted == 1
     current_message = client.lindex("insights", 0)
     assert current_message is not None
@@ -135,7 +138,7 @@ def test_stale_redeliveries_never_run_the_body(
     # The stale message is delivered FIRST (BRPOP takes from the right end).
     client.rpush("insights", old_message)
 
-    worker = start_worker(broker_url=redis_url, dsn=demo_dsn, lease_seconds=1)
+    worker = start_worker(broker_url=redis_url, dsn=demo_dsn, lease_seconds=60)
     wait_for(lambda: pending_count(conn) == 0, timeout_seconds=30, what="the entry processed")
     # And duplicates of both messages after success: both stale now.
     client.lpush("insights", old_message, current_message)

@@ -191,9 +191,7 @@ def test_a_tiny_dispatch_rate_ends_the_sweep_instead_of_sleeping_forever(
     demo_dsn: str, conn: psycopg.Connection[Any], redis_url: str
 ) -> None:
     schema.seed(conn, count=5)
-    policy = make_policy(
-        limits={"batchSize": 500, "maxInFlight": 10000, "dispatchPerSecond": 0.01}
-    )
+    policy = make_policy(limits={"batchSize": 500, "maxInFlight": 10000, "dispatchPerSecond": 0.01})
     slept: list[float] = []
     with sweep_connections(demo_dsn, redis_url) as (db, publisher):
         result = reconcile.reconcile_once(policy, db=db, broker=publisher, sleep=slept.append)
