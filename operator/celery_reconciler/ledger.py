@@ -570,6 +570,9 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> int:
     if _applied_versions(conn) >= {version for version, _ in _MIGRATIONS}:
         return SCHEMA_VERSION
     with conn.transaction():
+        # A migration may read a whole ledger once (migration 4 counts its successes): the
+        # operator's statement timeout is for sweeps, not for this.
+        conn.execute("SET LOCAL statement_timeout = 0")
         conn.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATION_LOCK_ID])
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(_SCHEMA))
         conn.execute(
