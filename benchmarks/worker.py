@@ -60,11 +60,15 @@ def fresh_backlog(server: devstack_postgres.PostgresServer, name: str, entries: 
     return dsn
 
 
-def enqueue_plain(dsn: str, url: str) -> int:
-    """Queue one ``bench.plain`` message per pending entry with stock ``send_task``."""
+def enqueue_plain(dsn: str, url: str, entries: int) -> int:
+    """Queue one ``bench.plain`` message for each of the first ``entries`` entries, with
+    stock ``send_task``."""
     app = celery.Celery("bench-publisher", broker=url, set_as_current=False)
     with psycopg.connect(dsn) as conn:
-        ids = [row[0] for row in conn.execute("SELECT id FROM journal_entry ORDER BY id")]
+        ids = [
+            row[0]
+            for row in conn.execute("SELECT id FROM journal_entry ORDER BY id LIMIT %s", [entries])
+        ]
     with app.producer_or_acquire() as producer:
         for entry_id in ids:
             app.send_task(
@@ -77,7 +81,7 @@ def enqueue_plain(dsn: str, url: str) -> int:
     return len(ids)
 
 
-def enqueue_ours(dsn: str, url: str, *, entries: int) -> int:
+def enqueue_ours(dsn: str, url: str, entries: int) -> int:
     """Dispatch every pending entry with one ``reconcile_once`` (claims, then publishes)."""
     spec = schema.policy_spec(limits={"batchSize": min(500, entries), "maxInFlight": entries})
     spec["task"]["name"] = reconciled_worker.TASK_NAME
@@ -153,38 +157,31 @@ def run(
             tag = f"{int(body_seconds * 1000)}ms"
             ratios = []
             for round_number in range(rounds):
-                client.flushall()
-                dsn = fresh_backlog(database, f"bench_plain_{tag}_{round_number}", count)
-                assert enqueue_plain(dsn, broker_server.url) == count
-                plain = drain(
-                    label=f"(a) plain Celery task, {body}",
-                    app="benchmarks.plain_worker",
-                    queue=plain_worker.QUEUE,
-                    dsn=dsn,
-                    url=broker_server.url,
-                    entries=count,
-                    body_seconds=body_seconds,
-                    concurrency=concurrency,
-                    workdir=workdir,
-                )
-                client.flushall()
-                dsn = fresh_backlog(database, f"bench_ours_{tag}_{round_number}", count)
-                assert enqueue_ours(dsn, broker_server.url, entries=count) == count
-                ours = drain(
-                    label=f"(b) ours: ReconciledTask, {body}",
-                    app="benchmarks.reconciled_worker",
-                    queue=reconciled_worker.QUEUE,
-                    dsn=dsn,
-                    url=broker_server.url,
-                    entries=count,
-                    body_seconds=body_seconds,
-                    concurrency=concurrency,
-                    workdir=workdir,
-                )
-                for measured in (plain, ours):
+                measured: dict[str, Drain] = {}
+                for variant, label, enqueue in (
+                    ("plain", f"(a) plain Celery task, {body}", enqueue_plain),
+                    ("ours", f"(b) ours: ReconciledTask, {body}", enqueue_ours),
+                ):
+                    client.flushall()
+                    dsn = fresh_backlog(database, f"bench_{variant}_{tag}_{round_number}", count)
+                    assert enqueue(dsn, broker_server.url, count) == count
+                    module = plain_worker if variant == "plain" else reconciled_worker
+                    measured[variant] = drain(
+                        label=label,
+                        app=module.__name__,
+                        queue=module.QUEUE,
+                        dsn=dsn,
+                        url=broker_server.url,
+                        entries=count,
+                        body_seconds=body_seconds,
+                        concurrency=concurrency,
+                        workdir=workdir,
+                    )
+                plain, ours = measured["plain"], measured["ours"]
+                for drained in (plain, ours):
                     lines.append(
-                        f"  {measured.label:<40} {measured.per_second:>8,.0f} entries/s"
-                        f"   ({measured.entries:,} in {measured.seconds:.2f} s)"
+                        f"  {drained.label:<40} {drained.per_second:>8,.0f} entries/s"
+                        f"   ({drained.entries:,} in {drained.seconds:.2f} s)"
                     )
                 ratios.append(ours.per_second / plain.per_second)
             lines.append(

@@ -218,6 +218,18 @@ def test_concurrent_claims_never_hand_out_the_same_entry(demo_dsn: str) -> None:
         assert tokens == (100,)
 
 
+def claim_pending_again(conn: psycopg.Connection[Any], entry_id: str) -> list[ledger.Claim]:
+    """Claim one entry of policy t/p the way a sweep does when the source shows it pending."""
+    with conn.transaction():
+        return ledger.claim(
+            conn,
+            policy_key="t/p",
+            entry_ids=[entry_id],
+            lease_seconds=60,
+            still_pending=lambda candidates: set(candidates),
+        )
+
+
 def claimed_and_started(
     conn: psycopg.Connection[Any], entry_ids: list[str]
 ) -> dict[str, ledger.RunningAttempt]:
@@ -350,14 +362,7 @@ def test_the_succeeded_count_follows_every_transition_without_counting_history(
     assert ledger.fold_successes(conn, policy_key="t/p") == 0
     assert ledger.counts(conn, policy_key="t/p").succeeded == 3
     # Entry 1 is pending again (its predicate holds once more): claimed, out of the tally.
-    with conn.transaction():
-        again = ledger.claim(
-            conn,
-            policy_key="t/p",
-            entry_ids=["1"],
-            lease_seconds=60,
-            still_pending=lambda candidates: set(candidates),
-        )
+    again = claim_pending_again(conn, "1")
     assert [claim.again for claim in again] == [True]
     assert ledger.counts(conn, policy_key="t/p").succeeded == 2 == succeeded_rows(conn)
     assert ledger.heartbeat(
@@ -404,12 +409,5 @@ def test_retention_prunes_old_history_in_batches_and_keeps_the_count(
     assert conn.execute("SELECT count(*) FROM celery_reconciler.attempts").fetchone() == (10,)
     assert ledger.counts(conn, policy_key="t/p").succeeded == 30
     # A pruned entry that is pending again is simply claimed anew.
-    with conn.transaction():
-        anew = ledger.claim(
-            conn,
-            policy_key="t/p",
-            entry_ids=["1"],
-            lease_seconds=60,
-            still_pending=lambda candidates: set(candidates),
-        )
+    anew = claim_pending_again(conn, "1")
     assert [(claim.entry_id, claim.again) for claim in anew] == [("1", False)]
