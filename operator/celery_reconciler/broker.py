@@ -48,6 +48,7 @@ from typing import Any, Protocol
 import celery
 import celery.utils.nodenames
 import kombu.exceptions
+import kombu.transport
 import redis
 import redis.exceptions
 
@@ -77,6 +78,10 @@ def check_broker_url(url: str, *, where: str) -> None:
         _ = parts.port  # raises ValueError for a port that is not a number
         if "://" not in url or not parts.scheme:
             problem = "it has no scheme"
+        elif parts.scheme.partition("+")[0] not in kombu.transport.TRANSPORT_ALIASES:
+            # e.g. a DSN in the broker's Secret: no broker at all, and kombu would only fail
+            # later, inside a publish, with an error that quotes the URL.
+            problem = "its scheme names no broker kombu knows"
     except ValueError:
         problem = "it does not parse"
     if problem is not None:

@@ -38,6 +38,12 @@ class Case:
 
     def spec(self) -> dict[str, Any]:
         spec = copy.deepcopy(VALID_SPEC)
+        if self.expect == "degraded":
+            # A task of its own: accepted cases on one table must not overlap each other
+            # (same table and task), or all but the oldest would report Conflict instead.
+            spec["task"]["name"] = "corpus." + "".join(
+                char if char.isalnum() else "_" for char in self.name
+            )
         *parents, leaf = self.path.split(".")
         node = spec
         for key in parents:
@@ -173,6 +179,33 @@ CASES: list[Case] = [
     Case("startTimeout: 0s", "workers.startTimeout", "0s", "spec.workers.startTimeout"),
     Case("startTimeout: 25h", "workers.startTimeout", "25h", "spec.workers.startTimeout"),
     Case("history retention: 87601h", "history.retention", "87601h", "spec.history.retention"),
+    # --- accepted by the schema, degraded by the operator with a reason naming the field
+    Case("a table that does not exist", "source.table", "public.no_such_table",
+         "spec.source.table", expect="degraded", reason="SourceInvalid"),
+    Case("a pending column that does not exist", "source.pending",
+         {"column": "no_such_column", "equals": False}, "spec.source.pending.column",
+         expect="degraded", reason="SourceInvalid"),
+    Case("an integer for a boolean column", "source.pending",
+         {"column": "insights_extracted", "equals": 1}, "spec.source.pending.equals",
+         expect="degraded", reason="SourceInvalid"),
+    Case("a word for a boolean column", "source.pending",
+         {"column": "insights_extracted", "equals": "nope'; DROP TABLE journal_entry; --"},
+         "spec.source.pending.equals", expect="degraded", reason="SourceInvalid"),
+    Case("not a date for a timestamp column", "source.pending",
+         {"column": "created_at", "equals": "not-a-date"}, "spec.source.pending.equals",
+         expect="degraded", reason="SourceInvalid"),
+    Case("a database Secret that does not exist", "source.databaseSecretRef",
+         {"name": "no-such-secret", "key": "dsn"}, "spec.source.databaseSecretRef",
+         expect="degraded", reason="SecretNotFound"),
+    Case("a database Secret key that does not exist", "source.databaseSecretRef",
+         {"name": "demo-db", "key": "no-such-key"}, "spec.source.databaseSecretRef",
+         expect="degraded", reason="SecretNotFound"),
+    Case("a broker URL where the DSN should be", "source.databaseSecretRef",
+         {"name": "demo-broker", "key": "url"}, "spec.source.databaseSecretRef",
+         expect="degraded", reason="SecretInvalid"),
+    Case("a DSN where the broker URL should be", "task.brokerSecretRef",
+         {"name": "demo-db", "key": "dsn"}, "spec.task.brokerSecretRef",
+         expect="degraded", reason="SecretInvalid"),
     # --- wrong types
     Case("suspend: a string", "schedule.suspend", "yes", "spec.schedule.suspend"),
     Case("jitter: a number", "retry.jitter", 1, "spec.retry.jitter"),

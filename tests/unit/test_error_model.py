@@ -262,3 +262,26 @@ def test_a_slow_rate_is_kept_across_sweeps_and_a_new_rate_starts_afresh() -> Non
     assert not pacing.holds(dispatch_per_second=2.0, now=1e9)  # edited: starts afresh
     pacing.swept(rate_allows_in_seconds=None, now=1e9)
     assert pacing.allows_in_seconds(now=1e9) is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app:s3cret@db:5432/journal",  # a DSN in the broker's Secret
+        "s3cret",
+        "http://app:s3cret@broker:80/",
+        "redis://app:s3cret@broker:notaport/0",
+    ],
+)
+def test_a_broker_secret_that_holds_no_broker_url_is_refused_without_quoting_it(url: str) -> None:
+    with pytest.raises(broker.BrokerUrlInvalid) as caught:
+        broker.check_broker_url(url, where="the broker Secret")
+    assert "the broker Secret" in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://:s3cret@broker:6379/0", "rediss://broker:6380/0", "amqp://u:s3cret@mq//"]
+)
+def test_broker_urls_kombu_knows_pass_the_check(url: str) -> None:
+    broker.check_broker_url(url, where="the broker Secret")
