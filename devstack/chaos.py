@@ -212,7 +212,7 @@ class _Run:
         self.failures: list[str] = []
         self.stopping = threading.Event()
         # Seconds the fault threads spread their faults over; bodies are sized to it.
-        self.planned_seconds = max(60.0, settings.faults_per_kind * 6.0)
+        self.planned_seconds = max(60.0, settings.faults_per_kind * 5.0)
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -259,7 +259,7 @@ class _Run:
         """Long enough that the backlog lasts about as long as the fault schedule (faults on
         an idle system prove little), short enough that a run ends in minutes."""
         slots = self.settings.workers * self.settings.concurrency
-        return min(2.0, max(0.05, 0.8 * slots * self.planned_seconds / self.settings.entries))
+        return min(2.0, max(0.05, 1.3 * slots * self.planned_seconds / self.settings.entries))
 
     def start_control_plane_side(self) -> None:
         plane = self.stack.plane
