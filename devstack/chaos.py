@@ -14,7 +14,8 @@ faults of every kind, on a stack of its own). It
 
    ``worker_kill``        SIGKILL of a worker Pod's main process; the kubelet restarts the
                           container and reports it (the pod-restart rescue's trigger)
-   ``operator_kill``      SIGKILL of the operator wherever it is (mid-sweep, mid-rescue),
+   ``operator_kill``      SIGKILL of the operator as soon as its sweep is seen busy in
+                          PostgreSQL (a statement running or a claim transaction open),
                           started again at once, as the kubelet would
    ``redis_restart``      Redis stopped and started without persistence: the queue is gone
    ``postgres_restart``   PostgreSQL stopped (fast shutdown) and started: every session dies
@@ -120,6 +121,7 @@ class Figures:
     runs: int
     faults: dict[str, int]
     faults_while_pending: int
+    mid_sweep_kills: int
     latencies: list[float]
     killed_runs: int
     untraced_runs: int
@@ -134,7 +136,7 @@ class Figures:
             "  faults: "
             + ", ".join(f"{kind} {self.faults.get(kind, 0)}" for kind in FAULT_KINDS)
             + f" ({sum(self.faults.values())} in all, {self.faults_while_pending} while "
-            "entries were pending)",
+            f"entries were pending; {self.mid_sweep_kills} of the operator kills mid-sweep)",
             f"  runs killed mid-body by worker kills: {self.killed_runs}; runs that lost "
             f"their fence (rolled back): {self.fence_lost}; runs that ended with no trace "
             f"and no kill of ours: {self.untraced_runs}",
@@ -208,6 +210,7 @@ class _Run:
         self.kills: list[tuple[str, datetime.datetime]] = []
         self.faults: collections.Counter[str] = collections.Counter()
         self.faults_while_pending = 0
+        self.mid_sweep_kills = 0
         self.fault_lock = threading.Lock()
         self.failures: list[str] = []
         self.stopping = threading.Event()
@@ -395,10 +398,35 @@ class _Run:
             self.kills.append((pod.name, datetime.datetime.now(datetime.UTC)))
 
     def fault_operator_kill(self, rng: random.Random) -> None:
+        mid_sweep = self.wait_for_a_sweep(timeout_seconds=rng.uniform(2.0, 8.0))
         with self.operator_lock:
             assert self.operator is not None
             self.operator.kill()
             self.start_operator()
+        with self.fault_lock:
+            self.mid_sweep_kills += mid_sweep
+
+    def wait_for_a_sweep(self, *, timeout_seconds: float) -> bool:
+        """Until the operator's sweep connection is busy (a statement running, or a claim
+        transaction open), so the kill that follows lands mid-sweep; False if no sweep
+        touched the database within the timeout (the kill then lands between sweeps)."""
+        deadline = time.monotonic() + timeout_seconds
+        while time.monotonic() < deadline:
+            try:
+                with psycopg.connect(self.dsn, autocommit=True, connect_timeout=3) as conn:
+                    while time.monotonic() < deadline:
+                        row = conn.execute(
+                            "SELECT count(*) FROM pg_stat_activity "
+                            "WHERE datname = current_database() "
+                            "AND application_name = 'celery-reconciler' "
+                            "AND state IN ('active', 'idle in transaction')"
+                        ).fetchone()
+                        if row is not None and row[0] > 0:
+                            return True
+                        time.sleep(0.005)
+            except psycopg.Error:
+                time.sleep(0.2)  # PostgreSQL is restarting: no sweep runs either
+        return False
 
     def fault_redis_restart(self, rng: random.Random) -> None:
         assert self.broker is not None
@@ -508,6 +536,7 @@ class _Run:
                 seed=self.settings.seed,
                 faults=dict(self.faults),
                 faults_while_pending=self.faults_while_pending,
+                mid_sweep_kills=self.mid_sweep_kills,
                 seconds=elapsed,
             )
 
@@ -540,6 +569,7 @@ def _verdict(
     seed: int,
     faults: dict[str, int],
     faults_while_pending: int,
+    mid_sweep_kills: int,
     seconds: float,
 ) -> Figures:
     def scalar(query: str) -> int:
@@ -608,6 +638,7 @@ def _verdict(
         runs=scalar("SELECT count(*) FROM chaos_runs"),
         faults=faults,
         faults_while_pending=faults_while_pending,
+        mid_sweep_kills=mid_sweep_kills,
         latencies=latencies,
         killed_runs=len(latencies_rows),
         untraced_runs=untraced,
