@@ -128,6 +128,8 @@ class Figures:
     fence_lost: int
     seconds: float
     violations: list[str]
+    container_restarts: int = 0
+    self_fenced: int = 0
 
     def lines(self) -> list[str]:
         out = [
@@ -140,6 +142,9 @@ class Figures:
             f"  runs killed mid-body by worker kills: {self.killed_runs}; runs that lost "
             f"their fence (rolled back): {self.fence_lost}; runs that ended with no trace "
             f"and no kill of ours: {self.untraced_runs}",
+            f"  worker containers restarted by the kubelet: {self.container_restarts} (worker "
+            f"kills: {self.faults.get('worker_kill', 0)}); worker processes that fenced "
+            f"themselves: {self.self_fenced}",
         ]
         if self.latencies:
             values = self.latencies
@@ -240,8 +245,11 @@ class _Run:
         self.wait_for_the_backlog(threads)
         self.settle()
         elapsed = time.monotonic() - started
+        restarts, fenced = self.worker_evidence()
         self.stop_workers_and_operator()
-        return self.verdict(elapsed)
+        figures = self.verdict(elapsed)
+        figures.container_restarts, figures.self_fenced = restarts, fenced
+        return figures
 
     def prepare_database(self) -> None:
         self.dsn = self.stack.postgres.create_database(f"chaos_{uuid.uuid4().hex[:12]}")
@@ -511,6 +519,14 @@ class _Run:
             return ", ".join(f"{state} {count}" for state, count in rows) or "empty"
         except psycopg.Error as error:
             return f"unreadable ({type(error).__name__})"
+
+    def worker_evidence(self) -> tuple[int, int]:
+        """What the worker Pods say themselves: container restarts the kubelet counted, and
+        worker processes that fenced themselves (SIGKILL of their own bodies, logged by
+        ``celery_app.reliable``) — deaths the overlap check has no kill time for."""
+        restarts = sum(_retry(pod.restart_count, what="a worker Pod's status") for pod in self.pods)
+        fenced = sum(pod.log().count("stopping this worker process") for pod in self.pods)
+        return restarts, fenced
 
     def stop_workers_and_operator(self) -> None:
         self.stopping.set()
