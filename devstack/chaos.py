@@ -608,10 +608,12 @@ def _verdict(
     ).fetchall()
     if doubled:
         violations.append(f"{len(doubled)} entries with duplicate effects, e.g. {doubled[:10]}")
+    # Times as text: a run that never ended ends at 'infinity', which no datetime holds.
     overlapping = conn.execute(
         f"""
         WITH runs AS ({_RUN_ENDS})
-        SELECT a.entry_id, a.id, a.pod, a.started_at, a.ended_at, b.id, b.pod, b.started_at
+        SELECT a.entry_id, a.id, a.pod, a.started_at::text, a.ended_at::text, b.id, b.pod,
+               b.started_at::text
         FROM runs a JOIN runs b ON a.entry_id = b.entry_id AND a.id < b.id
         WHERE a.started_at < b.ended_at AND b.started_at < a.ended_at
         ORDER BY a.entry_id
@@ -623,7 +625,7 @@ def _verdict(
             f"run, pod, start), e.g. {overlapping[:5]}"
         )
     locked_out = conn.execute(
-        "SELECT entry_id, id, pod, started_at FROM chaos_runs WHERE NOT exclusive ORDER BY id"
+        "SELECT entry_id, id, pod, started_at::text FROM chaos_runs WHERE NOT exclusive ORDER BY id"
     ).fetchall()
     if locked_out:
         violations.append(
