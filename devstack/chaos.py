@@ -52,6 +52,7 @@ import datetime
 import json
 import os
 import random
+import re
 import signal
 import statistics
 import sys
@@ -128,8 +129,8 @@ class Figures:
     fence_lost: int
     seconds: float
     violations: list[str]
+    self_fenced: int
     container_restarts: int = 0
-    self_fenced: int = 0
 
     def lines(self) -> list[str]:
         out = [
@@ -140,8 +141,8 @@ class Figures:
             + f" ({sum(self.faults.values())} in all, {self.faults_while_pending} while "
             f"entries were pending; {self.mid_sweep_kills} of the operator kills mid-sweep)",
             f"  runs killed mid-body by worker kills: {self.killed_runs}; runs that lost "
-            f"their fence (rolled back): {self.fence_lost}; runs that ended with no trace "
-            f"and no kill of ours: {self.untraced_runs}",
+            f"their fence (rolled back): {self.fence_lost}; runs with no end, no kill and no "
+            f"self-fence to date their end (counted as never ending): {self.untraced_runs}",
             f"  worker containers restarted by the kubelet: {self.container_restarts} (worker "
             f"kills: {self.faults.get('worker_kill', 0)}); worker processes that fenced "
             f"themselves: {self.self_fenced}",
@@ -219,6 +220,9 @@ class _Run:
         self.fault_lock = threading.Lock()
         self.failures: list[str] = []
         self.stopping = threading.Event()
+        self.logs = _WorkerLogs(
+            node_=stack.node, namespace=self.namespace, directory=self.workdir / "worker-logs"
+        )
         # Seconds the fault threads spread their faults over; bodies are sized to it.
         self.planned_seconds = max(60.0, settings.faults_per_kind * 5.0)
 
@@ -240,15 +244,17 @@ class _Run:
             threading.Thread(target=self.inject, args=(kind,), name=f"chaos-{kind}", daemon=True)
             for kind in FAULT_KINDS
         ]
+        threading.Thread(target=self.collect_logs, name="chaos-logs", daemon=True).start()
         for thread in threads:
             thread.start()
         self.wait_for_the_backlog(threads)
         self.settle()
         elapsed = time.monotonic() - started
-        restarts, fenced = self.worker_evidence()
+        restarts = self.container_restarts()
+        self.logs.collect([pod.name for pod in self.pods])
         self.stop_workers_and_operator()
         figures = self.verdict(elapsed)
-        figures.container_restarts, figures.self_fenced = restarts, fenced
+        figures.container_restarts = restarts
         return figures
 
     def prepare_database(self) -> None:
@@ -504,10 +510,15 @@ class _Run:
             kills = list(self.kills)
         with psycopg.connect(self.dsn) as conn:
             rows = conn.execute(
-                "SELECT pod, started_at FROM chaos_runs WHERE finished_at IS NULL"
+                "SELECT pod, pid, started_at FROM chaos_runs WHERE finished_at IS NULL"
             ).fetchall()
+        self.logs.collect([pod.name for pod in self.pods])
+        fences = set(self.logs.fences)
         return sum(
-            1 for pod, started in rows if not any(p == pod and at > started for p, at in kills)
+            1
+            for pod, pid, started in rows
+            if not any(p == pod and at > started for p, at in kills)
+            and not any(p == pod and q == pid and at > started for p, q, at in fences)
         )
 
     def ledger_summary(self) -> str:
@@ -520,13 +531,14 @@ class _Run:
         except psycopg.Error as error:
             return f"unreadable ({type(error).__name__})"
 
-    def worker_evidence(self) -> tuple[int, int]:
-        """What the worker Pods say themselves: container restarts the kubelet counted, and
-        worker processes that fenced themselves (SIGKILL of their own bodies, logged by
-        ``celery_app.reliable``) — deaths the overlap check has no kill time for."""
-        restarts = sum(_retry(pod.restart_count, what="a worker Pod's status") for pod in self.pods)
-        fenced = sum(pod.log().count("stopping this worker process") for pod in self.pods)
-        return restarts, fenced
+    def container_restarts(self) -> int:
+        """Worker container restarts the kubelet counted: beside the kills, any death of a
+        worker's main process we did not cause shows here."""
+        return sum(_retry(pod.restart_count, what="a worker Pod's status") for pod in self.pods)
+
+    def collect_logs(self) -> None:
+        while not self.stopping.wait(1.0):
+            self.logs.collect([pod.name for pod in self.pods])
 
     def stop_workers_and_operator(self) -> None:
         self.stopping.set()
@@ -547,6 +559,9 @@ class _Run:
             with conn.cursor().copy("COPY chaos_kills (pod, killed_at) FROM STDIN") as copy:
                 for pod, at in self.kills:
                     copy.write_row((pod, at))
+            with conn.cursor().copy("COPY chaos_fences (pod, pid, fenced_at) FROM STDIN") as copy:
+                for fence in sorted(self.logs.fences):
+                    copy.write_row(fence)
             return _verdict(
                 conn,
                 seed=self.settings.seed,
@@ -567,13 +582,71 @@ class _Run:
         self.stack.plane.kubectl("delete", "namespace", self.namespace, "--wait=false", check=False)
 
 
-# A run without an end was killed by the first kill of its Pod after it started; with no
-# such kill its end is unknown, and it counts as never ending (conservative).
+# What ``celery_app.reliable`` logs just before a worker process SIGKILLs itself, behind
+# the container runtime's own timestamp (CRI log format: RFC 3339, nanoseconds, UTC).
+_SELF_FENCE = re.compile(
+    r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z .*stopping this worker process "
+    r"\(pid (\d+)\)"
+)
+
+
+class _WorkerLogs:
+    """Keeps every worker container's log and dates every self-fence in it.
+
+    The kubelet deletes the log of a container older than the previous one, and a Pod's
+    logs with the Pod; a run that kills containers dozens of times must copy them as they
+    come (to ``worker-logs/<pod>.log`` in the run's directory) or lose the only record of
+    when a worker process killed itself — the end of the runs it held."""
+
+    def __init__(self, *, node_: node.Node, namespace: str, directory: Path) -> None:
+        self.node = node_
+        self.namespace = namespace
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.offsets: dict[Path, int] = {}
+        self.fences: set[tuple[str, int, datetime.datetime]] = set()
+        self.lock = threading.Lock()
+
+    def collect(self, pods: Sequence[str]) -> None:
+        with self.lock:
+            for pod in pods:
+                for path in sorted(
+                    self.node.pod_logs.glob(f"{self.namespace}_{pod}_*/worker/*.log")
+                ):
+                    self._read(pod, path)
+
+    def _read(self, pod: str, path: Path) -> None:
+        try:
+            with path.open("rb") as log:
+                log.seek(self.offsets.get(path, 0))
+                data = log.read()
+        except FileNotFoundError:
+            return
+        complete = data[: data.rfind(b"\n") + 1]
+        self.offsets[path] = self.offsets.get(path, 0) + len(complete)
+        if not complete:
+            return
+        with (self.directory / f"{pod}.log").open("ab") as copy:
+            copy.write(complete)
+        for line in complete.decode(errors="replace").splitlines():
+            found = _SELF_FENCE.match(line)
+            if found:
+                seconds, fraction, pid = found.groups()
+                at = datetime.datetime.fromisoformat(seconds).replace(tzinfo=datetime.UTC)
+                micros = int((fraction or "0")[:6].ljust(6, "0"))
+                self.fences.add((pod, int(pid), at.replace(microsecond=micros)))
+
+
+# A run without an end ended when its process died: at the first self-fence of its process
+# after it started, or at the first kill of its Pod after it started (each noted once the
+# process was gone); with neither its end is unknown, and it counts as never ending.
 _RUN_ENDS = """
     SELECT r.id, r.entry_id, r.pod, r.started_at, r.finished_at, r.exclusive, r.outcome,
            coalesce(r.finished_at,
-                    (SELECT min(k.killed_at) FROM chaos_kills k
-                     WHERE k.pod = r.pod AND k.killed_at > r.started_at),
+                    least((SELECT min(f.fenced_at) FROM chaos_fences f
+                           WHERE f.pod = r.pod AND f.pid = r.pid AND f.fenced_at > r.started_at),
+                          (SELECT min(k.killed_at) FROM chaos_kills k
+                           WHERE k.pod = r.pod AND k.killed_at > r.started_at)),
                     'infinity') AS ended_at
     FROM chaos_runs r
 """
@@ -642,13 +715,12 @@ def _verdict(
         JOIN LATERAL (SELECT min(k.killed_at) AS killed_at FROM chaos_kills k
                       WHERE k.pod = r.pod AND k.killed_at > r.started_at) k ON true
         WHERE r.finished_at IS NULL AND k.killed_at IS NOT NULL
+          AND NOT EXISTS (SELECT 1 FROM chaos_fences f WHERE f.pod = r.pod AND f.pid = r.pid
+                          AND f.fenced_at > r.started_at AND f.fenced_at < k.killed_at)
         """
     ).fetchall()
     latencies = [float(value) for _, value in latencies_rows if value is not None]
-    untraced = scalar(
-        "SELECT count(*) FROM chaos_runs r WHERE r.finished_at IS NULL AND NOT EXISTS "
-        "(SELECT 1 FROM chaos_kills k WHERE k.pod = r.pod AND k.killed_at > r.started_at)"
-    )
+    untraced = scalar(f"SELECT count(*) FROM ({_RUN_ENDS}) AS r WHERE ended_at = 'infinity'")  # noqa: S608
     return Figures(
         seed=seed,
         entries=entries,
@@ -661,6 +733,7 @@ def _verdict(
         killed_runs=len(latencies_rows),
         untraced_runs=untraced,
         fence_lost=scalar("SELECT count(*) FROM chaos_runs WHERE outcome = 'FenceLost'"),
+        self_fenced=scalar("SELECT count(*) FROM chaos_fences"),
         seconds=seconds,
         violations=violations,
     )

@@ -72,11 +72,19 @@ SCHEMA = (
     )
     """,
     "CREATE INDEX IF NOT EXISTS chaos_effects_by_entry ON chaos_effects (entry_id)",
-    # Written by the driver at the end: when it killed which worker Pod's container.
+    # Written by the driver at the end: when it killed which worker Pod's container, and
+    # when a worker process killed itself (its self-fence, read from the Pod's log).
     """
     CREATE TABLE IF NOT EXISTS chaos_kills (
         pod text NOT NULL,
         killed_at timestamptz NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS chaos_fences (
+        pod text NOT NULL,
+        pid integer NOT NULL,
+        fenced_at timestamptz NOT NULL
     )
     """,
 )

@@ -42,6 +42,7 @@ def run(
     *,
     entry: int,
     pod: str,
+    pid: int = 1,
     start: float,
     end: float | None,
     exclusive: bool = True,
@@ -49,8 +50,8 @@ def run(
 ) -> None:
     row = conn.execute(
         "INSERT INTO chaos_runs (entry_id, task_id, pod, pid, exclusive, started_at, finished_at) "
-        "VALUES (%s, 't', %s, 1, %s, %s, %s) RETURNING id",
-        [entry, pod, exclusive, at(start), None if end is None else at(end)],
+        "VALUES (%s, 't', %s, %s, %s, %s, %s) RETURNING id",
+        [entry, pod, pid, exclusive, at(start), None if end is None else at(end)],
     ).fetchone()
     assert row is not None
     if effect:
@@ -70,18 +71,39 @@ def kill(conn: psycopg.Connection[Any], *, pod: str, when: float) -> None:
     conn.execute("INSERT INTO chaos_kills (pod, killed_at) VALUES (%s, %s)", [pod, at(when)])
 
 
+def fence(conn: psycopg.Connection[Any], *, pod: str, pid: int, when: float) -> None:
+    conn.execute(
+        "INSERT INTO chaos_fences (pod, pid, fenced_at) VALUES (%s, %s, %s)", [pod, pid, at(when)]
+    )
+
+
 def test_a_clean_history_with_a_rescued_kill_passes_and_measures_the_rescue(
     conn: psycopg.Connection[Any],
 ) -> None:
     run(conn, entry=1, pod="a", start=0, end=None, effect=False)  # killed mid-body
     kill(conn, pod="a", when=1)
     run(conn, entry=1, pod="b", start=2.5, end=3)
-    run(conn, entry=2, pod="b", start=0, end=1)
+    run(conn, entry=2, pod="b", pid=7, start=0, end=None, effect=False)  # fenced itself
+    fence(conn, pod="b", pid=7, when=0.5)
+    run(conn, entry=2, pod="b", pid=8, start=1, end=2)
+    kill(conn, pod="b", when=5)  # later: it neither ended the fenced run nor is its rescue
     run(conn, entry=3, pod="a", start=1.5, end=2)  # after the kill: a's new container
     figures = verdict(conn)
     assert figures.violations == []
     assert figures.latencies == [1.5]
-    assert (figures.killed_runs, figures.untraced_runs) == (1, 0)
+    assert (figures.killed_runs, figures.untraced_runs, figures.self_fenced) == (1, 0, 1)
+
+
+def test_a_run_alive_after_its_process_fenced_elsewhere_is_still_an_overlap(
+    conn: psycopg.Connection[Any],
+) -> None:
+    """A fence of another process of the same Pod ends nothing of this one."""
+    run(conn, entry=1, pod="a", pid=7, start=0, end=None, effect=False)
+    fence(conn, pod="a", pid=9, when=0.5)
+    kill(conn, pod="a", when=5)
+    run(conn, entry=1, pod="b", start=2, end=3)
+    (violation,) = [v for v in verdict(conn).violations if "lost" not in v]  # 2 and 3 unrun
+    assert violation.startswith("1 overlapping pairs of runs"), violation
 
 
 def test_each_broken_invariant_is_named(conn: psycopg.Connection[Any]) -> None:
