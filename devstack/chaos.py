@@ -405,9 +405,9 @@ class _Run:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while processes.pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        # Noted once the process is gone: a body of this container ended no later.
+        while _running(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # Noted once the process is dead: a body of this container ended no later.
         with self.fault_lock:
             self.kills.append((pod.name, datetime.datetime.now(datetime.UTC)))
 
@@ -746,6 +746,18 @@ def _secret(name: str, key: str, value: str) -> dict[str, Any]:
         "metadata": {"name": name},
         "stringData": {key: value},
     }
+
+
+def _running(pid: int) -> bool:
+    """Whether a process still runs code. A container's main process killed with SIGKILL
+    is dead once it is a zombie — the kernel has killed every process of its PID namespace
+    by then — though it stays visible until its shim reaps it, which a loaded machine can
+    delay; waiting for that would date the kill late and the runs it ended with it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def _retry(call: Callable[[], int], *, what: str) -> int:
