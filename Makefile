@@ -30,7 +30,7 @@ demo: setup ## the main job end to end on a local stack
 chaos: setup ## 10,000 entries under 100 faults of every kind; invariants and rescue latency
 	$(VENV)/python -m devstack chaos $(CHAOS_ARGS)
 
-bench: setup ## dispatch throughput and rescue latency, against baselines measured in the same run
+bench: setup ## dispatch, worker-side cost, history at scale and rescue latency, against same-run baselines
 	$(VENV)/python -m benchmarks $(BENCH_ARGS)
 	$(VENV)/python -m benchmarks.rescue --compare-tail $(RESCUE_BENCH_ARGS)
 

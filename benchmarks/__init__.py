@@ -6,15 +6,18 @@ fresh database and an empty Redis each time:
 
 (a) the seed's way: per entry, an ``UPDATE`` (autocommit) and ``send_task`` — what a
     ``retry_unprocessed_entries`` loop with ``apply_async`` does;
-(b) the raw limit: per page, one ``UPDATE ... RETURNING`` that marks and returns the page,
-    then the same Celery-built messages LPUSHed in one pipelined round trip — dispatch with
-    no ledger at all;
+(b) the raw limit, with no code of ours: per page, one ``UPDATE ... RETURNING`` that marks
+    and returns the page, then Celery messages prepared from a template (Celery's own
+    message API) LPUSHed in one pipelined round trip — dispatch with no ledger at all;
 (c) ours: one ``reconcile_once`` over the whole backlog (ledger claim with fence tokens and
     leases, commit, then pipelined publish).
 
 It prints entries/s for each and the ratios ours/raw and ours/seed. Then
 ``benchmarks.worker`` measures the worker side: the drain rate of one prefork worker for a
 ``ReconciledTask`` against a plain Celery task with the same body (no-op, and 20 ms), and
-prints ours/plain. ``python -m benchmarks dispatch`` or ``... worker`` runs one of them.
+prints ours/plain. Last, ``benchmarks.scale`` measures what history costs: a status read
+with 10M succeeded entries and attempts in the ledger against an empty one, and a sweep
+against a 10M-row table against a 100k-row one. ``python -m benchmarks dispatch``,
+``... worker`` or ``... scale`` runs one of them.
 Timings are printed, never asserted: the tests assert behaviour, not speed.
 """

@@ -2,7 +2,7 @@
 
 Settings are ``reliable.recommended_settings`` (what users are told to use); the body is
 ``worker_body.mark_processed``, so the two variants differ only by the worker integration:
-the fence check before the body, the done mark after it, and the heartbeat.
+the fence check before the body and the heartbeat, which also marks bodies done.
 """
 
 from __future__ import annotations

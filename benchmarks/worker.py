@@ -7,9 +7,10 @@ and an empty Redis each time:
     processed — the least any Celery task processing an entry does, and no code of ours;
 (b) ours: the same body as a ``ReconciledTask`` (``benchmarks.reconciled_worker``), with
     its messages dispatched by ``reconcile_once`` — the fence check before the body, the
-    done mark after it, and whatever else the worker integration does (heartbeats).
+    done marks (batched into the heartbeat), and whatever else the worker integration does.
 
-Both are measured for a no-op body and a 20 ms body. The drain rate is read from the
+Both are measured for a no-op body and a 20 ms body, in several rounds (plain then ours in
+each), and the median ratio is printed with every round's. The drain rate is read from the
 database — each body stamps ``clock_timestamp()`` into the row it marks — as entries per
 second between the first and the last mark, so the worker's start-up is not counted. It
 prints the rates and the ratio ours/plain; timings are printed, never asserted.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import statistics
 import sys
 import tempfile
 import time
@@ -58,11 +60,15 @@ def fresh_backlog(server: devstack_postgres.PostgresServer, name: str, entries: 
     return dsn
 
 
-def enqueue_plain(dsn: str, url: str) -> int:
-    """Queue one ``bench.plain`` message per pending entry with stock ``send_task``."""
+def enqueue_plain(dsn: str, url: str, entries: int) -> int:
+    """Queue one ``bench.plain`` message for each of the first ``entries`` entries, with
+    stock ``send_task``."""
     app = celery.Celery("bench-publisher", broker=url, set_as_current=False)
     with psycopg.connect(dsn) as conn:
-        ids = [row[0] for row in conn.execute("SELECT id FROM journal_entry ORDER BY id")]
+        ids = [
+            row[0]
+            for row in conn.execute("SELECT id FROM journal_entry ORDER BY id LIMIT %s", [entries])
+        ]
     with app.producer_or_acquire() as producer:
         for entry_id in ids:
             app.send_task(
@@ -75,7 +81,7 @@ def enqueue_plain(dsn: str, url: str) -> int:
     return len(ids)
 
 
-def enqueue_ours(dsn: str, url: str, *, entries: int) -> int:
+def enqueue_ours(dsn: str, url: str, entries: int) -> int:
     """Dispatch every pending entry with one ``reconcile_once`` (claims, then publishes)."""
     spec = schema.policy_spec(limits={"batchSize": min(500, entries), "maxInFlight": entries})
     spec["task"]["name"] = reconciled_worker.TASK_NAME
@@ -134,52 +140,55 @@ def drain(
         worker.stop()
 
 
-def run(*, entries: int, slow_entries: int, concurrency: int, workdir: Path) -> list[str]:
+def run(
+    *, entries: int, slow_entries: int, concurrency: int, rounds: int, workdir: Path
+) -> list[str]:
     database = devstack_postgres.start(workdir)
     broker_server = devstack_redis.start(workdir)
     client = redis.Redis.from_url(broker_server.url)
     lines = [
         f"worker drain rate: one prefork worker, concurrency {concurrency}, "
-        "ReconciledTask vs a plain Celery task with the same body"
+        f"ReconciledTask vs a plain Celery task with the same body, {rounds} rounds "
+        "(plain then ours in each, so a noisy moment hits both)"
     ]
     try:
         for body_seconds, count in ((0.0, entries), (0.02, slow_entries)):
             body = "no-op body" if body_seconds == 0 else f"{body_seconds * 1000:.0f} ms body"
-            client.flushall()
             tag = f"{int(body_seconds * 1000)}ms"
-            dsn = fresh_backlog(database, f"bench_plain_{tag}", count)
-            assert enqueue_plain(dsn, broker_server.url) == count
-            plain = drain(
-                label=f"(a) plain Celery task, {body}",
-                app="benchmarks.plain_worker",
-                queue=plain_worker.QUEUE,
-                dsn=dsn,
-                url=broker_server.url,
-                entries=count,
-                body_seconds=body_seconds,
-                concurrency=concurrency,
-                workdir=workdir,
+            ratios = []
+            for round_number in range(rounds):
+                measured: dict[str, Drain] = {}
+                for variant, label, enqueue in (
+                    ("plain", f"(a) plain Celery task, {body}", enqueue_plain),
+                    ("ours", f"(b) ours: ReconciledTask, {body}", enqueue_ours),
+                ):
+                    client.flushall()
+                    dsn = fresh_backlog(database, f"bench_{variant}_{tag}_{round_number}", count)
+                    assert enqueue(dsn, broker_server.url, count) == count
+                    module = plain_worker if variant == "plain" else reconciled_worker
+                    measured[variant] = drain(
+                        label=label,
+                        app=module.__name__,
+                        queue=module.QUEUE,
+                        dsn=dsn,
+                        url=broker_server.url,
+                        entries=count,
+                        body_seconds=body_seconds,
+                        concurrency=concurrency,
+                        workdir=workdir,
+                    )
+                plain, ours = measured["plain"], measured["ours"]
+                for drained in (plain, ours):
+                    lines.append(
+                        f"  {drained.label:<40} {drained.per_second:>8,.0f} entries/s"
+                        f"   ({drained.entries:,} in {drained.seconds:.2f} s)"
+                    )
+                ratios.append(ours.per_second / plain.per_second)
+            lines.append(
+                f"  {body}: ours/plain = {statistics.median(ratios):.2f} (median; rounds: "
+                + ", ".join(f"{ratio:.2f}" for ratio in ratios)
+                + ")"
             )
-            client.flushall()
-            dsn = fresh_backlog(database, f"bench_ours_{tag}", count)
-            assert enqueue_ours(dsn, broker_server.url, entries=count) == count
-            ours = drain(
-                label=f"(b) ours: ReconciledTask, {body}",
-                app="benchmarks.reconciled_worker",
-                queue=reconciled_worker.QUEUE,
-                dsn=dsn,
-                url=broker_server.url,
-                entries=count,
-                body_seconds=body_seconds,
-                concurrency=concurrency,
-                workdir=workdir,
-            )
-            for measured in (plain, ours):
-                lines.append(
-                    f"  {measured.label:<40} {measured.per_second:>8,.0f} entries/s"
-                    f"   ({measured.entries:,} in {measured.seconds:.2f} s)"
-                )
-            lines.append(f"  {body}: ours/plain = {ours.per_second / plain.per_second:.2f}")
     finally:
         broker_server.stop()
         database.remove()
@@ -193,12 +202,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--slow-entries", type=int, default=500, help="backlog for the 20 ms body (500)"
     )
     parser.add_argument("--concurrency", type=int, default=1, help="pool processes (1)")
+    parser.add_argument("--rounds", type=int, default=3, help="plain/ours pairs per body (3)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="cr-bench-worker-") as workdir:
         for line in run(
             entries=args.entries,
             slow_entries=args.slow_entries,
             concurrency=args.concurrency,
+            rounds=args.rounds,
             workdir=Path(workdir),
         ):
             print(line, flush=True)

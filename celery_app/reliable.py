@@ -70,6 +70,7 @@ import celery.signals
 import psycopg
 
 from celery_reconciler import ledger, planning
+from celery_reconciler import policy as policy_module
 
 DSN_ENVIRONMENT_VARIABLE = "CELERY_RECONCILER_DSN"
 WORKER_ENVIRONMENT_VARIABLE = "HOSTNAME"
@@ -377,13 +378,29 @@ class _Incarnation:
         with self._lock:
             self._finished.add(fence_token)
 
-    def finished_bodies(self) -> tuple[uuid.UUID, ...]:
+    def hand_over_finished(self) -> None:
+        """Mark what this process's bodies finished, now rather than at the next heartbeat:
+        called as the process exits, so the sweep does not find them under a silent
+        incarnation (it would charge their attempts as lost before settling them)."""
         with self._lock:
-            return tuple(self._finished)
-
-    def marked(self, fence_tokens: tuple[uuid.UUID, ...]) -> None:
+            incarnation, pid = self.id, self._pid
+            finished, unrecorded = tuple(self._finished), tuple(self._unrecorded)
+        if incarnation is None or pid != os.getpid() or not (finished or unrecorded):
+            return
+        try:
+            _ledger_call(
+                "handing over finished bodies",
+                ledger.heartbeat,
+                incarnation=incarnation,
+                unrecorded=unrecorded,
+                finished=finished,
+            )
+        except LedgerUnavailable as error:
+            logger.warning("could not hand over %d finished bodies: %s", len(finished), error)
+            return
         with self._lock:
-            self._finished.difference_update(fence_tokens)
+            self._finished.difference_update(finished)
+            self._unrecorded.difference_update(unrecorded)
 
     @contextlib.contextmanager
     def running_a_body(self) -> Iterator[None]:
@@ -514,7 +531,10 @@ def fenced_transaction(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Connec
 
 def record_failed_attempt(attempt: ledger.RunningAttempt, error: BaseException) -> str | None:
     """Schedule the retry (policy backoff with jitter) or dead-letter; returns the new state."""
-    decision = planning.after_failure(attempt=attempt.attempt, retry=attempt.retry)
+    retry: policy_module.Retry = _ledger_call(
+        "reading the retry rules", ledger.retry_rules, policy_key=attempt.policy_key
+    )
+    decision = planning.after_failure(attempt=attempt.attempt, retry=retry)
     retry_in = decision.delay_seconds if isinstance(decision, planning.RetryLater) else None
     state: str | None = _ledger_call(
         "recording a failed attempt",
@@ -594,8 +614,8 @@ class ReconciledTask(celery.Task):  # type: ignore[misc]
         finally:
             _current_attempt.reset(token)
         if not current.recorded:
-            # Marked succeeded by this process's next ledger statement (see
-            # ``ledger._MARK_FINISHED``): one statement per task instead of two.
+            # Marked succeeded in a batch by the next heartbeat (see ``ledger._MARK_FINISHED``):
+            # the fence check stays the only ledger statement a task costs.
             _incarnation.body_succeeded(attempt.fence_token)
         return result
 
@@ -605,7 +625,6 @@ class ReconciledTask(celery.Task):  # type: ignore[misc]
         so a valid delivery is never dropped for it."""
         for _ in range(2):
             incarnation = _incarnation.ready_for_a_body()
-            finished = _incarnation.finished_bodies()
             attempt: ledger.RunningAttempt | None = _ledger_call(
                 "checking the fence token",
                 ledger.start_attempt,
@@ -613,9 +632,8 @@ class ReconciledTask(celery.Task):  # type: ignore[misc]
                 entry_id=entry_id,
                 worker=worker_name(),
                 incarnation=incarnation,
-                finished=finished,
+                heartbeat_timeout_seconds=_incarnation.timeout_seconds,
             )
-            _incarnation.marked(finished)
             if attempt is not None or _ledger_call(
                 "checking the worker incarnation",
                 ledger.incarnation_is_live,
@@ -646,7 +664,8 @@ def _record_unknown_task(
             attempt = ledger.start_attempt(conn, fence_token=id, entry_id=None, worker=worker)
             if attempt is None:
                 return
-            decision = planning.after_failure(attempt=attempt.attempt, retry=attempt.retry)
+            retry = ledger.retry_rules(conn, policy_key=attempt.policy_key)
+            decision = planning.after_failure(attempt=attempt.attempt, retry=retry)
             ledger.record_failure(
                 conn,
                 fence_token=attempt.fence_token,
@@ -660,6 +679,16 @@ def _record_unknown_task(
 
 
 celery.signals.task_unknown.connect(_record_unknown_task, weak=False)
+
+
+def _hand_over_finished(**_: Any) -> None:
+    _incarnation.hand_over_finished()
+
+
+# A prefork pool process runs bodies and exits on its own; solo and threads run them in the
+# worker's main process.
+celery.signals.worker_process_shutdown.connect(_hand_over_finished, weak=False)
+celery.signals.worker_shutdown.connect(_hand_over_finished, weak=False)
 
 
 def _refuse_to_start_without_the_ledger(sender: Any = None, **_: Any) -> None:

@@ -23,7 +23,9 @@ Installed as ``kubectl-celery_reconciler`` too, so ``kubectl celery-reconciler s
 Secrets are never printed: errors name the server, not the credentials.
 
 Exit codes: 0 done; 1 a component is unavailable (the cluster, the database, the broker;
-retry later); 2 bad usage, an invalid policy, or something named that does not exist.
+retry later) or an unexpected error (a bug, reported without a traceback); 2 bad usage, an
+invalid policy, a Secret or DSN that is not what it should be, missing rights, or something
+named that does not exist.
 """
 
 from __future__ import annotations
@@ -544,7 +546,12 @@ def cmd_explain(args: argparse.Namespace, out: TextIO) -> int:
     policy = existing_policy(namespace=namespace, name=name)
     dsn = args.dsn or os.environ.get(DSN_ENVIRONMENT_VARIABLE) or policy_dsn(policy, cluster)
     policy_key = f"{namespace}/{name}"
-    conn = ledger.connect(dsn, application_name="celery-reconciler explain")
+    conn = ledger.connect(
+        dsn,
+        application_name="celery-reconciler explain",
+        statement_timeout_seconds=ledger.OPERATOR_STATEMENT_TIMEOUT_SECONDS,
+        lock_timeout_seconds=ledger.OPERATOR_LOCK_TIMEOUT_SECONDS,
+    )
     try:
         history = ledger.history(conn, policy_key=policy_key, entry_id=args.entry_id)
     except psycopg.errors.UndefinedTable:
@@ -553,8 +560,8 @@ def cmd_explain(args: argparse.Namespace, out: TextIO) -> int:
             f": the operator has not swept {policy_key} yet — check `{prog_name()} status "
             f"-n {namespace}`"
         ) from None
-    except (psycopg.OperationalError, psycopg.InterfaceError) as error:
-        raise ledger.unavailable(error, dsn=dsn, doing="reading the ledger") from None
+    except psycopg.Error as error:
+        raise ledger.database_failure(error, dsn=dsn, doing="reading the ledger") from None
     finally:
         conn.close()
     if history is None:
@@ -697,8 +704,12 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         UsageError,
         policy_module.InvalidPolicy,
         reconcile.SourceInvalid,
+        reconcile.DsnInvalid,
+        reconcile.LedgerPermissionDenied,
+        broker_module.BrokerUrlInvalid,
         kube.KubeconfigInvalid,
         kube.SecretNotFound,
+        kube.SecretInvalid,
     ) as error:
         print(f"{parser.prog}: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -709,3 +720,19 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
     ) as error:
         print(f"{parser.prog}: {error}", file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except Exception as error:  # a bug: the operator's message, no traceback, no secret
+        problem = loop.problem_of(error, secrets=_secrets_given(args))
+        print(f"{parser.prog}: {problem.reason}: {problem.message}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+
+
+def _secrets_given(args: argparse.Namespace) -> tuple[str, ...]:
+    """Every DSN and broker URL this command could have used, and their passwords."""
+    found: tuple[str, ...] = ()
+    for dsn in (getattr(args, "dsn", None), os.environ.get(DSN_ENVIRONMENT_VARIABLE)):
+        if dsn:
+            found += ledger.dsn_secrets(dsn)
+    for url in (getattr(args, "broker", None), os.environ.get(BROKER_ENVIRONMENT_VARIABLE)):
+        if url:
+            found += broker_module.url_secrets(url)
+    return found

@@ -14,16 +14,28 @@ from typing import Any
 
 READY = "Ready"
 DEGRADED = "Degraded"
+# Whether the pending query reads the source through an index that holds the predicate.
+INDEXED = "Indexed"
+MISSING_INDEX = "MissingIndex"
+INDEX_USED = "IndexUsed"
 
 # Reasons are CamelCase API constants: users match on them in alerts and scripts.
 SWEPT = "Swept"
 SUSPENDED = "Suspended"
 INVALID_SPEC = "InvalidSpec"
 SECRET_NOT_FOUND = "SecretNotFound"
+SECRET_INVALID = "SecretInvalid"
 DATABASE_UNAVAILABLE = "DatabaseUnavailable"
 BROKER_UNAVAILABLE = "BrokerUnavailable"
 SOURCE_INVALID = "SourceInvalid"
+LEDGER_PERMISSION_DENIED = "LedgerPermissionDenied"
 KUBERNETES_UNAVAILABLE = "KubernetesUnavailable"
+CONFLICT = "Conflict"
+WORKERS_NOT_CONSUMING = "WorkersNotConsuming"
+POD_WATCH_FAILED = "PodWatchFailed"
+# The last resort: a failure no other reason describes is a bug of ours. The loop reports it
+# like any other (condition, Event, metric, backed-off retry) and logs its traceback once.
+INTERNAL_ERROR = "InternalError"
 AS_EXPECTED = "AsExpected"
 
 
@@ -80,3 +92,17 @@ def merge(
             "lastTransitionTime": transition_time,
         }
     return sorted(merged.values(), key=lambda c: str(c["type"]))
+
+
+def indexed(*, create_index: str | None, table: str, table_rows: int) -> tuple[str, str, str, str]:
+    """The ``Indexed`` condition: ``False`` with the statement to run when the pending query
+    reads the table in proportion to its size rather than to the backlog."""
+    if create_index is None:
+        return (INDEXED, "True", INDEX_USED, f"pending entries of {table} are read by an index")
+    return (
+        INDEXED,
+        "False",
+        MISSING_INDEX,
+        f"every sweep reads {table} (about {table_rows} rows) in proportion to its size, not "
+        f"to the backlog: no index holds spec.source.pending. Create one: {create_index}",
+    )

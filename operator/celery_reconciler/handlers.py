@@ -4,6 +4,8 @@
   the seed's startup check — then every sweepInterval, woken early when needed);
 * an event handler wakes that loop when the spec changes or a person asks for a sweep now
   or a retry of dead entries (annotations, so ``kubectl annotate`` is the whole UI);
+* an index of every policy by namespace, from which a loop learns whether an older policy
+  already processes the same rows (then it reports ``Conflict`` and dispatches nothing);
 * startup settings: our own finalizer and annotation names, Events posted by us rather than
   kopf's per-handler chatter, and peering so that one replica of several is active.
 """
@@ -15,7 +17,7 @@ from typing import Any
 
 import kopf
 
-from celery_reconciler import kube, loop
+from celery_reconciler import kube, loop, planning, policy
 
 _peering_lifetime_seconds = 30
 
@@ -39,6 +41,22 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = 90
 
 
+@kopf.index(kube.GROUP, kube.VERSION, kube.POLICIES)
+def policies_by_namespace(
+    *, name: str, namespace: str | None, body: kopf.Body, **_: Any
+) -> dict[str, planning.PolicyClaim] | None:
+    """Policies that hold their rows: parsed, and not being deleted (an invalid spec
+    dispatches nothing, so it cannot conflict)."""
+    if namespace is None or body.metadata.get("deletionTimestamp"):
+        return None
+    try:
+        parsed = policy.parse_policy(body.get("spec") or {}, namespace=namespace, name=name)
+    except policy.InvalidPolicy:
+        return None
+    created = str(body.metadata.get("creationTimestamp") or "")
+    return {namespace: planning.PolicyClaim(created=created, policy=parsed)}
+
+
 @kopf.daemon(kube.GROUP, kube.VERSION, kube.POLICIES, cancellation_timeout=15.0)
 async def policy_loop(
     *,
@@ -47,16 +65,25 @@ async def policy_loop(
     uid: str,
     body: kopf.Body,
     stopped: kopf.DaemonStopped,
-    **_: Any,
+    **kwargs: Any,
 ) -> None:
     assert namespace is not None  # ProcessingPolicy is namespaced
-    await loop.PolicyLoop(namespace=namespace, name=name, uid=uid, body=body).run(stopped)
+    # kopf passes each index as a keyword named after its function: a live view.
+    peers: kopf.Index[str, planning.PolicyClaim] = kwargs["policies_by_namespace"]
+    await loop.PolicyLoop(namespace=namespace, name=name, uid=uid, body=body, peers=peers).run(
+        stopped
+    )
 
 
 @kopf.on.event(kube.GROUP, kube.VERSION, kube.POLICIES)
-def wake_on_change(*, body: kopf.Body, namespace: str | None, name: str, **_: Any) -> None:
+def wake_on_change(
+    *, type: str | None, body: kopf.Body, namespace: str | None, name: str, **_: Any
+) -> None:
     annotations = body.metadata.annotations
     observed = (body.get("status") or {}).get("observedGeneration")
     asked = loop.SWEEP_NOW_ANNOTATION in annotations or loop.RETRY_DEAD_ANNOTATION in annotations
-    if asked or observed != body.metadata.get("generation"):
+    changed = observed != body.metadata.get("generation")
+    if asked or changed:
         loop.wake(f"{namespace}/{name}")
+    if namespace and (changed or type == "DELETED" or body.metadata.get("deletionTimestamp")):
+        loop.wake_conflicted(namespace)

@@ -36,6 +36,7 @@ import kubernetes
 import urllib3
 
 from celery_reconciler import planning
+from celery_reconciler import policy as policy_module
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,24 @@ class SecretNotFound(Exception):
     """The Secret, or the key in it, that a policy names does not exist (yet)."""
 
 
+class SecretInvalid(Exception):
+    """A Secret's value is not what its spec field needs (not UTF-8 text, not a DSN or URL).
+
+    The message names the Secret and key, never any of the value."""
+
+
 class KubernetesUnavailable(Exception):
     """The API server refused or failed a call the operator needs."""
+
+
+# Every request of the operator has a deadline, (connect, read) in seconds: a half-open
+# connection to the API server must fail the call — a condition and a retry — rather than
+# hang a policy's loop in a thread kopf cannot cancel.
+REQUEST_TIMEOUT_SECONDS = (5.0, 20.0)
+# The pod watch's read deadline: longer than the server-side watch timeout, so a healthy
+# watch ends by the server's choice and only a dead connection meets it.
+WATCH_TIMEOUT_SECONDS = 5
+WATCH_READ_TIMEOUT_SECONDS = (5.0, 20.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +111,9 @@ def _custom() -> kubernetes.client.CustomObjectsApi:
 def read_secret_value(*, namespace: str, name: str, key: str, field: str) -> str:
     """The decoded value of one key of a Secret; errors name the spec field to fix."""
     try:
-        secret = _core().read_namespaced_secret(name, namespace)
+        secret = _core().read_namespaced_secret(
+            name, namespace, _request_timeout=REQUEST_TIMEOUT_SECONDS
+        )
     except kubernetes.client.ApiException as error:
         if error.status == 404:
             raise SecretNotFound(
@@ -104,12 +123,26 @@ def read_secret_value(*, namespace: str, name: str, key: str, field: str) -> str
             f'reading secret "{name}" in namespace "{namespace}" failed: HTTP {error.status} '
             f"{error.reason}"
         ) from None
+    except (urllib3.exceptions.HTTPError, OSError) as error:
+        doing = f'reading secret "{name}" in namespace "{namespace}"'
+        raise _unreachable(error, doing=doing) from None
     data = secret.data or {}
     if key not in data:
         raise SecretNotFound(
             f'secret "{name}" in namespace "{namespace}" has no key "{key}" — add it or fix {field}'
         )
-    return base64.b64decode(data[key]).decode()
+    try:
+        return base64.b64decode(data[key]).decode()
+    except UnicodeDecodeError:
+        raise SecretInvalid(
+            f'the value of key "{key}" of secret "{name}" in namespace "{namespace}" is not '
+            f"UTF-8 text — store the plain value under that key, or fix {field}"
+        ) from None
+
+
+def secret_value_description(*, namespace: str, name: str, key: str, field: str) -> str:
+    """How errors about a Secret's value name it: where it is, never what it says."""
+    return f'the value of key "{key}" of secret "{name}" in namespace "{namespace}" ({field})'
 
 
 def patch_policy_status(*, namespace: str, name: str, status: Mapping[str, Any]) -> None:
@@ -131,7 +164,13 @@ def write_processing_status(
     garbage-collected with the policy)."""
     try:
         _custom().patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, STATUSES, name, {"status": dict(status)}
+            GROUP,
+            VERSION,
+            namespace,
+            STATUSES,
+            name,
+            {"status": dict(status)},
+            _request_timeout=REQUEST_TIMEOUT_SECONDS,
         )
         return
     except kubernetes.client.ApiException as error:
@@ -139,6 +178,8 @@ def write_processing_status(
             raise KubernetesUnavailable(
                 f"updating ProcessingStatus {namespace}/{name} failed: HTTP {error.status}"
             ) from None
+    except (urllib3.exceptions.HTTPError, OSError) as error:
+        raise _unreachable(error, doing=f"updating ProcessingStatus {namespace}/{name}") from None
     body = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "ProcessingStatus",
@@ -195,32 +236,73 @@ def _timestamp(value: object) -> datetime.datetime | None:
     return None
 
 
-def label_selector_string(selector: Mapping[str, Any]) -> str:
-    """A LabelSelector (matchLabels + matchExpressions) as the API's query string."""
-    terms = [f"{k}={v}" for k, v in sorted((selector.get("matchLabels") or {}).items())]
-    for expression in selector.get("matchExpressions") or []:
-        key, operator = expression["key"], expression["operator"]
-        values = ",".join(expression.get("values") or [])
-        match operator:
-            case "In":
-                terms.append(f"{key} in ({values})")
-            case "NotIn":
-                terms.append(f"{key} notin ({values})")
-            case "Exists":
-                terms.append(key)
-            case "DoesNotExist":
-                terms.append(f"!{key}")
+class InvalidLabelSelector(ValueError):
+    """A selector part that is not Kubernetes label syntax; never sent to the API."""
+
+
+def label_selector(workers: policy_module.Workers) -> str:
+    """The worker selector as the API's ``labelSelector`` query string.
+
+    The list and watch calls take only a string, so this is the one place that writes it:
+    each key and value is checked against the Kubernetes label syntax first (which has no
+    ``,``, ``=``, ``!``, ``(``, space or quote), so no part can change the selector's
+    meaning — a key such as ``app,tier!=x`` raises instead of widening the watch.
+    """
+    terms = []
+    for key, value in workers.match_labels:
+        _check_label(key, value=value)
+        terms.append(f"{key}={value}")
+    for requirement in workers.match_expressions:
+        for value in requirement.values:
+            _check_label(requirement.key, value=value)
+        _check_label(requirement.key)
+        values = ",".join(requirement.values)
+        match requirement.operator, bool(requirement.values):
+            case "In", True:
+                terms.append(f"{requirement.key} in ({values})")
+            case "NotIn", True:
+                terms.append(f"{requirement.key} notin ({values})")
+            case "Exists", False:
+                terms.append(requirement.key)
+            case "DoesNotExist", False:
+                terms.append(f"!{requirement.key}")
+            case _:
+                raise InvalidLabelSelector(
+                    f"operator {requirement.operator!r} with {len(requirement.values)} values "
+                    f"on key {requirement.key!r} is not a label selector requirement"
+                )
     return ",".join(terms)
 
 
+def _check_label(key: str, *, value: str | None = None) -> None:
+    if not policy_module.is_label_key(key):
+        raise InvalidLabelSelector(f"{key!r} is not a label key")
+    if value is not None and not policy_module.is_label_value(value):
+        raise InvalidLabelSelector(f"{value!r} is not a label value (key {key!r})")
+
+
 def _call(method: Any, *args: Any, **kwargs: Any) -> Any:
+    """One API request of the operator, with a deadline; every failure is
+    ``KubernetesUnavailable`` (an HTTP error, or no answer at all)."""
     try:
-        return method(*args, **kwargs)
+        return method(*args, _request_timeout=REQUEST_TIMEOUT_SECONDS, **kwargs)
     except kubernetes.client.ApiException as error:
         raise KubernetesUnavailable(
             f"Kubernetes API call {getattr(method, '__name__', method)} failed: "
             f"HTTP {error.status} {error.reason}"
         ) from None
+    except (urllib3.exceptions.HTTPError, OSError) as error:
+        doing = f"Kubernetes API call {getattr(method, '__name__', method)}"
+        raise _unreachable(error, doing=doing) from None
+
+
+def _unreachable(error: Exception, *, doing: str) -> KubernetesUnreachable:
+    """No answer from the API server (refused, reset, timed out): the message names the
+    server, never the token."""
+    return KubernetesUnreachable(
+        f"{doing} failed: no answer from the Kubernetes API server at "
+        f"{_client().configuration.host} ({_network_reason(error)}); retrying"
+    )
 
 
 def watch_worker_pods(
@@ -228,6 +310,7 @@ def watch_worker_pods(
     namespace: str,
     label_selector: str,
     on_event: Callable[[str, WorkerPod], None],
+    on_health: Callable[[str | None], None],
     stopping: threading.Event,
 ) -> None:
     """Stream ADDED/MODIFIED/DELETED pod events for one policy's workers until ``stopping``.
@@ -236,12 +319,22 @@ def watch_worker_pods(
     pod in the cluster) keeps the operator's pod traffic, and its RBAC, to the pods it cares
     about. Runs in a thread: the official client's watch is blocking. Every (re)list
     replays the current pods as ADDED, so the caller's baseline survives watch expiry.
+
+    ``on_health`` hears what the policy's status must say: a failure text while the API
+    refuses the listing or the watch (HTTP 400, 403...), None once a listing works again —
+    a watch that cannot run must not leave the policy saying Ready. A dropped connection is
+    only retried: watches are cut routinely.
     """
     core = _core()
     last_failure: str | None = None  # log a failure once, not every retry
     while not stopping.is_set():
         try:
-            listing = core.list_namespaced_pod(namespace, label_selector=label_selector)
+            listing = core.list_namespaced_pod(
+                namespace, label_selector=label_selector, _request_timeout=REQUEST_TIMEOUT_SECONDS
+            )
+            if last_failure is not None:
+                on_health(None)
+            last_failure = None
             for pod in listing.items:
                 on_event("ADDED", pod_from_body(pod.to_dict()))
             resource_version = listing.metadata.resource_version
@@ -251,8 +344,9 @@ def watch_worker_pods(
                     namespace,
                     label_selector=label_selector,
                     resource_version=resource_version,
-                    timeout_seconds=5,
+                    timeout_seconds=WATCH_TIMEOUT_SECONDS,
                     allow_watch_bookmarks=True,
+                    _request_timeout=WATCH_READ_TIMEOUT_SECONDS,
                 )
                 for event in stream:
                     raw = event["raw_object"]
@@ -276,6 +370,12 @@ def watch_worker_pods(
                     " — grant the operator list and watch on pods" if error.status == 403 else "",
                 )
                 last_failure = failure
+                on_health(
+                    f"watching worker pods (selector {label_selector!r}) fails with {failure}"
+                    + (": grant the operator list and watch on pods" if error.status == 403 else "")
+                    + "; until it works, dead workers are found by heartbeats and leases only, "
+                    "in minutes instead of seconds"
+                )
             stopping.wait(2.0)
         except Exception as error:  # a dropped connection must not end the watch
             failure = type(error).__name__
@@ -321,7 +421,7 @@ def post_event(
         reporting_instance=os.environ.get("HOSTNAME", "celery-reconciler"),
     )
     try:
-        _core().create_namespaced_event(namespace, body)
+        _core().create_namespaced_event(namespace, body, _request_timeout=REQUEST_TIMEOUT_SECONDS)
     except kubernetes.client.ApiException as error:
         logger.warning(
             "could not post Event %s on %s/%s: HTTP %s %s%s",

@@ -25,9 +25,10 @@ Two sides call this module:
   ``end_silent_incarnations``, ``end_pod_incarnations``, ``expire_leases``, ``claim``
   (inside the caller's transaction), ``due_retries``, ``release_claims``, ``retry_dead``,
   counts;
-* the worker (``celery_app.reliable``): ``register_incarnation``, ``heartbeat``,
-  ``start_attempt`` (the atomic fence check), ``record_success`` (also inside the body's own
-  transaction: the fenced commit), ``record_failure``.
+* the worker (``celery_app.reliable``): ``register_incarnation``, ``heartbeat`` (which also
+  marks finished bodies succeeded, in batches), ``start_attempt`` (the atomic fence check),
+  ``record_success`` (inside the body's own transaction: the fenced commit),
+  ``retry_rules`` and ``record_failure``.
 
 Every statement is composed with ``psycopg.sql`` from constant text and identifiers; values
 are always bound parameters. All times are the database's ``now()``, never a host clock, so
@@ -42,7 +43,7 @@ import dataclasses
 import datetime
 import re
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -65,10 +66,26 @@ _ENTRIES = sql.Identifier(SCHEMA, "entries")
 _ATTEMPTS = sql.Identifier(SCHEMA, "attempts")
 _INCARNATIONS = sql.Identifier(SCHEMA, "incarnations")
 _MIGRATIONS_TABLE = sql.Identifier(SCHEMA, "schema_migrations")
+_TALLIES = sql.Identifier(SCHEMA, "tallies")
+_BACKLOG = sql.Identifier(SCHEMA, "backlog")
 
 
 class DatabaseUnavailable(RuntimeError):
     """PostgreSQL cannot be reached or failed mid-operation; the message carries no secrets."""
+
+
+class DsnInvalid(DatabaseUnavailable):
+    """The DSN does not parse. Its text came from a Secret, so the message quotes none of it:
+    libpq's parse errors quote the offending word, which may be a password or any other
+    value that happened to sit under the Secret's key.
+
+    A ``DatabaseUnavailable`` so that callers that only know that one (the worker) still
+    treat it as "no database"; the operator and the CLI report it as ``SecretInvalid``.
+    """
+
+
+class LedgerPermissionDenied(RuntimeError):
+    """The database user may not create or use our schema; the fix is a GRANT, not a retry."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,14 +107,13 @@ class ExpiredLeases:
 
 @dataclasses.dataclass(frozen=True)
 class RunningAttempt:
-    """What a worker learns when its fence check succeeds: the attempt and the retry rules."""
+    """What a worker learns when its fence check succeeds (the retry rules are read only when
+    a body fails: ``retry_rules``)."""
 
     policy_key: str
     entry_id: str
     attempt: int
     fence_token: uuid.UUID
-    retry: policy_module.Retry
-    lease_seconds: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,37 +182,123 @@ def sanitize_error(text: str, *, secrets: Iterable[str] = (), limit: int = ERROR
     return cleaned
 
 
-def dsn_secrets(dsn: str) -> tuple[str, ...]:
-    """The parts of a DSN that must never be shown: the password, and the DSN itself."""
-    found = [dsn]
+# What ``describe_dsn`` may show of a DSN, and what each value must look like to be shown:
+# enough to find the server. Anything else in a DSN (a password, options, a value that does
+# not look like a host name or a port) is treated as secret.
+_SHOWN_DSN_VALUES = {
+    "host": re.compile(r"^[A-Za-z0-9._\-:/\[\],]{1,255}$"),
+    "hostaddr": re.compile(r"^[0-9A-Fa-f.:,]{1,255}$"),
+    "port": re.compile(r"^[0-9,]{1,40}$"),
+    "dbname": re.compile(r"^[A-Za-z0-9_\-.]{1,63}$"),
+}
+
+
+def _dsn_params(dsn: str) -> dict[str, str] | None:
     try:
-        password = conninfo.conninfo_to_dict(dsn).get("password")
+        return {key: str(value) for key, value in conninfo.conninfo_to_dict(dsn).items()}
     except psycopg.Error:
-        password = None
-    if password:
-        found.append(str(password))
-    return tuple(found)
+        return None
+
+
+def _shown(params: Mapping[str, str], key: str) -> str | None:
+    value = params.get(key)
+    return value if value and _SHOWN_DSN_VALUES[key].match(value) else None
+
+
+def dsn_secrets(dsn: str) -> tuple[str, ...]:
+    """The parts of a DSN that must never be shown: the DSN itself and every value in it
+    that ``describe_dsn`` does not show (the password, options, anything odd)."""
+    params = _dsn_params(dsn) or {}
+    hidden = [
+        value
+        for key, value in params.items()
+        if value and (key not in _SHOWN_DSN_VALUES or _shown(params, key) is None)
+    ]
+    return (dsn, *sorted(set(hidden), key=len, reverse=True))
+
+
+def check_dsn(dsn: str, *, where: str) -> None:
+    """Raise ``DsnInvalid`` naming ``where`` the DSN came from — never what it says."""
+    if _dsn_params(dsn) is None:
+        raise DsnInvalid(
+            f"{where} is not a PostgreSQL DSN (expected postgresql://user@host:5432/dbname or "
+            "key=value pairs such as host=... dbname=...; its content is not shown because "
+            "it came from a Secret)"
+        )
 
 
 def describe_dsn(dsn: str) -> str:
     """``database "x" on host:port`` — enough to find the server, nothing secret."""
-    try:
-        params = conninfo.conninfo_to_dict(dsn)
-    except psycopg.Error:
+    params = _dsn_params(dsn)
+    if params is None:
         return "the configured database (its DSN does not parse)"
-    host = params.get("host") or params.get("hostaddr") or "localhost"
-    return f'database "{params.get("dbname") or "?"}" on {host}:{params.get("port") or 5432}'
+    host = _shown(params, "host") or _shown(params, "hostaddr") or "localhost"
+    port = _shown(params, "port") or ("5432" if "port" not in params else "?")
+    return f'database "{_shown(params, "dbname") or "?"}" on {host}:{port}'
+
+
+def sanitize_database_error(text: str, *, dsn: str) -> str:
+    """A libpq or server message with every secret value of ``dsn`` removed — including
+    values too short to replace everywhere, where libpq quotes them (``"b"``)."""
+    secrets = dsn_secrets(dsn)
+    for secret in secrets:
+        text = text.replace(f'"{secret}"', '"***"')
+    return sanitize_error(text, secrets=secrets)
 
 
 def unavailable(error: BaseException, *, dsn: str, doing: str) -> DatabaseUnavailable:
     """Translate a psycopg error into ``DatabaseUnavailable`` without any credential in it."""
-    reason = sanitize_error(str(error).strip() or type(error).__name__, secrets=dsn_secrets(dsn))
+    reason = sanitize_database_error(str(error).strip() or type(error).__name__, dsn=dsn)
     return DatabaseUnavailable(
         f"PostgreSQL unavailable while {doing} ({describe_dsn(dsn)}): {reason} — check that "
         "the database is up and that the DSN (spec.source.databaseSecretRef, --dsn or "
         "CELERY_RECONCILER_DSN) is right; nothing was lost, the next sweep retries"
     )
 
+
+def permission_denied(error: BaseException, *, dsn: str, doing: str) -> LedgerPermissionDenied:
+    reason = sanitize_database_error(str(error).strip() or type(error).__name__, dsn=dsn)
+    return LedgerPermissionDenied(
+        f"the database user may not use the operator's schema {SCHEMA} while {doing} "
+        f"({describe_dsn(dsn)}): {reason} — the ledger lives in that schema of the entries' "
+        f"database: GRANT CREATE ON DATABASE to the user (the operator creates the schema), "
+        f"or create it and GRANT USAGE, CREATE ON SCHEMA {SCHEMA} and SELECT, INSERT, "
+        f"UPDATE, DELETE ON ALL TABLES IN SCHEMA {SCHEMA} to the user of "
+        "spec.source.databaseSecretRef (--dsn or CELERY_RECONCILER_DSN for the CLI)"
+    )
+
+
+# SQLSTATE classes of a failed server or connection (connection exceptions, insufficient
+# resources, operator intervention such as a shutdown, a statement or lock timeout, system
+# and internal errors): they heal by themselves, and the next sweep retries.
+_UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "55", "57", "58", "XX")
+
+
+def database_failure(error: psycopg.Error, *, dsn: str, doing: str) -> Exception:
+    """What an error of our own statements means for the user, without secrets.
+
+    ``LedgerPermissionDenied`` when the user lacks rights on our schema;
+    ``DatabaseUnavailable`` when the connection or the server failed (or a timeout hit);
+    otherwise ``error`` itself — a statement of ours the server rejects is a bug, which
+    the operator reports as ``InternalError``. Pure: it reads only the error.
+    """
+    state = error.sqlstate or ""
+    if state == "42501":
+        return permission_denied(error, dsn=dsn, doing=doing)
+    if isinstance(error, psycopg.OperationalError | psycopg.InterfaceError) or (
+        state[:2] in _UNAVAILABLE_SQLSTATE_CLASSES
+    ):
+        return unavailable(error, dsn=dsn, doing=doing)
+    return error
+
+
+# The operator's own sessions are bounded: a statement (its reads of the user's table among
+# them) may run this long, and a wait for a lock (a worker's fenced commit holding an entry
+# row, a migration elsewhere) this long, before it fails and the sweep is retried with
+# backoff — rather than holding a policy's loop in a thread nobody can cancel. Workers'
+# sessions have neither: their task bodies may legitimately run long.
+OPERATOR_STATEMENT_TIMEOUT_SECONDS = 60.0
+OPERATOR_LOCK_TIMEOUT_SECONDS = 30.0
 
 # TCP keepalives, so a connection whose peer vanished (a half-open socket after a network
 # cut or a server host that died) fails in tens of seconds instead of blocking forever.
@@ -211,14 +313,19 @@ def connect(
     application_name: str = "celery-reconciler",
     connect_timeout_seconds: int = 5,
     tcp_user_timeout_seconds: float = 30.0,
+    statement_timeout_seconds: float | None = None,
+    lock_timeout_seconds: float | None = None,
 ) -> psycopg.Connection[Any]:
     """An autocommit connection, or ``DatabaseUnavailable`` naming the server (not the DSN).
 
     ``tcp_user_timeout_seconds`` bounds how long sent data may stay unacknowledged before
-    the connection fails (libpq's ``tcp_user_timeout``).
+    the connection fails (libpq's ``tcp_user_timeout``). ``statement_timeout_seconds`` and
+    ``lock_timeout_seconds`` (None: the server's default) are set on the session — not as
+    ``options`` in the DSN, which would replace the user's own.
     """
+    check_dsn(dsn, where="the DSN (spec.source.databaseSecretRef, --dsn or CELERY_RECONCILER_DSN)")
     try:
-        return psycopg.connect(
+        conn = psycopg.connect(
             dsn,
             autocommit=True,
             application_name=application_name,
@@ -231,6 +338,21 @@ def connect(
         )
     except psycopg.Error as error:
         raise unavailable(error, dsn=dsn, doing="connecting") from None
+    try:
+        for setting, seconds in (
+            ("statement_timeout", statement_timeout_seconds),
+            ("lock_timeout", lock_timeout_seconds),
+        ):
+            if seconds is not None:
+                conn.execute(
+                    sql.SQL("SET {} = {}").format(
+                        sql.Identifier(setting), sql.Literal(max(1, round(seconds * 1000)))
+                    )
+                )
+    except psycopg.Error as error:
+        conn.close()
+        raise unavailable(error, dsn=dsn, doing="configuring the session") from None
+    return conn
 
 
 # --- schema --------------------------------------------------------------------------------
@@ -370,6 +492,69 @@ _MIGRATIONS: tuple[tuple[int, tuple[sql.Composed, ...]], ...] = (
             ).format(entries=_ENTRIES),
         ),
     ),
+    (
+        4,
+        (
+            # Status in proportion to the backlog, not to history: the number of succeeded
+            # entries is a tally the operator folds new successes into (``fold_successes``),
+            # so no status read counts the succeeded rows, which grow forever — or would,
+            # without retention (``prune``). ``counted`` marks a succeeded row already in the
+            # tally; today's succeeded rows are, and the tally starts from their count.
+            sql.SQL(
+                "ALTER TABLE {entries} ADD COLUMN counted boolean NOT NULL DEFAULT true"
+            ).format(entries=_ENTRIES),
+            sql.SQL("ALTER TABLE {entries} ALTER COLUMN counted SET DEFAULT false").format(
+                entries=_ENTRIES
+            ),
+            sql.SQL("UPDATE {entries} SET counted = false WHERE state <> 'succeeded'").format(
+                entries=_ENTRIES
+            ),
+            sql.SQL(
+                """
+                CREATE TABLE {tallies} (
+                    policy_key text PRIMARY KEY,
+                    succeeded bigint NOT NULL DEFAULT 0 CHECK (succeeded >= 0)
+                )
+                """
+            ).format(tallies=_TALLIES),
+            sql.SQL(
+                "INSERT INTO {tallies} (policy_key, succeeded) "
+                "SELECT policy_key, count(*) FROM {entries} WHERE state = 'succeeded' "
+                "GROUP BY policy_key"
+            ).format(tallies=_TALLIES, entries=_ENTRIES),
+            sql.SQL(
+                "CREATE INDEX entries_uncounted ON {entries} (policy_key) "
+                "WHERE state = 'succeeded' AND NOT counted"
+            ).format(entries=_ENTRIES),
+            # Retention reads the oldest finished rows of a policy first.
+            sql.SQL(
+                "CREATE INDEX entries_succeeded_by_age ON {entries} (policy_key, finished_at) "
+                "WHERE state = 'succeeded'"
+            ).format(entries=_ENTRIES),
+        ),
+    ),
+    (
+        5,
+        (
+            # A stable interface for autoscalers (KEDA's postgresql trigger) and dashboards:
+            # per policy, what waits for a worker and what workers run. Its columns only
+            # ever grow; read it with nothing but SELECT on the view (see operations.md).
+            sql.SQL(
+                """
+                CREATE VIEW {backlog} AS
+                SELECT p.policy_key,
+                    count(e.entry_id) FILTER (WHERE e.state = 'queued') AS queued,
+                    count(e.entry_id) FILTER (WHERE e.state = 'running') AS running,
+                    count(e.entry_id) FILTER (WHERE e.state = 'retry_wait'
+                                                AND e.next_attempt_at <= now()) AS retries_due
+                FROM {policies} p
+                LEFT JOIN {entries} e ON e.policy_key = p.policy_key
+                    AND e.state IN ('queued', 'running', 'retry_wait')
+                GROUP BY p.policy_key
+                """
+            ).format(backlog=_BACKLOG, policies=_POLICIES, entries=_ENTRIES),
+        ),
+    ),
 )
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
 
@@ -385,6 +570,9 @@ def ensure_schema(conn: psycopg.Connection[Any]) -> int:
     if _applied_versions(conn) >= {version for version, _ in _MIGRATIONS}:
         return SCHEMA_VERSION
     with conn.transaction():
+        # A migration may read a whole ledger once (migration 4 counts its successes): the
+        # operator's statement timeout is for sweeps, not for this.
+        conn.execute("SET LOCAL statement_timeout = 0")
         conn.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATION_LOCK_ID])
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(_SCHEMA))
         conn.execute(
@@ -466,6 +654,46 @@ def upsert_policy(conn: psycopg.Connection[Any], policy: policy_module.Policy) -
     )
 
 
+# An attempt's history row is written once, when the attempt ends (succeeded, failed or
+# lost), from the entry row the ending statement just updated: the worker's fence check is
+# then a single-row UPDATE, the least a per-task statement can be, and a running attempt is
+# read from the entry row itself (``history``). A ledger of the previous schema may still
+# hold ``running`` history rows: those are completed in place instead of inserted.
+# ``ended`` names a CTE returning the entry's ``policy_key, entry_id, attempt, fence_token,
+# worker, dispatched_at, started_at, incarnation``; the expressions may use its columns
+# through the alias ``ended``.
+def _attempt_ended(
+    ended: str, *, outcome: str, error: str = "NULL", retry_at: str = "NULL"
+) -> sql.Composed:
+    return sql.SQL(
+        """
+        {completed} AS (
+            UPDATE {attempts} a SET outcome = {outcome}, error = {error}, finished_at = now(),
+                retry_at = {retry_at}
+            FROM {ended} ended
+            WHERE a.fence_token = ended.fence_token AND a.outcome = 'running'
+        ), {recorded} AS (
+            INSERT INTO {attempts} (policy_key, entry_id, attempt, fence_token, worker,
+                outcome, error, dispatched_at, started_at, finished_at, retry_at, incarnation)
+            SELECT ended.policy_key, ended.entry_id, ended.attempt, ended.fence_token,
+                ended.worker, {outcome}, {error}, ended.dispatched_at,
+                coalesce(ended.started_at, now()), now(), {retry_at}, ended.incarnation
+            FROM {ended} ended
+            WHERE NOT EXISTS (SELECT 1 FROM {attempts} a
+                              WHERE a.fence_token = ended.fence_token AND a.outcome = 'running')
+        )
+        """
+    ).format(
+        ended=sql.Identifier(ended),
+        completed=sql.Identifier(f"{ended}_completed"),
+        recorded=sql.Identifier(f"{ended}_recorded"),
+        attempts=_ATTEMPTS,
+        outcome=sql.Literal(outcome),
+        error=sql.SQL(error),
+        retry_at=sql.SQL(retry_at),
+    )
+
+
 # A lost running attempt is a failed attempt (the worker died or the body overran), so it
 # consumes the attempt: a poison entry that kills its worker ends dead, not in a crash loop.
 # An attempt is lost when the incarnation running it has ended (a pod event proved its
@@ -494,16 +722,22 @@ _EXPIRE_LOST = sql.SQL(
           AND (e.lease_deadline <= now()
                OR EXISTS (SELECT 1 FROM {incarnations} i
                           WHERE i.id = e.incarnation AND i.ended_at IS NOT NULL))
-        RETURNING e.entry_id, e.fence_token, e.state, e.last_error
-    ), history AS (
-        UPDATE {attempts} a SET outcome = 'lost', error = lost.last_error, finished_at = now(),
-            retry_at = CASE WHEN lost.state = 'dead' THEN NULL ELSE now() END
-        FROM lost
-        WHERE a.fence_token = lost.fence_token AND a.outcome = 'running'
-    )
+        RETURNING e.policy_key, e.entry_id, e.attempt, e.fence_token, e.worker,
+            e.dispatched_at, e.started_at, e.incarnation, e.state, e.last_error
+    ), {history}
     SELECT entry_id, state FROM lost
     """
-).format(entries=_ENTRIES, policies=_POLICIES, attempts=_ATTEMPTS, incarnations=_INCARNATIONS)
+).format(
+    entries=_ENTRIES,
+    policies=_POLICIES,
+    incarnations=_INCARNATIONS,
+    history=_attempt_ended(
+        "lost",
+        outcome="lost",
+        error="ended.last_error",
+        retry_at="CASE WHEN ended.state = 'dead' THEN NULL ELSE now() END",
+    ),
+)
 _COUNT_UNSTARTED_EXPIRED = sql.SQL(
     "SELECT count(*) FROM {entries} WHERE policy_key = %s AND state = 'queued' "
     "AND lease_deadline <= now()"
@@ -596,10 +830,10 @@ def end_pod_incarnations(conn: psycopg.Connection[Any], *, ending: planning.PodE
 # (a fresh ledger filling up within one big sweep), which made each page cost O(ledger).
 _LOCK_CLAIMABLE = sql.SQL(
     """
-    SELECT e.ctid, e.entry_id, e.state
+    SELECT e.ctid, e.entry_id, e.state, e.counted
     FROM unnest(%(entry_ids)s::text[]) AS candidate(entry_id)
     CROSS JOIN LATERAL (
-        SELECT ctid, entry_id, state FROM {entries}
+        SELECT ctid, entry_id, state, counted FROM {entries}
         WHERE policy_key = %(policy_key)s
           AND entry_id = candidate.entry_id
           AND (state = 'succeeded'
@@ -622,6 +856,7 @@ _CLAIM_LOCKED = sql.SQL(
         dispatched_at = now(),
         attempt = CASE WHEN state = 'succeeded' THEN 0 ELSE attempt END,
         incarnation = NULL,
+        counted = false,
         last_error = CASE WHEN state = 'succeeded' THEN NULL ELSE last_error END,
         updated_at = now()
     WHERE ctid = ANY(%(row_ids)s::tid[])
@@ -670,9 +905,10 @@ def claim(
         return []
     ids = list(entry_ids)
     locked = conn.execute(_LOCK_CLAIMABLE, {"policy_key": policy_key, "entry_ids": ids}).fetchall()
-    row_ids = {entry_id: row_id for row_id, entry_id, _ in locked}
-    reclaim = [entry_id for _, entry_id, state in locked if state != "succeeded"]
-    succeeded = [entry_id for _, entry_id, state in locked if state == "succeeded"]
+    row_ids = {entry_id: row_id for row_id, entry_id, _, _ in locked}
+    tallied = {entry_id for _, entry_id, state, counted in locked if counted}
+    reclaim = [entry_id for _, entry_id, state, _ in locked if state != "succeeded"]
+    succeeded = [entry_id for _, entry_id, state, _ in locked if state == "succeeded"]
     if succeeded:
         pending_again = still_pending(succeeded)
         reclaim.extend(entry_id for entry_id in succeeded if entry_id in pending_again)
@@ -688,6 +924,9 @@ def claim(
             },
         ):
             claims[entry_id] = Claim(entry_id, fence, again=True)
+        untallied = sum(1 for entry_id in claims if entry_id in tallied)
+        if untallied:  # pending again: no longer succeeded, so out of the tally
+            conn.execute(_UNTALLY, {"policy_key": policy_key, "count": untallied})
     for entry_id, fence in conn.execute(
         _CLAIM_NEW, {"policy_key": policy_key, "entry_ids": ids, "lease_seconds": lease_seconds}
     ):
@@ -695,6 +934,10 @@ def claim(
     # Keep the source's keyset order, so dispatch order follows spec.source.orderBy.
     return [claims[entry_id] for entry_id in ids if entry_id in claims]
 
+
+_UNTALLY = sql.SQL(
+    "UPDATE {tallies} SET succeeded = succeeded - %(count)s WHERE policy_key = %(policy_key)s"
+).format(tallies=_TALLIES)
 
 _RELEASE_CLAIMS = sql.SQL(
     """
@@ -875,23 +1118,28 @@ def retry_dead(
     return int(row[0])
 
 
+# Unfinished rows only (the partial index ``entries_unfinished``), and the succeeded ones as
+# the tally plus the successes not folded into it yet: the cost follows the backlog and the
+# recent throughput, never the history.
 _COUNTS = sql.SQL(
     """
     SELECT
         count(*) FILTER (WHERE e.state = 'queued'),
         count(*) FILTER (WHERE e.state = 'running'),
         count(*) FILTER (WHERE e.state = 'retry_wait'),
-        count(*) FILTER (WHERE e.state = 'succeeded'),
+        coalesce((SELECT t.succeeded FROM {tallies} t WHERE t.policy_key = %(policy_key)s), 0)
+            + (SELECT count(*) FROM {entries} u
+               WHERE u.policy_key = %(policy_key)s AND u.state = 'succeeded' AND NOT u.counted),
         count(*) FILTER (WHERE e.state = 'dead'),
         EXTRACT(EPOCH FROM {next_due} - now())
-    FROM {entries} e WHERE e.policy_key = %s
+    FROM {entries} e WHERE e.policy_key = %(policy_key)s AND e.state <> 'succeeded'
     """
-).format(entries=_ENTRIES, next_due=_NEXT_DUE)
+).format(entries=_ENTRIES, tallies=_TALLIES, next_due=_NEXT_DUE)
 
 
 def counts(conn: psycopg.Connection[Any], *, policy_key: str) -> LedgerCounts:
     """Per-state counts for ProcessingStatus (``pending`` comes from the source)."""
-    row = conn.execute(_COUNTS, [policy_key]).fetchone()
+    row = conn.execute(_COUNTS, {"policy_key": policy_key}).fetchone()
     assert row is not None
     return LedgerCounts(
         queued=row[0],
@@ -903,6 +1151,117 @@ def counts(conn: psycopg.Connection[Any], *, policy_key: str) -> LedgerCounts:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Consumption:
+    """Whether workers take this policy's work: ``planning.workers_not_consuming``."""
+
+    oldest_queued_seconds: float | None  # None: nothing published and waiting
+    last_finished_seconds_ago: float | None  # None: no attempt ever finished
+
+
+# Both halves use an index: entries_unfinished (policy_key, state) and attempts_finished
+# (policy_key, finished_at), so the check costs the backlog, not the history.
+_CONSUMPTION = sql.SQL(
+    """
+    SELECT
+        (SELECT EXTRACT(EPOCH FROM now() - min(dispatched_at)) FROM {entries}
+         WHERE policy_key = %(policy_key)s AND state = 'queued' AND lease_deadline > now()),
+        (SELECT EXTRACT(EPOCH FROM now() - max(finished_at)) FROM {attempts}
+         WHERE policy_key = %(policy_key)s AND finished_at IS NOT NULL)
+    """
+).format(entries=_ENTRIES, attempts=_ATTEMPTS)
+
+
+def consumption(conn: psycopg.Connection[Any], *, policy_key: str) -> Consumption:
+    """How long the oldest published entry has waited for a worker, and how long ago any
+    attempt of this policy last finished."""
+    row = conn.execute(_CONSUMPTION, {"policy_key": policy_key}).fetchone()
+    assert row is not None
+    return Consumption(
+        oldest_queued_seconds=None if row[0] is None else float(row[0]),
+        last_finished_seconds_ago=None if row[1] is None else float(row[1]),
+    )
+
+
+FOLD_BATCH = 50_000
+PRUNE_BATCH = 10_000
+
+_FOLD_SUCCESSES = sql.SQL(
+    """
+    WITH folded AS (
+        UPDATE {entries} SET counted = true
+        WHERE ctid = ANY(ARRAY(
+            SELECT ctid FROM {entries}
+            WHERE policy_key = %(policy_key)s AND state = 'succeeded' AND NOT counted
+            LIMIT %(limit)s))
+          AND state = 'succeeded' AND NOT counted
+        RETURNING 1
+    )
+    INSERT INTO {tallies} AS t (policy_key, succeeded)
+    SELECT %(policy_key)s, count(*) FROM folded
+    ON CONFLICT (policy_key) DO UPDATE SET succeeded = t.succeeded + EXCLUDED.succeeded
+    RETURNING (SELECT count(*) FROM folded)
+    """
+).format(entries=_ENTRIES, tallies=_TALLIES)
+
+
+def fold_successes(
+    conn: psycopg.Connection[Any], *, policy_key: str, limit: int = FOLD_BATCH
+) -> int:
+    """Add successes not yet counted to the policy's tally (at most ``limit``); how many.
+
+    A row's ``counted`` flag and the tally change in one statement, so each success is
+    counted exactly once, whenever its transaction committed — no time watermark to race.
+    """
+    row = conn.execute(_FOLD_SUCCESSES, {"policy_key": policy_key, "limit": limit}).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+# Oldest first, a bounded batch per sweep, each through its index: retention costs what it
+# deletes, however large the history. Only counted successes go: the tally keeps them.
+_PRUNE_ATTEMPTS = sql.SQL(
+    """
+    DELETE FROM {attempts} WHERE id = ANY(ARRAY(
+        SELECT id FROM {attempts}
+        WHERE policy_key = %(policy_key)s AND finished_at IS NOT NULL
+          AND finished_at < now() - make_interval(secs => %(retention)s)
+        ORDER BY finished_at LIMIT %(limit)s))
+    """
+).format(attempts=_ATTEMPTS)
+_PRUNE_SUCCEEDED = sql.SQL(
+    """
+    DELETE FROM {entries} WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM {entries}
+        WHERE policy_key = %(policy_key)s AND state = 'succeeded' AND counted
+          AND finished_at < now() - make_interval(secs => %(retention)s)
+        ORDER BY finished_at LIMIT %(limit)s))
+      AND state = 'succeeded' AND counted
+    """
+).format(entries=_ENTRIES)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pruned:
+    attempts: int
+    entries: int
+
+
+def prune(
+    conn: psycopg.Connection[Any],
+    *,
+    policy_key: str,
+    retention_seconds: float,
+    limit: int = PRUNE_BATCH,
+) -> Pruned:
+    """Delete up to ``limit`` attempts and ``limit`` succeeded entries that finished more than
+    ``retention_seconds`` ago. Dropping a succeeded row loses nothing: an entry the source
+    shows pending again is simply claimed anew."""
+    params = {"policy_key": policy_key, "retention": retention_seconds, "limit": limit}
+    attempts = conn.execute(_PRUNE_ATTEMPTS, params).rowcount
+    entries = conn.execute(_PRUNE_SUCCEEDED, params).rowcount
+    return Pruned(attempts=attempts, entries=entries)
+
+
 _ENTRY = sql.SQL(
     """
     SELECT policy_key, entry_id, state, attempt, fence_token, lease_deadline, next_attempt_at,
@@ -910,13 +1269,27 @@ _ENTRY = sql.SQL(
     FROM {entries} WHERE policy_key = %s AND entry_id = %s
     """
 ).format(entries=_ENTRIES)
+# Ended attempts, then the running one, which has no history row yet (``_attempt_ended``).
 _ATTEMPT_HISTORY = sql.SQL(
     """
     SELECT attempt, fence_token, worker, outcome, error, dispatched_at, started_at,
         finished_at, retry_at
-    FROM {attempts} WHERE policy_key = %s AND entry_id = %s ORDER BY id
+    FROM (
+        SELECT id, attempt, fence_token, worker, outcome, error, dispatched_at, started_at,
+            finished_at, retry_at
+        FROM {attempts} WHERE policy_key = %(policy_key)s AND entry_id = %(entry_id)s
+        UNION ALL
+        SELECT NULL, e.attempt, e.fence_token, e.worker, 'running', NULL, e.dispatched_at,
+            e.started_at, NULL, NULL
+        FROM {entries} e
+        WHERE e.policy_key = %(policy_key)s AND e.entry_id = %(entry_id)s
+          AND e.state = 'running'
+          AND NOT EXISTS (SELECT 1 FROM {attempts} a
+                          WHERE a.fence_token = e.fence_token AND a.outcome = 'running')
+    ) AS attempts
+    ORDER BY id NULLS LAST
     """
-).format(attempts=_ATTEMPTS)
+).format(attempts=_ATTEMPTS, entries=_ENTRIES)
 
 
 def history(
@@ -927,85 +1300,65 @@ def history(
         entry = cursor.execute(_ENTRY, [policy_key, entry_id]).fetchone()
         if entry is None:
             return None
-        attempts = cursor.execute(_ATTEMPT_HISTORY, [policy_key, entry_id]).fetchall()
+        attempts = cursor.execute(
+            _ATTEMPT_HISTORY, {"policy_key": policy_key, "entry_id": entry_id}
+        ).fetchall()
     return EntryHistory(**entry, attempts=tuple(AttemptRecord(**attempt) for attempt in attempts))
 
 
 # --- worker side ---------------------------------------------------------------------------
 
-# Bodies an incarnation finished since its last statement, marked succeeded by the next one
-# (its next fence check, or its heartbeat): a worker spends one ledger statement per task.
-# Until then the entry stays ``running`` under a live incarnation — nothing re-dispatches
-# it — and if the process dies first, the source shows it processed and the sweep settles
-# it. Every statement that embeds this binds ``%(finished)s`` (a uuid[]).
+# Bodies an incarnation finished, marked succeeded in one batch by its next heartbeat (or by
+# ``record_success`` inside a fenced commit): a worker spends a single one-row statement per
+# task, its fence check. Until the mark the entry stays ``running`` under a live incarnation —
+# nothing re-dispatches it — and if the process dies first, the source shows it processed
+# and the sweep settles it. Every statement that embeds this binds ``%(finished)s`` (a uuid[]).
 _MARK_FINISHED = sql.SQL(
     """
     finished AS (
         UPDATE {entries} SET state = 'succeeded', lease_deadline = NULL,
             next_attempt_at = NULL, finished_at = now(), updated_at = now()
         WHERE fence_token = ANY(%(finished)s::uuid[]) AND state = 'running'
-        RETURNING fence_token
-    ), finished_history AS (
-        UPDATE {attempts} a SET outcome = 'succeeded', finished_at = now()
-        FROM finished WHERE a.fence_token = finished.fence_token AND a.outcome = 'running'
-    )
+        RETURNING policy_key, entry_id, attempt, fence_token, worker, dispatched_at,
+            started_at, incarnation
+    ), {history}
     """
-).format(entries=_ENTRIES, attempts=_ATTEMPTS)
+).format(entries=_ENTRIES, history=_attempt_ended("finished", outcome="succeeded"))
 
 
 # The fence: a worker may run the body only if its task id is the entry's current fence
 # token, the entry is still queued (not already running, retried or finished) and the lease
 # is live — and, for a worker with an incarnation, only while that incarnation is live and
-# heartbeated within half its timeout. One statement checks and claims at once, so two
+# heartbeated within half its timeout. One single-row UPDATE checks and claims at once, so two
 # deliveries cannot both pass. ``FOR SHARE`` on the incarnation row makes the operator's
 # ending of it (an UPDATE of that row) and this start serialize: whichever commits first
-# wins, and a start that waited re-reads the row and sees it ended.
+# wins, and a start that waited re-reads the row and sees it ended. The lease is never
+# shorter than the heartbeat timeout, so the backstop cannot fire between two renewals.
 _START_ATTEMPT = sql.SQL(
     """
-    WITH {mark_finished}, me AS (
-        SELECT id, heartbeat_timeout_seconds FROM {incarnations}
-        WHERE id = %(incarnation)s::uuid AND ended_at IS NULL
-          AND heartbeat_at > now() - make_interval(secs => heartbeat_timeout_seconds / 2)
-        FOR SHARE
-    ), started AS (
-        UPDATE {entries} e SET
-            state = 'running',
-            attempt = e.attempt + 1,
-            worker = %(worker)s,
-            incarnation = %(incarnation)s::uuid,
-            started_at = now(),
-            finished_at = NULL,
-            lease_deadline = now() + make_interval(secs => greatest(p.lease_seconds,
-                coalesce((SELECT heartbeat_timeout_seconds FROM me), 0))),
-            updated_at = now()
-        FROM {policies} p
-        WHERE e.fence_token = %(fence_token)s
-          AND (%(entry_id)s::text IS NULL OR e.entry_id = %(entry_id)s::text)
-          AND e.state = 'queued'
-          AND e.lease_deadline > now()
-          AND p.policy_key = e.policy_key
-          AND (%(incarnation)s::uuid IS NULL OR EXISTS (SELECT 1 FROM me))
-        RETURNING e.policy_key, e.entry_id, e.attempt, e.fence_token, e.dispatched_at,
-            e.started_at, p.max_attempts, p.initial_delay_seconds, p.backoff_factor,
-            p.max_delay_seconds, p.jitter, p.lease_seconds
-    ), recorded AS (
-        INSERT INTO {attempts} (policy_key, entry_id, attempt, fence_token, worker, outcome,
-            dispatched_at, started_at, incarnation)
-        SELECT policy_key, entry_id, attempt, fence_token, %(worker)s, 'running',
-            dispatched_at, started_at, %(incarnation)s::uuid
-        FROM started
-    )
-    SELECT policy_key, entry_id, attempt, fence_token, max_attempts, initial_delay_seconds,
-        backoff_factor, max_delay_seconds, jitter, lease_seconds
-    FROM started
+    UPDATE {entries} e SET
+        state = 'running',
+        attempt = e.attempt + 1,
+        worker = %(worker)s,
+        incarnation = %(incarnation)s::uuid,
+        started_at = now(),
+        finished_at = NULL,
+        lease_deadline = now() + make_interval(secs => greatest(
+            (SELECT p.lease_seconds FROM {policies} p WHERE p.policy_key = e.policy_key),
+            coalesce(%(heartbeat_timeout)s::float8, 0))),
+        updated_at = now()
+    WHERE e.fence_token = %(fence_token)s
+      AND (%(entry_id)s::text IS NULL OR e.entry_id = %(entry_id)s::text)
+      AND e.state = 'queued'
+      AND e.lease_deadline > now()
+      AND (%(incarnation)s::uuid IS NULL OR EXISTS (
+            SELECT 1 FROM {incarnations} i
+            WHERE i.id = %(incarnation)s::uuid AND i.ended_at IS NULL
+              AND i.heartbeat_at > now() - make_interval(secs => i.heartbeat_timeout_seconds / 2)
+            FOR SHARE))
+    RETURNING e.policy_key, e.entry_id, e.attempt, e.fence_token
     """
-).format(
-    entries=_ENTRIES,
-    policies=_POLICIES,
-    attempts=_ATTEMPTS,
-    incarnations=_INCARNATIONS,
-    mark_finished=_MARK_FINISHED,
-)
+).format(entries=_ENTRIES, policies=_POLICIES, incarnations=_INCARNATIONS)
 
 
 def start_attempt(
@@ -1015,15 +1368,13 @@ def start_attempt(
     entry_id: str | None,
     worker: str,
     incarnation: uuid.UUID | None = None,
-    finished: Sequence[uuid.UUID] = (),
+    heartbeat_timeout_seconds: float | None = None,
 ) -> RunningAttempt | None:
     """Claim the right to run the body, or ``None`` for a stale or foreign delivery (or an
     incarnation that is no longer live: see ``incarnation_is_live``).
 
     ``entry_id`` (when known) must match the ledger row of the fence token too, so a
     message can never run the body for a different entry than the one it was claimed for.
-    ``finished``: this incarnation's bodies that succeeded since its last statement, marked
-    succeeded in the same statement (see ``_MARK_FINISHED``).
     """
     try:
         token = uuid.UUID(fence_token)
@@ -1036,47 +1387,53 @@ def start_attempt(
             "entry_id": entry_id,
             "worker": worker,
             "incarnation": incarnation,
-            "finished": list(finished),
+            "heartbeat_timeout": heartbeat_timeout_seconds,
         },
     ).fetchone()
     if row is None:
         return None
-    (key, entry, attempt, fence, max_attempts, initial, factor, max_delay, jitter, lease) = row
-    return RunningAttempt(
-        policy_key=key,
-        entry_id=entry,
-        attempt=attempt,
-        fence_token=fence,
-        retry=policy_module.Retry(
-            max_attempts=max_attempts,
-            initial_delay_seconds=initial,
-            backoff_factor=factor,
-            max_delay_seconds=max_delay,
-            jitter=jitter,
-        ),
-        lease_seconds=lease,
+    policy_key, entry, attempt, fence = row
+    return RunningAttempt(policy_key=policy_key, entry_id=entry, attempt=attempt, fence_token=fence)
+
+
+_RETRY_RULES = sql.SQL(
+    """
+    SELECT max_attempts, initial_delay_seconds, backoff_factor, max_delay_seconds, jitter
+    FROM {policies} WHERE policy_key = %s
+    """
+).format(policies=_POLICIES)
+
+
+def retry_rules(conn: psycopg.Connection[Any], *, policy_key: str) -> policy_module.Retry:
+    """The policy's retry rules as the operator last wrote them (read when a body fails)."""
+    row = conn.execute(_RETRY_RULES, [policy_key]).fetchone()
+    if row is None:
+        # The policy was deleted while its body ran: one attempt, no retry.
+        return policy_module.Retry(
+            max_attempts=1,
+            initial_delay_seconds=0.0,
+            backoff_factor=1.0,
+            max_delay_seconds=0.0,
+            jitter=False,
+        )
+    max_attempts, initial, factor, max_delay, jitter = row
+    return policy_module.Retry(
+        max_attempts=max_attempts,
+        initial_delay_seconds=initial,
+        backoff_factor=factor,
+        max_delay_seconds=max_delay,
+        jitter=jitter,
     )
 
 
-_RECORD_SUCCESS = sql.SQL(
-    """
-    WITH done AS (
-        UPDATE {entries} SET state = 'succeeded', lease_deadline = NULL,
-            next_attempt_at = NULL, finished_at = now(), updated_at = now()
-        WHERE fence_token = %(fence_token)s AND state = 'running'
-        RETURNING fence_token
-    ), recorded AS (
-        UPDATE {attempts} a SET outcome = 'succeeded', finished_at = now()
-        FROM done WHERE a.fence_token = done.fence_token AND a.outcome = 'running'
-    )
-    SELECT count(*) FROM done
-    """
-).format(entries=_ENTRIES, attempts=_ATTEMPTS)
+_RECORD_SUCCESS = sql.SQL("WITH {mark_finished} SELECT count(*) FROM finished").format(
+    mark_finished=_MARK_FINISHED
+)
 
 
 def record_success(conn: psycopg.Connection[Any], *, fence_token: uuid.UUID) -> bool:
     """Mark the attempt succeeded; ``False`` if it no longer owned the entry (lease lost)."""
-    row = conn.execute(_RECORD_SUCCESS, {"fence_token": fence_token}).fetchone()
+    row = conn.execute(_RECORD_SUCCESS, {"finished": [fence_token]}).fetchone()
     return bool(row and row[0])
 
 
@@ -1092,15 +1449,17 @@ _RECORD_FAILURE = sql.SQL(
             finished_at = now(),
             updated_at = now()
         WHERE fence_token = %(fence_token)s AND state = 'running'
-        RETURNING fence_token, state, next_attempt_at
-    ), recorded AS (
-        UPDATE {attempts} a SET outcome = 'failed', error = %(error)s, finished_at = now(),
-            retry_at = failed.next_attempt_at
-        FROM failed WHERE a.fence_token = failed.fence_token AND a.outcome = 'running'
-    )
+        RETURNING policy_key, entry_id, attempt, fence_token, worker, dispatched_at,
+            started_at, incarnation, state, next_attempt_at
+    ), {history}
     SELECT state FROM failed
     """
-).format(entries=_ENTRIES, attempts=_ATTEMPTS)
+).format(
+    entries=_ENTRIES,
+    history=_attempt_ended(
+        "failed", outcome="failed", error="%(error)s", retry_at="ended.next_attempt_at"
+    ),
+)
 
 
 def record_failure(

@@ -29,10 +29,11 @@ import datetime
 import logging
 import threading
 import time
-from collections.abc import Mapping
+import traceback
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from celery_reconciler import broker, conditions, kube, metrics, planning, reconcile
+from celery_reconciler import broker, conditions, kube, ledger, metrics, planning, reconcile
 from celery_reconciler import policy as policy_module
 
 SWEEP_NOW_ANNOTATION = "celery-reconciler.io/sweep-now"
@@ -45,11 +46,19 @@ STATUS_REFRESH_SECONDS = 30.0
 STATUS_LIVE_REFRESH_SECONDS = 2.0
 ERROR_BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 INVALID_SPEC_RECHECK_SECONDS = 300.0
+# The pending query's plan is read at the first sweep of each generation, then hourly: an
+# index created (or dropped) by a person shows within the hour, and asking costs one EXPLAIN.
+INDEX_ADVICE_RECHECK_SECONDS = 3600.0
 
 logger = logging.getLogger(__name__)
 
 # Wake-up events of the running loops by policy key, for handlers that must poke a loop.
 _WAKERS: dict[str, asyncio.Event] = {}
+# Loops that yield to an older policy; any policy change in their namespace may free them.
+_CONFLICTED: set[str] = set()
+# Problems a sweep that worked can report (``health_problem``); a status refresh between
+# sweeps recomputes them, where it leaves a sweep's own failure for the next sweep.
+HEALTH_REASONS = (conditions.WORKERS_NOT_CONSUMING, conditions.POD_WATCH_FAILED)
 
 
 def wake(policy_key: str) -> bool:
@@ -58,6 +67,12 @@ def wake(policy_key: str) -> bool:
         return False
     waker.set()
     return True
+
+
+def wake_conflicted(namespace: str) -> None:
+    """A policy of ``namespace`` changed or went away: let the loops that yield re-check."""
+    for key in [key for key in _CONFLICTED if key.partition("/")[0] == namespace]:
+        wake(key)
 
 
 def utc_now_text() -> str:
@@ -112,6 +127,15 @@ class Connections:
             self.publisher = broker.connect(broker_url)
             self.broker_url = broker_url
 
+    def secrets(self) -> tuple[str, ...]:
+        """What must never appear in a message: the DSN, the broker URL and their passwords."""
+        found: tuple[str, ...] = ()
+        if self.dsn is not None:
+            found += ledger.dsn_secrets(self.dsn)
+        if self.broker_url is not None:
+            found += broker.url_secrets(self.broker_url)
+        return found
+
     def close_databases(self) -> None:
         for db in (self.db, self.rescue_db):
             if db is not None:
@@ -126,7 +150,15 @@ class Connections:
 
 
 class PolicyLoop:
-    def __init__(self, *, namespace: str, name: str, uid: str, body: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        *,
+        namespace: str,
+        name: str,
+        uid: str,
+        body: Mapping[str, Any],
+        peers: Mapping[str, Iterable[planning.PolicyClaim]] | None = None,
+    ) -> None:
         self.namespace = namespace
         self.name = name
         self.uid = uid
@@ -153,7 +185,15 @@ class PolicyLoop:
         # and retried until it does, so a rescue is never dropped.
         self.unfinished_rescues: list[PendingRescue] = []
         self.pod_watch_stop: threading.Event | None = None
+        self.index_condition: tuple[str, str, str, str] | None = None
+        self.index_checked: tuple[int, float] | None = None  # (generation, time.monotonic())
         self.pod_selector = ""
+        self.pod_watch_failure: str | None = None  # set from the watch thread
+        # Every ProcessingPolicy by namespace (a kopf index), to find the ones that overlap.
+        self.peers = peers or {}
+        self.workers_stuck = False
+        self.errors_logged: set[type[BaseException]] = set()
+        self.pacing = planning.RatePacing()
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -166,6 +206,8 @@ class PolicyLoop:
                 await self.wait_for_next_sweep(delay, stopped)
         finally:
             _WAKERS.pop(self.key, None)
+            _CONFLICTED.discard(self.key)
+            wake_conflicted(self.namespace)
             self.stop_pod_watch()
             self.connections.close()
             logger.info("policy %s: loop stopped", self.key)
@@ -189,16 +231,19 @@ class PolicyLoop:
 
     async def refresh_status(self) -> None:
         db, publisher, policy = self.connections.db, self.connections.publisher, self.policy
-        if db is None or publisher is None or policy is None or self.last_problem is not None:
+        if db is None or publisher is None or policy is None:
+            return
+        if self.last_problem is not None and self.last_problem.reason not in HEALTH_REASONS:
             return
         try:
             if await self.notice_broker_restart(policy, db=db, publisher=publisher):
                 return  # the loop was woken to re-dispatch; it reports after that sweep
             counts = await self.observe(policy, db=db, publisher=publisher)
-        except (reconcile.DatabaseUnavailable, reconcile.BrokerUnavailable):
-            return  # the next sweep reports it as a condition
+        except Exception:  # the next sweep meets it too, and reports it
+            return
         generation = int(self.body.get("metadata", {}).get("generation") or 0)
-        await self.report(policy=policy, problem=None, generation=generation, counts=counts)
+        problem = self.health_problem(policy, counts)
+        await self.report(policy=policy, problem=problem, generation=generation, counts=counts)
 
     async def sleep(self, delay_seconds: float, stopped: Any) -> bool:
         """Sleep up to ``delay_seconds``; True when woken early by a wake-up request."""
@@ -228,10 +273,16 @@ class PolicyLoop:
                 self.body.get("spec") or {}, namespace=self.namespace, name=self.name
             )
         except policy_module.InvalidPolicy as error:
+            # An edit of the spec wakes the loop at once (handlers.wake_on_change).
             problem = conditions.Problem(conditions.INVALID_SPEC, str(error))
+            metrics.SWEEP_ERRORS.labels(self.namespace, self.name, problem.reason).inc()
             await self.report(policy=None, problem=problem, generation=generation)
             return INVALID_SPEC_RECHECK_SECONDS
         self.policy = policy
+        conflict = self.conflict(policy)
+        if conflict is not None:
+            await self.report(policy=policy, problem=conflict, generation=generation)
+            return policy.schedule.sweep_interval_seconds
         self.ensure_pod_watch(policy)
         try:
             dsn, broker_url = await asyncio.to_thread(self.read_secrets, policy)
@@ -244,15 +295,22 @@ class PolicyLoop:
             await self.notice_broker_restart(policy, db=db, publisher=publisher)
             await self.finish_rescues()
             if not policy.schedule.suspend:
+                rate = policy.limits.dispatch_per_second
+                held = self.pacing.holds(dispatch_per_second=rate, now=time.monotonic())
                 result = await asyncio.to_thread(
-                    reconcile.reconcile_once, policy, db=db, broker=publisher
+                    reconcile.reconcile_once, policy, db=db, broker=publisher, hold_dispatch=held
                 )
+                if not held:
+                    self.pacing.swept(
+                        rate_allows_in_seconds=result.rate_allows_in_seconds, now=time.monotonic()
+                    )
                 metrics.SWEEP_SECONDS.labels(self.namespace, self.name).observe(
                     result.duration_seconds
                 )
             counts = await self.observe(policy, db=db, publisher=publisher)
-        except SWEEP_ERRORS as error:
-            problem = problem_of(error)
+            await self.check_index(policy, db=db, generation=generation)
+        except Exception as error:  # every failure is a condition, never a dead loop
+            problem = self.problem_of(error)
             metrics.SWEEP_ERRORS.labels(self.namespace, self.name, problem.reason).inc()
             await self.report(policy=policy, problem=problem, generation=generation)
             self.failures_in_a_row += 1
@@ -261,17 +319,83 @@ class PolicyLoop:
             ]
         self.failures_in_a_row = 0
         await self.report(
-            policy=policy, problem=None, generation=generation, result=result, counts=counts
+            policy=policy,
+            problem=self.health_problem(policy, counts),
+            generation=generation,
+            result=result,
+            counts=counts,
         )
         delay = policy.schedule.sweep_interval_seconds
         if not policy.schedule.suspend:
             delay = planning.next_wakeup_seconds(
                 sweep_interval_seconds=delay,
                 earliest_retry_in_seconds=counts.seconds_until_next_due,
+                rate_allows_in_seconds=self.pacing.allows_in_seconds(now=time.monotonic()),
             )
         if self.status_write_deferred:
             delay = min(delay, STATUS_MIN_INTERVAL_SECONDS)
         return delay
+
+    def conflict(self, policy: policy_module.Policy) -> conditions.Problem | None:
+        """Conflict when an older policy already processes the same rows (see
+        ``planning.conflicts``): this one then dispatches nothing, so no entry runs twice."""
+        claims = list(self.peers.get(self.namespace, ()))
+        found = planning.conflicts(claims).get(policy.key)
+        if found is None:
+            _CONFLICTED.discard(self.key)
+            return None
+        _CONFLICTED.add(self.key)
+        winner = found.winner.partition("/")[2]
+        return conditions.Problem(
+            conditions.CONFLICT,
+            f"overlaps the older ProcessingPolicy {winner} ({found.what}, same "
+            f"spec.source.databaseSecretRef): this policy dispatches nothing while {winner} "
+            "processes these rows; delete one of them or change its table, pending predicate "
+            "or task",
+        )
+
+    def health_problem(
+        self, policy: policy_module.Policy, counts: reconcile.StatusSnapshot
+    ) -> conditions.Problem | None:
+        """What a sweep that worked can still be wrong about: a pod watch the API refuses,
+        or work that waits for workers that never take it."""
+        if self.pod_watch_failure is not None:
+            return conditions.Problem(conditions.POD_WATCH_FAILED, self.pod_watch_failure)
+        consumption = counts.consumption
+        self.workers_stuck = planning.workers_not_consuming(
+            oldest_queued_seconds=consumption.oldest_queued_seconds,
+            running=counts.running,
+            last_finished_seconds_ago=consumption.last_finished_seconds_ago,
+            start_timeout_seconds=policy.workers.start_timeout_seconds,
+            was_stuck=self.workers_stuck,
+        )
+        if not self.workers_stuck:
+            return None
+        queue, task = policy.task.queue, policy.task.name
+        waited = int(consumption.oldest_queued_seconds or 0)
+        return conditions.Problem(
+            conditions.WORKERS_NOT_CONSUMING,
+            f"{counts.in_flight - counts.running} entries dispatched to queue {queue!r} wait "
+            f"for a worker (the oldest for {waited}s, spec.workers.startTimeout is "
+            f"{policy.workers.start_timeout_seconds:g}s) and no worker started any: check "
+            f"that a worker consumes queue {queue!r} (celery worker -Q {queue}), has task "
+            f"{task!r} registered, and has CELERY_RECONCILER_DSN set",
+        )
+
+    def problem_of(self, error: Exception) -> conditions.Problem:
+        """``problem_of``, and the traceback of an unexpected error in the log — once per
+        kind of error, without secrets — since that one is a bug to report."""
+        problem = problem_of(error, secrets=self.connections.secrets())
+        if problem.reason == conditions.INTERNAL_ERROR and type(error) not in self.errors_logged:
+            self.errors_logged.add(type(error))
+            trace = "".join(traceback.format_exception(error))
+            logger.error(
+                "policy %s: unexpected error, reported as %s (logged once):\n%s",
+                self.key,
+                conditions.INTERNAL_ERROR,
+                ledger.sanitize_error(trace, secrets=self.connections.secrets(), limit=20_000),
+            )
+        return problem
 
     async def observe(
         self,
@@ -286,6 +410,29 @@ class PolicyLoop:
         depth = await asyncio.to_thread(publisher.queue_depth, policy.task.queue)
         metrics.QUEUE_DEPTH.labels(self.namespace, self.name).set(depth)
         return counts
+
+    async def check_index(
+        self, policy: policy_module.Policy, *, db: reconcile.Database, generation: int
+    ) -> None:
+        """Tell the user, on the policy, when the pending query has no index to use."""
+        checked = self.index_checked
+        if (
+            checked is not None
+            and checked[0] == generation
+            and time.monotonic() - checked[1] < INDEX_ADVICE_RECHECK_SECONDS
+        ):
+            return
+        self.index_checked = (generation, time.monotonic())
+        advice = await asyncio.to_thread(reconcile.advise_index, policy, db=db)
+        condition = conditions.indexed(
+            create_index=None if advice is None else advice.create_index,
+            table=str(policy.source.table),
+            table_rows=0 if advice is None else advice.table_rows,
+        )
+        if advice is not None and condition != self.index_condition:
+            logger.warning("policy %s: %s", self.key, condition[3])
+            await self.event("Warning", conditions.MISSING_INDEX, condition[3])
+        self.index_condition = condition
 
     async def notice_broker_restart(
         self,
@@ -332,18 +479,23 @@ class PolicyLoop:
     def read_secrets(self, policy: policy_module.Policy) -> tuple[str, str]:
         database, broker_ref = policy.source.database_secret, policy.task.broker_secret
         assert database is not None and broker_ref is not None  # parse_policy requires them
-        dsn = kube.read_secret_value(
-            namespace=self.namespace,
-            name=database.name,
-            key=database.key,
-            field="spec.source.databaseSecretRef",
-        )
-        url = kube.read_secret_value(
-            namespace=self.namespace,
-            name=broker_ref.name,
-            key=broker_ref.key,
-            field="spec.task.brokerSecretRef",
-        )
+        database_at = {
+            "namespace": self.namespace,
+            "name": database.name,
+            "key": database.key,
+            "field": "spec.source.databaseSecretRef",
+        }
+        broker_at = {
+            "namespace": self.namespace,
+            "name": broker_ref.name,
+            "key": broker_ref.key,
+            "field": "spec.task.brokerSecretRef",
+        }
+        dsn = kube.read_secret_value(**database_at)
+        url = kube.read_secret_value(**broker_at)
+        # Checked here, where the Secret's name is known, so the error can name it.
+        ledger.check_dsn(dsn, where=kube.secret_value_description(**database_at))
+        broker.check_broker_url(url, where=kube.secret_value_description(**broker_at))
         return dsn, url
 
     def annotation(self, name: str) -> str | None:
@@ -378,19 +530,12 @@ class PolicyLoop:
     # -- pod-restart hook ---------------------------------------------------------------
 
     def ensure_pod_watch(self, policy: policy_module.Policy) -> None:
-        selector = kube.label_selector_string(
-            {
-                "matchLabels": dict(policy.workers.match_labels),
-                "matchExpressions": [
-                    {"key": r.key, "operator": r.operator, "values": list(r.values)}
-                    for r in policy.workers.match_expressions
-                ],
-            }
-        )
+        selector = kube.label_selector(policy.workers)
         if selector == self.pod_selector:
             return
         self.stop_pod_watch()
         self.pod_selector = selector
+        self.pod_watch_failure = None
         self.containers_seen.clear()
         if not selector:
             return
@@ -403,17 +548,27 @@ class PolicyLoop:
                 lambda: asyncio.ensure_future(self.on_pod_event(event_type, pod))
             )
 
+        def on_health(failure: str | None) -> None:
+            loop.call_soon_threadsafe(self.note_pod_watch_health, stopping, failure)
+
         threading.Thread(
             target=kube.watch_worker_pods,
             kwargs={
                 "namespace": self.namespace,
                 "label_selector": selector,
                 "on_event": on_event,
+                "on_health": on_health,
                 "stopping": stopping,
             },
             name=f"pods:{self.key}",
             daemon=True,
         ).start()
+
+    def note_pod_watch_health(self, watch: threading.Event, failure: str | None) -> None:
+        """What the pod watch thread says about itself; a replaced watch has no say."""
+        if watch is self.pod_watch_stop and failure != self.pod_watch_failure:
+            self.pod_watch_failure = failure
+            self.waker.set()  # report it now, not at the next sweep
 
     def stop_pod_watch(self) -> None:
         if self.pod_watch_stop is not None:
@@ -462,14 +617,14 @@ class PolicyLoop:
                 result = await asyncio.to_thread(
                     reconcile.rescue, policy, db=db, broker=publisher, ending=pending.ending
                 )
-            except (reconcile.DatabaseUnavailable, reconcile.BrokerUnavailable) as error:
+            except Exception as error:  # kept and retried, whatever the failure
                 pending.failures += 1
                 logger.warning(
                     "policy %s: rescue after pod %s (%s) failed: %s; retrying",
                     self.key,
                     pending.pod,
                     pending.ending.reason,
-                    error,
+                    self.problem_of(error).message,
                 )
                 self.schedule_rescue_retry(pending.failures)
                 return
@@ -566,6 +721,7 @@ class PolicyLoop:
             None if counts is None else status_counts(counts),
             self.dispatched_since_write,
             None if self.last_rescue is None else dataclasses.astuple(self.last_rescue),
+            self.index_condition,
         )
         since_write = time.monotonic() - self.last_status_write
         if not changed and facts == self.reported_facts and since_write < STATUS_REFRESH_SECONDS:
@@ -582,12 +738,10 @@ class PolicyLoop:
         )
         now = utc_now_text()
         previous = (self.body.get("status") or {}).get("conditions")
-        merged = conditions.merge(
-            previous,
-            conditions.health(problem=problem, suspended=suspended, summary=summary),
-            now=now,
-            generation=generation,
-        )
+        updates = list(conditions.health(problem=problem, suspended=suspended, summary=summary))
+        if self.index_condition is not None:
+            updates.append(self.index_condition)
+        merged = conditions.merge(previous, updates, now=now, generation=generation)
         policy_status: dict[str, Any] = {"observedGeneration": generation, "conditions": merged}
         processing: dict[str, Any] = {"policyGeneration": generation, "conditions": merged}
         if result is not None:
@@ -619,26 +773,40 @@ class PolicyLoop:
             logger.warning("policy %s: status not written: %s", self.key, error)
 
 
-SWEEP_ERRORS = (
-    kube.SecretNotFound,
-    kube.KubernetesUnavailable,
-    reconcile.DatabaseUnavailable,
-    reconcile.BrokerUnavailable,
-    reconcile.SourceInvalid,
+# The failures a sweep can meet, each with its condition reason; the first match wins, so
+# a subclass comes before its base (``DsnInvalid`` is a ``DatabaseUnavailable``). Every
+# message here was written for the user: it names the field to fix and holds no secret.
+SWEEP_ERRORS: tuple[tuple[type[Exception], str], ...] = (
+    (kube.SecretNotFound, conditions.SECRET_NOT_FOUND),
+    (kube.SecretInvalid, conditions.SECRET_INVALID),
+    (reconcile.DsnInvalid, conditions.SECRET_INVALID),
+    (broker.BrokerUrlInvalid, conditions.SECRET_INVALID),
+    (kube.KubernetesUnavailable, conditions.KUBERNETES_UNAVAILABLE),
+    (reconcile.DatabaseUnavailable, conditions.DATABASE_UNAVAILABLE),
+    (reconcile.LedgerPermissionDenied, conditions.LEDGER_PERMISSION_DENIED),
+    (reconcile.BrokerUnavailable, conditions.BROKER_UNAVAILABLE),
+    (reconcile.SourceInvalid, conditions.SOURCE_INVALID),
 )
 
 
-def problem_of(error: Exception) -> conditions.Problem:
-    reason = conditions.DATABASE_UNAVAILABLE
-    if isinstance(error, kube.SecretNotFound):
-        reason = conditions.SECRET_NOT_FOUND
-    elif isinstance(error, kube.KubernetesUnavailable):
-        reason = conditions.KUBERNETES_UNAVAILABLE
-    elif isinstance(error, reconcile.BrokerUnavailable):
-        reason = conditions.BROKER_UNAVAILABLE
-    elif isinstance(error, reconcile.SourceInvalid):
-        reason = conditions.SOURCE_INVALID
-    return conditions.Problem(reason, str(error))
+def problem_of(error: BaseException, *, secrets: tuple[str, ...] = ()) -> conditions.Problem:
+    """The condition for a failed sweep. Anything not in ``SWEEP_ERRORS`` is a bug of ours,
+    ``InternalError``, whose message is sanitized of ``secrets`` since nobody wrote it for
+    the user."""
+    for kind, reason in SWEEP_ERRORS:
+        if isinstance(error, kind):
+            return conditions.Problem(reason, str(error))
+    detail = ledger.sanitize_error(
+        str(error).strip() or "no message", secrets=secrets, limit=ERROR_MESSAGE_LIMIT
+    )
+    return conditions.Problem(
+        conditions.INTERNAL_ERROR,
+        f"unexpected {type(error).__name__}: {detail} — a bug of celery-reconciler: please "
+        "report it with the operator's log (it has the traceback); the loop retries with backoff",
+    )
+
+
+ERROR_MESSAGE_LIMIT = 500
 
 
 def status_counts(counts: reconcile.StatusSnapshot) -> dict[str, Any]:
@@ -666,6 +834,8 @@ def sweep_fields(result: reconcile.SweepResult) -> dict[str, Any]:
         "dead_on_expiry": result.expired.dead,
         "lost_messages": result.expired.unstarted + result.missing_messages,
         "settled": result.settled,
+        "pruned_attempts": result.pruned.attempts,
+        "pruned_entries": result.pruned.entries,
         "duration_seconds": round(result.duration_seconds, 4),
     }
 

@@ -29,7 +29,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import random as random_module
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from celery_reconciler import policy as policy_module
 
@@ -111,6 +112,7 @@ def next_wakeup_seconds(
     *,
     sweep_interval_seconds: float,
     earliest_retry_in_seconds: float | None,
+    rate_allows_in_seconds: float | None = None,
     random: RandomSource = random_module.random,
 ) -> float:
     """Seconds until the per-policy loop should sweep again.
@@ -118,12 +120,14 @@ def next_wakeup_seconds(
     The jittered sweep interval, or sooner when something in the ledger falls due first — a
     scheduled retry (retries are dispatched by the loop, never by Celery countdowns that die
     with a worker) or a lease deadline (``ledger.seconds_until_next_due``). Already due means
-    "now" (0).
+    "now" (0). ``rate_allows_in_seconds``: a sweep that stopped dispatching for
+    ``dispatchPerSecond`` (``dispatch_pause_within_sweep``) goes on when the rate allows.
     """
     low, high = sweep_delay_bounds_seconds(sweep_interval_seconds)
     delay = low + (high - low) * random()
-    if earliest_retry_in_seconds is not None:
-        delay = min(delay, max(0.0, earliest_retry_in_seconds))
+    for due in (earliest_retry_in_seconds, rate_allows_in_seconds):
+        if due is not None:
+            delay = min(delay, max(0.0, due))
     return delay
 
 
@@ -139,6 +143,66 @@ def dispatch_pause_seconds(
     if dispatch_per_second <= 0 or dispatched <= 0:
         return 0.0
     return max(0.0, dispatched / dispatch_per_second - elapsed_seconds)
+
+
+# The longest a sweep waits between pages to keep to ``dispatchPerSecond``. A sweep runs in
+# a thread nobody can interrupt; a tiny rate (``1e-9``: one entry in 30 years) would hold it
+# there for good — or overflow ``time.sleep`` — so a pause longer than this ends the
+# sweep's dispatching instead, and the loop sweeps again when the rate allows.
+MAX_DISPATCH_PAUSE_SECONDS = 5.0
+
+
+def dispatch_pause_within_sweep(
+    *, dispatched: int, elapsed_seconds: float, dispatch_per_second: float
+) -> float | None:
+    """The pause before the next page (``dispatch_pause_seconds``), or ``None`` when it is
+    longer than ``MAX_DISPATCH_PAUSE_SECONDS``: this sweep dispatches nothing more.
+
+    The caller sweeps again after ``dispatch_pause_seconds`` (``next_wakeup_seconds``'s
+    ``rate_allows_in_seconds``), so a slow rate is kept across sweeps.
+    """
+    pause = dispatch_pause_seconds(
+        dispatched=dispatched,
+        elapsed_seconds=elapsed_seconds,
+        dispatch_per_second=dispatch_per_second,
+    )
+    return pause if pause <= MAX_DISPATCH_PAUSE_SECONDS else None
+
+
+@dataclasses.dataclass
+class RatePacing:
+    """A slow ``dispatchPerSecond`` kept across sweeps.
+
+    A sweep that stops for the rate (``dispatch_pause_within_sweep``) says when the next page
+    is allowed; until then, sweeps that something else causes (a due retry, a status
+    refresh, an edit) claim nothing new — else every wake-up would publish a page and the
+    rate would mean nothing. A changed rate starts afresh. Times are any monotonic clock.
+    """
+
+    rate: float = 0.0
+    allows_at: float | None = None
+
+    def holds(self, *, dispatch_per_second: float, now: float) -> bool:
+        """Whether the sweep about to run must claim nothing new."""
+        if dispatch_per_second != self.rate:
+            self.rate, self.allows_at = dispatch_per_second, None
+        return self.allows_at is not None and now < self.allows_at
+
+    def swept(self, *, rate_allows_in_seconds: float | None, now: float) -> None:
+        """Record what a sweep that was not held said about the next page."""
+        self.allows_at = None if rate_allows_in_seconds is None else now + rate_allows_in_seconds
+
+    def allows_in_seconds(self, *, now: float) -> float | None:
+        """How long until the next page is allowed (for ``next_wakeup_seconds``)."""
+        return None if self.allows_at is None else max(0.0, self.allows_at - now)
+
+
+def dispatch_batch_size(*, batch_size: int, dispatch_per_second: float) -> int:
+    """A page is published as one burst: with a rate, keep bursts to about a second's worth
+    (at least one entry; bounded by ``batch_size`` however large the rate)."""
+    if dispatch_per_second <= 0:
+        return batch_size
+    return max(1, min(batch_size, int(min(dispatch_per_second, float(batch_size)))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,3 +301,141 @@ def pod_ending(
         started_before=started_before,
         single_container=len(new_statuses) == 1,
     )
+
+
+# --- policies that overlap ------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyClaim:
+    """A policy as the conflict rule sees it: its parsed spec and its age.
+
+    ``created`` is the object's ``metadata.creationTimestamp`` (RFC 3339 in UTC, so text
+    order is time order); ties are broken by name so every replica decides the same way.
+    """
+
+    created: str
+    policy: policy_module.Policy
+
+
+@dataclasses.dataclass(frozen=True)
+class Conflict:
+    """``loser`` overlaps the older, active ``winner``; ``what`` says how, for people."""
+
+    loser: str
+    winner: str
+    what: str
+
+
+def overlap(a: policy_module.Policy, b: policy_module.Policy) -> str | None:
+    """How two policies would process the same rows twice, or None when they cannot.
+
+    The same database is judged by the same Secret and key in the same namespace: the
+    operator never compares DSNs, which would put secrets side by side in its memory and
+    messages (two Secrets holding one DSN are not caught — one Secret per database is the
+    documented practice). An unqualified table is ``public``'s, PostgreSQL's default
+    ``search_path``. Then the same table with the same predicate claims the same entries,
+    and the same table with the same task runs the same body twice per entry, whatever the
+    predicates.
+    """
+    source_a, source_b = a.source, b.source
+    if (
+        a.namespace != b.namespace
+        or source_a.database_secret != source_b.database_secret
+        or _qualified(source_a.table) != _qualified(source_b.table)
+    ):
+        return None
+    table = _qualified(source_a.table)
+    if source_a.pending == source_b.pending:
+        return f"same table {table} and pending predicate"
+    if a.task.name == b.task.name:
+        return f"same table {table} and task {a.task.name}"
+    return None
+
+
+def _qualified(table: policy_module.TableName) -> str:
+    return f"{table.schema or 'public'}.{table.table}"
+
+
+def conflicts(claims: Iterable[PolicyClaim]) -> dict[str, Conflict]:
+    """Which policies must dispatch nothing, by key, and which older policy each yields to.
+
+    Oldest first (creation time, then name), a policy is active unless it overlaps an
+    active older one. A policy that yields blocks nobody: with A older than B older than C,
+    where A overlaps B and B overlaps C but A does not overlap C, A and C both run. Deleting
+    or changing the older policy makes the younger active at its next sweep.
+    """
+    active: list[policy_module.Policy] = []
+    found: dict[str, Conflict] = {}
+    for claim in sorted(claims, key=lambda c: (c.created, c.policy.name)):
+        for older in active:
+            what = overlap(claim.policy, older)
+            if what is not None:
+                found[claim.policy.key] = Conflict(
+                    loser=claim.policy.key, winner=older.key, what=what
+                )
+                break
+        else:
+            active.append(claim.policy)
+    return found
+
+
+# --- workers that do not consume ------------------------------------------------------
+
+
+def workers_not_consuming(
+    *,
+    oldest_queued_seconds: float | None,
+    running: int,
+    last_finished_seconds_ago: float | None,
+    start_timeout_seconds: float,
+    was_stuck: bool,
+) -> bool:
+    """True while dispatched work waits and no worker takes any of it.
+
+    Stuck: an entry has been queued (published, not started) longer than the start timeout,
+    nothing runs, and nothing finished within the timeout either — so a deep backlog that
+    workers are working through is never called stuck, however old its tail. Once stuck, a
+    policy stays so (``was_stuck``) until work starts again or nothing is queued: a lease
+    that expires re-dispatches the entries with a fresh dispatch time, which must not look
+    like a recovery.
+    """
+    if oldest_queued_seconds is None:
+        return False
+    recently_finished = (
+        last_finished_seconds_ago is not None and last_finished_seconds_ago <= start_timeout_seconds
+    )
+    if running > 0 or recently_finished:
+        return False
+    return was_stuck or oldest_queued_seconds > start_timeout_seconds
+
+
+# --- index advice ----------------------------------------------------------------------------
+
+# Below this many rows a table is read whole in about a millisecond: PostgreSQL rightly
+# prefers that to any index, and advising one would be noise.
+INDEX_ADVICE_MIN_ROWS = 10_000
+_SCANS_WITH_FILTERS = ("Index Scan", "Index Only Scan", "Bitmap Heap Scan")
+
+
+def page_needs_index(
+    plan: Mapping[str, Any], *, relation: str, predicate_column: str, table_rows: float
+) -> bool:
+    """Whether a pending page (its ``EXPLAIN (FORMAT JSON)`` plan) reads the source table
+    in proportion to the table rather than to the backlog: a sequential scan of it, or an
+    index scan that filters on the predicate afterwards (the index does not hold it, so
+    every processed row in key order is read and thrown away)."""
+    if table_rows < INDEX_ADVICE_MIN_ROWS:
+        return False
+    nodes = [plan.get("Plan", plan)]
+    while nodes:
+        node = nodes.pop()
+        nodes.extend(node.get("Plans") or ())
+        if node.get("Relation Name") != relation:
+            continue
+        kind = node.get("Node Type")
+        if kind == "Seq Scan":
+            return True
+        if kind in _SCANS_WITH_FILTERS and predicate_column in str(node.get("Filter") or ""):
+            return True
+    return False

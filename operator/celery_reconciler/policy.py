@@ -31,9 +31,20 @@ IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # name can never smuggle whitespace or control characters into logs or broker keys.
 TASK_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-]{0,254}$")
 QUEUE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,199}$")
-LABEL_VALUE_PATTERN = re.compile(r"^[A-Za-z0-9_./\-]{0,253}$")
+# Kubernetes label syntax (apimachinery's IsQualifiedName / IsValidLabelValue): a key is an
+# optional DNS-subdomain prefix and "/", then a name of at most 63 characters; a value is at
+# most 63 characters, alphanumeric at both ends, or empty. The CRD says the same, so a key
+# that could smuggle ",", "!=" or "(" into a selector string is refused at apply time.
+LABEL_NAME_PATTERN = re.compile(r"^(?:[A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9]$")
+LABEL_PREFIX_PATTERN = re.compile(
+    r"^[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*$"
+)
+LABEL_VALUE_PATTERN = re.compile(r"^(?:(?:[A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$")
+MAX_LABEL_PREFIX_LENGTH = 253
+SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+# [0-9], not \d: \d also matches other scripts' digits, which float() would then accept.
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
 _DURATION_UNIT_SECONDS = {
     "ns": 1e-9,
     "us": 1e-6,
@@ -55,11 +66,26 @@ DEFAULT_INITIAL_DELAY = "60s"
 DEFAULT_BACKOFF_FACTOR = 2.0
 DEFAULT_MAX_DELAY = "1h"
 DEFAULT_LEASE_TIMEOUT = "15m"
+# Ledger history (finished attempts, succeeded rows) is kept a week, then pruned.
+DEFAULT_HISTORY_RETENTION = "168h"
+MIN_HISTORY_RETENTION_SECONDS = 60.0
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_MAX_IN_FLIGHT = 10_000
 MAX_BATCH_SIZE = 50_000
 MAX_ATTEMPTS_LIMIT = 1000
 MIN_SWEEP_INTERVAL_SECONDS = 1.0
+DEFAULT_START_TIMEOUT = "3m"
+# Upper bounds that keep every sum of "now" and a user's duration or rate inside the range
+# of a timestamp (Python's datetime and PostgreSQL's timestamptz): the CRD says the same.
+MAX_SWEEP_INTERVAL_SECONDS = 24 * 3600.0
+MAX_DELAY_SECONDS = 7 * 24 * 3600.0
+MAX_LEASE_SECONDS = 7 * 24 * 3600.0
+MAX_START_TIMEOUT_SECONDS = 24 * 3600.0
+MAX_HISTORY_RETENTION_SECONDS = 87600 * 3600.0  # ten years
+MAX_BACKOFF_FACTOR = 100.0
+MAX_MAX_IN_FLIGHT = 10_000_000
+MIN_DISPATCH_PER_SECOND = 0.01
+MAX_DISPATCH_PER_SECOND = 1_000_000.0
 
 
 class InvalidDuration(ValueError):
@@ -175,6 +201,11 @@ class Lease:
 
 
 @dataclasses.dataclass(frozen=True)
+class History:
+    retention_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
 class LabelSelectorRequirement:
     key: str
     operator: str
@@ -187,6 +218,9 @@ class Workers:
 
     match_labels: tuple[tuple[str, str], ...]
     match_expressions: tuple[LabelSelectorRequirement, ...]
+    # How long a dispatched entry may wait for a worker to start it before the policy
+    # reports WorkersNotConsuming (nobody consumes its queue, or workers cannot start it).
+    start_timeout_seconds: float = 180.0
 
     @property
     def has_selector(self) -> bool:
@@ -209,6 +243,7 @@ class Policy:
     schedule: Schedule
     retry: Retry
     lease: Lease
+    history: History
     workers: Workers
     limits: Limits
 
@@ -247,6 +282,25 @@ def parse_duration_seconds(text: str) -> float:
             'e.g. "90s", "5m", "1h30m" or "250ms"'
         )
     return sign * total
+
+
+def is_label_key(key: object) -> bool:
+    """A Kubernetes qualified name: ``[prefix/]name`` (``app``, ``app.kubernetes.io/name``)."""
+    if not isinstance(key, str):
+        return False
+    prefix, slash, name = key.rpartition("/")
+    if slash and (
+        not prefix
+        or len(prefix) > MAX_LABEL_PREFIX_LENGTH
+        or not LABEL_PREFIX_PATTERN.fullmatch(prefix)
+    ):
+        return False
+    return bool(LABEL_NAME_PATTERN.fullmatch(name))
+
+
+def is_label_value(value: object) -> bool:
+    """A Kubernetes label value: at most 63 characters, alphanumeric at both ends, or empty."""
+    return isinstance(value, str) and bool(LABEL_VALUE_PATTERN.fullmatch(value))
 
 
 def parse_policy(
@@ -295,7 +349,7 @@ class _Parser:
         return value
 
     def identifier(self, value: Any, path: str) -> str:
-        if not isinstance(value, str) or not IDENTIFIER_PATTERN.match(value):
+        if not isinstance(value, str) or not IDENTIFIER_PATTERN.fullmatch(value):
             self.problem(
                 path,
                 f"{_describe(value)} is not a SQL identifier; use letters, digits and "
@@ -304,7 +358,7 @@ class _Parser:
             return "invalid"
         return value
 
-    def duration(self, value: Any, path: str) -> float:
+    def duration(self, value: Any, path: str, *, maximum_seconds: float) -> float:
         try:
             seconds = parse_duration_seconds(value)
         except InvalidDuration as error:
@@ -313,6 +367,9 @@ class _Parser:
         if seconds <= 0:
             self.problem(path, f"{value!r} must be positive")
             return 1.0
+        if seconds > maximum_seconds:
+            self.problem(path, f"{value!r} is longer than the maximum {_hours(maximum_seconds)}")
+            return maximum_seconds
         return seconds
 
     def integer(self, value: Any, path: str, *, minimum: int, maximum: int | None = None) -> int:
@@ -325,7 +382,7 @@ class _Parser:
             return minimum
         return value
 
-    def number(self, value: Any, path: str, *, minimum: float) -> float:
+    def number(self, value: Any, path: str, *, minimum: float, maximum: float) -> float:
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)
@@ -333,8 +390,10 @@ class _Parser:
         ):
             self.problem(path, f"must be a number, got {_describe(value)}")
             return minimum
-        if value < minimum:
-            self.problem(path, f"{value} is out of range; it must be >= {minimum:g}")
+        if not minimum <= value <= maximum:
+            self.problem(
+                path, f"{value} is out of range; it must be between {minimum:g} and {maximum:g}"
+            )
             return minimum
         return float(value)
 
@@ -375,7 +434,16 @@ class _Parser:
         top = self.mapping(
             spec,
             "spec",
-            allowed=("source", "task", "schedule", "retry", "lease", "workers", "limits"),
+            allowed=(
+                "source",
+                "task",
+                "schedule",
+                "retry",
+                "lease",
+                "workers",
+                "limits",
+                "history",
+            ),
         )
         if "source" not in top:
             self.problem("spec.source", "is required")
@@ -386,6 +454,7 @@ class _Parser:
         schedule = self.schedule(top.get("schedule"))
         retry = self.retry(top.get("retry"))
         lease = self.lease(top.get("lease"))
+        history = self.history(top.get("history"))
         workers = self.workers(top.get("workers"))
         limits = self.limits(top.get("limits"))
         return Policy(
@@ -396,6 +465,7 @@ class _Parser:
             schedule=schedule,
             retry=retry,
             lease=lease,
+            history=history,
             workers=workers,
             limits=limits,
         )
@@ -433,7 +503,7 @@ class _Parser:
             self.problem(path, 'is required: "table" or "schema.table"')
             return TableName(schema=None, table="invalid")
         parts = value.split(".")
-        if len(parts) > 2 or not all(IDENTIFIER_PATTERN.match(part) for part in parts):
+        if len(parts) > 2 or not all(IDENTIFIER_PATTERN.fullmatch(part) for part in parts):
             self.problem(
                 path,
                 f'{value!r} is not a SQL identifier: write "table" or "schema.table", each '
@@ -497,7 +567,7 @@ class _Parser:
         path = "spec.task"
         raw = self.mapping(value, path, allowed=("name", "brokerSecretRef", "queue"))
         task_name = raw.get("name")
-        if not isinstance(task_name, str) or not TASK_NAME_PATTERN.match(task_name):
+        if not isinstance(task_name, str) or not TASK_NAME_PATTERN.fullmatch(task_name):
             self.problem(
                 f"{path}.name",
                 f"{_describe(task_name)} is not a Celery task name; it is required, e.g. "
@@ -511,7 +581,7 @@ class _Parser:
             required=require_secrets,
         )
         queue = raw.get("queue", DEFAULT_QUEUE)
-        if not isinstance(queue, str) or not QUEUE_NAME_PATTERN.match(queue):
+        if not isinstance(queue, str) or not QUEUE_NAME_PATTERN.fullmatch(queue):
             self.problem(
                 f"{path}.queue",
                 f"{_describe(queue)} is not a queue name (letters, digits, _ . : -)",
@@ -523,7 +593,9 @@ class _Parser:
         path = "spec.schedule"
         raw = self.mapping(value, path, allowed=("sweepInterval", "suspend"))
         interval = raw.get("sweepInterval", DEFAULT_SWEEP_INTERVAL)
-        seconds = self.duration(interval, f"{path}.sweepInterval")
+        seconds = self.duration(
+            interval, f"{path}.sweepInterval", maximum_seconds=MAX_SWEEP_INTERVAL_SECONDS
+        )
         if 0 < seconds < MIN_SWEEP_INTERVAL_SECONDS:
             self.problem(
                 f"{path}.sweepInterval",
@@ -543,9 +615,15 @@ class _Parser:
             allowed=("maxAttempts", "initialDelay", "factor", "maxDelay", "jitter"),
         )
         initial = self.duration(
-            raw.get("initialDelay", DEFAULT_INITIAL_DELAY), f"{path}.initialDelay"
+            raw.get("initialDelay", DEFAULT_INITIAL_DELAY),
+            f"{path}.initialDelay",
+            maximum_seconds=MAX_DELAY_SECONDS,
         )
-        maximum = self.duration(raw.get("maxDelay", DEFAULT_MAX_DELAY), f"{path}.maxDelay")
+        maximum = self.duration(
+            raw.get("maxDelay", DEFAULT_MAX_DELAY),
+            f"{path}.maxDelay",
+            maximum_seconds=MAX_DELAY_SECONDS,
+        )
         if maximum < initial:
             self.problem(
                 f"{path}.maxDelay",
@@ -561,7 +639,10 @@ class _Parser:
             ),
             initial_delay_seconds=initial,
             backoff_factor=self.number(
-                raw.get("factor", DEFAULT_BACKOFF_FACTOR), f"{path}.factor", minimum=1.0
+                raw.get("factor", DEFAULT_BACKOFF_FACTOR),
+                f"{path}.factor",
+                minimum=1.0,
+                maximum=MAX_BACKOFF_FACTOR,
             ),
             max_delay_seconds=max(maximum, initial),
             jitter=self.boolean(raw.get("jitter", True), f"{path}.jitter"),
@@ -572,13 +653,32 @@ class _Parser:
         raw = self.mapping(value, path, allowed=("timeout",))
         return Lease(
             timeout_seconds=self.duration(
-                raw.get("timeout", DEFAULT_LEASE_TIMEOUT), f"{path}.timeout"
+                raw.get("timeout", DEFAULT_LEASE_TIMEOUT),
+                f"{path}.timeout",
+                maximum_seconds=MAX_LEASE_SECONDS,
             )
         )
 
+    def history(self, value: Any) -> History:
+        path = "spec.history"
+        raw = self.mapping(value, path, allowed=("retention",))
+        retention = self.duration(
+            raw.get("retention", DEFAULT_HISTORY_RETENTION),
+            f"{path}.retention",
+            maximum_seconds=MAX_HISTORY_RETENTION_SECONDS,
+        )
+        if retention < MIN_HISTORY_RETENTION_SECONDS:
+            self.problem(f"{path}.retention", "must be at least 1m")
+        return History(retention_seconds=retention)
+
     def workers(self, value: Any) -> Workers:
         path = "spec.workers"
-        raw = self.mapping(value, path, allowed=("podSelector",))
+        raw = self.mapping(value, path, allowed=("podSelector", "startTimeout"))
+        start_timeout = self.duration(
+            raw.get("startTimeout", DEFAULT_START_TIMEOUT),
+            f"{path}.startTimeout",
+            maximum_seconds=MAX_START_TIMEOUT_SECONDS,
+        )
         selector = self.mapping(
             raw.get("podSelector"),
             f"{path}.podSelector",
@@ -598,44 +698,58 @@ class _Parser:
             self.problem(f"{path}.podSelector.matchLabels", "must be a map of label: value")
             match_labels = {}
         for key, label_value in match_labels.items():
-            if (
-                not isinstance(key, str)
-                or not key
-                or not isinstance(label_value, str)
-                or not (LABEL_VALUE_PATTERN.match(label_value))
-            ):
+            label_path = f"{path}.podSelector.matchLabels[{_describe(key)}]"
+            if not is_label_key(key):
+                self.problem(label_path, f"{_describe(key)} is not a label key{LABEL_KEY_HINT}")
+            elif not is_label_value(label_value):
                 self.problem(
-                    f"{path}.podSelector.matchLabels.{key}",
-                    f"{_describe(label_value)} is not a label value",
+                    label_path, f"{_describe(label_value)} is not a label value{LABEL_VALUE_HINT}"
                 )
-                continue
-            labels.append((key, label_value))
+            else:
+                labels.append((key, label_value))
         expressions: list[LabelSelectorRequirement] = []
         raw_expressions = selector.get("matchExpressions") or []
         if not isinstance(raw_expressions, list):
             self.problem(f"{path}.podSelector.matchExpressions", "must be a list")
             raw_expressions = []
         for index, item in enumerate(raw_expressions):
-            item_path = f"{path}.podSelector.matchExpressions[{index}]"
-            expression = self.mapping(item, item_path, allowed=("key", "operator", "values"))
-            key = expression.get("key")
-            operator = expression.get("operator")
-            values = expression.get("values") or []
-            if not isinstance(key, str) or not key:
-                self.problem(f"{item_path}.key", "is required")
-                continue
-            if operator not in ("In", "NotIn", "Exists", "DoesNotExist"):
-                self.problem(
-                    f"{item_path}.operator", "must be one of In, NotIn, Exists, DoesNotExist"
-                )
-                continue
-            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
-                self.problem(f"{item_path}.values", "must be a list of strings")
-                continue
-            expressions.append(
-                LabelSelectorRequirement(key=key, operator=operator, values=tuple(values))
+            requirement = self.selector_requirement(
+                item, f"{path}.podSelector.matchExpressions[{index}]"
             )
-        return Workers(match_labels=tuple(sorted(labels)), match_expressions=tuple(expressions))
+            if requirement is not None:
+                expressions.append(requirement)
+        return Workers(
+            match_labels=tuple(sorted(labels)),
+            match_expressions=tuple(expressions),
+            start_timeout_seconds=start_timeout,
+        )
+
+    def selector_requirement(self, value: Any, path: str) -> LabelSelectorRequirement | None:
+        expression = self.mapping(value, path, allowed=("key", "operator", "values"))
+        key = expression.get("key")
+        operator = expression.get("operator")
+        values = expression.get("values") or []
+        problems_before = len(self.problems)
+        if not is_label_key(key):
+            self.problem(f"{path}.key", f"{_describe(key)} is not a label key{LABEL_KEY_HINT}")
+        if operator not in SELECTOR_OPERATORS:
+            self.problem(f"{path}.operator", f"must be one of {', '.join(SELECTOR_OPERATORS)}")
+        if not isinstance(values, list):
+            self.problem(f"{path}.values", "must be a list of label values")
+            values = []
+        for position, item in enumerate(values):
+            if not is_label_value(item):
+                self.problem(
+                    f"{path}.values[{position}]",
+                    f"{_describe(item)} is not a label value{LABEL_VALUE_HINT}",
+                )
+        if operator in ("In", "NotIn") and not values:
+            self.problem(f"{path}.values", f"must not be empty for operator {operator}")
+        if operator in ("Exists", "DoesNotExist") and values:
+            self.problem(f"{path}.values", f"must be empty for operator {operator}")
+        if len(self.problems) != problems_before:
+            return None
+        return LabelSelectorRequirement(key=str(key), operator=str(operator), values=tuple(values))
 
     def limits(self, value: Any) -> Limits:
         path = "spec.limits"
@@ -648,7 +762,10 @@ class _Parser:
         )
         problems_before = len(self.problems)
         max_in_flight = self.integer(
-            raw.get("maxInFlight", DEFAULT_MAX_IN_FLIGHT), f"{path}.maxInFlight", minimum=1
+            raw.get("maxInFlight", DEFAULT_MAX_IN_FLIGHT),
+            f"{path}.maxInFlight",
+            minimum=1,
+            maximum=MAX_MAX_IN_FLIGHT,
         )
         if len(self.problems) == problems_before and batch_size > max_in_flight:
             self.problem(
@@ -656,13 +773,33 @@ class _Parser:
                 f"{batch_size} is larger than maxInFlight {max_in_flight}; a page can never "
                 "exceed what may be in flight",
             )
+        rate = raw.get("dispatchPerSecond", 0)
         return Limits(
             batch_size=batch_size,
             max_in_flight=max_in_flight,
-            dispatch_per_second=self.number(
-                raw.get("dispatchPerSecond", 0), f"{path}.dispatchPerSecond", minimum=0.0
+            dispatch_per_second=0.0
+            if rate == 0 and not isinstance(rate, bool)
+            else self.number(
+                rate,
+                f"{path}.dispatchPerSecond",
+                minimum=MIN_DISPATCH_PER_SECOND,
+                maximum=MAX_DISPATCH_PER_SECOND,
             ),
         )
+
+
+LABEL_KEY_HINT = (
+    " (an optional DNS-subdomain prefix and '/', then at most 63 letters, digits, '-', '_' "
+    "or '.', beginning and ending with a letter or digit)"
+)
+LABEL_VALUE_HINT = (
+    " (at most 63 letters, digits, '-', '_' or '.', beginning and ending with a letter or "
+    "digit, or empty)"
+)
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:g}h"
 
 
 def _describe(value: Any) -> str:

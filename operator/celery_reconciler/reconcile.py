@@ -14,7 +14,8 @@ directly against real PostgreSQL and Redis. It reads like the invariants:
    waited once and the backlog's keyset order need not reach them;
 5. page through pending ids in keyset order (invariant 5); for each page, ONE transaction
    reads the page and claims the eligible entries with fresh fence tokens and leases, and
-   commits — only then are the page's messages published, pipelined (invariant 3);
+   commits — only then are the page's messages published, pipelined (invariant 3), in a
+   thread while the next page is claimed (``_PagePublisher``);
 6. a publish that fails releases its claims at once, so the next sweep re-dispatches them
    without waiting for the lease; a crash between claim and publish (the process dies)
    leaves them to lease expiry. Either way nothing is lost.
@@ -36,6 +37,7 @@ counts messages that expired unstarted (no worker consumed them at all).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -52,6 +54,8 @@ from celery_reconciler import ledger, planning, source
 from celery_reconciler import policy as policy_module
 
 DatabaseUnavailable = ledger.DatabaseUnavailable
+DsnInvalid = ledger.DsnInvalid
+LedgerPermissionDenied = ledger.LedgerPermissionDenied
 BrokerUnavailable = broker_module.BrokerUnavailable
 SourceInvalid = source.SourceInvalid
 
@@ -63,11 +67,21 @@ class Database:
 
     A connection that failed is dropped and reopened by the next call, so a sweep after a
     database restart just works. The DSN is kept private and never appears in ``repr``.
+    Sessions are the operator's: bounded by a statement and a lock timeout.
     """
 
-    def __init__(self, dsn: str, *, application_name: str = "celery-reconciler") -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        application_name: str = "celery-reconciler",
+        statement_timeout_seconds: float = ledger.OPERATOR_STATEMENT_TIMEOUT_SECONDS,
+        lock_timeout_seconds: float = ledger.OPERATOR_LOCK_TIMEOUT_SECONDS,
+    ) -> None:
         self._dsn = dsn
         self._application_name = application_name
+        self._statement_timeout_seconds = statement_timeout_seconds
+        self._lock_timeout_seconds = lock_timeout_seconds
         self._connection: psycopg.Connection[Any] | None = None
         self._schema_ready = False
 
@@ -76,26 +90,36 @@ class Database:
 
     def connection(self) -> psycopg.Connection[Any]:
         if self._connection is None or self._connection.closed:
-            self._connection = ledger.connect(self._dsn, application_name=self._application_name)
+            self._connection = ledger.connect(
+                self._dsn,
+                application_name=self._application_name,
+                statement_timeout_seconds=self._statement_timeout_seconds,
+                lock_timeout_seconds=self._lock_timeout_seconds,
+            )
             self._schema_ready = False
         if not self._schema_ready:
-            ledger.ensure_schema(self._connection)
+            try:
+                ledger.ensure_schema(self._connection)
+            except psycopg.Error as error:
+                raise self.failure(error, doing="creating the ledger schema") from None
             self._schema_ready = True
         return self._connection
 
     @contextlib.contextmanager
     def session(self, *, doing: str) -> Iterator[psycopg.Connection[Any]]:
-        """The connection, with a connection failure raised as ``DatabaseUnavailable``
-        saying what we were ``doing`` (and no DSN)."""
+        """The connection, with a database error raised as what it means for the user
+        (``ledger.database_failure``) saying what we were ``doing`` (and no DSN)."""
         try:
             yield self.connection()
-        except (psycopg.OperationalError, psycopg.InterfaceError) as error:
-            raise self.unavailable(error, doing=doing) from None
+        except psycopg.Error as error:
+            raise self.failure(error, doing=doing) from None
 
-    def unavailable(self, error: BaseException, *, doing: str) -> DatabaseUnavailable:
-        """Forget the broken connection and describe the failure without secrets."""
-        self.close()
-        return ledger.unavailable(error, dsn=self._dsn, doing=doing)
+    def failure(self, error: psycopg.Error, *, doing: str) -> Exception:
+        """``ledger.database_failure``, forgetting a connection that broke."""
+        failure = ledger.database_failure(error, dsn=self._dsn, doing=doing)
+        if isinstance(failure, DatabaseUnavailable):
+            self.close()
+        return failure
 
     def close(self) -> None:
         if self._connection is not None:
@@ -121,6 +145,10 @@ class SweepResult:
     claim_seconds: float
     publish_seconds: float
     duration_seconds: float
+    pruned: ledger.Pruned  # history past retention, deleted by this sweep
+    # Set when the sweep stopped dispatching to keep to ``dispatchPerSecond``: sweep again
+    # this much later (``planning.next_wakeup_seconds``).
+    rate_allows_in_seconds: float | None = None
 
     @property
     def entries_per_second(self) -> float:
@@ -139,6 +167,8 @@ class StatusSnapshot:
     succeeded: int
     dead: int
     seconds_until_next_due: float | None
+    running: int
+    consumption: ledger.Consumption
 
 
 def reconcile_once(
@@ -149,11 +179,16 @@ def reconcile_once(
     publish: PublishFunction | None = None,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    hold_dispatch: bool = False,
 ) -> SweepResult:
     """Run one sweep of ``policy``; see the module docstring for the steps.
 
-    Raises ``DatabaseUnavailable``, ``BrokerUnavailable`` or ``SourceInvalid`` with messages
-    that name the problem and carry no DSN or password. Whatever it raises, every claimed
+    ``hold_dispatch``: claim nothing new (``planning.RatePacing``: the rate allows no page
+    yet); leases still expire and lost messages are still re-dispatched.
+
+    Raises ``DatabaseUnavailable`` (``DsnInvalid``), ``LedgerPermissionDenied``,
+    ``BrokerUnavailable`` or ``SourceInvalid`` with messages that name the problem and carry
+    no DSN or password; any other error is a bug of ours. Whatever it raises, every claimed
     entry is either published, released for the next sweep, or recovered at lease expiry.
     """
     started = clock()
@@ -168,12 +203,17 @@ def reconcile_once(
         ledger.end_silent_incarnations(conn)
         expired = ledger.expire_leases(conn, policy_key=policy.key)
         settled = ledger.settle_finished(conn, policy_key=policy.key, still_pending=still_pending)
+        doing = "keeping the ledger's history"
+        ledger.fold_successes(conn, policy_key=policy.key)
+        pruned = ledger.prune(
+            conn, policy_key=policy.key, retention_seconds=policy.history.retention_seconds
+        )
         doing = "re-dispatching deliveries that never started"
         stranded = _redispatch_stranded(conn, policy, broker, send_ahead)
         in_flight = ledger.count_in_flight(conn, policy_key=policy.key)
         budget = (
             0
-            if policy.schedule.suspend
+            if policy.schedule.suspend or hold_dispatch
             else planning.sweep_claim_budget(
                 in_flight=in_flight, max_in_flight=policy.limits.max_in_flight
             )
@@ -184,58 +224,63 @@ def reconcile_once(
         due = ledger.due_retries(conn, policy_key=policy.key, limit=budget)
         redispatched = _redispatch(conn, policy, send_ahead, entry_ids=due)
         budget -= redispatched
-        batch_size = policy.limits.batch_size
-        if policy.limits.dispatch_per_second > 0:
-            # A page is published as one burst; keep bursts to about a second's worth.
-            batch_size = min(batch_size, max(1, int(policy.limits.dispatch_per_second)))
+        batch_size = planning.dispatch_batch_size(
+            batch_size=policy.limits.batch_size,
+            dispatch_per_second=policy.limits.dispatch_per_second,
+        )
 
         remaining = budget
+        rate_allows_in: float | None = None
         after: tuple[Any, ...] | None = None
         pages = 0
         claimed = published = redispatched + stranded
-        claim_seconds = publish_seconds = 0.0
-        while remaining > 0:
-            pause = planning.dispatch_pause_seconds(
-                dispatched=published,
-                elapsed_seconds=clock() - started,
-                dispatch_per_second=policy.limits.dispatch_per_second,
-            )
-            if pause > 0:
-                sleep(pause)
-            size = planning.page_size(remaining_budget=remaining, batch_size=batch_size)
-            doing = "claiming entries"
-            claim_started = clock()
-            with conn.transaction():
-                rows = source.pending_page(conn, policy.source, after=after, limit=size)
-                claims = ledger.claim(
-                    conn,
-                    policy_key=policy.key,
-                    entry_ids=[row.entry_id for row in rows],
-                    lease_seconds=policy.lease.timeout_seconds,
-                    still_pending=still_pending,
+        claim_seconds = 0.0
+        with _PagePublisher(conn, send=send, send_ahead=send_ahead, clock=clock) as pages_out:
+            while remaining > 0:
+                pause = planning.dispatch_pause_within_sweep(
+                    dispatched=published,
+                    elapsed_seconds=clock() - started,
+                    dispatch_per_second=policy.limits.dispatch_per_second,
                 )
-            claim_seconds += clock() - claim_started
-            pages += 1
-            if claims:
-                publish_started = clock()
-                # Entries dispatched before (a retry that fell due, a rescued or lost one the
-                # page reached first) go ahead of the queue; first dispatches join its tail.
-                again = [claim for claim in claims if claim.again]
-                first = [claim for claim in claims if not claim.again]
-                for batch, sender in ((again, send_ahead), (first, send)):
-                    if batch:
-                        _publish_or_release(conn, sender, _messages(batch), batch)
-                publish_seconds += clock() - publish_started
-                claimed += len(claims)
-                published += len(claims)
-                remaining -= len(claims)
-            if len(rows) < size:
-                break
-            after = rows[-1].key
+                if pause is None:
+                    # The rate allows no more in this sweep; the loop sweeps again when it does.
+                    rate_allows_in = planning.dispatch_pause_seconds(
+                        dispatched=published,
+                        elapsed_seconds=clock() - started,
+                        dispatch_per_second=policy.limits.dispatch_per_second,
+                    )
+                    break
+                if pause > 0:
+                    sleep(pause)
+                size = planning.page_size(remaining_budget=remaining, batch_size=batch_size)
+                doing = "claiming entries"
+                claim_started = clock()
+                with conn.transaction():
+                    rows = source.pending_page(conn, policy.source, after=after, limit=size)
+                    claims = ledger.claim(
+                        conn,
+                        policy_key=policy.key,
+                        entry_ids=[row.entry_id for row in rows],
+                        lease_seconds=policy.lease.timeout_seconds,
+                        still_pending=still_pending,
+                    )
+                claim_seconds += clock() - claim_started
+                pages += 1
+                if claims:
+                    doing = "publishing"
+                    pages_out.publish(claims)
+                    claimed += len(claims)
+                    published += len(claims)
+                    remaining -= len(claims)
+                if len(rows) < size:
+                    break
+                after = rows[-1].key
+            doing = "publishing"
+        publish_seconds = pages_out.seconds
         doing = "reading the next due time"
         next_due = ledger.seconds_until_next_due(conn, policy_key=policy.key)
-    except (psycopg.OperationalError, psycopg.InterfaceError) as error:
-        raise db.unavailable(error, doing=doing) from None
+    except psycopg.Error as error:
+        raise db.failure(error, doing=doing) from None
     return SweepResult(
         policy_key=policy.key,
         suspended=policy.schedule.suspend,
@@ -251,6 +296,8 @@ def reconcile_once(
         claim_seconds=claim_seconds,
         publish_seconds=publish_seconds,
         duration_seconds=clock() - started,
+        pruned=pruned,
+        rate_allows_in_seconds=rate_allows_in,
     )
 
 
@@ -341,6 +388,80 @@ def _redispatch_stranded(
     return _redispatch(conn, policy, send, entry_ids=released)
 
 
+class _PagePublisher:
+    """Publishes each claimed page in a thread while the next page is claimed.
+
+    The claim of a page is database work (the server inserts the ledger rows) and its
+    publish is Python and broker work: overlapped, a sweep costs about the larger of the
+    two instead of their sum. Order is kept — a page is published only after its claim
+    committed, and pages go out one at a time, in order. A failed publish releases its
+    claims and those of the page claimed meanwhile (it will not be published), then raises
+    from ``publish`` or the end of the ``with`` block; if the sweep fails otherwise, the
+    page in flight is still waited for (and released if its publish failed).
+    """
+
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any],
+        *,
+        send: PublishFunction,
+        send_ahead: PublishFunction,
+        clock: Callable[[], float],
+    ) -> None:
+        self._conn = conn
+        self._send = send
+        self._send_ahead = send_ahead
+        self._clock = clock
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="publish"
+        )
+        self._in_flight: tuple[concurrent.futures.Future[float], list[ledger.Claim]] | None = None
+        self.seconds = 0.0
+
+    def __enter__(self) -> _PagePublisher:
+        return self
+
+    def __exit__(self, error_type: type[BaseException] | None, *_: object) -> None:
+        try:
+            if error_type is None:
+                self._finish_in_flight(also_release=())
+            else:
+                with contextlib.suppress(Exception):
+                    self._finish_in_flight(also_release=())
+        finally:
+            self._executor.shutdown(wait=True)
+
+    def publish(self, claims: list[ledger.Claim]) -> None:
+        self._finish_in_flight(also_release=claims)
+        self._in_flight = (self._executor.submit(self._publish_page, claims), claims)
+
+    def _publish_page(self, claims: list[ledger.Claim]) -> float:
+        started = self._clock()
+        # Entries dispatched before (a retry that fell due, a rescued or lost one the page
+        # reached first) go ahead of the queue; first dispatches join its tail.
+        again = [claim for claim in claims if claim.again]
+        first = [claim for claim in claims if not claim.again]
+        for batch, sender in ((again, self._send_ahead), (first, self._send)):
+            if batch:
+                sender(_messages(batch))
+        return self._clock() - started
+
+    def _finish_in_flight(self, *, also_release: Sequence[ledger.Claim]) -> None:
+        if self._in_flight is None:
+            return
+        future, claims = self._in_flight
+        self._in_flight = None
+        try:
+            self.seconds += future.result()
+        except BrokerUnavailable:
+            # The claims are committed but their messages may not exist: make them eligible
+            # now rather than after the lease. Fencing drops any message that did get through.
+            ledger.release_claims(
+                self._conn, fence_tokens=[claim.fence_token for claim in (*claims, *also_release)]
+            )
+            raise
+
+
 def _publish_or_release(
     conn: psycopg.Connection[Any],
     send: PublishFunction,
@@ -409,6 +530,7 @@ def collect_status(policy: policy_module.Policy, *, db: Database) -> StatusSnaps
     with db.session(doing="reading status counts") as conn:
         summary = source.pending_summary(conn, policy.source)
         counts = ledger.counts(conn, policy_key=policy.key)
+        consumption = ledger.consumption(conn, policy_key=policy.key)
     return StatusSnapshot(
         pending=summary.count,
         oldest_pending_seconds=summary.oldest_seconds,
@@ -417,7 +539,15 @@ def collect_status(policy: policy_module.Policy, *, db: Database) -> StatusSnaps
         succeeded=counts.succeeded,
         dead=counts.dead,
         seconds_until_next_due=counts.seconds_until_next_due,
+        running=counts.running,
+        consumption=consumption,
     )
+
+
+def advise_index(policy: policy_module.Policy, *, db: Database) -> source.IndexAdvice | None:
+    """The index the pending query lacks, if any (see ``source.index_advice``)."""
+    with db.session(doing="reading the plan of the pending query") as conn:
+        return source.index_advice(conn, policy.source, page_size=policy.limits.batch_size)
 
 
 def collect_outcomes(

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from celery_reconciler import planning
 from celery_reconciler import policy as policy_module
 
 
@@ -58,9 +60,10 @@ def table_identifier(table: policy_module.TableName) -> sql.Identifier:
     return sql.Identifier(table.table)
 
 
-def predicate(pending: policy_module.PendingPredicate) -> sql.Composable:
-    """The pending predicate as composed SQL (identifiers and literals, never raw text)."""
-    column = _column(pending.column)
+def predicate(pending: policy_module.PendingPredicate, *, qualified: bool = True) -> sql.Composable:
+    """The pending predicate as composed SQL (identifiers and literals, never raw text);
+    its column qualified by our alias (queries) or not (an index definition)."""
+    column = _column(pending.column) if qualified else sql.Identifier(pending.column)
     match pending:
         case policy_module.PendingEquals(value=value):
             return sql.SQL("{} = {}").format(column, sql.Literal(value))
@@ -152,12 +155,16 @@ def filter_pending(
         with conn.transaction():  # a savepoint inside the caller's claim transaction
             rows = conn.execute(query, [id_array_literal(entry_ids)]).fetchall()
     except (psycopg.errors.InvalidTextRepresentation, psycopg.errors.NumericValueOutOfRange):
+        # Ids that cannot be the column's type, or a predicate value that cannot: the text
+        # comparison below tells the two apart (it fails again only for the predicate).
         as_text = sql.SQL(
             "SELECT {id}::text FROM {table} AS {alias} WHERE {id}::text = ANY(%s) AND {where}"
         ).format(
             id=_column(source.id_column), table=table, alias=alias, where=predicate(source.pending)
         )
         rows = _execute(conn, source, as_text, [list(entry_ids)]).fetchall()
+    except psycopg.Error as error:
+        raise _classified(error, source) from None
     return {row[0] for row in rows}
 
 
@@ -194,32 +201,157 @@ def pending_summary(conn: psycopg.Connection[Any], source: policy_module.Source)
     return PendingSummary(count=int(count), oldest_seconds=oldest_seconds)
 
 
+@dataclasses.dataclass(frozen=True)
+class IndexAdvice:
+    table_rows: int
+    create_index: str  # the statement a person would run, composed like every query here
+
+
+def index_advice(
+    conn: psycopg.Connection[Any], source: policy_module.Source, *, page_size: int
+) -> IndexAdvice | None:
+    """``None`` when the pending page is read through an index that holds the predicate;
+    otherwise the index to create. Reads only the plan (``EXPLAIN`` without ``ANALYZE``)
+    and the table's row estimate, so asking costs about nothing."""
+    explain = sql.SQL("EXPLAIN (FORMAT JSON) ") + page_query(source, after=False)
+    explained = _execute(conn, source, explain, [page_size]).fetchone()
+    estimate = conn.execute(
+        "SELECT greatest(c.reltuples, 0)::bigint FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relname = %s AND n.nspname = coalesce(%s, current_schema())",
+        [source.table.table, source.table.schema],
+    ).fetchone()
+    if explained is None or estimate is None:
+        return None
+    plan = explained[0][0] if isinstance(explained[0], list) else explained[0]
+    table_rows = int(estimate[0])
+    if not planning.page_needs_index(
+        plan,
+        relation=source.table.table,
+        predicate_column=source.pending.column,
+        table_rows=table_rows,
+    ):
+        return None
+    keys = (
+        [sql.Identifier(source.id_column)]
+        if source.orders_by_id
+        else [sql.Identifier(source.order_by), sql.Identifier(source.id_column)]
+    )
+    statement = sql.SQL("CREATE INDEX CONCURRENTLY ON {table} ({keys}) WHERE {where}").format(
+        table=table_identifier(source.table),
+        keys=sql.SQL(", ").join(keys),
+        where=predicate(source.pending, qualified=False),
+    )
+    return IndexAdvice(table_rows=table_rows, create_index=statement.as_string(conn))
+
+
 def _execute(
     conn: psycopg.Connection[Any],
     source: policy_module.Source,
     query: sql.Composed,
     params: Sequence[Any],
 ) -> psycopg.Cursor[Any]:
+    """Run one query on the user's table; a failure that the spec causes is ``SourceInvalid``.
+
+    Losing the connection (and the server shutting down) is left to the caller, which turns
+    it into ``DatabaseUnavailable``: that heals by itself, a wrong spec does not.
+    """
     try:
         return conn.execute(query, params)
-    except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName) as error:
-        raise SourceInvalid(
-            f"table {source.table} does not exist ({error.diag.message_primary}) — fix "
-            "spec.source.table or create the table"
-        ) from None
-    except psycopg.errors.UndefinedColumn as error:
-        raise SourceInvalid(
-            f"a column of the policy is missing in table {source.table} "
-            f"({error.diag.message_primary}) — fix spec.source.idColumn, "
-            "spec.source.pending.column or spec.source.orderBy"
-        ) from None
-    except (psycopg.errors.DatatypeMismatch, psycopg.errors.InvalidTextRepresentation) as error:
-        raise SourceInvalid(
-            f"the pending predicate does not fit the column types of {source.table} "
-            f"({error.diag.message_primary}) — fix spec.source.pending"
-        ) from None
-    except psycopg.errors.InsufficientPrivilege as error:
-        raise SourceInvalid(
-            f"the database user may not read {source.table} ({error.diag.message_primary}) — "
-            "GRANT SELECT on it to the user in spec.source.databaseSecretRef"
-        ) from None
+    except psycopg.Error as error:
+        raise _classified(error, source) from None
+
+
+def _classified(error: psycopg.Error, source: policy_module.Source) -> Exception:
+    """``SourceInvalid`` for a failure the spec causes; otherwise ``error`` itself."""
+    message = invalid_source_message(
+        sqlstate=error.sqlstate,
+        detail=error.diag.message_primary or str(error).strip() or type(error).__name__,
+        source=source,
+    )
+    return error if message is None else SourceInvalid(message)
+
+
+# SQLSTATE classes that mean "the server or the connection failed", not "the spec is wrong":
+# connection exceptions, insufficient resources, operator intervention (shutdown), system
+# and internal errors. These heal by themselves and are ``DatabaseUnavailable``.
+_UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57", "58", "XX")
+
+
+def invalid_source_message(
+    *,
+    sqlstate: str | None,
+    detail: str,
+    source: policy_module.Source,
+) -> str | None:
+    """What to tell the user when a query on their table failed, naming the field to fix.
+
+    ``None`` when the failure is not the spec's (the connection or server failed), so the
+    caller reports it as ``DatabaseUnavailable`` and retries. Pure: it sees only the
+    SQLSTATE and the server's primary message, so it is unit-tested without a database.
+    A client-side ``DataError`` (no SQLSTATE: a NUL byte in a value) is the predicate's.
+    """
+    table = source.table
+    value_field = _predicate_value_field(source.pending)
+    if sqlstate == "57014":
+        return (
+            f"the query for pending entries of {table} was cancelled ({detail}) — it reads "
+            "more than the statement timeout allows: index the predicate (see "
+            "docs/concepts.md) or narrow spec.source.pending"
+        )
+    if sqlstate is not None and sqlstate[:2] in _UNAVAILABLE_SQLSTATE_CLASSES:
+        return None
+    if sqlstate in ("42P01", "3F000"):
+        return (
+            f"table {table} does not exist ({detail}) — fix spec.source.table or create the table"
+        )
+    if sqlstate == "42703":
+        fields = _fields_of_missing_column(detail, source)
+        return (
+            f"a column of the policy is missing in table {table} ({detail}) — fix "
+            + " or ".join(fields)
+        )
+    if sqlstate == "42501":
+        return (
+            f"the database user may not read {table} ({detail}) — GRANT SELECT on it to the "
+            "user in spec.source.databaseSecretRef"
+        )
+    if sqlstate == "42883" and "ordering operator" in detail:
+        order_field = "spec.source.idColumn" if source.orders_by_id else "spec.source.orderBy"
+        return (
+            f"entries of {table} cannot be ordered by column {source.order_by} ({detail}) — "
+            f"fix {order_field}: it must name a column of an orderable type (a number, a "
+            "timestamp, text, uuid)"
+        )
+    if sqlstate in ("42883", "42804", "42846") or sqlstate is None or sqlstate[:2] == "22":
+        return (
+            f"{value_field} does not fit column {source.pending.column} of {table} ({detail}) "
+            f"— fix {value_field} or spec.source.pending.column"
+        )
+    return f"the query for pending entries of {table} failed ({detail}) — check spec.source"
+
+
+def _predicate_value_field(pending: policy_module.PendingPredicate) -> str:
+    match pending:
+        case policy_module.PendingEquals():
+            return "spec.source.pending.equals"
+        case policy_module.PendingIn():
+            return "spec.source.pending.in"
+        case policy_module.PendingIsNull():
+            return "spec.source.pending.isNull"
+
+
+def _fields_of_missing_column(detail: str, source: policy_module.Source) -> list[str]:
+    """The spec fields naming the column the server says is missing (all three when the
+    message does not say which)."""
+    named = {
+        "spec.source.idColumn": source.id_column,
+        "spec.source.pending.column": source.pending.column,
+        "spec.source.orderBy": source.order_by,
+    }
+    found = [
+        field
+        for field, column in named.items()
+        if re.search(rf'(?:^|[\s."]){re.escape(column)}(?:$|[\s"])', detail)
+    ]
+    return found or list(named)

@@ -82,8 +82,8 @@ def journal(database_dsn: str) -> str:
 def local_workers(
     journal: str, redis_url: str, tmp_path: Path
 ) -> Iterator[Callable[..., processes.ManagedProcess]]:
-    """``local_workers(hostname, concurrency=2, extra_env=...)``: a celery worker of the demo
-    app with that ``HOSTNAME`` and no Pod object of its own; stopped at the end. For the
+    """``local_workers(hostname, concurrency=2, extra_env=..., queue=...)``: a celery worker of
+    the demo app with that ``HOSTNAME`` and no Pod object of its own; stopped at the end. For the
     cases a kubelet cannot stage (see devstack.workers); real workers are ``worker_pods``."""
     started: list[processes.ManagedProcess] = []
 
@@ -93,6 +93,7 @@ def local_workers(
         concurrency: int = 2,
         broker_url: str | None = None,
         extra_env: dict[str, str] | None = None,
+        queue: str = "insights",
     ) -> processes.ManagedProcess:
         worker = workers.start_worker(
             pod_name=hostname,
@@ -101,6 +102,7 @@ def local_workers(
             log_dir=tmp_path,
             concurrency=concurrency,
             extra_env=extra_env,
+            queue=queue,
         )
         started.append(worker)
         return worker

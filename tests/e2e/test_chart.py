@@ -75,8 +75,12 @@ def _ensure_kopf_crds(kube: devstack_kube.ControlPlane) -> None:
 
 @pytest.mark.parametrize(
     "values",
-    [[], ["--set-json", 'watch.namespaces=["a","b"]', "--set", "demoWorker.enabled=true"]],
-    ids=["cluster", "namespaced+demo"],
+    [
+        [],
+        ["--set-json", 'watch.namespaces=["a","b"]', "--set", "demoWorker.enabled=true"],
+        ["--set", "demoWorker.enabled=true", "--set", "demoWorker.keda.enabled=true"],
+    ],
+    ids=["cluster", "namespaced+demo", "demo+keda"],
 )
 def test_helm_lint_strict_is_clean(kube: devstack_kube.ControlPlane, values: list[str]) -> None:
     linted = kube.helm("lint", "--strict", str(CHART), *values, check=False)

@@ -7,6 +7,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 from e2e_support import (
     OperatorProcess,
     apply_policy,
@@ -200,3 +201,54 @@ def test_a_database_outage_degrades_the_policy_and_it_recovers_by_itself(
     reasons = [e["reason"] for e in policy_events(crds, namespace)]
     assert "DatabaseUnavailable" in reasons and "Recovered" in reasons
     assert tally(journal).duplicate_successes == 0
+
+
+def test_a_policy_without_a_usable_index_carries_the_index_to_create(
+    crds: devstack_kube.ControlPlane,
+    namespace: str,
+    journal: str,
+    redis_url: str,
+    start_operator: Callable[..., OperatorProcess],
+) -> None:
+    """The pending query reads the whole table when no index holds the predicate: the policy
+    says so (condition Indexed=False, reason MissingIndex, an Event) and names the index.
+    Running the statement it names, then editing the policy, clears it."""
+    seed(journal, 20_000)
+    with psycopg.connect(journal, autocommit=True) as conn:
+        conn.execute("DROP INDEX journal_entry_pending")
+        conn.execute("VACUUM ANALYZE journal_entry")
+    start_operator()
+    # Suspended: this test is about the plan, not about dispatching 20,000 entries.
+    schedule = {"sweepInterval": "30s", "suspend": True}
+    apply_policy(crds, namespace, dsn=journal, broker_url=redis_url, schedule=schedule)
+
+    def indexed() -> dict[str, Any]:
+        policy = get_json(crds, "-n", namespace, "get", "processingpolicy", "journal-insights")
+        return policy_conditions(policy).get("Indexed") or {}
+
+    missing = wait_for(
+        lambda: (c := indexed()).get("status") == "False" and c,
+        timeout_seconds=60,
+        what="Indexed=False",
+    )
+    assert missing["reason"] == "MissingIndex"
+    statement = missing["message"].split("Create one: ", 1)[1]
+    assert statement.startswith('CREATE INDEX CONCURRENTLY ON "public"."journal_entry"')
+    assert any(e["reason"] == "MissingIndex" for e in policy_events(crds, namespace))
+
+    with psycopg.connect(journal, autocommit=True) as conn:
+        conn.execute(statement)
+        conn.execute("ANALYZE journal_entry")
+    apply_policy(
+        crds,
+        namespace,
+        dsn=journal,
+        broker_url=redis_url,
+        schedule={**schedule, "sweepInterval": "31s"},
+    )
+    used = wait_for(
+        lambda: (c := indexed()).get("status") == "True" and c,
+        timeout_seconds=60,
+        what="Indexed=True once the advised index exists",
+    )
+    assert used["reason"] == "IndexUsed"

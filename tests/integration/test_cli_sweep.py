@@ -96,3 +96,57 @@ def test_sweep_errors_name_the_problem_and_never_the_secret(
     )
     assert missing.returncode == 2
     assert "pass --dsn or set CELERY_RECONCILER_DSN" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("source", "dsn", "broker", "says"),
+    [
+        (
+            {"pending": {"column": "body", "equals": True}},
+            None,
+            None,
+            "spec.source.pending.equals does not fit column body",
+        ),
+        (
+            {"orderBy": "raw"},
+            None,
+            None,
+            "cannot be ordered by column raw",
+        ),
+        (
+            {},
+            "s3cretword is-not-a-dsn",
+            None,
+            "is not a PostgreSQL DSN",
+        ),
+        (
+            {},
+            None,
+            "redis://:pw@127.0.0.1:s3cretport/0",
+            "is not a broker URL",
+        ),
+    ],
+    ids=["text = boolean", "orderBy json", "not a DSN", "not a broker URL"],
+)
+def test_sweep_prints_the_operators_message_for_a_hostile_spec_without_a_traceback(
+    tmp_path: Path,
+    demo_dsn: str,
+    conn: psycopg.Connection[Any],
+    redis_url: str,
+    source: dict[str, Any],
+    dsn: str | None,
+    broker: str | None,
+    says: str,
+) -> None:
+    conn.execute("ALTER TABLE journal_entry ADD COLUMN raw json")
+    policy_file = write_policy(
+        tmp_path / "policy.yaml", source={**schema.policy_spec()["source"], **source}
+    )
+    env = {"CELERY_RECONCILER_DSN": dsn or demo_dsn, "CELERY_BROKER_URL": broker or redis_url}
+
+    result = run_cli("sweep", "--policy", str(policy_file), env=env)
+
+    assert result.returncode == 2
+    assert says in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "s3cret" not in result.stderr + result.stdout

@@ -126,7 +126,10 @@ def test_stale_redeliveries_never_run_the_body(
         assert old_message is not None
         old_fence = json.loads(old_message)["headers"]["id"]
         time.sleep(1.2)  # the lease runs out: the entry is dispatched again, new fence
-        second = reconcile.reconcile_once(policy, db=db, broker=publisher)
+        # ... under a lease long enough for the worker below to start it however slowly
+        # this machine boots it (a lease that ran out makes even the current delivery stale).
+        patient = make_policy(lease_timeout="60s")
+        second = reconcile.reconcile_once(patient, db=db, broker=publisher)
         assert second.published == 1 and second.expired.unstarted == 1
     current_message = client.lindex("insights", 0)
     assert current_message is not None
@@ -135,7 +138,7 @@ def test_stale_redeliveries_never_run_the_body(
     # The stale message is delivered FIRST (BRPOP takes from the right end).
     client.rpush("insights", old_message)
 
-    worker = start_worker(broker_url=redis_url, dsn=demo_dsn, lease_seconds=1)
+    worker = start_worker(broker_url=redis_url, dsn=demo_dsn, lease_seconds=60)
     wait_for(lambda: pending_count(conn) == 0, timeout_seconds=30, what="the entry processed")
     # And duplicates of both messages after success: both stale now.
     client.lpush("insights", old_message, current_message)
@@ -173,3 +176,32 @@ def test_max_in_flight_bounds_each_sweep(
         for row in conn.execute("SELECT id FROM journal_entry ORDER BY created_at, id LIMIT 50")
     ]
     assert dispatched == oldest  # keyset order follows spec.source.orderBy
+
+
+def test_a_publish_that_fails_mid_sweep_releases_its_page_and_the_page_claimed_meanwhile(
+    demo_dsn: str, conn: psycopg.Connection[Any], redis_url: str
+) -> None:
+    """Pages are published in a thread while the next one is claimed: when the second
+    page's publish fails, the third page has been claimed meanwhile. Both must be released
+    at once (eligible for the next sweep) — only the first page is in the queue."""
+    schema.seed(conn, count=50)
+    policy = make_policy(limits={"batchSize": 10})
+    calls: list[int] = []
+
+    def publish_then_fail(messages: Sequence[broker.TaskMessage]) -> None:
+        calls.append(len(messages))
+        if len(calls) == 2:
+            raise reconcile.BrokerUnavailable("the broker went away (simulated)")
+        with redis.Redis.from_url(redis_url) as client:
+            client.lpush("insights", *(json.dumps({"id": m.task_id}) for m in messages))
+
+    with sweep_connections(demo_dsn, redis_url) as (db, publisher):
+        with pytest.raises(reconcile.BrokerUnavailable):
+            reconcile.reconcile_once(policy, db=db, broker=publisher, publish=publish_then_fail)
+        assert publisher.queue_depth("insights") == 10
+    live, released = conn.execute(
+        "SELECT count(*) FILTER (WHERE lease_deadline > now()), "
+        "count(*) FILTER (WHERE lease_deadline <= now()) "
+        "FROM celery_reconciler.entries WHERE state = 'queued'"
+    ).fetchone() or (None, None)
+    assert (live, released) == (10, 20)  # page 1 in the queue; pages 2 and 3 released

@@ -43,8 +43,10 @@ from reconcile_support import (
     wait_for,
 )
 
+from benchmarks import reconciled_worker
+from benchmarks import worker as benchmark_worker
 from celery_app.demo import audit, schema
-from celery_reconciler import reconcile
+from celery_reconciler import ledger, reconcile
 from devstack import postgres as devstack_postgres
 from devstack import tcp_proxy
 
@@ -448,6 +450,8 @@ def test_the_ledger_migrates_in_place_under_running_attempts_of_the_previous_ver
         timeout_seconds=30,
         what="every ledger row succeeded",
     )
+    # Successes recorded before and after the migration: each in the tally exactly once.
+    assert ledger.counts(conn, policy_key=policy.key).succeeded == 8
     # Only this version's worker registers incarnations (which also proves that the previous
     # version's worker really ran the previous code): the migrated ledger holds its own.
     hostnames = {
@@ -546,3 +550,30 @@ def test_a_message_taken_by_a_worker_that_died_before_starting_it_runs_again_at_
         "SELECT fence_token::text FROM celery_reconciler.entries WHERE entry_id = '1'"
     ).fetchone()
     assert stale is not None and stale[0] != taken[1]  # dispatched again, under a new fence
+
+
+def test_a_worker_that_shuts_down_hands_over_its_finished_bodies(
+    demo_dsn: str, conn: psycopg.Connection[Any], redis_url: str, start_worker: WorkerFactory
+) -> None:
+    """Successes are marked by the heartbeat, in batches. A worker stopped the way Kubernetes
+    stops it (SIGTERM to its main process) marks what its bodies finished as it exits, so
+    nothing is left ``running`` under a silent incarnation — which the sweep would charge
+    as lost attempts. The heartbeat timeout is an hour here: no heartbeat can do it instead."""
+    schema.seed(conn, count=20)
+    assert benchmark_worker.enqueue_ours(demo_dsn, redis_url, entries=20) == 20
+    worker = start_worker(
+        broker_url=redis_url,
+        dsn=demo_dsn,
+        app="benchmarks.reconciled_worker",
+        queue=reconciled_worker.QUEUE,
+        extra_env={"CELERY_RECONCILER_HEARTBEAT_TIMEOUT": "3600", "PYTHONPATH": str(REPOSITORY)},
+    )
+    wait_for(lambda: pending_count(conn) == 0, timeout_seconds=60, what="the backlog drained")
+    assert worker.process.popen is not None
+    os.kill(worker.process.popen.pid, signal.SIGTERM)
+    worker.process.popen.wait(30)
+    assert set(ledger_states(conn).values()) == {"succeeded"}
+    outcomes = conn.execute(
+        "SELECT outcome, count(*) FROM celery_reconciler.attempts GROUP BY 1"
+    ).fetchall()
+    assert outcomes == [("succeeded", 20)]

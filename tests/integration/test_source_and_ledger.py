@@ -216,3 +216,198 @@ def test_concurrent_claims_never_hand_out_the_same_entry(demo_dsn: str) -> None:
             "SELECT count(DISTINCT fence_token) FROM celery_reconciler.entries"
         ).fetchone()
         assert tokens == (100,)
+
+
+def claim_pending_again(conn: psycopg.Connection[Any], entry_id: str) -> list[ledger.Claim]:
+    """Claim one entry of policy t/p the way a sweep does when the source shows it pending."""
+    with conn.transaction():
+        return ledger.claim(
+            conn,
+            policy_key="t/p",
+            entry_ids=[entry_id],
+            lease_seconds=60,
+            still_pending=lambda candidates: set(candidates),
+        )
+
+
+def claimed_and_started(
+    conn: psycopg.Connection[Any], entry_ids: list[str]
+) -> dict[str, ledger.RunningAttempt]:
+    """Claim the entries under policy t/p and start each under one live incarnation."""
+    ledger.ensure_schema(conn)
+    ledger.upsert_policy(conn, policy.parse_policy(schema.policy_spec(), namespace="t", name="p"))
+    with conn.transaction():
+        claims = ledger.claim(
+            conn,
+            policy_key="t/p",
+            entry_ids=entry_ids,
+            lease_seconds=60,
+            still_pending=lambda candidates: set(candidates),
+        )
+    incarnation = ledger.register_incarnation(
+        conn,
+        identity=ledger.WorkerIdentity(hostname="test", pid=1),
+        heartbeat_timeout_seconds=20,
+    )
+    started = {}
+    for claimed in claims:
+        attempt = ledger.start_attempt(
+            conn,
+            fence_token=str(claimed.fence_token),
+            entry_id=claimed.entry_id,
+            worker="test",
+            incarnation=incarnation,
+            heartbeat_timeout_seconds=20,
+        )
+        assert attempt is not None
+        started[claimed.entry_id] = attempt
+    return started
+
+
+def outcomes(conn: psycopg.Connection[Any], entry_id: str) -> list[tuple[int, str]]:
+    history = ledger.history(conn, policy_key="t/p", entry_id=entry_id)
+    assert history is not None
+    return [(attempt.attempt, attempt.outcome) for attempt in history.attempts]
+
+
+def test_each_attempt_has_one_history_row_written_when_it_ends(
+    conn: psycopg.Connection[Any],
+) -> None:
+    started = claimed_and_started(conn, ["1", "2", "3"])
+    # A running attempt is shown from the entry row; its history row comes when it ends.
+    assert outcomes(conn, "1") == [(1, "running")]
+    assert ledger.record_success(conn, fence_token=started["1"].fence_token)
+    assert not ledger.record_success(conn, fence_token=started["1"].fence_token)
+    assert (
+        ledger.record_failure(
+            conn, fence_token=started["2"].fence_token, error="Boom", retry_in_seconds=60
+        )
+        == "retry_wait"
+    )
+    assert outcomes(conn, "1") == [(1, "succeeded")]
+    assert outcomes(conn, "2") == [(1, "failed")]
+    assert outcomes(conn, "3") == [(1, "running")]
+    rows = conn.execute(
+        "SELECT entry_id, count(*) FROM celery_reconciler.attempts GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    assert rows == [("1", 1), ("2", 1)]
+
+
+def test_a_running_history_row_of_the_previous_schema_is_completed_not_duplicated(
+    conn: psycopg.Connection[Any],
+) -> None:
+    started = claimed_and_started(conn, ["1", "2"])
+    # Workers of the previous schema wrote the history row when the attempt started.
+    conn.execute(
+        """
+        INSERT INTO celery_reconciler.attempts (policy_key, entry_id, attempt, fence_token,
+            worker, outcome, dispatched_at, started_at)
+        SELECT policy_key, entry_id, attempt, fence_token, worker, 'running', dispatched_at,
+            started_at
+        FROM celery_reconciler.entries
+        """
+    )
+    assert ledger.record_success(conn, fence_token=started["1"].fence_token)
+    assert ledger.heartbeat(
+        conn,
+        incarnation=conn.execute("SELECT id FROM celery_reconciler.incarnations").fetchone()[0],
+        finished=[started["2"].fence_token],
+    )
+    assert outcomes(conn, "1") == [(1, "succeeded")]
+    assert outcomes(conn, "2") == [(1, "succeeded")]
+    assert conn.execute("SELECT count(*) FROM celery_reconciler.attempts").fetchone() == (2,)
+
+
+def test_index_advice_names_an_index_that_postgres_then_uses(
+    conn: psycopg.Connection[Any],
+) -> None:
+    """Without the partial index the pending page reads the whole table: the advice names
+    the index to create. Running exactly the advised statement makes the advice go away."""
+    schema.seed(conn, count=20_000)
+    conn.execute("UPDATE journal_entry SET insights_extracted = true WHERE id % 100 <> 0")
+    conn.execute("DROP INDEX journal_entry_pending")
+    conn.execute("VACUUM ANALYZE journal_entry")
+    source_ = demo_source()
+    advice = source.index_advice(conn, source_, page_size=500)
+    assert advice is not None
+    assert advice.table_rows >= 19_000
+    assert advice.create_index == (
+        'CREATE INDEX CONCURRENTLY ON "public"."journal_entry" ("created_at", "id") '
+        'WHERE "insights_extracted" = false'
+    )
+    conn.execute(advice.create_index)
+    conn.execute("ANALYZE journal_entry")
+    assert source.index_advice(conn, source_, page_size=500) is None
+
+
+def succeeded_rows(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM celery_reconciler.entries WHERE state = 'succeeded'"
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_the_succeeded_count_follows_every_transition_without_counting_history(
+    conn: psycopg.Connection[Any],
+) -> None:
+    """Successes are folded into a tally; a succeeded entry claimed again (pending again)
+    leaves it. At every step the count equals the succeeded rows — read from the unfinished
+    rows, the tally and the successes not folded yet, never by counting succeeded rows."""
+    started = claimed_and_started(conn, [str(n) for n in range(1, 11)])
+    for entry_id in ("1", "2", "3"):
+        assert ledger.record_success(conn, fence_token=started[entry_id].fence_token)
+    assert ledger.counts(conn, policy_key="t/p").succeeded == 3 == succeeded_rows(conn)
+    assert ledger.fold_successes(conn, policy_key="t/p") == 3
+    assert ledger.fold_successes(conn, policy_key="t/p") == 0
+    assert ledger.counts(conn, policy_key="t/p").succeeded == 3
+    # Entry 1 is pending again (its predicate holds once more): claimed, out of the tally.
+    again = claim_pending_again(conn, "1")
+    assert [claim.again for claim in again] == [True]
+    assert ledger.counts(conn, policy_key="t/p").succeeded == 2 == succeeded_rows(conn)
+    assert ledger.heartbeat(
+        conn,
+        incarnation=conn.execute("SELECT id FROM celery_reconciler.incarnations").fetchone()[0],
+        finished=[started["4"].fence_token, started["5"].fence_token],
+    )
+    assert ledger.counts(conn, policy_key="t/p").succeeded == 4 == succeeded_rows(conn)
+    assert ledger.fold_successes(conn, policy_key="t/p", limit=1) == 1  # bounded batches
+    assert ledger.counts(conn, policy_key="t/p").succeeded == 4
+    assert ledger.fold_successes(conn, policy_key="t/p") == 1
+    assert ledger.counts(conn, policy_key="t/p").succeeded == 4
+
+
+def test_retention_prunes_old_history_in_batches_and_keeps_the_count(
+    conn: psycopg.Connection[Any],
+) -> None:
+    started = claimed_and_started(conn, [str(n) for n in range(1, 31)])
+    for attempt in started.values():
+        assert ledger.record_success(conn, fence_token=attempt.fence_token)
+    # Twenty of them finished ten days ago; the rest just now.
+    conn.execute(
+        "UPDATE celery_reconciler.entries SET finished_at = now() - interval '10 days' "
+        "WHERE entry_id::int <= 20"
+    )
+    conn.execute(
+        "UPDATE celery_reconciler.attempts SET finished_at = now() - interval '10 days' "
+        "WHERE entry_id::int <= 20"
+    )
+    week = 7 * 24 * 3600.0
+    # Successes not folded into the tally yet are never pruned: the count would lose them.
+    assert ledger.prune(conn, policy_key="t/p", retention_seconds=week, limit=15) == (
+        ledger.Pruned(attempts=15, entries=0)
+    )
+    assert ledger.fold_successes(conn, policy_key="t/p") == 30
+    second = ledger.prune(conn, policy_key="t/p", retention_seconds=week, limit=15)
+    third = ledger.prune(conn, policy_key="t/p", retention_seconds=week, limit=15)
+    assert (second, third) == (
+        ledger.Pruned(attempts=5, entries=15),
+        ledger.Pruned(attempts=0, entries=5),
+    )
+    assert ledger.prune(conn, policy_key="t/p", retention_seconds=week) == ledger.Pruned(0, 0)
+    assert succeeded_rows(conn) == 10
+    assert conn.execute("SELECT count(*) FROM celery_reconciler.attempts").fetchone() == (10,)
+    assert ledger.counts(conn, policy_key="t/p").succeeded == 30
+    # A pruned entry that is pending again is simply claimed anew.
+    anew = claim_pending_again(conn, "1")
+    assert [(claim.entry_id, claim.again) for claim in anew] == [("1", False)]

@@ -1,23 +1,102 @@
 from __future__ import annotations
 
 import datetime
+import threading
+import types
+from typing import Any
 
-from celery_reconciler import kube
+import kubernetes
+import pytest
+
+from celery_reconciler import kube, policy
 
 
-def test_label_selector_string_covers_labels_and_expressions() -> None:
-    selector = {
-        "matchLabels": {"app": "insights-worker", "tier": "celery"},
-        "matchExpressions": [
-            {"key": "track", "operator": "In", "values": ["stable", "canary"]},
-            {"key": "env", "operator": "NotIn", "values": ["dev"]},
-            {"key": "managed", "operator": "Exists"},
-            {"key": "legacy", "operator": "DoesNotExist"},
-        ],
-    }
-    assert kube.label_selector_string(selector) == (
-        "app=insights-worker,tier=celery,track in (stable,canary),env notin (dev),managed,!legacy"
+def _workers(
+    labels: dict[str, str] | None = None,
+    *expressions: tuple[str, str, tuple[str, ...]],
+) -> policy.Workers:
+    return policy.Workers(
+        match_labels=tuple(sorted((labels or {}).items())),
+        match_expressions=tuple(
+            policy.LabelSelectorRequirement(key=key, operator=operator, values=values)
+            for key, operator, values in expressions
+        ),
     )
+
+
+def test_label_selector_covers_labels_and_expressions() -> None:
+    workers = _workers(
+        {"app": "insights-worker", "tier": "celery"},
+        ("track", "In", ("stable", "canary")),
+        ("env", "NotIn", ("dev",)),
+        ("example.com/managed", "Exists", ()),
+        ("legacy", "DoesNotExist", ()),
+    )
+    assert kube.label_selector(workers) == (
+        "app=insights-worker,tier=celery,track in (stable,canary),env notin (dev),"
+        "example.com/managed,!legacy"
+    )
+
+
+HOSTILE_KEYS = [
+    "app,tier",  # a second requirement
+    "app!=x,app",  # a negation
+    "app in (a),x",  # a set
+    "!app",
+    "app=x",
+    "app x",
+    "app\n",
+    "app)",
+    "(app",
+    "",
+    "a" * 64,  # name longer than 63
+    "Example.com/app",  # prefix must be lower case
+    ("a" * 254) + "/app",  # prefix longer than 253
+    "/app",
+    "app/",
+    "-app",
+    "app-",
+    "\uff41pp",  # fullwidth a
+    "app\u200b",  # zero-width space
+    "a/b/c",
+]
+
+
+@pytest.mark.parametrize("key", HOSTILE_KEYS)
+def test_label_selector_refuses_hostile_keys_in_every_position(key: str) -> None:
+    for workers in (
+        _workers({key: "x"}),
+        _workers(None, (key, "In", ("x",))),
+        _workers(None, (key, "NotIn", ("x",))),
+        _workers(None, (key, "Exists", ())),
+        _workers(None, (key, "DoesNotExist", ())),
+    ):
+        with pytest.raises(kube.InvalidLabelSelector):
+            kube.label_selector(workers)
+
+
+@pytest.mark.parametrize("value", ["a,b", "a)", "x notin (y", "a b", "-a", "a" * 64, "é", "a\n"])
+def test_label_selector_refuses_hostile_values(value: str) -> None:
+    with pytest.raises(kube.InvalidLabelSelector):
+        kube.label_selector(_workers({"app": value}))
+    with pytest.raises(kube.InvalidLabelSelector):
+        kube.label_selector(_workers(None, ("app", "In", ("ok", value))))
+
+
+@pytest.mark.parametrize(
+    "requirement",
+    [("app", "In", ()), ("app", "NotIn", ()), ("app", "Exists", ("x",)), ("app", "Like", ("x",))],
+)
+def test_label_selector_refuses_operators_with_the_wrong_values(
+    requirement: tuple[str, str, tuple[str, ...]],
+) -> None:
+    with pytest.raises(kube.InvalidLabelSelector):
+        kube.label_selector(_workers(None, requirement))
+
+
+def test_label_selector_accepts_empty_values_and_longest_names() -> None:
+    key = ("a" * 253) + "/" + ("b" * 63)
+    assert kube.label_selector(_workers({key: ""})) == f"{key}="
 
 
 def test_pod_from_body_reads_both_client_and_kopf_shapes() -> None:
@@ -68,3 +147,37 @@ def test_pod_from_body_reads_container_ids_and_start_times_in_both_spellings() -
     assert (worker.container_id, worker.started_at) == ("a" * 64, started)
     waiting = kube.pod_from_body(watched).containers[1]
     assert (waiting.container_id, waiting.started_at, waiting.restart_count) == (None, None, 3)
+
+
+class _RefusingCore:
+    """A CoreV1Api whose pod listing the API refuses, then allows."""
+
+    def __init__(self, stopping: threading.Event, failures: int) -> None:
+        self.stopping = stopping
+        self.failures = failures
+
+    def list_namespaced_pod(self, namespace: str, **_: Any) -> Any:
+        if self.failures > 0:
+            self.failures -= 1
+            raise kubernetes.client.ApiException(status=400, reason="Bad Request")
+        self.stopping.set()
+        return types.SimpleNamespace(items=[], metadata=types.SimpleNamespace(resource_version="1"))
+
+
+def test_a_refused_pod_watch_is_reported_and_so_is_its_recovery(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stopping = threading.Event()
+    monkeypatch.setattr(kube, "_core", lambda: _RefusingCore(stopping, failures=1))
+    monkeypatch.setattr(stopping, "wait", lambda timeout=None: False)  # no 2 s pause
+    heard: list[str | None] = []
+    kube.watch_worker_pods(
+        namespace="mindjourney",
+        label_selector="app=insights-worker",
+        on_event=lambda event_type, pod: None,
+        on_health=heard.append,
+        stopping=stopping,
+    )
+    assert len(heard) == 2
+    assert heard[0] is not None and "HTTP 400" in heard[0] and "app=insights-worker" in heard[0]
+    assert heard[1] is None

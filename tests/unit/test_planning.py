@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import math
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -247,3 +248,155 @@ def test_restarted_containers_property(counts: list[tuple[str, int, int]]) -> No
     expected = tuple(sorted(name for name, before, after in counts if after > before))
     ending = planning.pod_ending(pod_uid="u", old=old, new=new, deleted=False, phase="Running")
     assert (ending.restarted_containers if ending else ()) == expected
+
+
+def _claim(
+    name: str,
+    created: str,
+    *,
+    table: str = "public.journal_entry",
+    column: str = "insights_extracted",
+    task: str = "insights.tasks.extract",
+    secret: str = "db",
+    namespace: str = "mindjourney",
+) -> planning.PolicyClaim:
+    spec = {
+        "source": {
+            "databaseSecretRef": {"name": secret},
+            "table": table,
+            "pending": {"column": column, "equals": False},
+        },
+        "task": {"name": task, "brokerSecretRef": {"name": "broker"}},
+    }
+    parsed = policy.parse_policy(spec, namespace=namespace, name=name)
+    return planning.PolicyClaim(created=created, policy=parsed)
+
+
+T1, T2, T3 = "2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z", "2026-01-03T00:00:00Z"
+
+
+def test_the_younger_of_two_policies_on_the_same_table_and_predicate_yields() -> None:
+    found = planning.conflicts([_claim("b", T2, task="other.task"), _claim("a", T1)])
+    assert list(found) == ["mindjourney/b"]
+    assert found["mindjourney/b"].winner == "mindjourney/a"
+    assert "pending predicate" in found["mindjourney/b"].what
+
+
+def test_same_task_and_table_conflicts_whatever_the_predicate_and_table_spelling() -> None:
+    found = planning.conflicts(
+        [_claim("a", T1, table="journal_entry"), _claim("b", T2, column="processed")]
+    )
+    assert found["mindjourney/b"].winner == "mindjourney/a"
+    assert "task insights.tasks.extract" in found["mindjourney/b"].what
+
+
+def test_a_tie_in_age_is_broken_by_name() -> None:
+    assert list(planning.conflicts([_claim("b", T1), _claim("a", T1)])) == ["mindjourney/b"]
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        {"table": "public.other_table"},
+        {"table": "reporting.journal_entry"},
+        {"secret": "other-db"},
+        {"namespace": "elsewhere"},
+        {"column": "processed", "task": "other.task"},
+    ],
+)
+def test_policies_on_different_rows_do_not_conflict(other: dict[str, str]) -> None:
+    assert planning.conflicts([_claim("a", T1), _claim("b", T2, **other)]) == {}
+
+
+def test_a_policy_that_yields_blocks_nobody() -> None:
+    # a and b share the task; b and c share the predicate; a and c share nothing.
+    a = _claim("a", T1, column="processed")
+    b = _claim("b", T2)
+    c = _claim("c", T3, task="other.task")
+    assert set(planning.conflicts([c, b, a])) == {"mindjourney/b"}
+    assert planning.conflicts([c, b]) == {
+        "mindjourney/c": planning.Conflict(
+            loser="mindjourney/c",
+            winner="mindjourney/b",
+            what="same table public.journal_entry and pending predicate",
+        )
+    }
+
+
+def _stuck(**overrides: Any) -> bool:
+    arguments: dict[str, Any] = {
+        "oldest_queued_seconds": 400.0,
+        "running": 0,
+        "last_finished_seconds_ago": None,
+        "start_timeout_seconds": 180.0,
+        "was_stuck": False,
+    }
+    arguments.update(overrides)
+    return planning.workers_not_consuming(**arguments)
+
+
+def test_work_queued_longer_than_the_start_timeout_with_nothing_running_is_stuck() -> None:
+    assert _stuck()
+    assert _stuck(last_finished_seconds_ago=181.0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"oldest_queued_seconds": None},  # nothing waits
+        {"oldest_queued_seconds": 179.0},  # not long enough yet
+        {"running": 1},  # a worker is at it: a slow backlog, not a stuck one
+        {"last_finished_seconds_ago": 30.0},  # work finished recently
+        {"oldest_queued_seconds": None, "was_stuck": True},  # all taken: cleared
+        {"running": 2, "was_stuck": True},  # work started again: cleared
+    ],
+)
+def test_waiting_work_is_not_stuck_while_workers_take_some(overrides: dict[str, Any]) -> None:
+    assert not _stuck(**overrides)
+
+
+def test_a_lease_redispatch_does_not_clear_stuck_work() -> None:
+    """Re-dispatched after its lease, the oldest entry looks fresh; nobody started it."""
+    assert _stuck(oldest_queued_seconds=1.0, was_stuck=True)
+    assert not _stuck(oldest_queued_seconds=1.0, was_stuck=False)
+
+
+def scan(node_type: str, **fields: object) -> dict[str, object]:
+    return {"Node Type": node_type, "Relation Name": "journal_entry", **fields}
+
+
+def limited(*nodes: dict[str, object]) -> dict[str, object]:
+    return {"Plan": {"Node Type": "Limit", "Plans": [{"Node Type": "Sort", "Plans": list(nodes)}]}}
+
+
+@pytest.mark.parametrize(
+    ("plan", "needs_index"),
+    [
+        (limited(scan("Seq Scan", Filter="(NOT insights_extracted)")), True),
+        # An index on the keyset without the predicate: every processed row is read.
+        (limited(scan("Index Scan", Filter="(NOT src.insights_extracted)")), True),
+        (limited(scan("Bitmap Heap Scan", Filter="(insights_extracted = false)")), True),
+        # A partial index that holds the predicate: no filter left.
+        (limited(scan("Index Scan", **{"Index Name": "journal_entry_pending"})), False),
+        (limited(scan("Index Only Scan")), False),
+        # Another table's sequential scan is not ours to advise on.
+        (limited({"Node Type": "Seq Scan", "Relation Name": "other"}), False),
+    ],
+)
+def test_index_advice_reads_the_plan(plan: dict[str, object], needs_index: bool) -> None:
+    assert (
+        planning.page_needs_index(
+            plan, relation="journal_entry", predicate_column="insights_extracted", table_rows=1e6
+        )
+        is needs_index
+    )
+
+
+def test_a_small_table_needs_no_index_advice() -> None:
+    plan = limited(scan("Seq Scan", Filter="(NOT insights_extracted)"))
+    assert not planning.page_needs_index(
+        plan,
+        relation="journal_entry",
+        predicate_column="insights_extracted",
+        table_rows=planning.INDEX_ADVICE_MIN_ROWS - 1,
+    )

@@ -94,6 +94,7 @@ def test_minimal_spec_takes_documented_defaults() -> None:
     assert parsed.task.queue == "celery"
     assert parsed.retry.max_attempts == 5 and parsed.retry.initial_delay_seconds == 60
     assert parsed.lease.timeout_seconds == 900
+    assert parsed.history.retention_seconds == 7 * 24 * 3600
     assert parsed.limits.batch_size == 500 and parsed.limits.max_in_flight == 10000
     assert not parsed.workers.has_selector
 
@@ -255,6 +256,72 @@ def test_pod_selector_expressions() -> None:
     assert "spec.workers.podSelector.matchExpressions[0].operator" in problems_of(spec)
 
 
+@pytest.mark.parametrize(
+    ("selector", "path"),
+    [
+        ({"matchLabels": {"app,tier": "x"}}, "spec.workers.podSelector.matchLabels['app,tier']"),
+        ({"matchLabels": {"app": "a b"}}, "spec.workers.podSelector.matchLabels['app']"),
+        ({"matchLabels": {"app": "x" * 64}}, "spec.workers.podSelector.matchLabels['app']"),
+        (
+            {"matchExpressions": [{"key": "app!=x,app", "operator": "Exists"}]},
+            "spec.workers.podSelector.matchExpressions[0].key",
+        ),
+        (
+            {"matchExpressions": [{"key": "app", "operator": "In", "values": ["ok", "(x)"]}]},
+            "spec.workers.podSelector.matchExpressions[0].values[1]",
+        ),
+        (
+            {"matchExpressions": [{"key": "app", "operator": "In"}]},
+            "spec.workers.podSelector.matchExpressions[0].values",
+        ),
+        (
+            {"matchExpressions": [{"key": "app", "operator": "Exists", "values": ["x"]}]},
+            "spec.workers.podSelector.matchExpressions[0].values",
+        ),
+    ],
+)
+def test_pod_selector_keys_and_values_follow_kubernetes_label_syntax(
+    selector: dict[str, Any], path: str
+) -> None:
+    spec = full_spec()
+    spec["workers"]["podSelector"] = selector
+    assert path in problems_of(spec)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "path"),
+    [
+        (("schedule", "sweepInterval"), "25h", "spec.schedule.sweepInterval"),
+        (("retry", "initialDelay"), "169h", "spec.retry.initialDelay"),
+        (("retry", "maxDelay"), "100000000h", "spec.retry.maxDelay"),
+        (("lease", "timeout"), "169h", "spec.lease.timeout"),
+        (("workers", "startTimeout"), "25h", "spec.workers.startTimeout"),
+        (("workers", "startTimeout"), "0s", "spec.workers.startTimeout"),
+        (("history", "retention"), "87601h", "spec.history.retention"),
+        (("retry", "factor"), 101, "spec.retry.factor"),
+        (("limits", "dispatchPerSecond"), 1e-300, "spec.limits.dispatchPerSecond"),
+        (("limits", "dispatchPerSecond"), 1e300, "spec.limits.dispatchPerSecond"),
+        (("limits", "maxInFlight"), 10**8, "spec.limits.maxInFlight"),
+        (("lease", "timeout"), "\uff15m", "spec.lease.timeout"),  # a fullwidth digit
+        (("task", "name"), "insights.task\n", "spec.task.name"),
+        (("source", "table"), "journal_entry\n", "spec.source.table"),
+    ],
+)
+def test_numbers_and_durations_are_bounded_so_arithmetic_stays_finite(
+    field: tuple[str, str], value: Any, path: str
+) -> None:
+    spec = full_spec()
+    spec.setdefault(field[0], {})[field[1]] = value
+    assert path in problems_of(spec)
+
+
+def test_start_timeout_defaults_to_three_minutes() -> None:
+    assert parse(full_spec()).workers.start_timeout_seconds == 180.0
+    spec = full_spec()
+    spec["workers"]["startTimeout"] = "30s"
+    assert parse(spec).workers.start_timeout_seconds == 30.0
+
+
 def test_parsing_does_not_modify_the_spec() -> None:
     spec = full_spec()
     before = copy.deepcopy(spec)
@@ -285,3 +352,13 @@ def test_go_durations(text: str, seconds: float) -> None:
 def test_malformed_durations(text: str) -> None:
     with pytest.raises(policy.InvalidDuration):
         policy.parse_duration_seconds(text)
+
+
+def test_history_retention_is_a_duration_of_at_least_a_minute() -> None:
+    spec = full_spec()
+    spec["history"] = {"retention": "720h"}
+    assert parse(spec).history.retention_seconds == 720 * 3600
+    spec["history"] = {"retention": "30s"}
+    assert problems_of(spec) == {"spec.history.retention": "must be at least 1m"}
+    spec["history"] = {"retention": "a week"}
+    assert list(problems_of(spec)) == ["spec.history.retention"]
