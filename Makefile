@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv/bin
 PYTEST_ARGS ?=
 
-.PHONY: help setup test unit lint demo bench manifests docs stack-up stack-down clean
+.PHONY: help setup test unit lint demo chaos bench manifests docs stack-up stack-down clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ lint: setup ## ruff, mypy and hadolint
 
 demo: setup ## the main job end to end on a local stack
 	$(VENV)/python -m devstack demo $(DEMO_ARGS)
+
+chaos: setup ## 10,000 entries under 100 faults of every kind; invariants and rescue latency
+	$(VENV)/python -m devstack chaos $(CHAOS_ARGS)
 
 bench: setup ## dispatch, worker-side cost, history at scale and rescue latency, against same-run baselines
 	$(VENV)/python -m benchmarks $(BENCH_ARGS)

@@ -98,11 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("up", help="start the local stack in the background")
     commands.add_parser("down", help="stop the stack that `up` started")
     commands.add_parser("demo", help="the main job, end to end (see devstack/demo.py)")
+    commands.add_parser("chaos", help="random faults under a backlog (see devstack/chaos.py)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "demo":
         from devstack import demo
 
         return demo.main(rest)
+    if args.command == "chaos":
+        from devstack import chaos
+
+        return chaos.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "down":

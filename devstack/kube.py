@@ -87,8 +87,11 @@ class ControlPlane:
         )
         return _run([str(self.bin_dir / "helm"), *args], env=env, check=check, input=None)
 
-    def write_kubeconfig(self, path: Path, *, token: str, namespace: str = "default") -> Path:
-        """A kubeconfig for a bearer token, e.g. from ``kubectl create token``."""
+    def write_kubeconfig(
+        self, path: Path, *, token: str, namespace: str = "default", server: str | None = None
+    ) -> Path:
+        """A kubeconfig for a bearer token, e.g. from ``kubectl create token``; ``server``
+        reaches the apiserver another way (a proxy a test can cut) under the same CA."""
         path.write_text(
             json.dumps(
                 {
@@ -98,7 +101,7 @@ class ControlPlane:
                         {
                             "name": "devstack",
                             "cluster": {
-                                "server": self.server,
+                                "server": server or self.server,
                                 "certificate-authority": str(self.ca_file),
                             },
                         }
@@ -128,6 +131,18 @@ class ControlPlane:
             "-n", namespace, "create", "token", service_account, "--duration=2h"
         ).stdout.strip()
         return self.write_kubeconfig(path, token=token, namespace=namespace)
+
+    def restart_apiserver(self) -> None:
+        """SIGKILL kube-apiserver (a crash, no graceful drain) and start it again on the
+        same port, certificates and etcd; returns once it answers /readyz. Every watch and
+        connection to it breaks, as in a control-plane outage."""
+        self.apiserver.kill()
+        self.apiserver.start()
+        self.apiserver.wait_until(
+            lambda: _readyz(self.server, self.admin_token, self.ca_file),
+            timeout_seconds=90,
+            what="ready (/readyz) after a restart",
+        )
 
     def stop(self) -> None:
         # Reverse order: an apiserver whose etcd vanished takes ~25 s to exit.

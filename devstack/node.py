@@ -517,6 +517,10 @@ def _start_kubelet(node: Node) -> processes.ManagedProcess:
                 # Status reaches the apiserver (and so the operator's pod watch) sooner.
                 "nodeStatusUpdateFrequency": "2s",
                 "syncFrequency": "10s",
+                # A container killed again and again (tests/chaos kills worker containers
+                # dozens of times) would otherwise wait out CrashLoopBackOff, up to 5 min,
+                # and the test would measure the kubelet's back-off, not the operator.
+                "crashLoopBackOff": {"maxContainerRestartPeriod": "1s"},
             }
         )
     )

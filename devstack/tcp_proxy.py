@@ -90,8 +90,9 @@ class PausableProxy:
             ).start()
 
     def _relay(self, source: socket.socket, target: socket.socket) -> None:
-        source.settimeout(POLL_SECONDS)
         try:
+            # Inside the try: a cut() may close the socket before this thread runs.
+            source.settimeout(POLL_SECONDS)
             while not self._stopping.is_set():
                 if not self._wait_flowing():
                     return

@@ -265,8 +265,15 @@ def start_worker_pod(
     concurrency: int = 2,
     queue: str = "insights",
     extra_env: dict[str, str] | None = None,
+    app: str = "celery_app.demo",
+    app_source: Path | None = None,
+    wait: bool = True,
 ) -> WorkerPod:
-    """Create a worker Pod (and the Secret holding its URLs) and wait until celery is ready."""
+    """Create a worker Pod (and the Secret holding its URLs) and wait until celery is ready.
+
+    ``app`` may be a user's app that is not in the image: ``app_source`` (a directory of
+    this checkout) is then mounted read-only and put on ``PYTHONPATH``, as a user's image
+    would carry their code beside our ``celery_app`` integration."""
     plane = node.plane
     secret = {
         "apiVersion": "v1",
@@ -284,6 +291,8 @@ def start_worker_pod(
             concurrency=concurrency,
             queue=queue,
             extra_env=extra_env or {},
+            app=app,
+            app_source=app_source,
         ),
     ]
     plane.kubectl(
@@ -295,7 +304,8 @@ def start_worker_pod(
         input=json.dumps({"apiVersion": "v1", "kind": "List", "items": manifests}),
     )
     worker = WorkerPod(node=node, namespace=namespace, name=pod_name)
-    worker.wait_ready()
+    if wait:
+        worker.wait_ready()
     return worker
 
 
@@ -308,6 +318,8 @@ def worker_pod_manifest(
     concurrency: int,
     queue: str,
     extra_env: dict[str, str],
+    app: str = "celery_app.demo",
+    app_source: Path | None = None,
 ) -> dict[str, Any]:
     """The chart's demo worker container as a bare Pod, on the test bed's host network."""
 
@@ -326,6 +338,17 @@ def worker_pod_manifest(
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     env += [{"name": key, "value": value} for key, value in extra_env.items()]
+    mounts: list[dict[str, Any]] = []
+    volumes: list[dict[str, Any]] = []
+    if app_source is not None:
+        # Mounted under its own name, so ``-A <package>.<module>`` imports it from there
+        # while celery_app and its dependencies still come from the image.
+        target = f"/opt/app-source/{app_source.name}"
+        env.append({"name": "PYTHONPATH", "value": "/opt/app-source"})
+        mounts.append({"name": "app-source", "mountPath": target, "readOnly": True})
+        volumes.append(
+            {"name": "app-source", "hostPath": {"path": str(app_source), "type": "Directory"}}
+        )
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -342,7 +365,7 @@ def worker_pod_manifest(
                     "command": ["celery"],
                     "args": [
                         "-A",
-                        "celery_app.demo",
+                        app,
                         "worker",
                         "-Q",
                         queue,
@@ -358,7 +381,9 @@ def worker_pod_manifest(
                     ],
                     "env": env,
                     "envFrom": [{"secretRef": {"name": env_secret}}],
+                    "volumeMounts": mounts,
                 }
             ],
+            "volumes": volumes,
         },
     }

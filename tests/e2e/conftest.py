@@ -6,19 +6,18 @@ the admin's by default, or a ServiceAccount token's for the least-privilege test
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from e2e_support import WORKER_LABELS, OperatorProcess, healthy
+from e2e_support import WORKER_LABELS, OperatorProcess
 
 from celery_app.demo import schema
 from celery_reconciler import kube as operator_kube
 from devstack import kube as devstack_kube
 from devstack import node as devstack_node
-from devstack import processes, workers
+from devstack import operators, processes, workers
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_DIR = ROOT / "charts" / "celery-reconciler" / "files" / "crds"
@@ -54,35 +53,16 @@ def start_operator(
         extra_env: dict[str, str] | None = None,
         extra_args: list[str] | None = None,
     ) -> OperatorProcess:
-        liveness_port, metrics_port = processes.free_port(), processes.free_port()
-        argv = [
-            sys.executable,
-            "-m",
-            "celery_reconciler",
-            "run",
-            "--liveness",
-            f"http://127.0.0.1:{liveness_port}/healthz",
-            "--metrics-port",
-            str(metrics_port),
-            "--verbose",
-        ]
-        argv += [f"--namespace={ns}" for ns in namespaces] or ["--all-namespaces"]
-        argv += [f"--peering={peering}"] if peering else ["--standalone"]
-        argv += extra_args or []
-        env = crds.env(kubeconfig=kubeconfig)
-        env.update(extra_env or {})
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        process = processes.ManagedProcess(
-            name=f"{name}:{liveness_port}",
-            argv=argv,
-            log_path=tmp_path / f"{name}-{liveness_port}.log",
-            env=env,
+        operator = operators.start(
+            crds,
+            log_dir=tmp_path,
+            kubeconfig=kubeconfig,
+            namespaces=namespaces,
+            peering=peering,
+            name=name,
+            extra_env=extra_env,
+            extra_args=extra_args,
         )
-        process.start()
-        process.wait_until(
-            lambda: healthy(liveness_port), timeout_seconds=60, what="healthy (/healthz)"
-        )
-        operator = OperatorProcess(process, liveness_port, metrics_port)
         started.append(operator)
         return operator
 

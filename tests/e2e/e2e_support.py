@@ -8,7 +8,6 @@ import io
 import json
 import re
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,31 +17,10 @@ import psycopg
 from celery_app.demo import audit, schema
 from celery_reconciler import cli
 from devstack import kube as devstack_kube
-from devstack import processes
+from devstack import operators
 
-
-@dataclasses.dataclass
-class OperatorProcess:
-    process: processes.ManagedProcess
-    liveness_port: int
-    metrics_port: int
-
-    def metrics_text(self) -> str:
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
-        ) as r:
-            return str(r.read().decode())
-
-    def kill(self) -> None:
-        self.process.kill()
-
-    def stop(self) -> None:
-        self.process.stop(timeout_seconds=20)
-
-
-def healthy(port: int) -> bool:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
-        return bool(response.status == 200)
+OperatorProcess = operators.OperatorProcess
+healthy = operators.healthy
 
 
 def get_json(kube: devstack_kube.ControlPlane, *args: str) -> Any:
