@@ -209,7 +209,7 @@ def reconcile_once(
             conn, policy_key=policy.key, retention_seconds=policy.history.retention_seconds
         )
         doing = "re-dispatching deliveries that never started"
-        stranded = _redispatch_stranded(conn, policy, broker, send_ahead)
+        stranded = _redispatch_stranded(conn, policy, broker, send_ahead, sleep=sleep)
         in_flight = ledger.count_in_flight(conn, policy_key=policy.key)
         budget = (
             0
@@ -362,29 +362,44 @@ def _messages(claims: Sequence[ledger.Claim]) -> list[broker_module.TaskMessage]
 STRANDED_DELIVERY_SECONDS = 2.0
 
 
+# A consumer pops a message from the queue and only then records it as taken (kombu's
+# Redis transport: BRPOP, then a pipeline into its unacked hash), so for a moment a live
+# delivery is in neither place. A message seen missing twice, this long apart, is gone.
+STRANDED_RECHECK_SECONDS = 0.5
+
+
 def _redispatch_stranded(
     conn: psycopg.Connection[Any],
     policy: policy_module.Policy,
     broker: broker_module.Publisher,
     send: PublishFunction,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> int:
     """Account for every queued entry's message in the broker; re-dispatch, ahead of the
     queue, the entries whose message is gone — instead of letting them wait for the lease.
     The ledger is read first, so a message that moves on meanwhile (taken, then started)
-    is found in its new place or the entry is no longer queued."""
+    is found in its new place or the entry is no longer queued; one that seems missing is
+    looked for once more before it is released."""
     candidates = ledger.queued_since(conn, policy_key=policy.key, seconds=STRANDED_DELIVERY_SECONDS)
     if not candidates:
         return 0
-    try:
-        present = broker.messages_accounted_for(
-            policy.task.queue, taken_within_seconds=STRANDED_DELIVERY_SECONDS
-        )
-    except BrokerUnavailable:
-        return 0  # the sweep's own publish meets the same broker and reports it
-    if present is None:
-        return 0
-    missing = [uuid.UUID(token) for token in candidates if token not in present]
-    released = ledger.release_claims(conn, fence_tokens=missing)
+    missing = set(candidates)
+    for look in range(2):
+        if look:
+            sleep(STRANDED_RECHECK_SECONDS)
+        try:
+            present = broker.messages_accounted_for(
+                policy.task.queue, taken_within_seconds=STRANDED_DELIVERY_SECONDS
+            )
+        except BrokerUnavailable:
+            return 0  # the sweep's own publish meets the same broker and reports it
+        if present is None:
+            return 0
+        missing -= present
+        if not missing:
+            return 0
+    released = ledger.release_claims(conn, fence_tokens=[uuid.UUID(token) for token in missing])
     return _redispatch(conn, policy, send, entry_ids=released)
 
 
