@@ -36,14 +36,16 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
+import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 import celery
 import celery.utils.nodenames
@@ -184,6 +186,7 @@ class MessageBuilder:
         self._reply_to = str(app.thread_oid)
         self._origin = celery.utils.nodenames.anon_nodename()
         self._templates: dict[tuple[str, str, tuple[float, float] | None], _EnvelopeTemplate] = {}
+        self._amqp_templates: dict[tuple[str, str, tuple[float, float] | None], _AmqpTemplate] = {}
 
     def envelope_json(
         self,
@@ -226,6 +229,57 @@ class MessageBuilder:
         message: TaskMessage,
         time_limits_seconds: tuple[float, float] | None,
     ) -> dict[str, Any]:
+        headers, properties, payload = self.parts(
+            task_name=task_name, message=message, time_limits_seconds=time_limits_seconds
+        )
+        return {
+            "body": base64.b64encode(payload).decode("ascii"),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": headers,
+            "properties": {
+                **properties,
+                "delivery_mode": DELIVERY_MODE_PERSISTENT,
+                "delivery_info": {"exchange": "", "routing_key": queue},
+                "priority": 0,
+                "body_encoding": "base64",
+                "delivery_tag": str(uuid.uuid4()),
+            },
+        }
+
+    def amqp_parts(
+        self,
+        *,
+        task_name: str,
+        message: TaskMessage,
+        time_limits_seconds: tuple[float, float] | None,
+    ) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
+        """``(body, headers, properties)`` of an AMQP message as ``send_task`` publishes it
+        (kombu's ``Producer.publish`` adds ``delivery_mode``; the body is the JSON itself),
+        filled into a template built once per task like ``envelope_json``."""
+        if len(message.entry_id) > SHORT_ID_LENGTH:
+            headers, properties, payload = self.parts(
+                task_name=task_name, message=message, time_limits_seconds=time_limits_seconds
+            )
+            return payload, headers, {**properties, "delivery_mode": DELIVERY_MODE_PERSISTENT}
+        key = (task_name, "", time_limits_seconds)
+        template = self._amqp_templates.get(key)
+        if template is None:
+            template = self._amqp_templates[key] = _AmqpTemplate.of(
+                lambda sample: self.parts(
+                    task_name=task_name, message=sample, time_limits_seconds=time_limits_seconds
+                )
+            )
+        return template.fill(message)
+
+    def parts(
+        self,
+        *,
+        task_name: str,
+        message: TaskMessage,
+        time_limits_seconds: tuple[float, float] | None,
+    ) -> tuple[dict[str, Any], dict[str, Any], bytes]:
+        """Celery's own ``create_task_message``: ``(headers, properties, JSON body)``."""
         soft, hard = time_limits_seconds or (None, None)
         args = [message.entry_id]  # a list, as send_task(args=[...]) passes it
         headers, properties, body, _ = self._app.amqp.create_task_message(
@@ -246,21 +300,7 @@ class MessageBuilder:
         )
         # kombu's JSON serializer yields exactly ``json.dumps`` for these plain values (ids,
         # names, None); calling the stdlib directly halves the cost of a message.
-        payload = json.dumps(body).encode("utf-8")
-        return {
-            "body": base64.b64encode(payload).decode("ascii"),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": headers,
-            "properties": {
-                **properties,
-                "delivery_mode": DELIVERY_MODE_PERSISTENT,
-                "delivery_info": {"exchange": "", "routing_key": queue},
-                "priority": 0,
-                "body_encoding": "base64",
-                "delivery_tag": str(uuid.uuid4()),
-            },
-        }
+        return headers, dict(properties), json.dumps(body).encode("utf-8")
 
 
 # Ids whose JSON is the id in quotes and whose repr is the id in single quotes: most ids.
@@ -322,6 +362,66 @@ class _EnvelopeTemplate:
             "tag": f'"{hex_tag[:8]}-{hex_tag[8:12]}-{hex_tag[12:16]}-{hex_tag[16:20]}-'
             f'{hex_tag[20:]}"',
         }
+
+
+class _AmqpTemplate:
+    """An AMQP message's parts with slots for what differs per message: the body as a
+    ``%``-format string (the entry id), and the header and property keys that hold the task
+    id or the ``argsrepr``. Built from a sample with sentinel ids, like ``_EnvelopeTemplate``;
+    a unit test compares a fill with Celery's per-message build."""
+
+    def __init__(
+        self,
+        *,
+        headers: dict[str, Any],
+        properties: dict[str, Any],
+        body_format: str,
+        task_id_headers: tuple[str, ...],
+        task_id_properties: tuple[str, ...],
+    ) -> None:
+        self._headers = headers
+        self._properties = properties
+        self._body_format = body_format
+        self._task_id_headers = task_id_headers
+        self._task_id_properties = task_id_properties
+
+    @classmethod
+    def of(cls, parts: Any) -> _AmqpTemplate:
+        marker = uuid.uuid4().hex
+        entry, task = f"cr{marker}entry", f"cr{marker}task"
+        headers, properties, body = parts(TaskMessage(entry_id=entry, task_id=task))
+        body_text = body.decode("utf-8")
+        if body_text.count(json.dumps(entry)) != 1 or task in body_text:
+            raise AssertionError("the message body does not hold the entry id exactly once")
+        task_id_headers = tuple(key for key, value in headers.items() if value == task)
+        task_id_properties = tuple(key for key, value in properties.items() if value == task)
+        leftovers = [
+            {key: value for key, value in headers.items() if key not in task_id_headers},
+            {key: value for key, value in properties.items() if key not in task_id_properties},
+        ]
+        leftovers[0].pop("argsrepr", None)
+        if marker in json.dumps(leftovers, default=str):
+            raise AssertionError("a sentinel is left where the template has no slot for it")
+        body_format = body_text.replace("%", "%%").replace(json.dumps(entry), "%s")
+        return cls(
+            headers=headers,
+            properties={**properties, "delivery_mode": DELIVERY_MODE_PERSISTENT},
+            body_format=body_format,
+            task_id_headers=task_id_headers,
+            task_id_properties=task_id_properties,
+        )
+
+    def fill(self, message: TaskMessage) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
+        entry_id = message.entry_id
+        headers = dict(self._headers)
+        properties = dict(self._properties)
+        for key in self._task_id_headers:
+            headers[key] = message.task_id
+        for key in self._task_id_properties:
+            properties[key] = message.task_id
+        headers["argsrepr"] = repr([entry_id])
+        body = self._body_format % json.dumps(entry_id)
+        return body.encode("utf-8"), headers, properties
 
 
 class RedisPublisher:
@@ -485,11 +585,240 @@ class KombuPublisher:
         self._app.close()
 
 
+# Messages published between two waits for their confirms: bounds what a failure leaves
+# unconfirmed (to be released and re-dispatched) and how many acks queue up unread.
+CONFIRM_WINDOW = 1000
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
+NOT_FOUND, PRECONDITION_FAILED = 404, 406
+# What send_task's publish sets on AMQP (kombu's Producer default), priority queue or not.
+AMQP_PRIORITY = 0
+_T = TypeVar("_T")
+
+
+class _Unconfirmed(Exception):
+    """The broker nacked or returned a message of the batch (it did not take it)."""
+
+
+class AmqpPublisher:
+    """Batched publishing with publisher confirms on one py-amqp channel (RabbitMQ)."""
+
+    def __init__(self, url: str, *, confirm_timeout_seconds: float = 30.0) -> None:
+        self._url = url
+        self._app = message_app(url)
+        self._builder = MessageBuilder(self._app)
+        self._confirm_timeout_seconds = confirm_timeout_seconds
+        # reconcile publishes from its page thread while the loop asks for depth from
+        # another: a py-amqp connection is not thread-safe, so every use holds this lock.
+        self._lock = threading.Lock()
+        self._connection: Any = None  # a kombu Connection over py-amqp
+        self._channel: Any = None
+        self._declared: set[str] = set()
+        self._next_tag = 1
+        self._outstanding: set[int] = set()
+        self._refused: list[str] = []
+
+    # -- connection and channel -------------------------------------------------------------
+
+    def _errors(self) -> tuple[type[BaseException], ...]:
+        connection = self._connection or self._app.connection_for_write()
+        return (
+            *connection.connection_errors,
+            *connection.channel_errors,
+            OSError,
+            kombu.exceptions.KombuError,
+            _Unconfirmed,
+        )
+
+    def _open_channel(self) -> Any:
+        if self._connection is None:
+            connection = self._app.connection_for_write(
+                connect_timeout=5,
+                transport_options={
+                    "read_timeout": self._confirm_timeout_seconds,
+                    "write_timeout": self._confirm_timeout_seconds,
+                },
+            )
+            connection.connect()
+            self._connection = connection
+            self._declared.clear()
+        if self._channel is None or not self._channel.is_open:
+            channel = self._connection.channel()
+            channel.confirm_select()
+            channel.events["basic_ack"].add(self._on_ack)
+            channel.events["basic_nack"].add(self._on_nack)
+            channel.events["basic_return"].add(self._on_return)
+            self._channel = channel
+            self._next_tag = 1  # confirm delivery tags count from 1 on each channel
+            self._outstanding.clear()
+        return self._channel
+
+    def _drop_connection(self) -> None:
+        """Forget a connection whose state is unknown after an error; the next call opens a
+        fresh one (a channel with unconfirmed publishes must never be trusted again)."""
+        connection, self._connection, self._channel = self._connection, None, None
+        self._outstanding.clear()
+        self._refused.clear()
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                connection.close()
+
+    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
+        if multiple:
+            self._outstanding = {tag for tag in self._outstanding if tag > delivery_tag}
+        else:
+            self._outstanding.discard(delivery_tag)
+
+    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
+        self._refused.append("the broker refused (nacked) a message")
+        self._on_ack(delivery_tag, multiple)
+
+    def _on_return(self, error: Exception, exchange: str, routing_key: str, _: Any) -> None:
+        self._refused.append(f"no queue took a message routed to {routing_key!r} ({error})")
+        self._declared.discard(routing_key)
+
+    def _declare(self, queue: str) -> None:
+        """Declare the queue as Celery's ``send_task`` does (durable, with its direct exchange
+        and binding, from the app's queue settings), once per connection. A queue that exists
+        with other arguments (a worker's ``x-max-priority``, a quorum queue) refuses that
+        declaration (406, closing the channel): then it is enough that it exists."""
+        if queue in self._declared:
+            return
+        channel = self._open_channel()
+        try:
+            self._app.amqp.queues[queue](channel).declare()
+        except tuple(self._connection.channel_errors) as error:
+            if getattr(error, "code", None) != PRECONDITION_FAILED:
+                raise
+            self._channel = None
+            self._open_channel().queue_declare(queue=queue, passive=True)
+        self._declared.add(queue)
+
+    def _wait_for_confirms(self) -> None:
+        connection = self._connection
+        assert connection is not None
+        deadline = time.monotonic() + self._confirm_timeout_seconds
+        while self._outstanding and not self._refused:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(
+                    f"{len(self._outstanding)} publishes not confirmed within "
+                    f"{self._confirm_timeout_seconds:.0f}s"
+                )
+            connection.drain_events(timeout=remaining)
+        if self._refused:
+            raise _Unconfirmed(self._refused[0])
+
+    # -- the Publisher protocol -------------------------------------------------------------
+
+    def publish(
+        self,
+        *,
+        task_name: str,
+        queue: str,
+        messages: Sequence[TaskMessage],
+        time_limits_seconds: tuple[float, float] | None,
+        ahead: bool = False,
+    ) -> int:
+        """Publish all of ``messages`` and return only once the broker confirmed each one.
+
+        ``ahead`` cannot be honoured: an AMQP queue has no front to publish to (a priority
+        would need the queue declared with ``x-max-priority``, which is the workers'
+        choice), so re-dispatches join the tail. A connection that fails at once may be a
+        stale one (the broker restarted since the last sweep): the batch is sent once more
+        on a fresh connection. Messages of the failed attempt that did reach the queue are
+        duplicates with the same task id, which the workers' fence check drops.
+        """
+        if not messages:
+            return 0
+        parts = [
+            self._builder.amqp_parts(
+                task_name=task_name, message=message, time_limits_seconds=time_limits_seconds
+            )
+            for message in messages
+        ]
+        self._attempt(
+            functools.partial(self._publish_confirmed, queue, parts),
+            doing=f"publishing to queue {queue!r}",
+        )
+        return len(parts)
+
+    def _attempt(self, operation: Callable[[], _T], *, doing: str) -> _T:
+        """``operation()`` under the lock; on a reused connection that fails, once more on a
+        fresh one (a broker restart since the last call leaves a dead connection behind)."""
+        with self._lock:
+            reused = self._connection is not None
+            try:
+                return operation()
+            except self._errors() as error:
+                self._drop_connection()
+                if not reused:
+                    raise unavailable(error, url=self._url, doing=doing) from None
+            try:
+                return operation()
+            except self._errors() as error:
+                self._drop_connection()
+                raise unavailable(error, url=self._url, doing=doing) from None
+
+    def _publish_confirmed(
+        self, queue: str, parts: Sequence[tuple[bytes, dict[str, Any], dict[str, Any]]]
+    ) -> None:
+        self._declare(queue)
+        channel = self._open_channel()
+        for start in range(0, len(parts), CONFIRM_WINDOW):
+            for body, headers, properties in parts[start : start + CONFIRM_WINDOW]:
+                message = channel.prepare_message(
+                    body, AMQP_PRIORITY, "application/json", "utf-8", headers, properties
+                )
+                # mandatory: a message no queue takes comes back (basic.return) instead of
+                # being confirmed and dropped.
+                channel.basic_publish(message, exchange="", routing_key=queue, mandatory=True)
+                self._outstanding.add(self._next_tag)
+                self._next_tag += 1
+            self._wait_for_confirms()
+
+    def queue_depth(self, queue: str) -> int:
+        return self._attempt(
+            functools.partial(self._passive_depth, queue), doing=f"measuring queue {queue!r}"
+        )
+
+    def _passive_depth(self, queue: str) -> int:
+        channel = self._open_channel()
+        try:
+            _, depth, _ = channel.queue_declare(queue=queue, passive=True)
+        except tuple(self._connection.channel_errors) as error:
+            if getattr(error, "code", None) != NOT_FOUND:
+                raise
+            self._channel = None  # the server closed it; a missing queue holds no messages
+            return 0
+        return int(depth)
+
+    def instance_id(self) -> str | None:
+        """``None``: RabbitMQ's server properties name the product, version and cluster, not
+        the boot; and there is nothing to detect — a restart keeps durable queues and the
+        persistent messages it confirmed (a confirm is sent once the message is on disk)."""
+        return None
+
+    def messages_accounted_for(self, queue: str, *, taken_within_seconds: float) -> set[str] | None:
+        """``None``: AMQP cannot list a queue without consuming it, and it needs no audit —
+        a consumer's unacknowledged messages go back to the queue when its connection or
+        channel closes, so a worker that dies between taking and starting one loses nothing
+        (the lease stays the backstop)."""
+        return None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop_connection()
+        self._app.close()
+
+
 def connect(url: str, *, transport_options: Mapping[str, Any] | None = None) -> Publisher:
-    """The fastest correct publisher for ``url``: pipelined on Redis, kombu otherwise."""
+    """The fastest correct publisher for ``url``: pipelined on Redis, batched with publisher
+    confirms on AMQP, kombu's ``send_task`` otherwise."""
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in ("redis", "rediss"):
         return RedisPublisher(url, transport_options=transport_options)
+    if scheme in AMQP_SCHEMES:
+        return AmqpPublisher(url)
     if not scheme:
         raise BrokerUnavailable(
             "the broker URL has no scheme (expected e.g. redis://host:6379/0) — fix "
