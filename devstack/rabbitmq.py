@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import secrets
 import shutil
+import subprocess
 import urllib.parse
 from pathlib import Path
 
@@ -32,6 +34,8 @@ from devstack import processes
 # Where the Debian package puts the real start script (/usr/sbin/rabbitmq-server is a
 # wrapper that switches to the system service's user and data).
 SERVER_SCRIPT = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+CONTROL_SCRIPT = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
+VHOST_NAME = re.compile(r"[A-Za-z0-9_-]+")
 # A node boots in a few seconds when idle; the test bed's machine is shared and busy.
 BOOT_TIMEOUT_SECONDS = 120
 
@@ -55,6 +59,29 @@ class RabbitMQServer:
     @property
     def log_path(self) -> Path:
         return self.process.log_path
+
+    def add_vhost(self, vhost: str) -> str:
+        """Create a virtual host the user may use fully and return its URL: a test's own empty
+        set of queues on a shared node, far cheaper than a node per test. One ``rabbitmqctl
+        eval`` (each rabbitmqctl call boots an Erlang VM) instead of two commands."""
+        if not VHOST_NAME.fullmatch(vhost):
+            raise ValueError(f"vhost {vhost!r} must match {VHOST_NAME.pattern}")
+        expression = (
+            f'ok = rabbit_vhost:add(<<"{vhost}">>, <<"devstack">>), '
+            f'ok = rabbit_auth_backend_internal:set_permissions(<<"{self.user}">>, '
+            f'<<"{vhost}">>, <<".*">>, <<".*">>, <<".*">>, <<"devstack">>).'
+        )
+        done = subprocess.run(
+            [str(CONTROL_SCRIPT), "eval", expression],
+            env=self.process.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl could not add vhost {vhost}: {done.stderr[-2000:]}")
+        return self.url_for_vhost(vhost)
 
     def accepts_logins(self) -> bool:
         app = celery.Celery("devstack", broker=self.url, set_as_current=False)
