@@ -570,7 +570,7 @@ class KombuPublisher:
         time_limits_seconds: tuple[float, float] | None,
         ahead: bool = False,
     ) -> int:
-        # AMQP has no "front of the queue"; re-dispatches join the tail (see concepts.md).
+        # No "front of the queue" through kombu; re-dispatches join the tail (concepts.md).
         soft, hard = time_limits_seconds or (None, None)
         try:
             with self._app.producer_or_acquire() as producer:
@@ -599,10 +599,10 @@ class KombuPublisher:
             raise unavailable(error, url=self._url, doing=f"measuring queue {queue!r}") from None
 
     def instance_id(self) -> str | None:
-        return None  # AMQP brokers keep durable queues across restarts; nothing to detect
+        return None  # kombu exposes no server identity for the other transports
 
     def messages_accounted_for(self, queue: str, *, taken_within_seconds: float) -> set[str] | None:
-        return None  # AMQP requeues a dead consumer's unacked messages by itself
+        return None  # kombu cannot list a queue's messages without taking them
 
     def close(self) -> None:
         self._app.close()

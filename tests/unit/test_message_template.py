@@ -1,4 +1,5 @@
-"""The envelope template fills in exactly the JSON Celery's message API builds per message.
+"""The message templates fill in exactly what Celery's message API builds per message: the
+Redis envelope's JSON, and the AMQP message's body, headers and properties.
 
 A worker-side proof that such messages run lives in tests/integration/test_broker_messages.py;
 here the template is compared with the per-message build on awkward ids, so the fast path
@@ -58,3 +59,25 @@ def test_a_filled_template_is_the_message_celery_builds(entry_id: str) -> None:
 @given(st.text(max_size=broker.SHORT_ID_LENGTH))
 def test_any_short_id_fills_in_exactly(entry_id: str) -> None:
     assert_same(entry_id)
+
+
+def assert_same_amqp(entry_id: str, *, limits: tuple[float, float] | None = None) -> None:
+    builder = broker.MessageBuilder(broker.message_app())
+    message = broker.TaskMessage(entry_id=entry_id, task_id=str(uuid.uuid4()))
+    kwargs = {"task_name": "insights.extract", "time_limits_seconds": limits}
+    headers, properties, body = builder.parts(message=message, **kwargs)  # type: ignore[arg-type]
+    built = (body, headers, {**properties, "delivery_mode": broker.DELIVERY_MODE_PERSISTENT})
+    for _ in range(2):  # the second fill reuses the cached template
+        assert builder.amqp_parts(message=message, **kwargs) == built  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("entry_id", AWKWARD_IDS)
+def test_a_filled_amqp_template_is_the_message_celery_builds(entry_id: str) -> None:
+    assert_same_amqp(entry_id)
+    assert_same_amqp(entry_id, limits=(800.0, 855.0))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=broker.SHORT_ID_LENGTH))
+def test_any_short_id_fills_the_amqp_template_in_exactly(entry_id: str) -> None:
+    assert_same_amqp(entry_id)
