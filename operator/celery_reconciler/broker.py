@@ -63,6 +63,7 @@ import functools
 import json
 import os
 import re
+import struct
 import threading
 import time
 import urllib.parse
@@ -70,6 +71,9 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
+import amqp.basic_message
+import amqp.serialization
+import amqp.spec
 import celery
 import celery.utils.nodenames
 import kombu.exceptions
@@ -82,6 +86,7 @@ REDIS_PRIORITY_SEPARATOR = "\x06\x16"
 # Values per LPUSH command inside the one pipeline: bounds a single command's size.
 LPUSH_CHUNK = 1000
 DELIVERY_MODE_PERSISTENT = 2
+FRAME_END = b"\xce"
 SHORT_ID_LENGTH = 200
 
 
@@ -285,6 +290,13 @@ class MessageBuilder:
                 task_name=task_name, message=message, time_limits_seconds=time_limits_seconds
             )
             return payload, headers, {**properties, "delivery_mode": DELIVERY_MODE_PERSISTENT}
+        return self.amqp_template(
+            task_name=task_name, time_limits_seconds=time_limits_seconds
+        ).fill(message)
+
+    def amqp_template(
+        self, *, task_name: str, time_limits_seconds: tuple[float, float] | None
+    ) -> _AmqpTemplate:
         key = (task_name, "", time_limits_seconds)
         template = self._amqp_templates.get(key)
         if template is None:
@@ -293,7 +305,7 @@ class MessageBuilder:
                     task_name=task_name, message=sample, time_limits_seconds=time_limits_seconds
                 )
             )
-        return template.fill(message)
+        return template
 
     def parts(
         self,
@@ -434,6 +446,9 @@ class _AmqpTemplate:
             task_id_properties=task_id_properties,
         )
 
+    def body(self, message: TaskMessage) -> bytes:
+        return (self._body_format % json.dumps(message.entry_id)).encode("utf-8")
+
     def fill(self, message: TaskMessage) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
         entry_id = message.entry_id
         headers = dict(self._headers)
@@ -443,8 +458,111 @@ class _AmqpTemplate:
         for key in self._task_id_properties:
             properties[key] = message.task_id
         headers["argsrepr"] = repr([entry_id])
-        body = self._body_format % json.dumps(entry_id)
-        return body.encode("utf-8"), headers, properties
+        return self.body(message), headers, properties
+
+
+class AmqpFrames:
+    """The wire bytes of one ``basic.publish`` (method, content header and body frames) for
+    a template's messages, spliced per message instead of serialized by py-amqp.
+
+    py-amqp serializes the properties table of every message item by item in Python: two
+    thirds of a publish's cost. Here the properties are serialized once, by py-amqp itself,
+    for a sample whose task id is a fresh UUID and whose ``argsrepr`` is a sentinel; per
+    message the task id (the same length: fence tokens are UUIDs) is substituted and the
+    ``argsrepr`` long string spliced in, with the headers table's length prefix adjusted. A
+    unit test compares the result with py-amqp's own serialization on awkward ids.
+    """
+
+    def __init__(
+        self,
+        *,
+        template: _AmqpTemplate,
+        queue: str,
+        channel_id: int,
+        frame_max: int,
+    ) -> None:
+        self._template = template
+        self._channel_id = channel_id
+        self._frame_max = frame_max
+        sample_task = str(uuid.uuid4())
+        sample_args = f"cr{uuid.uuid4().hex}args"
+        body, headers, properties = template.fill(TaskMessage(entry_id="0", task_id=sample_task))
+        headers["argsrepr"] = sample_args
+        serialized = amqp_message(body, headers, properties)._serialize_properties()
+        args = sample_args.encode("utf-8")
+        at = serialized.index(args)
+        # flags (one 16-bit word), content_type and content_encoding shortstrs, then the
+        # headers table: a 32-bit length and its entries ('S' + 32-bit length + bytes each).
+        table_at = 2 + 1 + len("application/json") + 1 + len("utf-8")
+        if (
+            serialized.count(args) != 1
+            or serialized[at - 5 : at] != b"S" + struct.pack(">I", len(args))
+            or not table_at + 4 < at
+        ):
+            raise AssertionError("the properties do not have the layout the splice expects")
+        self._table_length = struct.unpack(">I", serialized[table_at : table_at + 4])[0]
+        self._sample_args_length = len(args)
+        self._task = sample_task.encode("ascii")
+        self._head = serialized[:table_at]
+        self._middle = serialized[table_at + 4 : at - 4]
+        self._tail = serialized[at + len(args) :]
+        method = struct.pack(">HH", *amqp.spec.Basic.Publish) + amqp.serialization.dumps(
+            "Bssbb", (0, "", queue, True, False)
+        )
+        self._method_frame = struct.pack(">BHI", 1, channel_id, len(method)) + method + FRAME_END
+
+    def properties(self, message: TaskMessage) -> bytes | None:
+        """The serialized properties of ``message``; ``None`` where the splice does not
+        apply (a task id that is not a UUID's 36 ASCII characters)."""
+        task = message.task_id.encode("utf-8")
+        if len(task) != len(self._task) or len(message.entry_id) > SHORT_ID_LENGTH:
+            return None
+        args = repr([message.entry_id]).encode("utf-8")
+        return b"".join(
+            (
+                self._head,
+                struct.pack(">I", self._table_length + len(args) - self._sample_args_length),
+                self._middle,
+                struct.pack(">I", len(args)),
+                args,
+                self._tail,
+            )
+        ).replace(self._task, task)
+
+    def frames(self, message: TaskMessage) -> bytes | None:
+        """Method, header and body frames of ``message``, or ``None`` (publish it through
+        py-amqp) where the splice does not apply or the body needs more than one frame."""
+        properties = self.properties(message)
+        if properties is None:
+            return None
+        body = self._template.body(message)
+        header = struct.pack(">HHQ", amqp.spec.Basic.Publish[0], 0, len(body)) + properties
+        if len(header) + len(body) + 64 > self._frame_max:
+            return None
+        channel_id = self._channel_id
+        return b"".join(
+            (
+                self._method_frame,
+                struct.pack(">BHI", 2, channel_id, len(header)),
+                header,
+                FRAME_END,
+                struct.pack(">BHI", 3, channel_id, len(body)),
+                body,
+                FRAME_END,
+            )
+        )
+
+
+def amqp_message(body: bytes, headers: dict[str, Any], properties: dict[str, Any]) -> Any:
+    """The py-amqp message kombu's ``Channel.prepare_message`` makes of these parts."""
+    return amqp.basic_message.Message(
+        body,
+        priority=AMQP_PRIORITY,
+        content_type="application/json",
+        content_encoding="utf-8",
+        application_headers=headers,
+        **properties,
+    )
 
 
 class RedisPublisher:
@@ -639,6 +757,7 @@ class AmqpPublisher:
         self._next_tag = 1
         self._outstanding: set[int] = set()
         self._refused: list[str] = []
+        self._frame_templates: dict[tuple[str, str, tuple[float, float] | None], AmqpFrames] = {}
 
     # -- connection and channel -------------------------------------------------------------
 
@@ -671,6 +790,7 @@ class AmqpPublisher:
             channel.events["basic_nack"].add(self._on_nack)
             channel.events["basic_return"].add(self._on_return)
             self._channel = channel
+            self._frame_templates.clear()  # they carry the channel's id
             self._next_tag = 1  # confirm delivery tags count from 1 on each channel
             self._outstanding.clear()
         return self._channel
@@ -753,17 +873,17 @@ class AmqpPublisher:
         """
         if not messages:
             return 0
-        parts = [
-            self._builder.amqp_parts(
-                task_name=task_name, message=message, time_limits_seconds=time_limits_seconds
-            )
-            for message in messages
-        ]
         self._attempt(
-            functools.partial(self._publish_confirmed, queue, parts),
+            functools.partial(
+                self._publish_confirmed,
+                task_name=task_name,
+                queue=queue,
+                messages=messages,
+                time_limits_seconds=time_limits_seconds,
+            ),
             doing=f"publishing to queue {queue!r}",
         )
-        return len(parts)
+        return len(messages)
 
     def _attempt(self, operation: Callable[[], _T], *, doing: str) -> _T:
         """``operation()`` under the lock; on a reused connection that fails, once more on a
@@ -783,21 +903,63 @@ class AmqpPublisher:
                 raise unavailable(error, url=self._url, doing=doing) from None
 
     def _publish_confirmed(
-        self, queue: str, parts: Sequence[tuple[bytes, dict[str, Any], dict[str, Any]]]
+        self,
+        *,
+        task_name: str,
+        queue: str,
+        messages: Sequence[TaskMessage],
+        time_limits_seconds: tuple[float, float] | None,
     ) -> None:
         self._declare(queue)
         channel = self._open_channel()
-        for start in range(0, len(parts), CONFIRM_WINDOW):
-            for body, headers, properties in parts[start : start + CONFIRM_WINDOW]:
-                message = channel.prepare_message(
-                    body, AMQP_PRIORITY, "application/json", "utf-8", headers, properties
-                )
-                # mandatory: a message no queue takes comes back (basic.return) instead of
-                # being confirmed and dropped.
-                channel.basic_publish(message, exchange="", routing_key=queue, mandatory=True)
+        frames = self._frames(
+            task_name=task_name, queue=queue, time_limits_seconds=time_limits_seconds
+        )
+        write = self._connection.connection.transport.write
+        for start in range(0, len(messages), CONFIRM_WINDOW):
+            pending: list[bytes] = []
+            for message in messages[start : start + CONFIRM_WINDOW]:
+                wire = frames.frames(message)
+                if wire is None:  # py-amqp serializes it (an odd id or a huge body)
+                    if pending:
+                        write(b"".join(pending))
+                        pending.clear()
+                    body, headers, properties = self._builder.amqp_parts(
+                        task_name=task_name,
+                        message=message,
+                        time_limits_seconds=time_limits_seconds,
+                    )
+                    # mandatory: a message no queue takes comes back (basic.return) instead
+                    # of being confirmed and dropped.
+                    channel.basic_publish(
+                        amqp_message(body, headers, properties),
+                        exchange="",
+                        routing_key=queue,
+                        mandatory=True,
+                    )
+                else:
+                    pending.append(wire)  # mandatory too (see AmqpFrames)
                 self._outstanding.add(self._next_tag)
                 self._next_tag += 1
+            if pending:
+                write(b"".join(pending))  # the window in one write
             self._wait_for_confirms()
+
+    def _frames(
+        self, *, task_name: str, queue: str, time_limits_seconds: tuple[float, float] | None
+    ) -> AmqpFrames:
+        key = (task_name, queue, time_limits_seconds)
+        frames = self._frame_templates.get(key)
+        if frames is None:
+            frames = self._frame_templates[key] = AmqpFrames(
+                template=self._builder.amqp_template(
+                    task_name=task_name, time_limits_seconds=time_limits_seconds
+                ),
+                queue=queue,
+                channel_id=self._channel.channel_id,
+                frame_max=self._connection.connection.frame_max,
+            )
+        return frames
 
     def queue_depth(self, queue: str) -> int:
         return self._attempt(
