@@ -27,8 +27,10 @@ protocol-2 messages (headers, properties and JSON body from the same template, a
 returns only once the broker confirmed every message of the page. Why not kombu's
 ``confirm_publish`` transport option: it waits for each message's ack before sending the
 next (a round trip per message, ~700/s here, a fifth of the unconfirmed rate). Instead the
-channel publishes a window of ``CONFIRM_WINDOW`` messages back to back, then reads acks
-until every delivery tag of the window is confirmed. Nothing can be lost silently:
+channel publishes a window of ``CONFIRM_WINDOW`` messages in one socket write, then reads
+acks until every delivery tag of the window is confirmed. The window's frames are spliced
+from a template serialized once by py-amqp (``AmqpFrames``): py-amqp's per-message property
+serialization was most of a publish's cost. Nothing can be lost silently:
 
 * a ``basic.nack``, a confirm that does not come within the timeout, or a lost connection
   raises ``BrokerUnavailable`` for the whole page, and ``reconcile`` releases its claims (a
