@@ -756,22 +756,25 @@ class AmqpPublisher:
         self._connection: Any = None  # a kombu Connection over py-amqp
         self._channel: Any = None
         self._declared: set[str] = set()
+        # Confirm delivery tags count 1, 2, ... per channel: everything up to
+        # ``_confirmed_through`` is confirmed, plus the single acks beyond it.
         self._next_tag = 1
-        self._outstanding: set[int] = set()
+        self._confirmed_through = 0
+        self._confirmed_beyond: set[int] = set()
         self._refused: list[str] = []
         self._frame_templates: dict[tuple[str, str, tuple[float, float] | None], AmqpFrames] = {}
-
-    # -- connection and channel -------------------------------------------------------------
-
-    def _errors(self) -> tuple[type[BaseException], ...]:
-        connection = self._connection or self._app.connection_for_write()
-        return (
-            *connection.connection_errors,
-            *connection.channel_errors,
+        transport = self._app.connection_for_write()
+        self._channel_errors: tuple[type[BaseException], ...] = tuple(transport.channel_errors)
+        self._errors: tuple[type[BaseException], ...] = (
+            *transport.connection_errors,
+            *self._channel_errors,
             OSError,
             kombu.exceptions.KombuError,
             _Unconfirmed,
         )
+        transport.release()
+
+    # -- connection and channel -------------------------------------------------------------
 
     def _open_channel(self) -> Any:
         if self._connection is None:
@@ -793,25 +796,30 @@ class AmqpPublisher:
             channel.events["basic_return"].add(self._on_return)
             self._channel = channel
             self._frame_templates.clear()  # they carry the channel's id
-            self._next_tag = 1  # confirm delivery tags count from 1 on each channel
-            self._outstanding.clear()
+            self._next_tag = 1
+            self._confirmed_through = 0
+            self._confirmed_beyond.clear()
+            self._refused.clear()
         return self._channel
 
     def _drop_connection(self) -> None:
         """Forget a connection whose state is unknown after an error; the next call opens a
         fresh one (a channel with unconfirmed publishes must never be trusted again)."""
         connection, self._connection, self._channel = self._connection, None, None
-        self._outstanding.clear()
-        self._refused.clear()
         if connection is not None:
             with contextlib.suppress(Exception):
                 connection.close()
+        # Closing reads what the broker still sent (more returns of the failed batch).
+        self._refused.clear()
 
     def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
         if multiple:
-            self._outstanding = {tag for tag in self._outstanding if tag > delivery_tag}
+            self._confirmed_through = max(self._confirmed_through, delivery_tag)
         else:
-            self._outstanding.discard(delivery_tag)
+            self._confirmed_beyond.add(delivery_tag)
+        while self._confirmed_through + 1 in self._confirmed_beyond:
+            self._confirmed_through += 1
+            self._confirmed_beyond.discard(self._confirmed_through)
 
     def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
         self._refused.append("the broker refused (nacked) a message")
@@ -831,7 +839,7 @@ class AmqpPublisher:
         channel = self._open_channel()
         try:
             self._app.amqp.queues[queue](channel).declare()
-        except tuple(self._connection.channel_errors) as error:
+        except self._channel_errors as error:
             if getattr(error, "code", None) != PRECONDITION_FAILED:
                 raise
             self._channel = None
@@ -841,12 +849,13 @@ class AmqpPublisher:
     def _wait_for_confirms(self) -> None:
         connection = self._connection
         assert connection is not None
+        last_tag = self._next_tag - 1
         deadline = time.monotonic() + self._confirm_timeout_seconds
-        while self._outstanding and not self._refused:
+        while self._confirmed_through < last_tag and not self._refused:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(
-                    f"{len(self._outstanding)} publishes not confirmed within "
+                    f"{last_tag - self._confirmed_through} publishes not confirmed within "
                     f"{self._confirm_timeout_seconds:.0f}s"
                 )
             connection.drain_events(timeout=remaining)
@@ -894,13 +903,15 @@ class AmqpPublisher:
             reused = self._connection is not None
             try:
                 return operation()
-            except self._errors() as error:
+            except self._errors as error:
                 self._drop_connection()
-                if not reused:
+                # A nack, a return or a missing confirm is the broker's answer, not a stale
+                # connection's: it would answer the same again.
+                if not reused or isinstance(error, _Unconfirmed | TimeoutError):
                     raise unavailable(error, url=self._url, doing=doing) from None
             try:
                 return operation()
-            except self._errors() as error:
+            except self._errors as error:
                 self._drop_connection()
                 raise unavailable(error, url=self._url, doing=doing) from None
 
@@ -941,7 +952,6 @@ class AmqpPublisher:
                     )
                 else:
                     pending.append(wire)  # mandatory too (see AmqpFrames)
-                self._outstanding.add(self._next_tag)
                 self._next_tag += 1
             if pending:
                 write(b"".join(pending))  # the window in one write
@@ -972,7 +982,7 @@ class AmqpPublisher:
         channel = self._open_channel()
         try:
             _, depth, _ = channel.queue_declare(queue=queue, passive=True)
-        except tuple(self._connection.channel_errors) as error:
+        except self._channel_errors as error:
             if getattr(error, "code", None) != NOT_FOUND:
                 raise
             self._channel = None  # the server closed it; a missing queue holds no messages
