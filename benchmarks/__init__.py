@@ -12,12 +12,14 @@ fresh database and an empty Redis each time:
 (c) ours: one ``reconcile_once`` over the whole backlog (ledger claim with fence tokens and
     leases, commit, then pipelined publish).
 
-It prints entries/s for each and the ratios ours/raw and ours/seed. Then
+It prints entries/s for each and the ratios ours/raw and ours/seed. ``benchmarks.amqp``
+does the same on RabbitMQ: ours (every message confirmed) against kombu's ``send_task`` loop,
+plain and with ``confirm_publish``. Then
 ``benchmarks.worker`` measures the worker side: the drain rate of one prefork worker for a
 ``ReconciledTask`` against a plain Celery task with the same body (no-op, and 20 ms), and
 prints ours/plain. Last, ``benchmarks.scale`` measures what history costs: a status read
 with 10M succeeded entries and attempts in the ledger against an empty one, and a sweep
 against a 10M-row table against a 100k-row one. ``python -m benchmarks dispatch``,
-``... worker`` or ``... scale`` runs one of them.
+``... amqp``, ``... worker`` or ``... scale`` runs one of them.
 Timings are printed, never asserted: the tests assert behaviour, not speed.
 """

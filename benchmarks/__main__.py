@@ -1,17 +1,19 @@
-"""``python -m benchmarks [dispatch|worker|scale] [ARGS]``: see the package docstring.
+"""``python -m benchmarks [dispatch|amqp|worker|scale] [ARGS]``: see the package docstring.
 
-Without a first word all three run, dispatch first (``ARGS`` go to the dispatch benchmark).
+Without a first word all four run, dispatch first (``ARGS`` go to the dispatch benchmark).
 """
 
 import sys
 
-from benchmarks import dispatch, scale, worker
+from benchmarks import amqp, dispatch, scale, worker
 
 arguments = sys.argv[1:]
 if arguments[:1] == ["dispatch"]:
     sys.exit(dispatch.main(arguments[1:]))
+if arguments[:1] == ["amqp"]:
+    sys.exit(amqp.main(arguments[1:]))
 if arguments[:1] == ["worker"]:
     sys.exit(worker.main(arguments[1:]))
 if arguments[:1] == ["scale"]:
     sys.exit(scale.main(arguments[1:]))
-sys.exit(dispatch.main(arguments) or worker.main([]) or scale.main([]))
+sys.exit(dispatch.main(arguments) or amqp.main([]) or worker.main([]) or scale.main([]))

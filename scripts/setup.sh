@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes this machine ready for `make test` and `make demo`: the Debian packages the
-# test bed runs (PostgreSQL server, Redis, openssl; runc for the node, buildah and
+# test bed runs (PostgreSQL server, Redis, RabbitMQ, openssl; runc for the node, buildah and
 # debootstrap for the image), the project's .venv, the control-plane and node binaries,
 # and the project's image. Every step checks first, so a ready machine takes seconds.
 set -euo pipefail
@@ -11,6 +11,7 @@ log() { echo "setup: $*" >&2; }
 need_packages=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_packages+=(postgresql)
 command -v redis-server >/dev/null || need_packages+=(redis-server)
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need_packages+=(rabbitmq-server)
 command -v openssl >/dev/null || need_packages+=(openssl)
 command -v git >/dev/null || need_packages+=(git)
 [ -x /usr/sbin/runc ] || need_packages+=(runc)

@@ -2,7 +2,8 @@
 
 Each server runs in the session's temporary directory on a free loopback port and is stopped
 by PID at the end. A component that is missing raises ``ComponentMissing`` (an error, never
-a skip). When a test fails, the tail of every running server's log is attached to its report.
+a skip). Tests that take ``broker_url`` or ``private_broker`` run once per broker (Redis,
+RabbitMQ). When a test fails, the tail of every running server's log is attached to its report.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from devstack import kube as devstack_kube
 from devstack import node as devstack_node
 from devstack import postgres as devstack_postgres
 from devstack import processes
+from devstack import rabbitmq as devstack_rabbitmq
 from devstack import redis as devstack_redis
+
+BROKERS = ("redis", "rabbitmq")
 
 _database_numbers = itertools.count()
 
@@ -69,6 +73,48 @@ def private_redis(tmp_path: Path) -> Iterator[devstack_redis.RedisServer]:
     server = devstack_redis.start(tmp_path)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[devstack_rabbitmq.RabbitMQServer]:
+    server = devstack_rabbitmq.start(tmp_path_factory.mktemp("rabbitmq"))
+    yield server
+    server.remove()
+
+
+@pytest.fixture
+def amqp_url(rabbitmq_server: devstack_rabbitmq.RabbitMQServer) -> str:
+    """A virtual host of its own on the session's RabbitMQ: each test starts with no queues."""
+    if not rabbitmq_server.process.running():
+        rabbitmq_server.start()
+    return rabbitmq_server.add_vhost(f"t-{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(params=BROKERS)
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """Each test that takes it runs once on Redis and once on RabbitMQ: the promise does not
+    depend on the broker, and neither may the tests that prove it."""
+    url: str = request.getfixturevalue("redis_url" if request.param == "redis" else "amqp_url")
+    return url
+
+
+PrivateBroker = devstack_redis.RedisServer | devstack_rabbitmq.RabbitMQServer
+
+
+@pytest.fixture(params=BROKERS)
+def private_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PrivateBroker]:
+    """A broker of the test's own (Redis, then RabbitMQ), which it may kill or restart."""
+    server: PrivateBroker
+    if request.param == "redis":
+        server = devstack_redis.start(tmp_path)
+        yield server
+        server.stop()
+    else:
+        server = devstack_rabbitmq.start(tmp_path)
+        yield server
+        server.remove()
 
 
 @pytest.fixture(scope="session")

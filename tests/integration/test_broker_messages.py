@@ -1,6 +1,7 @@
-"""Our pipelined Redis messages are what ``send_task`` would have sent, for a stock worker.
+"""Our messages are what ``send_task`` would have sent, for a stock worker, on either broker.
 
-Two proofs: the raw envelopes in Redis have the same shape (headers, properties, body),
+Two proofs: the raw messages in the broker have the same shape (headers, properties, body:
+the envelopes in Redis's list; on RabbitMQ, what ``basic_get`` delivers),
 and a stock ``celery worker`` with no celery-reconciler code consumes both the same way —
 same request fields, task id = fence token, and Celery's own retry works on them.
 """
@@ -47,8 +48,24 @@ def envelope_shape(raw: bytes) -> dict[str, Any]:
     }
 
 
-def test_pipelined_messages_match_send_task_for_a_stock_worker(
-    database_dsn: str, redis_url: str, start_worker: WorkerFactory
+def amqp_shape(message: Any) -> dict[str, Any]:
+    """A message as RabbitMQ delivers it (``basic_get``), without what varies per send."""
+    properties = dict(message.properties)
+    headers = dict(properties.pop("application_headers"))
+    for varying in ("id", "root_id", "origin"):
+        assert headers.pop(varying)
+    for varying in ("correlation_id", "reply_to"):
+        assert properties.pop(varying)
+    return {
+        "headers": headers,
+        "properties": properties,
+        "routing": (message.delivery_info["exchange"], message.delivery_info["routing_key"]),
+        "body": message.body,
+    }
+
+
+def test_our_messages_match_send_task_for_a_stock_worker(
+    database_dsn: str, broker_url: str, start_worker: WorkerFactory
 ) -> None:
     with psycopg.connect(database_dsn, autocommit=True) as conn:
         conn.execute(
@@ -57,9 +74,10 @@ def test_pipelined_messages_match_send_task_for_a_stock_worker(
         )
     ours_id, theirs_id = str(uuid.uuid4()), str(uuid.uuid4())
 
-    publisher = broker.connect(redis_url)
+    publisher = broker.connect(broker_url)
     try:
-        assert isinstance(publisher, broker.RedisPublisher)
+        expected = broker.RedisPublisher if broker_url.startswith("redis") else broker.AmqpPublisher
+        assert isinstance(publisher, expected)
         publisher.publish(
             task_name="probe.record",
             queue=QUEUE,
@@ -69,7 +87,7 @@ def test_pipelined_messages_match_send_task_for_a_stock_worker(
         assert publisher.queue_depth(QUEUE) == 1
     finally:
         publisher.close()
-    app = celery.Celery("sender", broker=redis_url, set_as_current=False)
+    app = celery.Celery("sender", broker=broker_url, set_as_current=False)
     app.send_task(
         "probe.record",
         args=["42"],
@@ -78,19 +96,32 @@ def test_pipelined_messages_match_send_task_for_a_stock_worker(
         soft_time_limit=TIME_LIMITS[0],
         time_limit=TIME_LIMITS[1],
     )
-    app.close()
 
-    client = redis.Redis.from_url(redis_url)
-    theirs_raw, ours_raw = client.lrange(QUEUE, 0, 1)  # LPUSH: newest first
-    assert json.loads(ours_raw)["headers"]["id"] == ours_id
-    assert envelope_shape(ours_raw) == envelope_shape(theirs_raw)
+    if isinstance(publisher, broker.RedisPublisher):
+        client = redis.Redis.from_url(broker_url)
+        theirs_raw, ours_raw = client.lrange(QUEUE, 0, 1)  # LPUSH: newest first
+        assert json.loads(ours_raw)["headers"]["id"] == ours_id
+        assert envelope_shape(ours_raw) == envelope_shape(theirs_raw)
+        ours_body = base64.b64decode(json.loads(ours_raw)["body"])
+    else:
+        # Take both out to compare them (no ack: they go back to the queue, in order).
+        with app.connection_for_write() as connection:
+            channel = connection.channel()
+            ours_message = channel.basic_get(QUEUE, no_ack=False)
+            theirs_message = channel.basic_get(QUEUE, no_ack=False)
+            assert ours_message.properties["application_headers"]["id"] == ours_id
+            assert amqp_shape(ours_message) == amqp_shape(theirs_message)
+            # py-amqp hands out a utf-8 body decoded; the bytes on the wire are its encoding.
+            ours_body = ours_message.body.encode("utf-8")
+            channel.close()
+        assert publisher.queue_depth(QUEUE) == 2  # both back in the queue
+    app.close()
     # Our body bytes are exactly what kombu's json serializer writes for the same body.
-    ours_body = base64.b64decode(json.loads(ours_raw)["body"])
     _, _, kombu_body = kombu.serialization.dumps(json.loads(ours_body), serializer="json")
     assert ours_body == (kombu_body.encode() if isinstance(kombu_body, str) else kombu_body)
 
     start_worker(
-        broker_url=redis_url,
+        broker_url=broker_url,
         dsn=database_dsn,
         app="celery_probe",
         queue=QUEUE,

@@ -30,18 +30,18 @@ pytestmark = pytest.mark.integration
 
 
 def test_two_workers_process_2000_entries_exactly_once(
-    demo_dsn: str, conn: psycopg.Connection[Any], redis_url: str, start_worker: WorkerFactory
+    demo_dsn: str, conn: psycopg.Connection[Any], broker_url: str, start_worker: WorkerFactory
 ) -> None:
     schema.seed(conn, count=2000)
     policy = make_policy(lease_timeout="60s", limits={"batchSize": 500, "maxInFlight": 10000})
     for _ in range(2):
-        start_worker(broker_url=redis_url, dsn=demo_dsn, concurrency=2, lease_seconds=60)
+        start_worker(broker_url=broker_url, dsn=demo_dsn, concurrency=2, lease_seconds=60)
 
     results = sweep_until(
         lambda: pending_count(conn) == 0,
         policy_=policy,
         dsn=demo_dsn,
-        broker_url=redis_url,
+        broker_url=broker_url,
         timeout_seconds=180,
         interval_seconds=1.0,
     )
@@ -74,11 +74,11 @@ def crash(_messages: Sequence[broker.TaskMessage]) -> None:
 
 
 def test_crash_between_claim_and_publish_is_recovered_once_the_message_is_missed(
-    demo_dsn: str, conn: psycopg.Connection[Any], redis_url: str, start_worker: WorkerFactory
+    demo_dsn: str, conn: psycopg.Connection[Any], broker_url: str, start_worker: WorkerFactory
 ) -> None:
     schema.seed(conn, count=50)
     policy = make_policy(lease_timeout="3s")
-    with sweep_connections(demo_dsn, redis_url) as (db, publisher):
+    with sweep_connections(demo_dsn, broker_url) as (db, publisher):
         with pytest.raises(SimulatedCrash):
             reconcile.reconcile_once(policy, db=db, broker=publisher, publish=crash)
         # The claim committed, nothing was published.
@@ -90,12 +90,12 @@ def test_crash_between_claim_and_publish_is_recovered_once_the_message_is_missed
         again = reconcile.reconcile_once(policy, db=db, broker=publisher)
         assert again.published == 0 and again.in_flight_before == 50
 
-    start_worker(broker_url=redis_url, dsn=demo_dsn, lease_seconds=3)
+    start_worker(broker_url=broker_url, dsn=demo_dsn, lease_seconds=3)
     results = sweep_until(
         lambda: pending_count(conn) == 0,
         policy_=policy,
         dsn=demo_dsn,
-        broker_url=redis_url,
+        broker_url=broker_url,
         timeout_seconds=60,
     )
     recovered = next(result for result in results if result.published)
@@ -157,11 +157,11 @@ def test_stale_redeliveries_never_run_the_body(
 
 
 def test_max_in_flight_bounds_each_sweep(
-    demo_dsn: str, conn: psycopg.Connection[Any], redis_url: str
+    demo_dsn: str, conn: psycopg.Connection[Any], broker_url: str
 ) -> None:
     schema.seed(conn, count=120)
     policy = make_policy(limits={"batchSize": 7, "maxInFlight": 50})
-    with sweep_connections(demo_dsn, redis_url) as (db, publisher):
+    with sweep_connections(demo_dsn, broker_url) as (db, publisher):
         first = reconcile.reconcile_once(policy, db=db, broker=publisher)
         second = reconcile.reconcile_once(policy, db=db, broker=publisher)
         assert (first.published, first.pages) == (50, 8)  # 7 pages of 7, then 1
@@ -179,7 +179,7 @@ def test_max_in_flight_bounds_each_sweep(
 
 
 def test_a_publish_that_fails_mid_sweep_releases_its_page_and_the_page_claimed_meanwhile(
-    demo_dsn: str, conn: psycopg.Connection[Any], redis_url: str
+    demo_dsn: str, conn: psycopg.Connection[Any], broker_url: str
 ) -> None:
     """Pages are published in a thread while the next one is claimed: when the second
     page's publish fails, the third page has been claimed meanwhile. Both must be released
@@ -188,14 +188,19 @@ def test_a_publish_that_fails_mid_sweep_releases_its_page_and_the_page_claimed_m
     policy = make_policy(limits={"batchSize": 10})
     calls: list[int] = []
 
-    def publish_then_fail(messages: Sequence[broker.TaskMessage]) -> None:
-        calls.append(len(messages))
-        if len(calls) == 2:
-            raise reconcile.BrokerUnavailable("the broker went away (simulated)")
-        with redis.Redis.from_url(redis_url) as client:
-            client.lpush("insights", *(json.dumps({"id": m.task_id}) for m in messages))
+    with sweep_connections(demo_dsn, broker_url) as (db, publisher):
 
-    with sweep_connections(demo_dsn, redis_url) as (db, publisher):
+        def publish_then_fail(messages: Sequence[broker.TaskMessage]) -> None:
+            calls.append(len(messages))
+            if len(calls) == 2:
+                raise reconcile.BrokerUnavailable("the broker went away (simulated)")
+            publisher.publish(
+                task_name=policy.task.name,
+                queue=policy.task.queue,
+                messages=messages,
+                time_limits_seconds=None,
+            )
+
         with pytest.raises(reconcile.BrokerUnavailable):
             reconcile.reconcile_once(policy, db=db, broker=publisher, publish=publish_then_fail)
         assert publisher.queue_depth("insights") == 10

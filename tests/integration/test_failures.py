@@ -1,9 +1,10 @@
 """Nothing lost and no concurrent double run through crashes, restarts, failures and outages.
 
-Each test breaks one real component — SIGKILL a worker, restart Redis without persistence,
-stop PostgreSQL or Redis, fail a task body, name a task nobody registered — and then proves
-from the database that every entry still ends processed (or dead with its reason), and
-that no entry's body ran twice at the same time.
+Each test breaks one real component — SIGKILL a worker, SIGKILL and restart the broker
+(Redis without persistence, RabbitMQ with it), stop PostgreSQL or the broker, fail a task
+body, name a task nobody registered — and then proves from the database that every entry
+still ends processed (or dead with its reason), and that no entry's body ran twice at the
+same time. Tests taking ``broker_url`` or ``private_broker`` run on Redis and on RabbitMQ.
 """
 
 from __future__ import annotations
@@ -29,21 +30,24 @@ from reconcile_support import (
 from celery_app.demo import audit, schema
 from celery_reconciler import broker, ledger, planning, reconcile
 from devstack import postgres as devstack_postgres
+from devstack import rabbitmq as devstack_rabbitmq
 from devstack import redis as devstack_redis
 
 pytestmark = pytest.mark.integration
 
+PrivateBroker = devstack_redis.RedisServer | devstack_rabbitmq.RabbitMQServer
+
 
 def test_worker_killed_mid_task_loses_nothing_and_never_overlaps(
-    demo_dsn: str, conn: psycopg.Connection[Any], redis_url: str, start_worker: WorkerFactory
+    demo_dsn: str, conn: psycopg.Connection[Any], broker_url: str, start_worker: WorkerFactory
 ) -> None:
     schema.seed(conn, count=40)
     for entry_id in range(1, 41):
         schema.set_fault(conn, entry_id=entry_id, kind="sleep", seconds=0.5)
     policy = make_policy(lease_timeout="5s")
-    victim = start_worker(broker_url=redis_url, dsn=demo_dsn, concurrency=2, lease_seconds=5)
-    survivor = start_worker(broker_url=redis_url, dsn=demo_dsn, concurrency=2, lease_seconds=5)
-    with sweep_connections(demo_dsn, redis_url) as (db, publisher):
+    victim = start_worker(broker_url=broker_url, dsn=demo_dsn, concurrency=2, lease_seconds=5)
+    survivor = start_worker(broker_url=broker_url, dsn=demo_dsn, concurrency=2, lease_seconds=5)
+    with sweep_connections(demo_dsn, broker_url) as (db, publisher):
         assert reconcile.reconcile_once(policy, db=db, broker=publisher).published == 40
 
         def victim_is_mid_task() -> bool:
@@ -68,7 +72,7 @@ def test_worker_killed_mid_task_loses_nothing_and_never_overlaps(
         lambda: pending_count(conn) == 0,
         policy_=policy,
         dsn=demo_dsn,
-        broker_url=redis_url,
+        broker_url=broker_url,
         timeout_seconds=90,
     )
 
@@ -90,18 +94,29 @@ def test_worker_killed_mid_task_loses_nothing_and_never_overlaps(
     assert states == {"succeeded": 40}
 
 
-def test_redis_restart_without_persistence_loses_nothing(
+def test_a_broker_restart_loses_nothing(
     demo_dsn: str,
     conn: psycopg.Connection[Any],
-    private_redis: devstack_redis.RedisServer,
+    private_broker: PrivateBroker,
     start_worker: WorkerFactory,
 ) -> None:
+    """The broker is SIGKILLed with most messages still queued, and started again.
+
+    Redis without persistence comes back empty: the sweep finds the messages missing (or,
+    at worst, their 4 s leases run out) and dispatches them again. RabbitMQ keeps its
+    durable queue and every persistent message it confirmed: with a lease longer than the
+    test, only those very messages can get the work done — and nothing is published twice.
+    """
+    on_redis = private_broker.url.startswith("redis")
     schema.seed(conn, count=200)
     for entry_id in range(1, 201):
         schema.set_fault(conn, entry_id=entry_id, kind="sleep", seconds=0.03)
-    policy = make_policy(lease_timeout="4s")
-    start_worker(broker_url=private_redis.url, dsn=demo_dsn, concurrency=1, lease_seconds=4)
-    with sweep_connections(demo_dsn, private_redis.url) as (db, publisher):
+    lease_seconds = 4 if on_redis else 600
+    policy = make_policy(lease_timeout=f"{lease_seconds}s")
+    start_worker(
+        broker_url=private_broker.url, dsn=demo_dsn, concurrency=1, lease_seconds=lease_seconds
+    )
+    with sweep_connections(demo_dsn, private_broker.url) as (db, publisher):
         assert reconcile.reconcile_once(policy, db=db, broker=publisher).published == 200
         wait_for(
             lambda: 200 - pending_count(conn) >= 10,
@@ -109,9 +124,12 @@ def test_redis_restart_without_persistence_loses_nothing(
             what="the worker under way",
         )
         assert publisher.queue_depth("insights") > 50  # many messages are still queued ...
-        private_redis.kill()
-        private_redis.start()  # ... and are gone: no RDB, no AOF
-        assert publisher.queue_depth("insights") == 0
+        private_broker.kill()
+        private_broker.start()
+        if on_redis:
+            assert publisher.queue_depth("insights") == 0  # ... and gone: no RDB, no AOF
+        else:
+            assert publisher.queue_depth("insights") > 50  # ... and still there
     left_behind = pending_count(conn)
     assert left_behind > 50
 
@@ -119,15 +137,16 @@ def test_redis_restart_without_persistence_loses_nothing(
         lambda: pending_count(conn) == 0,
         policy_=policy,
         dsn=demo_dsn,
-        broker_url=private_redis.url,
+        broker_url=private_broker.url,
         timeout_seconds=120,
         interval_seconds=0.5,
     )
-    # Their messages were found missing from the broker (or, at worst, their lease ran out).
-    assert (
-        sum(result.expired.unstarted + result.missing_messages for result in results)
-        >= left_behind - 2
-    )
+    recovered = sum(result.expired.unstarted + result.missing_messages for result in results)
+    if on_redis:
+        # Their messages were found missing from the broker (or their lease ran out).
+        assert recovered >= left_behind - 2
+    else:
+        assert recovered == 0 and sum(result.published for result in results) == 0
     all_runs = audit.runs(conn)
     assert audit.overlapping_runs(all_runs) == []
     assert sorted({run.entry_id for run in all_runs if run.outcome == "succeeded"}) == list(
@@ -136,7 +155,7 @@ def test_redis_restart_without_persistence_loses_nothing(
 
 
 def test_failing_entry_backs_off_within_jitter_bounds_dies_and_comes_back(
-    demo_dsn: str, conn: psycopg.Connection[Any], redis_url: str, start_worker: WorkerFactory
+    demo_dsn: str, conn: psycopg.Connection[Any], broker_url: str, start_worker: WorkerFactory
 ) -> None:
     schema.seed(conn, count=3)
     schema.set_fault(conn, entry_id=2, kind="fail")
@@ -150,7 +169,7 @@ def test_failing_entry_backs_off_within_jitter_bounds_dies_and_comes_back(
             "jitter": True,
         },
     )
-    start_worker(broker_url=redis_url, dsn=demo_dsn, lease_seconds=10)
+    start_worker(broker_url=broker_url, dsn=demo_dsn, lease_seconds=10)
 
     def dead() -> bool:
         row = conn.execute(
@@ -162,7 +181,7 @@ def test_failing_entry_backs_off_within_jitter_bounds_dies_and_comes_back(
         lambda: dead() and pending_count(conn) == 1,
         policy_=policy,
         dsn=demo_dsn,
-        broker_url=redis_url,
+        broker_url=broker_url,
         timeout_seconds=60,
         interval_seconds=0.1,
         what="entry 2 dead and the others processed",
@@ -191,7 +210,7 @@ def test_failing_entry_backs_off_within_jitter_bounds_dies_and_comes_back(
         lambda: pending_count(conn) == 0,
         policy_=policy,
         dsn=demo_dsn,
-        broker_url=redis_url,
+        broker_url=broker_url,
         timeout_seconds=30,
         interval_seconds=0.1,
     )
@@ -209,12 +228,12 @@ def test_database_down_is_a_clear_error_and_the_next_sweep_after_recovery_procee
     demo_dsn: str,
     conn: psycopg.Connection[Any],
     postgres: devstack_postgres.PostgresServer,
-    redis_url: str,
+    broker_url: str,
     start_worker: WorkerFactory,
 ) -> None:
     schema.seed(conn, count=30)
     policy = make_policy(lease_timeout="5s")
-    with sweep_connections(demo_dsn, redis_url) as (db, publisher):
+    with sweep_connections(demo_dsn, broker_url) as (db, publisher):
         first = reconcile.reconcile_once(policy, db=db, broker=publisher)
         assert first.published == 30
         postgres.stop()
@@ -234,13 +253,13 @@ def test_database_down_is_a_clear_error_and_the_next_sweep_after_recovery_procee
         # The same Database object reconnects on the next sweep.
         assert reconcile.reconcile_once(policy, db=db, broker=publisher).published == 0
 
-    start_worker(broker_url=redis_url, dsn=demo_dsn, lease_seconds=5)
+    start_worker(broker_url=broker_url, dsn=demo_dsn, lease_seconds=5)
     with psycopg.connect(demo_dsn, autocommit=True) as fresh:
         sweep_until(
             lambda: pending_count(fresh) == 0,
             policy_=policy,
             dsn=demo_dsn,
-            broker_url=redis_url,
+            broker_url=broker_url,
             timeout_seconds=60,
         )
         assert len({run.entry_id for run in audit.runs(fresh)}) == 30
@@ -249,25 +268,26 @@ def test_database_down_is_a_clear_error_and_the_next_sweep_after_recovery_procee
 def test_broker_down_is_a_clear_error_releases_claims_and_recovers(
     demo_dsn: str,
     conn: psycopg.Connection[Any],
-    private_redis: devstack_redis.RedisServer,
+    private_broker: PrivateBroker,
     start_worker: WorkerFactory,
 ) -> None:
     schema.seed(conn, count=25)
     policy = make_policy(lease_timeout="60s")  # recovery must not wait for this lease
-    with sweep_connections(demo_dsn, private_redis.url) as (db, publisher):
-        private_redis.stop()
+    with sweep_connections(demo_dsn, private_broker.url) as (db, publisher):
+        private_broker.stop()
         with pytest.raises(reconcile.BrokerUnavailable) as caught:
             reconcile.reconcile_once(policy, db=db, broker=publisher)
         message = str(caught.value)
         assert "broker unavailable while publishing to queue 'insights'" in message
-        assert f"redis://:***@127.0.0.1:{private_redis.port}/0" in message
-        assert_no_secret(message, private_redis.password)
+        assert f":***@127.0.0.1:{private_broker.port}/" in message
+        assert broker.redact_url(private_broker.url) in message
+        assert_no_secret(message, private_broker.password)
         # Claimed, not published, and released: eligible for the very next sweep.
         counts = ledger.counts(conn, policy_key=policy.key)
         assert counts.queued == 25
         assert ledger.count_in_flight(conn, policy_key=policy.key) == 0
-        private_redis.start()
-        start_worker(broker_url=private_redis.url, dsn=demo_dsn, lease_seconds=60)
+        private_broker.start()
+        start_worker(broker_url=private_broker.url, dsn=demo_dsn, lease_seconds=60)
         after = reconcile.reconcile_once(policy, db=db, broker=publisher)
         assert after.published == 25
     wait_for(lambda: pending_count(conn) == 0, timeout_seconds=30, what="all processed")
@@ -275,12 +295,12 @@ def test_broker_down_is_a_clear_error_releases_claims_and_recovers(
 
 
 def test_unknown_task_name_is_recorded_clearly_and_recovers_after_the_fix(
-    demo_dsn: str, conn: psycopg.Connection[Any], redis_url: str, start_worker: WorkerFactory
+    demo_dsn: str, conn: psycopg.Connection[Any], broker_url: str, start_worker: WorkerFactory
 ) -> None:
     schema.seed(conn, count=3)
     retry = {"maxAttempts": 2, "initialDelay": "200ms", "factor": 1, "maxDelay": "200ms"}
     wrong = make_policy(task_name="insights.tasks.extract_insight_task", retry=retry)
-    worker = start_worker(broker_url=redis_url, dsn=demo_dsn)
+    worker = start_worker(broker_url=broker_url, dsn=demo_dsn)
 
     def all_dead() -> bool:
         return ledger.counts(conn, policy_key=wrong.key).dead == 3
@@ -289,7 +309,7 @@ def test_unknown_task_name_is_recorded_clearly_and_recovers_after_the_fix(
         all_dead,
         policy_=wrong,
         dsn=demo_dsn,
-        broker_url=redis_url,
+        broker_url=broker_url,
         timeout_seconds=30,
         interval_seconds=0.2,
         what="the misnamed entries dead-lettered",
@@ -309,20 +329,20 @@ def test_unknown_task_name_is_recorded_clearly_and_recovers_after_the_fix(
         lambda: pending_count(conn) == 0,
         policy_=fixed,
         dsn=demo_dsn,
-        broker_url=redis_url,
+        broker_url=broker_url,
         timeout_seconds=30,
     )
     assert len(audit.runs(conn)) == 3
 
 
 def test_invalid_database_credentials_never_echo_the_dsn(
-    postgres: devstack_postgres.PostgresServer, redis_url: str
+    postgres: devstack_postgres.PostgresServer, broker_url: str
 ) -> None:
     policy = make_policy()
     wrong_password = "not-the-password-4711"
     dsn = postgres.dsn.replace(postgres.password, wrong_password)
     garbage_dsn = f"postgresql://postgres:{wrong_password}@127.0.0.1:{postgres.port}/x?sslmode=b"
-    publisher = broker.connect(redis_url)
+    publisher = broker.connect(broker_url)
     try:
         for candidate in (dsn, garbage_dsn, f"host= password={wrong_password} port='"):
             db = reconcile.Database(candidate)
@@ -335,7 +355,7 @@ def test_invalid_database_credentials_never_echo_the_dsn(
 
 
 def test_pod_restart_hook_ends_the_dead_pods_incarnations_and_redispatches_at_once(
-    demo_dsn: str, conn: psycopg.Connection[Any], redis_url: str, start_worker: WorkerFactory
+    demo_dsn: str, conn: psycopg.Connection[Any], broker_url: str, start_worker: WorkerFactory
 ) -> None:
     schema.seed(conn, count=6)
     for entry_id in range(1, 7):
@@ -344,20 +364,20 @@ def test_pod_restart_hook_ends_the_dead_pods_incarnations_and_redispatches_at_on
     policy = make_policy(lease_timeout="5m")
     pod_uid = "0f1e2d3c-0000-4000-8000-000000000001"
     victim = start_worker(
-        broker_url=redis_url,
+        broker_url=broker_url,
         dsn=demo_dsn,
         concurrency=2,
         lease_seconds=300,
         extra_env={"CELERY_RECONCILER_POD_UID": pod_uid},
     )
     bystander = start_worker(
-        broker_url=redis_url,
+        broker_url=broker_url,
         dsn=demo_dsn,
         concurrency=1,
         lease_seconds=300,
         extra_env={"CELERY_RECONCILER_POD_UID": "0f1e2d3c-0000-4000-8000-000000000002"},
     )
-    with sweep_connections(demo_dsn, redis_url) as (db, publisher):
+    with sweep_connections(demo_dsn, broker_url) as (db, publisher):
         reconcile.reconcile_once(policy, db=db, broker=publisher)
         wait_for(
             lambda: ledger.counts(conn, policy_key=policy.key).running == 3,
@@ -414,7 +434,7 @@ def test_pod_restart_hook_ends_the_dead_pods_incarnations_and_redispatches_at_on
 
 
 def test_dispatch_rate_paces_publishing(
-    demo_dsn: str, conn: psycopg.Connection[Any], redis_url: str
+    demo_dsn: str, conn: psycopg.Connection[Any], broker_url: str
 ) -> None:
     schema.seed(conn, count=250)
     policy = make_policy(limits={"batchSize": 500, "maxInFlight": 10000, "dispatchPerSecond": 100})
@@ -425,7 +445,7 @@ def test_dispatch_rate_paces_publishing(
         pauses.append(seconds)
         now[0] += seconds
 
-    with sweep_connections(demo_dsn, redis_url) as (db, publisher):
+    with sweep_connections(demo_dsn, broker_url) as (db, publisher):
         result = reconcile.reconcile_once(
             policy, db=db, broker=publisher, sleep=sleep, clock=lambda: now[0]
         )
@@ -438,16 +458,16 @@ def test_deliveries_during_a_database_outage_go_back_to_the_queue_not_to_the_lea
     demo_dsn: str,
     conn: psycopg.Connection[Any],
     postgres: devstack_postgres.PostgresServer,
-    redis_url: str,
+    broker_url: str,
     start_worker: WorkerFactory,
 ) -> None:
     schema.seed(conn, count=5)
     policy = make_policy(lease_timeout="10m")
-    with sweep_connections(demo_dsn, redis_url) as (db, publisher):
+    with sweep_connections(demo_dsn, broker_url) as (db, publisher):
         assert reconcile.reconcile_once(policy, db=db, broker=publisher).published == 5
     postgres.stop()
     try:
-        worker = start_worker(broker_url=redis_url, dsn=demo_dsn, lease_seconds=600)
+        worker = start_worker(broker_url=broker_url, dsn=demo_dsn, lease_seconds=600)
         wait_for(
             lambda: "returning the delivery to the queue" in worker.log(),
             timeout_seconds=30,
