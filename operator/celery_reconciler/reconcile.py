@@ -469,11 +469,7 @@ class _PagePublisher:
         try:
             self.seconds += future.result()
         except BrokerUnavailable:
-            # The claims are committed but their messages may not exist: make them eligible
-            # now rather than after the lease. Fencing drops any message that did get through.
-            ledger.release_claims(
-                self._conn, fence_tokens=[claim.fence_token for claim in (*claims, *also_release)]
-            )
+            _release_unpublished(self._conn, [*claims, *also_release])
             raise
 
 
@@ -486,10 +482,14 @@ def _publish_or_release(
     try:
         send(messages)
     except BrokerUnavailable:
-        # The claims are committed but their messages may not exist: make them eligible
-        # now rather than after the lease. Fencing drops any message that did get through.
-        ledger.release_claims(conn, fence_tokens=[claim.fence_token for claim in claims])
+        _release_unpublished(conn, claims)
         raise
+
+
+def _release_unpublished(conn: psycopg.Connection[Any], claims: Sequence[ledger.Claim]) -> None:
+    """The claims are committed but their messages may not exist: make them eligible now
+    rather than after the lease. Fencing drops any message that did get through."""
+    ledger.release_claims(conn, fence_tokens=[claim.fence_token for claim in claims])
 
 
 @dataclasses.dataclass(frozen=True)
