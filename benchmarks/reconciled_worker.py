@@ -12,7 +12,7 @@ import os
 import celery
 
 from benchmarks import worker_body
-from celery_app import reliable
+from celery_reconciler_worker import reliable
 
 QUEUE = "bench-reconciled"
 TASK_NAME = "bench.reconciled"

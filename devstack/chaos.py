@@ -582,7 +582,7 @@ class _Run:
         self.stack.plane.kubectl("delete", "namespace", self.namespace, "--wait=false", check=False)
 
 
-# What ``celery_app.reliable`` logs just before a worker process SIGKILLs itself, behind
+# What the worker integration logs just before a worker process SIGKILLs itself, behind
 # the container runtime's own timestamp (CRI log format: RFC 3339, nanoseconds, UTC).
 _SELF_FENCE = re.compile(
     r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z .*stopping this worker process "

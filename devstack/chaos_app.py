@@ -1,7 +1,7 @@
 """The chaos suite's own Celery app: a task body that keeps its own record, in its own tables.
 
 ``devstack.chaos`` proves "0 lost, 0 duplicate effects, 0 overlapping runs" from rows that
-neither the operator nor ``celery_app.reliable`` ever writes, so a bug in our ledger cannot
+neither the operator nor the worker integration ever writes, so a bug in our ledger cannot
 hide a bug in our ledger. The body is what a careful user's task looks like:
 
 * ``chaos_runs``: one row per body run, committed *before* the work, with the run's start
@@ -29,7 +29,7 @@ from typing import Any
 import celery
 import psycopg
 
-from celery_app import reliable
+from celery_reconciler_worker import reliable
 
 TASK_NAME = "chaos.process_entry"
 QUEUE = "chaos"

@@ -5,7 +5,7 @@ variables ``CELERY_BROKER_URL`` and ``CELERY_RECONCILER_DSN``. The same app serv
 ``make demo`` and the integration tests, which start real workers as subprocesses.
 
 * ``app``: the Celery app (``celery_app.demo.app``), configured with the reliability preset
-  of ``celery_app.reliable``;
+  of ``celery_reconciler_worker.reliable``;
 * ``tasks``: ``insights.tasks.extract_insights_task(entry_id)``;
 * ``schema``: the ``journal_entry`` table, seeding, the ``task_runs`` record of every body
   run and the ``demo_faults`` table that makes chosen entries fail or hang.

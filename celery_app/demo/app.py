@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import celery
 
-from celery_app import reliable
 from celery_app.demo import settings
+from celery_reconciler_worker import reliable
 
 app = celery.Celery("insights", broker=settings.BROKER_URL, include=["celery_app.demo.tasks"])
 app.conf.update(reliable.recommended_settings(lease_seconds=settings.LEASE_SECONDS))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from celery_app import reliable
+from celery_reconciler_worker import reliable
 
 QUEUE = "insights"
 TASK_NAME = "insights.tasks.extract_insights_task"

@@ -22,9 +22,9 @@ from typing import Any
 import celery.signals
 import psycopg
 
-from celery_app import reliable
 from celery_app.demo import settings
 from celery_app.demo.app import app
+from celery_reconciler_worker import reliable
 
 POSITIVE_WORDS = frozenset(
     {"calm", "enjoy", "fun", "glad", "good", "grateful", "great", "happy", "love"}

@@ -47,7 +47,7 @@ Other brokers (SQS ...) fall back to ``send_task`` on one reused producer: corre
 not batched.
 
 The operator sends no per-message time limit: a body may run as long as its worker keeps
-heartbeating (``celery_app.reliable``), and a worker that cannot heartbeat stops its own
+heartbeating (``celery_reconciler_worker``), and a worker that cannot heartbeat stops its own
 bodies. Re-dispatches (rescues, due retries) are published *ahead* of the backlog on Redis
 (``RPUSH`` to the end kombu pops), so rescued work runs next instead of last; on AMQP
 they join the tail.

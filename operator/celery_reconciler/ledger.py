@@ -17,7 +17,7 @@ Tables (see docs/design.md):
 * ``incarnations``: one row per worker process life (pod uid, container id or start time,
   host, pid, heartbeat). Liveness is a fact about an incarnation, never about a name: the
   operator ends one when a pod event proves its container dead, or when its heartbeat is older
-  than its timeout — by then the worker has stopped its own bodies (``celery_app.reliable``).
+  than its timeout — by then the worker has stopped its own bodies (``celery_reconciler_worker``).
 
 Two sides call this module:
 
@@ -25,7 +25,7 @@ Two sides call this module:
   ``end_silent_incarnations``, ``end_pod_incarnations``, ``expire_leases``, ``claim``
   (inside the caller's transaction), ``due_retries``, ``release_claims``, ``retry_dead``,
   counts;
-* the worker (``celery_app.reliable``): ``register_incarnation``, ``heartbeat`` (which also
+* the worker (``celery_reconciler_worker``): ``register_incarnation``, ``heartbeat`` (which also
   marks finished bodies succeeded, in batches), ``start_attempt`` (the atomic fence check),
   ``record_success`` (inside the body's own transaction: the fenced commit),
   ``retry_rules`` and ``record_failure``.

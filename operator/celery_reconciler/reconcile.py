@@ -28,7 +28,7 @@ that need to fail at an exact point (e.g. "crash between claim and publish") wit
 patching production code.
 
 Unknown task names: a broker cannot know whether some worker registers ``spec.task.name``,
-so publishing succeeds. The worker integration (``celery_app.reliable``) hooks Celery's
+so publishing succeeds. The worker integration (``celery_reconciler_worker``) hooks Celery's
 ``task_unknown`` signal and records the delivery in the ledger as a failed attempt with the
 error "no task named ... is registered on worker ...", so the entry follows the retry
 policy, ends dead with that reason if it is never fixed, and ``SweepResult.unstarted``

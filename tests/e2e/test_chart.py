@@ -21,7 +21,7 @@ import pytest
 import yaml
 from e2e_support import PERMISSION_ERROR
 
-from celery_app import reliable
+from celery_reconciler_worker import reliable
 from devstack import kube as devstack_kube
 from devstack import processes
 

@@ -1,0 +1,7 @@
+"""celery-reconciler's worker side: what a Celery worker image installs to run reconciled tasks.
+
+``from celery_reconciler_worker import reliable`` gives the fenced task base class
+(``reliable.ReconciledTask``), ``reliable.fenced_transaction`` and
+``reliable.recommended_settings``. The import name is distinct from ``celery_app`` on
+purpose: many Celery projects have a top-level ``celery_app.py`` of their own.
+"""
