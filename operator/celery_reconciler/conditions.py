@@ -26,6 +26,10 @@ INVALID_SPEC = "InvalidSpec"
 SECRET_NOT_FOUND = "SecretNotFound"
 SECRET_INVALID = "SecretInvalid"
 DATABASE_UNAVAILABLE = "DatabaseUnavailable"
+# PostgreSQL has no connection slot left (SQLSTATE 53300): capacity, not a wrong DSN.
+TOO_MANY_CONNECTIONS = "TooManyConnections"
+# The operator's own bound on connections per database kept a policy waiting too long.
+CONNECTION_POOL_EXHAUSTED = "ConnectionPoolExhausted"
 BROKER_UNAVAILABLE = "BrokerUnavailable"
 SOURCE_INVALID = "SourceInvalid"
 LEDGER_PERMISSION_DENIED = "LedgerPermissionDenied"

@@ -74,6 +74,24 @@ class DatabaseUnavailable(RuntimeError):
     """PostgreSQL cannot be reached or failed mid-operation; the message carries no secrets."""
 
 
+class TooManyConnections(DatabaseUnavailable):
+    """The server has no connection slot left (SQLSTATE 53300, "too many clients"): a
+    capacity problem of the server, which a hint about the DSN would misdirect."""
+
+
+# SQLSTATE too_many_connections. A refusal at connect time reaches libpq before any result
+# exists, so psycopg may carry no SQLSTATE then: the server's wording is the fallback.
+TOO_MANY_CONNECTIONS_SQLSTATE = "53300"
+_TOO_MANY_CONNECTIONS_TEXTS = ("too many clients", "remaining connection slots are reserved")
+
+
+def is_too_many_connections(error: BaseException) -> bool:
+    if getattr(error, "sqlstate", None) == TOO_MANY_CONNECTIONS_SQLSTATE:
+        return True
+    text = str(error).lower()
+    return any(marker in text for marker in _TOO_MANY_CONNECTIONS_TEXTS)
+
+
 class DsnInvalid(DatabaseUnavailable):
     """The DSN does not parse. Its text came from a Secret, so the message quotes none of it:
     libpq's parse errors quote the offending word, which may be a password or any other
@@ -249,6 +267,15 @@ def sanitize_database_error(text: str, *, dsn: str) -> str:
 def unavailable(error: BaseException, *, dsn: str, doing: str) -> DatabaseUnavailable:
     """Translate a psycopg error into ``DatabaseUnavailable`` without any credential in it."""
     reason = sanitize_database_error(str(error).strip() or type(error).__name__, dsn=dsn)
+    if is_too_many_connections(error):
+        return TooManyConnections(
+            f"PostgreSQL refused a connection while {doing} ({describe_dsn(dsn)}): {reason} — "
+            "the server's connection slots are used up (max_connections): the DSN is fine. "
+            "Raise max_connections, put a connection pooler in front, or lower the "
+            "operator's CELERY_RECONCILER_MAX_DATABASE_CONNECTIONS (chart value "
+            "operator.maxDatabaseConnections) or the workers' concurrency; nothing was "
+            "lost, the next sweep retries"
+        )
     return DatabaseUnavailable(
         f"PostgreSQL unavailable while {doing} ({describe_dsn(dsn)}): {reason} — check that "
         "the database is up and that the DSN (spec.source.databaseSecretRef, --dsn or "

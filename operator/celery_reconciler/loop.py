@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import functools
 import logging
 import threading
 import time
@@ -33,7 +34,16 @@ import traceback
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from celery_reconciler import broker, conditions, kube, ledger, metrics, planning, reconcile
+from celery_reconciler import (
+    broker,
+    conditions,
+    kube,
+    ledger,
+    metrics,
+    planning,
+    pools,
+    reconcile,
+)
 from celery_reconciler import policy as policy_module
 
 SWEEP_NOW_ANNOTATION = "celery-reconciler.io/sweep-now"
@@ -103,15 +113,17 @@ class PendingRescue:
 
 @dataclasses.dataclass
 class Connections:
-    """The database and broker of one policy, reopened when a Secret's value changes.
+    """The database and broker of one policy, switched when a Secret's value changes.
 
-    The pod-restart hook gets a database connection of its own: it runs while a sweep may
-    hold the main one inside a transaction.
+    The database is the operator's connections shared by every policy of that DSN
+    (``pools``); the pod-restart hook borrows from a reserve of its own: it runs while a
+    sweep may hold a connection inside a transaction, and must not queue behind sweeps.
     """
 
     dsn: str | None = None
-    db: reconcile.Database | None = None
-    rescue_db: reconcile.Database | None = None
+    shared: pools.SharedDatabase | None = None
+    db: reconcile.Sessions | None = None
+    rescue_db: reconcile.Sessions | None = None
     broker_url: str | None = None
     publisher: broker.Publisher | None = None
 
@@ -119,8 +131,9 @@ class Connections:
         if dsn != self.dsn:
             self.close_databases()
             self.dsn = dsn
-            self.db = reconcile.Database(dsn)
-            self.rescue_db = reconcile.Database(dsn, application_name="celery-reconciler-rescue")
+            self.shared = pools.attach(dsn)
+            self.db = self.shared.sweeps
+            self.rescue_db = self.shared.rescues
         if broker_url != self.broker_url:
             if self.publisher is not None:
                 self.publisher.close()
@@ -137,10 +150,9 @@ class Connections:
         return found
 
     def close_databases(self) -> None:
-        for db in (self.db, self.rescue_db):
-            if db is not None:
-                db.close()
-        self.db = self.rescue_db = None
+        if self.shared is not None:
+            pools.detach(self.shared)
+        self.shared = self.db = self.rescue_db = None
 
     def close(self) -> None:
         self.close_databases()
@@ -401,7 +413,7 @@ class PolicyLoop:
         self,
         policy: policy_module.Policy,
         *,
-        db: reconcile.Database,
+        db: reconcile.Sessions,
         publisher: broker.Publisher,
     ) -> reconcile.StatusSnapshot:
         """Read what the status and the metrics show: counts, finished attempts, queue depth."""
@@ -412,7 +424,7 @@ class PolicyLoop:
         return counts
 
     async def check_index(
-        self, policy: policy_module.Policy, *, db: reconcile.Database, generation: int
+        self, policy: policy_module.Policy, *, db: reconcile.Sessions, generation: int
     ) -> None:
         """Tell the user, on the policy, when the pending query has no index to use."""
         checked = self.index_checked
@@ -438,7 +450,7 @@ class PolicyLoop:
         self,
         policy: policy_module.Policy,
         *,
-        db: reconcile.Database,
+        db: reconcile.Sessions,
         publisher: broker.Publisher,
     ) -> bool:
         """A broker that restarted without persistence forgot every queued message; its
@@ -461,7 +473,7 @@ class PolicyLoop:
         self.waker.set()
         return True
 
-    async def count_outcomes(self, policy: policy_module.Policy, *, db: reconcile.Database) -> None:
+    async def count_outcomes(self, policy: policy_module.Policy, *, db: reconcile.Sessions) -> None:
         """Advance the succeeded / retried / dead-lettered counters by what finished since
         the last sweep. The first call counts the ledger's whole history, so the counters
         of a fresh operator process agree with the ledger."""
@@ -513,7 +525,7 @@ class PolicyLoop:
             )
 
     async def handle_retry_dead_request(
-        self, policy: policy_module.Policy, *, db: reconcile.Database
+        self, policy: policy_module.Policy, *, db: reconcile.Sessions
     ) -> None:
         request = self.annotation(RETRY_DEAD_ANNOTATION)
         if request is None:
@@ -608,14 +620,22 @@ class PolicyLoop:
         self,
         policy: policy_module.Policy,
         *,
-        db: reconcile.Database,
+        db: reconcile.Sessions,
         publisher: broker.Publisher,
     ) -> None:
         while self.unfinished_rescues:
             pending = self.unfinished_rescues[0]
             try:
-                result = await asyncio.to_thread(
-                    reconcile.rescue, policy, db=db, broker=publisher, ending=pending.ending
+                result = await asyncio.wrap_future(
+                    pools.run_rescue(
+                        functools.partial(
+                            reconcile.rescue,
+                            policy,
+                            db=db,
+                            broker=publisher,
+                            ending=pending.ending,
+                        )
+                    )
                 )
             except Exception as error:  # kept and retried, whatever the failure
                 pending.failures += 1
@@ -782,6 +802,8 @@ SWEEP_ERRORS: tuple[tuple[type[Exception], str], ...] = (
     (reconcile.DsnInvalid, conditions.SECRET_INVALID),
     (broker.BrokerUrlInvalid, conditions.SECRET_INVALID),
     (kube.KubernetesUnavailable, conditions.KUBERNETES_UNAVAILABLE),
+    (pools.PoolExhausted, conditions.CONNECTION_POOL_EXHAUSTED),
+    (ledger.TooManyConnections, conditions.TOO_MANY_CONNECTIONS),
     (reconcile.DatabaseUnavailable, conditions.DATABASE_UNAVAILABLE),
     (reconcile.LedgerPermissionDenied, conditions.LEDGER_PERMISSION_DENIED),
     (reconcile.BrokerUnavailable, conditions.BROKER_UNAVAILABLE),

@@ -45,7 +45,7 @@ import functools
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 
@@ -60,6 +60,18 @@ BrokerUnavailable = broker_module.BrokerUnavailable
 SourceInvalid = source.SourceInvalid
 
 PublishFunction = Callable[[Sequence[broker_module.TaskMessage]], object]
+
+
+class Sessions(Protocol):
+    """Where a sweep, a rescue or a status read gets its connection: ``Database`` (one
+    connection of its own, for the CLI and the tests) or ``pools.PooledDatabase`` (shared by
+    the operator's policies). A ``session`` keeps one connection for its whole duration."""
+
+    def session(
+        self, *, doing: str
+    ) -> contextlib.AbstractContextManager[psycopg.Connection[Any]]: ...
+
+    def failure(self, error: psycopg.Error, *, doing: str) -> Exception: ...
 
 
 class Database:
@@ -174,7 +186,7 @@ class StatusSnapshot:
 def reconcile_once(
     policy: policy_module.Policy,
     *,
-    db: Database,
+    db: Sessions,
     broker: broker_module.Publisher,
     publish: PublishFunction | None = None,
     sleep: Callable[[float], None] = time.sleep,
@@ -191,12 +203,37 @@ def reconcile_once(
     no DSN or password; any other error is a bug of ours. Whatever it raises, every claimed
     entry is either published, released for the next sweep, or recovered at lease expiry.
     """
+    # One connection for the whole sweep: its claims, releases and publishes follow each
+    # other on it, and a shared pool must not hand it to another policy half-way.
+    with db.session(doing="preparing the sweep") as conn:
+        return _sweep(
+            policy,
+            conn=conn,
+            db=db,
+            broker=broker,
+            publish=publish,
+            sleep=sleep,
+            clock=clock,
+            hold_dispatch=hold_dispatch,
+        )
+
+
+def _sweep(
+    policy: policy_module.Policy,
+    *,
+    conn: psycopg.Connection[Any],
+    db: Sessions,
+    broker: broker_module.Publisher,
+    publish: PublishFunction | None,
+    sleep: Callable[[float], None],
+    clock: Callable[[], float],
+    hold_dispatch: bool,
+) -> SweepResult:
     started = clock()
     send = publish or functools.partial(_publish, policy, broker, ahead=False)
     send_ahead = publish or functools.partial(_publish, policy, broker, ahead=True)
     doing = "preparing the sweep"
     try:
-        conn = db.connection()
         still_pending = functools.partial(source.filter_pending, conn, policy.source)
         ledger.upsert_policy(conn, policy)
         doing = "expiring leases"
@@ -503,7 +540,7 @@ class RescueResult:
 def rescue(
     policy: policy_module.Policy,
     *,
-    db: Database,
+    db: Sessions,
     broker: broker_module.Publisher,
     ending: planning.PodEnding | None,
 ) -> RescueResult:
@@ -534,14 +571,14 @@ def rescue(
 
 
 def retry_dead(
-    policy: policy_module.Policy, *, db: Database, entry_ids: Sequence[str] | None = None
+    policy: policy_module.Policy, *, db: Sessions, entry_ids: Sequence[str] | None = None
 ) -> int:
     """Bring dead entries back (all, or ``entry_ids``); the next sweep dispatches them."""
     with db.session(doing="reviving dead entries") as conn:
         return ledger.retry_dead(conn, policy_key=policy.key, entry_ids=entry_ids)
 
 
-def collect_status(policy: policy_module.Policy, *, db: Database) -> StatusSnapshot:
+def collect_status(policy: policy_module.Policy, *, db: Sessions) -> StatusSnapshot:
     with db.session(doing="reading status counts") as conn:
         summary = source.pending_summary(conn, policy.source)
         counts = ledger.counts(conn, policy_key=policy.key)
@@ -559,21 +596,21 @@ def collect_status(policy: policy_module.Policy, *, db: Database) -> StatusSnaps
     )
 
 
-def advise_index(policy: policy_module.Policy, *, db: Database) -> source.IndexAdvice | None:
+def advise_index(policy: policy_module.Policy, *, db: Sessions) -> source.IndexAdvice | None:
     """The index the pending query lacks, if any (see ``source.index_advice``)."""
     with db.session(doing="reading the plan of the pending query") as conn:
         return source.index_advice(conn, policy.source, page_size=policy.limits.batch_size)
 
 
 def collect_outcomes(
-    policy: policy_module.Policy, *, db: Database, since: datetime.datetime | None
+    policy: policy_module.Policy, *, db: Sessions, since: datetime.datetime | None
 ) -> ledger.Outcomes:
     """Attempts finished since the last call, for the operator's Prometheus counters."""
     with db.session(doing="reading finished attempts") as conn:
         return ledger.outcomes_since(conn, policy_key=policy.key, since=since)
 
 
-def release_queued(policy: policy_module.Policy, *, db: Database) -> int:
+def release_queued(policy: policy_module.Policy, *, db: Sessions) -> int:
     """The broker restarted: re-dispatch what was queued instead of waiting for the lease."""
     with db.session(doing="releasing queued entries") as conn:
         return ledger.release_queued(conn, policy_key=policy.key)

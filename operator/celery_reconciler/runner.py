@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import random
@@ -35,6 +36,7 @@ class RunOptions:
     peering_lifetime_seconds: int = 30
     json_logs: bool = False
     verbose: bool = False
+    max_database_connections: int | None = None  # None: the environment, else the default
 
 
 def add_run_command(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +73,13 @@ def add_run_command(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how long a silent replica counts as alive (the standby's takeover delay)",
     )
+    parser.add_argument(
+        "--max-database-connections",
+        type=int,
+        metavar="N",
+        help="connections the operator may open to one database, shared by its policies "
+        "(default: $CELERY_RECONCILER_MAX_DATABASE_CONNECTIONS, else 20)",
+    )
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
@@ -86,6 +95,7 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         peering_lifetime_seconds=args.peering_lifetime,
         json_logs=args.log_format == "json",
         verbose=args.verbose,
+        max_database_connections=args.max_database_connections,
     )
 
 
@@ -97,9 +107,13 @@ def configure_logging(*, json_logs: bool, verbose: bool) -> None:
 
 def run(options: RunOptions, *, stop_flag: threading.Event | None = None) -> int:
     # Imported for its side effect: the @kopf decorators register the handlers.
-    from celery_reconciler import handlers, metrics
+    from celery_reconciler import handlers, metrics, pools
 
     configure_logging(json_logs=options.json_logs, verbose=options.verbose)
+    max_connections = options.max_database_connections
+    if max_connections is None:
+        max_connections = pools.max_connections_from_env()
+    pools.configure(max_connections=max_connections)
     if options.metrics_port is not None:
         metrics.serve(port=options.metrics_port)
     standalone = options.peering_name is None
@@ -107,8 +121,18 @@ def run(options: RunOptions, *, stop_flag: threading.Event | None = None) -> int
     if not standalone and priority is None:
         priority = random.SystemRandom().randint(1, 2**31 - 1)
     handlers.configure_peering(lifetime_seconds=options.peering_lifetime_seconds)
+    loop = asyncio.new_event_loop()
+    # The loops' blocking I/O runs in the default executor, whose size Python derives from
+    # the CPU count (6 threads on 2 cores): hundreds of policies would queue their API calls
+    # behind each other's database waits. Enough threads to fill every sweep slot, and as
+    # many again for the Kubernetes API and the brokers.
+    loop.set_default_executor(
+        concurrent.futures.ThreadPoolExecutor(
+            max_workers=2 * max_connections + 8, thread_name_prefix="io"
+        )
+    )
     kopf.run(
-        loop=asyncio.new_event_loop(),
+        loop=loop,
         standalone=standalone,
         peering_name=options.peering_name,
         priority=priority,
