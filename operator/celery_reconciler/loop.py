@@ -43,6 +43,7 @@ from celery_reconciler import (
     planning,
     pools,
     reconcile,
+    statuswriter,
 )
 from celery_reconciler import policy as policy_module
 
@@ -50,9 +51,11 @@ SWEEP_NOW_ANNOTATION = "celery-reconciler.io/sweep-now"
 RETRY_DEAD_ANNOTATION = "celery-reconciler.io/retry-dead"
 # ProcessingStatus is a summary for people and dashboards: it is written when what it says
 # changes, but at most once a second (a burst of wake-ups must not become a burst of API
-# writes), and refreshed every half minute even when nothing changed (lastSweepTime).
+# writes), and refreshed every 5 minutes even when nothing changed (lastSweepTime says the
+# loop lives). An idle policy costs the API server that one write, not one per sweep: with
+# hundreds of policies, writes that say nothing new crowd out those that do.
 STATUS_MIN_INTERVAL_SECONDS = 1.0
-STATUS_REFRESH_SECONDS = 30.0
+STATUS_REFRESH_SECONDS = 300.0
 STATUS_LIVE_REFRESH_SECONDS = 2.0
 ERROR_BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 INVALID_SPEC_RECHECK_SECONDS = 300.0
@@ -182,6 +185,8 @@ class PolicyLoop:
         self.last_status_write = 0.0
         self.reported_facts: tuple[Any, ...] | None = None
         self.status_write_deferred = False
+        self.submitted_conditions: list[dict[str, Any]] | None = None
+        self.submitted_policy_status: tuple[int, list[dict[str, Any]]] | None = None
         self.last_counts: reconcile.StatusSnapshot | None = None
         self.outcomes_until: datetime.datetime | None = None
         self.dispatched_since_write = 0
@@ -221,6 +226,7 @@ class PolicyLoop:
             _CONFLICTED.discard(self.key)
             wake_conflicted(self.namespace)
             self.stop_pod_watch()
+            statuswriter.WRITER.forget(namespace=self.namespace, name=self.name)
             self.connections.close()
             logger.info("policy %s: loop stopped", self.key)
 
@@ -757,15 +763,26 @@ class PolicyLoop:
             f"last sweep dispatched {result.published}" if result is not None else "up to date"
         )
         now = utc_now_text()
-        previous = (self.body.get("status") or {}).get("conditions")
+        # Merged with what this loop last submitted: the live body lags while the status
+        # writer holds the patch, and a transition time must not move twice.
+        previous = self.submitted_conditions
+        if previous is None:
+            previous = (self.body.get("status") or {}).get("conditions")
         updates = list(conditions.health(problem=problem, suspended=suspended, summary=summary))
         if self.index_condition is not None:
             updates.append(self.index_condition)
         merged = conditions.merge(previous, updates, now=now, generation=generation)
-        policy_status: dict[str, Any] = {"observedGeneration": generation, "conditions": merged}
+        self.submitted_conditions = merged
+        policy_status: dict[str, Any] | None = None
+        # The policy's own status changes when its conditions or generation do; a sweep that
+        # changed nothing else is told by ProcessingStatus alone, one write instead of two.
+        if (generation, merged) != self.submitted_policy_status:
+            self.submitted_policy_status = (generation, merged)
+            policy_status = {"observedGeneration": generation, "conditions": merged}
+            if result is not None:
+                policy_status["lastSweepTime"] = now
         processing: dict[str, Any] = {"policyGeneration": generation, "conditions": merged}
         if result is not None:
-            policy_status["lastSweepTime"] = now
             processing["lastSweepTime"] = now
         if counts is not None:
             processing.update(status_counts(counts))
@@ -775,22 +792,13 @@ class PolicyLoop:
             self.dispatched_since_write = 0
         if self.last_rescue is not None:
             processing["lastRescue"] = self.last_rescue.as_status()
-        try:
-            await asyncio.to_thread(
-                kube.patch_policy_status,
-                namespace=self.namespace,
-                name=self.name,
-                status=policy_status,
-            )
-            await asyncio.to_thread(
-                kube.write_processing_status,
-                namespace=self.namespace,
-                name=self.name,
-                owner_uid=self.uid,
-                status=processing,
-            )
-        except kube.KubernetesUnavailable as error:
-            logger.warning("policy %s: status not written: %s", self.key, error)
+        statuswriter.WRITER.submit(
+            namespace=self.namespace,
+            name=self.name,
+            owner_uid=self.uid,
+            policy_status=policy_status,
+            processing=processing,
+        )
 
 
 # The failures a sweep can meet, each with its condition reason; the first match wins, so

@@ -37,6 +37,7 @@ class RunOptions:
     json_logs: bool = False
     verbose: bool = False
     max_database_connections: int | None = None  # None: the environment, else the default
+    status_writes_per_second: float = 20.0
 
 
 def add_run_command(parser: argparse.ArgumentParser) -> None:
@@ -80,6 +81,14 @@ def add_run_command(parser: argparse.ArgumentParser) -> None:
         help="connections the operator may open to one database, shared by its policies "
         "(default: $CELERY_RECONCILER_MAX_DATABASE_CONNECTIONS, else 20)",
     )
+    parser.add_argument(
+        "--status-writes-per-second",
+        type=float,
+        default=20.0,
+        metavar="N",
+        help="API writes of policy statuses per second, for all policies together; changes "
+        "that wait are merged (default 20)",
+    )
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
@@ -96,6 +105,7 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         json_logs=args.log_format == "json",
         verbose=args.verbose,
         max_database_connections=args.max_database_connections,
+        status_writes_per_second=args.status_writes_per_second,
     )
 
 
@@ -107,13 +117,14 @@ def configure_logging(*, json_logs: bool, verbose: bool) -> None:
 
 def run(options: RunOptions, *, stop_flag: threading.Event | None = None) -> int:
     # Imported for its side effect: the @kopf decorators register the handlers.
-    from celery_reconciler import handlers, metrics, pools
+    from celery_reconciler import handlers, metrics, pools, statuswriter
 
     configure_logging(json_logs=options.json_logs, verbose=options.verbose)
     max_connections = options.max_database_connections
     if max_connections is None:
         max_connections = pools.max_connections_from_env()
     pools.configure(max_connections=max_connections)
+    statuswriter.configure(writes_per_second=options.status_writes_per_second)
     if options.metrics_port is not None:
         metrics.serve(port=options.metrics_port)
     standalone = options.peering_name is None
