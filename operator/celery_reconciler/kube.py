@@ -313,12 +313,13 @@ def watch_worker_pods(
     on_health: Callable[[str | None], None],
     stopping: threading.Event,
 ) -> None:
-    """Stream ADDED/MODIFIED/DELETED pod events for one policy's workers until ``stopping``.
+    """Stream ADDED/MODIFIED/DELETED pod events of one worker selector until ``stopping``.
 
-    A watch per policy with its own label selector (rather than one kopf handler for every
-    pod in the cluster) keeps the operator's pod traffic, and its RBAC, to the pods it cares
-    about. Runs in a thread: the official client's watch is blocking. Every (re)list
-    replays the current pods as ADDED, so the caller's baseline survives watch expiry.
+    A watch per label selector (rather than one kopf handler for every pod in the cluster)
+    keeps the operator's pod traffic, and its RBAC, to the pods it cares about; policies
+    that name the same selector share it (``podwatch``). Runs in a thread: the official
+    client's watch is blocking. Every (re)list replays the current pods as ADDED, so the
+    caller's baseline survives watch expiry.
 
     ``on_health`` hears what the policy's status must say: a failure text while the API
     refuses the listing or the watch (HTTP 400, 403...), None once a listing works again —

@@ -14,8 +14,11 @@ with backoff, and by every sweep, until it succeeds.
 Why a daemon and not a kopf timer: a timer's interval is fixed at decoration time, while
 ours follows ``spec.schedule.sweepInterval`` and the earliest due retry, must be woken early
 by other handlers, and backs off on its own when the database or broker is down (a
-condition and an Event, never a crash loop). The loop also owns the pod watch of its
-policy's workers, so that both stop together when the policy is deleted.
+condition and an Event, never a crash loop). The loop also subscribes to the pod watch of
+its policy's workers (``podwatch``, one per selector however many policies share it), and
+leaves it when the policy is deleted. Its database connections are borrowed per sweep from
+those the operator shares per database (``pools``); its status goes out through the one
+status writer (``statuswriter``).
 
 All blocking I/O (psycopg, redis, the Kubernetes client) runs in threads via
 ``asyncio.to_thread``; the loop itself only decides when to do what.
@@ -28,7 +31,6 @@ import dataclasses
 import datetime
 import functools
 import logging
-import threading
 import time
 import traceback
 from collections.abc import Iterable, Mapping
@@ -41,6 +43,7 @@ from celery_reconciler import (
     ledger,
     metrics,
     planning,
+    podwatch,
     pools,
     reconcile,
     statuswriter,
@@ -201,7 +204,7 @@ class PolicyLoop:
         # Pod events whose rescue has not succeeded yet (say, the database was down): kept
         # and retried until it does, so a rescue is never dropped.
         self.unfinished_rescues: list[PendingRescue] = []
-        self.pod_watch_stop: threading.Event | None = None
+        self.pod_watch: podwatch.Subscription | None = None
         self.index_condition: tuple[str, str, str, str] | None = None
         self.index_checked: tuple[int, float] | None = None  # (generation, time.monotonic())
         self.pod_selector = ""
@@ -557,8 +560,6 @@ class PolicyLoop:
         self.containers_seen.clear()
         if not selector:
             return
-        stopping = threading.Event()
-        self.pod_watch_stop = stopping
         loop = asyncio.get_running_loop()
 
         def on_event(event_type: str, pod: kube.WorkerPod) -> None:
@@ -567,31 +568,27 @@ class PolicyLoop:
             )
 
         def on_health(failure: str | None) -> None:
-            loop.call_soon_threadsafe(self.note_pod_watch_health, stopping, failure)
+            loop.call_soon_threadsafe(self.note_pod_watch_health, selector, failure)
 
-        threading.Thread(
-            target=kube.watch_worker_pods,
-            kwargs={
-                "namespace": self.namespace,
-                "label_selector": selector,
-                "on_event": on_event,
-                "on_health": on_health,
-                "stopping": stopping,
-            },
-            name=f"pods:{self.key}",
-            daemon=True,
-        ).start()
+        # Shared with every policy of this namespace that selects the same pods.
+        self.pod_watch = podwatch.subscribe(
+            namespace=self.namespace,
+            label_selector=selector,
+            on_event=on_event,
+            on_health=on_health,
+        )
 
-    def note_pod_watch_health(self, watch: threading.Event, failure: str | None) -> None:
-        """What the pod watch thread says about itself; a replaced watch has no say."""
-        if watch is self.pod_watch_stop and failure != self.pod_watch_failure:
+    def note_pod_watch_health(self, selector: str, failure: str | None) -> None:
+        """What the pod watch says about itself; a watch of a replaced selector has no say."""
+        if selector == self.pod_selector and failure != self.pod_watch_failure:
             self.pod_watch_failure = failure
             self.waker.set()  # report it now, not at the next sweep
 
     def stop_pod_watch(self) -> None:
-        if self.pod_watch_stop is not None:
-            self.pod_watch_stop.set()
-            self.pod_watch_stop = None
+        if self.pod_watch is not None:
+            podwatch.unsubscribe(self.pod_watch)
+            self.pod_watch = None
+        self.pod_selector = ""
 
     async def on_pod_event(self, event_type: str, pod: kube.WorkerPod) -> None:
         deleted = event_type == "DELETED"
