@@ -19,7 +19,10 @@ plain and with ``confirm_publish``. Then
 ``ReconciledTask`` against a plain Celery task with the same body (no-op, and 20 ms), and
 prints ours/plain. Last, ``benchmarks.scale`` measures what history costs: a status read
 with 10M succeeded entries and attempts in the ledger against an empty one, and a sweep
-against a 10M-row table against a 100k-row one. ``python -m benchmarks dispatch``,
-``... amqp``, ``... worker`` or ``... scale`` runs one of them.
+against a 10M-row table against a 100k-row one. Then ``benchmarks.policies`` applies 500
+policies to one operator against one database and prints how many are Ready and processed,
+the operator's peak connections against its bound, its RSS, idle CPU and API writes per
+policy per minute when idle. ``python -m benchmarks dispatch``, ``... amqp``, ``... worker``,
+``... scale`` or ``... policies`` runs one of them.
 Timings are printed, never asserted: the tests assert behaviour, not speed.
 """

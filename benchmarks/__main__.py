@@ -1,11 +1,12 @@
-"""``python -m benchmarks [dispatch|amqp|worker|scale] [ARGS]``: see the package docstring.
+"""``python -m benchmarks [dispatch|amqp|worker|scale|policies] [ARGS]``: see the package
+docstring.
 
-Without a first word all four run, dispatch first (``ARGS`` go to the dispatch benchmark).
+Without a first word all five run, dispatch first (``ARGS`` go to the dispatch benchmark).
 """
 
 import sys
 
-from benchmarks import amqp, dispatch, scale, worker
+from benchmarks import amqp, dispatch, policies, scale, worker
 
 arguments = sys.argv[1:]
 if arguments[:1] == ["dispatch"]:
@@ -16,4 +17,12 @@ if arguments[:1] == ["worker"]:
     sys.exit(worker.main(arguments[1:]))
 if arguments[:1] == ["scale"]:
     sys.exit(scale.main(arguments[1:]))
-sys.exit(dispatch.main(arguments) or amqp.main([]) or worker.main([]) or scale.main([]))
+if arguments[:1] == ["policies"]:
+    sys.exit(policies.main(arguments[1:]))
+sys.exit(
+    dispatch.main(arguments)
+    or amqp.main([])
+    or worker.main([])
+    or scale.main([])
+    or policies.main([])
+)

@@ -52,8 +52,10 @@ def start(
     extra_env: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
     timeout_seconds: float = 60,
+    verbose: bool = True,
 ) -> OperatorProcess:
-    """Start the operator and wait until kopf answers ``/healthz``."""
+    """Start the operator and wait until kopf answers ``/healthz``. ``verbose`` (the tests'
+    default) logs at debug level; a benchmark measuring the operator's own cost turns it off."""
     liveness_port, metrics_port = processes.free_port(), processes.free_port()
     argv = [
         sys.executable,
@@ -64,8 +66,8 @@ def start(
         f"http://127.0.0.1:{liveness_port}/healthz",
         "--metrics-port",
         str(metrics_port),
-        "--verbose",
     ]
+    argv += ["--verbose"] if verbose else []
     argv += [f"--namespace={ns}" for ns in namespaces] or ["--all-namespaces"]
     argv += [f"--peering={peering}"] if peering else ["--standalone"]
     argv += extra_args or []

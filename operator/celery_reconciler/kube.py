@@ -82,6 +82,8 @@ class WorkerPod:
         return {container.name: container.restart_count for container in self.containers}
 
 
+API_CONNECTION_POOL_SIZE = 64
+
 # Set by the CLI (``use_api_client``): a client from an explicit kubeconfig replaces the
 # operator's in-cluster-first one for every function of this module.
 _selected_client: kubernetes.client.ApiClient | None = None
@@ -93,7 +95,12 @@ def api_client() -> kubernetes.client.ApiClient:
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:
         kubernetes.config.load_kube_config()
-    return kubernetes.client.ApiClient()
+    configuration = kubernetes.client.Configuration.get_default_copy()
+    # Many policies' loops call the API from as many threads at once (and each pod watch
+    # holds a connection): a pool sized for the CPU count (5 per core) would only close
+    # and reopen connections, warning each time.
+    configuration.connection_pool_maxsize = API_CONNECTION_POOL_SIZE
+    return kubernetes.client.ApiClient(configuration)
 
 
 def _client() -> kubernetes.client.ApiClient:

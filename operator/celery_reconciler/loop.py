@@ -756,9 +756,10 @@ class PolicyLoop:
         self.last_status_write = time.monotonic()
         self.reported_facts = facts
         suspended = policy is not None and policy.schedule.suspend
-        summary = (
-            f"last sweep dispatched {result.published}" if result is not None else "up to date"
-        )
+        # The same words after every sweep: a message that quoted the sweep's count would
+        # make every busy policy's conditions, and so its status, change on every sweep.
+        # ProcessingStatus carries the counts (lastDispatched).
+        summary = "sweeps reach the database and the broker"
         now = utc_now_text()
         # Merged with what this loop last submitted: the live body lags while the status
         # writer holds the patch, and a transition time must not move twice.
