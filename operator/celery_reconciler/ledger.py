@@ -82,7 +82,11 @@ class TooManyConnections(DatabaseUnavailable):
 # SQLSTATE too_many_connections. A refusal at connect time reaches libpq before any result
 # exists, so psycopg may carry no SQLSTATE then: the server's wording is the fallback.
 TOO_MANY_CONNECTIONS_SQLSTATE = "53300"
-_TOO_MANY_CONNECTIONS_TEXTS = ("too many clients", "remaining connection slots are reserved")
+_TOO_MANY_CONNECTIONS_TEXTS = (
+    "too many clients",
+    "too many connections",
+    "remaining connection slots are reserved",
+)
 
 
 def is_too_many_connections(error: BaseException) -> bool:
