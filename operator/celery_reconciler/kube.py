@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -115,25 +116,23 @@ def _custom() -> kubernetes.client.CustomObjectsApi:
     return kubernetes.client.CustomObjectsApi(_client())
 
 
-def read_secret_value(*, namespace: str, name: str, key: str, field: str) -> str:
-    """The decoded value of one key of a Secret; errors name the spec field to fix."""
-    try:
-        secret = _core().read_namespaced_secret(
-            name, namespace, _request_timeout=REQUEST_TIMEOUT_SECONDS
+# Secrets read within this long are answered from memory: hundreds of policies naming one
+# Secret would otherwise read it twice per sweep each. A created, fixed or rotated Secret
+# still shows within seconds.
+SECRET_MAX_AGE_SECONDS = 10.0
+_secrets_read: dict[tuple[str, str], tuple[float, dict[str, str] | None]] = {}
+
+
+def read_secret_value(
+    *, namespace: str, name: str, key: str, field: str, max_age_seconds: float = 0.0
+) -> str:
+    """The decoded value of one key of a Secret; errors name the spec field to fix. A read
+    of the same Secret younger than ``max_age_seconds`` (the operator's loops) is reused."""
+    data = _secret_data(namespace=namespace, name=name, max_age_seconds=max_age_seconds)
+    if data is None:
+        raise SecretNotFound(
+            f'secret "{name}" not found in namespace "{namespace}" — create it or fix {field}'
         )
-    except kubernetes.client.ApiException as error:
-        if error.status == 404:
-            raise SecretNotFound(
-                f'secret "{name}" not found in namespace "{namespace}" — create it or fix {field}'
-            ) from None
-        raise KubernetesUnavailable(
-            f'reading secret "{name}" in namespace "{namespace}" failed: HTTP {error.status} '
-            f"{error.reason}"
-        ) from None
-    except (urllib3.exceptions.HTTPError, OSError) as error:
-        doing = f'reading secret "{name}" in namespace "{namespace}"'
-        raise _unreachable(error, doing=doing) from None
-    data = secret.data or {}
     if key not in data:
         raise SecretNotFound(
             f'secret "{name}" in namespace "{namespace}" has no key "{key}" — add it or fix {field}'
@@ -145,6 +144,31 @@ def read_secret_value(*, namespace: str, name: str, key: str, field: str) -> str
             f'the value of key "{key}" of secret "{name}" in namespace "{namespace}" is not '
             f"UTF-8 text — store the plain value under that key, or fix {field}"
         ) from None
+
+
+def _secret_data(*, namespace: str, name: str, max_age_seconds: float) -> dict[str, str] | None:
+    """The Secret's data, None when it does not exist; failures to ask are not kept."""
+    seen = _secrets_read.get((namespace, name))
+    if seen is not None and time.monotonic() - seen[0] < max_age_seconds:
+        return seen[1]
+    data: dict[str, str] | None
+    try:
+        secret = _core().read_namespaced_secret(
+            name, namespace, _request_timeout=REQUEST_TIMEOUT_SECONDS
+        )
+        data = dict(secret.data or {})
+    except kubernetes.client.ApiException as error:
+        if error.status != 404:
+            raise KubernetesUnavailable(
+                f'reading secret "{name}" in namespace "{namespace}" failed: HTTP {error.status} '
+                f"{error.reason}"
+            ) from None
+        data = None
+    except (urllib3.exceptions.HTTPError, OSError) as error:
+        doing = f'reading secret "{name}" in namespace "{namespace}"'
+        raise _unreachable(error, doing=doing) from None
+    _secrets_read[(namespace, name)] = (time.monotonic(), data)
+    return data
 
 
 def secret_value_description(*, namespace: str, name: str, key: str, field: str) -> str:

@@ -512,8 +512,9 @@ class PolicyLoop:
             "key": broker_ref.key,
             "field": "spec.task.brokerSecretRef",
         }
-        dsn = kube.read_secret_value(**database_at)
-        url = kube.read_secret_value(**broker_at)
+        fresh = kube.SECRET_MAX_AGE_SECONDS
+        dsn = kube.read_secret_value(**database_at, max_age_seconds=fresh)
+        url = kube.read_secret_value(**broker_at, max_age_seconds=fresh)
         # Checked here, where the Secret's name is known, so the error can name it.
         ledger.check_dsn(dsn, where=kube.secret_value_description(**database_at))
         broker.check_broker_url(url, where=kube.secret_value_description(**broker_at))

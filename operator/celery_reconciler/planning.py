@@ -365,10 +365,18 @@ def conflicts(claims: Iterable[PolicyClaim]) -> dict[str, Conflict]:
     where A overlaps B and B overlaps C but A does not overlap C, A and C both run. Deleting
     or changing the older policy makes the younger active at its next sweep.
     """
-    active: list[policy_module.Policy] = []
+    # Only policies of one namespace, Secret and table can overlap: comparing within those
+    # groups keeps this linear in the policies of a namespace (every loop asks, every sweep).
+    active: dict[tuple[object, ...], list[policy_module.Policy]] = {}
     found: dict[str, Conflict] = {}
     for claim in sorted(claims, key=lambda c: (c.created, c.policy.name)):
-        for older in active:
+        scope = (
+            claim.policy.namespace,
+            claim.policy.source.database_secret,
+            _qualified(claim.policy.source.table),
+        )
+        group = active.setdefault(scope, [])
+        for older in group:
             what = overlap(claim.policy, older)
             if what is not None:
                 found[claim.policy.key] = Conflict(
@@ -376,7 +384,7 @@ def conflicts(claims: Iterable[PolicyClaim]) -> dict[str, Conflict]:
                 )
                 break
         else:
-            active.append(claim.policy)
+            group.append(claim.policy)
     return found
 
 
