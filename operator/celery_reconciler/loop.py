@@ -45,6 +45,7 @@ from celery_reconciler import (
     planning,
     podwatch,
     pools,
+    publishers,
     reconcile,
     statuswriter,
 )
@@ -119,11 +120,11 @@ class PendingRescue:
 
 @dataclasses.dataclass
 class Connections:
-    """The database and broker of one policy, switched when a Secret's value changes.
-
-    The database is the operator's connections shared by every policy of that DSN
-    (``pools``); the pod-restart hook borrows from a reserve of its own: it runs while a
-    sweep may hold a connection inside a transaction, and must not queue behind sweeps.
+    """The database and broker of one policy, switched when a Secret's value changes; both
+    shared with the other policies that name the same DSN or broker URL (``pools``,
+    ``publishers``). The pod-restart hook borrows from a reserve of connections of its own:
+    it runs while a sweep may hold one inside a transaction, and must not queue behind
+    sweeps.
     """
 
     dsn: str | None = None
@@ -131,6 +132,7 @@ class Connections:
     db: reconcile.Sessions | None = None
     rescue_db: reconcile.Sessions | None = None
     broker_url: str | None = None
+    shared_publisher: publishers.SharedPublisher | None = None
     publisher: broker.Publisher | None = None
 
     def use(self, *, dsn: str, broker_url: str) -> None:
@@ -141,9 +143,9 @@ class Connections:
             self.db = self.shared.sweeps
             self.rescue_db = self.shared.rescues
         if broker_url != self.broker_url:
-            if self.publisher is not None:
-                self.publisher.close()
-            self.publisher = broker.connect(broker_url)
+            self.close_publisher()
+            self.shared_publisher = publishers.attach(broker_url)
+            self.publisher = self.shared_publisher
             self.broker_url = broker_url
 
     def secrets(self) -> tuple[str, ...]:
@@ -160,11 +162,15 @@ class Connections:
             pools.detach(self.shared)
         self.shared = self.db = self.rescue_db = None
 
+    def close_publisher(self) -> None:
+        if self.shared_publisher is not None:
+            publishers.detach(self.shared_publisher)
+        self.shared_publisher = self.publisher = None
+        self.broker_url = None
+
     def close(self) -> None:
         self.close_databases()
-        if self.publisher is not None:
-            self.publisher.close()
-            self.publisher = None
+        self.close_publisher()
 
 
 class PolicyLoop:

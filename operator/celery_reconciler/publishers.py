@@ -1,0 +1,101 @@
+"""One broker publisher per broker URL, shared by every policy that names it.
+
+A publisher is not just a socket: it carries a Celery app that builds the messages, its
+templates and its connection pool. One per policy made the operator's memory grow with its
+policies (and opened a broker connection each) although most policies of an installation
+name one broker. Here the policies whose Secret resolves to the same URL share one.
+
+Redis publishers are safe to share between threads (redis-py's client hands each call a
+connection of its pool); AMQP and kombu publishers hold one channel with its confirms, so
+calls to them are taken one at a time under a lock — as a single policy's sweeps already
+were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Sequence
+
+from celery_reconciler import broker
+
+
+class SharedPublisher:
+    """A ``broker.Publisher`` for several policies; ``close`` is ``detach``'s business."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.users = 0
+        self._publisher = broker.connect(url)
+        self._turns: contextlib.AbstractContextManager[object] = (
+            contextlib.nullcontext()
+            if isinstance(self._publisher, broker.RedisPublisher)
+            else threading.Lock()
+        )
+
+    def __repr__(self) -> str:
+        return "SharedPublisher()"  # the URL may hold a password
+
+    def publish(
+        self,
+        *,
+        task_name: str,
+        queue: str,
+        messages: Sequence[broker.TaskMessage],
+        time_limits_seconds: tuple[float, float] | None,
+        ahead: bool = False,
+    ) -> int:
+        with self._turns:
+            return self._publisher.publish(
+                task_name=task_name,
+                queue=queue,
+                messages=messages,
+                time_limits_seconds=time_limits_seconds,
+                ahead=ahead,
+            )
+
+    def queue_depth(self, queue: str) -> int:
+        with self._turns:
+            return self._publisher.queue_depth(queue)
+
+    def instance_id(self) -> str | None:
+        with self._turns:
+            return self._publisher.instance_id()
+
+    def messages_accounted_for(self, queue: str, *, taken_within_seconds: float) -> set[str] | None:
+        with self._turns:
+            return self._publisher.messages_accounted_for(
+                queue, taken_within_seconds=taken_within_seconds
+            )
+
+    def close(self) -> None:
+        """Nothing: other policies may still publish through it (see ``detach``)."""
+
+    def shut(self) -> None:
+        with self._turns:
+            self._publisher.close()
+
+
+_lock = threading.Lock()
+_shared: dict[str, SharedPublisher] = {}
+
+
+def attach(url: str) -> SharedPublisher:
+    """The shared publisher of ``url``; every ``attach`` is matched by one ``detach``."""
+    with _lock:
+        shared = _shared.get(url)
+        if shared is None:
+            shared = SharedPublisher(url)
+            _shared[url] = shared
+        shared.users += 1
+        return shared
+
+
+def detach(shared: SharedPublisher) -> None:
+    with _lock:
+        shared.users -= 1
+        if shared.users > 0:
+            return
+        if _shared.get(shared.url) is shared:
+            del _shared[shared.url]
+    shared.shut()
