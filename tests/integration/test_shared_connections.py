@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import urllib.parse
+import uuid
 
 import psycopg
 import pytest
@@ -107,16 +108,19 @@ def test_a_policy_that_waits_too_long_for_a_slot_is_told_why(
 def test_a_full_server_is_too_many_connections_not_a_wrong_dsn(database_dsn: str) -> None:
     """PostgreSQL's own refusal (SQLSTATE 53300), here from a role's connection limit."""
     parts = urllib.parse.urlsplit(database_dsn)
+    role = f"one_slot_{uuid.uuid4().hex[:8]}"  # roles are the server's, not the database's
     with psycopg.connect(database_dsn, autocommit=True) as admin:
-        admin.execute("DROP ROLE IF EXISTS limited")
-        admin.execute("CREATE ROLE limited LOGIN PASSWORD 'limited-pw' CONNECTION LIMIT 1")
         admin.execute(
-            sql.SQL("GRANT ALL ON DATABASE {} TO limited").format(
-                sql.Identifier(parts.path.lstrip("/"))
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'one-slot-pw' CONNECTION LIMIT 1").format(
+                sql.Identifier(role)
             )
         )
-        admin.execute("GRANT ALL ON SCHEMA public TO limited")
-    limited = parts._replace(netloc=f"limited:limited-pw@{parts.hostname}:{parts.port}").geturl()
+        admin.execute(
+            sql.SQL("GRANT ALL ON DATABASE {} TO {}").format(
+                sql.Identifier(parts.path.lstrip("/")), sql.Identifier(role)
+            )
+        )
+    limited = parts._replace(netloc=f"{role}:one-slot-pw@{parts.hostname}:{parts.port}").geturl()
     with psycopg.connect(limited, autocommit=True):
         pools.configure(max_connections=2)
         shared = pools.attach(limited)
@@ -132,5 +136,5 @@ def test_a_full_server_is_too_many_connections_not_a_wrong_dsn(database_dsn: str
     problem = loop.problem_of(caught.value)
     assert problem.reason == conditions.TOO_MANY_CONNECTIONS
     assert "max_connections" in problem.message
-    assert "limited-pw" not in problem.message
+    assert "one-slot-pw" not in problem.message
     assert "DSN (" not in problem.message
