@@ -141,8 +141,13 @@ def test_operator_args_follow_the_scope(kube: devstack_kube.ControlPlane, namesp
     cluster = _deployment(_template(kube, namespace), FULLNAME)
     assert cluster["spec"]["template"]["spec"]["containers"][0]["args"] == [
         "run", "--all-namespaces", "--liveness", "http://0.0.0.0:8080/healthz",
-        "--metrics-port", "9090", "--peering", FULLNAME,
+        "--metrics-port", "9090", "--peering", FULLNAME, "--status-writes-per-second", "20",
     ]  # fmt: skip
+    env = {
+        e["name"]: e.get("value")
+        for e in cluster["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["CELERY_RECONCILER_MAX_DATABASE_CONNECTIONS"] == "20"
     namespaced = _deployment(
         _template(kube, namespace, *_scope_values(["a", "b"]), "--set", "peering.enabled=false"),
         FULLNAME,
@@ -150,6 +155,7 @@ def test_operator_args_follow_the_scope(kube: devstack_kube.ControlPlane, namesp
     assert namespaced["spec"]["template"]["spec"]["containers"][0]["args"] == [
         "run", "--namespace", "a", "--namespace", "b", "--liveness",
         "http://0.0.0.0:8080/healthz", "--metrics-port", "9090", "--standalone",
+        "--status-writes-per-second", "20",
     ]  # fmt: skip
 
 
