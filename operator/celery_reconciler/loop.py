@@ -56,8 +56,9 @@ RETRY_DEAD_ANNOTATION = "celery-reconciler.io/retry-dead"
 # ProcessingStatus is a summary for people and dashboards: it is written when what it says
 # changes, but at most once a second (a burst of wake-ups must not become a burst of API
 # writes), and refreshed by the first report 5 minutes after the last write even when
-# nothing changed (lastSweepTime says the loop lives). An idle policy costs the API server that one write, not one per sweep: with
-# hundreds of policies, writes that say nothing new crowd out those that do.
+# nothing changed (lastSweepTime says the loop lives). An idle policy costs the API server
+# that one write, not one per sweep: with hundreds of policies, writes that say nothing new
+# crowd out those that do.
 STATUS_MIN_INTERVAL_SECONDS = 1.0
 STATUS_REFRESH_SECONDS = 300.0
 STATUS_LIVE_REFRESH_SECONDS = 2.0
