@@ -7,7 +7,9 @@
 * an index of every policy by namespace, from which a loop learns whether an older policy
   already processes the same rows (then it reports ``Conflict`` and dispatches nothing);
 * startup settings: our own finalizer and annotation names, Events posted by us rather than
-  kopf's per-handler chatter, and peering so that one replica of several is active.
+  kopf's per-handler chatter, and either kopf peering (one replica of several is active) or
+  Lease membership (``membership``: every replica is active, each sweeps its share of the
+  policies — the daemon of a policy another replica owns waits in ``Membership.serve``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import kopf
 
-from celery_reconciler import kube, loop, planning, policy
+from celery_reconciler import kube, loop, membership, planning, policy, sharding
 
 _peering_lifetime_seconds = 30
 
@@ -39,6 +41,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.lifetime = _peering_lifetime_seconds
     settings.watching.server_timeout = 60
     settings.watching.client_timeout = 90
+    shard = membership.current()
+    if shard is not None:
+        shard.start()
 
 
 @kopf.index(kube.GROUP, kube.VERSION, kube.POLICIES)
@@ -70,9 +75,26 @@ async def policy_loop(
     assert namespace is not None  # ProcessingPolicy is namespaced
     # kopf passes each index as a keyword named after its function: a live view.
     peers: kopf.Index[str, planning.PolicyClaim] = kwargs["policies_by_namespace"]
-    await loop.PolicyLoop(namespace=namespace, name=name, uid=uid, body=body, peers=peers).run(
-        stopped
-    )
+    shard = membership.current()
+    if shard is None:
+        await loop.PolicyLoop(namespace=namespace, name=name, uid=uid, body=body, peers=peers).run(
+            stopped
+        )
+        return
+
+    async def run_loop(fence: sharding.Fence, handover: membership.Handover) -> None:
+        await loop.PolicyLoop(
+            namespace=namespace, name=name, uid=uid, body=body, peers=peers, fence=fence
+        ).run(handover)
+
+    await shard.serve(uid=uid, key=f"{namespace}/{name}", stopped=stopped, run_loop=run_loop)
+
+
+@kopf.on.cleanup()
+async def leave_membership(**_: Any) -> None:
+    shard = membership.current()
+    if shard is not None:
+        await shard.leave()
 
 
 @kopf.on.event(kube.GROUP, kube.VERSION, kube.POLICIES)

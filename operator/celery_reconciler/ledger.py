@@ -50,7 +50,7 @@ import psycopg
 from psycopg import conninfo, sql
 from psycopg.rows import dict_row
 
-from celery_reconciler import planning
+from celery_reconciler import planning, sharding
 from celery_reconciler import policy as policy_module
 
 SCHEMA = "celery_reconciler"
@@ -68,6 +68,8 @@ _INCARNATIONS = sql.Identifier(SCHEMA, "incarnations")
 _MIGRATIONS_TABLE = sql.Identifier(SCHEMA, "schema_migrations")
 _TALLIES = sql.Identifier(SCHEMA, "tallies")
 _BACKLOG = sql.Identifier(SCHEMA, "backlog")
+_OWNERS = sql.Identifier(SCHEMA, "policy_owners")
+_SWEEPS = sql.Identifier(SCHEMA, "sweeps")
 
 
 class DatabaseUnavailable(RuntimeError):
@@ -86,6 +88,15 @@ class DsnInvalid(DatabaseUnavailable):
 
 class LedgerPermissionDenied(RuntimeError):
     """The database user may not create or use our schema; the fix is a GRANT, not a retry."""
+
+
+class FencedOut(RuntimeError):
+    """Another replica owns the policy now (a newer fencing token in ``policy_owners``): this
+    one's sweep was refused and must stop. ``current`` is the owner the ledger knows."""
+
+    def __init__(self, message: str, *, current: sharding.Fence | None) -> None:
+        super().__init__(message)
+        self.current = current
 
 
 @dataclasses.dataclass(frozen=True)
@@ -555,6 +566,40 @@ _MIGRATIONS: tuple[tuple[int, tuple[sql.Composed, ...]], ...] = (
             ).format(backlog=_BACKLOG, policies=_POLICIES, entries=_ENTRIES),
         ),
     ),
+    (
+        6,
+        (
+            # Active-active replicas: who may sweep each policy (the holder of its Lease and
+            # that Lease's fencing token), and every sweep's interval under that owner, so
+            # that "never two replicas sweeping one policy" can be read from the ledger.
+            sql.SQL(
+                """
+                CREATE TABLE {owners} (
+                    policy_key text PRIMARY KEY,
+                    holder text NOT NULL,
+                    token bigint NOT NULL,
+                    since timestamptz NOT NULL DEFAULT clock_timestamp()
+                )
+                """
+            ).format(owners=_OWNERS),
+            sql.SQL(
+                """
+                CREATE TABLE {sweeps} (
+                    id bigserial PRIMARY KEY,
+                    policy_key text NOT NULL,
+                    holder text NOT NULL,
+                    token bigint NOT NULL,
+                    started_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+                    finished_at timestamptz,
+                    ended text CHECK (ended IN ('finished', 'failed', 'taken_over'))
+                )
+                """
+            ).format(sweeps=_SWEEPS),
+            sql.SQL("CREATE INDEX sweeps_by_policy ON {sweeps} (policy_key, started_at)").format(
+                sweeps=_SWEEPS
+            ),
+        ),
+    ),
 )
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
 
@@ -609,6 +654,112 @@ def _applied_versions(conn: psycopg.Connection[Any]) -> set[int]:
 
 
 # --- operator side -------------------------------------------------------------------------
+
+# --- sharding: the owner of each policy and its sweeps ---------------------------------------
+#
+# A replica sweeps a policy only while it holds the policy's Lease (``sharding``); the ledger
+# makes that binding where it matters, on the writes. ``begin_sweep`` takes the policy's
+# owner row if the sweeper's fencing token is accepted (``sharding.fence_accepts``: the
+# compare-and-set below) and opens the sweep's interval; every claim transaction re-checks
+# the row under a share lock (``check_fence``), and ``end_sweep`` closes the interval under
+# the same check. A takeover must lock the row, so it waits for a claim transaction of the
+# previous owner to commit, and closes that owner's open interval at its own clock time:
+# after it, the previous owner can commit nothing, and intervals of two owners never
+# overlap — which ``sweeps`` shows. Steps of a sweep that are idempotent and already run
+# concurrently with rescues (expiry, settling, counting) are not fenced: the fence guards
+# what must happen once, claiming and dispatching.
+
+SWEEP_HISTORY_SECONDS = 86400
+
+_TAKE_OWNERSHIP = sql.SQL(
+    """
+    INSERT INTO {owners} AS o (policy_key, holder, token)
+    VALUES (%(policy_key)s, %(holder)s, %(token)s)
+    ON CONFLICT (policy_key) DO UPDATE
+        SET holder = excluded.holder, token = excluded.token, since = clock_timestamp()
+        WHERE o.token < excluded.token OR (o.token = excluded.token AND o.holder = excluded.holder)
+    RETURNING policy_key
+    """
+).format(owners=_OWNERS)
+_CURRENT_OWNER = sql.SQL(
+    "SELECT holder, token FROM {owners} WHERE policy_key = %(policy_key)s"
+).format(owners=_OWNERS)
+_CHECK_OWNER = sql.SQL(
+    "SELECT 1 FROM {owners} WHERE policy_key = %(policy_key)s AND holder = %(holder)s "
+    "AND token = %(token)s FOR SHARE"
+).format(owners=_OWNERS)
+_CLOSE_PREDECESSORS = sql.SQL(
+    """
+    UPDATE {sweeps} SET finished_at = clock_timestamp(), ended = 'taken_over'
+    WHERE policy_key = %(policy_key)s AND finished_at IS NULL
+      AND (holder, token) IS DISTINCT FROM (%(holder)s, %(token)s::bigint)
+    """
+).format(sweeps=_SWEEPS)
+_OPEN_SWEEP = sql.SQL(
+    "INSERT INTO {sweeps} (policy_key, holder, token) VALUES (%(policy_key)s, %(holder)s, "
+    "%(token)s) RETURNING id"
+).format(sweeps=_SWEEPS)
+_CLOSE_SWEEP = sql.SQL(
+    "UPDATE {sweeps} SET finished_at = clock_timestamp(), ended = %(ended)s "
+    "WHERE id = %(id)s AND finished_at IS NULL"
+).format(sweeps=_SWEEPS)
+_PRUNE_SWEEPS = sql.SQL(
+    """
+    DELETE FROM {sweeps} WHERE id IN (
+        SELECT id FROM {sweeps} WHERE policy_key = %(policy_key)s
+          AND started_at < now() - make_interval(secs => %(seconds)s)
+        ORDER BY started_at LIMIT 1000)
+    """
+).format(sweeps=_SWEEPS)
+
+
+def _fence_params(fence: sharding.Fence) -> dict[str, Any]:
+    return {"policy_key": fence.policy_key, "holder": fence.holder, "token": fence.token}
+
+
+def _fenced_out(conn: psycopg.Connection[Any], fence: sharding.Fence) -> FencedOut:
+    row = conn.execute(_CURRENT_OWNER, _fence_params(fence)).fetchone()
+    current = None if row is None else sharding.Fence(fence.policy_key, row[0], int(row[1]))
+    now = "nobody" if current is None else f"{current.holder} (token {current.token})"
+    return FencedOut(
+        f"policy {fence.policy_key} is owned by {now} in the ledger: this replica "
+        f"({fence.holder}, token {fence.token}) lost its Lease and stops sweeping it",
+        current=current,
+    )
+
+
+def begin_sweep(conn: psycopg.Connection[Any], fence: sharding.Fence) -> int:
+    """Take (or keep) the policy's owner row and open a sweep interval; its id.
+
+    Raises ``FencedOut`` when the ledger knows a newer owner."""
+    with conn.transaction():
+        if conn.execute(_TAKE_OWNERSHIP, _fence_params(fence)).fetchone() is None:
+            raise _fenced_out(conn, fence)
+        conn.execute(_CLOSE_PREDECESSORS, _fence_params(fence))
+        row = conn.execute(_OPEN_SWEEP, _fence_params(fence)).fetchone()
+        assert row is not None
+        conn.execute(
+            _PRUNE_SWEEPS, {"policy_key": fence.policy_key, "seconds": SWEEP_HISTORY_SECONDS}
+        )
+    return int(row[0])
+
+
+def check_fence(conn: psycopg.Connection[Any], fence: sharding.Fence) -> None:
+    """Inside a claim transaction: hold the owner row (shared) until the commit, or raise
+    ``FencedOut`` — a takeover then waits for this transaction, or this one sees it."""
+    if conn.execute(_CHECK_OWNER, _fence_params(fence)).fetchone() is None:
+        raise _fenced_out(conn, fence)
+
+
+def end_sweep(
+    conn: psycopg.Connection[Any], fence: sharding.Fence, *, sweep_id: int, finished: bool
+) -> None:
+    """Close the interval, if this replica still owns the policy (else a takeover closed it)."""
+    with conn.transaction():
+        if conn.execute(_CHECK_OWNER, _fence_params(fence)).fetchone() is None:
+            return
+        conn.execute(_CLOSE_SWEEP, {"id": sweep_id, "ended": "finished" if finished else "failed"})
+
 
 _UPSERT_POLICY = sql.SQL(
     """
@@ -886,10 +1037,13 @@ def claim(
     entry_ids: Sequence[str],
     lease_seconds: float,
     still_pending: Callable[[Sequence[str]], set[str]],
+    sweeper: sharding.Fence | None = None,
 ) -> list[Claim]:
     """Claim the eligible ones of ``entry_ids`` (pending in the source) with fresh fences.
 
     Must run inside the caller's transaction; the caller commits, and only then publishes.
+    With a ``sweeper`` (active-active replicas), only while the ledger names it the
+    policy's owner (``check_fence``), else ``FencedOut``.
 
     Eligible: no ledger row yet; ``queued`` with an expired lease (message lost);
     ``retry_wait`` whose retry is due; ``succeeded`` while the source predicate holds again.
@@ -903,6 +1057,8 @@ def claim(
     """
     if not entry_ids:
         return []
+    if sweeper is not None:
+        check_fence(conn, sweeper)
     ids = list(entry_ids)
     locked = conn.execute(_LOCK_CLAIMABLE, {"policy_key": policy_key, "entry_ids": ids}).fetchall()
     row_ids = {entry_id: row_id for row_id, entry_id, _, _ in locked}

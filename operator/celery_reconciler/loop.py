@@ -33,7 +33,16 @@ import traceback
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from celery_reconciler import broker, conditions, kube, ledger, metrics, planning, reconcile
+from celery_reconciler import (
+    broker,
+    conditions,
+    kube,
+    ledger,
+    metrics,
+    planning,
+    reconcile,
+    sharding,
+)
 from celery_reconciler import policy as policy_module
 
 SWEEP_NOW_ANNOTATION = "celery-reconciler.io/sweep-now"
@@ -158,6 +167,7 @@ class PolicyLoop:
         uid: str,
         body: Mapping[str, Any],
         peers: Mapping[str, Iterable[planning.PolicyClaim]] | None = None,
+        fence: sharding.Fence | None = None,
     ) -> None:
         self.namespace = namespace
         self.name = name
@@ -194,6 +204,8 @@ class PolicyLoop:
         self.workers_stuck = False
         self.errors_logged: set[type[BaseException]] = set()
         self.pacing = planning.RatePacing()
+        # This replica's claim to the policy when replicas share the policies (membership).
+        self.fence = fence
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -298,7 +310,12 @@ class PolicyLoop:
                 rate = policy.limits.dispatch_per_second
                 held = self.pacing.holds(dispatch_per_second=rate, now=time.monotonic())
                 result = await asyncio.to_thread(
-                    reconcile.reconcile_once, policy, db=db, broker=publisher, hold_dispatch=held
+                    reconcile.reconcile_once,
+                    policy,
+                    db=db,
+                    broker=publisher,
+                    hold_dispatch=held,
+                    fence=self.fence,
                 )
                 if not held:
                     self.pacing.swept(
@@ -309,6 +326,8 @@ class PolicyLoop:
                 )
             counts = await self.observe(policy, db=db, publisher=publisher)
             await self.check_index(policy, db=db, generation=generation)
+        except ledger.FencedOut:
+            raise  # another replica sweeps the policy now: this loop ends (membership.serve)
         except Exception as error:  # every failure is a condition, never a dead loop
             problem = self.problem_of(error)
             metrics.SWEEP_ERRORS.labels(self.namespace, self.name, problem.reason).inc()
@@ -615,7 +634,12 @@ class PolicyLoop:
             pending = self.unfinished_rescues[0]
             try:
                 result = await asyncio.to_thread(
-                    reconcile.rescue, policy, db=db, broker=publisher, ending=pending.ending
+                    reconcile.rescue,
+                    policy,
+                    db=db,
+                    broker=publisher,
+                    ending=pending.ending,
+                    fence=self.fence,
                 )
             except Exception as error:  # kept and retried, whatever the failure
                 pending.failures += 1

@@ -50,7 +50,7 @@ from typing import Any
 import psycopg
 
 from celery_reconciler import broker as broker_module
-from celery_reconciler import ledger, planning, source
+from celery_reconciler import ledger, planning, sharding, source
 from celery_reconciler import policy as policy_module
 
 DatabaseUnavailable = ledger.DatabaseUnavailable
@@ -180,11 +180,16 @@ def reconcile_once(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
     hold_dispatch: bool = False,
+    fence: sharding.Fence | None = None,
 ) -> SweepResult:
     """Run one sweep of ``policy``; see the module docstring for the steps.
 
     ``hold_dispatch``: claim nothing new (``planning.RatePacing``: the rate allows no page
     yet); leases still expire and lost messages are still re-dispatched.
+
+    ``fence``: this replica's claim to the policy (active-active replicas). The sweep then
+    opens an interval in the ledger's ``sweeps`` and claims only while the ledger names it
+    the owner; ``FencedOut`` when another replica took the policy over.
 
     Raises ``DatabaseUnavailable`` (``DsnInvalid``), ``LedgerPermissionDenied``,
     ``BrokerUnavailable`` or ``SourceInvalid`` with messages that name the problem and carry
@@ -195,9 +200,13 @@ def reconcile_once(
     send = publish or functools.partial(_publish, policy, broker, ahead=False)
     send_ahead = publish or functools.partial(_publish, policy, broker, ahead=True)
     doing = "preparing the sweep"
+    sweep_id: int | None = None
     try:
         conn = db.connection()
         still_pending = functools.partial(source.filter_pending, conn, policy.source)
+        if fence is not None:
+            doing = "taking the policy's ownership"
+            sweep_id = ledger.begin_sweep(conn, fence)
         ledger.upsert_policy(conn, policy)
         doing = "expiring leases"
         ledger.end_silent_incarnations(conn)
@@ -209,7 +218,7 @@ def reconcile_once(
             conn, policy_key=policy.key, retention_seconds=policy.history.retention_seconds
         )
         doing = "re-dispatching deliveries that never started"
-        stranded = _redispatch_stranded(conn, policy, broker, send_ahead, sleep=sleep)
+        stranded = _redispatch_stranded(conn, policy, broker, send_ahead, sleep=sleep, fence=fence)
         in_flight = ledger.count_in_flight(conn, policy_key=policy.key)
         budget = (
             0
@@ -222,7 +231,7 @@ def reconcile_once(
         # queue: they waited once already, and the backlog's keyset order need not reach them.
         doing = "re-dispatching due retries"
         due = ledger.due_retries(conn, policy_key=policy.key, limit=budget)
-        redispatched = _redispatch(conn, policy, send_ahead, entry_ids=due)
+        redispatched = _redispatch(conn, policy, send_ahead, entry_ids=due, fence=fence)
         budget -= redispatched
         batch_size = planning.dispatch_batch_size(
             batch_size=policy.limits.batch_size,
@@ -263,6 +272,7 @@ def reconcile_once(
                         entry_ids=[row.entry_id for row in rows],
                         lease_seconds=policy.lease.timeout_seconds,
                         still_pending=still_pending,
+                        sweeper=fence,
                     )
                 claim_seconds += clock() - claim_started
                 pages += 1
@@ -279,8 +289,18 @@ def reconcile_once(
         publish_seconds = pages_out.seconds
         doing = "reading the next due time"
         next_due = ledger.seconds_until_next_due(conn, policy_key=policy.key)
+        if fence is not None and sweep_id is not None:
+            ledger.end_sweep(conn, fence, sweep_id=sweep_id, finished=True)
     except psycopg.Error as error:
         raise db.failure(error, doing=doing) from None
+    except ledger.FencedOut:
+        raise
+    except Exception:
+        if fence is not None and sweep_id is not None:
+            # Best effort: an interval left open is closed by the next owner's takeover.
+            with contextlib.suppress(Exception):
+                ledger.end_sweep(db.connection(), fence, sweep_id=sweep_id, finished=False)
+        raise
     return SweepResult(
         policy_key=policy.key,
         suspended=policy.schedule.suspend,
@@ -323,6 +343,7 @@ def _redispatch(
     send: PublishFunction,
     *,
     entry_ids: Sequence[str],
+    fence: sharding.Fence | None = None,
 ) -> int:
     """Claim the given ledger entries that are still pending in the source, then publish.
 
@@ -340,6 +361,7 @@ def _redispatch(
             entry_ids=[entry_id for entry_id in entry_ids if entry_id in pending],
             lease_seconds=policy.lease.timeout_seconds,
             still_pending=functools.partial(source.filter_pending, conn, policy.source),
+            sweeper=fence,
         )
     if claims:
         _publish_or_release(conn, send, _messages(claims), claims)
@@ -375,6 +397,7 @@ def _redispatch_stranded(
     send: PublishFunction,
     *,
     sleep: Callable[[float], None] = time.sleep,
+    fence: sharding.Fence | None = None,
 ) -> int:
     """Account for every queued entry's message in the broker; re-dispatch, ahead of the
     queue, the entries whose message is gone — instead of letting them wait for the lease.
@@ -400,7 +423,7 @@ def _redispatch_stranded(
         if not missing:
             return 0
     released = ledger.release_claims(conn, fence_tokens=[uuid.UUID(token) for token in missing])
-    return _redispatch(conn, policy, send, entry_ids=released)
+    return _redispatch(conn, policy, send, entry_ids=released, fence=fence)
 
 
 class _PagePublisher:
@@ -506,6 +529,7 @@ def rescue(
     db: Database,
     broker: broker_module.Publisher,
     ending: planning.PodEnding | None,
+    fence: sharding.Fence | None = None,
 ) -> RescueResult:
     """The pod-restart hook: end the incarnations a pod event killed, and hand their work out
     again at once — ahead of the queue — instead of at the next sweep.
@@ -527,8 +551,8 @@ def rescue(
         redispatched = (
             0
             if policy.schedule.suspend
-            else _redispatch(conn, policy, send_ahead, entry_ids=expired.retry_ids)
-            + _redispatch_stranded(conn, policy, broker, send_ahead)
+            else _redispatch(conn, policy, send_ahead, entry_ids=expired.retry_ids, fence=fence)
+            + _redispatch_stranded(conn, policy, broker, send_ahead, fence=fence)
         )
     return RescueResult(ended=ended, expired=expired, settled=settled, redispatched=redispatched)
 
