@@ -41,9 +41,13 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.lifetime = _peering_lifetime_seconds
     settings.watching.server_timeout = 60
     settings.watching.client_timeout = 90
+
+
+@kopf.on.startup()
+async def join_membership(**_: Any) -> None:
     shard = membership.current()
     if shard is not None:
-        shard.start()
+        shard.start()  # a task of kopf's event loop, for the life of the operator
 
 
 @kopf.index(kube.GROUP, kube.VERSION, kube.POLICIES)
@@ -60,6 +64,12 @@ def policies_by_namespace(
         return None
     created = str(body.metadata.get("creationTimestamp") or "")
     return {namespace: planning.PolicyClaim(created=created, policy=parsed)}
+
+
+@kopf.index(kube.GROUP, kube.VERSION, kube.POLICIES)
+def policy_uids(*, uid: str, **_: Any) -> dict[str, str]:
+    """Every policy's uid under one key: replicas that share the policies assign them all."""
+    return {"all": uid}
 
 
 @kopf.daemon(kube.GROUP, kube.VERSION, kube.POLICIES, cancellation_timeout=15.0)
@@ -87,7 +97,14 @@ async def policy_loop(
             namespace=namespace, name=name, uid=uid, body=body, peers=peers, fence=fence
         ).run(handover)
 
-    await shard.serve(uid=uid, key=f"{namespace}/{name}", stopped=stopped, run_loop=run_loop)
+    uids: kopf.Index[str, str] = kwargs["policy_uids"]
+    await shard.serve(
+        uid=uid,
+        key=f"{namespace}/{name}",
+        stopped=stopped,
+        run_loop=run_loop,
+        every_policy=lambda: uids.get("all", ()),
+    )
 
 
 @kopf.on.cleanup()

@@ -25,11 +25,13 @@ pause can outlast any timer; the ledger's owner row refuses its claims regardles
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 from celery_reconciler import kube, leases, ledger, sharding
 
@@ -61,6 +63,7 @@ class Handover:
 
 
 RunLoop = Callable[[sharding.Fence, Handover], Awaitable[None]]
+T = TypeVar("T")
 
 
 class Membership:
@@ -75,11 +78,29 @@ class Membership:
         self.member_lease = leases.object_name(group, "member", replica)
         self.alive: tuple[str, ...] = ()
         self.listed = False
+        self.first_listed_at: float | None = None  # monotonic
         self.renewed_at: float | None = None  # monotonic, last renewal of our member Lease
         self.changed = asyncio.Event()
         self.sightings: dict[str, sharding.Sighting] = {}
         self.task: asyncio.Task[None] | None = None
         self.member_record: sharding.LeaseRecord | None = None
+        # Every policy's uid (a kopf index, set by the daemons): the assignment shares them
+        # all out, so each replica needs the whole list. Recomputed only when it or the
+        # member list changes.
+        self.every_policy: Callable[[], Iterable[str]] = tuple
+        self.assigned_for: tuple[frozenset[str], tuple[str, ...]] | None = None
+        self.assignment: dict[str, str] = {}
+        # Threads of our own: the event loop's default executor also runs every policy's
+        # sweep, and a few long sweeps there would hold up the renewals until the others
+        # count this replica dead.
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="leases"
+        )
+
+    async def call(self, function: Callable[..., T], **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, functools.partial(function, **kwargs)
+        )
 
     # -- membership ---------------------------------------------------------------------
 
@@ -104,8 +125,8 @@ class Membership:
             await asyncio.sleep(self.renew_seconds)
 
     async def tick(self) -> None:
-        await asyncio.to_thread(self.renew_member)
-        members = await asyncio.to_thread(
+        await self.call(self.renew_member)
+        members = await self.call(
             leases.list_labelled,
             namespace=self.namespace,
             label=leases.MEMBER_LABEL,
@@ -116,6 +137,8 @@ class Membership:
         alive = set(sharding.live_members(members, self.sightings, now=now))
         alive.add(self.identity)  # just renewed
         self.listed = True
+        if self.first_listed_at is None:
+            self.first_listed_at = now
         self.note(tuple(sorted(alive)))
 
     def renew_member(self) -> None:
@@ -151,9 +174,13 @@ class Membership:
             changed.set()
 
     def owns(self, policy_uid: str) -> bool:
-        return self.member(now=time.monotonic()) and (
-            sharding.owner_of(policy_uid, self.alive) == self.identity
-        )
+        if not self.member(now=time.monotonic()):
+            return False
+        uids = frozenset(self.every_policy())
+        if (uids, self.alive) != self.assigned_for:
+            self.assigned_for = (uids, self.alive)
+            self.assignment = sharding.assign_to_holders(uids, self.alive)
+        return self.assignment.get(policy_uid) == self.identity
 
     async def wait_for_change(self, stopped: Any, *, timeout_seconds: float) -> None:
         waiters = {
@@ -176,7 +203,7 @@ class Membership:
         if record is None:
             return
         try:
-            await asyncio.to_thread(
+            await self.call(
                 leases.write,
                 namespace=self.namespace,
                 name=self.member_lease,
@@ -193,8 +220,17 @@ class Membership:
     def policy_lease(self, policy_uid: str) -> str:
         return leases.object_name(self.group, "policy", policy_uid)
 
-    async def serve(self, *, uid: str, key: str, stopped: Any, run_loop: RunLoop) -> None:
+    async def serve(
+        self,
+        *,
+        uid: str,
+        key: str,
+        stopped: Any,
+        run_loop: RunLoop,
+        every_policy: Callable[[], Iterable[str]],
+    ) -> None:
         """Run the policy's loop whenever this replica owns it, until kopf stops the daemon."""
+        self.every_policy = every_policy
         at_least_token = 0
         while not stopped:
             if not self.listed or not self.owns(uid):
@@ -226,13 +262,18 @@ class Membership:
     async def acquire(self, *, uid: str, key: str, at_least_token: int) -> sharding.Fence | None:
         name = self.policy_lease(uid)
         try:
-            record = await asyncio.to_thread(leases.read, namespace=self.namespace, name=name)
+            record = await self.call(leases.read, namespace=self.namespace, name=name)
+            watched = time.monotonic() - (self.first_listed_at or time.monotonic())
             decision = sharding.acquisition(
-                record, me=self.identity, alive=self.alive, at_least_token=at_least_token
+                record,
+                me=self.identity,
+                alive=self.alive,
+                at_least_token=at_least_token,
+                absence_proves_death=watched >= self.lease_seconds,
             )
             if decision is None:
                 return None
-            written = await asyncio.to_thread(
+            written = await self.call(
                 leases.write,
                 namespace=self.namespace,
                 name=name,
@@ -254,10 +295,10 @@ class Membership:
         """Free the policy's Lease if we still hold it, so its next owner need not wait."""
         name = self.policy_lease(uid)
         try:
-            record = await asyncio.to_thread(leases.read, namespace=self.namespace, name=name)
+            record = await self.call(leases.read, namespace=self.namespace, name=name)
             if record is None or record.holder != self.identity:
                 return
-            await asyncio.to_thread(
+            await self.call(
                 leases.write,
                 namespace=self.namespace,
                 name=name,
