@@ -641,6 +641,11 @@ class PolicyLoop:
                     ending=pending.ending,
                     fence=self.fence,
                 )
+            except ledger.FencedOut:
+                # Another replica owns the policy now; its sweeps expire what this rescue
+                # would have re-dispatched (heartbeats, leases), and this loop is ending.
+                self.unfinished_rescues.clear()
+                return
             except Exception as error:  # kept and retried, whatever the failure
                 pending.failures += 1
                 logger.warning(
