@@ -19,7 +19,7 @@ from typing import Any
 
 import kopf
 
-from celery_reconciler import kube, loop, membership, planning, policy, sharding
+from celery_reconciler import kube, loop, membership, metrics, planning, policy, sharding
 
 _peering_lifetime_seconds = 30
 
@@ -93,9 +93,12 @@ async def policy_loop(
         return
 
     async def run_loop(fence: sharding.Fence, handover: membership.Handover) -> None:
-        await loop.PolicyLoop(
-            namespace=namespace, name=name, uid=uid, body=body, peers=peers, fence=fence
-        ).run(handover)
+        try:
+            await loop.PolicyLoop(
+                namespace=namespace, name=name, uid=uid, body=body, peers=peers, fence=fence
+            ).run(handover)
+        finally:
+            metrics.forget_gauges(namespace, name)
 
     uids: kopf.Index[str, str] = kwargs["policy_uids"]
     await shard.serve(

@@ -243,9 +243,12 @@ def run_scenario(
             f"{namespace}/{policy['metadata']['name']}": policy["metadata"]["uid"]
             for policy in listed["items"]
         }
+        policy_leases = get_json(
+            crds, "-n", namespace, "get", "leases", "-l", f"{leases.POLICY_LABEL}={GROUP}"
+        )
         taken_leases = {
             lease["metadata"]["name"]: lease["spec"]["acquireTime"]
-            for lease in get_json(crds, "-n", namespace, "get", "leases")["items"]
+            for lease in policy_leases["items"]
         }
         lease_seconds = sorted(
             (
