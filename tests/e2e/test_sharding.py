@@ -3,9 +3,10 @@
 Everything is real: the apiserver holds the Leases, PostgreSQL the entries and the ledger,
 Redis the messages, a celery worker runs the tasks. One replica is SIGKILLed while one of
 its sweeps is open in the ledger; the test then reads from the Leases and the ledger that
-its policies moved to the others, that no policy was swept by two replicas at once (the
-``sweeps`` intervals of different owners never overlap) and that every entry was processed.
-The figures it measures (spread, takeover time against the Lease duration) are printed.
+its policies moved to the others (and back when it is started again), that no policy was
+swept by two replicas at once (the ``sweeps`` intervals of different owners never overlap)
+and that every entry was processed. The figures it measures (spread, takeover time against
+the Lease duration) are printed.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ E2E = Path(__file__).resolve().parent
 REPLICAS = ("replica-a", "replica-b", "replica-c")
 LEASE_SECONDS = 6
 ENTRIES_PER_POLICY = 60
+ENTRIES_AFTER_REJOIN = 20
 GROUP = "celery-reconciler"
 
 
@@ -110,7 +112,7 @@ OVERLAPS = """
 """
 
 
-def test_three_replicas_share_the_policies_and_a_killed_ones_move_without_overlap(
+def test_three_replicas_share_the_policies_and_a_killed_ones_move_and_return_without_overlap(
     crds: devstack_kube.ControlPlane,
     namespace: str,
     database_dsn: str,
@@ -235,9 +237,13 @@ def run_scenario(
         )
         survivors = set(REPLICAS) - {victim}
         wait_for(
-            lambda: set(lease_holders(crds, namespace, leases.POLICY_LABEL).values()) == survivors,
+            lambda: (
+                len(h := lease_holders(crds, namespace, leases.POLICY_LABEL))
+                == sharded_app.POLICIES
+                and set(h.values()) == survivors
+            ),
             timeout_seconds=60,
-            what="every policy Lease held by a surviving replica",
+            what="every policy Lease held, by the surviving replicas",
         )
         uids = {
             f"{namespace}/{policy['metadata']['name']}": policy["metadata"]["uid"]
@@ -269,6 +275,25 @@ def run_scenario(
             timeout_seconds=240,
             what="every entry of every policy processed",
         )
+
+        # The replica comes back: it takes its share again (assignment follows its name),
+        # each policy from its interim owner after that owner's sweep in progress.
+        start_operator(
+            name=victim,
+            sharding_namespace=namespace,
+            extra_args=[f"--lease-seconds={LEASE_SECONDS}"],
+        )
+        sharded_app.add_entries(conn, per_table=ENTRIES_AFTER_REJOIN)
+        wait_for(
+            lambda: lease_holders(crds, namespace, leases.POLICY_LABEL) == expected,
+            timeout_seconds=120,
+            what=f"the restarted {victim} holding its share again: {sorted(expected.items())}",
+        )
+        wait_for(
+            lambda: unprocessed(conn) == 0,
+            timeout_seconds=240,
+            what="every entry added after the rejoin processed",
+        )
         overlaps = conn.execute(OVERLAPS).fetchall()
         intervals = conn.execute(
             "SELECT split_part(holder, '/', 1), ended, count(*) FROM celery_reconciler.sweeps "
@@ -283,5 +308,6 @@ def run_scenario(
             "SELECT count(*), count(DISTINCT (table_name, entry_id)) FROM shard_runs"
         ).fetchone()
         assert runs is not None
-        print(f"entries {sharded_app.POLICIES * ENTRIES_PER_POLICY}, body runs {runs[0]}")
-        assert runs[1] == sharded_app.POLICIES * ENTRIES_PER_POLICY
+        entries = sharded_app.POLICIES * (ENTRIES_PER_POLICY + ENTRIES_AFTER_REJOIN)
+        print(f"entries {entries}, body runs {runs[0]}")
+        assert runs[1] == entries
