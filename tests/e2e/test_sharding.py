@@ -236,34 +236,38 @@ def run_scenario(
             f"{dict(sorted(Counter(replica for replica, _ in moved.values()).items()))}"
         )
         survivors = set(REPLICAS) - {victim}
-        wait_for(
-            lambda: (
-                len(h := lease_holders(crds, namespace, leases.POLICY_LABEL))
-                == sharded_app.POLICIES
-                and set(h.values()) == survivors
-            ),
-            timeout_seconds=60,
-            what="every policy Lease held, by the surviving replicas",
-        )
         uids = {
             f"{namespace}/{policy['metadata']['name']}": policy["metadata"]["uid"]
             for policy in listed["items"]
         }
-        policy_leases = get_json(
-            crds, "-n", namespace, "get", "leases", "-l", f"{leases.POLICY_LABEL}={GROUP}"
-        )
-        taken_leases = {
-            lease["metadata"]["name"]: lease["spec"]["acquireTime"]
-            for lease in policy_leases["items"]
+        victims_leases = {
+            leases.object_name(GROUP, "policy", uids[key]) for key in victims_policies
         }
+
+        def taken_by_survivors() -> dict[str, str] | None:
+            """When the killed replica's policy Leases are all held by survivors (in one
+            listing): when each was taken."""
+            listing = get_json(
+                crds, "-n", namespace, "get", "leases", "-l", f"{leases.POLICY_LABEL}={GROUP}"
+            )
+            held = {
+                lease["metadata"]["name"]: lease["spec"]
+                for lease in listing["items"]
+                if lease["metadata"]["name"] in victims_leases
+                and lease["spec"].get("holderIdentity", "").partition("/")[0] in survivors
+            }
+            if set(held) != victims_leases:
+                return None
+            return {name: spec["acquireTime"] for name, spec in held.items()}
+
+        taken_leases = wait_for(
+            taken_by_survivors,
+            timeout_seconds=60,
+            what=f"the Leases of {victim}'s policies held by the surviving replicas",
+        )
         lease_seconds = sorted(
-            (
-                datetime.datetime.fromisoformat(
-                    taken_leases[leases.object_name(GROUP, "policy", uids[key])]
-                )
-                - killed_at
-            ).total_seconds()
-            for key in victims_policies
+            (datetime.datetime.fromisoformat(acquired) - killed_at).total_seconds()
+            for acquired in taken_leases.values()
         )
         print(
             f"policy Leases taken {lease_seconds[0]:.1f}s to {lease_seconds[-1]:.1f}s after the "
