@@ -10,7 +10,21 @@ operator), so it holds every statement a worker runs, and everything both sides 
 on exactly once: the schema and its migrations (a worker may be the first to connect),
 the table identifiers, the attempt-history CTE, connections and the scrubbing of secrets
 from errors. The operator's ``celery_reconciler.ledger`` builds its own statements on these
-and re-exports them, so one copy of each statement exists. The tables are described there.
+and re-exports them, so one copy of each statement exists.
+
+Tables (see docs/design.md), created and migrated here (``ensure_schema``):
+
+* ``policies``: the retry and lease rules of each policy, upserted by the operator every
+  sweep so workers can compute backoff without reading the ProcessingPolicy.
+* ``entries``: one row per (policy, entry id) with its state machine
+  ``queued -> running -> succeeded | retry_wait | dead``, the fence token (the Celery task id
+  of the current dispatch), the lease deadline, the incarnation running it and the last error.
+* ``attempts``: the history of each execution, for ``explain`` and for tests that check the
+  retry timestamps.
+* ``incarnations``: one row per worker process life (pod uid, container id or start time,
+  host, pid, heartbeat). Liveness is a fact about an incarnation, never about a name: the
+  operator ends one when a pod event proves its container dead, or when its heartbeat is older
+  than its timeout — by then the worker has stopped its own bodies (``reliable``).
 
 The worker calls ``register_incarnation``, ``heartbeat`` (which also marks finished bodies
 succeeded, in batches), ``start_attempt`` (the atomic fence check), ``record_success``

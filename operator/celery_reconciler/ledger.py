@@ -5,19 +5,7 @@ flight?" and "did the worker finish it?" are answered by the same transactional 
 holds the entries — no Kubernetes access is needed on the worker side, and a claim can be
 checked against the user's rows in one transaction.
 
-Tables (see docs/design.md):
-
-* ``policies``: the retry and lease rules of each policy, upserted by the operator every
-  sweep so workers can compute backoff without reading the ProcessingPolicy.
-* ``entries``: one row per (policy, entry id) with its state machine
-  ``queued -> running -> succeeded | retry_wait | dead``, the fence token (the Celery task id
-  of the current dispatch), the lease deadline, the incarnation running it and the last error.
-* ``attempts``: the history of each execution, for ``explain`` and for tests that check the
-  retry timestamps.
-* ``incarnations``: one row per worker process life (pod uid, container id or start time,
-  host, pid, heartbeat). Liveness is a fact about an incarnation, never about a name: the
-  operator ends one when a pod event proves its container dead, or when its heartbeat is older
-  than its timeout — by then the worker has stopped its own bodies (``celery_reconciler_worker``).
+The tables are described in ``celery_reconciler_worker.ledger``, which creates them.
 
 The operator's statements live here: ``upsert_policy``, ``end_silent_incarnations``,
 ``end_pod_incarnations``, ``expire_leases``, ``claim`` (inside the caller's transaction),
