@@ -41,9 +41,6 @@ from celery_reconciler_worker import ledger as worker_ledger
 
 # The worker's half and what both halves share, under the names callers have always used.
 SCHEMA = worker_ledger.SCHEMA
-MIGRATION_LOCK_ID = worker_ledger.MIGRATION_LOCK_ID
-ERROR_TEXT_LIMIT = worker_ledger.ERROR_TEXT_LIMIT
-STATES = worker_ledger.STATES
 SCHEMA_VERSION = worker_ledger.SCHEMA_VERSION
 DatabaseUnavailable = worker_ledger.DatabaseUnavailable
 DsnInvalid = worker_ledger.DsnInvalid
@@ -55,18 +52,13 @@ check_dsn = worker_ledger.check_dsn
 describe_dsn = worker_ledger.describe_dsn
 sanitize_database_error = worker_ledger.sanitize_database_error
 unavailable = worker_ledger.unavailable
-KEEPALIVES_IDLE_SECONDS = worker_ledger.KEEPALIVES_IDLE_SECONDS
-KEEPALIVES_INTERVAL_SECONDS = worker_ledger.KEEPALIVES_INTERVAL_SECONDS
-KEEPALIVES_COUNT = worker_ledger.KEEPALIVES_COUNT
 connect = worker_ledger.connect
 ensure_schema = worker_ledger.ensure_schema
 start_attempt = worker_ledger.start_attempt
-retry_rules = worker_ledger.retry_rules
 record_success = worker_ledger.record_success
 record_failure = worker_ledger.record_failure
 register_incarnation = worker_ledger.register_incarnation
 heartbeat = worker_ledger.heartbeat
-incarnation_is_live = worker_ledger.incarnation_is_live
 
 _POLICIES = worker_ledger.POLICIES
 _ENTRIES = worker_ledger.ENTRIES

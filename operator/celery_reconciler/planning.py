@@ -44,7 +44,6 @@ SWEEP_JITTER_LOW_FRACTION = 0.9
 RandomSource = backoff.RandomSource
 RetryLater = backoff.RetryLater
 DeadLetter = backoff.DeadLetter
-FailureDecision = backoff.FailureDecision
 base_retry_delay_seconds = backoff.base_retry_delay_seconds
 retry_delay_bounds_seconds = backoff.retry_delay_bounds_seconds
 retry_delay_seconds = backoff.retry_delay_seconds
