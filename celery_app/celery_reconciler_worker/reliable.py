@@ -7,7 +7,7 @@ body, claims the attempt in the ledger with one atomic ``UPDATE ... RETURNING``
 still ``queued`` and its lease live. Anything else — an ``acks_late`` redelivery of an old
 attempt, a Redis visibility-timeout restore, a duplicate publish — is dropped without
 running the body. After the body it records success, or on an exception schedules the
-retry with the policy's backoff (``planning.after_failure``: the jitter bounds documented
+retry with the policy's backoff (``backoff.after_failure``: the jitter bounds documented
 there) or dead-letters after ``maxAttempts`` with the error (truncated, no secrets).
 
 Each worker process that runs bodies is an *incarnation* in the ledger (``_Incarnation``):
@@ -69,8 +69,7 @@ import celery.exceptions
 import celery.signals
 import psycopg
 
-from celery_reconciler import ledger, planning
-from celery_reconciler import policy as policy_module
+from celery_reconciler_worker import backoff, ledger
 
 DSN_ENVIRONMENT_VARIABLE = "CELERY_RECONCILER_DSN"
 WORKER_ENVIRONMENT_VARIABLE = "HOSTNAME"
@@ -531,11 +530,11 @@ def fenced_transaction(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Connec
 
 def record_failed_attempt(attempt: ledger.RunningAttempt, error: BaseException) -> str | None:
     """Schedule the retry (policy backoff with jitter) or dead-letter; returns the new state."""
-    retry: policy_module.Retry = _ledger_call(
+    retry: backoff.Retry = _ledger_call(
         "reading the retry rules", ledger.retry_rules, policy_key=attempt.policy_key
     )
-    decision = planning.after_failure(attempt=attempt.attempt, retry=retry)
-    retry_in = decision.delay_seconds if isinstance(decision, planning.RetryLater) else None
+    decision = backoff.after_failure(attempt=attempt.attempt, retry=retry)
+    retry_in = decision.delay_seconds if isinstance(decision, backoff.RetryLater) else None
     state: str | None = _ledger_call(
         "recording a failed attempt",
         ledger.record_failure,
@@ -665,13 +664,13 @@ def _record_unknown_task(
             if attempt is None:
                 return
             retry = ledger.retry_rules(conn, policy_key=attempt.policy_key)
-            decision = planning.after_failure(attempt=attempt.attempt, retry=retry)
+            decision = backoff.after_failure(attempt=attempt.attempt, retry=retry)
             ledger.record_failure(
                 conn,
                 fence_token=attempt.fence_token,
                 error=ledger.sanitize_error(error, secrets=_secrets()),
                 retry_in_seconds=decision.delay_seconds
-                if isinstance(decision, planning.RetryLater)
+                if isinstance(decision, backoff.RetryLater)
                 else None,
             )
     except (ledger.DatabaseUnavailable, psycopg.Error) as failure:
