@@ -96,7 +96,8 @@ def test_the_django_example_writes_each_entrys_insights_exactly_once_across_work
     tmp_path: Path,
 ) -> None:
     steps = django_example.runbook()
-    *setup, status_step = steps
+    at_status = next(i for i, s in enumerate(steps) if " get processingstatus " in s.command)
+    setup, status_step, afterwards = steps[:at_status], steps[at_status], steps[at_status + 1 :]
     assert (
         status_step.command == f"kubectl -n {page_namespace} get processingstatus journal-insights"
     )
@@ -168,6 +169,14 @@ def test_the_django_example_writes_each_entrys_insights_exactly_once_across_work
         what=f"kubectl get processingstatus to show {entries} succeeded",
     )
     assert (status["PENDING"], status["IN-FLIGHT"], status["DEAD"]) == ("0", "0", "0")
+    # The original app's command names, now calling the CLI: a sweep on request, the status.
+    run_now, check_status = afterwards
+    assert run_now.command.startswith("python manage.py retry_unprocessed_entries --run-now")
+    swept = django_example.run(run_now, env=env).stdout
+    assert swept.startswith(f"{page_namespace}/journal-insights swept"), swept
+    assert check_status.command.startswith("python manage.py check_processing_status")
+    checked = status_row(django_example.run(check_status, env=env).stdout)
+    assert (checked["POLICY"], checked["SUCCEEDED"]) == ("journal-insights", str(entries)), checked
 
     with psycopg.connect(database_dsn) as conn:
         revisions = dict(
