@@ -13,6 +13,7 @@ restarted container). The verdict is read from the database: every entry process
 from __future__ import annotations
 
 import re
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -210,3 +211,7 @@ def test_the_django_example_writes_each_entrys_insights_exactly_once_across_work
     assert states == {"succeeded": entries}
     # Each kill cut a body short: its attempt ended as lost and its entry ran again.
     assert all(lost.get(name, 0) >= 1 for name in killed), lost
+    password = urllib.parse.urlsplit(database_dsn).password
+    assert password
+    for log in tmp_path.glob("django-*.log"):
+        assert password not in log.read_text(errors="replace"), f"{log.name} shows the password"
