@@ -28,6 +28,7 @@ from reconcile_support import make_policy, wait_for
 
 from celery_app.demo import audit
 from devstack import django_example, processes
+from devstack import postgres as devstack_postgres
 
 MODEL_SECONDS = 4.0
 
@@ -62,10 +63,17 @@ def manage(*args: str, env: dict[str, str]) -> str:
 
 
 def start_worker(
-    name: str, *, env: dict[str, str], started: list[processes.ManagedProcess], log_dir: Path
+    name: str,
+    *,
+    env: dict[str, str],
+    started: list[processes.ManagedProcess],
+    log_dir: Path,
+    pool: str = "threads",
+    concurrency: int = 1,
 ) -> processes.ManagedProcess:
     step = django_example.Step(
-        f"celery -A mindjourney worker -Q insights -c 1 --pool threads -n {name}@%h -l INFO",
+        f"celery -A mindjourney worker -Q insights -c {concurrency} --pool {pool} "
+        f"-n {name}@%h -l INFO",
         django_example.EXAMPLE_DIR,
         background=True,
     )
@@ -186,3 +194,50 @@ def test_a_django_body_whose_fence_was_taken_rolls_back_its_orm_writes(
     assert entry == (False, None), "the ORM writes of a fenced-out body were committed"
     assert revisions == {1: 0}
     assert worker.running(), "the worker died instead of ending the task quietly"
+
+
+def test_prefork_workers_keep_going_through_a_database_restart_between_tasks(
+    database_dsn: str,
+    redis_url: str,
+    postgres: devstack_postgres.PostgresServer,
+    example_env: dict[str, str],
+    example_workers: list[processes.ManagedProcess],
+    tmp_path: Path,
+) -> None:
+    """Each pool process keeps its Django connection across tasks (``CONN_MAX_AGE``); after
+    a PostgreSQL restart those connections are dead. Django's health check before reuse
+    (``CONN_HEALTH_CHECKS``, run ahead of the fence check) and a reconnect on a failed
+    ledger statement must take every later task through without a failed attempt."""
+    env = {**example_env, "INSIGHTS_MODEL_SECONDS": "0.1"}
+    manage("add_sample_entries", "10", env=env)
+    policy = make_policy(lease_timeout="60s")
+    start_worker(
+        "steady", env=env, started=example_workers, log_dir=tmp_path, pool="prefork", concurrency=2
+    )
+    with (
+        Sweeper(policy, dsn=database_dsn, broker_url=redis_url),
+        psycopg.connect(database_dsn, autocommit=True) as conn,
+    ):
+        wait_for(
+            lambda: list(ledger_states(conn).values()) == ["succeeded"] * 10,
+            timeout_seconds=60,
+            what="the first 10 entries succeeded",
+        )
+    postgres.stop()
+    postgres.start()
+    manage("add_sample_entries", "10", env=env)
+    with (
+        Sweeper(policy, dsn=database_dsn, broker_url=redis_url),
+        psycopg.connect(database_dsn, autocommit=True) as conn,
+    ):
+        wait_for(
+            lambda: list(ledger_states(conn).values()) == ["succeeded"] * 20,
+            timeout_seconds=90,
+            what="the 10 entries added after the restart succeeded too",
+        )
+        failed = conn.execute(
+            "SELECT count(*) FROM celery_reconciler.attempts WHERE outcome <> 'succeeded'"
+        ).fetchone()
+        revisions = revisions_by_entry(conn)
+    assert failed == (0,)
+    assert revisions == {entry: 1 for entry in range(1, 21)}
