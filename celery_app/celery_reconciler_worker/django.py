@@ -2,9 +2,9 @@
 
 A Django project already knows its database, and its task bodies write through the ORM. With
 this module the fence check and the done mark run on Django's connection for the ``default``
-database — no second connection per worker process, no ``CELERY_RECONCILER_DSN`` to repeat —
-so ``fenced_atomic()``, a ``transaction.atomic()`` that also writes the done mark, commits
-the body's ORM writes and the done mark together or not at all::
+database — the one the body's ORM uses, and no ``CELERY_RECONCILER_DSN`` to repeat — so
+``fenced_atomic()``, a ``transaction.atomic()`` that also writes the done mark, commits the
+body's ORM writes and the done mark together or not at all::
 
     from celery import shared_task
     from celery_reconciler_worker import django as reliable_django
