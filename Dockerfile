@@ -18,8 +18,10 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY operator/ operator/
 COPY celery_app/ celery_app/
+# Two distributions of this repository: the operator's (.) requires the worker's (./celery_app),
+# which no index serves, so both are built here and installed from the same wheel directory.
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip wheel --wheel-dir /wheels . \
+ && /opt/venv/bin/pip wheel --wheel-dir /wheels ./celery_app . \
  && /opt/venv/bin/pip install --no-index --find-links /wheels celery-reconciler
 
 # Final: the same base without compilers or wheels, only the virtualenv, as a numeric

@@ -1,1 +1,3 @@
-"""The Celery side of celery-reconciler: the integration users add to their app, and the demo."""
+"""The Celery side of celery-reconciler in the operator's distribution: the demo app, and the
+deprecated ``celery_app.reliable`` alias. The integration users install is the package beside
+them, ``celery_reconciler_worker``, a distribution of its own (``celery_app/pyproject.toml``)."""

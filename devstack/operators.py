@@ -52,10 +52,15 @@ def start(
     extra_env: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
     timeout_seconds: float = 60,
+    sharding_namespace: str | None = None,
     verbose: bool = True,
 ) -> OperatorProcess:
-    """Start the operator and wait until kopf answers ``/healthz``. ``verbose`` (the tests'
-    default) logs at debug level; a benchmark measuring the operator's own cost turns it off."""
+    """Start the operator and wait until kopf answers ``/healthz``.
+
+    ``sharding_namespace``: an active-active replica sharing the policies through Leases
+    there (its ``--replica-name`` is ``name``), instead of kopf peering or standalone.
+    ``verbose`` (the tests' default) logs at debug level; a benchmark measuring the
+    operator's own cost turns it off."""
     liveness_port, metrics_port = processes.free_port(), processes.free_port()
     argv = [
         sys.executable,
@@ -69,7 +74,10 @@ def start(
     ]
     argv += ["--verbose"] if verbose else []
     argv += [f"--namespace={ns}" for ns in namespaces] or ["--all-namespaces"]
-    argv += [f"--peering={peering}"] if peering else ["--standalone"]
+    if sharding_namespace is not None:
+        argv += [f"--sharding-namespace={sharding_namespace}", f"--replica-name={name}"]
+    else:
+        argv += [f"--peering={peering}"] if peering else ["--standalone"]
     argv += extra_args or []
     env = plane.env(kubeconfig=kubeconfig)
     env.update(extra_env or {})

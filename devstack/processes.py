@@ -57,6 +57,8 @@ class ManagedProcess:
     log_path: Path
     env: dict[str, str] | None = None
     user: str | None = None
+    # A process that must not see this checkout (``celery -A`` puts its cwd on sys.path).
+    cwd: Path | None = None
     popen: subprocess.Popen[bytes] | None = None
 
     @property
@@ -73,6 +75,7 @@ class ManagedProcess:
                 stdin=subprocess.DEVNULL,
                 env=self.env,
                 user=self.user,
+                cwd=self.cwd,
                 start_new_session=True,
             )
         RUNNING[self.name] = self

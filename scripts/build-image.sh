@@ -65,7 +65,7 @@ image_key=$(cd "$here" && {
   echo "$base_ref"
   cat Dockerfile .dockerignore
   find pyproject.toml README.md operator celery_app -type f \
-    -not -path '*/__pycache__/*' -not -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum
+    -not -path '*/__pycache__/*' -not -name '*.pyc' -not -path '*.egg-info/*' -not -path '*/build/*' -print0 | sort -z | xargs -0 sha256sum
 } | sha256sum | cut -c1-16)
 image_ref=localhost/celery-reconciler:$image_key
 archive=$images/celery-reconciler-$image_key.tar

@@ -28,7 +28,7 @@ if [ ${#need_packages[@]} -gt 0 ]; then
 fi
 
 python=${PYTHON:-python3}
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+stamp=.venv/.installed-$(cat pyproject.toml celery_app/pyproject.toml | sha256sum | cut -c1-16)
 mkdir -p .venv
 exec 8>.venv/.setup.lock
 flock 8  # two concurrent `make` runs must not pip-install into one venv at once
@@ -36,7 +36,9 @@ if [ ! -f "$stamp" ]; then
   log "creating .venv and installing the project with its test and dev extras"
   [ -x .venv/bin/python ] || "$python" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[test,dev]'
+  # Both distributions of this repository, editable: the operator's requires the worker's
+  # (celery_app/pyproject.toml), which no index serves, so its path is given beside it.
+  .venv/bin/python -m pip install -q -e ./celery_app -e '.[test,dev]'
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

@@ -4,4 +4,9 @@
 (``reliable.ReconciledTask``), ``reliable.fenced_transaction`` and
 ``reliable.recommended_settings``. The import name is distinct from ``celery_app`` on
 purpose: many Celery projects have a top-level ``celery_app.py`` of their own.
+
+The distribution is ``celery-reconciler-worker`` (``celery_app/pyproject.toml``): celery and
+psycopg only. ``ledger`` holds every statement a worker runs and the schema both sides share;
+``backoff`` the retry rule. The operator imports both, never the reverse — and its pure
+``policy`` imports ``backoff``, so this package's ``__init__`` stays free of imports.
 """

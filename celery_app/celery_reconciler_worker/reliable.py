@@ -7,7 +7,7 @@ body, claims the attempt in the ledger with one atomic ``UPDATE ... RETURNING``
 still ``queued`` and its lease live. Anything else — an ``acks_late`` redelivery of an old
 attempt, a Redis visibility-timeout restore, a duplicate publish — is dropped without
 running the body. After the body it records success, or on an exception schedules the
-retry with the policy's backoff (``planning.after_failure``: the jitter bounds documented
+retry with the policy's backoff (``backoff.after_failure``: the jitter bounds documented
 there) or dead-letters after ``maxAttempts`` with the error (truncated, no secrets).
 
 Each worker process that runs bodies is an *incarnation* in the ledger (``_Incarnation``):
@@ -61,16 +61,15 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import celery
 import celery.exceptions
 import celery.signals
 import psycopg
 
-from celery_reconciler import ledger, planning
-from celery_reconciler import policy as policy_module
+from celery_reconciler_worker import backoff, ledger
 
 DSN_ENVIRONMENT_VARIABLE = "CELERY_RECONCILER_DSN"
 WORKER_ENVIRONMENT_VARIABLE = "HOSTNAME"
@@ -141,7 +140,7 @@ def worker_name() -> str:
 
 
 def _dsn() -> str:
-    dsn = os.environ.get(DSN_ENVIRONMENT_VARIABLE)
+    dsn = _ledger_connection.dsn()
     if not dsn:
         raise LedgerUnavailable(
             f"{DSN_ENVIRONMENT_VARIABLE} is not set: the worker needs the DSN of the database "
@@ -188,13 +187,40 @@ class _LedgerConnection:
             finally:
                 self._connection = None
 
+    def dsn(self) -> str | None:
+        return os.environ.get(DSN_ENVIRONMENT_VARIABLE)
 
-_ledger_connection = _LedgerConnection()
+
+class LedgerConnection(Protocol):
+    """Where a worker process's fence checks and outcomes run (``use_ledger_connection``)."""
+
+    def get(self) -> psycopg.Connection[Any]:
+        """An autocommit psycopg 3 connection to the ledger's database, for this thread."""
+
+    def failed(self) -> None:
+        """The connection ``get`` returned raised: drop it, so the next ``get`` reconnects."""
+
+    def dsn(self) -> str | None:
+        """libpq conninfo of the same database, for the connections of our own (heartbeat,
+        the main process's unknown-task records) and to hide its secrets from errors;
+        ``None`` when not configured."""
+
+
+_ledger_connection: LedgerConnection = _LedgerConnection()
+
+
+def use_ledger_connection(connection: LedgerConnection) -> None:
+    """Run this process's ledger statements on ``connection`` instead of a connection of our
+    own to ``$CELERY_RECONCILER_DSN``: the seam through which a framework's connection
+    (``celery_reconciler_worker.django``) carries the fence check and the done mark, so a
+    body's writes and the done mark can share one transaction."""
+    global _ledger_connection
+    _ledger_connection = connection
 
 
 def _secrets() -> tuple[str, ...]:
     found: list[str] = []
-    dsn = os.environ.get(DSN_ENVIRONMENT_VARIABLE)
+    dsn = _ledger_connection.dsn()
     if dsn:
         found.extend(ledger.dsn_secrets(dsn))
     app = celery.current_app
@@ -529,13 +555,36 @@ def fenced_transaction(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Connec
     current.recorded = True
 
 
+@contextlib.contextmanager
+def fenced_commit(
+    *,
+    transaction: contextlib.AbstractContextManager[Any],
+    connection: Callable[[], psycopg.Connection[Any]],
+) -> Iterator[None]:
+    """``fenced_transaction`` for a transaction that a framework begins and commits (say
+    Django's ``transaction.atomic()``): the done mark is written on ``connection()`` — the
+    connection ``transaction`` runs on, asked for once the transaction is open — just before
+    ``transaction`` commits, and ``FenceLost`` rolls everything back."""
+    current = _current_attempt.get()
+    if current is None:
+        raise RuntimeError("a fenced commit is for the body of a ReconciledTask delivery")
+    with transaction:
+        yield
+        if not ledger.record_success(connection(), fence_token=current.attempt.fence_token):
+            raise FenceLost(
+                f"entry {current.attempt.entry_id}: attempt {current.attempt.attempt} lost its "
+                "fence before committing; its writes were rolled back"
+            )
+    current.recorded = True
+
+
 def record_failed_attempt(attempt: ledger.RunningAttempt, error: BaseException) -> str | None:
     """Schedule the retry (policy backoff with jitter) or dead-letter; returns the new state."""
-    retry: policy_module.Retry = _ledger_call(
+    retry: backoff.Retry = _ledger_call(
         "reading the retry rules", ledger.retry_rules, policy_key=attempt.policy_key
     )
-    decision = planning.after_failure(attempt=attempt.attempt, retry=retry)
-    retry_in = decision.delay_seconds if isinstance(decision, planning.RetryLater) else None
+    decision = backoff.after_failure(attempt=attempt.attempt, retry=retry)
+    retry_in = decision.delay_seconds if isinstance(decision, backoff.RetryLater) else None
     state: str | None = _ledger_call(
         "recording a failed attempt",
         ledger.record_failure,
@@ -648,7 +697,7 @@ def _record_unknown_task(
     sender: Any = None, name: str | None = None, id: str | None = None, **_: Any
 ) -> None:
     """Charge an attempt to our entry whose message named a task this worker lacks."""
-    dsn = os.environ.get(DSN_ENVIRONMENT_VARIABLE)
+    dsn = _ledger_connection.dsn()
     if not dsn or not id:
         return
     worker = worker_name()
@@ -665,13 +714,13 @@ def _record_unknown_task(
             if attempt is None:
                 return
             retry = ledger.retry_rules(conn, policy_key=attempt.policy_key)
-            decision = planning.after_failure(attempt=attempt.attempt, retry=retry)
+            decision = backoff.after_failure(attempt=attempt.attempt, retry=retry)
             ledger.record_failure(
                 conn,
                 fence_token=attempt.fence_token,
                 error=ledger.sanitize_error(error, secrets=_secrets()),
                 retry_in_seconds=decision.delay_seconds
-                if isinstance(decision, planning.RetryLater)
+                if isinstance(decision, backoff.RetryLater)
                 else None,
             )
     except (ledger.DatabaseUnavailable, psycopg.Error) as failure:
@@ -697,9 +746,10 @@ def _refuse_to_start_without_the_ledger(sender: Any = None, **_: Any) -> None:
     It stops at start instead, saying what to set."""
     app = getattr(sender, "app", None)
     tasks = getattr(app, "tasks", {}) if app is not None else {}
-    if os.environ.get(DSN_ENVIRONMENT_VARIABLE) or not any(
-        isinstance(task, ReconciledTask) for task in tasks.values()
-    ):
+    # Tasks first: loading them imports the modules that may install another connection.
+    if not any(isinstance(task, ReconciledTask) for task in tasks.values()):
+        return
+    if _ledger_connection.dsn():
         return
     message = (
         f"{DSN_ENVIRONMENT_VARIABLE} is not set: this worker runs ReconciledTask tasks, which "

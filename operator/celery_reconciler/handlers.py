@@ -7,7 +7,9 @@
 * an index of every policy by namespace, from which a loop learns whether an older policy
   already processes the same rows (then it reports ``Conflict`` and dispatches nothing);
 * startup settings: our own finalizer and annotation names, Events posted by us rather than
-  kopf's per-handler chatter, and peering so that one replica of several is active.
+  kopf's per-handler chatter, and either kopf peering (one replica of several is active) or
+  Lease membership (``membership``: every replica is active, each sweeps its share of the
+  policies — the daemon of a policy another replica owns waits in ``Membership.serve``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import kopf
 
-from celery_reconciler import kube, loop, planning, policy
+from celery_reconciler import kube, loop, membership, metrics, planning, policy, sharding
 
 _peering_lifetime_seconds = 30
 
@@ -41,6 +43,13 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = 90
 
 
+@kopf.on.startup()
+async def join_membership(**_: Any) -> None:
+    shard = membership.current()
+    if shard is not None:
+        shard.start()  # a task of kopf's event loop, for the life of the operator
+
+
 @kopf.index(kube.GROUP, kube.VERSION, kube.POLICIES)
 def policies_by_namespace(
     *, name: str, namespace: str | None, body: kopf.Body, **_: Any
@@ -57,6 +66,12 @@ def policies_by_namespace(
     return {namespace: planning.PolicyClaim(created=created, policy=parsed)}
 
 
+@kopf.index(kube.GROUP, kube.VERSION, kube.POLICIES)
+def policy_uids(*, uid: str, **_: Any) -> dict[str, str]:
+    """Every policy's uid under one key: replicas that share the policies assign them all."""
+    return {"all": uid}
+
+
 @kopf.daemon(kube.GROUP, kube.VERSION, kube.POLICIES, cancellation_timeout=15.0)
 async def policy_loop(
     *,
@@ -70,9 +85,36 @@ async def policy_loop(
     assert namespace is not None  # ProcessingPolicy is namespaced
     # kopf passes each index as a keyword named after its function: a live view.
     peers: kopf.Index[str, planning.PolicyClaim] = kwargs["policies_by_namespace"]
-    await loop.PolicyLoop(namespace=namespace, name=name, uid=uid, body=body, peers=peers).run(
-        stopped
+    shard = membership.current()
+    if shard is None:
+        await loop.PolicyLoop(namespace=namespace, name=name, uid=uid, body=body, peers=peers).run(
+            stopped
+        )
+        return
+
+    async def run_loop(fence: sharding.Fence, handover: membership.Handover) -> None:
+        try:
+            await loop.PolicyLoop(
+                namespace=namespace, name=name, uid=uid, body=body, peers=peers, fence=fence
+            ).run(handover)
+        finally:
+            metrics.forget_gauges(namespace, name)
+
+    uids: kopf.Index[str, str] = kwargs["policy_uids"]
+    await shard.serve(
+        uid=uid,
+        key=f"{namespace}/{name}",
+        stopped=stopped,
+        run_loop=run_loop,
+        every_policy=lambda: uids.get("all", ()),
     )
+
+
+@kopf.on.cleanup()
+async def leave_membership(**_: Any) -> None:
+    shard = membership.current()
+    if shard is not None:
+        await shard.leave()
 
 
 @kopf.on.event(kube.GROUP, kube.VERSION, kube.POLICIES)

@@ -5,30 +5,16 @@ flight?" and "did the worker finish it?" are answered by the same transactional 
 holds the entries — no Kubernetes access is needed on the worker side, and a claim can be
 checked against the user's rows in one transaction.
 
-Tables (see docs/design.md):
+The tables are described in ``celery_reconciler_worker.ledger``, which creates them.
 
-* ``policies``: the retry and lease rules of each policy, upserted by the operator every
-  sweep so workers can compute backoff without reading the ProcessingPolicy.
-* ``entries``: one row per (policy, entry id) with its state machine
-  ``queued -> running -> succeeded | retry_wait | dead``, the fence token (the Celery task id
-  of the current dispatch), the lease deadline, the incarnation running it and the last error.
-* ``attempts``: the history of each execution, for ``explain`` and for tests that check the
-  retry timestamps.
-* ``incarnations``: one row per worker process life (pod uid, container id or start time,
-  host, pid, heartbeat). Liveness is a fact about an incarnation, never about a name: the
-  operator ends one when a pod event proves its container dead, or when its heartbeat is older
-  than its timeout — by then the worker has stopped its own bodies (``celery_reconciler_worker``).
-
-Two sides call this module:
-
-* the operator (``reconcile``): ``ensure_schema``, ``upsert_policy``,
-  ``end_silent_incarnations``, ``end_pod_incarnations``, ``expire_leases``, ``claim``
-  (inside the caller's transaction), ``due_retries``, ``release_claims``, ``retry_dead``,
-  counts;
-* the worker (``celery_reconciler_worker``): ``register_incarnation``, ``heartbeat`` (which also
-  marks finished bodies succeeded, in batches), ``start_attempt`` (the atomic fence check),
-  ``record_success`` (inside the body's own transaction: the fenced commit),
-  ``retry_rules`` and ``record_failure``.
+The operator's statements live here: ``upsert_policy``, ``end_silent_incarnations``,
+``end_pod_incarnations``, ``expire_leases``, ``claim`` (inside the caller's transaction),
+``due_retries``, ``release_claims``, ``retry_dead``, counts, retention and history. The worker's
+statements — ``register_incarnation``, ``heartbeat``, ``start_attempt``, ``record_success``,
+``retry_rules``, ``record_failure`` — and what both sides must share (the schema and its
+migrations, ``ensure_schema``, ``connect``, the scrubbing of secrets from errors) live in
+``celery_reconciler_worker.ledger``, because a worker image installs that package without
+this one; they are re-exported below, so the operator, the CLI and tests read one module.
 
 Every statement is composed with ``psycopg.sql`` from constant text and identifiers; values
 are always bound parameters. All times are the database's ``now()``, never a host clock, so
@@ -41,73 +27,60 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import re
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
-from psycopg import conninfo, sql
+from psycopg import sql
 from psycopg.rows import dict_row
 
-from celery_reconciler import planning
+from celery_reconciler import planning, sharding
 from celery_reconciler import policy as policy_module
+from celery_reconciler_worker import ledger as worker_ledger
 
-SCHEMA = "celery_reconciler"
-# pg_advisory_xact_lock key for migrations: b"celeryrc" read as a big-endian integer.
-MIGRATION_LOCK_ID = int.from_bytes(b"celeryrc", "big") & 0x7FFF_FFFF_FFFF_FFFF
-ERROR_TEXT_LIMIT = 2000
+# The worker's half and what both halves share, under the names callers have always used.
+SCHEMA = worker_ledger.SCHEMA
+SCHEMA_VERSION = worker_ledger.SCHEMA_VERSION
+DatabaseUnavailable = worker_ledger.DatabaseUnavailable
+DsnInvalid = worker_ledger.DsnInvalid
+TooManyConnections = worker_ledger.TooManyConnections
+RunningAttempt = worker_ledger.RunningAttempt
+WorkerIdentity = worker_ledger.WorkerIdentity
+sanitize_error = worker_ledger.sanitize_error
+dsn_secrets = worker_ledger.dsn_secrets
+check_dsn = worker_ledger.check_dsn
+describe_dsn = worker_ledger.describe_dsn
+sanitize_database_error = worker_ledger.sanitize_database_error
+unavailable = worker_ledger.unavailable
+connect = worker_ledger.connect
+ensure_schema = worker_ledger.ensure_schema
+start_attempt = worker_ledger.start_attempt
+record_success = worker_ledger.record_success
+record_failure = worker_ledger.record_failure
+register_incarnation = worker_ledger.register_incarnation
+heartbeat = worker_ledger.heartbeat
 
-STATES = ("queued", "running", "retry_wait", "succeeded", "dead")
-
-_SCHEMA = sql.Identifier(SCHEMA)
-_POLICIES = sql.Identifier(SCHEMA, "policies")
-_ENTRIES = sql.Identifier(SCHEMA, "entries")
-_ATTEMPTS = sql.Identifier(SCHEMA, "attempts")
-_INCARNATIONS = sql.Identifier(SCHEMA, "incarnations")
-_MIGRATIONS_TABLE = sql.Identifier(SCHEMA, "schema_migrations")
-_TALLIES = sql.Identifier(SCHEMA, "tallies")
-_BACKLOG = sql.Identifier(SCHEMA, "backlog")
-
-
-class DatabaseUnavailable(RuntimeError):
-    """PostgreSQL cannot be reached or failed mid-operation; the message carries no secrets."""
-
-
-class TooManyConnections(DatabaseUnavailable):
-    """The server has no connection slot left (SQLSTATE 53300, "too many clients"): a
-    capacity problem of the server, which a hint about the DSN would misdirect."""
-
-
-# SQLSTATE too_many_connections. A refusal at connect time reaches libpq before any result
-# exists, so psycopg may carry no SQLSTATE then: the server's wording is the fallback.
-TOO_MANY_CONNECTIONS_SQLSTATE = "53300"
-_TOO_MANY_CONNECTIONS_TEXTS = (
-    "too many clients",
-    "too many connections",
-    "remaining connection slots are reserved",
-)
-
-
-def is_too_many_connections(error: BaseException) -> bool:
-    if getattr(error, "sqlstate", None) == TOO_MANY_CONNECTIONS_SQLSTATE:
-        return True
-    text = str(error).lower()
-    return any(marker in text for marker in _TOO_MANY_CONNECTIONS_TEXTS)
-
-
-class DsnInvalid(DatabaseUnavailable):
-    """The DSN does not parse. Its text came from a Secret, so the message quotes none of it:
-    libpq's parse errors quote the offending word, which may be a password or any other
-    value that happened to sit under the Secret's key.
-
-    A ``DatabaseUnavailable`` so that callers that only know that one (the worker) still
-    treat it as "no database"; the operator and the CLI report it as ``SecretInvalid``.
-    """
+_POLICIES = worker_ledger.POLICIES
+_ENTRIES = worker_ledger.ENTRIES
+_ATTEMPTS = worker_ledger.ATTEMPTS
+_INCARNATIONS = worker_ledger.INCARNATIONS
+_TALLIES = worker_ledger.TALLIES
+_OWNERS = worker_ledger.OWNERS
+_SWEEPS = worker_ledger.SWEEPS
 
 
 class LedgerPermissionDenied(RuntimeError):
     """The database user may not create or use our schema; the fix is a GRANT, not a retry."""
+
+
+class FencedOut(RuntimeError):
+    """Another replica owns the policy now (a newer fencing token in ``policy_owners``): this
+    one's sweep was refused and must stop. ``current`` is the owner the ledger knows."""
+
+    def __init__(self, message: str, *, current: sharding.Fence | None) -> None:
+        super().__init__(message)
+        self.current = current
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,17 +98,6 @@ class ExpiredLeases:
     dead: int  # running attempts lost with no attempts left
     unstarted: int  # queued messages never started before the lease ran out (lost messages)
     retry_ids: tuple[str, ...] = ()  # the entries of ``retry_now``, due again now
-
-
-@dataclasses.dataclass(frozen=True)
-class RunningAttempt:
-    """What a worker learns when its fence check succeeds (the retry rules are read only when
-    a body fails: ``retry_rules``)."""
-
-    policy_key: str
-    entry_id: str
-    attempt: int
-    fence_token: uuid.UUID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,112 +141,6 @@ class EntryHistory:
     created_at: datetime.datetime
     updated_at: datetime.datetime
     attempts: tuple[AttemptRecord, ...]
-
-
-# --- connections and secrets ---------------------------------------------------------------
-
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^@/\s]*)@")
-_KEYWORD_PASSWORD = re.compile(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
-
-
-def sanitize_error(text: str, *, secrets: Iterable[str] = (), limit: int = ERROR_TEXT_LIMIT) -> str:
-    """Make an error message safe to store and show: no credentials, bounded length.
-
-    Removes the given secrets verbatim, the userinfo of any ``scheme://user:pw@host`` URL and
-    ``password=...`` keywords of libpq DSNs, then truncates to ``limit`` characters.
-    """
-    cleaned = text
-    for secret in secrets:
-        if secret and len(secret) >= 3:
-            cleaned = cleaned.replace(secret, "***")
-    cleaned = _URL_CREDENTIALS.sub(lambda m: f"{m.group('scheme')}***@", cleaned)
-    cleaned = _KEYWORD_PASSWORD.sub(lambda m: f"{m.group(1)}***", cleaned)
-    if len(cleaned) > limit:
-        cleaned = cleaned[: max(0, limit - 14)] + " …(truncated)"
-    return cleaned
-
-
-# What ``describe_dsn`` may show of a DSN, and what each value must look like to be shown:
-# enough to find the server. Anything else in a DSN (a password, options, a value that does
-# not look like a host name or a port) is treated as secret.
-_SHOWN_DSN_VALUES = {
-    "host": re.compile(r"^[A-Za-z0-9._\-:/\[\],]{1,255}$"),
-    "hostaddr": re.compile(r"^[0-9A-Fa-f.:,]{1,255}$"),
-    "port": re.compile(r"^[0-9,]{1,40}$"),
-    "dbname": re.compile(r"^[A-Za-z0-9_\-.]{1,63}$"),
-}
-
-
-def _dsn_params(dsn: str) -> dict[str, str] | None:
-    try:
-        return {key: str(value) for key, value in conninfo.conninfo_to_dict(dsn).items()}
-    except psycopg.Error:
-        return None
-
-
-def _shown(params: Mapping[str, str], key: str) -> str | None:
-    value = params.get(key)
-    return value if value and _SHOWN_DSN_VALUES[key].match(value) else None
-
-
-def dsn_secrets(dsn: str) -> tuple[str, ...]:
-    """The parts of a DSN that must never be shown: the DSN itself and every value in it
-    that ``describe_dsn`` does not show (the password, options, anything odd)."""
-    params = _dsn_params(dsn) or {}
-    hidden = [
-        value
-        for key, value in params.items()
-        if value and (key not in _SHOWN_DSN_VALUES or _shown(params, key) is None)
-    ]
-    return (dsn, *sorted(set(hidden), key=len, reverse=True))
-
-
-def check_dsn(dsn: str, *, where: str) -> None:
-    """Raise ``DsnInvalid`` naming ``where`` the DSN came from — never what it says."""
-    if _dsn_params(dsn) is None:
-        raise DsnInvalid(
-            f"{where} is not a PostgreSQL DSN (expected postgresql://user@host:5432/dbname or "
-            "key=value pairs such as host=... dbname=...; its content is not shown because "
-            "it came from a Secret)"
-        )
-
-
-def describe_dsn(dsn: str) -> str:
-    """``database "x" on host:port`` — enough to find the server, nothing secret."""
-    params = _dsn_params(dsn)
-    if params is None:
-        return "the configured database (its DSN does not parse)"
-    host = _shown(params, "host") or _shown(params, "hostaddr") or "localhost"
-    port = _shown(params, "port") or ("5432" if "port" not in params else "?")
-    return f'database "{_shown(params, "dbname") or "?"}" on {host}:{port}'
-
-
-def sanitize_database_error(text: str, *, dsn: str) -> str:
-    """A libpq or server message with every secret value of ``dsn`` removed — including
-    values too short to replace everywhere, where libpq quotes them (``"b"``)."""
-    secrets = dsn_secrets(dsn)
-    for secret in secrets:
-        text = text.replace(f'"{secret}"', '"***"')
-    return sanitize_error(text, secrets=secrets)
-
-
-def unavailable(error: BaseException, *, dsn: str, doing: str) -> DatabaseUnavailable:
-    """Translate a psycopg error into ``DatabaseUnavailable`` without any credential in it."""
-    reason = sanitize_database_error(str(error).strip() or type(error).__name__, dsn=dsn)
-    if is_too_many_connections(error):
-        return TooManyConnections(
-            f"PostgreSQL refused a connection while {doing} ({describe_dsn(dsn)}): {reason} — "
-            "the server's connection slots are used up (max_connections): the DSN is fine. "
-            "Raise max_connections, put a connection pooler in front, or lower the "
-            "operator's CELERY_RECONCILER_MAX_DATABASE_CONNECTIONS (chart value "
-            "operator.maxDatabaseConnections) or the workers' concurrency; nothing was "
-            "lost, the next sweep retries"
-        )
-    return DatabaseUnavailable(
-        f"PostgreSQL unavailable while {doing} ({describe_dsn(dsn)}): {reason} — check that "
-        "the database is up and that the DSN (spec.source.databaseSecretRef, --dsn or "
-        "CELERY_RECONCILER_DSN) is right; nothing was lost, the next sweep retries"
-    )
 
 
 def permission_denied(error: BaseException, *, dsn: str, doing: str) -> LedgerPermissionDenied:
@@ -331,315 +187,113 @@ def database_failure(error: psycopg.Error, *, dsn: str, doing: str) -> Exception
 OPERATOR_STATEMENT_TIMEOUT_SECONDS = 60.0
 OPERATOR_LOCK_TIMEOUT_SECONDS = 30.0
 
-# TCP keepalives, so a connection whose peer vanished (a half-open socket after a network
-# cut or a server host that died) fails in tens of seconds instead of blocking forever.
-KEEPALIVES_IDLE_SECONDS = 10
-KEEPALIVES_INTERVAL_SECONDS = 5
-KEEPALIVES_COUNT = 3
-
-
-def connect(
-    dsn: str,
-    *,
-    application_name: str = "celery-reconciler",
-    connect_timeout_seconds: int = 5,
-    tcp_user_timeout_seconds: float = 30.0,
-    statement_timeout_seconds: float | None = None,
-    lock_timeout_seconds: float | None = None,
-) -> psycopg.Connection[Any]:
-    """An autocommit connection, or ``DatabaseUnavailable`` naming the server (not the DSN).
-
-    ``tcp_user_timeout_seconds`` bounds how long sent data may stay unacknowledged before
-    the connection fails (libpq's ``tcp_user_timeout``). ``statement_timeout_seconds`` and
-    ``lock_timeout_seconds`` (None: the server's default) are set on the session — not as
-    ``options`` in the DSN, which would replace the user's own.
-    """
-    check_dsn(dsn, where="the DSN (spec.source.databaseSecretRef, --dsn or CELERY_RECONCILER_DSN)")
-    try:
-        conn = psycopg.connect(
-            dsn,
-            autocommit=True,
-            application_name=application_name,
-            connect_timeout=connect_timeout_seconds,
-            tcp_user_timeout=int(tcp_user_timeout_seconds * 1000),
-            keepalives=1,
-            keepalives_idle=KEEPALIVES_IDLE_SECONDS,
-            keepalives_interval=KEEPALIVES_INTERVAL_SECONDS,
-            keepalives_count=KEEPALIVES_COUNT,
-        )
-    except psycopg.Error as error:
-        raise unavailable(error, dsn=dsn, doing="connecting") from None
-    try:
-        for setting, seconds in (
-            ("statement_timeout", statement_timeout_seconds),
-            ("lock_timeout", lock_timeout_seconds),
-        ):
-            if seconds is not None:
-                conn.execute(
-                    sql.SQL("SET {} = {}").format(
-                        sql.Identifier(setting), sql.Literal(max(1, round(seconds * 1000)))
-                    )
-                )
-    except psycopg.Error as error:
-        conn.close()
-        raise unavailable(error, dsn=dsn, doing="configuring the session") from None
-    return conn
-
-
-# --- schema --------------------------------------------------------------------------------
-
-_MIGRATIONS: tuple[tuple[int, tuple[sql.Composed, ...]], ...] = (
-    (
-        1,
-        (
-            sql.SQL(
-                """
-                CREATE TABLE {policies} (
-                    policy_key text PRIMARY KEY,
-                    max_attempts integer NOT NULL CHECK (max_attempts >= 1),
-                    initial_delay_seconds double precision NOT NULL,
-                    backoff_factor double precision NOT NULL,
-                    max_delay_seconds double precision NOT NULL,
-                    jitter boolean NOT NULL,
-                    lease_seconds double precision NOT NULL CHECK (lease_seconds > 0),
-                    task_name text NOT NULL,
-                    queue text NOT NULL,
-                    updated_at timestamptz NOT NULL DEFAULT now()
-                )
-                """
-            ).format(policies=_POLICIES),
-            sql.SQL(
-                """
-                CREATE TABLE {entries} (
-                    policy_key text NOT NULL,
-                    entry_id text NOT NULL,
-                    state text NOT NULL CHECK (state IN
-                        ('queued', 'running', 'retry_wait', 'succeeded', 'dead')),
-                    attempt integer NOT NULL DEFAULT 0,
-                    fence_token uuid UNIQUE,
-                    lease_deadline timestamptz,
-                    next_attempt_at timestamptz,
-                    worker text,
-                    last_error text,
-                    dispatched_at timestamptz,
-                    started_at timestamptz,
-                    finished_at timestamptz,
-                    created_at timestamptz NOT NULL DEFAULT now(),
-                    updated_at timestamptz NOT NULL DEFAULT now(),
-                    PRIMARY KEY (policy_key, entry_id)
-                )
-                """
-            ).format(entries=_ENTRIES),
-            # Sweeps only ever look at unfinished rows; succeeded rows (the bulk, forever)
-            # stay out of this index so its size follows the backlog.
-            sql.SQL(
-                "CREATE INDEX entries_unfinished ON {entries} (policy_key, state) "
-                "WHERE state <> 'succeeded'"
-            ).format(entries=_ENTRIES),
-            sql.SQL(
-                """
-                CREATE TABLE {attempts} (
-                    id bigserial PRIMARY KEY,
-                    policy_key text NOT NULL,
-                    entry_id text NOT NULL,
-                    attempt integer NOT NULL,
-                    fence_token uuid NOT NULL,
-                    worker text,
-                    outcome text NOT NULL CHECK (outcome IN
-                        ('running', 'succeeded', 'failed', 'lost')),
-                    error text,
-                    dispatched_at timestamptz,
-                    started_at timestamptz NOT NULL,
-                    finished_at timestamptz,
-                    retry_at timestamptz
-                )
-                """
-            ).format(attempts=_ATTEMPTS),
-            sql.SQL(
-                "CREATE INDEX attempts_by_entry ON {attempts} (policy_key, entry_id, id)"
-            ).format(attempts=_ATTEMPTS),
-            sql.SQL(
-                "CREATE INDEX attempts_running ON {attempts} (fence_token) "
-                "WHERE outcome = 'running'"
-            ).format(attempts=_ATTEMPTS),
-        ),
-    ),
-    (
-        2,
-        (
-            # The operator turns finished attempts into Prometheus counters by time window.
-            sql.SQL(
-                "CREATE INDEX attempts_finished ON {attempts} (policy_key, finished_at) "
-                "WHERE finished_at IS NOT NULL"
-            ).format(attempts=_ATTEMPTS),
-        ),
-    ),
-    (
-        3,
-        (
-            # One row per worker process life. Liveness is a fact about an incarnation (its
-            # heartbeat, or the pod event that killed its container), never about a name.
-            sql.SQL(
-                """
-                CREATE TABLE {incarnations} (
-                    id uuid PRIMARY KEY,
-                    hostname text NOT NULL,
-                    pid integer NOT NULL,
-                    pod_name text,
-                    pod_namespace text,
-                    pod_uid text,
-                    container_id text,
-                    container_name text,
-                    heartbeat_timeout_seconds double precision NOT NULL
-                        CHECK (heartbeat_timeout_seconds > 0),
-                    started_at timestamptz NOT NULL DEFAULT now(),
-                    heartbeat_at timestamptz NOT NULL DEFAULT now(),
-                    ended_at timestamptz,
-                    ended_reason text
-                )
-                """
-            ).format(incarnations=_INCARNATIONS),
-            sql.SQL(
-                "CREATE INDEX incarnations_live_by_pod ON {incarnations} (pod_uid) "
-                "WHERE ended_at IS NULL"
-            ).format(incarnations=_INCARNATIONS),
-            sql.SQL(
-                "CREATE INDEX incarnations_live ON {incarnations} (heartbeat_at) "
-                "WHERE ended_at IS NULL"
-            ).format(incarnations=_INCARNATIONS),
-            sql.SQL(
-                "CREATE INDEX incarnations_ended ON {incarnations} (ended_at) "
-                "WHERE ended_at IS NOT NULL"
-            ).format(incarnations=_INCARNATIONS),
-            # Rows running under a worker of the previous schema keep a NULL incarnation and
-            # are judged by their lease alone, as before the upgrade.
-            sql.SQL("ALTER TABLE {entries} ADD COLUMN incarnation uuid").format(entries=_ENTRIES),
-            sql.SQL("ALTER TABLE {attempts} ADD COLUMN incarnation uuid").format(
-                attempts=_ATTEMPTS
-            ),
-            sql.SQL(
-                "CREATE INDEX entries_running_by_incarnation ON {entries} (incarnation) "
-                "WHERE state = 'running'"
-            ).format(entries=_ENTRIES),
-        ),
-    ),
-    (
-        4,
-        (
-            # Status in proportion to the backlog, not to history: the number of succeeded
-            # entries is a tally the operator folds new successes into (``fold_successes``),
-            # so no status read counts the succeeded rows, which grow forever — or would,
-            # without retention (``prune``). ``counted`` marks a succeeded row already in the
-            # tally; today's succeeded rows are, and the tally starts from their count.
-            sql.SQL(
-                "ALTER TABLE {entries} ADD COLUMN counted boolean NOT NULL DEFAULT true"
-            ).format(entries=_ENTRIES),
-            sql.SQL("ALTER TABLE {entries} ALTER COLUMN counted SET DEFAULT false").format(
-                entries=_ENTRIES
-            ),
-            sql.SQL("UPDATE {entries} SET counted = false WHERE state <> 'succeeded'").format(
-                entries=_ENTRIES
-            ),
-            sql.SQL(
-                """
-                CREATE TABLE {tallies} (
-                    policy_key text PRIMARY KEY,
-                    succeeded bigint NOT NULL DEFAULT 0 CHECK (succeeded >= 0)
-                )
-                """
-            ).format(tallies=_TALLIES),
-            sql.SQL(
-                "INSERT INTO {tallies} (policy_key, succeeded) "
-                "SELECT policy_key, count(*) FROM {entries} WHERE state = 'succeeded' "
-                "GROUP BY policy_key"
-            ).format(tallies=_TALLIES, entries=_ENTRIES),
-            sql.SQL(
-                "CREATE INDEX entries_uncounted ON {entries} (policy_key) "
-                "WHERE state = 'succeeded' AND NOT counted"
-            ).format(entries=_ENTRIES),
-            # Retention reads the oldest finished rows of a policy first.
-            sql.SQL(
-                "CREATE INDEX entries_succeeded_by_age ON {entries} (policy_key, finished_at) "
-                "WHERE state = 'succeeded'"
-            ).format(entries=_ENTRIES),
-        ),
-    ),
-    (
-        5,
-        (
-            # A stable interface for autoscalers (KEDA's postgresql trigger) and dashboards:
-            # per policy, what waits for a worker and what workers run. Its columns only
-            # ever grow; read it with nothing but SELECT on the view (see operations.md).
-            sql.SQL(
-                """
-                CREATE VIEW {backlog} AS
-                SELECT p.policy_key,
-                    count(e.entry_id) FILTER (WHERE e.state = 'queued') AS queued,
-                    count(e.entry_id) FILTER (WHERE e.state = 'running') AS running,
-                    count(e.entry_id) FILTER (WHERE e.state = 'retry_wait'
-                                                AND e.next_attempt_at <= now()) AS retries_due
-                FROM {policies} p
-                LEFT JOIN {entries} e ON e.policy_key = p.policy_key
-                    AND e.state IN ('queued', 'running', 'retry_wait')
-                GROUP BY p.policy_key
-                """
-            ).format(backlog=_BACKLOG, policies=_POLICIES, entries=_ENTRIES),
-        ),
-    ),
-)
-SCHEMA_VERSION = _MIGRATIONS[-1][0]
-
-
-def ensure_schema(conn: psycopg.Connection[Any]) -> int:
-    """Create or migrate our schema; safe to call from many processes at once.
-
-    A cheap read answers the common case (already current) without locking. Otherwise the
-    migrations run in one transaction under ``pg_advisory_xact_lock``, so two operators (or
-    an operator and a worker) starting together never race on ``CREATE TABLE``. Returns the
-    version now in place.
-    """
-    if _applied_versions(conn) >= {version for version, _ in _MIGRATIONS}:
-        return SCHEMA_VERSION
-    with conn.transaction():
-        # A migration may read a whole ledger once (migration 4 counts its successes): the
-        # operator's statement timeout is for sweeps, not for this.
-        conn.execute("SET LOCAL statement_timeout = 0")
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATION_LOCK_ID])
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(_SCHEMA))
-        conn.execute(
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {} (version integer PRIMARY KEY, "
-                "applied_at timestamptz NOT NULL DEFAULT now())"
-            ).format(_MIGRATIONS_TABLE)
-        )
-        applied = {
-            row[0]
-            for row in conn.execute(sql.SQL("SELECT version FROM {}").format(_MIGRATIONS_TABLE))
-        }
-        for version, statements in _MIGRATIONS:
-            if version in applied:
-                continue
-            for statement in statements:
-                conn.execute(statement)
-            conn.execute(
-                sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(_MIGRATIONS_TABLE),
-                [version],
-            )
-    return SCHEMA_VERSION
-
-
-def _applied_versions(conn: psycopg.Connection[Any]) -> set[int]:
-    exists = conn.execute(
-        "SELECT to_regclass(%s) IS NOT NULL", [f"{SCHEMA}.schema_migrations"]
-    ).fetchone()
-    if not exists or not exists[0]:
-        return set()
-    return {
-        row[0] for row in conn.execute(sql.SQL("SELECT version FROM {}").format(_MIGRATIONS_TABLE))
-    }
-
-
 # --- operator side -------------------------------------------------------------------------
+
+# --- sharding: the owner of each policy and its sweeps ---------------------------------------
+#
+# A replica sweeps a policy only while it holds the policy's Lease (``sharding``); the ledger
+# makes that binding where it matters, on the writes. ``begin_sweep`` takes the policy's
+# owner row if the sweeper's fencing token is accepted (``sharding.fence_accepts``: the
+# compare-and-set below) and opens the sweep's interval; every claim transaction re-checks
+# the row under a share lock (``check_fence``), and ``end_sweep`` closes the interval under
+# the same check. A takeover must lock the row, so it waits for a claim transaction of the
+# previous owner to commit, and closes that owner's open interval at its own clock time:
+# after it, the previous owner can commit nothing, and intervals of two owners never
+# overlap — which ``sweeps`` shows. Steps of a sweep that are idempotent and already run
+# concurrently with rescues (expiry, settling, counting) are not fenced: the fence guards
+# what must happen once, claiming and dispatching.
+
+SWEEP_HISTORY_SECONDS = 86400
+
+_TAKE_OWNERSHIP = sql.SQL(
+    """
+    INSERT INTO {owners} AS o (policy_key, holder, token)
+    VALUES (%(policy_key)s, %(holder)s, %(token)s)
+    ON CONFLICT (policy_key) DO UPDATE
+        SET holder = excluded.holder, token = excluded.token, since = clock_timestamp()
+        WHERE o.token < excluded.token OR (o.token = excluded.token AND o.holder = excluded.holder)
+    RETURNING policy_key
+    """
+).format(owners=_OWNERS)
+_CURRENT_OWNER = sql.SQL(
+    "SELECT holder, token FROM {owners} WHERE policy_key = %(policy_key)s"
+).format(owners=_OWNERS)
+_CHECK_OWNER = sql.SQL(
+    "SELECT 1 FROM {owners} WHERE policy_key = %(policy_key)s AND holder = %(holder)s "
+    "AND token = %(token)s FOR SHARE"
+).format(owners=_OWNERS)
+_CLOSE_PREDECESSORS = sql.SQL(
+    """
+    UPDATE {sweeps} SET finished_at = clock_timestamp(), ended = 'taken_over'
+    WHERE policy_key = %(policy_key)s AND finished_at IS NULL
+      AND (holder, token) IS DISTINCT FROM (%(holder)s, %(token)s::bigint)
+    """
+).format(sweeps=_SWEEPS)
+_OPEN_SWEEP = sql.SQL(
+    "INSERT INTO {sweeps} (policy_key, holder, token) VALUES (%(policy_key)s, %(holder)s, "
+    "%(token)s) RETURNING id"
+).format(sweeps=_SWEEPS)
+_CLOSE_SWEEP = sql.SQL(
+    "UPDATE {sweeps} SET finished_at = clock_timestamp(), ended = %(ended)s "
+    "WHERE id = %(id)s AND finished_at IS NULL"
+).format(sweeps=_SWEEPS)
+_PRUNE_SWEEPS = sql.SQL(
+    """
+    DELETE FROM {sweeps} WHERE id IN (
+        SELECT id FROM {sweeps} WHERE policy_key = %(policy_key)s
+          AND started_at < now() - make_interval(secs => %(seconds)s)
+        ORDER BY started_at LIMIT 1000)
+    """
+).format(sweeps=_SWEEPS)
+
+
+def _fence_params(fence: sharding.Fence) -> dict[str, Any]:
+    return {"policy_key": fence.policy_key, "holder": fence.holder, "token": fence.token}
+
+
+def _fenced_out(conn: psycopg.Connection[Any], fence: sharding.Fence) -> FencedOut:
+    row = conn.execute(_CURRENT_OWNER, _fence_params(fence)).fetchone()
+    current = None if row is None else sharding.Fence(fence.policy_key, row[0], int(row[1]))
+    now = "nobody" if current is None else f"{current.holder} (token {current.token})"
+    return FencedOut(
+        f"policy {fence.policy_key} is owned by {now} in the ledger: this replica "
+        f"({fence.holder}, token {fence.token}) lost its Lease and stops sweeping it",
+        current=current,
+    )
+
+
+def begin_sweep(conn: psycopg.Connection[Any], fence: sharding.Fence) -> int:
+    """Take (or keep) the policy's owner row and open a sweep interval; its id.
+
+    Raises ``FencedOut`` when the ledger knows a newer owner."""
+    with conn.transaction():
+        if conn.execute(_TAKE_OWNERSHIP, _fence_params(fence)).fetchone() is None:
+            raise _fenced_out(conn, fence)
+        conn.execute(_CLOSE_PREDECESSORS, _fence_params(fence))
+        row = conn.execute(_OPEN_SWEEP, _fence_params(fence)).fetchone()
+        assert row is not None
+        conn.execute(
+            _PRUNE_SWEEPS, {"policy_key": fence.policy_key, "seconds": SWEEP_HISTORY_SECONDS}
+        )
+    return int(row[0])
+
+
+def check_fence(conn: psycopg.Connection[Any], fence: sharding.Fence) -> None:
+    """Inside a claim transaction: hold the owner row (shared) until the commit, or raise
+    ``FencedOut`` — a takeover then waits for this transaction, or this one sees it."""
+    if conn.execute(_CHECK_OWNER, _fence_params(fence)).fetchone() is None:
+        raise _fenced_out(conn, fence)
+
+
+def end_sweep(
+    conn: psycopg.Connection[Any], fence: sharding.Fence, *, sweep_id: int, finished: bool
+) -> None:
+    """Close the interval, if this replica still owns the policy (else a takeover closed it)."""
+    with conn.transaction():
+        if conn.execute(_CHECK_OWNER, _fence_params(fence)).fetchone() is None:
+            return
+        conn.execute(_CLOSE_SWEEP, {"id": sweep_id, "ended": "finished" if finished else "failed"})
+
 
 _UPSERT_POLICY = sql.SQL(
     """
@@ -685,46 +339,6 @@ def upsert_policy(conn: psycopg.Connection[Any], policy: policy_module.Policy) -
     )
 
 
-# An attempt's history row is written once, when the attempt ends (succeeded, failed or
-# lost), from the entry row the ending statement just updated: the worker's fence check is
-# then a single-row UPDATE, the least a per-task statement can be, and a running attempt is
-# read from the entry row itself (``history``). A ledger of the previous schema may still
-# hold ``running`` history rows: those are completed in place instead of inserted.
-# ``ended`` names a CTE returning the entry's ``policy_key, entry_id, attempt, fence_token,
-# worker, dispatched_at, started_at, incarnation``; the expressions may use its columns
-# through the alias ``ended``.
-def _attempt_ended(
-    ended: str, *, outcome: str, error: str = "NULL", retry_at: str = "NULL"
-) -> sql.Composed:
-    return sql.SQL(
-        """
-        {completed} AS (
-            UPDATE {attempts} a SET outcome = {outcome}, error = {error}, finished_at = now(),
-                retry_at = {retry_at}
-            FROM {ended} ended
-            WHERE a.fence_token = ended.fence_token AND a.outcome = 'running'
-        ), {recorded} AS (
-            INSERT INTO {attempts} (policy_key, entry_id, attempt, fence_token, worker,
-                outcome, error, dispatched_at, started_at, finished_at, retry_at, incarnation)
-            SELECT ended.policy_key, ended.entry_id, ended.attempt, ended.fence_token,
-                ended.worker, {outcome}, {error}, ended.dispatched_at,
-                coalesce(ended.started_at, now()), now(), {retry_at}, ended.incarnation
-            FROM {ended} ended
-            WHERE NOT EXISTS (SELECT 1 FROM {attempts} a
-                              WHERE a.fence_token = ended.fence_token AND a.outcome = 'running')
-        )
-        """
-    ).format(
-        ended=sql.Identifier(ended),
-        completed=sql.Identifier(f"{ended}_completed"),
-        recorded=sql.Identifier(f"{ended}_recorded"),
-        attempts=_ATTEMPTS,
-        outcome=sql.Literal(outcome),
-        error=sql.SQL(error),
-        retry_at=sql.SQL(retry_at),
-    )
-
-
 # A lost running attempt is a failed attempt (the worker died or the body overran), so it
 # consumes the attempt: a poison entry that kills its worker ends dead, not in a crash loop.
 # An attempt is lost when the incarnation running it has ended (a pod event proved its
@@ -762,7 +376,7 @@ _EXPIRE_LOST = sql.SQL(
     entries=_ENTRIES,
     policies=_POLICIES,
     incarnations=_INCARNATIONS,
-    history=_attempt_ended(
+    history=worker_ledger.attempt_ended(
         "lost",
         outcome="lost",
         error="ended.last_error",
@@ -917,10 +531,13 @@ def claim(
     entry_ids: Sequence[str],
     lease_seconds: float,
     still_pending: Callable[[Sequence[str]], set[str]],
+    sweeper: sharding.Fence | None = None,
 ) -> list[Claim]:
     """Claim the eligible ones of ``entry_ids`` (pending in the source) with fresh fences.
 
     Must run inside the caller's transaction; the caller commits, and only then publishes.
+    With a ``sweeper`` (active-active replicas), only while the ledger names it the
+    policy's owner (``check_fence``), else ``FencedOut``.
 
     Eligible: no ledger row yet; ``queued`` with an expired lease (message lost);
     ``retry_wait`` whose retry is due; ``succeeded`` while the source predicate holds again.
@@ -934,6 +551,8 @@ def claim(
     """
     if not entry_ids:
         return []
+    if sweeper is not None:
+        check_fence(conn, sweeper)
     ids = list(entry_ids)
     locked = conn.execute(_LOCK_CLAIMABLE, {"policy_key": policy_key, "entry_ids": ids}).fetchall()
     row_ids = {entry_id: row_id for row_id, entry_id, _, _ in locked}
@@ -1335,290 +954,6 @@ def history(
             _ATTEMPT_HISTORY, {"policy_key": policy_key, "entry_id": entry_id}
         ).fetchall()
     return EntryHistory(**entry, attempts=tuple(AttemptRecord(**attempt) for attempt in attempts))
-
-
-# --- worker side ---------------------------------------------------------------------------
-
-# Bodies an incarnation finished, marked succeeded in one batch by its next heartbeat (or by
-# ``record_success`` inside a fenced commit): a worker spends a single one-row statement per
-# task, its fence check. Until the mark the entry stays ``running`` under a live incarnation —
-# nothing re-dispatches it — and if the process dies first, the source shows it processed
-# and the sweep settles it. Every statement that embeds this binds ``%(finished)s`` (a uuid[]).
-_MARK_FINISHED = sql.SQL(
-    """
-    finished AS (
-        UPDATE {entries} SET state = 'succeeded', lease_deadline = NULL,
-            next_attempt_at = NULL, finished_at = now(), updated_at = now()
-        WHERE fence_token = ANY(%(finished)s::uuid[]) AND state = 'running'
-        RETURNING policy_key, entry_id, attempt, fence_token, worker, dispatched_at,
-            started_at, incarnation
-    ), {history}
-    """
-).format(entries=_ENTRIES, history=_attempt_ended("finished", outcome="succeeded"))
-
-
-# The fence: a worker may run the body only if its task id is the entry's current fence
-# token, the entry is still queued (not already running, retried or finished) and the lease
-# is live — and, for a worker with an incarnation, only while that incarnation is live and
-# heartbeated within half its timeout. One single-row UPDATE checks and claims at once, so two
-# deliveries cannot both pass. ``FOR SHARE`` on the incarnation row makes the operator's
-# ending of it (an UPDATE of that row) and this start serialize: whichever commits first
-# wins, and a start that waited re-reads the row and sees it ended. The lease is never
-# shorter than the heartbeat timeout, so the backstop cannot fire between two renewals.
-_START_ATTEMPT = sql.SQL(
-    """
-    UPDATE {entries} e SET
-        state = 'running',
-        attempt = e.attempt + 1,
-        worker = %(worker)s,
-        incarnation = %(incarnation)s::uuid,
-        started_at = now(),
-        finished_at = NULL,
-        lease_deadline = now() + make_interval(secs => greatest(
-            (SELECT p.lease_seconds FROM {policies} p WHERE p.policy_key = e.policy_key),
-            coalesce(%(heartbeat_timeout)s::float8, 0))),
-        updated_at = now()
-    WHERE e.fence_token = %(fence_token)s
-      AND (%(entry_id)s::text IS NULL OR e.entry_id = %(entry_id)s::text)
-      AND e.state = 'queued'
-      AND e.lease_deadline > now()
-      AND (%(incarnation)s::uuid IS NULL OR EXISTS (
-            SELECT 1 FROM {incarnations} i
-            WHERE i.id = %(incarnation)s::uuid AND i.ended_at IS NULL
-              AND i.heartbeat_at > now() - make_interval(secs => i.heartbeat_timeout_seconds / 2)
-            FOR SHARE))
-    RETURNING e.policy_key, e.entry_id, e.attempt, e.fence_token
-    """
-).format(entries=_ENTRIES, policies=_POLICIES, incarnations=_INCARNATIONS)
-
-
-def start_attempt(
-    conn: psycopg.Connection[Any],
-    *,
-    fence_token: str,
-    entry_id: str | None,
-    worker: str,
-    incarnation: uuid.UUID | None = None,
-    heartbeat_timeout_seconds: float | None = None,
-) -> RunningAttempt | None:
-    """Claim the right to run the body, or ``None`` for a stale or foreign delivery (or an
-    incarnation that is no longer live: see ``incarnation_is_live``).
-
-    ``entry_id`` (when known) must match the ledger row of the fence token too, so a
-    message can never run the body for a different entry than the one it was claimed for.
-    """
-    try:
-        token = uuid.UUID(fence_token)
-    except ValueError:
-        return None  # not one of our messages: task ids we publish are always UUIDs
-    row = conn.execute(
-        _START_ATTEMPT,
-        {
-            "fence_token": token,
-            "entry_id": entry_id,
-            "worker": worker,
-            "incarnation": incarnation,
-            "heartbeat_timeout": heartbeat_timeout_seconds,
-        },
-    ).fetchone()
-    if row is None:
-        return None
-    policy_key, entry, attempt, fence = row
-    return RunningAttempt(policy_key=policy_key, entry_id=entry, attempt=attempt, fence_token=fence)
-
-
-_RETRY_RULES = sql.SQL(
-    """
-    SELECT max_attempts, initial_delay_seconds, backoff_factor, max_delay_seconds, jitter
-    FROM {policies} WHERE policy_key = %s
-    """
-).format(policies=_POLICIES)
-
-
-def retry_rules(conn: psycopg.Connection[Any], *, policy_key: str) -> policy_module.Retry:
-    """The policy's retry rules as the operator last wrote them (read when a body fails)."""
-    row = conn.execute(_RETRY_RULES, [policy_key]).fetchone()
-    if row is None:
-        # The policy was deleted while its body ran: one attempt, no retry.
-        return policy_module.Retry(
-            max_attempts=1,
-            initial_delay_seconds=0.0,
-            backoff_factor=1.0,
-            max_delay_seconds=0.0,
-            jitter=False,
-        )
-    max_attempts, initial, factor, max_delay, jitter = row
-    return policy_module.Retry(
-        max_attempts=max_attempts,
-        initial_delay_seconds=initial,
-        backoff_factor=factor,
-        max_delay_seconds=max_delay,
-        jitter=jitter,
-    )
-
-
-_RECORD_SUCCESS = sql.SQL("WITH {mark_finished} SELECT count(*) FROM finished").format(
-    mark_finished=_MARK_FINISHED
-)
-
-
-def record_success(conn: psycopg.Connection[Any], *, fence_token: uuid.UUID) -> bool:
-    """Mark the attempt succeeded; ``False`` if it no longer owned the entry (lease lost)."""
-    row = conn.execute(_RECORD_SUCCESS, {"finished": [fence_token]}).fetchone()
-    return bool(row and row[0])
-
-
-_RECORD_FAILURE = sql.SQL(
-    """
-    WITH failed AS (
-        UPDATE {entries} SET
-            state = CASE WHEN %(retry_in_seconds)s::float8 IS NULL THEN 'dead'
-                         ELSE 'retry_wait' END,
-            next_attempt_at = now() + make_interval(secs => %(retry_in_seconds)s::float8),
-            last_error = %(error)s,
-            lease_deadline = NULL,
-            finished_at = now(),
-            updated_at = now()
-        WHERE fence_token = %(fence_token)s AND state = 'running'
-        RETURNING policy_key, entry_id, attempt, fence_token, worker, dispatched_at,
-            started_at, incarnation, state, next_attempt_at
-    ), {history}
-    SELECT state FROM failed
-    """
-).format(
-    entries=_ENTRIES,
-    history=_attempt_ended(
-        "failed", outcome="failed", error="%(error)s", retry_at="ended.next_attempt_at"
-    ),
-)
-
-
-def record_failure(
-    conn: psycopg.Connection[Any],
-    *,
-    fence_token: uuid.UUID,
-    error: str,
-    retry_in_seconds: float | None,
-) -> str | None:
-    """Schedule a retry (``retry_in_seconds``) or dead-letter (``None``) with the error.
-
-    ``error`` must already be sanitized (``sanitize_error``). Returns the new state, or
-    ``None`` if the attempt no longer owned the entry.
-    """
-    row = conn.execute(
-        _RECORD_FAILURE,
-        {"fence_token": fence_token, "error": error, "retry_in_seconds": retry_in_seconds},
-    ).fetchone()
-    return None if row is None else str(row[0])
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerIdentity:
-    """Who a worker process is, as far as it can tell (the Downward API gives the pod)."""
-
-    hostname: str
-    pid: int
-    pod_name: str | None = None
-    pod_namespace: str | None = None
-    pod_uid: str | None = None
-    container_id: str | None = None
-    container_name: str | None = None
-
-
-_REGISTER_INCARNATION = sql.SQL(
-    """
-    INSERT INTO {incarnations} (id, hostname, pid, pod_name, pod_namespace, pod_uid,
-        container_id, container_name, heartbeat_timeout_seconds)
-    VALUES (%(id)s, %(hostname)s, %(pid)s, %(pod_name)s, %(pod_namespace)s, %(pod_uid)s,
-        %(container_id)s, %(container_name)s, %(timeout)s)
-    """
-).format(incarnations=_INCARNATIONS)
-
-
-def register_incarnation(
-    conn: psycopg.Connection[Any],
-    *,
-    identity: WorkerIdentity,
-    heartbeat_timeout_seconds: float,
-) -> uuid.UUID:
-    """Start a new incarnation (registering counts as its first heartbeat); its id."""
-    incarnation = uuid.uuid4()
-    conn.execute(
-        _REGISTER_INCARNATION,
-        {
-            "id": incarnation,
-            "timeout": heartbeat_timeout_seconds,
-            **dataclasses.asdict(identity),
-        },
-    )
-    return incarnation
-
-
-# One statement per incarnation per interval, however many bodies it runs: renew the
-# incarnation and push the lease of each attempt it runs, so a long body never outlives it.
-# Attempts whose body finished but whose outcome could not be recorded (the database was
-# away) are not renewed but released: their lease ends now, and the next sweep settles them
-# from the table or re-dispatches them. The lease is never shorter than the incarnation's
-# heartbeat timeout, so the backstop cannot fire between the renewals of a live worker.
-_HEARTBEAT = sql.SQL(
-    """
-    WITH {mark_finished}, me AS (
-        UPDATE {incarnations} SET heartbeat_at = now()
-        WHERE id = %(incarnation)s AND ended_at IS NULL
-        RETURNING id, heartbeat_timeout_seconds
-    ), renewed AS (
-        UPDATE {entries} e SET lease_deadline = CASE
-            WHEN e.fence_token = ANY(%(unrecorded)s::uuid[]) THEN now()
-            ELSE now() + make_interval(
-                secs => greatest(p.lease_seconds, me.heartbeat_timeout_seconds))
-        END
-        FROM {policies} p, me
-        WHERE e.incarnation = me.id AND e.state = 'running' AND p.policy_key = e.policy_key
-          AND NOT e.fence_token = ANY(%(finished)s::uuid[])
-    )
-    SELECT count(*) FROM me
-    """
-).format(
-    incarnations=_INCARNATIONS,
-    entries=_ENTRIES,
-    policies=_POLICIES,
-    mark_finished=_MARK_FINISHED,
-)
-
-
-def heartbeat(
-    conn: psycopg.Connection[Any],
-    *,
-    incarnation: uuid.UUID,
-    unrecorded: Sequence[uuid.UUID] = (),
-    finished: Sequence[uuid.UUID] = (),
-) -> bool:
-    """Renew ``incarnation``, mark its ``finished`` attempts succeeded and release its
-    ``unrecorded`` ones; ``False`` when the operator has ended it (stop its bodies)."""
-    row = conn.execute(
-        _HEARTBEAT,
-        {
-            "incarnation": incarnation,
-            "unrecorded": list(unrecorded),
-            "finished": list(finished),
-        },
-    ).fetchone()
-    return bool(row and row[0])
-
-
-_INCARNATION_IS_LIVE = sql.SQL(
-    """
-    SELECT ended_at IS NULL
-        AND heartbeat_at > now() - make_interval(secs => heartbeat_timeout_seconds / 2)
-    FROM {incarnations} WHERE id = %s
-    """
-).format(incarnations=_INCARNATIONS)
-
-
-def incarnation_is_live(conn: psycopg.Connection[Any], *, incarnation: uuid.UUID) -> bool:
-    """Whether ``start_attempt`` would accept this incarnation (not ended, heartbeat fresh)."""
-    row = conn.execute(_INCARNATION_IS_LIVE, [incarnation]).fetchone()
-    return bool(row and row[0])
 
 
 @dataclasses.dataclass(frozen=True)

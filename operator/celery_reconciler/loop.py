@@ -47,6 +47,7 @@ from celery_reconciler import (
     pools,
     publishers,
     reconcile,
+    sharding,
     statuswriter,
 )
 from celery_reconciler import policy as policy_module
@@ -183,6 +184,7 @@ class PolicyLoop:
         uid: str,
         body: Mapping[str, Any],
         peers: Mapping[str, Iterable[planning.PolicyClaim]] | None = None,
+        fence: sharding.Fence | None = None,
     ) -> None:
         self.namespace = namespace
         self.name = name
@@ -221,6 +223,8 @@ class PolicyLoop:
         self.workers_stuck = False
         self.errors_logged: set[type[BaseException]] = set()
         self.pacing = planning.RatePacing()
+        # This replica's claim to the policy when replicas share the policies (membership).
+        self.fence = fence
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -326,7 +330,12 @@ class PolicyLoop:
                 rate = policy.limits.dispatch_per_second
                 held = self.pacing.holds(dispatch_per_second=rate, now=time.monotonic())
                 result = await asyncio.to_thread(
-                    reconcile.reconcile_once, policy, db=db, broker=publisher, hold_dispatch=held
+                    reconcile.reconcile_once,
+                    policy,
+                    db=db,
+                    broker=publisher,
+                    hold_dispatch=held,
+                    fence=self.fence,
                 )
                 if not held:
                     self.pacing.swept(
@@ -337,6 +346,8 @@ class PolicyLoop:
                 )
             counts = await self.observe(policy, db=db, publisher=publisher)
             await self.check_index(policy, db=db, generation=generation)
+        except ledger.FencedOut:
+            raise  # another replica sweeps the policy now: this loop ends (membership.serve)
         except Exception as error:  # every failure is a condition, never a dead loop
             problem = self.problem_of(error)
             metrics.SWEEP_ERRORS.labels(self.namespace, self.name, problem.reason).inc()
@@ -645,9 +656,15 @@ class PolicyLoop:
                             db=db,
                             broker=publisher,
                             ending=pending.ending,
+                            fence=self.fence,
                         )
                     )
                 )
+            except ledger.FencedOut:
+                # Another replica owns the policy now; its sweeps expire what this rescue
+                # would have re-dispatched (heartbeats, leases), and this loop is ending.
+                self.unfinished_rescues.clear()
+                return
             except Exception as error:  # kept and retried, whatever the failure
                 pending.failures += 1
                 logger.warning(

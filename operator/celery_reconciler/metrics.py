@@ -8,6 +8,8 @@ counters; the gauges are set from the ledger's counts after each sweep, so they 
 
 from __future__ import annotations
 
+import contextlib
+
 import prometheus_client
 
 LABELS = ("namespace", "policy")
@@ -61,6 +63,17 @@ SWEEP_SECONDS = prometheus_client.Histogram(
     LABELS,
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+
+
+GAUGES = (PENDING, IN_FLIGHT, RETRYING, DEAD, OLDEST_PENDING_SECONDS, QUEUE_DEPTH)
+
+
+def forget_gauges(namespace: str, name: str) -> None:
+    """Drop a policy's gauges: another replica sweeps it now and reports them, and a stale
+    copy here would add to its figures in every ``sum``."""
+    for gauge in GAUGES:
+        with contextlib.suppress(KeyError):  # never set by this replica
+            gauge.remove(namespace, name)
 
 
 def serve(*, port: int) -> None:

@@ -10,10 +10,10 @@ Jitter rules (documented here because tests and users rely on the bounds):
 
 * **Retry backoff** uses "equal jitter": for the n-th failed attempt the base delay is
   ``d = min(maxDelay, initialDelay * factor**(n-1))`` and the jittered delay is uniform in
-  ``[d * RETRY_JITTER_LOW_FRACTION, d]``. Full jitter (``[0, d]``) would let a poison entry
-  hammer the task again almost at once; equal jitter keeps at least half the backoff while
-  still spreading a thundering herd. Without jitter the delay is exactly ``d``. The bounds are
-  ``retry_delay_bounds_seconds``.
+  ``[d * RETRY_JITTER_LOW_FRACTION, d]`` (``d`` exactly without jitter); the bounds are
+  ``retry_delay_bounds_seconds``. Workers schedule their own retries, so this rule lives in
+  the worker package (``celery_reconciler_worker.backoff``, which says why equal jitter) and
+  is re-exported here.
 * **Sweep interval** is uniform in ``[interval * SWEEP_JITTER_LOW_FRACTION, interval]`` so many
   policies with the same interval do not sweep in lock-step, and a sweep never comes later
   than the interval the user asked for. The bounds are ``sweep_delay_bounds_seconds``.
@@ -21,7 +21,8 @@ Jitter rules (documented here because tests and users rely on the bounds):
 Randomness is injected (``random`` is a ``() -> float in [0, 1)`` callable) so tests can pin
 it; the default is ``random.random``.
 
-This module imports only ``policy`` (itself pure): no kopf, psycopg, celery or kubernetes.
+This module imports only ``policy`` and the worker's ``backoff`` (both pure): no kopf,
+psycopg, celery or kubernetes.
 """
 
 from __future__ import annotations
@@ -29,69 +30,24 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import random as random_module
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from celery_reconciler import policy as policy_module
+from celery_reconciler_worker import backoff
 
-RETRY_JITTER_LOW_FRACTION = 0.5
+# The retry rule is the worker's (it schedules retries itself); re-exported so the operator's
+# decisions and their documented bounds read from one place.
+RETRY_JITTER_LOW_FRACTION = backoff.RETRY_JITTER_LOW_FRACTION
 SWEEP_JITTER_LOW_FRACTION = 0.9
 
-RandomSource = Callable[[], float]
-
-
-@dataclasses.dataclass(frozen=True)
-class RetryLater:
-    """The failed attempt gets another one after ``delay_seconds``."""
-
-    delay_seconds: float
-
-
-@dataclasses.dataclass(frozen=True)
-class DeadLetter:
-    """No attempts left: the entry is dead until someone asks for a retry."""
-
-    attempts_used: int
-
-
-FailureDecision = RetryLater | DeadLetter
-
-
-def base_retry_delay_seconds(*, attempt: int, retry: policy_module.Retry) -> float:
-    """``min(maxDelay, initialDelay * factor**(attempt-1))`` for the ``attempt``-th failure."""
-    if attempt < 1:
-        raise ValueError(f"attempt numbers start at 1, got {attempt}")
-    try:
-        grown = retry.initial_delay_seconds * retry.backoff_factor ** (attempt - 1)
-    except OverflowError:
-        return retry.max_delay_seconds
-    return min(retry.max_delay_seconds, grown)
-
-
-def retry_delay_bounds_seconds(*, attempt: int, retry: policy_module.Retry) -> tuple[float, float]:
-    """The closed interval a jittered retry delay for ``attempt`` always falls in."""
-    base = base_retry_delay_seconds(attempt=attempt, retry=retry)
-    if not retry.jitter:
-        return base, base
-    return base * RETRY_JITTER_LOW_FRACTION, base
-
-
-def retry_delay_seconds(
-    *, attempt: int, retry: policy_module.Retry, random: RandomSource = random_module.random
-) -> float:
-    low, high = retry_delay_bounds_seconds(attempt=attempt, retry=retry)
-    return low + (high - low) * random()
-
-
-def after_failure(
-    *, attempt: int, retry: policy_module.Retry, random: RandomSource = random_module.random
-) -> FailureDecision:
-    """What happens after the ``attempt``-th execution failed: retry later, or dead-letter."""
-    if attempt >= retry.max_attempts:
-        return DeadLetter(attempts_used=attempt)
-    return RetryLater(
-        delay_seconds=retry_delay_seconds(attempt=attempt, retry=retry, random=random)
-    )
+RandomSource = backoff.RandomSource
+RetryLater = backoff.RetryLater
+DeadLetter = backoff.DeadLetter
+base_retry_delay_seconds = backoff.base_retry_delay_seconds
+retry_delay_bounds_seconds = backoff.retry_delay_bounds_seconds
+retry_delay_seconds = backoff.retry_delay_seconds
+after_failure = backoff.after_failure
 
 
 def sweep_claim_budget(*, in_flight: int, max_in_flight: int) -> int:

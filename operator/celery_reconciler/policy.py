@@ -14,8 +14,9 @@ always quoted later with ``psycopg.sql.Identifier``, so MixedCase names work and
 ever concatenated into SQL. The pending predicate is structured (``equals`` / ``in`` /
 ``isNull``), never raw SQL.
 
-This module is pure: it imports no psycopg, celery, kopf or kubernetes, so the CLI and the
-unit tests can load it anywhere.
+This module is pure: it imports no psycopg, celery, kopf or kubernetes (only the worker's
+pure ``backoff``, which owns the ``Retry`` record), so the CLI and the unit tests can load it
+anywhere.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from celery_reconciler_worker import backoff
 
 IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # Celery accepts any string as a task or queue name; we accept the conventional subset so a
@@ -186,13 +189,8 @@ class Schedule:
     suspend: bool
 
 
-@dataclasses.dataclass(frozen=True)
-class Retry:
-    max_attempts: int
-    initial_delay_seconds: float
-    backoff_factor: float
-    max_delay_seconds: float
-    jitter: bool
+# Workers read the retry rules back from the ledger, so the record is the worker package's.
+Retry = backoff.Retry
 
 
 @dataclasses.dataclass(frozen=True)

@@ -50,7 +50,7 @@ from typing import Any, Protocol
 import psycopg
 
 from celery_reconciler import broker as broker_module
-from celery_reconciler import ledger, planning, source
+from celery_reconciler import ledger, planning, sharding, source
 from celery_reconciler import policy as policy_module
 
 DatabaseUnavailable = ledger.DatabaseUnavailable
@@ -192,11 +192,16 @@ def reconcile_once(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
     hold_dispatch: bool = False,
+    fence: sharding.Fence | None = None,
 ) -> SweepResult:
     """Run one sweep of ``policy``; see the module docstring for the steps.
 
     ``hold_dispatch``: claim nothing new (``planning.RatePacing``: the rate allows no page
     yet); leases still expire and lost messages are still re-dispatched.
+
+    ``fence``: this replica's claim to the policy (active-active replicas). The sweep then
+    opens an interval in the ledger's ``sweeps`` and claims only while the ledger names it
+    the owner; ``FencedOut`` when another replica took the policy over.
 
     Raises ``DatabaseUnavailable`` (``DsnInvalid``), ``LedgerPermissionDenied``,
     ``BrokerUnavailable`` or ``SourceInvalid`` with messages that name the problem and carry
@@ -215,6 +220,7 @@ def reconcile_once(
             sleep=sleep,
             clock=clock,
             hold_dispatch=hold_dispatch,
+            fence=fence,
         )
 
 
@@ -228,13 +234,18 @@ def _sweep(
     sleep: Callable[[float], None],
     clock: Callable[[], float],
     hold_dispatch: bool,
+    fence: sharding.Fence | None,
 ) -> SweepResult:
     started = clock()
     send = publish or functools.partial(_publish, policy, broker, ahead=False)
     send_ahead = publish or functools.partial(_publish, policy, broker, ahead=True)
     doing = "preparing the sweep"
+    sweep_id: int | None = None
     try:
         still_pending = functools.partial(source.filter_pending, conn, policy.source)
+        if fence is not None:
+            doing = "taking the policy's ownership"
+            sweep_id = ledger.begin_sweep(conn, fence)
         ledger.upsert_policy(conn, policy)
         doing = "expiring leases"
         ledger.end_silent_incarnations(conn)
@@ -246,7 +257,7 @@ def _sweep(
             conn, policy_key=policy.key, retention_seconds=policy.history.retention_seconds
         )
         doing = "re-dispatching deliveries that never started"
-        stranded = _redispatch_stranded(conn, policy, broker, send_ahead, sleep=sleep)
+        stranded = _redispatch_stranded(conn, policy, broker, send_ahead, sleep=sleep, fence=fence)
         in_flight = ledger.count_in_flight(conn, policy_key=policy.key)
         budget = (
             0
@@ -259,7 +270,7 @@ def _sweep(
         # queue: they waited once already, and the backlog's keyset order need not reach them.
         doing = "re-dispatching due retries"
         due = ledger.due_retries(conn, policy_key=policy.key, limit=budget)
-        redispatched = _redispatch(conn, policy, send_ahead, entry_ids=due)
+        redispatched = _redispatch(conn, policy, send_ahead, entry_ids=due, fence=fence)
         budget -= redispatched
         batch_size = planning.dispatch_batch_size(
             batch_size=policy.limits.batch_size,
@@ -300,6 +311,7 @@ def _sweep(
                         entry_ids=[row.entry_id for row in rows],
                         lease_seconds=policy.lease.timeout_seconds,
                         still_pending=still_pending,
+                        sweeper=fence,
                     )
                 claim_seconds += clock() - claim_started
                 pages += 1
@@ -316,8 +328,18 @@ def _sweep(
         publish_seconds = pages_out.seconds
         doing = "reading the next due time"
         next_due = ledger.seconds_until_next_due(conn, policy_key=policy.key)
+        if fence is not None and sweep_id is not None:
+            ledger.end_sweep(conn, fence, sweep_id=sweep_id, finished=True)
     except psycopg.Error as error:
         raise db.failure(error, doing=doing) from None
+    except ledger.FencedOut:
+        raise
+    except Exception:
+        if fence is not None and sweep_id is not None:
+            # Best effort: an interval left open is closed by the next owner's takeover.
+            with contextlib.suppress(Exception):
+                ledger.end_sweep(conn, fence, sweep_id=sweep_id, finished=False)
+        raise
     return SweepResult(
         policy_key=policy.key,
         suspended=policy.schedule.suspend,
@@ -360,6 +382,7 @@ def _redispatch(
     send: PublishFunction,
     *,
     entry_ids: Sequence[str],
+    fence: sharding.Fence | None = None,
 ) -> int:
     """Claim the given ledger entries that are still pending in the source, then publish.
 
@@ -377,6 +400,7 @@ def _redispatch(
             entry_ids=[entry_id for entry_id in entry_ids if entry_id in pending],
             lease_seconds=policy.lease.timeout_seconds,
             still_pending=functools.partial(source.filter_pending, conn, policy.source),
+            sweeper=fence,
         )
     if claims:
         _publish_or_release(conn, send, _messages(claims), claims)
@@ -412,6 +436,7 @@ def _redispatch_stranded(
     send: PublishFunction,
     *,
     sleep: Callable[[float], None] = time.sleep,
+    fence: sharding.Fence | None = None,
 ) -> int:
     """Account for every queued entry's message in the broker; re-dispatch, ahead of the
     queue, the entries whose message is gone — instead of letting them wait for the lease.
@@ -437,7 +462,7 @@ def _redispatch_stranded(
         if not missing:
             return 0
     released = ledger.release_claims(conn, fence_tokens=[uuid.UUID(token) for token in missing])
-    return _redispatch(conn, policy, send, entry_ids=released)
+    return _redispatch(conn, policy, send, entry_ids=released, fence=fence)
 
 
 class _PagePublisher:
@@ -543,6 +568,7 @@ def rescue(
     db: Sessions,
     broker: broker_module.Publisher,
     ending: planning.PodEnding | None,
+    fence: sharding.Fence | None = None,
 ) -> RescueResult:
     """The pod-restart hook: end the incarnations a pod event killed, and hand their work out
     again at once — ahead of the queue — instead of at the next sweep.
@@ -564,8 +590,8 @@ def rescue(
         redispatched = (
             0
             if policy.schedule.suspend
-            else _redispatch(conn, policy, send_ahead, entry_ids=expired.retry_ids)
-            + _redispatch_stranded(conn, policy, broker, send_ahead)
+            else _redispatch(conn, policy, send_ahead, entry_ids=expired.retry_ids, fence=fence)
+            + _redispatch_stranded(conn, policy, broker, send_ahead, fence=fence)
         )
     return RescueResult(ended=ended, expired=expired, settled=settled, redispatched=redispatched)
 

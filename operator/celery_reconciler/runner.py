@@ -9,6 +9,12 @@ with the same priority, and the replicas of a Deployment all run the same comman
 replica therefore picks a random priority at start unless ``--priority`` is given: the
 highest one is active, the others stand by, and when the active one dies its peering record
 expires and the next highest takes over.
+
+``--sharding-namespace`` makes every replica active instead (``membership``): the policies
+are shared out through Leases in that namespace. kopf then runs without peering — its
+freeze would stop all replicas but one, and nothing our handlers do must run on a single
+replica: the index and the wake-ups are per process and only read, and each policy's loop
+runs where its Lease is held.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import logging
+import os
 import random
+import socket
 import threading
 from collections.abc import Sequence
 
@@ -34,6 +42,10 @@ class RunOptions:
     peering_name: str | None = None
     priority: int | None = None
     peering_lifetime_seconds: int = 30
+    sharding_namespace: str | None = None
+    sharding_group: str = "celery-reconciler"
+    replica_name: str | None = None
+    lease_seconds: int = 15
     json_logs: bool = False
     verbose: bool = False
     max_database_connections: int | None = None  # None: the environment, else the default
@@ -63,6 +75,27 @@ def add_run_command(parser: argparse.ArgumentParser) -> None:
     )
     peering.add_argument(
         "--standalone", action="store_true", help="no peering: this is the only replica"
+    )
+    peering.add_argument(
+        "--sharding-namespace",
+        metavar="NAMESPACE",
+        help="every replica active: share the policies out through Leases in this namespace",
+    )
+    parser.add_argument(
+        "--sharding-group",
+        default="celery-reconciler",
+        help="the replicas that share policies (their Leases' label); one per installation",
+    )
+    parser.add_argument(
+        "--replica-name",
+        help="this replica's name in its Leases (default: $POD_NAME, else the host name)",
+    )
+    parser.add_argument(
+        "--lease-seconds",
+        type=int,
+        default=15,
+        metavar="SECONDS",
+        help="how long a silent replica keeps its policies (renewed every third of it)",
     )
     parser.add_argument(
         "--priority", type=int, help="peering priority (default: random, so replicas differ)"
@@ -102,6 +135,10 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         peering_name=None if args.standalone else args.peering,
         priority=args.priority,
         peering_lifetime_seconds=args.peering_lifetime,
+        sharding_namespace=args.sharding_namespace,
+        sharding_group=args.sharding_group,
+        replica_name=args.replica_name,
+        lease_seconds=args.lease_seconds,
         json_logs=args.log_format == "json",
         verbose=args.verbose,
         max_database_connections=args.max_database_connections,
@@ -117,7 +154,7 @@ def configure_logging(*, json_logs: bool, verbose: bool) -> None:
 
 def run(options: RunOptions, *, stop_flag: threading.Event | None = None) -> int:
     # Imported for its side effect: the @kopf decorators register the handlers.
-    from celery_reconciler import handlers, metrics, pools, statuswriter
+    from celery_reconciler import handlers, membership, metrics, pools, statuswriter
 
     configure_logging(json_logs=options.json_logs, verbose=options.verbose)
     max_connections = options.max_database_connections
@@ -128,6 +165,15 @@ def run(options: RunOptions, *, stop_flag: threading.Event | None = None) -> int
     if options.metrics_port is not None:
         metrics.serve(port=options.metrics_port)
     standalone = options.peering_name is None
+    if options.sharding_namespace is not None:
+        membership.configure(
+            membership.Membership(
+                namespace=options.sharding_namespace,
+                group=options.sharding_group,
+                replica=options.replica_name or os.environ.get("POD_NAME") or socket.gethostname(),
+                lease_seconds=options.lease_seconds,
+            )
+        )
     priority = options.priority
     if not standalone and priority is None:
         priority = random.SystemRandom().randint(1, 2**31 - 1)

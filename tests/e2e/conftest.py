@@ -52,6 +52,7 @@ def start_operator(
         name: str = "operator",
         extra_env: dict[str, str] | None = None,
         extra_args: list[str] | None = None,
+        sharding_namespace: str | None = None,
     ) -> OperatorProcess:
         operator = operators.start(
             crds,
@@ -62,6 +63,7 @@ def start_operator(
             name=name,
             extra_env=extra_env,
             extra_args=extra_args,
+            sharding_namespace=sharding_namespace,
         )
         started.append(operator)
         return operator

@@ -127,7 +127,40 @@ def test_several_replicas_without_peering_are_refused(
         "--set", "peering.enabled=false", "--set", "operator.replicaCount=2", check=False,
     )  # fmt: skip
     assert refused.returncode != 0
-    assert "needs peering.enabled" in refused.stderr
+    assert "needs sharding.enabled or peering.enabled" in refused.stderr
+
+
+def test_sharded_replicas_get_leases_in_the_release_namespace_only(
+    kube: devstack_kube.ControlPlane, namespace: str, other_namespace: str
+) -> None:
+    sharded = ("--set", "sharding.enabled=true", "--set", "operator.replicaCount=3")
+    deployment = _deployment(_template(kube, namespace, *sharded), FULLNAME)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == [
+        "run", "--all-namespaces", "--liveness", "http://0.0.0.0:8080/healthz",
+        "--metrics-port", "9090", "--sharding-namespace", namespace,
+        "--sharding-group", FULLNAME, "--lease-seconds", "15",
+    ]  # fmt: skip
+    assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in (
+        container["env"]
+    )
+    assert deployment["spec"]["replicas"] == 3
+    _adopt_existing_crds(kube, namespace)
+    kube.helm("install", RELEASE, str(CHART), "-n", namespace, *sharded)
+    try:
+        account = f"system:serviceaccount:{namespace}:{FULLNAME}"
+        for verb in ("get", "list", "create", "update"):
+            assert _can(kube, account, verb, "leases.coordination.k8s.io", "-n", namespace)
+            assert not _can(
+                kube, account, verb, "leases.coordination.k8s.io", "-n", other_namespace
+            )
+        for verb in ("delete", "patch", "watch"):
+            assert not _can(kube, account, verb, "leases.coordination.k8s.io", "-n", namespace)
+        # Active-active replicas use no kopf peering: no peering object, no right to one.
+        assert kube.kubectl("get", "clusterkopfpeering", FULLNAME, check=False).returncode != 0
+        assert not _can(kube, account, "patch", "clusterkopfpeerings.kopf.dev")
+    finally:
+        kube.helm("uninstall", RELEASE, "-n", namespace, check=False)
 
 
 def _deployment(rendered: str, name: str) -> dict[str, Any]:

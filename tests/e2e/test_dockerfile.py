@@ -3,8 +3,9 @@ holds what the image runs, and the Dockerfile passes hadolint.
 
 The tests run the project as an editable install, which finds every module in the checkout,
 so they cannot see a package the wheel leaves out: that is how ``celery_app.demo`` once went
-missing from the image. Hence one test builds the wheel from exactly the files the
-Dockerfile copies into its builder stage and reads the wheel's file list. The image itself is
+missing from the image. Hence one test builds the two wheels (the operator's and the
+worker's) from exactly the files the Dockerfile copies into its builder stage and reads their
+file lists. The image itself is
 built and run in test_image.py.
 """
 
@@ -103,33 +104,56 @@ def _builder_context() -> list[str]:
     return sources
 
 
-def test_the_wheel_holds_every_package_the_image_runs_and_no_test_harness(
+def test_the_wheels_hold_every_package_the_image_runs_and_no_test_harness(
     tmp_path: Path,
 ) -> None:
+    """The builder stage builds two wheels, the operator's (.) and the worker's
+    (./celery_app); between them they hold every package of the source tree, each once."""
     context = tmp_path / "context"
     for source in _builder_context():
         origin = ROOT / source
         if origin.is_dir():
-            shutil.copytree(origin, context / source, ignore=shutil.ignore_patterns("__pycache__"))
+            # What .dockerignore keeps out: local build leftovers.
+            ignored = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+            shutil.copytree(origin, context / source, ignore=ignored)
         else:
             context.mkdir(exist_ok=True)
             shutil.copy2(origin, context / source)
-    built = _run(
-        sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-        "--wheel-dir", str(tmp_path / "wheels"), str(context),
-    )  # fmt: skip
-    assert built.returncode == 0, built.stdout + built.stderr
-    (wheel,) = (tmp_path / "wheels").glob("celery_reconciler-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    packages = {name.rsplit("/", 1)[0] for name in names if name.endswith("/__init__.py")}
-    # Every package of the source tree the image needs, found by walking it, not by a list
-    # that could go stale the same way pyproject's did.
-    wanted = {
-        str(init.parent.relative_to(base)).replace("\\", "/")
-        for base, top in ((ROOT / "operator", "celery_reconciler"), (ROOT, "celery_app"))
-        for init in (base / top).rglob("__init__.py")
+    contents: dict[str, list[str]] = {}
+    for project, distribution in (
+        (".", "celery_reconciler"),
+        ("celery_app", "celery_reconciler_worker"),
+    ):
+        wheels = tmp_path / "wheels" / distribution
+        built = _run(
+            sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+            "--wheel-dir", str(wheels), str(context / project),
+        )  # fmt: skip
+        assert built.returncode == 0, built.stdout + built.stderr
+        (wheel,) = wheels.glob(f"{distribution}-*.whl")
+        contents[distribution] = zipfile.ZipFile(wheel).namelist()
+    packages = {
+        distribution: {name.rsplit("/", 1)[0] for name in names if name.endswith("/__init__.py")}
+        for distribution, names in contents.items()
     }
-    assert "celery_app/demo" in wanted
-    assert sorted(wanted - packages) == []
-    assert [name for name in names if name.startswith(("devstack/", "tests/"))] == []
-    assert "celery_reconciler/py.typed" in names
+    # Every package of the source tree, found by walking it, not by a list that could go
+    # stale the same way pyproject's did; the worker's package belongs to the worker wheel.
+    worker_root = ROOT / "celery_app" / "celery_reconciler_worker"
+    wanted: dict[str, set[str]] = {"celery_reconciler": set(), "celery_reconciler_worker": set()}
+    for init in (ROOT / "operator" / "celery_reconciler").rglob("__init__.py"):
+        wanted["celery_reconciler"].add(str(init.parent.relative_to(ROOT / "operator")))
+    for init in (ROOT / "celery_app").rglob("__init__.py"):
+        if "build" in init.relative_to(ROOT).parts:
+            continue  # a local `pip wheel ./celery_app` leaves a copy of the package there
+        if init.parent.is_relative_to(worker_root):
+            wanted["celery_reconciler_worker"].add(
+                str(init.parent.relative_to(ROOT / "celery_app"))
+            )
+        else:
+            wanted["celery_reconciler"].add(str(init.parent.relative_to(ROOT)))
+    assert "celery_app/demo" in wanted["celery_reconciler"]
+    assert packages == wanted
+    for names in contents.values():
+        assert [name for name in names if name.startswith(("devstack/", "tests/"))] == []
+    assert "celery_reconciler/py.typed" in contents["celery_reconciler"]
+    assert "celery_reconciler_worker/py.typed" in contents["celery_reconciler_worker"]

@@ -10,7 +10,9 @@ restarted by the kubelet — the event the operator's rescue is built on.
 from __future__ import annotations
 
 import json
+import tomllib
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from e2e_support import get_json, wait_for
@@ -22,11 +24,13 @@ from devstack import workers
 pytestmark = pytest.mark.e2e
 
 PROBE = """
-import importlib.util, celery
+import importlib.metadata, importlib.util, celery
 from celery.app.utils import find_app
-import celery_app.demo, celery_reconciler
+import celery_app.demo, celery_reconciler, celery_reconciler_worker.reliable
 assert isinstance(find_app("celery_app.demo"), celery.Celery)
 print("demo-app-found", celery_app.demo.__file__)
+print("worker-distribution", importlib.metadata.version("celery-reconciler-worker"),
+      celery_reconciler_worker.__file__)
 print("devstack-absent", importlib.util.find_spec("devstack") is None)
 print("tests-absent", importlib.util.find_spec("tests") is None)
 """
@@ -83,6 +87,10 @@ def test_the_image_runs_the_packaged_product_without_the_test_harness(
         ],
     )
     assert "demo-app-found /opt/venv/lib/" in logs["probe"]
+    # The worker package arrives as its own distribution, a dependency of the operator's.
+    worker_project = Path(__file__).resolve().parents[2] / "celery_app" / "pyproject.toml"
+    version = tomllib.loads(worker_project.read_text())["project"]["version"]
+    assert f"worker-distribution {version} /opt/venv/lib/" in logs["probe"]
     assert "devstack-absent True" in logs["probe"]
     assert "tests-absent True" in logs["probe"]
     assert "--all-namespaces" in logs["operator"]

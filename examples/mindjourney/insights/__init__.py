@@ -1,0 +1,1 @@
+"""Journal entries and the insights extracted from them."""

@@ -1,0 +1,125 @@
+"""Kubernetes Lease I/O (coordination.k8s.io/v1) for active-active replicas.
+
+The decisions are ``sharding``'s; this module only reads and writes the objects, in the
+operator's own namespace:
+
+    leases      get, list, create, update, delete
+
+Every write that changes a holder is conditional on the resourceVersion read before it, so
+the API server is the arbiter: of two replicas that try to take one Lease, one gets HTTP
+409 (``LeaseConflict``) and reads again. The official client is synchronous; callers in the
+event loop use ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import kubernetes
+
+from celery_reconciler import kube, sharding
+
+MEMBER_LABEL = "celery-reconciler.io/member-of"
+POLICY_LABEL = "celery-reconciler.io/policy-of"
+POLICY_ANNOTATION = "celery-reconciler.io/policy"
+
+
+class LeaseConflict(Exception):
+    """Someone wrote the Lease since we read it (HTTP 409): read it again and decide anew."""
+
+
+def _api() -> kubernetes.client.CoordinationV1Api:
+    return kubernetes.client.CoordinationV1Api(kube._client())
+
+
+def object_name(*parts: str) -> str:
+    """A Lease name from free text (a pod or group name, a uid): a DNS subdomain."""
+    name = re.sub(r"[^a-z0-9.-]+", "-", "-".join(parts).lower()).strip("-.")
+    return name[:253].rstrip("-.") or "lease"
+
+
+def _record(lease: Any) -> sharding.LeaseRecord:
+    spec = lease.spec
+    return sharding.LeaseRecord(
+        name=str(lease.metadata.name),
+        holder=spec.holder_identity or None,
+        duration_seconds=float(spec.lease_duration_seconds or 0),
+        transitions=int(spec.lease_transitions or 0),
+        resource_version=str(lease.metadata.resource_version),
+    )
+
+
+def read(*, namespace: str, name: str) -> sharding.LeaseRecord | None:
+    try:
+        lease = _api().read_namespaced_lease(
+            name, namespace, _request_timeout=kube.REQUEST_TIMEOUT_SECONDS
+        )
+    except kubernetes.client.ApiException as error:
+        if error.status == 404:
+            return None
+        raise _failure(error, doing=f"reading Lease {namespace}/{name}") from None
+    return _record(lease)
+
+
+def list_labelled(*, namespace: str, label: str, value: str) -> list[sharding.LeaseRecord]:
+    leases = kube._call(_api().list_namespaced_lease, namespace, label_selector=f"{label}={value}")
+    return [_record(lease) for lease in leases.items]
+
+
+def write(
+    *,
+    namespace: str,
+    name: str,
+    acquire: sharding.Acquire,
+    holder: str | None,
+    duration_seconds: int,
+    labels: Mapping[str, str],
+    annotations: Mapping[str, str] | None = None,
+) -> sharding.LeaseRecord:
+    """Create the Lease, or replace it if it is still at ``acquire.resource_version``.
+
+    ``holder=None`` releases it: a free Lease anyone may take at once."""
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    metadata: dict[str, Any] = {"name": name, "labels": dict(labels)}
+    if annotations:
+        metadata["annotations"] = dict(annotations)
+    spec: dict[str, Any] = {
+        "leaseDurationSeconds": duration_seconds,
+        "leaseTransitions": acquire.transitions,
+        "renewTime": now,
+    }
+    if holder is not None:
+        spec["holderIdentity"] = holder
+    if holder is not None and acquire.takeover:
+        spec["acquireTime"] = now
+    body: dict[str, Any] = {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": metadata,
+        "spec": spec,
+    }
+    try:
+        if acquire.resource_version is None:
+            lease = _api().create_namespaced_lease(
+                namespace, body, _request_timeout=kube.REQUEST_TIMEOUT_SECONDS
+            )
+        else:
+            metadata["resourceVersion"] = acquire.resource_version
+            lease = _api().replace_namespaced_lease(
+                name, namespace, body, _request_timeout=kube.REQUEST_TIMEOUT_SECONDS
+            )
+    except kubernetes.client.ApiException as error:
+        if error.status in (404, 409):
+            raise LeaseConflict(f"Lease {namespace}/{name} changed meanwhile") from None
+        raise _failure(error, doing=f"writing Lease {namespace}/{name}") from None
+    return _record(lease)
+
+
+def _failure(error: kubernetes.client.ApiException, *, doing: str) -> kube.KubernetesUnavailable:
+    return kube.KubernetesUnavailable(
+        f"{doing} failed: HTTP {error.status} {error.reason} — the operator's ServiceAccount "
+        "needs get, list, create, update on leases.coordination.k8s.io in its own namespace"
+    )

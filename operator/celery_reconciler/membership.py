@@ -1,0 +1,325 @@
+"""Active-active replicas at run time: this replica's member Lease, and the policies it sweeps.
+
+``Membership`` runs one task per operator process. Every ``renew_seconds`` (a third of the
+Lease duration) it renews this replica's member Lease and lists the member Leases of its
+group (one request): from that listing ``sharding`` says who is alive and who should
+sweep which policy. Each policy's kopf daemon calls ``serve``, which sweeps (runs the
+``PolicyLoop``) only while this replica is the policy's assigned owner *and* holds the
+policy's Lease, and hands the Lease back when either stops being true:
+
+* a replica joins: the policies it now wins are released by their old owners at their
+  next tick (after the sweep in progress) and taken by it;
+* a replica dies: its member Lease is seen unchanged for its duration, it leaves the
+  member list, its policies are assigned to the others, whose ``serve`` takes each Lease
+  (free, since its holder is no member any more) with a conditional write;
+* this replica stops: its loops stop, it releases its policy Leases and its member Lease,
+  and the others take over at their next tick instead of after a Lease duration.
+
+Why the DB fence as well: a replica that cannot reach the API server for longer than the
+Lease duration is dropped by the others while it may still be mid-sweep. It stops its own
+loops once it has not renewed its member Lease for the duration (self-fencing), but a
+pause can outlast any timer; the ledger's owner row refuses its claims regardless
+(``ledger.begin_sweep``, ``ledger.check_fence``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+from celery_reconciler import kube, leases, ledger, sharding
+
+logger = logging.getLogger(__name__)
+
+
+class Handover:
+    """The stop signal a ``PolicyLoop`` gets: kopf's (the policy is gone, the operator
+    stops) or ours (the policy moves to another replica). Quacks like kopf's
+    ``DaemonStopped``: truthy once stopping, ``await wait()`` until then."""
+
+    def __init__(self, stopped: Any) -> None:
+        self._stopped = stopped
+        self.moving = asyncio.Event()
+
+    def __bool__(self) -> bool:
+        return bool(self._stopped) or self.moving.is_set()
+
+    async def wait(self) -> None:
+        waiters = {
+            asyncio.ensure_future(self._stopped.wait()),
+            asyncio.ensure_future(self.moving.wait()),
+        }
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+
+RunLoop = Callable[[sharding.Fence, Handover], Awaitable[None]]
+T = TypeVar("T")
+
+
+class Membership:
+    def __init__(self, *, namespace: str, group: str, replica: str, lease_seconds: int) -> None:
+        self.namespace = namespace
+        self.group = group
+        # A nonce per process: a restarted container is a new holder, so nothing it did
+        # not take itself counts as its own, while assignment (by replica) stays put.
+        self.identity = f"{replica}/{secrets.token_hex(4)}"
+        self.lease_seconds = lease_seconds
+        self.renew_seconds = max(1.0, lease_seconds / 3)
+        self.member_lease = leases.object_name(group, "member", replica)
+        self.alive: tuple[str, ...] = ()
+        self.listed = False
+        self.first_listed_at: float | None = None  # monotonic
+        self.renewed_at: float | None = None  # monotonic, last renewal of our member Lease
+        self.changed = asyncio.Event()
+        self.sightings: dict[str, sharding.Sighting] = {}
+        self.task: asyncio.Task[None] | None = None
+        self.member_record: sharding.LeaseRecord | None = None
+        # Every policy's uid (a kopf index, set by the daemons): the assignment shares them
+        # all out, so each replica needs the whole list. Recomputed only when it or the
+        # member list changes.
+        self.every_policy: Callable[[], Iterable[str]] = tuple
+        self.assigned_for: tuple[frozenset[str], tuple[str, ...]] | None = None
+        self.assignment: dict[str, str] = {}
+        # Threads of our own: the event loop's default executor also runs every policy's
+        # sweep, and a few long sweeps there would hold up the renewals until the others
+        # count this replica dead.
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="leases"
+        )
+
+    async def call(self, function: Callable[..., T], **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.executor, functools.partial(function, **kwargs)
+        )
+
+    # -- membership ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.task = asyncio.ensure_future(self.run())
+
+    async def run(self) -> None:
+        logger.info(
+            "sharding: replica %s joins group %s (Leases in namespace %s, %ss)",
+            self.identity,
+            self.group,
+            self.namespace,
+            self.lease_seconds,
+        )
+        while True:
+            try:
+                await self.tick()
+            except Exception as error:  # the API server away: keep trying, self-fence below
+                logger.warning("sharding: renewing membership failed: %s", error)
+            if not self.member(now=time.monotonic()) and self.listed:
+                self.note(())
+            await asyncio.sleep(self.renew_seconds)
+
+    async def tick(self) -> None:
+        await self.call(self.renew_member)
+        members = await self.call(
+            leases.list_labelled,
+            namespace=self.namespace,
+            label=leases.MEMBER_LABEL,
+            value=self.group,
+        )
+        now = time.monotonic()
+        self.sightings = sharding.observe(self.sightings, members, now=now)
+        alive = set(sharding.live_members(members, self.sightings, now=now))
+        alive.add(self.identity)  # just renewed
+        self.listed = True
+        if self.first_listed_at is None:
+            self.first_listed_at = now
+        self.note(tuple(sorted(alive)))
+
+    def renew_member(self) -> None:
+        record = self.member_record or leases.read(namespace=self.namespace, name=self.member_lease)
+        acquire = sharding.Acquire(
+            resource_version=None if record is None else record.resource_version,
+            transitions=0 if record is None else record.transitions,
+            takeover=record is None or record.holder != self.identity,
+        )
+        try:
+            self.member_record = leases.write(
+                namespace=self.namespace,
+                name=self.member_lease,
+                acquire=acquire,
+                holder=self.identity,
+                duration_seconds=self.lease_seconds,
+                labels={leases.MEMBER_LABEL: self.group},
+            )
+        except leases.LeaseConflict:
+            self.member_record = None  # read afresh next time
+            raise
+        self.renewed_at = time.monotonic()
+
+    def member(self, *, now: float) -> bool:
+        """Whether the others still count us: our Lease renewed within its duration."""
+        return self.renewed_at is not None and now - self.renewed_at < self.lease_seconds
+
+    def note(self, alive: tuple[str, ...]) -> None:
+        if alive != self.alive:
+            logger.info("sharding: live replicas now %s", ", ".join(alive) or "none")
+            self.alive = alive
+            changed, self.changed = self.changed, asyncio.Event()
+            changed.set()
+
+    def owns(self, policy_uid: str) -> bool:
+        if not self.member(now=time.monotonic()):
+            return False
+        uids = frozenset(self.every_policy())
+        if (uids, self.alive) != self.assigned_for:
+            self.assigned_for = (uids, self.alive)
+            self.assignment = sharding.assign_to_holders(uids, self.alive)
+        return self.assignment.get(policy_uid) == self.identity
+
+    async def wait_for_change(self, stopped: Any, *, timeout_seconds: float) -> None:
+        waiters = {
+            asyncio.ensure_future(stopped.wait()),
+            asyncio.ensure_future(self.changed.wait()),
+        }
+        try:
+            await asyncio.wait(
+                waiters, timeout=timeout_seconds, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def leave(self) -> None:
+        """On shutdown: give the member Lease back, so the others rebalance at once."""
+        if self.task is not None:
+            self.task.cancel()
+        record = self.member_record
+        if record is None:
+            return
+        try:
+            await self.call(
+                leases.write,
+                namespace=self.namespace,
+                name=self.member_lease,
+                acquire=sharding.Acquire(record.resource_version, record.transitions, False),
+                holder=None,
+                duration_seconds=self.lease_seconds,
+                labels={leases.MEMBER_LABEL: self.group},
+            )
+        except Exception as error:  # it expires on its own
+            logger.warning("sharding: releasing the member Lease failed: %s", error)
+
+    # -- policies -----------------------------------------------------------------------
+
+    def policy_lease(self, policy_uid: str) -> str:
+        return leases.object_name(self.group, "policy", policy_uid)
+
+    async def serve(
+        self,
+        *,
+        uid: str,
+        key: str,
+        stopped: Any,
+        run_loop: RunLoop,
+        every_policy: Callable[[], Iterable[str]],
+    ) -> None:
+        """Run the policy's loop whenever this replica owns it, until kopf stops the daemon."""
+        self.every_policy = every_policy
+        at_least_token = 0
+        while not stopped:
+            if not self.listed or not self.owns(uid):
+                await self.wait_for_change(stopped, timeout_seconds=self.renew_seconds)
+                continue
+            fence = await self.acquire(uid=uid, key=key, at_least_token=at_least_token)
+            if fence is None:
+                await self.wait_for_change(stopped, timeout_seconds=self.renew_seconds)
+                continue
+            logger.info("sharding: policy %s: swept here (token %d)", key, fence.token)
+            handover = Handover(stopped)
+            watcher = asyncio.ensure_future(self.watch_ownership(uid, handover))
+            try:
+                await run_loop(fence, handover)
+            except ledger.FencedOut as error:
+                logger.warning("sharding: policy %s: %s", key, error)
+                if error.current is not None and error.current.token >= fence.token:
+                    at_least_token = error.current.token + 1
+            finally:
+                watcher.cancel()
+                await self.release(uid=uid, fence=fence)
+
+    async def watch_ownership(self, uid: str, handover: Handover) -> None:
+        while not handover:
+            await self.wait_for_change(handover, timeout_seconds=self.renew_seconds)
+            if not self.owns(uid):
+                handover.moving.set()
+
+    async def acquire(self, *, uid: str, key: str, at_least_token: int) -> sharding.Fence | None:
+        name = self.policy_lease(uid)
+        try:
+            record = await self.call(leases.read, namespace=self.namespace, name=name)
+            watched = time.monotonic() - (self.first_listed_at or time.monotonic())
+            decision = sharding.acquisition(
+                record,
+                me=self.identity,
+                alive=self.alive,
+                at_least_token=at_least_token,
+                absence_proves_death=watched >= self.lease_seconds,
+            )
+            if decision is None:
+                return None
+            written = await self.call(
+                leases.write,
+                namespace=self.namespace,
+                name=name,
+                acquire=decision,
+                holder=self.identity,
+                duration_seconds=self.lease_seconds,
+                labels={leases.POLICY_LABEL: self.group},
+                annotations={leases.POLICY_ANNOTATION: key},
+            )
+        except (leases.LeaseConflict, kube.KubernetesUnavailable) as error:
+            logger.info("sharding: policy %s: Lease not taken: %s", key, error)
+            return None
+        except Exception as error:  # network: the next tick tries again
+            logger.warning("sharding: policy %s: Lease not taken: %s", key, error)
+            return None
+        return sharding.Fence(policy_key=key, holder=self.identity, token=written.transitions)
+
+    async def release(self, *, uid: str, fence: sharding.Fence) -> None:
+        """Free the policy's Lease if we still hold it, so its next owner need not wait."""
+        name = self.policy_lease(uid)
+        try:
+            record = await self.call(leases.read, namespace=self.namespace, name=name)
+            if record is None or record.holder != self.identity:
+                return
+            await self.call(
+                leases.write,
+                namespace=self.namespace,
+                name=name,
+                acquire=sharding.Acquire(record.resource_version, record.transitions, False),
+                holder=None,
+                duration_seconds=self.lease_seconds,
+                labels={leases.POLICY_LABEL: self.group},
+                annotations={leases.POLICY_ANNOTATION: fence.policy_key},
+            )
+            logger.info("sharding: policy %s: released", fence.policy_key)
+        except Exception as error:  # it frees itself when we leave the member list
+            logger.warning("sharding: policy %s: release failed: %s", fence.policy_key, error)
+
+
+_membership: Membership | None = None
+
+
+def configure(membership: Membership | None) -> None:
+    global _membership
+    _membership = membership
+
+
+def current() -> Membership | None:
+    return _membership

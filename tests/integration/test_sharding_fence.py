@@ -1,0 +1,110 @@
+"""The ledger's fence for active-active replicas, against real PostgreSQL and Redis: a sweep
+under an older fencing token is refused, a takeover waits for the previous owner's claim
+transaction, and the sweep intervals of two owners never overlap."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+from reconcile_support import make_policy
+
+from celery_app.demo import schema
+from celery_reconciler import broker, ledger, reconcile, sharding
+
+
+def intervals(conn: psycopg.Connection[Any], policy_key: str) -> list[tuple[Any, ...]]:
+    return conn.execute(
+        "SELECT holder, token, started_at, finished_at, ended FROM celery_reconciler.sweeps "
+        "WHERE policy_key = %s ORDER BY started_at",
+        [policy_key],
+    ).fetchall()
+
+
+def test_a_replica_that_lost_the_policy_is_refused_by_the_ledger(
+    demo_dsn: str, redis_url: str, conn: psycopg.Connection[Any]
+) -> None:
+    schema.seed(conn, count=30)
+    policy = make_policy(limits={"batchSize": 10, "maxInFlight": 10})
+    first = sharding.Fence(policy.key, "replica-a/1", 3)
+    second = sharding.Fence(policy.key, "replica-b/1", 4)
+    db = reconcile.Database(demo_dsn)
+    publisher = broker.connect(redis_url)
+    try:
+        swept = reconcile.reconcile_once(policy, db=db, broker=publisher, fence=first)
+        assert swept.published == 10
+        taken = reconcile.reconcile_once(
+            policy, db=db, broker=publisher, fence=second, hold_dispatch=True
+        )
+        assert taken.published == 0
+        with pytest.raises(ledger.FencedOut) as refused:
+            reconcile.reconcile_once(policy, db=db, broker=publisher, fence=first)
+        assert refused.value.current == second
+        assert "replica-b/1 (token 4)" in str(refused.value)
+    finally:
+        db.close()
+        publisher.close()
+    rows = intervals(conn, policy.key)
+    assert [(holder, token, ended) for holder, token, _, _, ended in rows] == [
+        ("replica-a/1", 3, "finished"),
+        ("replica-b/1", 4, "finished"),
+    ]
+    claimed = conn.execute(
+        "SELECT count(*) FROM celery_reconciler.entries WHERE policy_key = %s", [policy.key]
+    ).fetchone()
+    assert claimed == (10,)  # the refused sweep claimed nothing
+
+
+def test_a_takeover_waits_for_the_previous_owners_claim_and_closes_its_interval(
+    demo_dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    policy = make_policy()
+    old = sharding.Fence(policy.key, "replica-a/1", 1)
+    new = sharding.Fence(policy.key, "replica-b/1", 2)
+    with psycopg.connect(demo_dsn, autocommit=True) as old_conn:
+        ledger.ensure_schema(old_conn)
+        ledger.begin_sweep(old_conn, old)
+        taken = threading.Event()
+
+        def take_over() -> None:
+            with psycopg.connect(demo_dsn, autocommit=True) as new_conn:
+                ledger.begin_sweep(new_conn, new)
+            taken.set()
+
+        with old_conn.transaction():
+            ledger.check_fence(old_conn, old)  # a claim transaction in progress
+            thief = threading.Thread(target=take_over)
+            thief.start()
+            # The takeover must queue behind the share lock, not pass it.
+            assert not taken.wait(timeout=1.0)
+            old_commit = old_conn.execute("SELECT clock_timestamp()").fetchone()
+        thief.join(timeout=30)
+        assert taken.is_set()
+        with pytest.raises(ledger.FencedOut), old_conn.transaction():
+            ledger.check_fence(old_conn, old)
+    assert old_commit is not None
+    (a_holder, _, a_start, a_end, a_ended), (b_holder, _, b_start, b_end, _) = intervals(
+        conn, policy.key
+    )
+    assert (a_holder, a_ended, b_holder, b_end) == (
+        "replica-a/1",
+        "taken_over",
+        "replica-b/1",
+        None,
+    )
+    assert a_start < old_commit[0] < a_end <= b_start
+
+
+def test_the_same_token_under_another_holder_is_refused(
+    demo_dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    policy = make_policy()
+    with psycopg.connect(demo_dsn, autocommit=True) as c:
+        ledger.ensure_schema(c)
+        ledger.begin_sweep(c, sharding.Fence(policy.key, "replica-a/1", 7))
+        with pytest.raises(ledger.FencedOut):
+            ledger.begin_sweep(c, sharding.Fence(policy.key, "replica-b/1", 7))
+        ledger.begin_sweep(c, sharding.Fence(policy.key, "replica-a/1", 7))  # the owner goes on
+    assert [row[0] for row in intervals(conn, policy.key)] == ["replica-a/1", "replica-a/1"]

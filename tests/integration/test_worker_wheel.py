@@ -1,0 +1,287 @@
+"""The worker wheel, installed alone in a fresh venv, runs a real worker the operator feeds.
+
+Every other test imports the worker package from this checkout, next to the operator, so
+none of them would notice the wheel reaching for ``celery_reconciler`` or missing a file.
+Here the wheel is built from the checkout's ``celery_app/`` as the docs say, installed into
+a ``python -m venv`` (no system site packages) with nothing but what pip resolves for it
+(celery, psycopg and theirs) plus ``celery[redis]``, which a Celery-on-Redis image has anyway,
+and a user's app of a few lines — written into a directory of its own, not this checkout —
+runs there as a real ``celery worker``. The operator's real sweep, from the test's venv,
+dispatches to it; the outcome is read from the ledger. Nothing is skipped: no PyPI, no
+wheel, no libpq is a failure that says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from reconcile_support import make_policy, pending_count, sweep_until, wait_for
+
+from celery_app.demo import schema, settings
+from devstack import processes
+
+pytestmark = pytest.mark.integration
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+WORKER_PROJECT = REPOSITORY / "celery_app"
+OPERATOR_ONLY = ("celery-reconciler", "kopf", "kubernetes", "prometheus-client")
+# Entries whose id is a multiple of this fail their first attempt, so the wheel's own retry
+# path (retry rules, backoff, the failure record) runs too, not only the happy one.
+FAIL_FIRST_EVERY = 5
+ENTRIES = 30
+
+USER_APP = '''
+"""A user's worker app: celery, psycopg and celery-reconciler-worker, nothing else."""
+
+import json
+import os
+
+import psycopg
+from celery import Celery
+
+from celery_reconciler_worker import reliable
+
+print("reliable-module", reliable.__file__, flush=True)
+
+app = Celery("wheel_user_app", broker=os.environ["CELERY_BROKER_URL"])
+app.conf.update(reliable.recommended_settings(lease_seconds=60))
+
+
+@app.task(base=reliable.ReconciledTask, name={task_name!r})
+def extract_insights(entry_id: str) -> None:
+    with psycopg.connect(os.environ["CELERY_RECONCILER_DSN"], autocommit=True) as conn:
+        if int(entry_id) % {fail_first_every} == 0 and conn.execute(
+            "INSERT INTO wheel_first_attempts (entry_id) VALUES (%s) "
+            "ON CONFLICT DO NOTHING RETURNING entry_id",
+            [entry_id],
+        ).fetchone():
+            raise RuntimeError(f"entry {{entry_id}} fails its first attempt on purpose")
+        with reliable.fenced_transaction(conn):
+            conn.execute(
+                "UPDATE journal_entry SET insights = %s, insights_extracted = true "
+                "WHERE id = %s",
+                [json.dumps({{"mood": "calm"}}), int(entry_id)],
+            )
+'''
+
+
+def _run(argv: list[str], *, cwd: Path, env: dict[str, str], timeout: float = 600) -> str:
+    done = subprocess.run(
+        argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert done.returncode == 0, f"{' '.join(argv)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+# What reaching PyPI from this machine may need (an index, a proxy, a CA bundle); nothing
+# else of the test's environment reaches the venv's processes.
+_NETWORK_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR")
+
+
+def _clean_env(venv: Path) -> dict[str, str]:
+    """The environment of a fresh shell in the venv: nothing of the test's interpreter."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key in ("HOME", "LANG") or key.startswith("PIP_") or key.upper() in _NETWORK_VARIABLES
+    }
+    env["PATH"] = f"{venv / 'bin'}:/usr/bin:/bin"
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    return env
+
+
+@pytest.fixture(scope="module")
+def worker_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv holding the built worker wheel and what pip resolves for it."""
+    root = tmp_path_factory.mktemp("worker-wheel")
+    # A copy, so a build leaves nothing (build/, *.egg-info) in the checkout.
+    source = root / "source"
+    shutil.copytree(
+        WORKER_PROJECT,
+        source,
+        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"),
+    )
+    wheels = root / "wheels"
+    _run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+         "--wheel-dir", str(wheels), str(source)],
+        cwd=root, env=dict(os.environ),
+    )  # fmt: skip
+    (wheel,) = wheels.glob("celery_reconciler_worker-*.whl")
+    print(f"worker wheel {wheel.name}: {wheel.stat().st_size} bytes")
+
+    venv = root / "venv"
+    _run([sys.executable, "-m", "venv", str(venv)], cwd=root, env=dict(os.environ))
+    config = (venv / "pyvenv.cfg").read_text()
+    assert "include-system-site-packages = false" in config, config
+    env = _clean_env(venv)
+    _run([str(venv / "bin" / "pip"), "install", "-q", str(wheel)], cwd=root, env=env)
+    # The broker transport is the user's choice, not a requirement of ours: AMQP's client
+    # comes with celery, Redis's is the celery[redis] extra every Redis user installs.
+    _run([str(venv / "bin" / "pip"), "install", "-q", "celery[redis]"], cwd=root, env=env)
+    return venv
+
+
+def test_the_wheel_requires_only_celery_and_psycopg(worker_venv: Path) -> None:
+    env = _clean_env(worker_venv)
+    shown = _run(
+        [str(worker_venv / "bin" / "pip"), "show", "celery-reconciler-worker"],
+        cwd=worker_venv,
+        env=env,
+    )
+    fields = dict(line.split(": ", 1) for line in shown.splitlines() if ": " in line)
+    requires = {name.strip().lower() for name in fields["Requires"].split(",")}
+    print("Requires:", fields["Requires"])
+    assert requires == {"celery", "psycopg"}
+    version = tomllib.loads((WORKER_PROJECT / "pyproject.toml").read_text())["project"]["version"]
+    assert fields["Version"] == version
+    installed = json.loads(
+        _run(
+            [str(worker_venv / "bin" / "pip"), "list", "--format=json"],
+            cwd=worker_venv,
+            env=env,
+        )
+    )
+    names = {package["name"].lower() for package in installed}
+    assert sorted(names & set(OPERATOR_ONLY)) == []
+
+
+def test_the_venv_imports_the_worker_package_and_not_the_operator(
+    worker_venv: Path, tmp_path: Path
+) -> None:
+    env = _clean_env(worker_venv)
+    python = str(worker_venv / "bin" / "python")
+    located = _run(
+        [python, "-c", "import celery_reconciler_worker.reliable as r; print(r.__file__)"],
+        cwd=tmp_path,
+        env=env,
+    )
+    assert located.strip().startswith(str(worker_venv / "lib")), located
+    for operator_module in ("celery_reconciler", "kopf", "kubernetes", "prometheus_client"):
+        probe = subprocess.run(
+            [python, "-c", f"import {operator_module}"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert probe.returncode != 0, f"{operator_module} is importable in the worker venv"
+        assert "ModuleNotFoundError" in probe.stderr, probe.stderr
+
+
+def test_a_worker_from_the_wheel_processes_what_the_operator_dispatches(
+    worker_venv: Path,
+    demo_dsn: str,
+    conn: psycopg.Connection[Any],
+    broker_url: str,
+    tmp_path: Path,
+) -> None:
+    conn.execute("CREATE TABLE wheel_first_attempts (entry_id text PRIMARY KEY)")
+    schema.seed(conn, count=ENTRIES)
+    app_dir = tmp_path / "user-app"
+    app_dir.mkdir()
+    (app_dir / "wheel_user_app.py").write_text(
+        textwrap.dedent(USER_APP).format(
+            task_name=schema.TASK_NAME, fail_first_every=FAIL_FIRST_EVERY
+        )
+    )
+    worker_name = "wheel-worker"
+    env = _clean_env(worker_venv) | {
+        "PYTHONPATH": str(app_dir),
+        "PYTHONUNBUFFERED": "1",
+        "CELERY_BROKER_URL": broker_url,
+        "CELERY_RECONCILER_DSN": demo_dsn,
+        "HOSTNAME": worker_name,
+    }
+    worker = processes.ManagedProcess(
+        name=f"worker:{worker_name}",
+        argv=[
+            str(worker_venv / "bin" / "celery"), "-A", "wheel_user_app", "worker",
+            "-Q", settings.QUEUE, "-c", "2", "--pool", "prefork", "-n", f"{worker_name}@%h",
+            "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "INFO",
+        ],
+        log_path=tmp_path / "wheel-worker.log",
+        env=env,
+        cwd=app_dir,
+    )  # fmt: skip
+    worker.start()
+    try:
+        worker.wait_until(
+            lambda: " ready." in worker.log_path.read_text(errors="replace"),
+            timeout_seconds=60,
+            what="ready",
+        )
+        policy = make_policy(lease_timeout="60s")
+        sweep_until(
+            lambda: pending_count(conn) == 0,
+            policy_=policy,
+            dsn=demo_dsn,
+            broker_url=broker_url,
+            timeout_seconds=120,
+            interval_seconds=0.5,
+        )
+        wait_for(
+            lambda: (
+                dict(
+                    conn.execute(
+                        "SELECT state, count(*) FROM celery_reconciler.entries GROUP BY state"
+                    ).fetchall()
+                )
+                == {"succeeded": ENTRIES}
+            ),
+            timeout_seconds=30,
+            what="every entry succeeded in the ledger",
+        )
+        log = worker.log_path.read_text(errors="replace")
+    finally:
+        worker.stop(timeout_seconds=20)
+
+    # The worker ran the wheel's code, installed in its venv, not this checkout's.
+    assert f"reliable-module {worker_venv / 'lib'}" in log, log[-3000:]
+    attempts = conn.execute(
+        "SELECT entry_id, outcome, worker, retry_at IS NOT NULL, error "
+        "FROM celery_reconciler.attempts ORDER BY id"
+    ).fetchall()
+    failing = {
+        str(row[0])
+        for row in conn.execute(
+            "SELECT id FROM journal_entry WHERE id %% %s = 0", [FAIL_FIRST_EVERY]
+        )
+    }
+    assert failing, "the seed holds no entry that fails its first attempt"
+    failed = {
+        (entry_id, retried) for entry_id, outcome, _, retried, _ in attempts if outcome == "failed"
+    }
+    assert failed == {(entry_id, True) for entry_id in failing}
+    assert all("on purpose" in error for _, outcome, _, _, error in attempts if outcome == "failed")
+    succeeded = [entry_id for entry_id, outcome, _, _, _ in attempts if outcome == "succeeded"]
+    assert sorted(succeeded) == sorted({entry_id for entry_id, *_ in attempts})
+    assert len(succeeded) == ENTRIES
+    assert {worker_name} == {row[2] for row in attempts}
+    retried = dict(
+        conn.execute(
+            "SELECT entry_id, attempt FROM celery_reconciler.entries WHERE entry_id = ANY(%s)",
+            [sorted(failing)],
+        ).fetchall()
+    )
+    assert retried == dict.fromkeys(failing, 2)
+    incarnations = conn.execute(
+        "SELECT count(*) FROM celery_reconciler.incarnations WHERE hostname = %s", [worker_name]
+    ).fetchone()
+    assert incarnations is not None and incarnations[0] >= 1
+    processed = conn.execute(
+        "SELECT count(*) FROM journal_entry WHERE insights_extracted AND insights ? 'mood'"
+    ).fetchone()
+    assert processed == (ENTRIES,)
