@@ -140,6 +140,7 @@ def test_sharded_replicas_get_leases_in_the_release_namespace_only(
         "run", "--all-namespaces", "--liveness", "http://0.0.0.0:8080/healthz",
         "--metrics-port", "9090", "--sharding-namespace", namespace,
         "--sharding-group", FULLNAME, "--lease-seconds", "15",
+        "--status-writes-per-second", "20",
     ]  # fmt: skip
     assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in (
         container["env"]
