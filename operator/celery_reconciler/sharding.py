@@ -18,7 +18,8 @@ its resourceVersion-conditional writes make each change a compare-and-set.
   policies), but with few policies it is lumpy: 12 policies leave one of 3 replicas idle
   about once in 40 clusters. So each replica takes at most ``ceil(policies / replicas)``,
   and a policy whose favourite is full goes to its next favourite: the spread is even,
-  and a death or a join moves a few percent more than the minimum (``test_sharding``).
+  and a death or a join moves a few percent more than the minimum
+  (``tests/unit/test_shard_assignment.py``).
 * **Who may sweep it** (the policy's own Lease, ``acquisition``): the assignment is a
   wish, and two replicas may briefly disagree about the member list. A replica sweeps a
   policy only while it holds that policy's Lease, taken with a conditional write when it is
