@@ -530,7 +530,10 @@ class PolicyLoop:
             "key": broker_ref.key,
             "field": "spec.task.brokerSecretRef",
         }
-        fresh = kube.SECRET_MAX_AGE_SECONDS
+        # A failing policy reads its Secrets afresh: its attempts are already spaced by the
+        # error backoff, and a Secret just fixed must count at the next one, not 10 s later
+        # (by then the backoff may have grown to a minute).
+        fresh = 0.0 if self.failures_in_a_row else kube.SECRET_MAX_AGE_SECONDS
         dsn = kube.read_secret_value(**database_at, max_age_seconds=fresh)
         url = kube.read_secret_value(**broker_at, max_age_seconds=fresh)
         # Checked here, where the Secret's name is known, so the error can name it.
