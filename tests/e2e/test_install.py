@@ -103,6 +103,7 @@ def operator_options(
     assert args.pop(0) == "run"
     namespaces: list[str] = []
     peering: str | None = None
+    passed_on: list[str] = []
     while args:
         arg = args.pop(0)
         if arg == "--namespace":
@@ -111,13 +112,22 @@ def operator_options(
             peering = args.pop(0)
         elif arg in ("--liveness", "--metrics-port"):
             args.pop(0)
+        elif arg == "--status-writes-per-second":
+            passed_on += [arg, args.pop(0)]
         else:
             assert arg in ("--all-namespaces", "--standalone"), f"unknown operator arg {arg}"
-    assert [e["name"] for e in container["env"]] == ["POD_ID"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert sorted(env) == ["CELERY_RECONCILER_MAX_DATABASE_CONNECTIONS", "POD_ID"], env
     return {
         "namespaces": tuple(namespaces),
         "peering": peering,
-        "extra_env": {"POD_ID": f"{deployment}-out-of-cluster"},
+        "extra_args": passed_on,
+        "extra_env": {
+            "POD_ID": f"{deployment}-out-of-cluster",
+            "CELERY_RECONCILER_MAX_DATABASE_CONNECTIONS": env[
+                "CELERY_RECONCILER_MAX_DATABASE_CONNECTIONS"
+            ],
+        },
     }
 
 
