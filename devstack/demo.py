@@ -202,9 +202,18 @@ class Demo:
 
         Waiting for two bodies in flight makes the demo show what a kill mid-task costs;
         killed between bodies, a worker may hold only a prefetched message, which comes back
-        through the broker or the lease rather than the pod hook (docs/concepts.md)."""
+        through the broker or the lease rather than the pod hook (docs/concepts.md). Called
+        as soon as the policy is applied: with short bodies the whole run may take a second
+        or two, and a watch that starts later can find nothing left to interrupt. Returns
+        None, having said so, when the run ended before the worker held two bodies."""
         pid = self.require_node().main_pid(namespace=NAMESPACE, pod=pod, container="worker")
         with psycopg.connect(self.dsn, autocommit=True) as conn:
+            # The operator's first sweep creates the ledger; until then nothing runs.
+            while conn.execute("SELECT to_regclass('celery_reconciler.entries')").fetchone() in (
+                None,
+                (None,),
+            ):
+                time.sleep(0.05)
             while True:
                 running = conn.execute(
                     "SELECT count(*) FROM celery_reconciler.entries "
@@ -215,6 +224,12 @@ class Demo:
                     os.kill(pid, signal.SIGKILL)
                     killed_at = audit.database_now(conn)
                     break
+                if self.processed() >= self.entries:
+                    say(
+                        f"every entry was processed before {pod} ran two bodies at once: "
+                        "nothing to kill mid-run (try a larger --task-seconds)"
+                    )
+                    return None
         say(f"SIGKILL the main process (host PID {pid}) of worker Pod {pod} mid-run")
         deadline = time.monotonic() + 120
         while self.restart_count(pod) < 1 and time.monotonic() < deadline:
@@ -230,12 +245,10 @@ class Demo:
         self.apply_policy()
 
         started = time.monotonic()
-        killed_at: Any = None
+        killed_at = self.kill_a_worker_mid_run(victim)
         while True:
             done = self.processed()
             self.show(f"   ({done}/{self.entries} processed in the database)")
-            if killed_at is None and done >= self.entries // 3:
-                killed_at = self.kill_a_worker_mid_run(victim)
             if done >= self.entries:
                 break
             if time.monotonic() - started > 600:
@@ -243,6 +256,8 @@ class Demo:
                 return 1
             time.sleep(1.0)
         elapsed = time.monotonic() - started
+        if killed_at is None:
+            return 1  # the demo is about the rescue; it has said why there was none
         time.sleep(1.5)  # let the operator's next status write land
         self.show("   (final)")
         return self.summarize(
