@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from celery_app.demo import schema
 from celery_reconciler import pools
 from devstack import kube as devstack_kube
 from devstack import operators, scale_app, workers
@@ -143,26 +144,8 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
             )
             pid = operator.process.pid
             assert pid is not None
-            secrets = json.dumps(
-                {
-                    "apiVersion": "v1",
-                    "kind": "List",
-                    "items": [
-                        {
-                            "apiVersion": "v1",
-                            "kind": "Secret",
-                            "metadata": {"name": "demo-db"},
-                            "stringData": {"dsn": dsn},
-                        },
-                        {
-                            "apiVersion": "v1",
-                            "kind": "Secret",
-                            "metadata": {"name": "demo-broker"},
-                            "stringData": {"url": broker.url},
-                        },
-                    ],
-                }
-            )
+            items = schema.secrets(dsn=dsn, broker_url=broker.url)
+            secrets = json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
             plane.kubectl("-n", NAMESPACE, "apply", "-f", "-", input=secrets)
             manifest = scale_app.policies_manifest(count=count, sweep_interval=args.sweep_interval)
             applied = time.monotonic()

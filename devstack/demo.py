@@ -113,20 +113,7 @@ class Demo:
         return metrics_port
 
     def secrets(self) -> list[dict[str, Any]]:
-        return [
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {"name": "demo-db"},
-                "stringData": {"dsn": self.dsn},
-            },
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {"name": "demo-broker"},
-                "stringData": {"url": self.broker_url},
-            },
-        ]
+        return schema.secrets(dsn=self.dsn, broker_url=self.broker_url)
 
     def apply(self, manifests: list[dict[str, Any]]) -> None:
         self.require_plane().kubectl(

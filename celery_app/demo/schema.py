@@ -133,6 +133,24 @@ def clear_fault(conn: psycopg.Connection[Any], *, entry_id: int) -> None:
     conn.execute("DELETE FROM demo_faults WHERE entry_id = %s", [entry_id])
 
 
+def secrets(*, dsn: str, broker_url: str) -> list[dict[str, Any]]:
+    """The two Secrets ``policy_spec`` names (``demo-db``, ``demo-broker``), as manifests."""
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "demo-db"},
+            "stringData": {"dsn": dsn},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "demo-broker"},
+            "stringData": {"url": broker_url},
+        },
+    ]
+
+
 def policy_spec(
     *,
     sweep_interval: str = "5m",

@@ -47,26 +47,8 @@ WORKER_LABELS = {"app": "insights-worker"}
 
 
 def secrets_manifest(*, dsn: str, broker_url: str) -> str:
-    return json.dumps(
-        {
-            "apiVersion": "v1",
-            "kind": "List",
-            "items": [
-                {
-                    "apiVersion": "v1",
-                    "kind": "Secret",
-                    "metadata": {"name": "demo-db"},
-                    "stringData": {"dsn": dsn},
-                },
-                {
-                    "apiVersion": "v1",
-                    "kind": "Secret",
-                    "metadata": {"name": "demo-broker"},
-                    "stringData": {"url": broker_url},
-                },
-            ],
-        }
-    )
+    items = schema.secrets(dsn=dsn, broker_url=broker_url)
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
 
 
 def policy_manifest(name: str = "journal-insights", **spec_overrides: Any) -> str:
