@@ -11,6 +11,16 @@ its resourceVersion-conditional writes make each change a compare-and-set.
   election does the same — so clock skew between hosts does not matter, only the rate of
   each host's own clock. The price: a replica that starts sees every Lease as fresh and
   waits one duration before it calls any of them expired.
+
+  How late a death is noticed is the sum of two lags, and both are kept to round trips. A
+  renewal is seen when it happens: a watch on the member Leases notes when each version
+  first arrived (``first_seen``), and the listing that judges backdates its sighting to
+  that moment. And expiry is looked at when it is due (``next_look_at``), not at the next
+  periodic listing. A member renews every third of its duration, so its last renewal came
+  at most that long before it died and never after: it leaves the member list no later
+  than one duration after its death, plus a listing's round trip. Every verdict still
+  comes from a listing made when it is due: a watch that stalls or falls behind only makes
+  sightings later (a renewal seen late looks fresher), never calls a live member dead.
 * **Who should sweep a policy** (``assign``): rendezvous hashing (highest random weight)
   of the policy's uid over the live members, with bounded loads. Every replica computes
   the same answer from the same member and policy lists without talking to the others.
@@ -67,18 +77,55 @@ class Fence:
 
 
 def observe(
-    previous: Mapping[str, Sighting], records: Iterable[LeaseRecord], *, now: float
+    previous: Mapping[str, Sighting],
+    records: Iterable[LeaseRecord],
+    *,
+    now: float,
+    first_seen: Mapping[tuple[str, str], float] | None = None,
 ) -> dict[str, Sighting]:
-    """The sightings after a listing: a Lease that changed is seen now, one that did not
-    keeps the time it was first seen at that version, one that is gone is forgotten."""
+    """The sightings after a listing: a Lease that changed is seen now — or when the watch
+    first delivered that very version (``first_seen``: (name, resourceVersion) -> time),
+    if earlier — one that did not keeps the time it was first seen at that version, one
+    that is gone is forgotten."""
     sightings: dict[str, Sighting] = {}
     for record in records:
         before = previous.get(record.name)
         if before is not None and before.resource_version == record.resource_version:
             sightings[record.name] = before
         else:
-            sightings[record.name] = Sighting(record.resource_version, now)
+            watched = (first_seen or {}).get((record.name, record.resource_version), now)
+            sightings[record.name] = Sighting(record.resource_version, min(now, watched))
     return sightings
+
+
+def next_look_at(
+    records: Iterable[LeaseRecord],
+    sightings: Mapping[str, Sighting],
+    *,
+    now: float,
+    every_seconds: float,
+) -> float:
+    """When to list the member Leases next: the moment the first of those still live would
+    expire if it is not renewed meanwhile, or ``every_seconds`` from now, whichever comes
+    first. Leases already expired (or free, or not sighted at their version) set no time."""
+    look_at = now + every_seconds
+    for record in records:
+        sighting = sightings.get(record.name)
+        if record.holder is None or sighting is None:
+            continue
+        if sighting.resource_version != record.resource_version:
+            continue
+        if expired(record, sighting, now=now):
+            continue
+        look_at = min(look_at, sighting.seen_at + record.duration_seconds)
+    return look_at
+
+
+def may_change_members(record: LeaseRecord | None, alive: Collection[str]) -> bool:
+    """Whether a watch event (``None``: a member Lease deleted) may change who is alive
+    without waiting for any expiry: a holder not counted yet (a replica joins), a Lease
+    released (a replica left) or deleted. A renewal of a counted member changes nothing."""
+    return record is None or record.holder is None or record.holder not in alive
 
 
 def expired(record: LeaseRecord, sighting: Sighting | None, *, now: float) -> bool:

@@ -91,6 +91,63 @@ def test_a_lease_expires_a_duration_after_this_replica_saw_it_change() -> None:
     assert sharding.observe(renewed, [lease("a", "x", version="8")], now=120.0) == renewed
 
 
+def test_a_renewal_the_watch_delivered_first_is_dated_when_it_arrived() -> None:
+    seen = sharding.observe({}, [lease("a", "x", version="7")], now=100.0)
+    renewed = [lease("a", "x", version="8")]
+    watched = {("a", "8"): 101.5, ("a", "9"): 103.0}
+    assert sharding.observe(seen, renewed, now=103.2, first_seen=watched)["a"] == (
+        sharding.Sighting("8", 101.5)
+    )
+    # Only that very version counts; never a time later than the listing itself.
+    assert sharding.observe(seen, renewed, now=103.2, first_seen={("a", "9"): 101.0})["a"] == (
+        sharding.Sighting("8", 103.2)
+    )
+    assert sharding.observe(seen, renewed, now=101.0, first_seen=watched)["a"] == (
+        sharding.Sighting("8", 101.0)
+    )
+    # A listing behind the watch (it shows 7 after the watch brought 8) moves nothing back.
+    assert sharding.observe(seen, [lease("a", "x", version="7")], now=102.0, first_seen=watched)[
+        "a"
+    ] == sharding.Sighting("7", 100.0)
+
+
+def test_a_death_is_looked_at_when_it_is_due_not_at_the_next_round() -> None:
+    records = [
+        lease("a", "r1/1", version="1", duration=6),
+        lease("b", "r2/1", version="5", duration=6),
+    ]
+    seen = {"a": sharding.Sighting("1", 100.0), "b": sharding.Sighting("5", 101.5)}
+    assert sharding.next_look_at(records, seen, now=103.0, every_seconds=2) == 105.0
+    assert sharding.next_look_at(records, seen, now=105.0, every_seconds=2) == 106.0
+    # Expired ones (dead already), free ones and unsighted versions set no time: no busy loop.
+    assert sharding.next_look_at(records, seen, now=106.0, every_seconds=2) == 107.5
+    others = [lease("c", None), lease("d", "r3/1", version="2")]
+    assert sharding.next_look_at(others, seen, now=200.0, every_seconds=2) == 202.0
+
+
+def test_a_dead_member_leaves_no_later_than_one_duration_after_its_death() -> None:
+    """The bound the operations guide states: renewals every third of the duration, dated
+    by the watch (3 ms late here), a listing every renewal period and one when due; the
+    kill comes at any time before the renewal that would have followed the last one."""
+    duration, every = 6.0, 2.0
+    for last_renewal, kill in ((0.0, 0.0), (0.0, 1.99), (0.7, 2.6)):
+        record = lease("a", "victim/1", version="v", duration=duration)
+        now = last_renewal + 1.5  # the first listing that shows the last renewal
+        watched = {("a", "v"): last_renewal + 0.003}
+        seen = sharding.observe({}, [record], now=now, first_seen=watched)
+        while sharding.live_members([record], seen, now=now):
+            now = sharding.next_look_at([record], seen, now=now, every_seconds=every)
+        assert last_renewal + duration <= now <= kill + duration + 0.01
+
+
+def test_only_joins_releases_and_deletions_of_members_ask_for_a_listing_at_once() -> None:
+    alive = ("r1/1", "r2/1")
+    assert not sharding.may_change_members(lease("a", "r1/1", version="9"), alive)
+    assert sharding.may_change_members(lease("c", "r3/1"), alive)
+    assert sharding.may_change_members(lease("a", None), alive)
+    assert sharding.may_change_members(None, alive)
+
+
 def test_a_lease_not_seen_yet_counts_as_just_renewed_and_a_free_one_as_expired() -> None:
     assert not sharding.expired(lease("a", "x"), None, now=1e9)
     assert sharding.expired(lease("a", None), None, now=0.0)
