@@ -3,24 +3,29 @@
 The decisions are ``sharding``'s; this module only reads and writes the objects, in the
 operator's own namespace:
 
-    leases      get, list, create, update, delete
+    leases      get, list, watch, create, update
 
 Every write that changes a holder is conditional on the resourceVersion read before it, so
 the API server is the arbiter: of two replicas that try to take one Lease, one gets HTTP
 409 (``LeaseConflict``) and reads again. The official client is synchronous; callers in the
-event loop use ``asyncio.to_thread``.
+event loop run these functions in threads (``membership``), the watch in one of its own.
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
 import re
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kubernetes
 
 from celery_reconciler import kube, sharding
+
+logger = logging.getLogger(__name__)
 
 MEMBER_LABEL = "celery-reconciler.io/member-of"
 POLICY_LABEL = "celery-reconciler.io/policy-of"
@@ -67,6 +72,79 @@ def read(*, namespace: str, name: str) -> sharding.LeaseRecord | None:
 def list_labelled(*, namespace: str, label: str, value: str) -> list[sharding.LeaseRecord]:
     leases = kube._call(_api().list_namespaced_lease, namespace, label_selector=f"{label}={value}")
     return [_record(lease) for lease in leases.items]
+
+
+def watch_labelled(
+    *,
+    namespace: str,
+    label: str,
+    value: str,
+    on_seen: Callable[[str, sharding.LeaseRecord, float], None],
+    stopping: threading.Event,
+) -> None:
+    """Report every version of the labelled Leases as it arrives, until ``stopping``.
+
+    ``on_seen(event_type, record, seen_at)`` with ``seen_at`` the monotonic time the event
+    was read — what ``sharding.observe`` backdates a sighting to. A listing starts each
+    watch (its Leases reported as ADDED), so nothing between two watches goes unseen.
+    Blocking (the official client's watch): run it in a thread of its own. Failures are
+    only logged and retried: the periodic listing judges membership without this watch,
+    with sightings up to one listing late.
+    """
+    selector = f"{label}={value}"
+    last_failure: str | None = None  # log a failure once, not every retry
+    while not stopping.is_set():
+        try:
+            listing = _api().list_namespaced_lease(
+                namespace, label_selector=selector, _request_timeout=kube.REQUEST_TIMEOUT_SECONDS
+            )
+            seen_at = time.monotonic()
+            for lease in listing.items:
+                on_seen("ADDED", _record(lease), seen_at)
+            resource_version = listing.metadata.resource_version
+            while not stopping.is_set():
+                stream = kubernetes.watch.Watch().stream(
+                    _api().list_namespaced_lease,
+                    namespace,
+                    label_selector=selector,
+                    resource_version=resource_version,
+                    timeout_seconds=kube.WATCH_TIMEOUT_SECONDS,
+                    allow_watch_bookmarks=True,
+                    _request_timeout=kube.WATCH_READ_TIMEOUT_SECONDS,
+                )
+                for event in stream:
+                    seen_at = time.monotonic()
+                    if event["type"] == "ERROR":
+                        raise kubernetes.client.ApiException(
+                            status=event["raw_object"].get("code"),
+                            reason=event["raw_object"].get("reason"),
+                        )
+                    resource_version = event["raw_object"]["metadata"]["resourceVersion"]
+                    if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                        on_seen(event["type"], _record(event["object"]), seen_at)
+                    if stopping.is_set():
+                        break
+            last_failure = None
+        except kubernetes.client.ApiException as error:
+            if error.status == 410:  # Gone: our resourceVersion is too old; re-list now.
+                continue
+            last_failure = _watch_failed(f"HTTP {error.status} {error.reason}", last_failure)
+            stopping.wait(2.0)
+        except Exception as error:  # a dropped connection must not end the watch
+            last_failure = _watch_failed(type(error).__name__, last_failure)
+            stopping.wait(2.0)
+
+
+def _watch_failed(failure: str, last_failure: str | None) -> str:
+    if failure != last_failure:
+        logger.warning(
+            "sharding: watching the member Leases failed (%s); retrying every 2 s — until it "
+            "works, renewals are seen at the periodic listing, and a dead replica's policies "
+            "move up to a third of the Lease duration later%s",
+            failure,
+            ": grant the operator watch on leases.coordination.k8s.io" if "403" in failure else "",
+        )
+    return failure
 
 
 def write(
@@ -121,5 +199,6 @@ def write(
 def _failure(error: kubernetes.client.ApiException, *, doing: str) -> kube.KubernetesUnavailable:
     return kube.KubernetesUnavailable(
         f"{doing} failed: HTTP {error.status} {error.reason} — the operator's ServiceAccount "
-        "needs get, list, create, update on leases.coordination.k8s.io in its own namespace"
+        "needs get, list, watch, create, update on leases.coordination.k8s.io in its own "
+        "namespace"
     )

@@ -1,11 +1,17 @@
 """Active-active replicas at run time: this replica's member Lease, and the policies it sweeps.
 
-``Membership`` runs one task per operator process. Every ``renew_seconds`` (a third of the
-Lease duration) it renews this replica's member Lease and lists the member Leases of its
-group (one request): from that listing ``sharding`` says who is alive and who should
-sweep which policy. Each policy's kopf daemon calls ``serve``, which sweeps (runs the
-``PolicyLoop``) only while this replica is the policy's assigned owner *and* holds the
-policy's Lease, and hands the Lease back when either stops being true:
+``Membership`` runs per operator process: a task that renews this replica's member Lease
+every ``renew_seconds`` (a third of the Lease duration); a task that lists the member
+Leases of its group (one request), from which ``sharding`` says who is alive and who
+should sweep which policy; and a thread that watches those Leases. The listing runs every
+``renew_seconds`` and besides at the moment the first live member would expire
+(``sharding.next_look_at``) or a watch event may change who is alive (a join, a release).
+The watch dates each renewal when it arrived rather than at the next listing. So a replica
+that dies leaves the member list no later than one Lease duration after its death, plus
+a round trip — the takeover bound ``docs/operations.md`` states. Each policy's kopf daemon
+calls ``serve``, which sweeps (runs the ``PolicyLoop``) only while this replica is the
+policy's assigned owner *and* holds the policy's Lease, and hands the Lease back when
+either stops being true:
 
 * a replica joins: the policies it now wins are released by their old owners at their
   next tick (after the sweep in progress) and taken by it;
@@ -13,7 +19,14 @@ policy's Lease, and hands the Lease back when either stops being true:
   member list, its policies are assigned to the others, whose ``serve`` takes each Lease
   (free, since its holder is no member any more) with a conditional write;
 * this replica stops: its loops stop, it releases its policy Leases and its member Lease,
-  and the others take over at their next tick instead of after a Lease duration.
+  and the others, whose watch sees the release, take over at once instead of after a
+  Lease duration.
+
+Lease I/O runs on threads of its own, in two sets: renewals and listings on one, policy
+Lease reads and writes on the other. The event loop's default executor runs every sweep,
+and a few long sweeps there would hold up the renewals until the others count this
+replica dead; likewise a takeover of many policies at once must not queue this replica's
+renewal, nor a renewal queue the takeover.
 
 Why the DB fence as well: a replica that cannot reach the API server for longer than the
 Lease duration is dropped by the others while it may still be mid-sweep. It stops its own
@@ -26,9 +39,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
@@ -65,6 +80,10 @@ class Handover:
 RunLoop = Callable[[sharding.Fence, Handover], Awaitable[None]]
 T = TypeVar("T")
 
+# Policy Lease reads and writes at once: a takeover moves a third of the policies (with 3
+# replicas), two round trips each.
+POLICY_LEASE_THREADS = 8
+
 
 class Membership:
     def __init__(self, *, namespace: str, group: str, replica: str, lease_seconds: int) -> None:
@@ -82,7 +101,12 @@ class Membership:
         self.renewed_at: float | None = None  # monotonic, last renewal of our member Lease
         self.changed = asyncio.Event()
         self.sightings: dict[str, sharding.Sighting] = {}
-        self.task: asyncio.Task[None] | None = None
+        # (Lease name, resourceVersion) -> when the watch first delivered it (monotonic):
+        # what the next listing dates a renewal by. Kept until a listing can have used it.
+        self.first_seen: dict[tuple[str, str], float] = {}
+        self.look_now = asyncio.Event()  # a watch event that may change who is alive
+        self.tasks: list[asyncio.Task[None]] = []
+        self.watch_stopping = threading.Event()
         self.member_record: sharding.LeaseRecord | None = None
         # Every policy's uid (a kopf index, set by the daemons): the assignment shares them
         # all out, so each replica needs the whole list. Recomputed only when it or the
@@ -90,24 +114,30 @@ class Membership:
         self.every_policy: Callable[[], Iterable[str]] = tuple
         self.assigned_for: tuple[frozenset[str], tuple[str, ...]] | None = None
         self.assignment: dict[str, str] = {}
-        # Threads of our own: the event loop's default executor also runs every policy's
-        # sweep, and a few long sweeps there would hold up the renewals until the others
-        # count this replica dead.
-        self.executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=2, thread_name_prefix="leases"
+        # Threads of our own (see the module docstring): one each for renewing and listing,
+        # and enough for policy Leases that a takeover's reads and writes do not queue.
+        self.member_executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="member-lease"
+        )
+        self.policy_executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=POLICY_LEASE_THREADS, thread_name_prefix="policy-lease"
         )
 
     async def call(self, function: Callable[..., T], **kwargs: Any) -> T:
+        """A policy Lease read or write, in a thread."""
         return await asyncio.get_running_loop().run_in_executor(
-            self.executor, functools.partial(function, **kwargs)
+            self.policy_executor, functools.partial(function, **kwargs)
+        )
+
+    async def call_member(self, function: Callable[..., T], **kwargs: Any) -> T:
+        """A renewal or listing of member Leases, in a thread."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.member_executor, functools.partial(function, **kwargs)
         )
 
     # -- membership ---------------------------------------------------------------------
 
     def start(self) -> None:
-        self.task = asyncio.ensure_future(self.run())
-
-    async def run(self) -> None:
         logger.info(
             "sharding: replica %s joins group %s (Leases in namespace %s, %ss)",
             self.identity,
@@ -115,31 +145,92 @@ class Membership:
             self.namespace,
             self.lease_seconds,
         )
+        loop = asyncio.get_running_loop()
+
+        def seen_in_thread(event_type: str, record: sharding.LeaseRecord, seen_at: float) -> None:
+            loop.call_soon_threadsafe(self.seen, event_type, record, seen_at)
+
+        threading.Thread(
+            target=leases.watch_labelled,
+            kwargs={
+                "namespace": self.namespace,
+                "label": leases.MEMBER_LABEL,
+                "value": self.group,
+                "on_seen": seen_in_thread,
+                "stopping": self.watch_stopping,
+            },
+            name=f"member-leases:{self.namespace}",
+            daemon=True,
+        ).start()
+        self.tasks = [
+            asyncio.ensure_future(self.renew_forever()),
+            asyncio.ensure_future(self.look_forever()),
+        ]
+
+    async def renew_forever(self) -> None:
         while True:
             try:
-                await self.tick()
+                await self.call_member(self.renew_member)
             except Exception as error:  # the API server away: keep trying, self-fence below
                 logger.warning("sharding: renewing membership failed: %s", error)
-            if not self.member(now=time.monotonic()) and self.listed:
-                self.note(())
+            if not self.member(now=time.monotonic()):
+                if self.listed:
+                    self.note(())
+            elif self.identity not in self.alive:
+                self.look_now.set()  # (re)joined: count ourselves without waiting
             await asyncio.sleep(self.renew_seconds)
 
-    async def tick(self) -> None:
-        await self.call(self.renew_member)
-        members = await self.call(
+    async def look_forever(self) -> None:
+        """List the members whenever ``sharding.next_look_at`` or the watch says so."""
+        while True:
+            look_at = time.monotonic() + self.renew_seconds
+            self.look_now.clear()  # an event during the listing asks for the next one
+            try:
+                look_at = await self.look()
+            except Exception as error:  # the API server away: the renewals self-fence
+                logger.warning("sharding: listing the members failed: %s", error)
+            wait_seconds = max(0.0, look_at - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.look_now.wait(), timeout=wait_seconds)
+
+    async def look(self) -> float:
+        """List the member Leases and judge who is alive; when to look again."""
+        members = await self.call_member(
             leases.list_labelled,
             namespace=self.namespace,
             label=leases.MEMBER_LABEL,
             value=self.group,
         )
         now = time.monotonic()
-        self.sightings = sharding.observe(self.sightings, members, now=now)
+        self.sightings = sharding.observe(
+            self.sightings, members, now=now, first_seen=self.first_seen
+        )
+        # What this listing could have used is in the sightings now; a version the watch
+        # delivered ahead of the listing is kept for the next one.
+        self.first_seen = {
+            key: seen_at
+            for key, seen_at in self.first_seen.items()
+            if now - seen_at < self.lease_seconds
+        }
         alive = set(sharding.live_members(members, self.sightings, now=now))
-        alive.add(self.identity)  # just renewed
+        if self.member(now=now):
+            alive.add(self.identity)
+        else:
+            alive.discard(self.identity)  # the renewals self-fence: others drop us too
         self.listed = True
         if self.first_listed_at is None:
             self.first_listed_at = now
         self.note(tuple(sorted(alive)))
+        return sharding.next_look_at(
+            members, self.sightings, now=now, every_seconds=self.renew_seconds
+        )
+
+    def seen(self, event_type: str, record: sharding.LeaseRecord, seen_at: float) -> None:
+        """A watch event (in the event loop): note when this version arrived, and look at
+        once if it may change who is alive."""
+        self.first_seen.setdefault((record.name, record.resource_version), seen_at)
+        if sharding.may_change_members(None if event_type == "DELETED" else record, self.alive):
+            self.look_now.set()
 
     def renew_member(self) -> None:
         record = self.member_record or leases.read(namespace=self.namespace, name=self.member_lease)
@@ -197,13 +288,14 @@ class Membership:
 
     async def leave(self) -> None:
         """On shutdown: give the member Lease back, so the others rebalance at once."""
-        if self.task is not None:
-            self.task.cancel()
+        self.watch_stopping.set()
+        for task in self.tasks:
+            task.cancel()
         record = self.member_record
         if record is None:
             return
         try:
-            await self.call(
+            await self.call_member(
                 leases.write,
                 namespace=self.namespace,
                 name=self.member_lease,
