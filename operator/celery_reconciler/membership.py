@@ -291,21 +291,33 @@ class Membership:
         self.watch_stopping.set()
         for task in self.tasks:
             task.cancel()
-        record = self.member_record
-        if record is None:
-            return
         try:
-            await self.call_member(
-                leases.write,
-                namespace=self.namespace,
-                name=self.member_lease,
-                acquire=sharding.Acquire(record.resource_version, record.transitions, False),
-                holder=None,
-                duration_seconds=self.lease_seconds,
-                labels={leases.MEMBER_LABEL: self.group},
-            )
+            await self.call_member(self.release_member)
         except Exception as error:  # it expires on its own
             logger.warning("sharding: releasing the member Lease failed: %s", error)
+
+    def release_member(self) -> None:
+        """Free our member Lease; read it again once if a renewal that was already in
+        flight when the renewals stopped wrote it meanwhile."""
+        for attempt in range(2):
+            record = self.member_record
+            if record is None or attempt > 0:
+                record = leases.read(namespace=self.namespace, name=self.member_lease)
+            if record is None or record.holder != self.identity:
+                return
+            try:
+                leases.write(
+                    namespace=self.namespace,
+                    name=self.member_lease,
+                    acquire=sharding.Acquire(record.resource_version, record.transitions, False),
+                    holder=None,
+                    duration_seconds=self.lease_seconds,
+                    labels={leases.MEMBER_LABEL: self.group},
+                )
+                return
+            except leases.LeaseConflict:
+                if attempt > 0:
+                    raise
 
     # -- policies -----------------------------------------------------------------------
 
