@@ -105,6 +105,7 @@ class Membership:
         # what the next listing dates a renewal by. Kept until a listing can have used it.
         self.first_seen: dict[tuple[str, str], float] = {}
         self.look_now = asyncio.Event()  # a watch event that may change who is alive
+        self.listed_alive: frozenset[str] = frozenset()  # per the last listing alone
         self.tasks: list[asyncio.Task[None]] = []
         self.watch_stopping = threading.Event()
         self.member_record: sharding.LeaseRecord | None = None
@@ -212,15 +213,14 @@ class Membership:
             for key, seen_at in self.first_seen.items()
             if now - seen_at < self.lease_seconds
         }
-        alive = set(sharding.live_members(members, self.sightings, now=now))
-        if self.member(now=now):
-            alive.add(self.identity)
-        else:
-            alive.discard(self.identity)  # the renewals self-fence: others drop us too
+        self.listed_alive = frozenset(sharding.live_members(members, self.sightings, now=now))
         self.listed = True
         if self.first_listed_at is None:
             self.first_listed_at = now
-        self.note(tuple(sorted(alive)))
+        if self.member(now=now):
+            self.note(tuple(sorted(self.listed_alive | {self.identity})))
+        else:
+            self.note(())  # self-fenced, as the renewals say: the others drop us too
         return sharding.next_look_at(
             members, self.sightings, now=now, every_seconds=self.renew_seconds
         )
@@ -229,7 +229,8 @@ class Membership:
         """A watch event (in the event loop): note when this version arrived, and look at
         once if it may change who is alive."""
         self.first_seen.setdefault((record.name, record.resource_version), seen_at)
-        if sharding.may_change_members(None if event_type == "DELETED" else record, self.alive):
+        changed = None if event_type == "DELETED" else record
+        if sharding.may_change_members(changed, self.listed_alive | {self.identity}):
             self.look_now.set()
 
     def renew_member(self) -> None:
