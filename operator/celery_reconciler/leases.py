@@ -99,6 +99,7 @@ def watch_labelled(
                 namespace, label_selector=selector, _request_timeout=kube.REQUEST_TIMEOUT_SECONDS
             )
             seen_at = time.monotonic()
+            last_failure = None
             for lease in listing.items:
                 on_seen("ADDED", _record(lease), seen_at)
             resource_version = listing.metadata.resource_version
@@ -124,7 +125,6 @@ def watch_labelled(
                         on_seen(event["type"], _record(event["object"]), seen_at)
                     if stopping.is_set():
                         break
-            last_failure = None
         except kubernetes.client.ApiException as error:
             if error.status == 410:  # Gone: our resourceVersion is too old; re-list now.
                 continue
