@@ -23,6 +23,8 @@ against a 10M-row table against a 100k-row one. Then ``benchmarks.policies`` app
 policies to one operator against one database and prints how many are Ready and processed,
 the operator's peak connections against its bound, its RSS, idle CPU and API writes per
 policy per minute when idle. ``python -m benchmarks dispatch``, ``... amqp``, ``... worker``,
-``... scale`` or ``... policies`` runs one of them.
+``... scale`` or ``... policies`` runs one of them. ``python -m benchmarks idle-sweep``
+(``benchmarks.idle_sweep``, not part of the full run) breaks an idle sweep down: the
+statements it sends to PostgreSQL, the commands it sends to Redis and the CPU it costs.
 Timings are printed, never asserted: the tests assert behaviour, not speed.
 """

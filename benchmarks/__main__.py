@@ -1,12 +1,13 @@
-"""``python -m benchmarks [dispatch|amqp|worker|scale|policies] [ARGS]``: see the package
-docstring.
+"""``python -m benchmarks [dispatch|amqp|worker|scale|policies|idle-sweep] [ARGS]``: see the
+package docstring.
 
-Without a first word all five run, dispatch first (``ARGS`` go to the dispatch benchmark).
+Without a first word the first five run, dispatch first (``ARGS`` go to the dispatch
+benchmark); ``idle-sweep`` is a measurement to run by name.
 """
 
 import sys
 
-from benchmarks import amqp, dispatch, policies, scale, worker
+from benchmarks import amqp, dispatch, idle_sweep, policies, scale, worker
 
 arguments = sys.argv[1:]
 if arguments[:1] == ["dispatch"]:
@@ -19,6 +20,8 @@ if arguments[:1] == ["scale"]:
     sys.exit(scale.main(arguments[1:]))
 if arguments[:1] == ["policies"]:
     sys.exit(policies.main(arguments[1:]))
+if arguments[:1] == ["idle-sweep"]:
+    sys.exit(idle_sweep.main(arguments[1:]))
 sys.exit(
     dispatch.main(arguments)
     or amqp.main([])
