@@ -323,20 +323,21 @@ _UPSERT_POLICY = sql.SQL(
 
 def upsert_policy(conn: psycopg.Connection[Any], policy: policy_module.Policy) -> None:
     """Publish the policy's retry and lease rules to workers (a no-op write when unchanged)."""
-    conn.execute(
-        _UPSERT_POLICY,
-        {
-            "policy_key": policy.key,
-            "max_attempts": policy.retry.max_attempts,
-            "initial": policy.retry.initial_delay_seconds,
-            "factor": policy.retry.backoff_factor,
-            "max_delay": policy.retry.max_delay_seconds,
-            "jitter": policy.retry.jitter,
-            "lease": policy.lease.timeout_seconds,
-            "task_name": policy.task.name,
-            "queue": policy.task.queue,
-        },
-    )
+    conn.execute(_UPSERT_POLICY, _rules(policy))
+
+
+def _rules(policy: policy_module.Policy) -> dict[str, Any]:
+    return {
+        "policy_key": policy.key,
+        "max_attempts": policy.retry.max_attempts,
+        "initial": policy.retry.initial_delay_seconds,
+        "factor": policy.retry.backoff_factor,
+        "max_delay": policy.retry.max_delay_seconds,
+        "jitter": policy.retry.jitter,
+        "lease": policy.lease.timeout_seconds,
+        "task_name": policy.task.name,
+        "queue": policy.task.queue,
+    }
 
 
 # A lost running attempt is a failed attempt (the worker died or the body overran), so it
@@ -433,9 +434,12 @@ def end_silent_incarnations(conn: psycopg.Connection[Any]) -> int:
     Such a worker has, by its own rule, stopped its bodies at half the timeout (or it is
     dead), so the operator may hand its attempts to someone else.
     """
-    ended = conn.execute(_END_SILENT_INCARNATIONS).rowcount
-    conn.execute(_PRUNE_ENDED_INCARNATIONS)
-    return ended
+    return conn.execute(_END_SILENT_INCARNATIONS).rowcount
+
+
+def prune_ended_incarnations(conn: psycopg.Connection[Any]) -> int:
+    """Delete up to 1000 incarnations that ended more than a day ago; how many."""
+    return conn.execute(_PRUNE_ENDED_INCARNATIONS).rowcount
 
 
 _END_POD_INCARNATIONS = sql.SQL(
@@ -910,6 +914,96 @@ def prune(
     attempts = conn.execute(_PRUNE_ATTEMPTS, params).rowcount
     entries = conn.execute(_PRUNE_SUCCEEDED, params).rowcount
     return Pruned(attempts=attempts, entries=entries)
+
+
+# --- what a sweep has to do ------------------------------------------------------------
+#
+# Most sweeps of most policies find nothing to do: no attempt running, nothing lost, nothing
+# to settle, fold or prune. Asking each step's own statement to find that out cost a sweep
+# about fifteen round trips; ``survey`` asks all of it in one, each part through the index
+# its step would use, and the sweep runs only the steps it names (``planning.sweep_chores``).
+# The same statement publishes the policy's rules (``upsert_policy``), as every sweep did.
+# What it reads may change right after (a worker finishes, a retry falls due): a step it
+# skipped then runs at the next sweep, which the loop schedules by ``seconds_until_next_due``
+# as before — the survey is a snapshot, as each step's own statement was.
+
+_SURVEY = sql.SQL(
+    """
+    WITH rules AS ({upsert})
+    SELECT
+        count(*) FILTER (WHERE e.state = 'running'),
+        count(*) FILTER (WHERE e.state = 'queued' AND e.lease_deadline <= now()),
+        count(*) FILTER (WHERE e.state IN ('retry_wait', 'dead')),
+        count(*) FILTER (WHERE e.state = 'retry_wait' AND e.next_attempt_at <= now()),
+        count(*) FILTER (WHERE e.state IN ('queued', 'running') AND e.lease_deadline > now()),
+        count(*) FILTER (WHERE e.state = 'queued' AND e.lease_deadline > now()
+            AND e.dispatched_at < now() - make_interval(secs => %(stranded_seconds)s)),
+        EXTRACT(EPOCH FROM {next_due} - now()),
+        EXISTS (SELECT 1 FROM {entries} u
+                WHERE u.policy_key = %(policy_key)s AND u.state = 'succeeded' AND NOT u.counted),
+        EXISTS (SELECT 1 FROM {attempts} a
+                WHERE a.policy_key = %(policy_key)s AND a.finished_at IS NOT NULL
+                  AND a.finished_at < now() - make_interval(secs => %(retention)s))
+            OR EXISTS (SELECT 1 FROM {entries} s
+                WHERE s.policy_key = %(policy_key)s AND s.state = 'succeeded' AND s.counted
+                  AND s.finished_at < now() - make_interval(secs => %(retention)s)),
+        EXISTS (SELECT 1 FROM {incarnations} i WHERE i.ended_at IS NULL
+                  AND i.heartbeat_at < now() - make_interval(secs => i.heartbeat_timeout_seconds)),
+        EXISTS (SELECT 1 FROM {incarnations} i WHERE i.ended_at < now() - interval '1 day')
+    FROM {entries} e WHERE e.policy_key = %(policy_key)s AND e.state <> 'succeeded'
+    """
+).format(
+    upsert=_UPSERT_POLICY,
+    next_due=_NEXT_DUE,
+    entries=_ENTRIES,
+    attempts=_ATTEMPTS,
+    incarnations=_INCARNATIONS,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Survey:
+    """What the ledger holds that a sweep of one policy may have to act on."""
+
+    running: int  # attempts running (lost ones among them, if any)
+    unstarted: int  # queued, lease run out: the message was lost (claimed again as it is)
+    unsettled: int  # retry_wait or dead: the table may show them processed
+    due_retries: int
+    in_flight: int  # queued or running under a live lease
+    queued_a_while: int  # queued longer than ``stranded_seconds``: is the message still there?
+    seconds_until_next_due: float | None
+    unfolded: bool  # successes not in the tally yet
+    history_expired: bool  # attempts or succeeded entries past retention
+    silent_incarnations: bool  # of any policy: a heartbeat older than its timeout
+    incarnations_expired: bool  # of any policy: ended more than a day ago
+
+
+def survey(
+    conn: psycopg.Connection[Any], policy: policy_module.Policy, *, stranded_seconds: float
+) -> Survey:
+    """Publish the policy's rules (as ``upsert_policy``) and read what its sweep has to do."""
+    row = conn.execute(
+        _SURVEY,
+        {
+            **_rules(policy),
+            "stranded_seconds": stranded_seconds,
+            "retention": policy.history.retention_seconds,
+        },
+    ).fetchone()
+    assert row is not None
+    return Survey(
+        running=row[0],
+        unstarted=row[1],
+        unsettled=row[2],
+        due_retries=row[3],
+        in_flight=row[4],
+        queued_a_while=row[5],
+        seconds_until_next_due=None if row[6] is None else float(row[6]),
+        unfolded=row[7],
+        history_expired=row[8],
+        silent_incarnations=row[9],
+        incarnations_expired=row[10],
+    )
 
 
 _ENTRY = sql.SQL(

@@ -161,6 +161,71 @@ def dispatch_batch_size(*, batch_size: int, dispatch_per_second: float) -> int:
     return max(1, min(batch_size, int(min(dispatch_per_second, float(batch_size)))))
 
 
+# --- what a sweep has to do before it claims ------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepChores:
+    """The ledger's upkeep a sweep runs before it claims new work (``sweep_chores``)."""
+
+    end_silent_incarnations: bool
+    expire_lost_attempts: bool
+    settle: bool  # retry_wait and dead entries the table may show processed
+    fold_successes: bool
+    prune_history: bool
+    prune_incarnations: bool
+    look_for_stranded: bool  # queued entries whose message may be gone
+    redispatch_due_retries: bool
+
+    @property
+    def may_change_in_flight(self) -> bool:
+        """Whether these chores may put entries in flight or take them out of it."""
+        return self.expire_lost_attempts or self.look_for_stranded
+
+    @property
+    def may_change_schedule(self) -> bool:
+        """Whether these chores may move the ledger's next due time (a retry, a lease)."""
+        return (
+            self.expire_lost_attempts
+            or self.settle
+            or self.look_for_stranded
+            or self.redispatch_due_retries
+        )
+
+
+def sweep_chores(
+    *,
+    running: int,
+    unsettled: int,
+    due_retries: int,
+    queued_a_while: int,
+    unfolded: bool,
+    history_expired: bool,
+    silent_incarnations: bool,
+    incarnations_expired: bool,
+) -> SweepChores:
+    """Which upkeep steps a sweep runs, from what the ledger holds (``ledger.survey``).
+
+    A step runs when the ledger shows work for it, or when a step before it may make some:
+    only running attempts can be lost, so expiry needs one; an expired attempt becomes a
+    retry due now or a dead entry, which settling then looks at; a settled entry is a
+    success to fold. Every step is one the sweep always ran before and which, with no such
+    work, changed nothing: an idle policy's sweep skips them all.
+    """
+    expire = running > 0
+    settle = unsettled > 0 or expire
+    return SweepChores(
+        end_silent_incarnations=silent_incarnations,
+        expire_lost_attempts=expire,
+        settle=settle,
+        fold_successes=unfolded or settle,
+        prune_history=history_expired,
+        prune_incarnations=incarnations_expired,
+        look_for_stranded=queued_a_while > 0,
+        redispatch_due_retries=due_retries > 0 or expire,
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class ContainerStatus:
     """What a pod event says of one container (``status.containerStatuses[]``)."""

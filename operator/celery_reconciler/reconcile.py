@@ -4,7 +4,10 @@
 start-up, a pod restart, ``sweep-now``) and the CLI all call it; the tests call it
 directly against real PostgreSQL and Redis. It reads like the invariants:
 
-1. publish the policy's retry/lease rules to the ledger (workers read them there);
+1. publish the policy's retry/lease rules to the ledger (workers read them there) and, in
+   the same statement, survey what the ledger holds (``ledger.survey``): of the upkeep in
+   steps 2-3 (and the history's retention), only what has work to do runs
+   (``planning.sweep_chores``), so a policy with nothing going on costs a few statements;
 2. end the worker incarnations whose heartbeat is older than their timeout (they stopped
    their own bodies), then expire the running attempts of ended incarnations — and, as the
    backstop for workers without one, attempts whose lease ran out; each is a failed attempt
@@ -246,19 +249,54 @@ def _sweep(
         if fence is not None:
             doing = "taking the policy's ownership"
             sweep_id = ledger.begin_sweep(conn, fence)
-        ledger.upsert_policy(conn, policy)
-        doing = "expiring leases"
-        ledger.end_silent_incarnations(conn)
-        expired = ledger.expire_leases(conn, policy_key=policy.key)
-        settled = ledger.settle_finished(conn, policy_key=policy.key, still_pending=still_pending)
-        doing = "keeping the ledger's history"
-        ledger.fold_successes(conn, policy_key=policy.key)
-        pruned = ledger.prune(
-            conn, policy_key=policy.key, retention_seconds=policy.history.retention_seconds
+        doing = "reading the ledger"
+        found = ledger.survey(conn, policy, stranded_seconds=STRANDED_DELIVERY_SECONDS)
+        chores = planning.sweep_chores(
+            running=found.running,
+            unsettled=found.unsettled,
+            due_retries=found.due_retries,
+            queued_a_while=found.queued_a_while,
+            unfolded=found.unfolded,
+            history_expired=found.history_expired,
+            silent_incarnations=found.silent_incarnations,
+            incarnations_expired=found.incarnations_expired,
         )
+        doing = "expiring leases"
+        if chores.end_silent_incarnations:
+            ledger.end_silent_incarnations(conn)
+        expired = (
+            ledger.expire_leases(conn, policy_key=policy.key)
+            if chores.expire_lost_attempts
+            else ledger.ExpiredLeases(retry_now=0, dead=0, unstarted=found.unstarted)
+        )
+        settled = (
+            ledger.settle_finished(conn, policy_key=policy.key, still_pending=still_pending)
+            if chores.settle
+            else 0
+        )
+        doing = "keeping the ledger's history"
+        if chores.fold_successes:
+            ledger.fold_successes(conn, policy_key=policy.key)
+        pruned = (
+            ledger.prune(
+                conn, policy_key=policy.key, retention_seconds=policy.history.retention_seconds
+            )
+            if chores.prune_history
+            else ledger.Pruned(attempts=0, entries=0)
+        )
+        if chores.prune_incarnations:
+            ledger.prune_ended_incarnations(conn)
         doing = "re-dispatching deliveries that never started"
-        stranded = _redispatch_stranded(conn, policy, broker, send_ahead, sleep=sleep, fence=fence)
-        in_flight = ledger.count_in_flight(conn, policy_key=policy.key)
+        stranded = (
+            _redispatch_stranded(conn, policy, broker, send_ahead, sleep=sleep, fence=fence)
+            if chores.look_for_stranded
+            else 0
+        )
+        in_flight = (
+            ledger.count_in_flight(conn, policy_key=policy.key)
+            if chores.may_change_in_flight
+            else found.in_flight
+        )
         budget = (
             0
             if policy.schedule.suspend or hold_dispatch
@@ -269,7 +307,11 @@ def _sweep(
         # Due retries (a lost worker's attempts among them) go first and ahead of the
         # queue: they waited once already, and the backlog's keyset order need not reach them.
         doing = "re-dispatching due retries"
-        due = ledger.due_retries(conn, policy_key=policy.key, limit=budget)
+        due = (
+            ledger.due_retries(conn, policy_key=policy.key, limit=budget)
+            if chores.redispatch_due_retries
+            else []
+        )
         redispatched = _redispatch(conn, policy, send_ahead, entry_ids=due, fence=fence)
         budget -= redispatched
         batch_size = planning.dispatch_batch_size(
@@ -327,7 +369,11 @@ def _sweep(
             doing = "publishing"
         publish_seconds = pages_out.seconds
         doing = "reading the next due time"
-        next_due = ledger.seconds_until_next_due(conn, policy_key=policy.key)
+        next_due = (
+            ledger.seconds_until_next_due(conn, policy_key=policy.key)
+            if chores.may_change_schedule or claimed
+            else found.seconds_until_next_due
+        )
         if fence is not None and sweep_id is not None:
             ledger.end_sweep(conn, fence, sweep_id=sweep_id, finished=True)
     except psycopg.Error as error:

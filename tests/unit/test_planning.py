@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 from typing import Any
@@ -400,3 +401,69 @@ def test_a_small_table_needs_no_index_advice() -> None:
         predicate_column="insights_extracted",
         table_rows=planning.INDEX_ADVICE_MIN_ROWS - 1,
     )
+
+
+# --- the upkeep a sweep runs ----------------------------------------------------------------
+
+NOTHING_TO_DO: dict[str, Any] = {
+    "running": 0,
+    "unsettled": 0,
+    "due_retries": 0,
+    "queued_a_while": 0,
+    "unfolded": False,
+    "history_expired": False,
+    "silent_incarnations": False,
+    "incarnations_expired": False,
+}
+
+
+def test_an_idle_ledger_needs_no_upkeep() -> None:
+    chores = planning.sweep_chores(**NOTHING_TO_DO)
+    assert not any(dataclasses.astuple(chores))
+    assert not chores.may_change_in_flight and not chores.may_change_schedule
+
+
+@pytest.mark.parametrize(
+    ("found", "chores"),
+    [
+        ({"silent_incarnations": True}, {"end_silent_incarnations"}),
+        ({"unsettled": 3}, {"settle", "fold_successes"}),
+        ({"due_retries": 1}, {"redispatch_due_retries"}),
+        ({"queued_a_while": 2}, {"look_for_stranded"}),
+        ({"unfolded": True}, {"fold_successes"}),
+        ({"history_expired": True}, {"prune_history"}),
+        ({"incarnations_expired": True}, {"prune_incarnations"}),
+        # A running attempt may be lost: expired, it is a retry due now or a dead entry
+        # (settled if the table shows it processed, then folded as a success).
+        (
+            {"running": 1},
+            {"expire_lost_attempts", "settle", "fold_successes", "redispatch_due_retries"},
+        ),
+    ],
+)
+def test_each_kind_of_work_runs_its_chores(found: dict[str, Any], chores: set[str]) -> None:
+    decided = planning.sweep_chores(**{**NOTHING_TO_DO, **found})
+    assert {name for name, value in dataclasses.asdict(decided).items() if value} == chores
+
+
+@given(
+    running=st.integers(0, 3),
+    unsettled=st.integers(0, 3),
+    due_retries=st.integers(0, 3),
+    queued_a_while=st.integers(0, 3),
+    unfolded=st.booleans(),
+    history_expired=st.booleans(),
+    silent_incarnations=st.booleans(),
+    incarnations_expired=st.booleans(),
+)
+def test_no_work_is_skipped(**found: Any) -> None:
+    """Whatever the ledger holds, every chore with work to do runs, and so does every chore
+    an earlier one may give work to."""
+    chores = planning.sweep_chores(**found)
+    assert chores.expire_lost_attempts == (found["running"] > 0)
+    assert chores.settle >= (found["unsettled"] > 0 or chores.expire_lost_attempts)
+    assert chores.fold_successes >= (found["unfolded"] or chores.settle)
+    assert chores.redispatch_due_retries >= (
+        found["due_retries"] > 0 or chores.expire_lost_attempts
+    )
+    assert chores.may_change_in_flight == (chores.expire_lost_attempts or chores.look_for_stranded)
