@@ -173,19 +173,16 @@ def pending_summary(conn: psycopg.Connection[Any], source: policy_module.Source)
     table = table_identifier(source.table)
     alias = sql.Identifier(_ALIAS)
     where = predicate(source.pending)
-    count_query = sql.SQL("SELECT count(*) FROM {table} AS {alias} WHERE {where}").format(
-        table=table, alias=alias, where=where
-    )
     # ORDER BY ... LIMIT 1 rather than min(): it works for every orderable type (min() does
-    # not exist for uuid) and reads one entry of the pending index.
-    oldest_query = sql.SQL(
-        "SELECT {order} FROM {table} AS {alias} WHERE {where} ORDER BY {order} LIMIT 1"
+    # not exist for uuid) and reads one entry of the pending index. One statement, one
+    # round trip: the status of every policy reads it after every sweep.
+    query = sql.SQL(
+        "SELECT (SELECT count(*) FROM {table} AS {alias} WHERE {where}), "
+        "(SELECT {order} FROM {table} AS {alias} WHERE {where} ORDER BY {order} LIMIT 1)"
     ).format(order=_column(source.order_by), table=table, alias=alias, where=where)
-    count_row = _execute(conn, source, count_query, []).fetchone()
-    oldest_row = _execute(conn, source, oldest_query, []).fetchone()
-    assert count_row is not None
-    count = count_row[0]
-    oldest = None if oldest_row is None else oldest_row[0]
+    row = _execute(conn, source, query, []).fetchone()
+    assert row is not None
+    count, oldest = row
     oldest_seconds: float | None = None
     if isinstance(oldest, datetime.datetime):
         # Age by the database's clock: a timestamptz against now(), a plain timestamp
