@@ -795,6 +795,10 @@ def counts(conn: psycopg.Connection[Any], *, policy_key: str) -> LedgerCounts:
     """Per-state counts for ProcessingStatus (``pending`` comes from the source)."""
     row = conn.execute(_COUNTS, {"policy_key": policy_key}).fetchone()
     assert row is not None
+    return _counts(row)
+
+
+def _counts(row: Sequence[Any]) -> LedgerCounts:
     return LedgerCounts(
         queued=row[0],
         running=row[1],
@@ -831,6 +835,10 @@ def consumption(conn: psycopg.Connection[Any], *, policy_key: str) -> Consumptio
     attempt of this policy last finished."""
     row = conn.execute(_CONSUMPTION, {"policy_key": policy_key}).fetchone()
     assert row is not None
+    return _consumption(row)
+
+
+def _consumption(row: Sequence[Any]) -> Consumption:
     return Consumption(
         oldest_queued_seconds=None if row[0] is None else float(row[0]),
         last_finished_seconds_ago=None if row[1] is None else float(row[1]),
@@ -1089,4 +1097,38 @@ def outcomes_since(
         {"policy_key": policy_key, "since": since, "settle": OUTCOME_SETTLE_SECONDS},
     ).fetchone()
     assert row is not None
+    return _outcomes(row)
+
+
+def _outcomes(row: Sequence[Any]) -> Outcomes:
     return Outcomes(until=row[0], succeeded=row[1], retried=row[2], dead_lettered=row[3])
+
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+    counts: LedgerCounts
+    consumption: Consumption
+    outcomes: Outcomes
+
+
+# The status read after every sweep and at every refresh: three reads of one policy's rows
+# through their own indexes, in one round trip.
+_STATUS = sql.SQL(
+    "SELECT * FROM ({counts}) AS counts, ({consumption}) AS consumption, ({outcomes}) AS outcomes"
+).format(counts=_COUNTS, consumption=_CONSUMPTION, outcomes=_OUTCOMES)
+
+
+def status(
+    conn: psycopg.Connection[Any], *, policy_key: str, outcomes_since: datetime.datetime | None
+) -> Status:
+    """``counts``, ``consumption`` and ``outcomes_since`` of one policy, in one statement."""
+    row = conn.execute(
+        _STATUS,
+        {"policy_key": policy_key, "since": outcomes_since, "settle": OUTCOME_SETTLE_SECONDS},
+    ).fetchone()
+    assert row is not None
+    return Status(
+        counts=_counts(row[:6]),
+        consumption=_consumption(row[6:8]),
+        outcomes=_outcomes(row[8:]),
+    )

@@ -444,8 +444,10 @@ class PolicyLoop:
         publisher: broker.Publisher,
     ) -> reconcile.StatusSnapshot:
         """Read what the status and the metrics show: counts, finished attempts, queue depth."""
-        counts = await asyncio.to_thread(reconcile.collect_status, policy, db=db)
-        await self.count_outcomes(policy, db=db)
+        counts = await asyncio.to_thread(
+            reconcile.collect_status, policy, db=db, outcomes_since=self.outcomes_until
+        )
+        self.count_outcomes(counts.outcomes)
         depth = await asyncio.to_thread(publisher.queue_depth, policy.task.queue)
         metrics.QUEUE_DEPTH.labels(self.namespace, self.name).set(depth)
         return counts
@@ -500,13 +502,10 @@ class PolicyLoop:
         self.waker.set()
         return True
 
-    async def count_outcomes(self, policy: policy_module.Policy, *, db: reconcile.Sessions) -> None:
+    def count_outcomes(self, outcomes: ledger.Outcomes) -> None:
         """Advance the succeeded / retried / dead-lettered counters by what finished since
-        the last sweep. The first call counts the ledger's whole history, so the counters
+        the last read. The first read counts the ledger's whole history, so the counters
         of a fresh operator process agree with the ledger."""
-        outcomes = await asyncio.to_thread(
-            reconcile.collect_outcomes, policy, db=db, since=self.outcomes_until
-        )
         self.outcomes_until = outcomes.until
         labels = (self.namespace, self.name)
         metrics.SUCCEEDED.labels(*labels).inc(outcomes.succeeded)

@@ -184,6 +184,7 @@ class StatusSnapshot:
     seconds_until_next_due: float | None
     running: int
     consumption: ledger.Consumption
+    outcomes: ledger.Outcomes  # attempts finished in the window asked for
 
 
 def reconcile_once(
@@ -650,11 +651,16 @@ def retry_dead(
         return ledger.retry_dead(conn, policy_key=policy.key, entry_ids=entry_ids)
 
 
-def collect_status(policy: policy_module.Policy, *, db: Sessions) -> StatusSnapshot:
+def collect_status(
+    policy: policy_module.Policy, *, db: Sessions, outcomes_since: datetime.datetime | None
+) -> StatusSnapshot:
+    """The status counts, and the attempts finished since ``outcomes_since`` (the whole
+    history when ``None``) for the operator's Prometheus counters: two statements, one on
+    the table and one on the ledger."""
     with db.session(doing="reading status counts") as conn:
         summary = source.pending_summary(conn, policy.source)
-        counts = ledger.counts(conn, policy_key=policy.key)
-        consumption = ledger.consumption(conn, policy_key=policy.key)
+        found = ledger.status(conn, policy_key=policy.key, outcomes_since=outcomes_since)
+    counts = found.counts
     return StatusSnapshot(
         pending=summary.count,
         oldest_pending_seconds=summary.oldest_seconds,
@@ -664,7 +670,8 @@ def collect_status(policy: policy_module.Policy, *, db: Sessions) -> StatusSnaps
         dead=counts.dead,
         seconds_until_next_due=counts.seconds_until_next_due,
         running=counts.running,
-        consumption=consumption,
+        consumption=found.consumption,
+        outcomes=found.outcomes,
     )
 
 
@@ -672,14 +679,6 @@ def advise_index(policy: policy_module.Policy, *, db: Sessions) -> source.IndexA
     """The index the pending query lacks, if any (see ``source.index_advice``)."""
     with db.session(doing="reading the plan of the pending query") as conn:
         return source.index_advice(conn, policy.source, page_size=policy.limits.batch_size)
-
-
-def collect_outcomes(
-    policy: policy_module.Policy, *, db: Sessions, since: datetime.datetime | None
-) -> ledger.Outcomes:
-    """Attempts finished since the last call, for the operator's Prometheus counters."""
-    with db.session(doing="reading finished attempts") as conn:
-        return ledger.outcomes_since(conn, policy_key=policy.key, since=since)
 
 
 def release_queued(policy: policy_module.Policy, *, db: Sessions) -> int:
