@@ -750,7 +750,9 @@ class PolicyLoop:
         if result is not None:
             self.dispatched_since_write += result.published
             record_sweep_metrics(self.namespace, self.name, result)
-            logger.info(
+            # Hundreds of idle policies would write a line each per sweep, saying nothing.
+            logger.log(
+                logging.DEBUG if result.idle else logging.INFO,
                 "policy %s: swept in %.3fs: dispatched %d in %d pages, lost workers %d, "
                 "dead %d, lost messages %d",
                 self.key,

@@ -166,6 +166,20 @@ class SweepResult:
     rate_allows_in_seconds: float | None = None
 
     @property
+    def idle(self) -> bool:
+        """Nothing found and nothing done: no entry dispatched, lost, settled or pruned."""
+        return not (
+            self.published
+            or self.expired.retry_now
+            or self.expired.dead
+            or self.expired.unstarted
+            or self.missing_messages
+            or self.settled
+            or self.pruned.attempts
+            or self.pruned.entries
+        )
+
+    @property
     def entries_per_second(self) -> float:
         return self.published / self.duration_seconds if self.duration_seconds > 0 else 0.0
 
