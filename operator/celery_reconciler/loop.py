@@ -31,6 +31,7 @@ import dataclasses
 import datetime
 import functools
 import logging
+import operator
 import time
 import traceback
 from collections.abc import Iterable, Mapping
@@ -78,6 +79,30 @@ _CONFLICTED: set[str] = set()
 # Problems a sweep that worked can report (``health_problem``); a status refresh between
 # sweeps recomputes them, where it leaves a sweep's own failure for the next sweep.
 HEALTH_REASONS = (conditions.WORKERS_NOT_CONSUMING, conditions.POD_WATCH_FAILED)
+
+
+# ``planning.conflicts`` of each namespace, with the claims it was computed from. Every loop
+# asks at every sweep, and sorting hundreds of policies each time was a large part of an
+# idle sweep's CPU. kopf's index keeps a policy's claim object until its value changes, so
+# unchanged claims are recognised by identity (the cache holds them: no id is reused).
+_CONFLICTS: dict[str, tuple[list[planning.PolicyClaim], dict[str, planning.Conflict]]] = {}
+
+
+def conflicts_in(
+    namespace: str, claims: Iterable[planning.PolicyClaim]
+) -> dict[str, planning.Conflict]:
+    current = list(claims)
+    known = _CONFLICTS.get(namespace)
+    unchanged = (
+        known is not None
+        and len(known[0]) == len(current)
+        and all(map(operator.is_, known[0], current))
+    )
+    if known is not None and unchanged:
+        return known[1]
+    found = planning.conflicts(current)
+    _CONFLICTS[namespace] = (current, found)
+    return found
 
 
 def wake(policy_key: str) -> bool:
@@ -378,8 +403,7 @@ class PolicyLoop:
     def conflict(self, policy: policy_module.Policy) -> conditions.Problem | None:
         """Conflict when an older policy already processes the same rows (see
         ``planning.conflicts``): this one then dispatches nothing, so no entry runs twice."""
-        claims = list(self.peers.get(self.namespace, ()))
-        found = planning.conflicts(claims).get(policy.key)
+        found = conflicts_in(self.namespace, self.peers.get(self.namespace, ())).get(policy.key)
         if found is None:
             _CONFLICTED.discard(self.key)
             return None
