@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import psycopg
@@ -109,6 +109,38 @@ def page_query(source: policy_module.Source, *, after: bool) -> sql.Composed:
     )
 
 
+# Every sweep of every policy reads its first page and its status; composing those queries
+# and rendering them (psycopg walks the tree of identifiers and literals at each execution)
+# cost more CPU than the rest of an idle sweep's handling of them. So their text is kept,
+# by what it is made of: the query, the source, and what rendering depends on — the
+# connection's encoding and whether a backslash in a string literal is an escape.
+_TEXTS_KEPT = 4096
+_texts: dict[tuple[Hashable, ...], bytes] = {}
+
+
+def _text(
+    conn: psycopg.Connection[Any],
+    source: policy_module.Source,
+    key: tuple[Hashable, ...],
+    compose: Callable[[], sql.Composed],
+) -> bytes:
+    """``compose()`` rendered for ``conn``, kept under ``source``, ``key`` and the
+    connection's rendering context for the next call. A value the predicate cannot be sent
+    with (a NUL byte) fails here, as ``SourceInvalid``."""
+    context = (conn.info.encoding, conn.pgconn.parameter_status(b"standard_conforming_strings"))
+    full = (source, *key, *context)
+    text = _texts.get(full)
+    if text is None:
+        try:
+            text = compose().as_bytes(conn)
+        except psycopg.Error as error:
+            raise _classified(error, source) from None
+        if len(_texts) >= _TEXTS_KEPT:
+            _texts.clear()  # policies come and go: forget them all now and then
+        _texts[full] = text
+    return text
+
+
 def pending_page(
     conn: psycopg.Connection[Any],
     source: policy_module.Source,
@@ -119,7 +151,8 @@ def pending_page(
     """The next ``limit`` pending entries after the keyset position ``after`` (None: start)."""
     if limit <= 0:
         return []
-    query = page_query(source, after=after is not None)
+    continued = after is not None
+    query = _text(conn, source, ("page", continued), lambda: page_query(source, after=continued))
     params: list[Any] = [*(after or ()), limit]
     rows = _execute(conn, source, query, params).fetchall()
     return [PendingRow(entry_id=row[-1], key=tuple(row[:-1])) for row in rows]
@@ -168,18 +201,23 @@ def filter_pending(
     return {row[0] for row in rows}
 
 
-def pending_summary(conn: psycopg.Connection[Any], source: policy_module.Source) -> PendingSummary:
-    """How many entries match the predicate (in flight or not) and how old the oldest is."""
+def summary_query(source: policy_module.Source) -> sql.Composed:
+    """The pending count and the oldest pending entry's ``orderBy``, in one statement."""
     table = table_identifier(source.table)
     alias = sql.Identifier(_ALIAS)
     where = predicate(source.pending)
     # ORDER BY ... LIMIT 1 rather than min(): it works for every orderable type (min() does
     # not exist for uuid) and reads one entry of the pending index. One statement, one
     # round trip: the status of every policy reads it after every sweep.
-    query = sql.SQL(
+    return sql.SQL(
         "SELECT (SELECT count(*) FROM {table} AS {alias} WHERE {where}), "
         "(SELECT {order} FROM {table} AS {alias} WHERE {where} ORDER BY {order} LIMIT 1)"
     ).format(order=_column(source.order_by), table=table, alias=alias, where=where)
+
+
+def pending_summary(conn: psycopg.Connection[Any], source: policy_module.Source) -> PendingSummary:
+    """How many entries match the predicate (in flight or not) and how old the oldest is."""
+    query = _text(conn, source, ("summary",), lambda: summary_query(source))
     row = _execute(conn, source, query, []).fetchone()
     assert row is not None
     count, oldest = row
@@ -245,7 +283,7 @@ def index_advice(
 def _execute(
     conn: psycopg.Connection[Any],
     source: policy_module.Source,
-    query: sql.Composed,
+    query: sql.Composed | bytes,
     params: Sequence[Any],
 ) -> psycopg.Cursor[Any]:
     """Run one query on the user's table; a failure that the spec causes is ``SourceInvalid``.
