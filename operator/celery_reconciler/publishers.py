@@ -5,6 +5,11 @@ templates and its connection pool. One per policy made the operator's memory gro
 policies (and opened a broker connection each) although most policies of an installation
 name one broker. Here the policies whose Secret resolves to the same URL share one.
 
+Every sweep of every policy asks the broker who it is (a restart without persistence lost
+the queues) and how deep the policy's queue is (a metric). With hundreds of policies those
+answers are shared for ``ANSWER_REUSE_SECONDS``: a restart is noticed that much later at
+most, and a queue's depth is that much older, instead of one more request per sweep.
+
 Redis publishers are safe to share between threads (redis-py's client hands each call a
 connection of its pool); AMQP and kombu publishers hold one channel with its confirms, so
 calls to them are taken one at a time under a lock — as a single policy's sweeps already
@@ -15,17 +20,24 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar, cast
 
 from celery_reconciler import broker
+
+ANSWER_REUSE_SECONDS = 1.0
+_T = TypeVar("_T")
 
 
 class SharedPublisher:
     """A ``broker.Publisher`` for several policies; ``close`` is ``detach``'s business."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.url = url
         self.users = 0
+        self._clock = clock
+        self._answers: dict[tuple[str, ...], tuple[float, object]] = {}
         self._publisher = broker.connect(url)
         self._turns: contextlib.AbstractContextManager[object] = (
             contextlib.nullcontext()
@@ -55,12 +67,22 @@ class SharedPublisher:
             )
 
     def queue_depth(self, queue: str) -> int:
-        with self._turns:
-            return self._publisher.queue_depth(queue)
+        return self._recent(("depth", queue), lambda: self._publisher.queue_depth(queue))
 
     def instance_id(self) -> str | None:
+        return self._recent(("identity",), self._publisher.instance_id)
+
+    def _recent(self, question: tuple[str, ...], ask: Callable[[], _T]) -> _T:
+        """The broker's answer to ``question`` if one came within ``ANSWER_REUSE_SECONDS``,
+        else ``ask()``'s. A failure is not kept: the next caller asks again."""
+        now = self._clock()
+        known = self._answers.get(question)
+        if known is not None and now - known[0] < ANSWER_REUSE_SECONDS:
+            return cast(_T, known[1])
         with self._turns:
-            return self._publisher.instance_id()
+            answer = ask()
+        self._answers[question] = (now, answer)
+        return answer
 
     def messages_accounted_for(self, queue: str, *, taken_within_seconds: float) -> set[str] | None:
         with self._turns:
