@@ -559,9 +559,12 @@ class PolicyLoop:
         fresh = 0.0 if self.failures_in_a_row else kube.SECRET_MAX_AGE_SECONDS
         dsn = kube.read_secret_value(**database_at, max_age_seconds=fresh)
         url = kube.read_secret_value(**broker_at, max_age_seconds=fresh)
-        # Checked here, where the Secret's name is known, so the error can name it.
-        ledger.check_dsn(dsn, where=kube.secret_value_description(**database_at))
-        broker.check_broker_url(url, where=kube.secret_value_description(**broker_at))
+        # Checked here, where the Secret's name is known, so the error can name it; a value
+        # in use passed already (parsing a DSN at every sweep showed in an idle one's CPU).
+        if dsn != self.connections.dsn:
+            ledger.check_dsn(dsn, where=kube.secret_value_description(**database_at))
+        if url != self.connections.broker_url:
+            broker.check_broker_url(url, where=kube.secret_value_description(**broker_at))
         return dsn, url
 
     def annotation(self, name: str) -> str | None:
