@@ -547,6 +547,12 @@ def claim(
     ``retry_wait`` whose retry is due; ``succeeded`` while the source predicate holds again.
     Rows locked by someone else are skipped (``SKIP LOCKED``), never waited for.
 
+    New entries are inserted first, and only the ids the insert did not take are looked
+    up for a claimable row: most of a backlog has no ledger row yet, so a page of them
+    costs one statement instead of a lookup of every id followed by the insert. An id the
+    insert skipped has a row (ours to lock, or one another transaction committed while the
+    insert waited for it), so nothing is claimed twice and nothing eligible is missed.
+
     The ``succeeded`` case is re-checked against the source *after* the row lock is taken,
     through ``still_pending`` (a fresh statement, hence a fresh snapshot under READ
     COMMITTED): a worker commits the body's write before it records success, so once we hold
@@ -558,7 +564,45 @@ def claim(
     if sweeper is not None:
         check_fence(conn, sweeper)
     ids = list(entry_ids)
-    locked = conn.execute(_LOCK_CLAIMABLE, {"policy_key": policy_key, "entry_ids": ids}).fetchall()
+    claims: dict[str, Claim] = {
+        entry_id: Claim(entry_id, fence)
+        for entry_id, fence in conn.execute(
+            _CLAIM_NEW,
+            {
+                "policy_key": policy_key,
+                "entry_ids": text_array_literal(ids),
+                "lease_seconds": lease_seconds,
+            },
+        ).fetchall()
+    }
+    existing = [entry_id for entry_id in ids if entry_id not in claims]
+    if existing:
+        claims.update(
+            _claim_existing(
+                conn,
+                policy_key=policy_key,
+                entry_ids=existing,
+                lease_seconds=lease_seconds,
+                still_pending=still_pending,
+            )
+        )
+    # Keep the source's keyset order, so dispatch order follows spec.source.orderBy.
+    return [claims[entry_id] for entry_id in ids if entry_id in claims]
+
+
+def _claim_existing(
+    conn: psycopg.Connection[Any],
+    *,
+    policy_key: str,
+    entry_ids: list[str],
+    lease_seconds: float,
+    still_pending: Callable[[Sequence[str]], set[str]],
+) -> dict[str, Claim]:
+    """``claim``'s second half: lock the claimable ledger rows of ``entry_ids`` and give
+    them fresh fences (``again``: they were dispatched before)."""
+    locked = conn.execute(
+        _LOCK_CLAIMABLE, {"policy_key": policy_key, "entry_ids": text_array_literal(entry_ids)}
+    ).fetchall()
     row_ids = {entry_id: row_id for row_id, entry_id, _, _ in locked}
     tallied = {entry_id for _, entry_id, state, counted in locked if counted}
     reclaim = [entry_id for _, entry_id, state, _ in locked if state != "succeeded"]
@@ -566,27 +610,35 @@ def claim(
     if succeeded:
         pending_again = still_pending(succeeded)
         reclaim.extend(entry_id for entry_id in succeeded if entry_id in pending_again)
-    claims: dict[str, Claim] = {}
-    if reclaim:
+    if not reclaim:
+        return {}
+    claims = {
+        entry_id: Claim(entry_id, fence, again=True)
         for entry_id, fence in conn.execute(
             _CLAIM_LOCKED,
             {
                 "policy_key": policy_key,
-                "entry_ids": reclaim,
+                "entry_ids": text_array_literal(reclaim),
                 "row_ids": [row_ids[entry_id] for entry_id in reclaim],
                 "lease_seconds": lease_seconds,
             },
-        ):
-            claims[entry_id] = Claim(entry_id, fence, again=True)
-        untallied = sum(1 for entry_id in claims if entry_id in tallied)
-        if untallied:  # pending again: no longer succeeded, so out of the tally
-            conn.execute(_UNTALLY, {"policy_key": policy_key, "count": untallied})
-    for entry_id, fence in conn.execute(
-        _CLAIM_NEW, {"policy_key": policy_key, "entry_ids": ids, "lease_seconds": lease_seconds}
-    ):
-        claims[entry_id] = Claim(entry_id, fence)
-    # Keep the source's keyset order, so dispatch order follows spec.source.orderBy.
-    return [claims[entry_id] for entry_id in ids if entry_id in claims]
+        ).fetchall()
+    }
+    untallied = sum(1 for entry_id in claims if entry_id in tallied)
+    if untallied:  # pending again: no longer succeeded, so out of the tally
+        conn.execute(_UNTALLY, {"policy_key": policy_key, "count": untallied})
+    return claims
+
+
+def text_array_literal(values: Sequence[str]) -> str:
+    """A PostgreSQL array literal of ``values``, for a ``%s::text[]`` parameter: one string
+    built by ``str.join`` costs a fraction of psycopg's element-by-element list dumping,
+    which was a tenth of a claim's time on a page of 500 ids."""
+    return "{" + ",".join('"' + _escape_element(value) + '"' for value in values) + "}"
+
+
+def _escape_element(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
 _UNTALLY = sql.SQL(
