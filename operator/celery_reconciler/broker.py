@@ -253,18 +253,26 @@ class MessageBuilder:
         message: TaskMessage,
         time_limits_seconds: tuple[float, float] | None,
     ) -> str:
-        """``json.dumps(build(...))``, filled into a template built once per task and queue:
-        every message of a batch differs only by its entry id, task id and delivery tag, so
-        Celery's message API runs once per template instead of once per message."""
-        if len(message.entry_id) > SHORT_ID_LENGTH:  # Celery abbreviates long argsrepr
-            return json.dumps(
-                self.build(
-                    task_name=task_name,
-                    queue=queue,
-                    message=message,
-                    time_limits_seconds=time_limits_seconds,
-                )
-            )
+        """``json.dumps(build(...))`` of one message; see ``envelopes_json``."""
+        return self.envelopes_json(
+            task_name=task_name,
+            queue=queue,
+            messages=[message],
+            time_limits_seconds=time_limits_seconds,
+        )[0]
+
+    def envelopes_json(
+        self,
+        *,
+        task_name: str,
+        queue: str,
+        messages: Sequence[TaskMessage],
+        time_limits_seconds: tuple[float, float] | None,
+    ) -> list[str]:
+        """``json.dumps(build(...))`` of each message, filled into a template built once per
+        task and queue: every message of a batch differs only by its entry id, task id and
+        delivery tag, so Celery's message API runs once per template instead of once per
+        message, and the template is looked up once per batch."""
         key = (task_name, queue, time_limits_seconds)
         template = self._templates.get(key)
         if template is None:
@@ -276,7 +284,18 @@ class MessageBuilder:
                     time_limits_seconds=time_limits_seconds,
                 )
             )
-        return template.fill(message)
+        envelopes = template.fill_all(messages)
+        for index, message in enumerate(messages):
+            if len(message.entry_id) > SHORT_ID_LENGTH:  # Celery abbreviates long argsrepr
+                envelopes[index] = json.dumps(
+                    self.build(
+                        task_name=task_name,
+                        queue=queue,
+                        message=message,
+                        time_limits_seconds=time_limits_seconds,
+                    )
+                )
+        return envelopes
 
     def build(
         self,
@@ -407,25 +426,38 @@ class _EnvelopeTemplate:
 
         return cls(format_of(envelope_text), format_of(body_text))
 
-    def fill(self, message: TaskMessage) -> str:
-        entry_id = message.entry_id
-        if _PLAIN_ID.fullmatch(entry_id):
-            entry, args = f'"{entry_id}"', f"\"['{entry_id}']\""
-        else:
-            entry, args = json.dumps(entry_id), json.dumps(repr([entry_id]))
-        body = self._body_format % {"entry": entry}
-        tag = bytearray(os.urandom(16))  # a version-4 UUID, as kombu's delivery tags are
-        tag[6] = (tag[6] & 0x0F) | 0x40
-        tag[8] = (tag[8] & 0x3F) | 0x80
-        hex_tag = tag.hex()
-        return self._envelope_format % {
-            "entry": entry,
-            "task": json.dumps(message.task_id),
-            "args": args,
-            "body": '"' + base64.b64encode(body.encode("utf-8")).decode("ascii") + '"',
-            "tag": f'"{hex_tag[:8]}-{hex_tag[8:12]}-{hex_tag[12:16]}-{hex_tag[16:20]}-'
-            f'{hex_tag[20:]}"',
-        }
+    def fill_all(self, messages: Sequence[TaskMessage]) -> list[str]:
+        """The envelope of each message. Per message this is string formatting only: the
+        delivery tags' randomness is drawn once for the batch, and ids that need no JSON
+        escaping (entry ids mostly, task ids always: they are fence tokens) are quoted
+        directly instead of through ``json.dumps``."""
+        randomness = os.urandom(16 * len(messages)).hex()
+        envelopes = []
+        for index, message in enumerate(messages):
+            entry_id, task_id = message.entry_id, message.task_id
+            if _PLAIN_ID.fullmatch(entry_id):
+                entry, args = f'"{entry_id}"', f"\"['{entry_id}']\""
+            else:
+                entry, args = json.dumps(entry_id), json.dumps(repr([entry_id]))
+            body = self._body_format % {"entry": entry}
+            # A version-4 UUID, as kombu's delivery tags are: version nibble 4, variant 10xx.
+            random_hex = randomness[32 * index : 32 * index + 32]
+            variant = _UUID_VARIANT_DIGITS[int(random_hex[16], 16) & 3]
+            envelopes.append(
+                self._envelope_format
+                % {
+                    "entry": entry,
+                    "task": f'"{task_id}"' if _PLAIN_ID.fullmatch(task_id) else json.dumps(task_id),
+                    "args": args,
+                    "body": '"' + base64.b64encode(body.encode("utf-8")).decode("ascii") + '"',
+                    "tag": f'"{random_hex[:8]}-{random_hex[8:12]}-4{random_hex[13:16]}-'
+                    f'{variant}{random_hex[17:20]}-{random_hex[20:32]}"',
+                }
+            )
+        return envelopes
+
+
+_UUID_VARIANT_DIGITS = "89ab"
 
 
 class _AmqpTemplate:
@@ -629,15 +661,12 @@ class RedisPublisher:
     ) -> int:
         if not messages:
             return 0
-        payloads = [
-            self._builder.envelope_json(
-                task_name=task_name,
-                queue=queue,
-                message=message,
-                time_limits_seconds=time_limits_seconds,
-            )
-            for message in messages
-        ]
+        payloads = self._builder.envelopes_json(
+            task_name=task_name,
+            queue=queue,
+            messages=messages,
+            time_limits_seconds=time_limits_seconds,
+        )
         key = self._key_prefix + queue
         if ahead:
             # kombu's worker pops the list's right end (BRPOP): RPUSH lands next in line;

@@ -65,6 +65,30 @@ def test_any_short_id_fills_in_exactly(entry_id: str) -> None:
     assert_same(entry_id)
 
 
+def test_a_batch_fills_each_message_as_celery_builds_it() -> None:
+    builder = broker.MessageBuilder(broker.message_app())
+    messages = [
+        broker.TaskMessage(entry_id=entry_id, task_id=str(uuid.uuid4())) for entry_id in AWKWARD_IDS
+    ]
+    kwargs = {"task_name": "insights.extract", "queue": "insights", "time_limits_seconds": None}
+    filled = builder.envelopes_json(messages=messages, **kwargs)  # type: ignore[arg-type]
+    built = [json.dumps(builder.build(message=message, **kwargs)) for message in messages]  # type: ignore[arg-type]
+    assert [comparable(envelope) for envelope in filled] == [comparable(one) for one in built]
+    tags = {json.loads(envelope)["properties"]["delivery_tag"] for envelope in filled}
+    assert len(tags) == len(messages)  # each message its own delivery tag
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=broker.SHORT_ID_LENGTH))
+def test_any_task_id_fills_in_exactly(task_id: str) -> None:
+    builder = broker.MessageBuilder(broker.message_app())
+    message = broker.TaskMessage(entry_id="1", task_id=task_id)
+    kwargs = {"task_name": "insights.extract", "queue": "insights", "time_limits_seconds": None}
+    built = json.dumps(builder.build(message=message, **kwargs))  # type: ignore[arg-type]
+    filled = builder.envelope_json(message=message, **kwargs)  # type: ignore[arg-type]
+    assert comparable(filled) == comparable(built)
+
+
 def assert_same_amqp(entry_id: str, *, limits: tuple[float, float] | None = None) -> None:
     builder = broker.MessageBuilder(broker.message_app())
     message = broker.TaskMessage(entry_id=entry_id, task_id=str(uuid.uuid4()))
