@@ -218,6 +218,64 @@ def test_concurrent_claims_never_hand_out_the_same_entry(demo_dsn: str) -> None:
         assert tokens == (100,)
 
 
+def test_a_page_of_new_and_known_entries_is_claimed_in_its_order(
+    conn: psycopg.Connection[Any],
+) -> None:
+    ledger.ensure_schema(conn)
+    with conn.transaction():
+        known = ledger.claim(
+            conn,
+            policy_key="t/p",
+            entry_ids=["2", "4"],
+            lease_seconds=60,
+            still_pending=lambda candidates: set(candidates),
+        )
+    conn.execute(  # entry 2's message was lost: its lease ran out while queued
+        "UPDATE celery_reconciler.entries SET lease_deadline = now() WHERE entry_id = '2'"
+    )
+    with conn.transaction():
+        page = ledger.claim(
+            conn,
+            policy_key="t/p",
+            entry_ids=["1", "2", "3", "4", "5"],
+            lease_seconds=60,
+            still_pending=lambda candidates: set(candidates),
+        )
+    assert [(c.entry_id, c.again) for c in page] == [
+        ("1", False),
+        ("2", True),  # claimed again under a new fence
+        ("3", False),
+        ("5", False),  # 4 is queued under a live lease: not claimable
+    ]
+    assert page[1].fence_token != known[0].fence_token
+    assert claim_pending_again(conn, "3") == []  # each entry once
+    tokens = conn.execute(
+        "SELECT entry_id, fence_token FROM celery_reconciler.entries ORDER BY entry_id"
+    ).fetchall()
+    assert tokens == [
+        ("1", page[0].fence_token),
+        ("2", page[1].fence_token),
+        ("3", page[2].fence_token),
+        ("4", known[1].fence_token),
+        ("5", page[3].fence_token),
+    ]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [],
+        ["1", "22"],
+        ['quote"s', "back\\slash", "com,ma", "{braces}", " spaced ", "", "NULL", "ünï ✓"],
+    ],
+)
+def test_a_text_array_literal_reads_back_as_the_same_ids(
+    conn: psycopg.Connection[Any], values: list[str]
+) -> None:
+    row = conn.execute("SELECT %s::text[]", [ledger.text_array_literal(values)]).fetchone()
+    assert row == (values,)
+
+
 def claim_pending_again(conn: psycopg.Connection[Any], entry_id: str) -> list[ledger.Claim]:
     """Claim one entry of policy t/p the way a sweep does when the source shows it pending."""
     with conn.transaction():
