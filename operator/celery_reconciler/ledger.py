@@ -9,6 +9,7 @@ The tables are described in ``celery_reconciler_worker.ledger``, which creates t
 
 The operator's statements live here: ``upsert_policy``, ``end_silent_incarnations``,
 ``end_pod_incarnations``, ``expire_leases``, ``claim`` (inside the caller's transaction),
+``claim_page`` (a page of the source read and claimed in one statement),
 ``due_retries``, ``release_claims``, ``retry_dead``, counts, retention and history. The worker's
 statements — ``register_incarnation``, ``heartbeat``, ``start_attempt``, ``record_success``,
 ``retry_rules``, ``record_failure`` — and what both sides must share (the schema and its
@@ -20,7 +21,9 @@ Every statement is composed with ``psycopg.sql`` from constant text and identifi
 are always bound parameters. All times are the database's ``now()``, never a host clock, so
 leases mean the same on every machine. Functions expect an autocommit connection and open
 their own transaction where they need one, except ``claim``, which runs inside the caller's
-claim transaction so the read of the source and the claim commit together.
+claim transaction so the read of the source and the claim commit together. ``claim_page``
+is one statement that embeds the source's page query (composed by ``source``) and commits
+on its own.
 """
 
 from __future__ import annotations
@@ -474,6 +477,14 @@ def end_pod_incarnations(conn: psycopg.Connection[Any], *, ending: planning.PodE
     ).rowcount
 
 
+# A ledger row that may be claimed again: its message was lost (queued, lease run out), its
+# retry is due, or it succeeded (claimed again only if the source shows it pending again).
+_CLAIMABLE = sql.SQL(
+    """(state = 'succeeded'
+         OR (state = 'queued' AND lease_deadline <= now())
+         OR (state = 'retry_wait' AND next_attempt_at <= now()))"""
+)
+
 # One unique-key probe per candidate id, forced by LATERAL: a plain ``entry_id = ANY(...)``
 # lets the planner scan every row of the policy when the ledger's statistics are stale
 # (a fresh ledger filling up within one big sweep), which made each page cost O(ledger).
@@ -485,13 +496,11 @@ _LOCK_CLAIMABLE = sql.SQL(
         SELECT ctid, entry_id, state, counted FROM {entries}
         WHERE policy_key = %(policy_key)s
           AND entry_id = candidate.entry_id
-          AND (state = 'succeeded'
-               OR (state = 'queued' AND lease_deadline <= now())
-               OR (state = 'retry_wait' AND next_attempt_at <= now()))
+          AND {claimable}
         FOR UPDATE SKIP LOCKED
     ) AS e
     """
-).format(entries=_ENTRIES)
+).format(entries=_ENTRIES, claimable=_CLAIMABLE)
 
 # The rows are locked by this transaction, so their ctids cannot change under us: a TID
 # scan updates exactly them, whatever the planner believes about the table's size.
@@ -628,6 +637,134 @@ def _claim_existing(
     if untallied:  # pending again: no longer succeeded, so out of the tally
         conn.execute(_UNTALLY, {"policy_key": policy_key, "count": untallied})
     return claims
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaimedPage:
+    """A page of the source read and claimed by ``claim_page``."""
+
+    claims: list[Claim]  # in the page's keyset order
+    size: int  # entries the page held, claimed or not
+    last_key: tuple[Any, ...] | None  # the keyset position after it (None: empty page)
+
+
+def claim_page(
+    conn: psycopg.Connection[Any],
+    *,
+    policy_key: str,
+    page_query: sql.Composable,
+    page_params: Sequence[Any],
+    key_width: int,
+    lease_seconds: float,
+    still_pending: Callable[[Sequence[str]], set[str]],
+    sweeper: sharding.Fence | None = None,
+) -> ClaimedPage:
+    """Read a page of the source and claim it, as ``claim`` would claim its ids, mostly in
+    ONE statement — its own transaction, committed when it returns (autocommit).
+
+    ``page_query`` (positional parameters ``page_params``) yields the ``key_width`` keyset
+    columns and then the id as text, in keyset order (``source.page_query``). The statement
+    inserts the page's new entries with fresh fences and returns the page, the new claims
+    and the ids whose existing ledger row is claimable (as in ``claim``: a lost message,
+    a due retry, a success pending again); only when there are such ids does a second
+    transaction lock and claim them (``claim``'s way, with its re-check of successes).
+    Claims are committed before this returns, so the caller may publish at once.
+
+    Why one statement: a sweep claims page after page while the previous page is published
+    in a thread; every round trip of the claim is a wake-up that waits for the interpreter
+    the publisher holds. Read, insert and commit as one statement instead of BEGIN, read,
+    insert and COMMIT made a 100k backlog's sweep about a third faster.
+
+    With a ``sweeper``, the statement holds the policy's owner row (shared, as
+    ``check_fence`` does) and inserts only if the row names the sweeper; else nothing is
+    claimed and ``FencedOut`` is raised.
+    """
+    keys = [sql.Identifier(f"key{index}") for index in range(key_width)]
+    owner_check = (
+        sql.SQL(
+            "owner AS (SELECT 1 FROM {owners} WHERE policy_key = %s AND holder = %s "
+            "AND token = %s FOR SHARE), "
+        ).format(owners=_OWNERS)
+        if sweeper is not None
+        else sql.SQL("")
+    )
+    statement = sql.SQL(
+        """
+        WITH page AS MATERIALIZED (
+            SELECT * FROM ({page_query}) AS page({keys}, entry_id)
+        ),
+        {owner_check}
+        inserted AS (
+            INSERT INTO {entries} (policy_key, entry_id, state, fence_token, lease_deadline,
+                dispatched_at)
+            SELECT %s, page.entry_id, 'queued', gen_random_uuid(),
+                now() + make_interval(secs => %s), now()
+            FROM page {owned}
+            ON CONFLICT (policy_key, entry_id) DO NOTHING
+            RETURNING entry_id, fence_token
+        ),
+        known AS (
+            SELECT e.entry_id FROM page CROSS JOIN LATERAL (
+                SELECT entry_id FROM {entries}
+                WHERE policy_key = %s AND entry_id = page.entry_id AND {claimable}
+            ) AS e
+            WHERE page.entry_id NOT IN (SELECT entry_id FROM inserted)
+        )
+        SELECT * FROM (
+            (SELECT 'page' AS kind, {keys}, entry_id, NULL::uuid AS fence_token
+             FROM page ORDER BY {keys})
+            UNION ALL
+            SELECT 'new', {nulls}, entry_id, fence_token FROM inserted
+            UNION ALL
+            SELECT 'known', {nulls}, entry_id, NULL FROM known
+            {owner_row}
+        ) AS result
+        """
+    ).format(
+        page_query=page_query,
+        keys=sql.SQL(", ").join(keys),
+        owner_check=owner_check,
+        entries=_ENTRIES,
+        claimable=_CLAIMABLE,
+        owned=sql.SQL("WHERE EXISTS (SELECT 1 FROM owner)" if sweeper is not None else ""),
+        nulls=sql.SQL(", ").join(sql.NULL for _ in keys),
+        owner_row=(
+            sql.SQL("UNION ALL SELECT 'owner', {nulls}, NULL, NULL FROM owner").format(
+                nulls=sql.SQL(", ").join(sql.NULL for _ in keys)
+            )
+            if sweeper is not None
+            else sql.SQL("")
+        ),
+    )
+    params: list[Any] = [*page_params]
+    if sweeper is not None:
+        params += [sweeper.policy_key, sweeper.holder, sweeper.token]
+    params += [policy_key, lease_seconds, policy_key]
+    rows = conn.execute(statement, params).fetchall()
+    page = [row for row in rows if row[0] == "page"]
+    fences = {row[-2]: row[-1] for row in rows if row[0] == "new"}
+    known = [row[-2] for row in rows if row[0] == "known"]
+    if sweeper is not None and not any(row[0] == "owner" for row in rows):
+        raise _fenced_out(conn, sweeper)
+    claims = {entry_id: Claim(entry_id, fence) for entry_id, fence in fences.items()}
+    if known:
+        with conn.transaction():
+            if sweeper is not None:
+                check_fence(conn, sweeper)
+            claims.update(
+                _claim_existing(
+                    conn,
+                    policy_key=policy_key,
+                    entry_ids=known,
+                    lease_seconds=lease_seconds,
+                    still_pending=still_pending,
+                )
+            )
+    return ClaimedPage(
+        claims=[claims[row[-2]] for row in page if row[-2] in claims],
+        size=len(page),
+        last_key=tuple(page[-1][1:-2]) if page else None,
+    )
 
 
 def text_array_literal(values: Sequence[str]) -> str:

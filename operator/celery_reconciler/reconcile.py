@@ -15,10 +15,12 @@ directly against real PostgreSQL and Redis. It reads like the invariants:
 3. settle ``retry_wait`` and ``dead`` rows whose entry the source already shows processed;
 4. re-dispatch due retries first — published *ahead* of the queue, since they already
    waited once and the backlog's keyset order need not reach them;
-5. page through pending ids in keyset order (invariant 5); for each page, ONE transaction
-   reads the page and claims the eligible entries with fresh fence tokens and leases, and
-   commits — only then are the page's messages published, pipelined (invariant 3), in a
-   thread while the next page is claimed (``_PagePublisher``);
+5. page through pending ids in keyset order (invariant 5); for each page, ONE statement
+   (its own transaction) reads the page and claims its new entries with fresh fence tokens
+   and leases, and a second transaction, only if needed, claims those already in the
+   ledger that may run again (``ledger.claim_page``) — only once they committed are the
+   page's messages published, pipelined (invariant 3), in a thread while the next page is
+   claimed (``_PagePublisher``);
 6. a publish that fails releases its claims at once, so the next sweep re-dispatches them
    without waiting for the lease; a crash between claim and publish (the process dies)
    leaves them to lease expiry. Either way nothing is lost.
@@ -360,16 +362,10 @@ def _sweep(
                 size = planning.page_size(remaining_budget=remaining, batch_size=batch_size)
                 doing = "claiming entries"
                 claim_started = clock()
-                with conn.transaction():
-                    rows = source.pending_page(conn, policy.source, after=after, limit=size)
-                    claims = ledger.claim(
-                        conn,
-                        policy_key=policy.key,
-                        entry_ids=[row.entry_id for row in rows],
-                        lease_seconds=policy.lease.timeout_seconds,
-                        still_pending=still_pending,
-                        sweeper=fence,
-                    )
+                page = _claim_page(
+                    conn, policy, after=after, size=size, still_pending=still_pending, fence=fence
+                )
+                claims = page.claims
                 claim_seconds += clock() - claim_started
                 pages += 1
                 if claims:
@@ -378,9 +374,9 @@ def _sweep(
                     claimed += len(claims)
                     published += len(claims)
                     remaining -= len(claims)
-                if len(rows) < size:
+                if page.size < size:
                     break
-                after = rows[-1].key
+                after = page.last_key
             doing = "publishing"
         publish_seconds = pages_out.seconds
         doing = "reading the next due time"
@@ -419,6 +415,35 @@ def _sweep(
         pruned=pruned,
         rate_allows_in_seconds=rate_allows_in,
     )
+
+
+def _claim_page(
+    conn: psycopg.Connection[Any],
+    policy: policy_module.Policy,
+    *,
+    after: tuple[Any, ...] | None,
+    size: int,
+    still_pending: Callable[[Sequence[str]], set[str]],
+    fence: sharding.Fence | None,
+) -> ledger.ClaimedPage:
+    """The next page of pending entries, read and claimed (``ledger.claim_page``)."""
+    try:
+        return ledger.claim_page(
+            conn,
+            policy_key=policy.key,
+            page_query=source.page_query(policy.source, after=after is not None),
+            page_params=[*(after or ()), size],
+            key_width=source.key_width(policy.source),
+            lease_seconds=policy.lease.timeout_seconds,
+            still_pending=still_pending,
+            sweeper=fence,
+        )
+    except psycopg.Error:
+        # The statement reads the user's table too. A failure the spec causes is
+        # ``SourceInvalid``, which reading the page alone tells apart by raising it; when
+        # the read alone works, the failure was the ledger's.
+        source.pending_page(conn, policy.source, after=after, limit=size)
+        raise
 
 
 def _publish(

@@ -1,7 +1,8 @@
 """Safe reads of the user's table: keyset pages of pending ids, and "is it still pending?".
 
 The user's table is the source of truth for "processed" (the policy's predicate); we never
-ask the user to change it. This module is the only code that reads it, and it only reads.
+ask the user to change it. This module is the only code that composes queries on it, and
+they only read (``ledger.claim_page`` runs ``page_query`` inside its claim statement).
 
 Cost follows the backlog, not the table: every query is "rows matching the predicate, after
 the last key, in key order, limit n" (keyset pagination on ``(orderBy, idColumn)``), which an
@@ -88,6 +89,11 @@ def _keyset_columns(source: policy_module.Source) -> list[sql.Identifier]:
     if source.orders_by_id:
         return [_column(source.id_column)]
     return [_column(source.order_by), _column(source.id_column)]
+
+
+def key_width(source: policy_module.Source) -> int:
+    """How many keyset columns ``page_query`` selects before the id."""
+    return len(_keyset_columns(source))
 
 
 def page_query(source: policy_module.Source, *, after: bool) -> sql.Composed:

@@ -16,7 +16,7 @@ import pytest
 from psycopg import sql
 
 from celery_app.demo import schema
-from celery_reconciler import ledger, policy, source
+from celery_reconciler import ledger, policy, sharding, source
 
 pytestmark = pytest.mark.integration
 
@@ -259,6 +259,80 @@ def test_a_page_of_new_and_known_entries_is_claimed_in_its_order(
         ("4", known[1].fence_token),
         ("5", page[3].fence_token),
     ]
+
+
+def claim_demo_page(
+    conn: psycopg.Connection[Any],
+    *,
+    after: tuple[Any, ...] | None,
+    size: int,
+    sweeper: sharding.Fence | None = None,
+) -> ledger.ClaimedPage:
+    src = demo_source()
+    return ledger.claim_page(
+        conn,
+        policy_key="t/p",
+        page_query=source.page_query(src, after=after is not None),
+        page_params=[*(after or ()), size],
+        key_width=source.key_width(src),
+        lease_seconds=60,
+        still_pending=lambda candidates: set(candidates),
+        sweeper=sweeper,
+    )
+
+
+def test_a_page_is_read_and_claimed_by_one_statement_in_keyset_order(
+    conn: psycopg.Connection[Any],
+) -> None:
+    ledger.ensure_schema(conn)
+    schema.seed(conn, count=7)
+    ids = [
+        row[0] for row in conn.execute("SELECT id::text FROM journal_entry ORDER BY created_at, id")
+    ]
+    with conn.transaction():
+        known = ledger.claim(
+            conn,
+            policy_key="t/p",
+            entry_ids=[ids[1], ids[3]],
+            lease_seconds=60,
+            still_pending=lambda candidates: set(candidates),
+        )
+    conn.execute(  # the second entry's message was lost: its lease ran out while queued
+        "UPDATE celery_reconciler.entries SET lease_deadline = now() WHERE entry_id = %s",
+        [ids[1]],
+    )
+    first = claim_demo_page(conn, after=None, size=5)
+    assert [(c.entry_id, c.again) for c in first.claims] == [
+        (ids[0], False),
+        (ids[1], True),  # claimed again under a new fence
+        (ids[2], False),
+        (ids[4], False),  # the fourth is queued under a live lease: not claimable
+    ]
+    assert first.claims[1].fence_token != known[0].fence_token
+    assert first.size == 5
+    second = claim_demo_page(conn, after=first.last_key, size=5)
+    assert [c.entry_id for c in second.claims] == ids[5:]
+    assert second.size == 2
+    assert claim_demo_page(conn, after=None, size=10).claims == []  # each entry once
+    tokens = dict(conn.execute("SELECT entry_id, fence_token FROM celery_reconciler.entries"))
+    claims = [*first.claims, *second.claims]
+    assert tokens == {
+        ids[3]: known[1].fence_token,
+        **{claim.entry_id: claim.fence_token for claim in claims},
+    }
+
+
+def test_a_page_claimed_by_a_replica_that_lost_the_policy_claims_nothing(
+    conn: psycopg.Connection[Any],
+) -> None:
+    ledger.ensure_schema(conn)
+    schema.seed(conn, count=3)
+    ledger.begin_sweep(conn, sharding.Fence("t/p", "replica-b/1", 8))
+    with pytest.raises(ledger.FencedOut):
+        claim_demo_page(conn, after=None, size=5, sweeper=sharding.Fence("t/p", "replica-a/1", 7))
+    assert conn.execute("SELECT count(*) FROM celery_reconciler.entries").fetchone() == (0,)
+    owner = sharding.Fence("t/p", "replica-b/1", 8)
+    assert len(claim_demo_page(conn, after=None, size=5, sweeper=owner).claims) == 3
 
 
 @pytest.mark.parametrize(
