@@ -652,7 +652,7 @@ def claim_page(
     conn: psycopg.Connection[Any],
     *,
     policy_key: str,
-    page_query: sql.Composable,
+    page_query: bytes,
     page_params: Sequence[Any],
     key_width: int,
     lease_seconds: float,
@@ -662,8 +662,9 @@ def claim_page(
     """Read a page of the source and claim it, as ``claim`` would claim its ids, mostly in
     ONE statement — its own transaction, committed when it returns (autocommit).
 
-    ``page_query`` (positional parameters ``page_params``) yields the ``key_width`` keyset
-    columns and then the id as text, in keyset order (``source.page_query``). The statement
+    ``page_query`` (rendered for ``conn``; positional parameters ``page_params``) yields the
+    ``key_width`` keyset columns and then the id as text, in keyset order
+    (``source.page_query_text``). The statement
     inserts the page's new entries with fresh fences and returns the page, the new claims
     and the ids whose existing ledger row is claimable (as in ``claim``: a lost message,
     a due retry, a success pending again); only when there are such ids does a second
@@ -679,16 +680,73 @@ def claim_page(
     ``check_fence`` does) and inserts only if the row names the sweeper; else nothing is
     claimed and ``FencedOut`` is raised.
     """
+    statement = _claim_page_text(
+        conn, page_query=page_query, key_width=key_width, fenced=sweeper is not None
+    )
+    params: list[Any] = [*page_params]
+    if sweeper is not None:
+        params += [sweeper.policy_key, sweeper.holder, sweeper.token]
+    params += [policy_key, lease_seconds, policy_key]
+    rows = conn.execute(statement, params).fetchall()
+    page = [row for row in rows if row[0] == "page"]
+    fences = {row[-2]: row[-1] for row in rows if row[0] == "new"}
+    known = [row[-2] for row in rows if row[0] == "known"]
+    if sweeper is not None and not any(row[0] == "owner" for row in rows):
+        raise _fenced_out(conn, sweeper)
+    claims = {entry_id: Claim(entry_id, fence) for entry_id, fence in fences.items()}
+    if known:
+        with conn.transaction():
+            if sweeper is not None:
+                check_fence(conn, sweeper)
+            claims.update(
+                _claim_existing(
+                    conn,
+                    policy_key=policy_key,
+                    entry_ids=known,
+                    lease_seconds=lease_seconds,
+                    still_pending=still_pending,
+                )
+            )
+    return ClaimedPage(
+        claims=[claims[row[-2]] for row in page if row[-2] in claims],
+        size=len(page),
+        last_key=tuple(page[-1][1:-2]) if page else None,
+    )
+
+
+# Rendering a statement this size costs more than an idle sweep's reading of an empty page
+# (see source._text): its text is kept by what it is made of.
+_CLAIM_PAGE_TEXTS_KEPT = 4096
+_claim_page_texts: dict[tuple[bytes, int, bool, str], bytes] = {}
+
+
+def _claim_page_text(
+    conn: psycopg.Connection[Any], *, page_query: bytes, key_width: int, fenced: bool
+) -> bytes:
+    key = (page_query, key_width, fenced, conn.info.encoding)
+    text = _claim_page_texts.get(key)
+    if text is None:
+        page = sql.SQL(page_query.decode(conn.info.encoding))
+        text = _claim_page_statement(page, key_width=key_width, fenced=fenced).as_bytes(conn)
+        if len(_claim_page_texts) >= _CLAIM_PAGE_TEXTS_KEPT:
+            _claim_page_texts.clear()  # policies come and go: forget them all now and then
+        _claim_page_texts[key] = text
+    return text
+
+
+def _claim_page_statement(
+    page_query: sql.Composable, *, key_width: int, fenced: bool
+) -> sql.Composed:
     keys = [sql.Identifier(f"key{index}") for index in range(key_width)]
     owner_check = (
         sql.SQL(
             "owner AS (SELECT 1 FROM {owners} WHERE policy_key = %s AND holder = %s "
             "AND token = %s FOR SHARE), "
         ).format(owners=_OWNERS)
-        if sweeper is not None
+        if fenced
         else sql.SQL("")
     )
-    statement = sql.SQL(
+    return sql.SQL(
         """
         WITH page AS MATERIALIZED (
             SELECT * FROM ({page_query}) AS page({keys}, entry_id)
@@ -726,44 +784,15 @@ def claim_page(
         owner_check=owner_check,
         entries=_ENTRIES,
         claimable=_CLAIMABLE,
-        owned=sql.SQL("WHERE EXISTS (SELECT 1 FROM owner)" if sweeper is not None else ""),
+        owned=sql.SQL("WHERE EXISTS (SELECT 1 FROM owner)" if fenced else ""),
         nulls=sql.SQL(", ").join(sql.NULL for _ in keys),
         owner_row=(
             sql.SQL("UNION ALL SELECT 'owner', {nulls}, NULL, NULL FROM owner").format(
                 nulls=sql.SQL(", ").join(sql.NULL for _ in keys)
             )
-            if sweeper is not None
+            if fenced
             else sql.SQL("")
         ),
-    )
-    params: list[Any] = [*page_params]
-    if sweeper is not None:
-        params += [sweeper.policy_key, sweeper.holder, sweeper.token]
-    params += [policy_key, lease_seconds, policy_key]
-    rows = conn.execute(statement, params).fetchall()
-    page = [row for row in rows if row[0] == "page"]
-    fences = {row[-2]: row[-1] for row in rows if row[0] == "new"}
-    known = [row[-2] for row in rows if row[0] == "known"]
-    if sweeper is not None and not any(row[0] == "owner" for row in rows):
-        raise _fenced_out(conn, sweeper)
-    claims = {entry_id: Claim(entry_id, fence) for entry_id, fence in fences.items()}
-    if known:
-        with conn.transaction():
-            if sweeper is not None:
-                check_fence(conn, sweeper)
-            claims.update(
-                _claim_existing(
-                    conn,
-                    policy_key=policy_key,
-                    entry_ids=known,
-                    lease_seconds=lease_seconds,
-                    still_pending=still_pending,
-                )
-            )
-    return ClaimedPage(
-        claims=[claims[row[-2]] for row in page if row[-2] in claims],
-        size=len(page),
-        last_key=tuple(page[-1][1:-2]) if page else None,
     )
 
 

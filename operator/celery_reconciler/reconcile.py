@@ -431,7 +431,7 @@ def _claim_page(
         return ledger.claim_page(
             conn,
             policy_key=policy.key,
-            page_query=source.page_query(policy.source, after=after is not None),
+            page_query=source.page_query_text(conn, policy.source, after=after is not None),
             page_params=[*(after or ()), size],
             key_width=source.key_width(policy.source),
             lease_seconds=policy.lease.timeout_seconds,

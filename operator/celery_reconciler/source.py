@@ -147,6 +147,13 @@ def _text(
     return text
 
 
+def page_query_text(
+    conn: psycopg.Connection[Any], source: policy_module.Source, *, after: bool
+) -> bytes:
+    """``page_query`` rendered for ``conn``, kept for the next page and the next sweep."""
+    return _text(conn, source, ("page", after), lambda: page_query(source, after=after))
+
+
 def pending_page(
     conn: psycopg.Connection[Any],
     source: policy_module.Source,
@@ -157,8 +164,7 @@ def pending_page(
     """The next ``limit`` pending entries after the keyset position ``after`` (None: start)."""
     if limit <= 0:
         return []
-    continued = after is not None
-    query = _text(conn, source, ("page", continued), lambda: page_query(source, after=continued))
+    query = page_query_text(conn, source, after=after is not None)
     params: list[Any] = [*(after or ()), limit]
     rows = _execute(conn, source, query, params).fetchall()
     return [PendingRow(entry_id=row[-1], key=tuple(row[:-1])) for row in rows]

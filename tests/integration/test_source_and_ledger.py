@@ -272,7 +272,7 @@ def claim_demo_page(
     return ledger.claim_page(
         conn,
         policy_key="t/p",
-        page_query=source.page_query(src, after=after is not None),
+        page_query=source.page_query_text(conn, src, after=after is not None),
         page_params=[*(after or ()), size],
         key_width=source.key_width(src),
         lease_seconds=60,
