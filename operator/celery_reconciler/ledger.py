@@ -678,7 +678,8 @@ def claim_page(
 
     With a ``sweeper``, the statement holds the policy's owner row (shared, as
     ``check_fence`` does) and inserts only if the row names the sweeper; else nothing is
-    claimed and ``FencedOut`` is raised.
+    claimed and ``FencedOut`` is raised. An empty page locks nothing (as ``claim`` of no
+    ids checks no fence), so an idle sweep writes nothing.
     """
     statement = _claim_page_text(
         conn, page_query=page_query, key_width=key_width, fenced=sweeper is not None
@@ -691,7 +692,7 @@ def claim_page(
     page = [row for row in rows if row[0] == "page"]
     fences = {row[-2]: row[-1] for row in rows if row[0] == "new"}
     known = [row[-2] for row in rows if row[0] == "known"]
-    if sweeper is not None and not any(row[0] == "owner" for row in rows):
+    if sweeper is not None and page and not any(row[0] == "owner" for row in rows):
         raise _fenced_out(conn, sweeper)
     claims = {entry_id: Claim(entry_id, fence) for entry_id, fence in fences.items()}
     if known:
@@ -741,7 +742,7 @@ def _claim_page_statement(
     owner_check = (
         sql.SQL(
             "owner AS (SELECT 1 FROM {owners} WHERE policy_key = %s AND holder = %s "
-            "AND token = %s FOR SHARE), "
+            "AND token = %s AND EXISTS (SELECT 1 FROM page) FOR SHARE), "
         ).format(owners=_OWNERS)
         if fenced
         else sql.SQL("")

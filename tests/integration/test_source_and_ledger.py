@@ -332,7 +332,11 @@ def test_a_page_claimed_by_a_replica_that_lost_the_policy_claims_nothing(
         claim_demo_page(conn, after=None, size=5, sweeper=sharding.Fence("t/p", "replica-a/1", 7))
     assert conn.execute("SELECT count(*) FROM celery_reconciler.entries").fetchone() == (0,)
     owner = sharding.Fence("t/p", "replica-b/1", 8)
-    assert len(claim_demo_page(conn, after=None, size=5, sweeper=owner).claims) == 3
+    first = claim_demo_page(conn, after=None, size=5, sweeper=owner)
+    assert len(first.claims) == 3
+    # An empty page claims nothing and checks no fence: an idle sweep locks no row.
+    lost = sharding.Fence("t/p", "replica-a/1", 7)
+    assert claim_demo_page(conn, after=first.last_key, size=5, sweeper=lost).size == 0
 
 
 @pytest.mark.parametrize(
