@@ -38,7 +38,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from celery_reconciler import planning, sharding
+from celery_reconciler import planning, sharding, source
 from celery_reconciler import policy as policy_module
 from celery_reconciler_worker import ledger as worker_ledger
 
@@ -579,7 +579,7 @@ def claim(
             _CLAIM_NEW,
             {
                 "policy_key": policy_key,
-                "entry_ids": text_array_literal(ids),
+                "entry_ids": source.id_array_literal(ids),
                 "lease_seconds": lease_seconds,
             },
         ).fetchall()
@@ -610,7 +610,7 @@ def _claim_existing(
     """``claim``'s second half: lock the claimable ledger rows of ``entry_ids`` and give
     them fresh fences (``again``: they were dispatched before)."""
     locked = conn.execute(
-        _LOCK_CLAIMABLE, {"policy_key": policy_key, "entry_ids": text_array_literal(entry_ids)}
+        _LOCK_CLAIMABLE, {"policy_key": policy_key, "entry_ids": source.id_array_literal(entry_ids)}
     ).fetchall()
     row_ids = {entry_id: row_id for row_id, entry_id, _, _ in locked}
     tallied = {entry_id for _, entry_id, state, counted in locked if counted}
@@ -627,7 +627,7 @@ def _claim_existing(
             _CLAIM_LOCKED,
             {
                 "policy_key": policy_key,
-                "entry_ids": text_array_literal(reclaim),
+                "entry_ids": source.id_array_literal(reclaim),
                 "row_ids": [row_ids[entry_id] for entry_id in reclaim],
                 "lease_seconds": lease_seconds,
             },
@@ -795,17 +795,6 @@ def _claim_page_statement(
             else sql.SQL("")
         ),
     )
-
-
-def text_array_literal(values: Sequence[str]) -> str:
-    """A PostgreSQL array literal of ``values``, for a ``%s::text[]`` parameter: one string
-    built by ``str.join`` costs a fraction of psycopg's element-by-element list dumping,
-    which was a tenth of a claim's time on a page of 500 ids."""
-    return "{" + ",".join('"' + _escape_element(value) + '"' for value in values) + "}"
-
-
-def _escape_element(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
 _UNTALLY = sql.SQL(

@@ -171,7 +171,11 @@ def pending_page(
 
 
 def id_array_literal(entry_ids: Sequence[str]) -> str:
-    """A PostgreSQL array literal of the ids, bound untyped so the server picks the type."""
+    """A PostgreSQL array literal of the ids, for an untyped or a ``::text[]`` parameter.
+
+    One string built by ``str.join`` costs a fraction of psycopg's element-by-element list
+    dumping, which was a tenth of a claim's time on a page of 500 ids.
+    """
     quoted = (
         '"' + entry_id.replace("\\", "\\\\").replace('"', '\\"') + '"' for entry_id in entry_ids
     )

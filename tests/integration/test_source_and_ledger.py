@@ -350,7 +350,7 @@ def test_a_page_claimed_by_a_replica_that_lost_the_policy_claims_nothing(
 def test_a_text_array_literal_reads_back_as_the_same_ids(
     conn: psycopg.Connection[Any], values: list[str]
 ) -> None:
-    row = conn.execute("SELECT %s::text[]", [ledger.text_array_literal(values)]).fetchone()
+    row = conn.execute("SELECT %s::text[]", [source.id_array_literal(values)]).fetchone()
     assert row == (values,)
 
 
