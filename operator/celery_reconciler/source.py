@@ -62,18 +62,32 @@ def table_identifier(table: policy_module.TableName) -> sql.Identifier:
 
 
 def predicate(pending: policy_module.PendingPredicate, *, qualified: bool = True) -> sql.Composable:
-    """The pending predicate as composed SQL (identifiers and literals, never raw text);
-    its column qualified by our alias (queries) or not (an index definition)."""
+    """The pending predicate as composed SQL (identifiers and literals, never raw text).
+
+    ``qualified``: for our queries — the column qualified by our alias, and the literals
+    ready for a query executed with parameters. Otherwise for a statement shown to a
+    person (the index to create): the bare column and the literals as they are.
+    """
     column = _column(pending.column) if qualified else sql.Identifier(pending.column)
+    literal = _ParameterSafeLiteral if qualified else sql.Literal
     match pending:
         case policy_module.PendingEquals(value=value):
-            return sql.SQL("{} = {}").format(column, sql.Literal(value))
+            return sql.SQL("{} = {}").format(column, literal(value))
         case policy_module.PendingIn(values=values):
             return sql.SQL("{} IN ({})").format(
-                column, sql.SQL(", ").join(sql.Literal(value) for value in values)
+                column, sql.SQL(", ").join(literal(value) for value in values)
             )
         case policy_module.PendingIsNull(is_null=is_null):
             return sql.SQL("{} IS NULL" if is_null else "{} IS NOT NULL").format(column)
+
+
+class _ParameterSafeLiteral(sql.Literal):
+    """A literal inside a query executed with parameters: psycopg takes every ``%`` of the
+    query's text for a placeholder, inside quotes too, so a pending value such as
+    ``'50% off'`` would fail every sweep. Its ``%`` are doubled, which psycopg undoes."""
+
+    def as_bytes(self, context: Any = None) -> bytes:
+        return super().as_bytes(context).replace(b"%", b"%%")
 
 
 # The table's alias in our queries: qualified column references can never be mistaken for

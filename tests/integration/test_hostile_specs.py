@@ -17,7 +17,7 @@ from psycopg import sql
 from reconcile_support import make_policy, sweep_connections
 
 from celery_app.demo import schema
-from celery_reconciler import broker, conditions, ledger, loop, planning, reconcile
+from celery_reconciler import broker, conditions, ledger, loop, planning, reconcile, source
 from celery_reconciler import policy as policy_module
 from devstack import postgres as devstack_postgres
 
@@ -237,3 +237,35 @@ def test_operator_sessions_have_statement_and_lock_timeouts_and_workers_do_not(
     finally:
         holder.rollback()
         holder.close()
+
+
+def test_percent_signs_in_pending_values_are_data_not_placeholders(
+    demo_dsn: str, conn: psycopg.Connection[Any], redis_url: str
+) -> None:
+    """A rendered query is executed with parameters, and psycopg reads every ``%`` of its
+    text as a placeholder — inside quoted literals too — unless it is doubled."""
+    conn.execute(
+        "CREATE TABLE coupon (id bigint PRIMARY KEY, state text NOT NULL, "
+        "at timestamptz NOT NULL DEFAULT now())"
+    )
+    conn.execute(
+        """INSERT INTO coupon SELECT n, CASE n % 3 WHEN 0 THEN '50%s off' WHEN 1 THEN '%b'
+        ELSE 'done%' END FROM generate_series(1, 12) AS n"""
+    )
+    spec = schema.policy_spec()
+    spec["source"] = {
+        **spec["source"],
+        "table": "public.coupon",
+        "pending": {"column": "state", "in": ["50%s off", "%b", "100%"]},
+        "orderBy": "at",
+    }
+    percent = policy_module.parse_policy(spec, namespace="test", name="percent")
+    with sweep_connections(demo_dsn, redis_url) as (db, publisher):
+        assert reconcile.reconcile_once(percent, db=db, broker=publisher).published == 8
+    assert source.pending_summary(conn, percent.source).count == 8
+    assert source.filter_pending(conn, percent.source, ["1", "2", "3"]) == {"1", "3"}
+    conn.execute("INSERT INTO coupon SELECT n, 'done' FROM generate_series(13, 20000) AS n")
+    conn.execute("ANALYZE coupon")
+    advice = source.index_advice(conn, percent.source, page_size=500)
+    assert advice is not None
+    assert "'50%s off', '%b', '100%'" in advice.create_index  # as a person would type it
