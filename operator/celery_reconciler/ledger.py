@@ -1038,14 +1038,6 @@ _CONSUMPTION = sql.SQL(
 ).format(entries=_ENTRIES, attempts=_ATTEMPTS)
 
 
-def consumption(conn: psycopg.Connection[Any], *, policy_key: str) -> Consumption:
-    """How long the oldest published entry has waited for a worker, and how long ago any
-    attempt of this policy last finished."""
-    row = conn.execute(_CONSUMPTION, {"policy_key": policy_key}).fetchone()
-    assert row is not None
-    return _consumption(row)
-
-
 def _consumption(row: Sequence[Any]) -> Consumption:
     return Consumption(
         oldest_queued_seconds=None if row[0] is None else float(row[0]),
@@ -1306,18 +1298,6 @@ _OUTCOMES = sql.SQL(
     GROUP BY window_end.until
     """
 ).format(attempts=_ATTEMPTS)
-
-
-def outcomes_since(
-    conn: psycopg.Connection[Any], *, policy_key: str, since: datetime.datetime | None
-) -> Outcomes:
-    """Outcomes of attempts finished after ``since`` (all history when ``None``)."""
-    row = conn.execute(
-        _OUTCOMES,
-        {"policy_key": policy_key, "since": since, "settle": OUTCOME_SETTLE_SECONDS},
-    ).fetchone()
-    assert row is not None
-    return _outcomes(row)
 
 
 def _outcomes(row: Sequence[Any]) -> Outcomes:
