@@ -43,6 +43,7 @@ their own transaction where they need one.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -514,6 +515,18 @@ _MIGRATIONS: tuple[tuple[int, tuple[sql.Composed, ...]], ...] = (
             ),
         ),
     ),
+    (
+        7,
+        (
+            # The container instance a process runs in, on the node's own clock: when its
+            # container's PID 1 started (``/proc/1/stat`` + ``/proc/stat`` btime). Readable on
+            # cgroup v1 and v2 alike, and compared only with the kubelet's ``startedAt`` of the
+            # same node, never with the database's clock. Nullable: older workers lack it.
+            sql.SQL(
+                "ALTER TABLE {incarnations} ADD COLUMN container_started_at timestamptz"
+            ).format(incarnations=INCARNATIONS),
+        ),
+    ),
 )
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
 
@@ -793,14 +806,16 @@ class WorkerIdentity:
     pod_uid: str | None = None
     container_id: str | None = None
     container_name: str | None = None
+    # When the container's PID 1 started, on the node's clock (see migration 7).
+    container_started_at: datetime.datetime | None = None
 
 
 _REGISTER_INCARNATION = sql.SQL(
     """
     INSERT INTO {incarnations} (id, hostname, pid, pod_name, pod_namespace, pod_uid,
-        container_id, container_name, heartbeat_timeout_seconds)
+        container_id, container_name, container_started_at, heartbeat_timeout_seconds)
     VALUES (%(id)s, %(hostname)s, %(pid)s, %(pod_name)s, %(pod_namespace)s, %(pod_uid)s,
-        %(container_id)s, %(container_name)s, %(timeout)s)
+        %(container_id)s, %(container_name)s, %(container_started_at)s, %(timeout)s)
     """
 ).format(incarnations=INCARNATIONS)
 
