@@ -61,6 +61,11 @@ class KubernetesUnavailable(Exception):
     """The API server refused or failed a call the operator needs."""
 
 
+class PolicyGone(KubernetesUnavailable):
+    """The ProcessingPolicy (or its namespace) no longer exists: writing its status again
+    can never succeed, so the writer drops it instead of retrying."""
+
+
 # Every request of the operator has a deadline, (connect, read) in seconds: a half-open
 # connection to the API server must fail the call — a condition and a retry — rather than
 # hang a policy's loop in a thread kopf cannot cancel.
@@ -177,15 +182,26 @@ def secret_value_description(*, namespace: str, name: str, key: str, field: str)
 
 
 def patch_policy_status(*, namespace: str, name: str, status: Mapping[str, Any]) -> None:
-    _call(
-        _custom().patch_namespaced_custom_object_status,
-        GROUP,
-        VERSION,
-        namespace,
-        POLICIES,
-        name,
-        {"status": dict(status)},
-    )
+    try:
+        _custom().patch_namespaced_custom_object_status(
+            GROUP,
+            VERSION,
+            namespace,
+            POLICIES,
+            name,
+            {"status": dict(status)},
+            _request_timeout=REQUEST_TIMEOUT_SECONDS,
+        )
+    except kubernetes.client.ApiException as error:
+        if error.status == 404:
+            raise PolicyGone(f"ProcessingPolicy {namespace}/{name} no longer exists") from None
+        raise KubernetesUnavailable(
+            f"updating the status of ProcessingPolicy {namespace}/{name} failed: "
+            f"HTTP {error.status} {error.reason}"
+        ) from None
+    except (urllib3.exceptions.HTTPError, OSError) as error:
+        doing = f"updating the status of ProcessingPolicy {namespace}/{name}"
+        raise _unreachable(error, doing=doing) from None
 
 
 def write_processing_status(
@@ -231,7 +247,20 @@ def write_processing_status(
         },
         "status": dict(status),
     }
-    _call(_custom().create_namespaced_custom_object, GROUP, VERSION, namespace, STATUSES, body)
+    try:
+        _custom().create_namespaced_custom_object(
+            GROUP, VERSION, namespace, STATUSES, body, _request_timeout=REQUEST_TIMEOUT_SECONDS
+        )
+    except kubernetes.client.ApiException as error:
+        if error.status == 404:  # the namespace is gone, and the policy with it
+            raise PolicyGone(
+                f"the namespace of ProcessingPolicy {namespace}/{name} is gone"
+            ) from None
+        raise KubernetesUnavailable(
+            f"creating ProcessingStatus {namespace}/{name} failed: HTTP {error.status}"
+        ) from None
+    except (urllib3.exceptions.HTTPError, OSError) as error:
+        raise _unreachable(error, doing=f"creating ProcessingStatus {namespace}/{name}") from None
 
 
 def pod_from_body(body: Mapping[str, Any]) -> WorkerPod:

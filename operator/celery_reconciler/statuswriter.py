@@ -16,7 +16,8 @@ starve the others. A policy whose conditions changed (it became Ready, or Degrad
 before those whose counts merely moved: 500 policies starting together show Ready before
 the first round of count refreshes is through. A write that fails (the API server is away)
 is put back behind the others and retried; a policy that is deleted is ``forget``-ten, so
-nothing is written for it after its loop ends.
+nothing is written for it after its loop ends, and a write that finds the policy gone (HTTP
+404: deleted while its status waited) is dropped, never retried.
 """
 
 from __future__ import annotations
@@ -110,6 +111,10 @@ class StatusWriter:
         assert self._ready is not None
         self._ready.set()
 
+    def idle(self) -> bool:
+        """Nothing waits to be written and nothing is being written."""
+        return not (self._urgent or self._routine or self._writing)
+
     def forget(self, *, namespace: str, name: str) -> None:
         self._urgent.pop(f"{namespace}/{name}", None)
         self._routine.pop(f"{namespace}/{name}", None)
@@ -146,6 +151,10 @@ class StatusWriter:
             self._writing.add(key)
             try:
                 await self._write(item)
+            except kube.PolicyGone as error:
+                # Deleted while its last status waited: nothing to retry, ever.
+                logger.info("policy %s: status dropped: %s", key, error)
+                self.forget(namespace=item.namespace, name=item.name)
             except kube.KubernetesUnavailable as error:
                 logger.warning("policy %s: status not written yet: %s; retrying", key, error)
                 self._put_back(key, item)
