@@ -19,9 +19,42 @@ from typing import Any
 
 import kopf
 
-from celery_reconciler import kube, loop, membership, metrics, planning, policy, sharding
+from celery_reconciler import (
+    kube,
+    loop,
+    membership,
+    metrics,
+    planning,
+    policy,
+    policy_annotations,
+    sharding,
+)
 
 _peering_lifetime_seconds = 30
+
+
+class TolerantDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
+    """kopf's diff-base in an annotation, read as untrusted input: anyone with ``edit`` can
+    overwrite it, and kopf's own reader then fails at every event of the policy (no status,
+    a deletion stuck on the finalizer). A value that is not a JSON object reads as absent;
+    the policy's loop removes it with a Warning Event (``loop.PolicyLoop.repair_diffbase``)."""
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        for full_key in self.make_keys(self.key, body=body):
+            if policy_annotations.diffbase_problem(body.metadata.annotations.get(full_key)):
+                return None
+        return super().fetch(body=body)
+
+
+class TolerantProgressStorage(kopf.AnnotationsProgressStorage):
+    """kopf's per-handler progress in annotations, read the same way: a value someone
+    overwrote with something that is not JSON reads as no progress recorded."""
+
+    def fetch(self, *, key: kopf.HandlerId, body: kopf.Body) -> kopf.ProgressRecord | None:
+        try:
+            return super().fetch(key=key, body=body)
+        except ValueError:
+            return None
 
 
 def configure_peering(*, lifetime_seconds: int) -> None:
@@ -32,9 +65,9 @@ def configure_peering(*, lifetime_seconds: int) -> None:
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.finalizer = f"{kube.GROUP}/finalizer"
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=kube.GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=kube.GROUP, key="last-handled-configuration"
+    settings.persistence.progress_storage = TolerantProgressStorage(prefix=kube.GROUP)
+    settings.persistence.diffbase_storage = TolerantDiffBaseStorage(
+        prefix=kube.GROUP, key=policy_annotations.DIFFBASE_KEY
     )
     # Our loop posts the Events a person needs; kopf's "Handler ... succeeded" would bury them.
     settings.posting.level = logging.WARNING

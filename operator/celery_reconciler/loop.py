@@ -45,6 +45,7 @@ from celery_reconciler import (
     metrics,
     planning,
     podwatch,
+    policy_annotations,
     pools,
     publishers,
     reconcile,
@@ -53,8 +54,8 @@ from celery_reconciler import (
 )
 from celery_reconciler import policy as policy_module
 
-SWEEP_NOW_ANNOTATION = "celery-reconciler.io/sweep-now"
-RETRY_DEAD_ANNOTATION = "celery-reconciler.io/retry-dead"
+SWEEP_NOW_ANNOTATION = policy_annotations.SWEEP_NOW
+RETRY_DEAD_ANNOTATION = policy_annotations.RETRY_DEAD
 # ProcessingStatus is a summary for people and dashboards: it is written when what it says
 # changes, but at most once a second (a burst of wake-ups must not become a burst of API
 # writes), and refreshed by the first report 5 minutes after the last write even when
@@ -325,6 +326,7 @@ class PolicyLoop:
     async def iterate(self) -> float:
         """One pass: returns how many seconds to sleep before the next one."""
         generation = int(self.body.get("metadata", {}).get("generation") or 0)
+        await self.repair_diffbase()
         try:
             policy = policy_module.parse_policy(
                 self.body.get("spec") or {}, namespace=self.namespace, name=self.name
@@ -581,18 +583,30 @@ class PolicyLoop:
                 annotations={name: None},
             )
 
+    async def repair_diffbase(self) -> None:
+        """kopf's record of the last spec it handled is an annotation that ``edit`` can
+        overwrite; kopf reads a corrupt one as absent (``handlers.TolerantDiffBaseStorage``),
+        and this removes it, saying so, so that kopf writes a good one again."""
+        problem = policy_annotations.diffbase_problem(self.annotation(policy_annotations.DIFFBASE))
+        if problem is not None:
+            await self.event("Warning", "InvalidRequest", f"{problem}; removed it")
+            await self.clear_annotation(policy_annotations.DIFFBASE)
+
     async def handle_retry_dead_request(
         self, policy: policy_module.Policy, *, db: reconcile.Sessions
     ) -> None:
-        request = self.annotation(RETRY_DEAD_ANNOTATION)
-        if request is None:
+        value = self.annotation(RETRY_DEAD_ANNOTATION)
+        if value is None:
             return
-        ids = (
-            None
-            if request.strip() in ("", "all", "*")
-            else [part.strip() for part in request.split(",") if part.strip()]
+        try:
+            request = policy_annotations.parse_retry_dead(value)
+        except policy_annotations.InvalidAnnotation as error:
+            await self.event("Warning", "InvalidRequest", f"{error}; removed it")
+            await self.clear_annotation(RETRY_DEAD_ANNOTATION)
+            return
+        revived = await asyncio.to_thread(
+            reconcile.retry_dead, policy, db=db, entry_ids=request.entry_ids
         )
-        revived = await asyncio.to_thread(reconcile.retry_dead, policy, db=db, entry_ids=ids)
         await self.event("Normal", "RetryDead", f"{revived} dead entries scheduled to run again")
         await self.clear_annotation(RETRY_DEAD_ANNOTATION)
 
