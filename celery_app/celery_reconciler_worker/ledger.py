@@ -70,6 +70,7 @@ TALLIES = sql.Identifier(SCHEMA, "tallies")
 BACKLOG = sql.Identifier(SCHEMA, "backlog")
 OWNERS = sql.Identifier(SCHEMA, "policy_owners")
 SWEEPS = sql.Identifier(SCHEMA, "sweeps")
+POLICY_WORK = sql.Identifier(SCHEMA, "policy_work")
 _SCHEMA = sql.Identifier(SCHEMA)
 _MIGRATIONS_TABLE = sql.Identifier(SCHEMA, "schema_migrations")
 
@@ -525,6 +526,32 @@ _MIGRATIONS: tuple[tuple[int, tuple[sql.Composed, ...]], ...] = (
             sql.SQL(
                 "ALTER TABLE {incarnations} ADD COLUMN container_started_at timestamptz"
             ).format(incarnations=INCARNATIONS),
+        ),
+    ),
+    (
+        8,
+        (
+            # Which work each policy holds, so that the database — not a comparison of
+            # Kubernetes objects — decides when two policies would run the same rows: across
+            # namespaces, Secrets and DSN spellings, one database has one such table. Only the
+            # operator reads or writes it (celery_reconciler.overlaps).
+            sql.SQL(
+                """
+                CREATE TABLE {work} (
+                    policy_key text PRIMARY KEY,
+                    policy_uid text NOT NULL,
+                    created text NOT NULL,
+                    table_oid oid,
+                    table_name text NOT NULL,
+                    pending text NOT NULL,
+                    task_name text NOT NULL,
+                    updated_at timestamptz NOT NULL DEFAULT now()
+                )
+                """
+            ).format(work=POLICY_WORK),
+            sql.SQL("CREATE INDEX policy_work_by_table ON {work} (table_oid)").format(
+                work=POLICY_WORK
+            ),
         ),
     ),
 )

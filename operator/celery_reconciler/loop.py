@@ -43,6 +43,7 @@ from celery_reconciler import (
     kube,
     ledger,
     metrics,
+    overlaps,
     planning,
     podwatch,
     policy_annotations,
@@ -262,6 +263,7 @@ class PolicyLoop:
                 delay = await self.iterate()
                 await self.wait_for_next_sweep(delay, stopped)
         finally:
+            await self.forget_work_if_deleted()
             _WAKERS.pop(self.key, None)
             _CONFLICTED.discard(self.key)
             wake_conflicted(self.namespace)
@@ -269,6 +271,22 @@ class PolicyLoop:
             statuswriter.WRITER.forget(namespace=self.namespace, name=self.name)
             self.connections.close()
             logger.info("policy %s: loop stopped", self.key)
+
+    async def forget_work_if_deleted(self) -> None:
+        """A deleted policy leaves the rows it held to the policies that yielded to it."""
+        db = self.connections.db
+        if db is None or not self.body.get("metadata", {}).get("deletionTimestamp"):
+            return
+        try:
+            await asyncio.to_thread(
+                reconcile.forget_work, db, policy_key=self.key, policy_uid=self.uid
+            )
+        except Exception as error:  # the policies that yield check that it still exists
+            logger.warning(
+                "policy %s: could not remove its record of the rows it held: %s",
+                self.key,
+                self.problem_of(error).message,
+            )
 
     async def wait_for_next_sweep(self, delay_seconds: float, stopped: Any) -> None:
         """Sleep until the next sweep; while work is in flight, refresh the status meanwhile.
@@ -342,12 +360,17 @@ class PolicyLoop:
         if conflict is not None:
             await self.report(policy=policy, problem=conflict, generation=generation)
             return policy.schedule.sweep_interval_seconds
-        self.ensure_pod_watch(policy)
         try:
             dsn, broker_url = await asyncio.to_thread(self.read_secrets, policy)
             self.connections.use(dsn=dsn, broker_url=broker_url)
             db, publisher = self.connections.db, self.connections.publisher
             assert db is not None and publisher is not None
+            conflict = await self.database_conflict(policy, db=db)
+            if conflict is not None:
+                self.stop_pod_watch()  # its workers' rescues are the older policy's
+                await self.report(policy=policy, problem=conflict, generation=generation)
+                return policy.schedule.sweep_interval_seconds
+            self.ensure_pod_watch(policy)
             await self.handle_retry_dead_request(policy, db=db)
             await self.clear_annotation(SWEEP_NOW_ANNOTATION)
             result: reconcile.SweepResult | None = None
@@ -417,6 +440,45 @@ class PolicyLoop:
             f"spec.source.databaseSecretRef): this policy dispatches nothing while {winner} "
             "processes these rows; delete one of them or change its table, pending predicate "
             "or task",
+        )
+
+    async def database_conflict(
+        self, policy: policy_module.Policy, *, db: reconcile.Sessions
+    ) -> conditions.Problem | None:
+        """Conflict when the database records an older policy, of any namespace, Secret or
+        DSN spelling, that processes the same rows (``overlaps``). A record whose policy is
+        gone (its finalizer removed by hand) is removed, and this policy runs."""
+        created = str(self.body.get("metadata", {}).get("creationTimestamp") or "")
+        mine = overlaps.held_by(policy, uid=self.uid, created=created)
+        for _ in range(2):
+            found = await asyncio.to_thread(reconcile.arbitrate, policy, db=db, mine=mine)
+            if found is None:
+                return None
+            conflict, winner = found
+            namespace, _, name = winner.policy_key.partition("/")
+            try:
+                existing = await asyncio.to_thread(kube.get_policy, namespace=namespace, name=name)
+            except kube.KubernetesUnavailable:
+                break  # cannot tell (say, no right to read that namespace): yield, to be safe
+            if (existing or {}).get("metadata", {}).get("uid") == winner.policy_uid:
+                break
+            logger.info(
+                "policy %s: the ledger recorded %s (uid %s), which no longer exists; removed it",
+                self.key,
+                winner.policy_key,
+                winner.policy_uid,
+            )
+            await asyncio.to_thread(
+                reconcile.forget_work,
+                db,
+                policy_key=winner.policy_key,
+                policy_uid=winner.policy_uid,
+            )
+        return conditions.Problem(
+            conditions.CONFLICT,
+            f"overlaps the older ProcessingPolicy {conflict.winner} ({conflict.what}, in the "
+            "same database): this policy dispatches nothing while it processes these rows; "
+            "delete one of them or change its table, pending predicate or task",
         )
 
     def health_problem(

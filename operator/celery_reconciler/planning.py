@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import random as random_module
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -407,6 +408,64 @@ def conflicts(claims: Iterable[PolicyClaim]) -> dict[str, Conflict]:
         else:
             group.append(claim.policy)
     return found
+
+
+# --- the database's record of who processes what --------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkHeld:
+    """A policy as the ledger of its database records the work it holds: which table (by
+    OID, so every spelling of its name and every DSN that reaches the database agree),
+    which rows (the pending predicate, in ``pending_text`` form) and which task.
+
+    ``created`` is the policy's ``metadata.creationTimestamp`` and ``policy_key`` its
+    namespace/name: the same order ``conflicts`` uses, so every replica and every operator
+    sharing the database decides the same way."""
+
+    policy_key: str
+    policy_uid: str
+    created: str
+    pending: str
+    task_name: str
+
+
+def pending_text(pending: policy_module.PendingPredicate) -> str:
+    """One text per predicate: equal texts select the same rows of a table."""
+    return json.dumps(
+        {"kind": type(pending).__name__, **dataclasses.asdict(pending)},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+
+
+def work_overlap(a: WorkHeld, b: WorkHeld) -> str | None:
+    """How two policies holding the same table would run rows twice, or None.
+
+    The same predicate claims the same entries; the same task runs the same body twice per
+    entry, whatever the predicates. Two different tasks with different predicates on one
+    table are different work (say, one extracts insights from new entries, another
+    re-indexes edited ones), even where their predicates happen to select common rows."""
+    if a.pending == b.pending:
+        return "same table and pending predicate"
+    if a.task_name == b.task_name:
+        return f"same table and task {a.task_name}"
+    return None
+
+
+def work_yields_to(mine: WorkHeld, others: Iterable[WorkHeld]) -> Conflict | None:
+    """The older policy that ``mine`` must leave its table's rows to, by ``conflicts``'
+    rule (oldest first; one that yields blocks nobody); None when ``mine`` may run."""
+    active: list[WorkHeld] = []
+    for held in sorted({mine, *others}, key=lambda w: (w.created, w.policy_key)):
+        winner = next((older for older in active if work_overlap(held, older)), None)
+        if winner is None:
+            active.append(held)
+        elif held == mine:
+            what = work_overlap(held, winner)
+            assert what is not None
+            return Conflict(loser=mine.policy_key, winner=winner.policy_key, what=what)
+    return None
 
 
 # --- workers that do not consume ------------------------------------------------------

@@ -55,7 +55,7 @@ from typing import Any, Protocol
 import psycopg
 
 from celery_reconciler import broker as broker_module
-from celery_reconciler import ledger, planning, sharding, source
+from celery_reconciler import ledger, overlaps, planning, sharding, source
 from celery_reconciler import policy as policy_module
 
 DatabaseUnavailable = ledger.DatabaseUnavailable
@@ -680,6 +680,26 @@ def rescue(
             + _redispatch_stranded(conn, policy, broker, send_ahead, fence=fence)
         )
     return RescueResult(ended=ended, expired=expired, settled=settled, redispatched=redispatched)
+
+
+def arbitrate(
+    policy: policy_module.Policy, *, db: Sessions, mine: planning.WorkHeld
+) -> tuple[planning.Conflict, planning.WorkHeld] | None:
+    """Record the work ``policy`` holds in its database and decide whether it must yield to
+    an older policy on the same table (``overlaps``); the conflict and that policy's record."""
+    with db.session(doing="recording which rows this policy processes") as conn:
+        others = overlaps.record_and_read(conn, policy, mine=mine)
+    conflict = planning.work_yields_to(mine, others)
+    if conflict is None:
+        return None
+    winner = next(other for other in others if other.policy_key == conflict.winner)
+    return conflict, winner
+
+
+def forget_work(db: Sessions, *, policy_key: str, policy_uid: str) -> None:
+    """Remove what a policy that no longer exists recorded about its work (``overlaps``)."""
+    with db.session(doing="removing a deleted policy's record") as conn:
+        overlaps.forget(conn, policy_key=policy_key, policy_uid=policy_uid)
 
 
 def retry_dead(

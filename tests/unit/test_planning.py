@@ -467,3 +467,59 @@ def test_no_work_is_skipped(**found: Any) -> None:
         found["due_retries"] > 0 or chores.expire_lost_attempts
     )
     assert chores.may_change_in_flight == (chores.expire_lost_attempts or chores.look_for_stranded)
+
+
+# --- the database's record of who processes what ---------------------------------------
+
+
+def held(key: str, created: str, *, pending: str = "p", task: str = "t") -> planning.WorkHeld:
+    return planning.WorkHeld(
+        policy_key=key, policy_uid=f"uid-{key}", created=created, pending=pending, task_name=task
+    )
+
+
+def test_the_newer_of_two_policies_with_the_same_task_yields_whatever_their_namespaces() -> None:
+    older = held("team-a/insights", "2026-01-01T00:00:00Z", pending="x")
+    newer = held("team-b/insights", "2026-01-02T00:00:00Z", pending="y")
+    assert planning.work_yields_to(older, [newer]) is None
+    conflict = planning.work_yields_to(newer, [older])
+    assert conflict == planning.Conflict(
+        loser="team-b/insights", winner="team-a/insights", what="same table and task t"
+    )
+
+
+def test_the_same_predicate_with_another_task_is_the_same_work() -> None:
+    older = held("a/one", "2026-01-01T00:00:00Z", task="one")
+    newer = held("b/two", "2026-01-01T00:00:01Z", task="two")
+    conflict = planning.work_yields_to(newer, [older])
+    assert conflict is not None and conflict.what == "same table and pending predicate"
+
+
+def test_another_task_with_another_predicate_on_one_table_is_other_work() -> None:
+    one = held("a/one", "2026-01-01T00:00:00Z", pending="x", task="one")
+    two = held("b/two", "2026-01-01T00:00:01Z", pending="y", task="two")
+    assert planning.work_yields_to(two, [one]) is None
+    assert planning.work_yields_to(one, [two]) is None
+
+
+def test_creation_ties_are_broken_by_key_and_a_policy_that_yields_blocks_nobody() -> None:
+    a = held("ns/a", "2026-01-01T00:00:00Z", pending="x", task="t1")
+    b = held("ns/b", "2026-01-01T00:00:00Z", pending="x", task="t2")  # same rows as a
+    c = held("ns/c", "2026-01-01T00:00:00Z", pending="z", task="t2")  # same task as b only
+    assert planning.work_yields_to(a, [b, c]) is None
+    assert planning.work_yields_to(b, [a, c]) is not None
+    assert planning.work_yields_to(c, [a, b]) is None  # b yields, so it blocks nobody
+
+
+def test_equal_predicates_have_equal_texts_and_different_ones_differ() -> None:
+    flag = policy.PendingEquals(column="done", value=False)
+    assert planning.pending_text(flag) == planning.pending_text(
+        policy.PendingEquals(column="done", value=False)
+    )
+    others = [
+        policy.PendingEquals(column="done", value=0),
+        policy.PendingEquals(column="done", value="false"),
+        policy.PendingIsNull(column="done", is_null=True),
+        policy.PendingIn(column="done", values=("false",)),
+    ]
+    assert len({planning.pending_text(p) for p in [flag, *others]}) == 5
