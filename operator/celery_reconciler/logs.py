@@ -1,4 +1,5 @@
-"""Logging set-up: plain or JSON lines, and a last line of defence against leaked secrets.
+"""Logging set-up: plain or JSON lines, a last line of defence against leaked secrets, and
+levels that mean what an operator on call expects (``KopfRetriesAreWarnings``).
 
 Secrets are kept out of messages where they are built (errors name hosts and Secret names,
 never DSNs). The ``RedactSecrets`` filter still rewrites any ``scheme://user:password@``
@@ -36,6 +37,25 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+class KopfRetriesAreWarnings(logging.Filter):
+    """kopf logs each failed attempt of a request it will retry at ERROR — say, HTTP 429
+    "storage is (re)initializing" while a freshly started apiserver warms up — and most such
+    retries succeed by themselves. An ERROR is what pages a person on call, so a retry is a
+    WARNING here; the last attempt ("escalating") stays an ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            record.levelno == logging.ERROR
+            and record.name.startswith("kopf.")
+            and "failed; will retry" in record.getMessage()
+        ):
+            record.levelno, record.levelname = (
+                logging.WARNING,
+                logging.getLevelName(logging.WARNING),
+            )
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; ``extra={"fields": {...}}`` adds structured fields."""
 
@@ -58,6 +78,7 @@ class JsonFormatter(logging.Formatter):
 def configure(*, json_logs: bool, level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RedactSecrets())
+    handler.addFilter(KopfRetriesAreWarnings())
     handler.setFormatter(
         JsonFormatter()
         if json_logs

@@ -52,3 +52,40 @@ def test_json_lines_carry_structured_fields() -> None:
     assert entry["policy"] == "ns/p"
     assert entry["dispatched"] == 3
     assert entry["level"] == "info"
+
+
+def log_through_configured_handler(logger_name: str, level: int, message: str) -> str:
+    """One record through the handler ``logs.configure`` installs; the root logger's own
+    handlers (pytest's) are put back afterwards."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    stream = io.StringIO()
+    try:
+        logs.configure(json_logs=True)
+        handler = root.handlers[0]
+        assert isinstance(handler, logging.StreamHandler)
+        handler.setStream(stream)
+        logging.getLogger(logger_name).log(level, message)
+    finally:
+        root.handlers[:], root.level = saved_handlers, saved_level
+    return stream.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("logger_name", "message", "level"),
+    [
+        (
+            "kopf._cogs.clients.api",
+            "Request attempt #1/9 failed; will retry: GET https://127.0.0.1:6443/apis -> "
+            "APITooManyRequestsError('storage is (re)initializing')",
+            "warning",
+        ),
+        ("kopf._cogs.clients.api", "Request attempt #9/9 failed; escalating: GET x", "error"),
+        ("celery_reconciler.loop", "a sweep failed; will retry", "error"),
+    ],
+)
+def test_a_request_kopf_retries_by_itself_is_a_warning_and_the_last_attempt_an_error(
+    logger_name: str, message: str, level: str
+) -> None:
+    line = log_through_configured_handler(logger_name, logging.ERROR, message)
+    assert json.loads(line)["level"] == level
