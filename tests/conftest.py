@@ -144,6 +144,15 @@ def namespace(kube: devstack_kube.ControlPlane) -> Iterator[str]:
     kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
+@pytest.fixture
+def other_namespace(kube: devstack_kube.ControlPlane) -> Iterator[str]:
+    """A second namespace of the test's own, for what crosses namespaces."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    kube.kubectl("create", "namespace", name)
+    yield name
+    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     report: pytest.TestReport = yield

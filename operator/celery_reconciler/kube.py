@@ -182,26 +182,16 @@ def secret_value_description(*, namespace: str, name: str, key: str, field: str)
 
 
 def patch_policy_status(*, namespace: str, name: str, status: Mapping[str, Any]) -> None:
-    try:
-        _custom().patch_namespaced_custom_object_status(
-            GROUP,
-            VERSION,
-            namespace,
-            POLICIES,
-            name,
-            {"status": dict(status)},
-            _request_timeout=REQUEST_TIMEOUT_SECONDS,
-        )
-    except kubernetes.client.ApiException as error:
-        if error.status == 404:
-            raise PolicyGone(f"ProcessingPolicy {namespace}/{name} no longer exists") from None
-        raise KubernetesUnavailable(
-            f"updating the status of ProcessingPolicy {namespace}/{name} failed: "
-            f"HTTP {error.status} {error.reason}"
-        ) from None
-    except (urllib3.exceptions.HTTPError, OSError) as error:
-        doing = f"updating the status of ProcessingPolicy {namespace}/{name}"
-        raise _unreachable(error, doing=doing) from None
+    _call(
+        _custom().patch_namespaced_custom_object_status,
+        GROUP,
+        VERSION,
+        namespace,
+        POLICIES,
+        name,
+        {"status": dict(status)},
+        gone=f"ProcessingPolicy {namespace}/{name} no longer exists",
+    )
 
 
 def write_processing_status(
@@ -247,20 +237,15 @@ def write_processing_status(
         },
         "status": dict(status),
     }
-    try:
-        _custom().create_namespaced_custom_object(
-            GROUP, VERSION, namespace, STATUSES, body, _request_timeout=REQUEST_TIMEOUT_SECONDS
-        )
-    except kubernetes.client.ApiException as error:
-        if error.status == 404:  # the namespace is gone, and the policy with it
-            raise PolicyGone(
-                f"the namespace of ProcessingPolicy {namespace}/{name} is gone"
-            ) from None
-        raise KubernetesUnavailable(
-            f"creating ProcessingStatus {namespace}/{name} failed: HTTP {error.status}"
-        ) from None
-    except (urllib3.exceptions.HTTPError, OSError) as error:
-        raise _unreachable(error, doing=f"creating ProcessingStatus {namespace}/{name}") from None
+    _call(
+        _custom().create_namespaced_custom_object,
+        GROUP,
+        VERSION,
+        namespace,
+        STATUSES,
+        body,
+        gone=f"the namespace of ProcessingPolicy {namespace}/{name} is gone",
+    )
 
 
 def pod_from_body(body: Mapping[str, Any]) -> WorkerPod:
@@ -341,12 +326,15 @@ def _check_label(key: str, *, value: str | None = None) -> None:
         raise InvalidLabelSelector(f"{value!r} is not a label value (key {key!r})")
 
 
-def _call(method: Any, *args: Any, **kwargs: Any) -> Any:
+def _call(method: Any, *args: Any, gone: str | None = None, **kwargs: Any) -> Any:
     """One API request of the operator, with a deadline; every failure is
-    ``KubernetesUnavailable`` (an HTTP error, or no answer at all)."""
+    ``KubernetesUnavailable`` (an HTTP error, or no answer at all) — with ``gone`` given, a
+    404 is ``PolicyGone`` with that message."""
     try:
         return method(*args, _request_timeout=REQUEST_TIMEOUT_SECONDS, **kwargs)
     except kubernetes.client.ApiException as error:
+        if gone is not None and error.status == 404:
+            raise PolicyGone(gone) from None
         raise KubernetesUnavailable(
             f"Kubernetes API call {getattr(method, '__name__', method)} failed: "
             f"HTTP {error.status} {error.reason}"

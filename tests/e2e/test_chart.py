@@ -47,14 +47,6 @@ def _scope_values(watched: list[str]) -> list[str]:
     return ["--set-json", f"watch.namespaces={json.dumps(watched)}"]
 
 
-@pytest.fixture
-def other_namespace(kube: devstack_kube.ControlPlane) -> Iterator[str]:
-    name = f"t-{uuid.uuid4().hex[:10]}"
-    kube.kubectl("create", "namespace", name)
-    yield name
-    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
 def _adopt_existing_crds(kube: devstack_kube.ControlPlane, namespace: str) -> None:
     """Let this release own CRDs another test applied with kubectl (as a user would do)."""
     for name in OUR_CRDS:

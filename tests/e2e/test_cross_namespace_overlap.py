@@ -10,8 +10,7 @@ key=value form); the ledger of that database decides.
 from __future__ import annotations
 
 import collections
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -35,14 +34,6 @@ pytestmark = pytest.mark.e2e
 
 POLICY = "journal-insights"
 ENTRIES = 12
-
-
-@pytest.fixture
-def second_namespace(crds: devstack_kube.ControlPlane) -> Iterator[str]:
-    name = f"t-{uuid.uuid4().hex[:10]}"
-    crds.kubectl("create", "namespace", name)
-    yield name
-    crds.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 def key_value_spelling(dsn: str) -> str:
@@ -69,10 +60,10 @@ def slow_bodies(dsn: str, entry_ids: range) -> None:
             schema.set_fault(conn, entry_id=entry_id, kind="sleep", seconds=1.0)
 
 
-def test_a_second_namespace_naming_the_same_table_and_task_yields_and_nothing_runs_twice(
+def test_a_other_namespace_naming_the_same_table_and_task_yields_and_nothing_runs_twice(
     crds: devstack_kube.ControlPlane,
     namespace: str,
-    second_namespace: str,
+    other_namespace: str,
     journal: str,
     redis_url: str,
     start_operator: Callable[..., OperatorProcess],
@@ -88,13 +79,13 @@ def test_a_second_namespace_naming_the_same_table_and_task_yields_and_nothing_ru
     )
     apply_policy(
         crds,
-        second_namespace,
+        other_namespace,
         dsn=key_value_spelling(journal),
         broker_url=redis_url,
         sweep_interval="2s",
     )
     ready = wait_for(
-        lambda: (c := condition(crds, second_namespace, "Ready")).get("reason") and c,
+        lambda: (c := condition(crds, other_namespace, "Ready")).get("reason") and c,
         timeout_seconds=60,
         what="the second policy's first verdict",
     )
@@ -111,7 +102,7 @@ def test_a_second_namespace_naming_the_same_table_and_task_yields_and_nothing_ru
     # Deleting the older policy lets the younger one take the table over.
     crds.kubectl("-n", namespace, "delete", "processingpolicy", POLICY, "--timeout=60s")
     wait_for(
-        lambda: condition(crds, second_namespace, "Ready").get("status") == "True",
+        lambda: condition(crds, other_namespace, "Ready").get("status") == "True",
         timeout_seconds=60,
         what="the second policy to run once the first is gone",
     )

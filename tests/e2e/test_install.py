@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -63,14 +62,6 @@ RELEASE_KINDS = (
     "clusterroles,clusterrolebindings,poddisruptionbudgets,kopfpeerings,clusterkopfpeerings,"
     "customresourcedefinitions"
 )
-
-
-@pytest.fixture
-def other_namespace(kube: devstack_kube.ControlPlane) -> Iterator[str]:
-    name = f"t-{uuid.uuid4().hex[:10]}"
-    kube.kubectl("create", "namespace", name)
-    yield name
-    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 @contextlib.contextmanager

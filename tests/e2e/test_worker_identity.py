@@ -15,8 +15,7 @@ from __future__ import annotations
 import collections
 import json
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +45,6 @@ LEASE = "10m"
 SWEEP_INTERVAL = "3s"
 BODY_SECONDS = 25.0
 ENTRIES = 4
-
-
-@pytest.fixture
-def other_namespace(kube: devstack_kube.ControlPlane) -> Iterator[str]:
-    name = f"t-{uuid.uuid4().hex[:10]}"
-    kube.kubectl("create", "namespace", name)
-    yield name
-    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 def seed_long_bodies(dsn: str, *, count: int = ENTRIES, seconds: float = BODY_SECONDS) -> None:
