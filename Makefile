@@ -40,7 +40,7 @@ manifests: setup ## render manifests/crds.yaml and install.yaml from the Helm ch
 docs: setup ## render docs/api-reference.md from the CRD schemas
 	$(VENV)/python scripts/api-reference.py
 
-stack-up: setup ## start etcd, kube-apiserver, PostgreSQL and Redis for a person
+stack-up: setup ## start etcd, kube-apiserver, a node, PostgreSQL, Redis and RabbitMQ for a person
 	$(VENV)/python -m devstack up
 
 stack-down: ## stop what stack-up started

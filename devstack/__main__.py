@@ -9,14 +9,57 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
-from devstack import kube, node, postgres, processes, redis
+from devstack import kube, node, postgres, processes, rabbitmq, redis
 
-STACK_DIR = Path(__file__).resolve().parent.parent / ".stack"
+# CELERY_RECONCILER_STACK_DIR moves the stack (a test runs `up` and `down` in a folder of its
+# own beside a person's stack).
+STACK_DIR = Path(
+    os.environ.get("CELERY_RECONCILER_STACK_DIR")
+    or Path(__file__).resolve().parent.parent / ".stack"
+)
 STATE_FILE = STACK_DIR / "state.json"
+# What `source .stack/env.sh` sets, and why each: the names the demo app, the worker
+# package, the Django example and kubectl read. Not BROKER_URL: the `celery` command reads
+# it as its --broker, silently overriding the app's own setting.
+ENVIRONMENT = (
+    "KUBECONFIG",  # the admin's kubeconfig of the stack's apiserver
+    "PATH",  # kubectl and helm first
+    "DATABASE_URL",  # the stack's PostgreSQL (the Django example reads this name)
+    "CELERY_RECONCILER_DSN",  # the same database: the worker package's ledger
+    "CELERY_BROKER_URL",  # Redis: what the demo app and the Django example read
+    "REDIS_URL",
+    "RABBITMQ_URL",  # export CELERY_BROKER_URL=$RABBITMQ_URL to run on RabbitMQ instead
+)
+
+
+def environment_file(
+    *,
+    plane: kube.ControlPlane,
+    database: postgres.PostgresServer,
+    redis_server: redis.RedisServer,
+    rabbit: rabbitmq.RabbitMQServer,
+) -> str:
+    values = {
+        "KUBECONFIG": str(plane.kubeconfig),
+        "PATH": f"{plane.bin_dir}:$PATH",
+        "DATABASE_URL": database.dsn,
+        "CELERY_RECONCILER_DSN": database.dsn,
+        "CELERY_BROKER_URL": redis_server.url,
+        "REDIS_URL": redis_server.url,
+        "RABBITMQ_URL": rabbit.url,
+    }
+    assert tuple(values) == ENVIRONMENT
+    lines = ["unset BROKER_URL  # the celery command would read it as --broker"]
+    lines += [
+        f"export {name}={value}" if name == "PATH" else f"export {name}='{value}'"
+        for name, value in values.items()
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def stack_up() -> int:
@@ -26,12 +69,14 @@ def stack_up() -> int:
     STACK_DIR.mkdir(exist_ok=True)
     database = postgres.start(STACK_DIR / "postgres")
     broker = redis.start(STACK_DIR / "redis")
+    rabbit = rabbitmq.start(STACK_DIR / "rabbitmq")
     plane = kube.start(STACK_DIR / "kube")
     try:
         worker_node = node.start(plane, STACK_DIR / "node")
     except BaseException:
         # Nothing is recorded yet, so `make stack-down` could not stop these.
         plane.stop()
+        rabbit.remove()
         broker.stop()
         database.remove()
         raise
@@ -41,6 +86,8 @@ def stack_up() -> int:
             plane.controller_manager,
             plane.apiserver,
             plane.etcd,
+            rabbit.process,
+            rabbit.epmd,
             broker.process,
             database.process,
         )
@@ -58,19 +105,16 @@ def stack_up() -> int:
     )
     env_file = STACK_DIR / "env.sh"
     env_file.write_text(
-        f"export KUBECONFIG={plane.kubeconfig}\n"
-        f"export PATH={plane.bin_dir}:$PATH\n"
-        f"export DATABASE_URL='{database.dsn}'\n"
-        f"export BROKER_URL='{broker.url}'\n"
+        environment_file(plane=plane, database=database, redis_server=broker, rabbit=rabbit)
     )
     env_file.chmod(0o600)
     print(
         "stack is up: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, "
-        f"node {worker_node.name} (kubelet, containerd, runc), PostgreSQL, Redis"
+        f"node {worker_node.name} (kubelet, containerd, runc), PostgreSQL, Redis, RabbitMQ"
     )
     print(f"  image:     {worker_node.image.ref} (imagePullPolicy: Never; hostNetwork Pods)")
     print(f"  logs:      {STACK_DIR}")
-    print(f"  use it:    source {env_file}   # sets KUBECONFIG, PATH, DATABASE_URL, BROKER_URL")
+    print(f"  use it:    source {env_file}   # sets {', '.join(ENVIRONMENT)}")
     print("  then:      kubectl get namespaces")
     print("  stop it:   make stack-down")
     return 0
