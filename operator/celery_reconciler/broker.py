@@ -123,6 +123,25 @@ def check_broker_url(url: str, *, where: str) -> None:
         )
 
 
+def describe_broker_url(url: str) -> str:
+    """``redis 127.0.0.1:6379/0``, ``amqp rabbit:5672 vhost "/"``: enough for a person to
+    tell two brokers apart, never a user name or password."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or "localhost"
+        port = parts.port
+    except ValueError:
+        return "the configured broker (its URL does not parse)"
+    scheme = parts.scheme.partition("+")[0] or "broker"
+    where = f"{host}:{port}" if port else host
+    path = urllib.parse.unquote(parts.path[1:]) if parts.path.startswith("/") else parts.path
+    if scheme in ("redis", "rediss"):
+        return f"{scheme} {where}/{path or '0'}"
+    if scheme in ("amqp", "amqps", "pyamqp"):
+        return f'{scheme} {where} vhost "{path or "/"}"'
+    return f"{scheme} {where}"
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskMessage:
     """One dispatch: run ``task_name(entry_id)`` with ``task id = task_id`` on ``queue``."""

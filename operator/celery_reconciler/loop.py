@@ -500,13 +500,16 @@ class PolicyLoop:
             return None
         queue, task = policy.task.queue, policy.task.name
         waited = int(consumption.oldest_queued_seconds or 0)
+        on_broker = broker.describe_broker_url(self.connections.broker_url or "")
         return conditions.Problem(
             conditions.WORKERS_NOT_CONSUMING,
-            f"{counts.in_flight - counts.running} entries dispatched to queue {queue!r} wait "
-            f"for a worker (the oldest for {waited}s, spec.workers.startTimeout is "
-            f"{policy.workers.start_timeout_seconds:g}s) and no worker started any: check "
-            f"that a worker consumes queue {queue!r} (celery worker -Q {queue}), has task "
-            f"{task!r} registered, and has CELERY_RECONCILER_DSN set",
+            f"{counts.in_flight - counts.running} entries dispatched to queue {queue!r} on "
+            f"{on_broker} wait for a worker (the oldest for {waited}s, "
+            f"spec.workers.startTimeout is {policy.workers.start_timeout_seconds:g}s) and no "
+            f"worker started any: check that a worker consumes queue {queue!r} on that same "
+            f"broker (celery worker -Q {queue}; the celery command takes BROKER_URL from its "
+            f"environment as --broker), has task {task!r} registered, and has "
+            "CELERY_RECONCILER_DSN set",
         )
 
     def problem_of(self, error: Exception) -> conditions.Problem:

@@ -5,6 +5,7 @@ another policy already owns its rows (``Conflict``), no worker takes what it dis
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,12 @@ def test_work_that_no_worker_takes_reports_workers_not_consuming_until_one_does(
     assert condition(crds, namespace, FIRST, "Ready")["status"] == "False"
     for what_to_check in ("'insights'", schema.TASK_NAME, "CELERY_RECONCILER_DSN"):
         assert what_to_check in stuck["message"]
+    # It names the broker it published to (a worker on another broker is the other cause),
+    # without its credentials.
+    broker = urllib.parse.urlsplit(redis_url)
+    assert f"redis {broker.hostname}:{broker.port}/" in stuck["message"], stuck["message"]
+    if broker.password:
+        assert broker.password not in stuck["message"]
     events = policy_events(crds, namespace, FIRST)
     assert any(e["reason"] == "WorkersNotConsuming" for e in events)
     assert unprocessed(journal) == 10
