@@ -4,9 +4,9 @@ The operator never imports the user's task code: it sends ``spec.task.name`` wit
 id as the only positional argument and ``task id = fence token``, so the worker's fence check
 (``ledger.start_attempt``) can tell the current dispatch from stale ones.
 
-Why not ``app.send_task`` in a loop: it costs one broker round trip per message (measured
-near 2.4k messages/s here even on a reused producer), which makes dispatching a large
-backlog slow. On Redis we instead
+Why not ``app.send_task`` in a loop: it costs one broker round trip per message, even on a
+reused producer (``make bench`` prints its rate beside ours), which makes dispatching a
+large backlog slow. On Redis we instead
 
 1. build each message with Celery's own message API (``app.amqp.create_task_message``:
    protocol 2 headers, ``argsrepr``, ``timelimit``, ``root_id`` ...) and serialize it as
@@ -26,11 +26,11 @@ protocol-2 messages (headers, properties and JSON body from the same template, a
 ``send_task`` would publish them) on one py-amqp channel in **publisher-confirm** mode, and
 returns only once the broker confirmed every message of the page. Why not kombu's
 ``confirm_publish`` transport option: it waits for each message's ack before sending the
-next (a round trip per message, ~700/s here, a fifth of the unconfirmed rate). Instead the
-channel publishes a window of ``CONFIRM_WINDOW`` messages in one socket write, then reads
-acks until every delivery tag of the window is confirmed. The window's frames are spliced
-from a template serialized once by py-amqp (``AmqpFrames``): py-amqp's per-message property
-serialization was most of a publish's cost. Nothing can be lost silently:
+next: a round trip per message, a fraction of the unconfirmed rate (``make bench`` measures
+both). Instead the channel publishes a window of ``CONFIRM_WINDOW`` messages in one socket
+write, then reads acks until every delivery tag of the window is confirmed. The window's
+frames are spliced from a template serialized once by py-amqp (``AmqpFrames``): py-amqp's
+per-message property serialization was most of a publish's cost. Nothing can be lost silently:
 
 * a ``basic.nack``, a confirm that does not come within the timeout, or a lost connection
   raises ``BrokerUnavailable`` for the whole page, and ``reconcile`` releases its claims (a
