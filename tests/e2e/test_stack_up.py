@@ -52,7 +52,11 @@ def sourced(env_file: Path) -> dict[str, str]:
         capture_output=True,
         text=True,
         check=True,
-        env={"PATH": os.environ["PATH"], "BROKER_URL": "redis://stale-from-an-old-shell/0"},
+        env={
+            "PATH": os.environ["PATH"],
+            "HOME": os.environ.get("HOME", "/root"),
+            "BROKER_URL": "redis://stale-from-an-old-shell/0",
+        },
     ).stdout
     return dict(item.split("=", 1) for item in printed.split("\0") if "=" in item)
 
