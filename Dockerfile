@@ -15,14 +15,18 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends build-essential libpq-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
+# Every third-party package at the version, and with the hash, of the lock (make lock).
+COPY requirements/image.txt requirements/
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --require-hashes --no-deps -r requirements/image.txt
 COPY pyproject.toml README.md ./
 COPY operator/ operator/
 COPY celery_app/ celery_app/
 # Two distributions of this repository: the operator's (.) requires the worker's (./celery_app),
-# which no index serves, so both are built here and installed from the same wheel directory.
-RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip wheel --wheel-dir /wheels ./celery_app . \
- && /opt/venv/bin/pip install --no-index --find-links /wheels celery-reconciler
+# which no index serves, so both are built here and installed without resolving anything again.
+RUN /opt/venv/bin/pip wheel --no-deps --wheel-dir /wheels ./celery_app . \
+ && /opt/venv/bin/pip install --no-index --no-deps /wheels/*.whl \
+ && /opt/venv/bin/pip check
 
 # Final: the same base without compilers or wheels, only the virtualenv, as a numeric
 # non-root user (so runAsNonRoot can verify it without an /etc/passwd lookup).

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv/bin
 PYTEST_ARGS ?=
 
-.PHONY: help setup test unit lint demo chaos bench manifests docs stack-up stack-down clean
+.PHONY: help setup test unit lint demo chaos bench lock manifests docs stack-up stack-down clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ chaos: setup ## 10,000 entries under 100 faults of every kind; invariants and re
 bench: setup ## dispatch, worker-side cost, history at scale and rescue latency, against same-run baselines
 	$(VENV)/python -m benchmarks $(BENCH_ARGS)
 	$(VENV)/python -m benchmarks.rescue --compare-tail $(RESCUE_BENCH_ARGS)
+
+lock: setup ## re-resolve requirements/*.txt (with hashes) from the pyproject files and prove them
+	bash scripts/lock.sh
 
 manifests: setup ## render manifests/crds.yaml and install.yaml from the Helm chart
 	bash scripts/render-manifests.sh

@@ -64,7 +64,7 @@ fi
 image_key=$(cd "$here" && {
   echo "$base_ref"
   cat Dockerfile .dockerignore
-  find pyproject.toml README.md operator celery_app -type f \
+  find requirements/image.txt pyproject.toml README.md operator celery_app -type f \
     -not -path '*/__pycache__/*' -not -name '*.pyc' -not -path '*.egg-info/*' -not -path '*/build/*' -print0 | sort -z | xargs -0 sha256sum
 } | sha256sum | cut -c1-16)
 image_ref=localhost/celery-reconciler:$image_key

@@ -28,18 +28,21 @@ if [ ${#need_packages[@]} -gt 0 ]; then
 fi
 
 python=${PYTHON:-python3}
-stamp=.venv/.installed-$(cat pyproject.toml celery_app/pyproject.toml | sha256sum | cut -c1-16)
-mkdir -p .venv
-exec 8>.venv/.setup.lock
-flock 8  # two concurrent `make` runs must not pip-install into one venv at once
+# The venv is exactly the lock (requirements/test-bed.txt, with hashes, re-resolved only by
+# `make lock`): when the lock or a pyproject changes, it is made anew rather than updated, so
+# nothing installed earlier lingers beside the locked versions.
+stamp=.venv/.installed-$(cat pyproject.toml celery_app/pyproject.toml requirements/test-bed.txt | sha256sum | cut -c1-16)
+exec 8>.setup.lock
+flock 8  # two concurrent `make` runs must not install into one venv at once
 if [ ! -f "$stamp" ]; then
-  log "creating .venv and installing the project with its test and dev extras"
-  [ -x .venv/bin/python ] || "$python" -m venv .venv
+  log "creating .venv from requirements/test-bed.txt, then the project's two distributions"
+  "$python" -m venv --clear .venv
   .venv/bin/python -m pip install -q --upgrade pip
-  # Both distributions of this repository, editable: the operator's requires the worker's
-  # (celery_app/pyproject.toml), which no index serves, so its path is given beside it.
-  .venv/bin/python -m pip install -q -e ./celery_app -e '.[test,dev]'
-  rm -f .venv/.installed-*
+  .venv/bin/python -m pip install -q --require-hashes --no-deps -r requirements/test-bed.txt
+  # Both distributions of this repository, editable and without resolving anything again:
+  # the operator's requires the worker's (celery_app/pyproject.toml), which no index serves.
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e ./celery_app -e .
+  .venv/bin/python -m pip check
   touch "$stamp"
 fi
 

@@ -117,7 +117,7 @@ def test_the_wheels_hold_every_package_the_image_runs_and_no_test_harness(
             ignored = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
             shutil.copytree(origin, context / source, ignore=ignored)
         else:
-            context.mkdir(exist_ok=True)
+            (context / source).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(origin, context / source)
     contents: dict[str, list[str]] = {}
     for project, distribution in (
