@@ -109,8 +109,3 @@ def unsubscribe(subscription: Subscription) -> None:
         del _watches[subscription.key]
     watch.stopping.set()
 
-
-def watch_count() -> int:
-    """Watches running now, one per (namespace, selector) some policy uses."""
-    with _lock:
-        return len(_watches)

@@ -220,10 +220,6 @@ class Workers:
     # reports WorkersNotConsuming (nobody consumes its queue, or workers cannot start it).
     start_timeout_seconds: float = 180.0
 
-    @property
-    def has_selector(self) -> bool:
-        return bool(self.match_labels or self.match_expressions)
-
 
 @dataclasses.dataclass(frozen=True)
 class Limits:

@@ -96,7 +96,7 @@ def test_minimal_spec_takes_documented_defaults() -> None:
     assert parsed.lease.timeout_seconds == 900
     assert parsed.history.retention_seconds == 7 * 24 * 3600
     assert parsed.limits.batch_size == 500 and parsed.limits.max_in_flight == 10000
-    assert not parsed.workers.has_selector
+    assert (parsed.workers.match_labels, parsed.workers.match_expressions) == ((), ())
 
 
 @pytest.mark.parametrize(
