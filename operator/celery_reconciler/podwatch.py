@@ -108,4 +108,3 @@ def unsubscribe(subscription: Subscription) -> None:
                 return
         del _watches[subscription.key]
     watch.stopping.set()
-

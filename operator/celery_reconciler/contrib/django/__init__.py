@@ -1,11 +1,16 @@
-"""A Django app that keeps the original app's management command names for the CLI.
+"""Deprecated name of ``celery_reconciler.contrib.django_commands``, kept for one release.
 
-Add ``"celery_reconciler.contrib.django"`` to ``INSTALLED_APPS`` where the full
-celery-reconciler package is installed (an operations shell, not the worker image), and
-``check_processing_status`` and ``retry_unprocessed_entries --run-now`` call the same code as
-``celery-reconciler status`` and ``celery-reconciler sweep-now --wait``: they ask the
-operator through the Kubernetes API (credentials found as kubectl finds them) and never
-dispatch themselves, so the one active operator stays the only dispatcher. The policy and
-its namespace come from the settings ``CELERY_RECONCILER_POLICY`` and
-``CELERY_RECONCILER_NAMESPACE`` or from ``--policy`` and ``--namespace``.
+It read like the worker package's ``celery_reconciler_worker.django`` (``fenced_atomic``),
+which is what a worker's app installs; this one only gives an operations shell the original
+management command names. Replace ``"celery_reconciler.contrib.django"`` in
+``INSTALLED_APPS`` by ``"celery_reconciler.contrib.django_commands"``.
 """
+
+import warnings
+
+warnings.warn(
+    "celery_reconciler.contrib.django is renamed celery_reconciler.contrib.django_commands "
+    "(INSTALLED_APPS); the old name goes in the next release",
+    DeprecationWarning,
+    stacklevel=2,
+)

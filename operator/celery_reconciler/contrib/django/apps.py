@@ -1,9 +1,7 @@
-"""The app's configuration: a label of its own (the last part of its name is ``django``)."""
+"""The deprecated name's app configuration: the same label and commands as the new one."""
 
-from django.apps import AppConfig
+from celery_reconciler.contrib.django_commands import apps
 
 
-class CeleryReconcilerConfig(AppConfig):  # type: ignore[misc]
+class CeleryReconcilerConfig(apps.CeleryReconcilerConfig):
     name = "celery_reconciler.contrib.django"
-    label = "celery_reconciler"
-    verbose_name = "celery-reconciler"
