@@ -55,7 +55,6 @@ import contextvars
 import dataclasses
 import logging
 import os
-import re
 import signal
 import socket
 import threading
@@ -69,7 +68,7 @@ import celery.exceptions
 import celery.signals
 import psycopg
 
-from celery_reconciler_worker import backoff, ledger
+from celery_reconciler_worker import backoff, identity, ledger
 
 DSN_ENVIRONMENT_VARIABLE = "CELERY_RECONCILER_DSN"
 WORKER_ENVIRONMENT_VARIABLE = "HOSTNAME"
@@ -271,30 +270,6 @@ def heartbeat_timeout_seconds() -> float:
     return value
 
 
-_CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
-
-
-def container_id(pod_uid: str | None) -> str | None:
-    """The runtime's id of this process's container, read from its cgroup path — but only a
-    path that names our pod (``pod<uid>``), so a process outside Kubernetes never claims one.
-    ``None`` where the path does not show it (cgroup v2 with a private namespace)."""
-    if not pod_uid:
-        return None
-    try:
-        with open("/proc/self/cgroup", encoding="utf-8") as cgroups:
-            lines = cgroups.read().splitlines()
-    except OSError:
-        return None
-    marks = (f"pod{pod_uid}", f"pod{pod_uid.replace('-', '_')}")
-    for line in lines:
-        path = line.rsplit(":", 1)[-1]
-        if any(mark in path for mark in marks):
-            found = _CONTAINER_ID.findall(path)
-            if found:
-                return str(found[-1])
-    return None
-
-
 def worker_identity() -> ledger.WorkerIdentity:
     pod_uid = os.environ.get(POD_UID_VARIABLE) or None
     return ledger.WorkerIdentity(
@@ -303,8 +278,9 @@ def worker_identity() -> ledger.WorkerIdentity:
         pod_name=os.environ.get(POD_NAME_VARIABLE) or None,
         pod_namespace=os.environ.get(POD_NAMESPACE_VARIABLE) or None,
         pod_uid=pod_uid,
-        container_id=container_id(pod_uid),
+        container_id=identity.container_id(pod_uid),
         container_name=os.environ.get(CONTAINER_NAME_VARIABLE) or None,
+        container_started_at=identity.container_started_at(pod_uid),
     )
 
 
