@@ -55,12 +55,16 @@ import contextvars
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import celery
@@ -68,7 +72,7 @@ import celery.exceptions
 import celery.signals
 import psycopg
 
-from celery_reconciler_worker import backoff, identity, ledger
+from celery_reconciler_worker import backoff, identity, ledger, ticks
 
 DSN_ENVIRONMENT_VARIABLE = "CELERY_RECONCILER_DSN"
 WORKER_ENVIRONMENT_VARIABLE = "HOSTNAME"
@@ -284,11 +288,13 @@ def worker_identity() -> ledger.WorkerIdentity:
     )
 
 
-def _stop_own_bodies(reason: str) -> None:
+def _stop_own_bodies() -> None:
     """Self-fencing: kill this process, and with it every body it runs, before the operator
-    may hand their entries to another worker. The pool (or the kubelet) starts a new one."""
-    logger.critical("stopping this worker process (pid %d) and its bodies: %s", os.getpid(), reason)
-    logging.shutdown()
+    may hand their entries to another worker. The pool (or the kubelet) starts a new one.
+
+    Nothing before the kill: a log handler blocked on its stream (likely in the very
+    partition that stopped the heartbeat) would mean no kill. The guardian sees the process
+    gone with bodies running and records why."""
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -299,17 +305,22 @@ class _Incarnation:
     prefork parent, which runs no bodies, never has one. Two daemon threads serve it:
 
     * the heartbeat renews it every ``timeout / HEARTBEATS_PER_TIMEOUT`` on a connection of
-      its own (one statement however many bodies run), which also pushes the leases of the
-      attempts it runs;
-    * the watchdog does no I/O at all: while a body runs, if the last renewal that
-      succeeded was *sent* more than ``timeout / 2`` ago — or the operator has ended the
-      incarnation — it kills the process. A hung connection cannot delay it.
+      its own (one statement however many bodies run, bounded by a statement and a lock
+      timeout), which also pushes the leases of the attempts it runs;
+    * the watchdog does no I/O at all: it publishes this process's tick for the guardian
+      (``ticks``) and, while a body runs, if the last renewal that succeeded was *sent*
+      more than ``timeout / 2`` ago — or the operator has ended the incarnation, or a body
+      still runs under an incarnation this process has left — it kills the process. A hung
+      connection cannot delay it.
+
+    That watchdog is the fast path. A process that cannot run its threads at all (paused, or
+    a body holding the GIL) stops ticking, and its guardian kills it from outside
+    (``guardian``).
 
     The operator ends an incarnation only after ``timeout`` without a heartbeat (both
-    measured on the database's clock from the same rows), so a worker that cannot renew has
-    stopped its bodies at least ``timeout / 2`` before anyone may re-dispatch them: the
-    margin covers the kill itself and clock *rate* differences; absolute clock offsets never
-    enter, because every comparison is between two readings of one clock.
+    measured on the database's clock from the same rows), or on the guardian's proof that
+    its process is gone, so a worker that cannot renew has stopped its bodies at least
+    ``timeout / 2`` before anyone may re-dispatch them on silence.
     """
 
     def __init__(self) -> None:
@@ -319,14 +330,18 @@ class _Incarnation:
         self.timeout_seconds = DEFAULT_HEARTBEAT_TIMEOUT_SECONDS
         self._renewed_at = 0.0  # time.monotonic() when the last successful renewal was sent
         self._ended = False
-        self._running = 0
+        # Bodies running, by the incarnation they started under: a re-registration does not
+        # forget the bodies of the incarnation it replaces (they are killed, not orphaned).
+        self._running: dict[uuid.UUID, int] = {}
         self._threads_for: int | None = None
+        self._ticks: ticks.Publisher | None = None
         # Attempts whose body finished while the ledger was unreachable: the next heartbeat
         # that gets through releases them, instead of renewing them for as long as we live.
         self._unrecorded: set[uuid.UUID] = set()
         # Bodies that succeeded, to be marked so by the next fence check or heartbeat.
         self._finished: set[uuid.UUID] = set()
-        self._registering = threading.Lock()  # the threads pool starts bodies concurrently
+        # The threads pool starts bodies concurrently: every registration happens under it.
+        self._registering = threading.Lock()
 
     def _stale(self) -> bool:
         return time.monotonic() - self._renewed_at > self.timeout_seconds / 2
@@ -337,9 +352,17 @@ class _Incarnation:
         with self._registering:
             return self._ready()
 
+    def register_again(self, *, instead_of: uuid.UUID) -> None:
+        """The ledger refused ``instead_of`` (ended, or not renewed in time): register anew
+        — unless another body of this process already did, so that concurrent refusals
+        make one new incarnation, not one each (all but the last would be orphaned)."""
+        with self._registering:
+            if self.id == instead_of:
+                self._register()
+
     def _ready(self) -> uuid.UUID:
         if self._pid != os.getpid():
-            self.id, self._pid, self._running = None, os.getpid(), 0
+            self.id, self._pid, self._running = None, os.getpid(), {}
             self._unrecorded, self._finished = set(), set()
         if self.id is not None and not self._ended and self._stale():
             sent = time.monotonic()
@@ -348,12 +371,16 @@ class _Incarnation:
             else:
                 self._ended = True
         if self.id is None or self._ended:
-            self.register()
+            self._register()
         self._start_threads()
         assert self.id is not None
         return self.id
 
-    def register(self) -> None:
+    def _register(self) -> None:
+        if self._running:
+            # The incarnation they run under was ended or refused: their entries may be
+            # re-dispatched already. They die before anything starts under a new one.
+            _stop_own_bodies()
         self.timeout_seconds = heartbeat_timeout_seconds()
         sent = time.monotonic()
         incarnation: uuid.UUID = _ledger_call(
@@ -365,6 +392,7 @@ class _Incarnation:
         with self._lock:
             self.id, self._renewed_at, self._ended = incarnation, sent, False
             self._unrecorded = set()  # the ended incarnation's attempts are the operator's now
+            self._tick()
         logger.info(
             "worker process %d is incarnation %s (heartbeat timeout %.0f s)",
             os.getpid(),
@@ -405,19 +433,39 @@ class _Incarnation:
             self._unrecorded.difference_update(unrecorded)
 
     @contextlib.contextmanager
-    def running_a_body(self) -> Iterator[None]:
+    def running_a_body(self, *, incarnation: uuid.UUID) -> Iterator[None]:
         with self._lock:
-            self._running += 1
+            self._running[incarnation] = self._running.get(incarnation, 0) + 1
+            self._tick()
         try:
             yield
         finally:
             with self._lock:
-                self._running -= 1
+                self._running[incarnation] -= 1
+                if not self._running[incarnation]:
+                    del self._running[incarnation]
+                self._tick()
+
+    def _tick(self) -> None:
+        """Publish this process's tick (under ``_lock``): memory stores, no I/O."""
+        if self._ticks is None:
+            return
+        listed = tuple(self._running)
+        if self.id is not None and self.id not in self._running:
+            listed += (self.id,)
+        self._ticks.publish(
+            timeout_seconds=self.timeout_seconds,
+            ticked_at=time.monotonic(),
+            renewed_at=self._renewed_at,
+            running=sum(self._running.values()),
+            incarnations=listed,
+        )
 
     def _start_threads(self) -> None:
         if self._threads_for == os.getpid():
             return
         self._threads_for = os.getpid()
+        self._ticks = _tick_publisher()
         threading.Thread(
             target=self._heartbeat_forever, name="ledger-heartbeat", daemon=True
         ).start()
@@ -426,7 +474,8 @@ class _Incarnation:
     def _heartbeat_forever(self) -> None:
         connection = None
         while True:
-            time.sleep(self.timeout_seconds / HEARTBEATS_PER_TIMEOUT)
+            period_seconds = self.timeout_seconds / HEARTBEATS_PER_TIMEOUT
+            time.sleep(period_seconds)
             with self._lock:
                 incarnation, unrecorded = self.id, tuple(self._unrecorded)
                 finished = tuple(self._finished)
@@ -435,11 +484,15 @@ class _Incarnation:
             sent = time.monotonic()
             try:
                 if connection is None or connection.closed:
+                    # A slow database fails one heartbeat, which the next one retries,
+                    # instead of holding the thread until the watchdog's deadline.
                     connection = ledger.connect(
                         _dsn(),
                         application_name=f"celery-worker {worker_name()} heartbeat",
                         connect_timeout_seconds=max(1, int(self.timeout_seconds / 4)),
                         tcp_user_timeout_seconds=self.timeout_seconds / 2,
+                        statement_timeout_seconds=period_seconds,
+                        lock_timeout_seconds=period_seconds / 2,
                     )
                 alive = ledger.heartbeat(
                     connection, incarnation=incarnation, unrecorded=unrecorded, finished=finished
@@ -464,19 +517,29 @@ class _Incarnation:
         while True:
             time.sleep(WATCHDOG_PERIOD_SECONDS)
             with self._lock:
-                running, ended, stale = self._running, self._ended, self._stale()
-                silent_seconds = time.monotonic() - self._renewed_at
-            if running and ended:
-                _stop_own_bodies(
-                    f"the operator ended incarnation {self.id}: its {running} running "
-                    "bodies may already run elsewhere"
+                self._tick()
+                must_stop = bool(self._running) and (
+                    self._ended or self._stale() or any(i != self.id for i in self._running)
                 )
-            elif running and stale:
-                _stop_own_bodies(
-                    f"no heartbeat reached the ledger for {silent_seconds:.1f} s (more than "
-                    f"half the {self.timeout_seconds:.0f} s timeout): the operator may soon "
-                    f"re-dispatch the {running} bodies it runs"
-                )
+            if must_stop:
+                _stop_own_bodies()
+
+
+def _tick_publisher() -> ticks.Publisher | None:
+    """This process's tick record in its worker's run directory (``None`` without a
+    guardian: a body run outside ``celery worker``)."""
+    directory = os.environ.get(ticks.RUN_DIRECTORY_VARIABLE)
+    if not directory:
+        return None
+    try:
+        return ticks.Publisher(
+            ticks.body_file(Path(directory), os.getpid()),
+            pid=os.getpid(),
+            start_ticks=identity.process_start_ticks(os.getpid()) or 0,
+        )
+    except OSError as error:
+        logger.error("no tick for the guardian in %s: %s", directory, error)
+        return None
 
 
 _incarnation = _Incarnation()
@@ -586,7 +649,7 @@ class ReconciledTask(celery.Task):  # type: ignore[misc]
         entry_id = str(args[0]) if args else str(kwargs.get("entry_id"))
         fence_token = str(self.request.id)
         try:
-            attempt = self._start(entry_id=entry_id, fence_token=fence_token)
+            attempt, incarnation = self._start(entry_id=entry_id, fence_token=fence_token)
         except LedgerUnavailable as error:
             # Without the fence check the body must not run, but the delivery must not be
             # spent either: back into the queue, so it runs as soon as the database is back
@@ -610,7 +673,7 @@ class ReconciledTask(celery.Task):  # type: ignore[misc]
         current = _CurrentAttempt(attempt)
         token = _current_attempt.set(current)
         try:
-            with _incarnation.running_a_body():
+            with _incarnation.running_a_body(incarnation=incarnation):
                 result = super().__call__(*args, **kwargs)
         except FenceLost as error:
             logger.warning("%s", error)
@@ -644,10 +707,12 @@ class ReconciledTask(celery.Task):  # type: ignore[misc]
             _incarnation.body_succeeded(attempt.fence_token)
         return result
 
-    def _start(self, *, entry_id: str, fence_token: str) -> ledger.RunningAttempt | None:
-        """The fence check under this process's live incarnation. A refusal caused by the
-        incarnation itself (ended, or not renewed in time) re-registers and asks once more,
-        so a valid delivery is never dropped for it."""
+    def _start(
+        self, *, entry_id: str, fence_token: str
+    ) -> tuple[ledger.RunningAttempt | None, uuid.UUID]:
+        """The fence check under this process's live incarnation (and that incarnation). A
+        refusal caused by the incarnation itself (ended, or not renewed in time) registers
+        again and asks once more, so a valid delivery is never dropped for it."""
         for _ in range(2):
             incarnation = _incarnation.ready_for_a_body()
             attempt: ledger.RunningAttempt | None = _ledger_call(
@@ -664,9 +729,9 @@ class ReconciledTask(celery.Task):  # type: ignore[misc]
                 ledger.incarnation_is_live,
                 incarnation=incarnation,
             ):
-                return attempt
-            _incarnation.register()
-        return None
+                return attempt, incarnation
+            _incarnation.register_again(instead_of=incarnation)
+        return None, incarnation
 
 
 def _record_unknown_task(
@@ -738,3 +803,56 @@ def _refuse_to_start_without_the_ledger(sender: Any = None, **_: Any) -> None:
 
 
 celery.signals.worker_init.connect(_refuse_to_start_without_the_ledger, weak=False)
+
+
+_guardian: subprocess.Popen[bytes] | None = None
+
+
+def _start_guardian(sender: Any = None, **_: Any) -> None:
+    """Start this worker's guardian (``guardian``): the party that stops a body process
+    which cannot stop itself. Its run directory reaches the pool's processes through the
+    environment they inherit."""
+    app = getattr(sender, "app", None)
+    tasks = getattr(app, "tasks", {}) if app is not None else {}
+    dsn = _ledger_connection.dsn()
+    if not dsn or not any(isinstance(task, ReconciledTask) for task in tasks.values()):
+        return
+    pid = os.getpid()
+    directory = ticks.run_root() / f"worker-{pid}-{identity.process_start_ticks(pid) or 0}"
+    shutil.rmtree(directory, ignore_errors=True)
+    try:
+        directory.mkdir(parents=True)
+    except OSError as error:
+        logger.error(
+            "no guardian for this worker: cannot create its run directory %s (%s); set %s "
+            "to a writable directory — until then a paused or GIL-bound body is stopped "
+            "only by the operator's heartbeat timeout",
+            directory,
+            error,
+            ticks.RUN_ROOT_VARIABLE,
+        )
+        return
+    os.environ[ticks.RUN_DIRECTORY_VARIABLE] = str(directory)
+    global _guardian
+    _guardian = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery_reconciler_worker.guardian",
+            "--parent",
+            str(pid),
+            "--directory",
+            str(directory),
+            "--heartbeat-timeout",
+            str(heartbeat_timeout_seconds()),
+        ],
+        env={**os.environ, DSN_ENVIRONMENT_VARIABLE: dsn},
+        stdin=subprocess.DEVNULL,
+        # Its own process group: a signal to the worker's group (a terminal's Ctrl-C, a
+        # SIGSTOP of the whole worker) does not reach the party that must act on it.
+        process_group=0,
+    )
+    logger.info("guardian started for worker process %d (run directory %s)", pid, directory)
+
+
+celery.signals.worker_init.connect(_start_guardian, weak=False)
