@@ -25,7 +25,7 @@ the heartbeat timeout after the worker is gone is not needed any more (the opera
 silent incarnation by itself then), so the guardian exits. It exits as well when its parent
 (the worker's main process) is gone and no process it guards runs.
 
-Run as ``python -m celery_reconciler_worker.guardian --parent PID --directory DIR
+``start`` runs it as ``python -m celery_reconciler_worker.guardian --parent PID --directory DIR
 --heartbeat-timeout SECONDS``; the ledger's DSN comes from ``CELERY_RECONCILER_DSN``.
 """
 
@@ -38,6 +38,7 @@ import os
 import queue
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -155,6 +156,13 @@ class Recorder:
                 self._pending -= 1
 
 
+def _gone(tick: ticks.Tick, *, reason: str, recorder: Recorder) -> None:
+    """Say when a process running bodies is known gone — the line chaos runs date the end of
+    its bodies' runs by, written before the proof, so before any re-run — then prove it."""
+    logger.warning("worker process (pid %d) is gone: %s", tick.pid, reason)
+    recorder.add(Proof(tick.incarnations, reason))
+
+
 def guard_once(directory: Path, *, recorder: Recorder) -> int:
     """One look at every body process of the worker; how many of them still run."""
     running_processes = 0
@@ -164,26 +172,22 @@ def guard_once(directory: Path, *, recorder: Recorder) -> int:
             continue
         if is_gone(tick.pid, start_ticks=tick.start_ticks):
             if tick.running > 0 and tick.incarnations:
-                recorder.add(
-                    Proof(
-                        tick.incarnations,
-                        f"its process {tick.pid} died while running {tick.running} bodies "
-                        "(seen gone by its worker's guardian)",
-                    )
+                reason = (
+                    f"its process {tick.pid} died while running {tick.running} bodies "
+                    "(seen gone by its worker's guardian)"
                 )
+                _gone(tick, reason=reason, recorder=recorder)
             path.unlink(missing_ok=True)
             continue
         now = time.monotonic()
         if must_kill(tick, now=now):
             silent = stale_seconds(tick, now=now)
             kill_and_wait(tick)
-            recorder.add(
-                Proof(
-                    tick.incarnations,
-                    f"killed by its worker's guardian after {silent:.1f} s without a tick "
-                    "(paused or holding the GIL)",
-                )
+            reason = (
+                f"killed by its worker's guardian after {silent:.1f} s without a tick "
+                "(paused or holding the GIL)"
             )
+            _gone(tick, reason=reason, recorder=recorder)
             path.unlink(missing_ok=True)
             continue
         running_processes += 1
@@ -215,6 +219,48 @@ def run(*, parent: int, directory: Path, timeout_seconds: float, dsn: str) -> No
             time.sleep(POLL_SECONDS)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def start(*, dsn: str, timeout_seconds: float) -> subprocess.Popen[bytes] | None:
+    """Start the guardian of this process (the worker's main process, before its pool
+    starts): make its run directory, which the pool's processes find in the environment
+    they inherit, and run it. ``None`` when the directory cannot be made."""
+    pid = os.getpid()
+    directory = ticks.run_root() / f"worker-{pid}-{identity.process_start_ticks(pid) or 0}"
+    shutil.rmtree(directory, ignore_errors=True)
+    try:
+        directory.mkdir(parents=True)
+    except OSError as error:
+        logger.error(
+            "no guardian for this worker: cannot create its run directory %s (%s); set %s "
+            "to a writable directory — until then a paused or GIL-bound body is stopped "
+            "only by the operator's heartbeat timeout",
+            directory,
+            error,
+            ticks.RUN_ROOT_VARIABLE,
+        )
+        return None
+    os.environ[ticks.RUN_DIRECTORY_VARIABLE] = str(directory)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery_reconciler_worker.guardian",
+            "--parent",
+            str(pid),
+            "--directory",
+            str(directory),
+            "--heartbeat-timeout",
+            str(timeout_seconds),
+        ],
+        env={**os.environ, DSN_ENVIRONMENT_VARIABLE: dsn},
+        stdin=subprocess.DEVNULL,
+        # Its own process group: a signal to the worker's group (a terminal's Ctrl-C, a
+        # SIGSTOP of the whole worker) does not reach the party that must act on it.
+        process_group=0,
+    )
+    logger.info("guardian started for worker process %d (run directory %s)", pid, directory)
+    return process
 
 
 def main(argv: list[str] | None = None) -> None:

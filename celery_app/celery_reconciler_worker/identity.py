@@ -21,7 +21,10 @@ comparison between the node and the database.
   cgroup path names it, or a private cgroup namespace shows ``0::/``).
 
 The parsers are pure functions over the files' text; the readers around them are thin and
-return ``None`` when a file cannot be read.
+return ``None`` when a file cannot be read. The incarnation records them with what the
+Downward API tells the process (``CELERY_RECONCILER_POD_*``); ``$HOSTNAME`` is only a
+display name (``worker_name``). No import beyond the standard library: the liveness probe
+imports this module.
 """
 
 from __future__ import annotations
@@ -29,7 +32,16 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import socket
 from pathlib import Path
+
+WORKER_ENVIRONMENT_VARIABLE = "HOSTNAME"
+# Set these from the Downward API (see docs/concepts.md): they tie a worker process to the
+# pod uid a pod event names. Without them a worker is judged by its heartbeat alone.
+POD_NAME_VARIABLE = "CELERY_RECONCILER_POD_NAME"
+POD_NAMESPACE_VARIABLE = "CELERY_RECONCILER_POD_NAMESPACE"
+POD_UID_VARIABLE = "CELERY_RECONCILER_POD_UID"
+CONTAINER_NAME_VARIABLE = "CELERY_RECONCILER_CONTAINER_NAME"
 
 _CONTAINER_ID = re.compile(r"(?<![0-9a-f])[0-9a-f]{64}(?![0-9a-f])")
 # Field 22 of /proc/<pid>/stat is the 20th after the closing parenthesis of ``comm``.
@@ -170,3 +182,8 @@ def container_started_at(pod_uid: str | None) -> datetime.datetime | None:
         boot_time=boot_time,
         ticks_per_second=os.sysconf("SC_CLK_TCK"),
     )
+
+
+def worker_name() -> str:
+    """The display name of this worker (the ledger's ``worker`` column)."""
+    return os.environ.get(WORKER_ENVIRONMENT_VARIABLE) or socket.gethostname()

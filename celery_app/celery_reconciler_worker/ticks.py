@@ -21,6 +21,7 @@ it runs, and the incarnations they run under.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import mmap
 import os
 import struct
@@ -28,6 +29,8 @@ import tempfile
 import threading
 import uuid
 from pathlib import Path
+
+from celery_reconciler_worker import identity
 
 # Where workers keep their run directories (one per worker, named after its main process).
 RUN_ROOT_VARIABLE = "CELERY_RECONCILER_RUN_DIRECTORY"
@@ -158,3 +161,21 @@ def read(path: Path) -> Tick | None:
             if found is not None:
                 return found
     return None
+
+
+def publisher_for_this_process() -> Publisher | None:
+    """This process's tick record in its worker's run directory (``None`` without a
+    guardian: a body run outside ``celery worker``, or a directory that cannot be written)."""
+    directory = os.environ.get(RUN_DIRECTORY_VARIABLE)
+    if not directory:
+        return None
+    pid = os.getpid()
+    try:
+        return Publisher(
+            body_file(Path(directory), pid),
+            pid=pid,
+            start_ticks=identity.process_start_ticks(pid) or 0,
+        )
+    except OSError as error:
+        logging.getLogger(__name__).error("no tick for the guardian in %s: %s", directory, error)
+        return None
