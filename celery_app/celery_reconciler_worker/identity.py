@@ -23,8 +23,8 @@ comparison between the node and the database.
 The parsers are pure functions over the files' text; the readers around them are thin and
 return ``None`` when a file cannot be read. The incarnation records them with what the
 Downward API tells the process (``CELERY_RECONCILER_POD_*``); ``$HOSTNAME`` is only a
-display name (``worker_name``). No import beyond the standard library: the liveness probe
-imports this module.
+display name (``worker_name``). The liveness probe imports this module: it imports nothing
+beyond a few light standard modules (the probe runs every few seconds in every worker pod).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import socket
 from pathlib import Path
 
 WORKER_ENVIRONMENT_VARIABLE = "HOSTNAME"
@@ -186,4 +185,4 @@ def container_started_at(pod_uid: str | None) -> datetime.datetime | None:
 
 def worker_name() -> str:
     """The display name of this worker (the ledger's ``worker`` column)."""
-    return os.environ.get(WORKER_ENVIRONMENT_VARIABLE) or socket.gethostname()
+    return os.environ.get(WORKER_ENVIRONMENT_VARIABLE) or os.uname().nodename

@@ -227,7 +227,10 @@ class Incarnation:
         if self._threads_for == os.getpid():
             return
         self._threads_for = os.getpid()
-        self._ticks = ticks.publisher_for_this_process()
+        try:
+            self._ticks = ticks.publisher_for_this_process()
+        except OSError as error:
+            logger.error("no tick for the guardian (it cannot stop this process): %s", error)
         threading.Thread(
             target=self._heartbeat_forever, name="ledger-heartbeat", daemon=True
         ).start()

@@ -21,11 +21,9 @@ it runs, and the incarnations they run under.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import mmap
 import os
 import struct
-import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -61,9 +59,10 @@ class Tick:
 
 def run_root() -> Path:
     """Where the worker's main process makes its run directory and the probe looks."""
+    # Not tempfile.gettempdir(): its import alone costs the probe more than its own work.
     return Path(
         os.environ.get(RUN_ROOT_VARIABLE)
-        or os.path.join(tempfile.gettempdir(), "celery-reconciler")
+        or os.path.join(os.environ.get("TMPDIR") or "/tmp", "celery-reconciler")
     )
 
 
@@ -165,17 +164,13 @@ def read(path: Path) -> Tick | None:
 
 def publisher_for_this_process() -> Publisher | None:
     """This process's tick record in its worker's run directory (``None`` without a
-    guardian: a body run outside ``celery worker``, or a directory that cannot be written)."""
+    guardian: a body run outside ``celery worker``); ``OSError`` if it cannot be written."""
     directory = os.environ.get(RUN_DIRECTORY_VARIABLE)
     if not directory:
         return None
     pid = os.getpid()
-    try:
-        return Publisher(
-            body_file(Path(directory), pid),
-            pid=pid,
-            start_ticks=identity.process_start_ticks(pid) or 0,
-        )
-    except OSError as error:
-        logging.getLogger(__name__).error("no tick for the guardian in %s: %s", directory, error)
-        return None
+    return Publisher(
+        body_file(Path(directory), pid),
+        pid=pid,
+        start_ticks=identity.process_start_ticks(pid) or 0,
+    )
