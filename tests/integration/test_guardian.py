@@ -4,7 +4,8 @@ Issue 21. A process that is paused (SIGSTOP) or whose threads cannot run (a body
 GIL in one C call) cannot run its own watchdog: its worker's guardian kills it, waits until
 it is gone, and only then ends its incarnation — the proof on which the operator
 re-dispatches. And in the threads pool, a body that outlives its incarnation stays watched
-when another body registers anew. Leases are long here, so only a rescue re-runs an entry;
+when another body registers anew; and the liveness probe fails while a whole worker, its
+guardian included, is frozen. Leases are long here, so only a rescue re-runs an entry;
 every verdict comes from the bodies' own start/end rows (one PostgreSQL clock), the deaths
 of their processes, and the ledger.
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ from reconcile_support import WorkerFactory, make_policy, pending_count, sweep_c
 
 from celery_app.demo import schema
 from celery_reconciler import reconcile
+from celery_reconciler_worker import ticks
 
 pytestmark = pytest.mark.integration
 
@@ -301,3 +305,75 @@ def test_a_threads_pool_body_that_outlives_its_incarnation_stays_watched(
     ]
     assert overlaps == [], "entry 1 ran again beside its unwatched first body"
     assert successes_by_entry(conn) == {1: 1, 2: 1}
+
+
+def run_probe(run_directory: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "celery_reconciler_worker.probe"],
+        env={**os.environ, "CELERY_RECONCILER_RUN_DIRECTORY": str(run_directory)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_the_liveness_probe_fails_while_the_whole_worker_is_frozen(
+    tmp_path: Path,
+    demo_dsn: str,
+    conn: psycopg.Connection[Any],
+    redis_url: str,
+    start_worker: WorkerFactory,
+) -> None:
+    """A worker frozen as a whole — its guardian too, as in a frozen container — is what only
+    the kubelet can stop: the probe it runs must fail then, and pass again once it runs."""
+    run_directory = tmp_path / "run"
+    schema.seed(conn, count=1)
+    schema.set_fault(conn, entry_id=1, kind="sleep", seconds=120)
+    policy = make_policy(lease_timeout="10m")
+    worker = start_worker(
+        broker_url=redis_url,
+        dsn=demo_dsn,
+        concurrency=1,
+        extra_env={**HEARTBEAT_ENV, "CELERY_RECONCILER_RUN_DIRECTORY": str(run_directory)},
+    )
+    with sweep_connections(demo_dsn, redis_url) as (db, publisher):
+        reconcile.reconcile_once(policy, db=db, broker=publisher)
+    wait_for(lambda: len(first_runs(conn)) == 1, timeout_seconds=30, what="the body running")
+    healthy = run_probe(run_directory)
+    assert healthy.returncode == 0, healthy.stderr  # the precondition: a live worker passes
+    [guardian_tick] = list(run_directory.glob(f"worker-*/{ticks.GUARDIAN_FILE}"))
+    guardian = ticks.read(guardian_tick)
+    assert guardian is not None
+    popen = worker.process.popen
+    assert popen is not None
+    frozen_at = conn.execute("SELECT clock_timestamp()").fetchone()
+    assert frozen_at is not None
+    os.killpg(popen.pid, signal.SIGSTOP)  # the worker and its pool
+    os.kill(guardian.pid, signal.SIGSTOP)  # the guardian, in a process group of its own
+    [(body_pid, _)] = first_runs(conn).values()
+    try:
+        frozen = (popen.pid, body_pid, guardian.pid)
+        wait_for(
+            lambda: {process_state(pid) for pid in frozen} == {"T"},
+            timeout_seconds=10,
+            what="the worker, its body process and its guardian stopped",
+        )
+        wait_for(
+            lambda: seconds_since(conn, frozen_at[0]) > HEARTBEAT_TIMEOUT_SECONDS / 2 + 1,
+            timeout_seconds=30,
+            what="half the heartbeat timeout and more",
+            poll_seconds=0.3,
+        )
+        stale = run_probe(run_directory)
+    finally:
+        os.kill(guardian.pid, signal.SIGCONT)
+        os.killpg(popen.pid, signal.SIGCONT)
+    assert stale.returncode == 1, (stale.returncode, stale.stderr)
+    assert f"guardian {guardian.pid} silent" in stale.stderr, stale.stderr
+    assert f"process {body_pid} running 1 bodies silent" in stale.stderr, stale.stderr
+    wait_for(
+        lambda: run_probe(run_directory).returncode == 0,
+        timeout_seconds=30,
+        what="the probe to pass again once the worker runs (its stale body killed)",
+    )
