@@ -582,11 +582,13 @@ class _Run:
         self.stack.plane.kubectl("delete", "namespace", self.namespace, "--wait=false", check=False)
 
 
-# What the worker integration logs just before a worker process SIGKILLs itself, behind
-# the container runtime's own timestamp (CRI log format: RFC 3339, nanoseconds, UTC).
+# What a worker's guardian logs once a process that ran bodies is gone (killed by itself or
+# by the guardian), before it records the proof that lets the entries run again; behind the
+# container runtime's own timestamp (CRI log format: RFC 3339, nanoseconds, UTC). The
+# process logs nothing itself before its kill: a blocked log handler would stop the kill.
 _SELF_FENCE = re.compile(
-    r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z .*stopping this worker process "
-    r"\(pid (\d+)\)"
+    r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z .*worker process "
+    r"\(pid (\d+)\) is gone"
 )
 
 

@@ -309,6 +309,16 @@ def start_worker_pod(
     return worker
 
 
+# The chart's demoWorker.livenessProbe (charts/celery-reconciler/values.yaml).
+WORKER_LIVENESS_PROBE: dict[str, Any] = {
+    "exec": {"command": ["python", "-m", "celery_reconciler_worker.probe"]},
+    "initialDelaySeconds": 10,
+    "periodSeconds": 3,
+    "timeoutSeconds": 2,
+    "failureThreshold": 2,
+}
+
+
 def worker_pod_manifest(
     *,
     name: str,
@@ -382,6 +392,8 @@ def worker_pod_manifest(
                     "env": env,
                     "envFrom": [{"secretRef": {"name": env_secret}}],
                     "volumeMounts": mounts,
+                    # The chart's: a frozen or starved container is the kubelet's to kill.
+                    "livenessProbe": WORKER_LIVENESS_PROBE,
                 }
             ],
             "volumes": volumes,

@@ -9,4 +9,11 @@ The distribution is ``celery-reconciler-worker`` (``celery_app/pyproject.toml``)
 psycopg only. ``ledger`` holds every statement a worker runs and the schema both sides share;
 ``backoff`` the retry rule. The operator imports both, never the reverse — and its pure
 ``policy`` imports ``backoff``, so this package's ``__init__`` stays free of imports.
+
+What runs in a worker, one job per module: ``task`` (the task base, the fenced commit),
+``incarnation`` (registration, heartbeat), ``watchdog`` (the in-process self-fence),
+``guardian`` and ``ticks`` (stopping from outside a process that cannot stop itself),
+``probe`` (the container's liveness probe), ``identity`` (which container a process runs
+in), ``connection`` (the ledger connection), ``settings`` and ``lifecycle`` (Celery settings
+and signal handlers); ``reliable`` gathers the public names.
 """

@@ -931,3 +931,21 @@ def incarnation_is_live(conn: psycopg.Connection[Any], *, incarnation: uuid.UUID
     """Whether ``start_attempt`` would accept this incarnation (not ended, heartbeat fresh)."""
     row = conn.execute(_INCARNATION_IS_LIVE, [incarnation]).fetchone()
     return bool(row and row[0])
+
+
+_END_INCARNATIONS = sql.SQL(
+    """
+    UPDATE {incarnations} SET ended_at = now(), ended_reason = %(reason)s
+    WHERE id = ANY(%(incarnations)s::uuid[]) AND ended_at IS NULL
+    """
+).format(incarnations=INCARNATIONS)
+
+
+def end_incarnations(
+    conn: psycopg.Connection[Any], *, incarnations: Sequence[uuid.UUID], reason: str
+) -> int:
+    """Record that the processes of ``incarnations`` are gone (the proof a guardian writes
+    after it saw them die): their running entries are the operator's to re-dispatch now.
+    How many were still open."""
+    cursor = conn.execute(_END_INCARNATIONS, {"incarnations": list(incarnations), "reason": reason})
+    return cursor.rowcount

@@ -10,13 +10,18 @@ worker that was killed mid-run (its run has no ``finished_at``).
 
 ``demo_faults`` makes chosen entries misbehave: ``fail`` raises on every run while the row
 exists; ``sleep`` holds the body for ``seconds`` (to kill a worker mid-task or overrun a
-lease). The others fire once — the row is deleted when they fire, so a re-run is ordinary —
+lease). ``gil`` fires once: the body spends ``seconds`` in one C call that holds the GIL, so
+no other thread of its process runs meanwhile (its heartbeat and watchdog included). The
+others fire once — the row is deleted when they fire, so a re-run is ordinary —
 and place a stop at an exact point of the body, for tests that kill or freeze the worker
 there: ``hold_before_commit``, ``hold_after_commit`` and ``hold_after_done`` (after the
 task returned and its outcome was recorded) sleep ``seconds`` at that point;
 ``unfenced_commit_then_kill`` commits the effect in a plain transaction of its own (as a
 body that does not use the fenced-commit helper would) and then SIGKILLs the whole worker
-(its process group) before anything records the outcome.
+(its process group) before anything records the outcome. With ``unfenced`` set, the body
+commits its effect in a plain transaction of its own instead of ``fenced_transaction``
+(as a body that does not use the fenced-commit helper would; the outcome is then marked by
+the heartbeat), so tests can count duplicate effects that no fence rolled back.
 """
 
 from __future__ import annotations
@@ -60,9 +65,10 @@ _STATEMENTS = (
     """
     CREATE TABLE IF NOT EXISTS demo_faults (
         entry_id bigint PRIMARY KEY,
-        kind text NOT NULL CHECK (kind IN ('fail', 'sleep', 'hold_before_commit',
+        kind text NOT NULL CHECK (kind IN ('fail', 'sleep', 'gil', 'hold_before_commit',
             'hold_after_commit', 'hold_after_done', 'unfenced_commit_then_kill')),
-        seconds double precision NOT NULL DEFAULT 0
+        seconds double precision NOT NULL DEFAULT 0,
+        unfenced boolean NOT NULL DEFAULT false
     )
     """,
 )
@@ -118,14 +124,20 @@ def seed(
 
 
 def set_fault(
-    conn: psycopg.Connection[Any], *, entry_id: int, kind: str, seconds: float = 0.0
+    conn: psycopg.Connection[Any],
+    *,
+    entry_id: int,
+    kind: str,
+    seconds: float = 0.0,
+    unfenced: bool = False,
 ) -> None:
     conn.execute(
         """
-        INSERT INTO demo_faults (entry_id, kind, seconds) VALUES (%s, %s, %s)
-        ON CONFLICT (entry_id) DO UPDATE SET kind = EXCLUDED.kind, seconds = EXCLUDED.seconds
+        INSERT INTO demo_faults (entry_id, kind, seconds, unfenced) VALUES (%s, %s, %s, %s)
+        ON CONFLICT (entry_id) DO UPDATE
+            SET kind = EXCLUDED.kind, seconds = EXCLUDED.seconds, unfenced = EXCLUDED.unfenced
         """,
-        [entry_id, kind, seconds],
+        [entry_id, kind, seconds, unfenced],
     )
 
 

@@ -11,6 +11,7 @@ the worker, for the tests that freeze or kill a worker there.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -114,10 +115,12 @@ def _extract(conn: psycopg.Connection[Any], *, entry_id: int, task_id: str) -> d
     assert run is not None
     run_id = run[0]
     fault = conn.execute(
-        "SELECT kind, seconds FROM demo_faults WHERE entry_id = %s", [entry_id]
+        "SELECT kind, seconds, unfenced FROM demo_faults WHERE entry_id = %s", [entry_id]
     ).fetchone()
     if fault is not None and fault[0] == "sleep":
         time.sleep(float(fault[1]))
+    if fault is not None and fault[0] == "gil":
+        _hold_the_gil_once(conn, entry_id=entry_id)
     if fault is not None and fault[0] == "fail":
         conn.execute(
             "UPDATE task_runs SET finished_at = clock_timestamp(), outcome = 'failed' "
@@ -134,6 +137,11 @@ def _extract(conn: psycopg.Connection[Any], *, entry_id: int, task_id: str) -> d
         _commit_unfenced_then_kill(conn, entry_id=entry_id, run_id=run_id, insights=insights)
     if kind == "hold_before_commit":
         _hold_once(conn, entry_id=entry_id, kind=kind)
+    if fault is not None and fault[2]:
+        # A body without the fenced-commit helper: its effect commits whoever runs it.
+        with conn.transaction():
+            _write_effect(conn, entry_id=entry_id, run_id=run_id, insights=insights)
+        return insights
     # The effect, the audit row and the done mark commit together or not at all.
     with reliable.fenced_transaction(conn):
         _write_effect(conn, entry_id=entry_id, run_id=run_id, insights=insights)
@@ -156,6 +164,21 @@ def _hold_once(conn: psycopg.Connection[Any], *, entry_id: int, kind: str) -> No
     ).fetchone()
     if row is not None:
         time.sleep(float(row[0]))
+
+
+def _hold_the_gil_once(conn: psycopg.Connection[Any], *, entry_id: int) -> None:
+    """Consume the entry's one-shot ``gil`` fault and spend its seconds in one C call that
+        keeps the GIL (``PyDLL`` does not release it, unlike ``CDLL``): libc's ``sleep``. The
+    fault stays as a zero-second ``sleep``, so a re-run commits the same way (``unfenced``)."""
+    row = conn.execute(
+        "WITH held AS (SELECT seconds FROM demo_faults WHERE entry_id = %(entry)s "
+        "AND kind = 'gil' FOR UPDATE) "
+        "UPDATE demo_faults f SET kind = 'sleep', seconds = 0 FROM held "
+        "WHERE f.entry_id = %(entry)s RETURNING held.seconds",
+        {"entry": entry_id},
+    ).fetchone()
+    if row is not None:
+        ctypes.PyDLL(None).sleep(max(1, round(float(row[0]))))
 
 
 def _commit_unfenced_then_kill(

@@ -1,0 +1,50 @@
+"""The Celery settings under which the ledger's guarantees hold (``recommended_settings``).
+
+Users merge them into their app with ``app.conf.update(reliable.recommended_settings(...))``;
+each setting says which failure it keeps from losing or doubling work.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+DEFAULT_LEASE_SECONDS = 15 * 60.0
+# Redis re-queues an unacked message after the visibility timeout. Longer than the lease, a
+# crashed worker's message comes back only after the operator already re-dispatched it (and
+# fencing drops it); shorter, it would come back while its attempt may still be running.
+VISIBILITY_TIMEOUT_LEASE_FACTOR = 1.5
+
+
+def recommended_settings(*, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> dict[str, Any]:
+    """Celery settings under which the ledger's guarantees hold; merge with ``conf.update``.
+
+    * ``task_acks_late`` + ``task_reject_on_worker_lost``: a message is acknowledged only after
+      the body, so a killed worker's message is redelivered (and fenced) instead of vanishing.
+    * ``worker_prefetch_multiplier=1`` and ``worker_disable_prefetch`` (Redis): a worker
+      takes a message only when a pool process is free, so a crash strands no unstarted
+      messages behind their lease.
+    * ``visibility_timeout`` = 1.5 x lease: see ``VISIBILITY_TIMEOUT_LEASE_FACTOR``.
+    * JSON only: the operator publishes JSON messages.
+
+    Retry timing is not a Celery setting here: it is ``spec.retry`` of the ProcessingPolicy,
+    whose defaults mirror the seed's Celery settings (60 s initial delay, 5 attempts, jitter).
+    """
+    return {
+        "task_acks_late": True,
+        # Take a message only when a pool process is free (Redis): a killed worker then
+        # holds no prefetched messages that would wait out their lease.
+        "worker_disable_prefetch": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "broker_transport_options": {
+            "visibility_timeout": int(lease_seconds * VISIBILITY_TIMEOUT_LEASE_FACTOR) + 1
+        },
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+    }
+
+
+RECOMMENDED_SETTINGS = recommended_settings()
