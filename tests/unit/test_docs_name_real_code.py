@@ -28,6 +28,8 @@ TABLES = set(
 )
 # Names the docs mention that look like code but are not a Python attribute.
 NOT_CODE = {"chaos.process_entry": "the chaos app's Celery task name"}
+# First words that in the docs name another library's object, not our module of that name.
+OTHER_LIBRARIES = {"settings": "Django's settings (settings.DATABASES)"}
 # First words that are also a spec field or a Helm value group (``sharding.enabled``,
 # ``workers.podSelector``, ``metrics.service.enabled``): after these, only what looks like
 # Python counts.
@@ -80,6 +82,8 @@ def unresolved(text: str) -> tuple[int, list[str]]:
         if not _names_code(dotted, called=match.group(0).endswith("()`")):
             continue
         head, *rest = dotted.split(".")
+        if head in OTHER_LIBRARIES:
+            continue
         if head == "celery_reconciler" and rest and rest[0] in TABLES:
             continue
         if head == "celery_reconciler" and rest and rest[0] in modules():
