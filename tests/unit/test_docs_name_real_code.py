@@ -9,6 +9,7 @@ import importlib
 import pkgutil
 import re
 import types
+import warnings
 from pathlib import Path
 
 import celery_reconciler
@@ -40,12 +41,16 @@ SHARED_WITH_SETTINGS = {"sharding", "metrics", "workers", "policy", "operator", 
 def modules() -> dict[str, tuple[types.ModuleType, ...]]:
     """Our modules by short name (``ledger`` is both the operator's and the worker's)."""
     found: dict[str, list[types.ModuleType]] = {}
-    for package in (celery_reconciler, celery_reconciler_worker, devstack):
-        found.setdefault(package.__name__, []).append(package)
-        for info in pkgutil.walk_packages(package.__path__, prefix=f"{package.__name__}."):
-            if not info.name.endswith("__main__"):
-                module = importlib.import_module(info.name)
-                found.setdefault(info.name.rsplit(".", 1)[-1], []).append(module)
+    with warnings.catch_warnings():
+        # Walking imports every package, the deprecated alias of django_commands among them.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for package in (celery_reconciler, celery_reconciler_worker, devstack):
+            found.setdefault(package.__name__, []).append(package)
+            prefix = f"{package.__name__}."
+            for info in pkgutil.walk_packages(package.__path__, prefix=prefix):
+                if not info.name.endswith("__main__"):
+                    module = importlib.import_module(info.name)
+                    found.setdefault(info.name.rsplit(".", 1)[-1], []).append(module)
     return {name: tuple(found_modules) for name, found_modules in found.items()}
 
 
