@@ -151,6 +151,19 @@ class Node:
                 texts.append(log.read_text(errors="replace"))
         return "".join(texts)
 
+    def container_instance_log(
+        self, *, namespace: str, pod: str, container: str, restart: int
+    ) -> str:
+        """The log of one instance of a container: the ``restart``-th restart's own file
+        (``<restart>.log``). The kubelet keeps only the two newest files of a container, so
+        from its second restart on, ``container_log`` no longer holds every instance."""
+        texts = [
+            path.read_text(errors="replace")
+            for pod_dir in sorted(self.pod_logs.glob(f"{namespace}_{pod}_*"))
+            for path in (pod_dir / container).glob(f"{restart}.log")
+        ]
+        return "".join(texts)
+
     def pod_env(self) -> dict[str, str]:
         """Env overrides an in-cluster client needs on this node: no kube-proxy means the
         ``kubernetes`` Service's VIP leads nowhere, the apiserver's loopback port does."""

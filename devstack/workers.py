@@ -222,6 +222,12 @@ class WorkerPod:
     def log(self) -> str:
         return self.node.container_log(namespace=self.namespace, pod=self.name, container="worker")
 
+    def instance_log(self, restart: int) -> str:
+        """The log of the container's ``restart``-th restart alone."""
+        return self.node.container_instance_log(
+            namespace=self.namespace, pod=self.name, container="worker", restart=restart
+        )
+
     def wait_ready(self, *, restarts: int = 0, timeout_seconds: float = 90) -> None:
         """Until the container's ``restarts``-th restart has logged celery's ``ready.``."""
         deadline = time.monotonic() + timeout_seconds
@@ -230,7 +236,7 @@ class WorkerPod:
             if (
                 "running" in status.get("state", {})
                 and status.get("restartCount") == restarts
-                and self.log().count(" ready.") > restarts
+                and " ready." in self.instance_log(restarts)
             ):
                 return
             time.sleep(0.2)

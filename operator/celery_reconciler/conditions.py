@@ -37,6 +37,8 @@ KUBERNETES_UNAVAILABLE = "KubernetesUnavailable"
 CONFLICT = "Conflict"
 WORKERS_NOT_CONSUMING = "WorkersNotConsuming"
 POD_WATCH_FAILED = "PodWatchFailed"
+# Running entries held by a silent worker process in a Pod that nothing proves gone yet.
+HELD_BY_SILENT_WORKER = "HeldBySilentWorker"
 # The last resort: a failure no other reason describes is a bug of ours. The loop reports it
 # like any other (condition, Event, metric, backed-off retry) and logs its traceback once.
 INTERNAL_ERROR = "InternalError"

@@ -82,6 +82,7 @@ class WorkerPod:
     uid: str
     containers: tuple[planning.ContainerStatus, ...] = ()
     phase: str | None = None
+    node_name: str | None = None
 
     @property
     def restart_counts(self) -> dict[str, int]:
@@ -251,6 +252,7 @@ def write_processing_status(
 def pod_from_body(body: Mapping[str, Any]) -> WorkerPod:
     """A WorkerPod from a raw pod body (snake_case from the client, camelCase from kopf)."""
     metadata = body.get("metadata") or {}
+    spec = body.get("spec") or {}
     status = body.get("status") or {}
     statuses = status.get("containerStatuses") or status.get("container_statuses") or []
     return WorkerPod(
@@ -258,18 +260,72 @@ def pod_from_body(body: Mapping[str, Any]) -> WorkerPod:
         uid=metadata.get("uid", ""),
         phase=status.get("phase"),
         containers=tuple(_container_status(raw) for raw in statuses),
+        node_name=spec.get("nodeName") or spec.get("node_name"),
+    )
+
+
+def look_up_worker_pod(*, namespace: str, name: str) -> planning.PodLookup:
+    """The Pod a silent worker process said it runs in, read by name (``get`` on pods).
+
+    A 404 is an answer (the Pod object is gone: its processes are too); any other failure
+    (forbidden, unreachable) proves nothing and is returned as such, never raised."""
+    try:
+        raw = _core().read_namespaced_pod(name, namespace, _request_timeout=REQUEST_TIMEOUT_SECONDS)
+    except kubernetes.client.ApiException as error:
+        if error.status == 404:
+            return planning.PodLookup(found=False)
+        hint = " — grant the operator get on pods" if error.status == 403 else ""
+        return planning.PodLookup(
+            found=False, failure=f"reading it fails with HTTP {error.status} {error.reason}{hint}"
+        )
+    except (urllib3.exceptions.HTTPError, OSError) as error:
+        return planning.PodLookup(
+            found=False, failure=f"the API server does not answer ({_network_reason(error)})"
+        )
+    pod = pod_from_body(raw.to_dict())
+    return planning.PodLookup(
+        found=True,
+        uid=pod.uid,
+        phase=pod.phase,
+        node_name=pod.node_name,
+        containers=pod.containers,
     )
 
 
 def _container_status(raw: Mapping[str, Any]) -> planning.ContainerStatus:
-    running = (raw.get("state") or {}).get("running") or {}
-    container_id = raw.get("containerID") or raw.get("container_id") or ""
+    state = raw.get("state") or {}
+    running = state.get("running") or {}
+    last_state = raw.get("lastState") or raw.get("last_state") or {}
+    # The kubelet reports the instance that ended last (while none runs) in ``state`` and
+    # the one before the running or waiting instance in ``lastState``.
+    ended = [
+        terminated
+        for terminated in (state.get("terminated"), last_state.get("terminated"))
+        if terminated
+    ]
+    ended_ids = tuple(
+        identifier
+        for identifier in (_container_id(terminated) for terminated in ended)
+        if identifier
+    )
+    ended_starts = [
+        _timestamp(terminated.get("startedAt") or terminated.get("started_at"))
+        for terminated in ended
+    ]
     return planning.ContainerStatus(
         name=str(raw.get("name", "")),
         restart_count=int(raw.get("restartCount", raw.get("restart_count", 0)) or 0),
-        container_id=container_id.split("://", 1)[-1] or None,
+        container_id=_container_id(raw),
         started_at=_timestamp(running.get("startedAt") or running.get("started_at")),
+        ended_ids=ended_ids,
+        ended_started_at=max((start for start in ended_starts if start), default=None),
     )
+
+
+def _container_id(raw: Mapping[str, Any]) -> str | None:
+    """A container instance's id without its runtime scheme (``containerd://``)."""
+    value = raw.get("containerID") or raw.get("container_id") or ""
+    return str(value).split("://", 1)[-1] or None
 
 
 def _timestamp(value: object) -> datetime.datetime | None:

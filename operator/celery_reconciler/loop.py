@@ -80,7 +80,14 @@ _WAKERS: dict[str, asyncio.Event] = {}
 _CONFLICTED: set[str] = set()
 # Problems a sweep that worked can report (``health_problem``); a status refresh between
 # sweeps recomputes them, where it leaves a sweep's own failure for the next sweep.
-HEALTH_REASONS = (conditions.WORKERS_NOT_CONSUMING, conditions.POD_WATCH_FAILED)
+HEALTH_REASONS = (
+    conditions.WORKERS_NOT_CONSUMING,
+    conditions.POD_WATCH_FAILED,
+    conditions.HELD_BY_SILENT_WORKER,
+)
+# While a silent worker process in a Pod holds entries (its deadline already passed), the
+# loop looks at its Pod again this often rather than at once and forever.
+SILENT_WORKER_RECHECK_SECONDS = 2.0
 
 
 # ``planning.conflicts`` of each namespace, with the claims it was computed from. Every loop
@@ -142,9 +149,17 @@ class Rescue:
 @dataclasses.dataclass
 class PendingRescue:
     pod: str
-    ending: planning.PodEnding
+    ending: planning.PodEnding | None
     started: float  # time.monotonic() of the pod event
     failures: int = 0
+    # Silent incarnations whose Pod, read by the operator, proved them gone.
+    proven: tuple[planning.EndedIncarnation, ...] = ()
+
+    @property
+    def reason(self) -> str:
+        if self.ending is not None:
+            return self.ending.reason
+        return "; ".join(sorted({ended.reason for ended in self.proven}))
 
 
 @dataclasses.dataclass
@@ -235,8 +250,11 @@ class PolicyLoop:
         self.last_rescue: Rescue | None = None
         self.rescue_retry: asyncio.Future[None] | None = None
         self.rescue_lock = asyncio.Lock()  # pod events arrive concurrently; rescue in order
-        # The last container statuses seen per pod uid: a restart is a rise against them.
+        # The last container statuses seen per pod uid: what the next event is judged against.
         self.containers_seen: dict[str, tuple[planning.ContainerStatus, ...]] = {}
+        # The phase and running container instances last seen per pod uid: only a change in
+        # them (or a pod's first event, or its end) can prove a process dead.
+        self.instances_seen: dict[str, tuple[str | None, frozenset[Any]]] = {}
         # Pod events whose rescue has not succeeded yet (say, the database was down): kept
         # and retried until it does, so a rescue is never dropped.
         self.unfinished_rescues: list[PendingRescue] = []
@@ -248,6 +266,8 @@ class PolicyLoop:
         # Every ProcessingPolicy by namespace (a kopf index), to find the ones that overlap.
         self.peers = peers or {}
         self.workers_stuck = False
+        # Why running entries wait on silent worker processes in Pods (a condition), if any.
+        self.silent_held: str | None = None
         self.errors_logged: set[type[BaseException]] = set()
         self.pacing = planning.RatePacing()
         # This replica's claim to the policy when replicas share the policies (membership).
@@ -394,6 +414,7 @@ class PolicyLoop:
                 metrics.SWEEP_SECONDS.labels(self.namespace, self.name).observe(
                     result.duration_seconds
                 )
+            await self.judge_silent_workers(policy, db=db)
             counts = await self.observe(policy, db=db, publisher=publisher)
             await self.check_index(policy, db=db, generation=generation)
         except ledger.FencedOut:
@@ -421,6 +442,8 @@ class PolicyLoop:
                 earliest_retry_in_seconds=counts.seconds_until_next_due,
                 rate_allows_in_seconds=self.pacing.allows_in_seconds(now=time.monotonic()),
             )
+        if self.silent_held is not None:
+            delay = max(delay, SILENT_WORKER_RECHECK_SECONDS)
         if self.status_write_deferred:
             delay = min(delay, STATUS_MIN_INTERVAL_SECONDS)
         return delay
@@ -488,6 +511,8 @@ class PolicyLoop:
         or work that waits for workers that never take it."""
         if self.pod_watch_failure is not None:
             return conditions.Problem(conditions.POD_WATCH_FAILED, self.pod_watch_failure)
+        if self.silent_held is not None:
+            return conditions.Problem(conditions.HELD_BY_SILENT_WORKER, self.silent_held)
         consumption = counts.consumption
         self.workers_stuck = planning.workers_not_consuming(
             oldest_queued_seconds=consumption.oldest_queued_seconds,
@@ -685,6 +710,7 @@ class PolicyLoop:
         self.pod_selector = selector
         self.pod_watch_failure = None
         self.containers_seen.clear()
+        self.instances_seen.clear()
         if not selector:
             return
         loop = asyncio.get_running_loop()
@@ -718,12 +744,21 @@ class PolicyLoop:
         self.pod_selector = ""
 
     async def on_pod_event(self, event_type: str, pod: kube.WorkerPod) -> None:
+        """Judge the pod's incarnations by this event whenever it can prove a death: the
+        pod's first event here (``ADDED``: at start, after a watch gap, a new pod), a change
+        in the container instances it runs, its end. Steady events cost nothing."""
         deleted = event_type == "DELETED"
         previous = self.containers_seen.get(pod.uid)
+        running = (pod.phase, planning.running_instances(pod.containers))
+        changed = self.instances_seen.get(pod.uid) != running
         if deleted:
             self.containers_seen.pop(pod.uid, None)
+            self.instances_seen.pop(pod.uid, None)
         else:
             self.containers_seen[pod.uid] = pod.containers
+            self.instances_seen[pod.uid] = running
+        if not (deleted or changed or event_type == "ADDED"):
+            return
         ending = planning.pod_ending(
             pod_uid=pod.uid,
             old=previous,
@@ -735,6 +770,37 @@ class PolicyLoop:
             self.unfinished_rescues.append(
                 PendingRescue(pod=pod.name, ending=ending, started=time.monotonic())
             )
+            await self.finish_rescues()
+
+    async def judge_silent_workers(
+        self, policy: policy_module.Policy, *, db: reconcile.Sessions
+    ) -> None:
+        """Silence never moves the work of a process in a Pod: read its Pod, and end it only
+        on proof (``planning.judge_silent``); what is held shows as a condition."""
+        silent = await asyncio.to_thread(reconcile.silent_pod_workers, policy, db=db)
+        lookups: dict[tuple[str, str], planning.PodLookup] = {}
+        proven: dict[str, list[planning.EndedIncarnation]] = {}
+        held: list[planning.HeldIncarnation] = []
+        for found in silent:
+            lookup = None
+            if found.pod_namespace and found.pod_name:
+                where = (found.pod_namespace, found.pod_name)
+                if where not in lookups:
+                    lookups[where] = await asyncio.to_thread(
+                        kube.look_up_worker_pod, namespace=where[0], name=where[1]
+                    )
+                lookup = lookups[where]
+            verdict = planning.judge_silent(silent=found, lookup=lookup)
+            if isinstance(verdict, planning.EndedIncarnation):
+                proven.setdefault(found.pod_name or found.pod_uid, []).append(verdict)
+            else:
+                held.append(verdict)
+        self.silent_held = planning.held_summary(held)
+        for pod, ended in proven.items():
+            self.unfinished_rescues.append(
+                PendingRescue(pod=pod, ending=None, started=time.monotonic(), proven=tuple(ended))
+            )
+        if proven:
             await self.finish_rescues()
 
     async def finish_rescues(self) -> None:
@@ -765,6 +831,7 @@ class PolicyLoop:
                             broker=publisher,
                             ending=pending.ending,
                             fence=self.fence,
+                            proven=pending.proven,
                         )
                     )
                 )
@@ -779,7 +846,7 @@ class PolicyLoop:
                     "policy %s: rescue after pod %s (%s) failed: %s; retrying",
                     self.key,
                     pending.pod,
-                    pending.ending.reason,
+                    pending.reason,
                     self.problem_of(error).message,
                 )
                 self.schedule_rescue_retry(pending.failures)
@@ -811,7 +878,7 @@ class PolicyLoop:
         )
         metrics.RESCUED.labels(self.namespace, self.name).inc(count)
         message = (
-            f"worker pod {pending.pod}: {pending.ending.reason}; {result.ended} worker "
+            f"worker pod {pending.pod}: {pending.reason}; {result.ended} worker "
             f"processes ended, {result.redispatched} entries re-dispatched ahead of the queue, "
             f"{result.settled} found already processed, {result.expired.dead} dead-lettered"
         )

@@ -31,7 +31,7 @@ import dataclasses
 import datetime
 import json
 import random as random_module
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from celery_reconciler import policy as policy_module
@@ -233,38 +233,79 @@ class ContainerStatus:
 
     name: str
     restart_count: int
-    container_id: str | None  # without the ``containerd://`` scheme; None when not created
+    # The latest instance's id, without the ``containerd://`` scheme: the running one, or
+    # the last one that ran; None before any was created.
+    container_id: str | None
     started_at: datetime.datetime | None  # ``state.running.startedAt``; None when not running
+    # Instances the status reports ended: ``state.terminated`` and ``lastState.terminated``.
+    ended_ids: tuple[str, ...] = ()
+    # When the latest instance reported ended had started (the node's clock).
+    ended_started_at: datetime.datetime | None = None
+
+    @property
+    def running_id(self) -> str | None:
+        return self.container_id if self.started_at is not None else None
+
+    @property
+    def dead_ids(self) -> tuple[str, ...]:
+        """Every instance of this container the status itself reports ended."""
+        latest = (self.container_id,) if self.container_id and self.started_at is None else ()
+        return tuple(dict.fromkeys(latest + self.ended_ids))
 
 
 @dataclasses.dataclass(frozen=True)
 class PodEnding:
-    """The worker incarnations a pod event proves dead: ``ledger.end_pod_incarnations``.
+    """A pod event, as ``ended_incarnations`` judges the incarnations of ``pod_uid`` by it.
 
-    ``whole_pod``: every incarnation of ``pod_uid``. Otherwise, of ``pod_uid``: those whose
-    container id is known and not among ``running_container_ids``, and those without one
-    (no cgroup path to read it from) that belong to a restarted container — by their
-    container name, or as the pod's only container — and started before ``started_before``
-    (``None``: a restarted container is not running, so all). An incarnation that cannot be
-    placed in a container of a multi-container pod is left to its heartbeat.
+    ``whole_pod``: the pod runs nothing any more (deleted, or finished), so every incarnation
+    of ``pod_uid`` ended, for ``reason``. Otherwise ``containers`` is what the event reports
+    of each container and ``previous`` what the event before it did (``None``: the first
+    event this operator sees of the pod, as at its start or after a watch gap).
     """
 
     pod_uid: str
     reason: str
     whole_pod: bool = False
-    restarted_containers: tuple[str, ...] = ()
-    running_container_ids: tuple[str, ...] = ()
-    started_before: datetime.datetime | None = None
-    # Whether the pod has one container: only then can an incarnation that names no
-    # container (CELERY_RECONCILER_CONTAINER_NAME unset) be known to be in the restarted one.
-    single_container: bool = True
+    containers: tuple[ContainerStatus, ...] = ()
+    previous: tuple[ContainerStatus, ...] | None = None
 
 
-# The new container's start (the node's clock) is compared with incarnation start times (the
-# database's clock, taken when the process registers, at its first body): an incarnation
-# counts as older only with this much to spare, so clock skew below it never ends a live
-# process. One registered less than this before the new container started is caught by its
-# missing heartbeats instead.
+@dataclasses.dataclass(frozen=True)
+class LiveIncarnation:
+    """What the pod-ending rule needs of a live incarnation (``ledger.live_pod_incarnations``)."""
+
+    id: str
+    container_id: str | None  # from the worker's cgroup path (cgroup v1; v2 without cgroupns)
+    container_name: str | None  # CELERY_RECONCILER_CONTAINER_NAME, when the pod sets it
+    # When its container's PID 1 started, on the node's clock (read by the worker in /proc).
+    container_started_at: datetime.datetime | None
+    started_at: datetime.datetime  # registration, on the database's clock (legacy rule only)
+
+
+@dataclasses.dataclass(frozen=True)
+class EndedIncarnation:
+    id: str
+    reason: str
+
+
+# An incarnation that knows its container's start (PID 1 on the node's clock, ``c``) is in
+# the container's running instance when ``c`` falls in
+# ``[startedAt - CONTAINER_START_EARLIEST_SECONDS, startedAt + CONTAINER_START_LATEST_SECONDS)``,
+# both on the node's clock, so no margin between machines is involved. Why these bounds:
+# PID 1 is forked at task create, just before task start (``startedAt``), by well under a
+# second; ``startedAt`` is truncated to whole seconds (up to 1 s early); ``c`` is built from
+# ``/proc/stat``'s whole-second ``btime`` (up to 1 s early) and may be truncated to whole
+# seconds once more (up to 1 s early). So ``c - startedAt`` lies in (-3 s, +1 s). Erring wide
+# on the early side only keeps an incarnation alive (its silence is checked against the pod
+# later); erring narrow would end a live one, so the early bound carries the whole budget.
+CONTAINER_START_EARLIEST_SECONDS = 3.0
+CONTAINER_START_LATEST_SECONDS = 1.0
+
+# Legacy rule, for incarnations that know neither their container id nor its start: the new
+# container's start (the node's clock) is compared with incarnation start times (the
+# database's clock, taken when the process registers): an incarnation counts as older only
+# with this much to spare, so clock skew below it never ends a live process. It needs the
+# restartCount rise between two events, so it cannot judge a pod's first event.
 POD_CLOCK_SKEW_MARGIN_SECONDS = 5.0
 
 
@@ -276,53 +317,255 @@ def pod_ending(
     deleted: bool,
     phase: str | None,
 ) -> PodEnding | None:
-    """Which incarnations of a worker pod an event ends, or ``None`` (nothing died).
+    """The pod event ``ended_incarnations`` judges by, or ``None`` (no pod uid).
 
     A pod deleted or finished (``Succeeded``/``Failed``) runs nothing any more: all of its
-    incarnations end. A container whose ``restartCount`` rose lost every process it ran:
-    the incarnations that started before the new container did (with
-    ``POD_CLOCK_SKEW_MARGIN_SECONDS`` to spare; all of them while it is not running again),
-    or, exactly, those whose container id is no longer running. Nothing is ever concluded
-    from a pod's *absence* from a listing.
+    incarnations end. Otherwise every incarnation whose container instance is not the
+    running one ends — judged from this event alone, so the first event of a pod (the
+    listing at the operator's start, or after a watch gap) is judged like any other.
+    Nothing is ever concluded from a pod's *absence* from a listing.
     """
     if not pod_uid:
         return None
-    new_statuses = tuple(new)
     if deleted or phase in ("Succeeded", "Failed"):
         why = "its pod was deleted" if deleted else f"its pod finished ({phase})"
         return PodEnding(pod_uid=pod_uid, reason=why, whole_pod=True)
-    before = {status.name: status.restart_count for status in old or ()}
-    restarted = sorted(
-        (
-            status
-            for status in new_statuses
-            if status.name in before and status.restart_count > before[status.name]
-        ),
-        key=lambda status: status.name,
-    )
-    if not restarted:
-        return None
-    # A restarted container that is not running (yet) runs no process at all, so every
-    # incarnation of it ended; one that runs again bounds the end by its new start.
-    starts = [status.started_at for status in restarted]
-    started_before = (
-        None
-        if None in starts
-        else min(start for start in starts if start is not None)
-        - datetime.timedelta(seconds=POD_CLOCK_SKEW_MARGIN_SECONDS)
-    )
     return PodEnding(
         pod_uid=pod_uid,
-        reason="its container " + ", ".join(status.name for status in restarted) + " restarted",
-        restarted_containers=tuple(status.name for status in restarted),
-        running_container_ids=tuple(
-            status.container_id
-            for status in new_statuses
-            if status.container_id and status.started_at is not None
-        ),
-        started_before=started_before,
-        single_container=len(new_statuses) == 1,
+        reason="its container instance ended",
+        containers=tuple(new),
+        previous=None if old is None else tuple(old),
     )
+
+
+def running_instances(
+    containers: Iterable[ContainerStatus],
+) -> frozenset[tuple[str, str | None, datetime.datetime | None]]:
+    """The container instances a pod runs: only a change in them (or a pod's first event,
+    or its end) can end an incarnation, so steady events need no rescue."""
+    return frozenset(
+        (status.name, status.running_id, status.started_at)
+        for status in containers
+        if status.started_at is not None
+    )
+
+
+def ended_incarnations(
+    *, ending: PodEnding, incarnations: Iterable[LiveIncarnation]
+) -> tuple[EndedIncarnation, ...]:
+    """Which live incarnations of ``ending.pod_uid`` the event proves ended, and why.
+
+    * **By container id** (exact): an instance the status reports ended
+      (``state.terminated``, ``lastState.terminated``, the latest one while the container
+      does not run) or that the previous event showed running and this one does not. An id
+      neither running nor known ended (newer than the status, or older than the last
+      restart) is judged by its container start if known, else left to the silence check.
+    * **By container start** (the node's clock on both sides): older than the
+      running instance's window (``CONTAINER_START_EARLIEST_SECONDS``), or, while the
+      container does not run, not newer than the last instance reported ended.
+    * **Legacy** (neither): a container whose ``restartCount`` rose since the previous
+      event lost the incarnations that registered before its new start, with
+      ``POD_CLOCK_SKEW_MARGIN_SECONDS`` to spare (all of them while it is not running).
+
+    An incarnation that cannot be placed in a container (no name, several containers) is
+    left alone: it is judged by its silence, never guessed.
+    """
+    if ending.whole_pod:
+        return tuple(EndedIncarnation(id=i.id, reason=ending.reason) for i in incarnations)
+    running = {status.running_id: status for status in ending.containers if status.running_id}
+    dead = {
+        instance: f"its container {status.name}'s instance {instance[:12]} ended"
+        for status in ending.containers
+        for instance in status.dead_ids
+    }
+    for earlier in ending.previous or ():
+        if earlier.running_id and earlier.running_id not in running:
+            dead.setdefault(
+                earlier.running_id,
+                f"its container {earlier.name}'s instance {earlier.running_id[:12]} ended",
+            )
+    by_name = {status.name: status for status in ending.containers}
+    before = {status.name: status.restart_count for status in ending.previous or ()}
+    ended = []
+    for incarnation in incarnations:
+        if incarnation.container_id in running:
+            continue
+        reason = dead.get(incarnation.container_id) if incarnation.container_id else None
+        container = _container_of(incarnation, by_name=by_name)
+        if reason is None and container is not None:
+            if incarnation.container_started_at is not None:
+                reason = _ended_by_start(container, started_at=incarnation.container_started_at)
+            elif (
+                incarnation.container_id is None
+                and ending.previous is not None
+                and container.restart_count > before.get(container.name, container.restart_count)
+            ):
+                reason = _ended_by_restart(container, registered_at=incarnation.started_at)
+        if reason is not None:
+            ended.append(EndedIncarnation(id=incarnation.id, reason=reason))
+    return tuple(ended)
+
+
+def _container_of(
+    incarnation: LiveIncarnation, *, by_name: Mapping[str, ContainerStatus]
+) -> ContainerStatus | None:
+    if incarnation.container_name is not None:
+        return by_name.get(incarnation.container_name)
+    # A process that names no container is known to be in the only one, never guessed.
+    return next(iter(by_name.values())) if len(by_name) == 1 else None
+
+
+def _ended_by_start(status: ContainerStatus, *, started_at: datetime.datetime) -> str | None:
+    if status.started_at is not None:
+        earliest = status.started_at - datetime.timedelta(seconds=CONTAINER_START_EARLIEST_SECONDS)
+        if started_at < earliest:
+            return f"its container {status.name} runs an instance started after it"
+        return None
+    if status.ended_started_at is not None:
+        latest = status.ended_started_at + datetime.timedelta(
+            seconds=CONTAINER_START_LATEST_SECONDS
+        )
+        if started_at < latest:
+            return f"its container {status.name} ended and does not run"
+    return None
+
+
+def _ended_by_restart(status: ContainerStatus, *, registered_at: datetime.datetime) -> str | None:
+    reason = f"its container {status.name} restarted"
+    if status.started_at is None:
+        return reason  # not running (yet): every process of it is gone
+    margin = datetime.timedelta(seconds=POD_CLOCK_SKEW_MARGIN_SECONDS)
+    return reason if registered_at < status.started_at - margin else None
+
+
+# --- silent workers in Pods: proof, not silence --------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PodLookup:
+    """What reading a silent incarnation's Pod by name gave (``kube.look_up_worker_pod``)."""
+
+    found: bool  # False with no ``failure``: the Pod object is gone (HTTP 404)
+    uid: str = ""
+    phase: str | None = None
+    node_name: str | None = None
+    containers: tuple[ContainerStatus, ...] = ()
+    failure: str | None = None  # the Pod could not be read: nothing is proven
+
+
+@dataclasses.dataclass(frozen=True)
+class SilentIncarnation:
+    """A live incarnation with a pod identity whose heartbeat is older than its timeout."""
+
+    incarnation: LiveIncarnation
+    pod_uid: str
+    pod_name: str | None
+    pod_namespace: str | None
+    hostname: str
+    pid: int
+    silent_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldIncarnation:
+    """A silent incarnation kept: nothing proves its process gone, so its entries wait."""
+
+    id: str
+    why: str  # what is known, what releases it
+
+
+def judge_silent(
+    *, silent: SilentIncarnation, lookup: PodLookup | None
+) -> EndedIncarnation | HeldIncarnation:
+    """Whether the Pod proves a silent worker process gone, or its entries must wait.
+
+    Silence alone never moves the work of a process in a Pod: a paused process (SIGSTOP, a
+    C call holding the GIL) is silent and alive, and runs on when it resumes. Its Pod is the
+    proof, as in Kubernetes' rule for StatefulSet pods: the Pod object gone or replaced by
+    another of the same name, the Pod finished, or its container instance no longer the
+    running one. A Pod that still runs the same instance holds the work until the kubelet
+    kills it (the liveness probe on heartbeat freshness, or a restart) or someone deletes
+    the Pod; a Pod the operator cannot read proves nothing either.
+    """
+    who = f"worker process {silent.hostname} pid {silent.pid}"
+    pod = f"{silent.pod_namespace}/{silent.pod_name}"
+    # No running figure in the text: it becomes a condition, which must not churn.
+    silent_for = f"silent for more than its heartbeat timeout ({silent.pod_uid[:8]})"
+    if lookup is None:
+        return HeldIncarnation(
+            id=silent.incarnation.id,
+            why=f"{who} is {silent_for}; it names pod uid {silent.pod_uid} but no pod name and "
+            "namespace (set CELERY_RECONCILER_POD_NAME and CELERY_RECONCILER_POD_NAMESPACE from "
+            "the Downward API), so its death cannot be confirmed: its entries wait for their "
+            "lease",
+        )
+    if lookup.failure is not None:
+        return HeldIncarnation(
+            id=silent.incarnation.id,
+            why=f"{who} in pod {pod} is {silent_for}, and its pod cannot be confirmed gone: "
+            f"{lookup.failure}; its entries wait until that works or their lease runs out",
+        )
+    if not lookup.found:
+        return EndedIncarnation(id=silent.incarnation.id, reason=f"its pod {pod} is gone")
+    if lookup.uid != silent.pod_uid:
+        return EndedIncarnation(
+            id=silent.incarnation.id, reason=f"its pod {pod} is gone (replaced by uid {lookup.uid})"
+        )
+    ending = pod_ending(
+        pod_uid=silent.pod_uid,
+        old=None,
+        new=lookup.containers,
+        deleted=False,
+        phase=lookup.phase,
+    )
+    assert ending is not None
+    proven = ended_incarnations(ending=ending, incarnations=[silent.incarnation])
+    if proven:
+        return proven[0]
+    instance = _silent_instance_gone(silent.incarnation, containers=lookup.containers)
+    if instance is not None:
+        return EndedIncarnation(id=silent.incarnation.id, reason=instance)
+    node = lookup.node_name or "no node yet"
+    return HeldIncarnation(
+        id=silent.incarnation.id,
+        why=f"{who} in pod {pod} on node {node} is {silent_for} but its container still "
+        "runs, so it may be paused rather than dead: its entries move when the kubelet "
+        "restarts the container (the liveness probe on heartbeat freshness) or the Pod is "
+        f"deleted; if node {node} stopped reporting, delete the Pod or taint the node "
+        "node.kubernetes.io/out-of-service",
+    )
+
+
+def _silent_instance_gone(
+    incarnation: LiveIncarnation, *, containers: Sequence[ContainerStatus]
+) -> str | None:
+    """What a silent process's identity proves beyond a pod event's rule: a container id
+    that is not running is an ended instance (a silent process is not one the status has
+    yet to report); with no identity, the legacy clock rule against the running start."""
+    if incarnation.container_id is not None:
+        if any(status.running_id == incarnation.container_id for status in containers):
+            return None
+        return f"its container instance {incarnation.container_id[:12]} no longer runs"
+    if incarnation.container_started_at is not None:
+        return None  # judged exactly by ``ended_incarnations``
+    container = _container_of(incarnation, by_name={c.name: c for c in containers})
+    if container is None:
+        return None
+    if container.started_at is None:
+        return f"its container {container.name} does not run"
+    margin = datetime.timedelta(seconds=POD_CLOCK_SKEW_MARGIN_SECONDS)
+    if incarnation.started_at < container.started_at - margin:
+        return f"its container {container.name} runs an instance started after it"
+    return None
+
+
+def held_summary(held: Sequence[HeldIncarnation]) -> str | None:
+    """The condition message for entries that wait on silent processes, or None."""
+    if not held:
+        return None
+    first = held[0].why
+    more = f" (and {len(held) - 1} more silent worker processes)" if len(held) > 1 else ""
+    return f"running entries wait: {first}{more}"
 
 
 # --- policies that overlap ------------------------------------------------------------

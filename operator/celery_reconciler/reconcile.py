@@ -655,16 +655,19 @@ def rescue(
     broker: broker_module.Publisher,
     ending: planning.PodEnding | None,
     fence: sharding.Fence | None = None,
+    proven: Sequence[planning.EndedIncarnation] = (),
 ) -> RescueResult:
-    """The pod-restart hook: end the incarnations a pod event killed, and hand their work out
-    again at once — ahead of the queue — instead of at the next sweep.
+    """The pod-restart hook: end the incarnations a pod event killed (or ``proven``: silent
+    ones whose Pod, read by the operator, proved them gone), and hand their work out again
+    at once — ahead of the queue — instead of at the next sweep.
 
-    With ``ending=None`` it only releases what incarnations ended earlier still hold (a
-    rescue that failed half-way is retried this way). Safe to repeat: every step is a
-    fenced, idempotent statement.
+    With ``ending=None`` and nothing ``proven`` it only releases what incarnations ended
+    earlier still hold (a rescue that failed half-way is retried this way). Safe to repeat:
+    every step is a fenced, idempotent statement.
     """
     with db.session(doing="rescuing a worker's entries") as conn:
         ended = 0 if ending is None else ledger.end_pod_incarnations(conn, ending=ending)
+        ended += ledger.end_incarnations(conn, ended=proven)
         expired = ledger.expire_leases(conn, policy_key=policy.key)
         settled = ledger.settle_finished(
             conn,
@@ -700,6 +703,14 @@ def forget_work(db: Sessions, *, policy_key: str, policy_uid: str) -> None:
     """Remove what a policy that no longer exists recorded about its work (``overlaps``)."""
     with db.session(doing="removing a deleted policy's record") as conn:
         overlaps.forget(conn, policy_key=policy_key, policy_uid=policy_uid)
+
+
+def silent_pod_workers(
+    policy: policy_module.Policy, *, db: Sessions
+) -> list[planning.SilentIncarnation]:
+    """Silent worker processes in Pods that hold this policy's running entries."""
+    with db.session(doing="reading silent worker processes") as conn:
+        return ledger.silent_pod_incarnations(conn, policy_key=policy.key)
 
 
 def retry_dead(

@@ -127,7 +127,11 @@ def worker_pods(
     started: list[workers.WorkerPod] = []
 
     def start(
-        pod_name: str, *, concurrency: int = 2, broker_url: str | None = None
+        pod_name: str,
+        *,
+        concurrency: int = 2,
+        broker_url: str | None = None,
+        extra_env: dict[str, str] | None = None,
     ) -> workers.WorkerPod:
         worker = workers.start_worker_pod(
             node=node,
@@ -137,6 +141,7 @@ def worker_pods(
             broker_url=broker_url or redis_url,
             dsn=journal,
             concurrency=concurrency,
+            extra_env=extra_env,
         )
         started.append(worker)
         return worker

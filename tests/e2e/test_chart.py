@@ -295,7 +295,7 @@ NAMESPACED_RIGHTS = [
     ("create", "events", True),
     ("create", "events.events.k8s.io", False),
     ("patch", "events", False),
-    ("get", "pods", False),
+    ("get", "pods", True),
     ("update", "processingpolicies.celery-reconciler.io/status", False),
     ("update", "processingpolicies.celery-reconciler.io/finalizers", False),
     ("get", "processingstatuses.celery-reconciler.io", False),

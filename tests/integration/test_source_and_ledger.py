@@ -7,6 +7,7 @@ rows, never by scanning the table.
 
 from __future__ import annotations
 
+import datetime
 import threading
 import uuid
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 from psycopg import sql
 
 from celery_app.demo import schema
-from celery_reconciler import ledger, policy, sharding, source
+from celery_reconciler import ledger, planning, policy, sharding, source
 
 pytestmark = pytest.mark.integration
 
@@ -547,3 +548,81 @@ def test_retention_prunes_old_history_in_batches_and_keeps_the_count(
     # A pruned entry that is pending again is simply claimed anew.
     anew = claim_pending_again(conn, "1")
     assert [(claim.entry_id, claim.again) for claim in anew] == [("1", False)]
+
+
+def test_silence_ends_only_workers_outside_kubernetes_and_pod_proof_ends_the_rest(
+    conn: psycopg.Connection[Any],
+) -> None:
+    """Three processes, all holding an attempt: one outside Kubernetes and one in a Pod
+    fall silent, one in the same Pod's new container instance lives. Silence ends only the
+    first; the second waits for its Pod's word, which a listing gives at once."""
+    ledger.ensure_schema(conn)
+    ledger.upsert_policy(conn, policy.parse_policy(schema.policy_spec(), namespace="t", name="p"))
+    with conn.transaction():
+        claims = ledger.claim(
+            conn,
+            policy_key="t/p",
+            entry_ids=["1", "2", "3"],
+            lease_seconds=60,
+            still_pending=lambda candidates: set(candidates),
+        )
+    old, new = "a" * 64, "b" * 64
+    identities = {
+        "1": ledger.WorkerIdentity(hostname="outside", pid=1),
+        "2": ledger.WorkerIdentity(
+            hostname="w-1", pid=2, pod_name="w-1", pod_namespace="t", pod_uid="u1",
+            container_id=old,
+        ),
+        "3": ledger.WorkerIdentity(
+            hostname="w-1", pid=3, pod_name="w-1", pod_namespace="t", pod_uid="u1",
+            container_id=new,
+        ),
+    }  # fmt: skip
+    holders = {}
+    for claimed in claims:
+        holders[claimed.entry_id] = ledger.register_incarnation(
+            conn, identity=identities[claimed.entry_id], heartbeat_timeout_seconds=5
+        )
+        assert ledger.start_attempt(
+            conn,
+            fence_token=str(claimed.fence_token),
+            entry_id=claimed.entry_id,
+            worker="w",
+            incarnation=holders[claimed.entry_id],
+            heartbeat_timeout_seconds=5,
+        )
+    conn.execute(  # silent for twice their timeout
+        "UPDATE celery_reconciler.incarnations SET heartbeat_at = now() - interval '10 s' "
+        "WHERE id = ANY(%s)",
+        [[holders["1"], holders["2"]]],
+    )
+
+    assert ledger.end_silent_incarnations(conn) == 1
+    silent = ledger.silent_pod_incarnations(conn, policy_key="t/p")
+    assert [found.incarnation.id for found in silent] == [str(holders["2"])]
+    assert silent[0].incarnation.container_id == old and silent[0].pod_name == "w-1"
+
+    # The operator's first sight of the pod: the kubelet reports the old instance ended.
+    ending = planning.pod_ending(
+        pod_uid="u1",
+        old=None,
+        new=[
+            planning.ContainerStatus(
+                name="worker",
+                restart_count=1,
+                container_id=new,
+                started_at=datetime.datetime.now(datetime.UTC),
+                ended_ids=(old,),
+            )
+        ],
+        deleted=False,
+        phase="Running",
+    )
+    assert ending is not None
+    assert ledger.end_pod_incarnations(conn, ending=ending) == 1
+    assert sorted(ledger.expire_leases(conn, policy_key="t/p").retry_ids) == ["1", "2"]
+    reasons = dict(
+        conn.execute("SELECT pid, ended_reason FROM celery_reconciler.incarnations").fetchall()
+    )
+    assert reasons[1].startswith("no heartbeat") and reasons[3] is None
+    assert reasons[2].startswith("its container worker's instance aaaaaaaaaaaa ended")

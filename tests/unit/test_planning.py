@@ -163,70 +163,58 @@ def container(
     restarts: int = 0,
     container_id: str | None = "a" * 64,
     started_at: datetime.datetime | None = EARLIER,
+    ended_ids: tuple[str, ...] = (),
+    ended_started_at: datetime.datetime | None = None,
 ) -> planning.ContainerStatus:
     return planning.ContainerStatus(
-        name=name, restart_count=restarts, container_id=container_id, started_at=started_at
+        name=name,
+        restart_count=restarts,
+        container_id=container_id,
+        started_at=started_at,
+        ended_ids=ended_ids,
+        ended_started_at=ended_started_at,
     )
 
 
-def test_a_pod_with_no_restart_ends_nothing() -> None:
-    same = [container(), container("sidecar", restarts=2)]
-    ending = planning.pod_ending(pod_uid="u1", old=same, new=same, deleted=False, phase="Running")
-    assert ending is None
-
-
-def test_a_new_pod_is_not_a_restart() -> None:
-    ending = planning.pod_ending(
-        pod_uid="u1", old=None, new=[container(restarts=3)], deleted=False, phase=None
+def incarnation(
+    key: str = "i1",
+    *,
+    container_id: str | None = None,
+    container_name: str | None = None,
+    container_started_at: datetime.datetime | None = None,
+    started_at: datetime.datetime = EARLIER,
+) -> planning.LiveIncarnation:
+    return planning.LiveIncarnation(
+        id=key,
+        container_id=container_id,
+        container_name=container_name,
+        container_started_at=container_started_at,
+        started_at=started_at,
     )
-    assert ending is None
+
+
+def ended_ids(
+    *,
+    new: list[planning.ContainerStatus],
+    incarnations: list[planning.LiveIncarnation],
+    old: list[planning.ContainerStatus] | None = None,
+    deleted: bool = False,
+    phase: str = "Running",
+) -> set[str]:
+    ending = planning.pod_ending(pod_uid="u1", old=old, new=new, deleted=deleted, phase=phase)
+    assert ending is not None
+    ended = planning.ended_incarnations(ending=ending, incarnations=incarnations)
+    return {found.id for found in ended}
+
+
+A, B, C, D = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)
 
 
 @pytest.mark.parametrize(("deleted", "phase"), [(True, "Running"), (False, "Failed")])
 def test_a_deleted_or_finished_pod_ends_all_its_incarnations(deleted: bool, phase: str) -> None:
-    ending = planning.pod_ending(
-        pod_uid="u1", old=[container()], new=[container()], deleted=deleted, phase=phase
-    )
-    assert ending is not None and ending.whole_pod and ending.pod_uid == "u1"
-
-
-def test_a_restart_ends_what_started_before_the_new_container() -> None:
-    restarted_at = NOW - datetime.timedelta(seconds=6)
-    new = [
-        container(restarts=1, container_id="b" * 64, started_at=restarted_at),
-        container("sidecar", container_id="c" * 64),
-    ]
-    ending = planning.pod_ending(
-        pod_uid="u1",
-        old=[container(), container("sidecar")],
-        new=new,
-        deleted=False,
-        phase="Running",
-    )
-    assert ending is not None and not ending.whole_pod
-    assert ending.restarted_containers == ("worker",)
-    assert set(ending.running_container_ids) == {"b" * 64, "c" * 64}
-    margin = datetime.timedelta(seconds=planning.POD_CLOCK_SKEW_MARGIN_SECONDS)
-    assert ending.started_before == restarted_at - margin
-
-
-def test_a_restarted_container_not_running_yet_ends_all_its_incarnations() -> None:
-    waiting = container(restarts=1, container_id=None, started_at=None)
-    ending = planning.pod_ending(
-        pod_uid="u1", old=[container()], new=[waiting], deleted=False, phase="Running"
-    )
-    assert ending is not None
-    assert ending.running_container_ids == ()
-    assert ending.started_before is None  # not running: every incarnation of it is dead
-    assert ending.single_container
-
-
-def test_a_multi_container_pod_says_so() -> None:
-    old = [container(), container("sidecar", container_id="c" * 64)]
-    new = [container(), container("sidecar", restarts=1, container_id="d" * 64)]
-    ending = planning.pod_ending(pod_uid="u1", old=old, new=new, deleted=False, phase="Running")
-    assert ending is not None and ending.restarted_containers == ("sidecar",)
-    assert not ending.single_container
+    live = [incarnation("i1", container_id=A), incarnation("i2")]
+    found = ended_ids(new=[container()], incarnations=live, deleted=deleted, phase=phase)
+    assert found == {"i1", "i2"}
 
 
 def test_a_pod_without_uid_ends_nothing() -> None:
@@ -236,19 +224,225 @@ def test_a_pod_without_uid_ends_nothing() -> None:
     assert ending is None
 
 
+def test_the_first_event_ends_the_instance_the_kubelet_reports_ended() -> None:
+    """At the operator's start (no earlier event, no restartCount rise to see), the status
+    alone proves the previous instance dead; the running one's process lives."""
+    new = [container(restarts=1, container_id=B, started_at=NOW, ended_ids=(A,))]
+    live = [incarnation("old", container_id=A), incarnation("new", container_id=B)]
+    assert ended_ids(new=new, incarnations=live) == {"old"}
+
+
+def test_a_young_process_of_a_restarted_container_is_ended_exactly() -> None:
+    """Registered a moment before its container died: no clock margin spares it."""
+    new = [container(restarts=1, container_id=B, started_at=NOW, ended_ids=(A,))]
+    live = [incarnation("young", container_id=A, started_at=NOW + datetime.timedelta(seconds=3))]
+    assert ended_ids(new=new, old=[container()], incarnations=live) == {"young"}
+
+
+def test_an_instance_seen_running_before_and_not_now_ended() -> None:
+    new = [container(restarts=2, container_id=C, started_at=NOW, ended_ids=(B,))]
+    live = [incarnation("i1", container_id=A)]
+    assert ended_ids(new=new, old=[container()], incarnations=live) == {"i1"}
+
+
+def test_an_unknown_instance_is_left_to_its_silence() -> None:
+    """Neither running nor reported ended: perhaps newer than this status (it lags the
+    node), so only its silence, checked against the pod, may end it."""
+    new = [container(restarts=2, container_id=C, started_at=NOW, ended_ids=(B,))]
+    assert ended_ids(new=new, incarnations=[incarnation("i1", container_id=D)]) == set()
+
+
+def test_a_container_not_running_ends_its_last_instance() -> None:
+    waiting = container(restarts=1, container_id=A, started_at=None, ended_ids=(A,))
+    live = [incarnation("i1", container_id=A)]
+    assert ended_ids(new=[waiting], incarnations=live) == {"i1"}
+
+
+def test_a_running_instance_is_never_ended_whatever_the_clocks() -> None:
+    new = [container(container_id=A, started_at=NOW, ended_ids=(B,))]
+    live = [incarnation("i1", container_id=A, started_at=NOW - datetime.timedelta(hours=1))]
+    assert ended_ids(new=new, old=[container(restarts=0)], incarnations=live) == set()
+
+
+def test_another_containers_instance_is_not_touched() -> None:
+    new = [
+        container(restarts=1, container_id=B, started_at=NOW, ended_ids=(A,)),
+        container("sidecar", container_id=C),
+    ]
+    live = [incarnation("worker", container_id=A), incarnation("sidecar", container_id=C)]
+    assert ended_ids(new=new, incarnations=live) == {"worker"}
+
+
+def seconds(value: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=value)
+
+
+@given(offset=st.floats(-3600, 3600, allow_nan=False))
+def test_by_container_start_only_the_running_instances_window_lives(offset: float) -> None:
+    """Both sides on the node's clock: the incarnation's container start ``c`` against the
+    running instance's ``startedAt`` ``s``. Older than the window: ended; inside or newer
+    (a status that lags the node): kept."""
+    new = [container(container_id=None, started_at=NOW)]
+    live = [incarnation("i1", container_started_at=NOW + seconds(offset))]
+    found = ended_ids(new=new, incarnations=live)
+    assert (found == {"i1"}) == (offset < -planning.CONTAINER_START_EARLIEST_SECONDS)
+
+
 @given(
-    counts=st.lists(
-        st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(0, 10), st.integers(0, 10)),
-        max_size=3,
-        unique_by=lambda item: item[0],
-    )
+    true_start=st.floats(0, 100_000, allow_nan=False),
+    create_gap=st.floats(0, 0.99, allow_nan=False),
+    btime_error=st.floats(0, 0.999, allow_nan=False),
+    truncate_again=st.booleans(),
 )
-def test_restarted_containers_property(counts: list[tuple[str, int, int]]) -> None:
-    old = [container(name, before) for name, before, _ in counts]
-    new = [container(name, after) for name, _, after in counts]
-    expected = tuple(sorted(name for name, before, after in counts if after > before))
-    ending = planning.pod_ending(pod_uid="u", old=old, new=new, deleted=False, phase="Running")
-    assert (ending.restarted_containers if ending else ()) == expected
+def test_by_container_start_the_running_instance_always_lives(
+    true_start: float, create_gap: float, btime_error: float, truncate_again: bool
+) -> None:
+    """The window holds every error the two readings can carry: PID 1 forked at task
+    create (before start), ``btime`` whole seconds, the worker's reading perhaps truncated
+    once more, the kubelet's ``startedAt`` truncated to whole seconds."""
+    base = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    started_at = base + seconds(float(int(true_start)))
+    measured = true_start - create_gap - btime_error
+    if truncate_again:
+        measured = float(int(measured))
+    new = [container(container_id=None, started_at=started_at)]
+    live = [incarnation("i1", container_started_at=base + seconds(measured))]
+    assert ended_ids(new=new, incarnations=live) == set()
+
+
+@given(offset=st.floats(-3600, 3600, allow_nan=False))
+def test_by_container_start_a_container_not_running_ends_its_last_and_older(
+    offset: float,
+) -> None:
+    waiting = container(container_id=None, started_at=None, ended_started_at=NOW)
+    live = [incarnation("i1", container_started_at=NOW + seconds(offset))]
+    found = ended_ids(new=[waiting], incarnations=live)
+    assert (found == {"i1"}) == (offset < planning.CONTAINER_START_LATEST_SECONDS)
+
+
+def test_by_container_start_an_unnamed_process_of_a_multi_container_pod_is_not_guessed() -> None:
+    new = [container(container_id=None, started_at=NOW), container("sidecar", started_at=NOW)]
+    live = [incarnation("i1", container_started_at=NOW - seconds(600))]
+    assert ended_ids(new=new, incarnations=live) == set()
+    named = [incarnation("i1", container_name="worker", container_started_at=NOW - seconds(600))]
+    assert ended_ids(new=new, incarnations=named) == {"i1"}
+
+
+def test_legacy_needs_a_restart_count_rise_and_keeps_its_margin() -> None:
+    """Neither id nor container start: only a restartCount rise between two events, and
+    only processes registered before the new start with the clock margin to spare."""
+    restarted_at = NOW - seconds(60)
+    margin = seconds(planning.POD_CLOCK_SKEW_MARGIN_SECONDS)
+    new = [container(restarts=1, container_id=B, started_at=restarted_at)]
+    live = [
+        incarnation("old", started_at=restarted_at - margin - seconds(1)),
+        incarnation("young", started_at=restarted_at - margin + seconds(1)),
+    ]
+    assert ended_ids(new=new, old=[container()], incarnations=live) == {"old"}
+    assert ended_ids(new=new, old=None, incarnations=live) == set()
+    assert ended_ids(new=new, old=new, incarnations=live) == set()
+    waiting = [container(restarts=1, container_id=A, started_at=None)]
+    assert ended_ids(new=waiting, old=[container()], incarnations=live) == {"old", "young"}
+
+
+@given(
+    instances=st.lists(st.sampled_from([A, B, C, D]), min_size=1, max_size=4, unique=True),
+    reported_ended=st.integers(0, 3),
+    held=st.sampled_from([A, B, C, D]),
+)
+def test_by_container_id_property(instances: list[str], reported_ended: int, held: str) -> None:
+    """A container ran ``instances`` in order; the last one runs. An incarnation in an
+    instance ends iff it is not the running one and the status reports it ended."""
+    *earlier, current = instances
+    reported = tuple(earlier[-reported_ended:]) if reported_ended else ()
+    new = [container(restarts=len(earlier), container_id=current, ended_ids=reported)]
+    found = ended_ids(new=new, incarnations=[incarnation("i1", container_id=held)])
+    assert (found == {"i1"}) == (held != current and held in reported)
+
+
+def test_running_instances_ignore_restart_counts_and_waiting_containers() -> None:
+    running = planning.running_instances([container(restarts=1), container("x", started_at=None)])
+    assert running == planning.running_instances([container(restarts=5)])
+    assert running != planning.running_instances([container(container_id=B)])
+
+
+def silent(
+    held: planning.LiveIncarnation, *, name: str | None = "w-1", namespace: str | None = "ns"
+) -> planning.SilentIncarnation:
+    return planning.SilentIncarnation(
+        incarnation=held,
+        pod_uid="u1",
+        pod_name=name,
+        pod_namespace=namespace,
+        hostname="w-1",
+        pid=7,
+        silent_seconds=30.0,
+    )
+
+
+def found(*containers: planning.ContainerStatus, uid: str = "u1") -> planning.PodLookup:
+    return planning.PodLookup(
+        found=True, uid=uid, phase="Running", node_name="node-1", containers=containers
+    )
+
+
+@pytest.mark.parametrize(
+    ("lookup", "why"),
+    [
+        (planning.PodLookup(found=False), "is gone"),
+        (found(container(), uid="u2"), "replaced"),
+        (dataclasses.replace(found(container()), phase="Failed"), "finished"),
+        (found(container(container_id=B, started_at=NOW)), "no longer runs"),
+        (found(container(container_id=A, started_at=None, ended_ids=(A,))), "ended"),
+    ],
+)
+def test_a_silent_process_is_ended_only_on_its_pods_proof(
+    lookup: planning.PodLookup, why: str
+) -> None:
+    verdict = planning.judge_silent(silent=silent(incarnation(container_id=A)), lookup=lookup)
+    assert isinstance(verdict, planning.EndedIncarnation) and why in verdict.reason
+
+
+@pytest.mark.parametrize(
+    ("lookup", "says"),
+    [
+        (found(container(container_id=A)), "node-1"),  # same instance: perhaps only paused
+        (planning.PodLookup(found=False, failure="HTTP 403 Forbidden"), "403"),
+        (None, "CELERY_RECONCILER_POD_NAME"),
+    ],
+)
+def test_a_silent_process_whose_death_is_not_proven_is_held_and_shown(
+    lookup: planning.PodLookup | None, says: str
+) -> None:
+    verdict = planning.judge_silent(silent=silent(incarnation(container_id=A)), lookup=lookup)
+    assert isinstance(verdict, planning.HeldIncarnation) and says in verdict.why
+    summary = planning.held_summary([verdict])
+    assert summary is not None and says in summary
+
+
+def test_a_silent_process_of_the_running_instance_by_start_is_held() -> None:
+    held = incarnation(container_started_at=NOW - seconds(1))
+    verdict = planning.judge_silent(
+        silent=silent(held), lookup=found(container(container_id=None, started_at=NOW))
+    )
+    assert isinstance(verdict, planning.HeldIncarnation)
+    older = incarnation(container_started_at=NOW - seconds(60))
+    verdict = planning.judge_silent(
+        silent=silent(older), lookup=found(container(container_id=None, started_at=NOW))
+    )
+    assert isinstance(verdict, planning.EndedIncarnation)
+
+
+def test_the_held_condition_does_not_churn() -> None:
+    """Its text becomes a condition and an Event on change: no running figure in it."""
+    first = planning.judge_silent(
+        silent=silent(incarnation(container_id=A)), lookup=found(container(container_id=A))
+    )
+    later = planning.judge_silent(
+        silent=dataclasses.replace(silent(incarnation(container_id=A)), silent_seconds=90.0),
+        lookup=found(container(container_id=A)),
+    )
+    assert first == later
 
 
 def _claim(

@@ -104,10 +104,11 @@ Nothing here is for convenience: each rule names the code that uses it.
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get]
-# Pod-restart hooks (kube.watch_worker_pods): list, then watch, a policy's worker pods.
+# Pod-restart hooks (kube.watch_worker_pods): list, then watch, a policy's worker pods; get
+# one by name (kube.look_up_worker_pod) to confirm that a silent worker's Pod is gone.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list, watch]
+  verbs: [get, list, watch]
 # kube.post_event and kopf's own error events: core/v1 Events, created only.
 - apiGroups: [""]
   resources: [events]
