@@ -274,12 +274,15 @@ def start_worker_pod(
     app: str = "celery_app.demo",
     app_source: Path | None = None,
     wait: bool = True,
+    liveness_probe: bool = True,
 ) -> WorkerPod:
     """Create a worker Pod (and the Secret holding its URLs) and wait until celery is ready.
 
     ``app`` may be a user's app that is not in the image: ``app_source`` (a directory of
     this checkout) is then mounted read-only and put on ``PYTHONPATH``, as a user's image
-    would carry their code beside our ``celery_app`` integration."""
+    would carry their code beside our ``celery_app`` integration. ``liveness_probe=False``
+    is a user's worker Deployment without the documented probe: nothing then kills a
+    container frozen as a whole."""
     plane = node.plane
     secret = {
         "apiVersion": "v1",
@@ -298,6 +301,7 @@ def start_worker_pod(
             queue=queue,
             extra_env=extra_env or {},
             app=app,
+            liveness_probe=liveness_probe,
             app_source=app_source,
         ),
     ]
@@ -336,6 +340,7 @@ def worker_pod_manifest(
     extra_env: dict[str, str],
     app: str = "celery_app.demo",
     app_source: Path | None = None,
+    liveness_probe: bool = True,
 ) -> dict[str, Any]:
     """The chart's demo worker container as a bare Pod, on the test bed's host network."""
 
@@ -399,7 +404,7 @@ def worker_pod_manifest(
                     "envFrom": [{"secretRef": {"name": env_secret}}],
                     "volumeMounts": mounts,
                     # The chart's: a frozen or starved container is the kubelet's to kill.
-                    "livenessProbe": WORKER_LIVENESS_PROBE,
+                    **({"livenessProbe": WORKER_LIVENESS_PROBE} if liveness_probe else {}),
                 }
             ],
             "volumes": volumes,

@@ -132,6 +132,7 @@ def worker_pods(
         concurrency: int = 2,
         broker_url: str | None = None,
         extra_env: dict[str, str] | None = None,
+        liveness_probe: bool = True,
     ) -> workers.WorkerPod:
         worker = workers.start_worker_pod(
             node=node,
@@ -142,6 +143,7 @@ def worker_pods(
             dsn=journal,
             concurrency=concurrency,
             extra_env=extra_env,
+            liveness_probe=liveness_probe,
         )
         started.append(worker)
         return worker
