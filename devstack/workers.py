@@ -326,7 +326,6 @@ WORKER_LIVENESS_PROBE: dict[str, Any] = {
     "periodSeconds": 5,
     "timeoutSeconds": 5,
     "failureThreshold": 3,
-    "terminationGracePeriodSeconds": 5,
 }
 
 
