@@ -323,9 +323,9 @@ def start_worker_pod(
 WORKER_LIVENESS_PROBE: dict[str, Any] = {
     "exec": {"command": ["python", "-m", "celery_reconciler_worker.probe"]},
     "initialDelaySeconds": 10,
-    "periodSeconds": 5,
-    "timeoutSeconds": 5,
-    "failureThreshold": 3,
+    "periodSeconds": 3,
+    "timeoutSeconds": 2,
+    "failureThreshold": 2,
 }
 
 
