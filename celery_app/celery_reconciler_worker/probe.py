@@ -5,12 +5,14 @@ same container: when the container is frozen or starved as a whole, it is stuck 
 only the kubelet can act, and this probe is what tells it to — an exec probe
 (``python -m celery_reconciler_worker.probe``, or the ``celery-reconciler-probe`` script) in
 the worker's container. It exits non-zero when, in any worker run directory whose worker
-still runs, the guardian's tick or the tick of a process running bodies is older than half
-the heartbeat timeout — the guardian's own rule for a body: a stale body the probe sees is
-one the guardian failed to kill (run the probe with a failure threshold of two, so the one
-poll a guardian may still be due never restarts a container). The kubelet's kill then lands
-``timeout / 2 + failureThreshold x periodSeconds`` (+ the probe's own timeout when the
-container is frozen) after the container stopped ticking. A worker that has not started its
+still runs, the guardian's tick or the tick of a process running bodies is older than the
+heartbeat timeout — twice the guardian's own rule for a body, so a stale body the probe sees
+is one the guardian failed to kill, and a node too busy to run the guardian for a moment
+(its tick late by seconds) never restarts a healthy worker: a Pod's work moves only on
+proof, so nothing races the kill. The kubelet's kill then lands ``timeout +
+failureThreshold x periodSeconds`` (+ the probe's own timeout when the container is frozen,
++ the grace period: a frozen process never acts on SIGTERM) after the container stopped
+ticking. A worker that has not started its
 guardian yet passes (the probe's ``initialDelaySeconds`` covers the start), so does a
 container with no worker directory.
 
@@ -44,7 +46,7 @@ def problems(root: Path, *, now: float) -> list[str]:
         guardian = ticks.read(directory / ticks.GUARDIAN_FILE)
         if guardian is not None:
             late = now - guardian.ticked_at
-            if late > guardian.timeout_seconds / 2:
+            if late > guardian.timeout_seconds:
                 found.append(f"{directory.name}: guardian {guardian.pid} silent for {late:.1f} s")
             if identity.process_start_ticks(guardian.pid) != guardian.start_ticks:
                 found.append(f"{directory.name}: guardian {guardian.pid} is gone")
@@ -55,7 +57,7 @@ def problems(root: Path, *, now: float) -> list[str]:
             if identity.process_start_ticks(tick.pid) != tick.start_ticks:
                 continue  # gone: the guardian records it
             late = now - tick.ticked_at
-            if late > tick.timeout_seconds / 2:
+            if late > tick.timeout_seconds:
                 found.append(
                     f"{directory.name}: process {tick.pid} running {tick.running} bodies "
                     f"silent for {late:.1f} s"

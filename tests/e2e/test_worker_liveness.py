@@ -84,7 +84,7 @@ def test_a_worker_container_frozen_as_a_whole_is_restarted_by_the_kubelet(
         )
         wait_for(
             lambda: pod.restart_count() >= 1,
-            timeout_seconds=60,
+            timeout_seconds=120,
             what="the kubelet to restart the frozen container (its liveness probe failing)",
         )
         terminated = pod.container_status().get("lastState", {}).get("terminated", {})
