@@ -2,8 +2,18 @@
 SHELL := /bin/bash
 VENV := .venv/bin
 PYTEST_ARGS ?=
+# `make test` and `make flake`: run integration beside e2e (each layer has its own servers)
+SUITE_PARALLEL ?=
+FLAKE_ROUNDS ?= 3
+# test files or ids (under tests/integration/ or tests/e2e/) for `make flake`; empty: both layers whole
+FLAKE_ARGS ?=
+FLAKE_STRESS ?= --cpu 1
+# `make check`: the fastest integration tests, a smoke test of the real servers
+CHECK_TESTS ?= tests/integration/test_stack_smoke.py
+SUITE := python3 scripts/run_suite.py
+SUITE_FLAGS = $(if $(SUITE_PARALLEL),--parallel) --pytest-args '$(PYTEST_ARGS)'
 
-.PHONY: help setup test unit lint demo chaos bench lock manifests docs stack-up stack-down clean
+.PHONY: help setup test check flake unit lint lint-only demo chaos bench lock manifests docs stack-up stack-down clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -11,13 +21,22 @@ help: ## list the targets
 setup: ## install Debian packages, .venv and the control-plane binaries (idempotent)
 	@bash scripts/setup.sh
 
-test: setup lint ## run lint, then every test against real servers
-	$(VENV)/pytest $(PYTEST_ARGS)
+test: ## set-up, lint, then every layer against real servers; prints durations and the per-layer wall times
+	$(SUITE) test $(SUITE_FLAGS)
+
+check: ## before each commit: lint, unit and the fastest integration tests (no set-up)
+	$(SUITE) test --no-setup --no-timings --layers unit,integration --tests 'tests/unit $(CHECK_TESTS)' $(SUITE_FLAGS)
+
+flake: setup ## integration and e2e FLAKE_ROUNDS times under CPU load; lists every test that ever failed
+	$(SUITE) flake --rounds $(FLAKE_ROUNDS) --stress '$(FLAKE_STRESS)' --tests '$(FLAKE_ARGS)' $(SUITE_FLAGS)
 
 unit: setup ## run the pure unit tests only
 	$(VENV)/pytest tests/unit $(PYTEST_ARGS)
 
 lint: setup ## ruff, mypy and hadolint
+	@$(MAKE) --no-print-directory lint-only
+
+lint-only:
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
 	$(VENV)/mypy

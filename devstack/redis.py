@@ -16,6 +16,10 @@ import redis as redis_client
 
 from devstack import processes
 
+# Database 0 is the server's own URL; a test suite takes 1..DATABASES-1, one per test, so
+# tests on one server never see each other's queues and never flush anyone else's.
+DATABASES = 1024
+
 
 @dataclasses.dataclass
 class RedisServer:
@@ -25,7 +29,10 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+        return self.database_url(0)
+
+    def database_url(self, number: int) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/{number}"
 
     @property
     def log_path(self) -> Path:
@@ -75,6 +82,9 @@ def start(workdir: Path, *, appendonly: bool = False, port: int | None = None) -
             "yes" if appendonly else "no",
             "--requirepass",
             password,
+            # one database per test on the session's server (tests/conftest.py `redis_url`)
+            "--databases",
+            str(DATABASES),
             "--daemonize",
             "no",
         ],

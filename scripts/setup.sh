@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes this machine ready for `make test` and `make demo`: the Debian packages the
 # test bed runs (PostgreSQL server, Redis, RabbitMQ, openssl; runc for the node, buildah and
-# debootstrap for the image), the project's .venv, the control-plane and node binaries,
+# debootstrap for the image; stress-ng for `make flake`), the project's .venv, the
+# control-plane and node binaries,
 # and the project's image. Every step checks first, so a ready machine takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,7 @@ command -v git >/dev/null || need_packages+=(git)
 command -v buildah >/dev/null || need_packages+=(buildah)
 command -v debootstrap >/dev/null || need_packages+=(debootstrap)
 command -v gcc >/dev/null || need_packages+=(gcc libc6-dev)   # the static pause binary
+command -v stress-ng >/dev/null || need_packages+=(stress-ng)  # `make flake`'s CPU load
 if [ ${#need_packages[@]} -gt 0 ]; then
   log "installing Debian packages: ${need_packages[*]}"
   [ "$(id -u)" = 0 ] || { log "need root (or sudo) to install ${need_packages[*]}"; exit 1; }

@@ -26,6 +26,7 @@ from devstack import redis as devstack_redis
 BROKERS = ("redis", "rabbitmq")
 
 _database_numbers = itertools.count()
+_redis_numbers = itertools.count()
 
 
 @pytest.fixture(scope="session")
@@ -60,11 +61,13 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devstack_
 
 @pytest.fixture
 def redis_url(redis_server: devstack_redis.RedisServer) -> str:
-    """The session's Redis, flushed: each test starts with empty queues."""
+    """A database of its own on the session's Redis: each test starts with empty queues and
+    never touches another test's (no FLUSHALL of a shared server)."""
     if not redis_server.process.running():
         redis_server.start()
-    redis_client.Redis.from_url(redis_server.url).flushall()
-    return redis_server.url
+    url = redis_server.database_url(1 + next(_redis_numbers) % (devstack_redis.DATABASES - 1))
+    redis_client.Redis.from_url(url).flushdb()  # a number reused after DATABASES - 1 tests
+    return url
 
 
 @pytest.fixture

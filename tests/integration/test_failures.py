@@ -387,9 +387,25 @@ def test_pod_restart_hook_ends_the_dead_pods_incarnations_and_redispatches_at_on
     )
     with sweep_connections(demo_dsn, broker_url) as (db, publisher):
         reconcile.reconcile_once(policy, db=db, broker=publisher)
+
+        def bodies_running_on(worker_name: str) -> int:
+            row = conn.execute(
+                "SELECT count(*) FROM task_runs WHERE worker = %s AND finished_at IS NULL",
+                [worker_name],
+            ).fetchone()
+            return 0 if row is None else int(row[0])
+
+        # The ledger says `running` as soon as a worker claims the entry, before the body has
+        # written its task_runs row: under load a claimed body had not started yet when the
+        # victim was killed. Wait until both of the victim's bodies (and the bystander's)
+        # have really started, so the kill always cuts two bodies short.
         wait_for(
-            lambda: ledger.counts(conn, policy_key=policy.key).running == 3,
-            timeout_seconds=20,
+            lambda: (
+                bodies_running_on(victim.name) == 2
+                and bodies_running_on(bystander.name) == 1
+                and ledger.counts(conn, policy_key=policy.key).running == 3
+            ),
+            timeout_seconds=30,
             what="three bodies running, two on the victim",
         )
         victim.kill()

@@ -1,0 +1,414 @@
+#!/usr/bin/env python3
+"""Runs the test suite layer by layer and says where its time goes.
+
+`make test`, `make check` and `make flake` all come here, so that every run of the suite
+measures itself the same way: set-up, lint, then one pytest process per layer (unit,
+integration, e2e, chaos), each with ``--durations`` and a JUnit report. Each layer's pytest
+starts its own session servers (PostgreSQL, Redis, RabbitMQ, apiserver, node on free ports),
+so layers never share a server and may run side by side (``SUITE_PARALLEL``).
+
+At the end it prints the slowest tests across all layers, one line with the wall time of
+set-up, lint and each layer, and one plain ``suite: N passed, N failed`` line (a failed test,
+an error, or a layer whose pytest exited non-zero without a report counts as failed); it
+exits non-zero if anything failed. A full ``make test`` (every layer, no test selection) also
+writes ``docs/suite-timings.md``, the figures docs/development.md points to: never type them.
+
+Standard library only: it runs before ``.venv`` exists (set-up is one of its phases).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import datetime
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTEST = ROOT / ".venv" / "bin" / "pytest"
+TIMINGS_FILE = ROOT / "docs" / "suite-timings.md"
+LAYERS = ("unit", "integration", "e2e", "chaos")
+SLOWEST = 30
+
+
+@dataclasses.dataclass
+class Outcome:
+    """One phase's result: its wall time, and for a pytest layer what its report counted."""
+
+    name: str
+    seconds: float = 0.0
+    returncode: int = 0
+    passed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    failures: list[str] = dataclasses.field(default_factory=list)
+    durations: list[tuple[float, str]] = dataclasses.field(default_factory=list)
+    ran: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.ran and self.returncode == 0 and self.failed == 0
+
+
+def run_phase(name: str, argv: list[str], *, log: Path | None = None) -> Outcome:
+    """Runs one command; its output goes to our stdout, or to ``log`` when phases run side by
+    side (printed whole once it ends, so two layers' lines never interleave)."""
+    started = time.monotonic()
+    if log is None:
+        returncode = subprocess.call(argv, cwd=ROOT)
+    else:
+        with log.open("wb") as out:
+            returncode = subprocess.call(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    return Outcome(name=name, seconds=time.monotonic() - started, returncode=returncode, ran=True)
+
+
+def read_junit(outcome: Outcome, report: Path) -> None:
+    """Counts from pytest's JUnit report: tests, failures (errors included), skips, and each
+    test's total time (set-up, call and tear-down)."""
+    if not report.exists():
+        if outcome.returncode not in (0, 5):  # 5: no test selected, not a failure here
+            outcome.failed += 1
+            outcome.failures.append(f"{outcome.name}: pytest exited {outcome.returncode}")
+        return
+    for case in ET.parse(report).getroot().iter("testcase"):
+        test_id = test_path(case.get("classname", ""), case.get("name", ""))
+        outcome.durations.append((float(case.get("time") or 0.0), test_id))
+        if case.find("failure") is not None or case.find("error") is not None:
+            outcome.failed += 1
+            outcome.failures.append(test_id)
+        elif case.find("skipped") is not None:
+            outcome.skipped += 1
+        else:
+            outcome.passed += 1
+    if outcome.returncode not in (0, 1, 5) and outcome.failed == 0:
+        # interrupted, internal error or usage error: the report is not the whole story
+        outcome.failed += 1
+        outcome.failures.append(f"{outcome.name}: pytest exited {outcome.returncode}")
+
+
+def test_path(classname: str, name: str) -> str:
+    """pytest's id (``tests/e2e/test_x.py::Class::test``) from the report's dotted classname."""
+    parts = classname.split(".")
+    for cut in range(len(parts), 0, -1):
+        module = Path(*parts[:cut]).with_suffix(".py")
+        if (ROOT / module).exists():
+            return "::".join([module.as_posix(), *parts[cut:], name])
+    return f"{classname}::{name}"
+
+
+def pytest_layer(
+    layer: str, *, selection: list[str], extra: list[str], reports: Path, log: Path | None
+) -> Outcome:
+    report = reports / f"{layer}.xml"
+    report.unlink(missing_ok=True)
+    argv = [
+        str(PYTEST),
+        *(selection or [f"tests/{layer}"]),
+        f"--durations={SLOWEST}",
+        f"--junitxml={report}",
+        "-o",
+        "junit_family=xunit2",
+        *extra,
+    ]
+    print(f"suite: {layer}: {shlex.join(argv[1:])}", flush=True)
+    outcome = run_phase(layer, argv, log=log)
+    read_junit(outcome, report)
+    return outcome
+
+
+def in_layer(test: str, layer: str) -> bool:
+    return test.rstrip("/") == f"tests/{layer}" or test.startswith(f"tests/{layer}/")
+
+
+def stages(layers: list[str], parallel: bool) -> list[list[str]]:
+    """The order layers run in. Side by side, the layers that mostly wait (integration, e2e)
+    overlap, each with its own servers; chaos, which loads the machine on purpose and restarts
+    its servers, runs alone after them, as does unit (seconds, and first to fail fast)."""
+    if not parallel:
+        return [[layer] for layer in layers]
+    together = [layer for layer in layers if layer in ("integration", "e2e")]
+    result: list[list[str]] = []
+    for layer in layers:
+        if layer in together:
+            if together not in result:
+                result.append(together)
+        else:
+            result.append([layer])
+    return result
+
+
+def run_layers(
+    layers: list[str],
+    *,
+    parallel: bool,
+    selection: dict[str, list[str]],
+    extra: list[str],
+    reports: Path,
+) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    for stage in stages(layers, parallel):
+        if len(stage) == 1:
+            layer = stage[0]
+            outcomes.append(
+                pytest_layer(
+                    layer,
+                    selection=selection.get(layer, []),
+                    extra=extra,
+                    reports=reports,
+                    log=None,
+                )
+            )
+            continue
+        logs = {layer: reports / f"{layer}.log" for layer in stage}
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(stage)) as pool:
+            futures = {
+                layer: pool.submit(
+                    pytest_layer,
+                    layer,
+                    selection=selection.get(layer, []),
+                    extra=extra,
+                    reports=reports,
+                    log=logs[layer],
+                )
+                for layer in stage
+            }
+        for layer in stage:
+            print(f"suite: ---- output of the {layer} layer (ran beside {stage}) ----", flush=True)
+            with logs[layer].open("rb") as log:
+                shutil.copyfileobj(log, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+            outcomes.append(futures[layer].result())
+    return outcomes
+
+
+def layer_line(phases: list[Outcome], total: float) -> str:
+    parts = [f"{phase.name} {phase.seconds:.0f}s" for phase in phases if phase.ran]
+    return "suite wall time: " + ", ".join(parts) + f"; total {total:.0f}s"
+
+
+def slowest(outcomes: list[Outcome]) -> list[tuple[float, str, str]]:
+    rows = [(seconds, o.name, test) for o in outcomes for seconds, test in o.durations]
+    return sorted(rows, reverse=True)[:SLOWEST]
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def write_timings(
+    phases: list[Outcome],
+    outcomes: list[Outcome],
+    *,
+    total: float,
+    load_start: str,
+    cold: bool,
+    parallel: bool,
+) -> None:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    passed = sum(o.passed for o in outcomes)
+    failed = sum(o.failed for o in outcomes)
+    skipped = sum(o.skipped for o in outcomes)
+    lines = [
+        "# Suite timings (written by `make test`; do not edit)",
+        "",
+        "`scripts/run_suite.py` rewrites this file at the end of every full `make test`",
+        "(all layers, no test selection). Commit it when a run on this project's machine kind",
+        "produced it; docs/development.md explains how to read it.",
+        "",
+        f"- finished: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, commit "
+        f"`{commit or 'unknown'}`",
+        f"- machine: {os.cpu_count()} cores; load average (1, 5, 15 min) at the start "
+        f"{load_start}, at the end {load_average()}",
+        f"- control-plane cache: {'cold (built in set-up)' if cold else 'warm'}; layers "
+        f"{'side by side (integration beside e2e)' if parallel else 'one after another'}",
+        f"- tests: {passed} passed, {failed} failed, {skipped} skipped",
+        "",
+        "| phase | wall seconds | passed | failed | skipped |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for phase in phases:
+        if phase.name in LAYERS:
+            lines.append(
+                f"| {phase.name} | {phase.seconds:.0f} | {phase.passed} | {phase.failed} | "
+                f"{phase.skipped} |"
+            )
+        else:
+            lines.append(f"| {phase.name} | {phase.seconds:.0f} | | | |")
+    lines += [f"| **total** | **{total:.0f}** | | | |", "", f"## The {SLOWEST} slowest tests", ""]
+    lines += ["| seconds | layer | test |", "|---:|---|---|"]
+    lines += [f"| {s:.1f} | {layer} | `{test}` |" for s, layer, test in slowest(outcomes)]
+    TIMINGS_FILE.write_text("\n".join(lines) + "\n")
+    print(f"suite: wrote {TIMINGS_FILE.relative_to(ROOT)}", flush=True)
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    load_start = load_average()
+    cold = not any((Path.home() / ".cache" / "celery-reconciler").glob("k8s-*"))
+    phases: list[Outcome] = []
+    if not args.no_setup:
+        phases.append(run_phase("setup", ["bash", "scripts/setup.sh"]))
+        if phases[-1].returncode != 0:
+            print("suite: set-up failed", flush=True)
+            print("suite: 0 passed, 1 failed", flush=True)
+            return 1
+    if args.lint:
+        phases.append(run_phase("lint", ["make", "--no-print-directory", "lint-only"]))
+    extra = shlex.split(args.pytest_args)
+    selection: dict[str, list[str]] = {}
+    for layer in args.layers:
+        chosen = [t for t in args.tests if in_layer(t, layer)]
+        if args.tests and not chosen:
+            continue
+        selection[layer] = chosen
+    layers = [layer for layer in args.layers if layer in selection]
+    with tempfile.TemporaryDirectory(prefix="suite-") as tmp:
+        outcomes = run_layers(
+            layers, parallel=args.parallel, selection=selection, extra=extra, reports=Path(tmp)
+        )
+    total = time.monotonic() - started
+    phases += outcomes
+
+    print(f"suite: the {SLOWEST} slowest tests across layers (set-up + call + tear-down):")
+    for seconds, layer, test in slowest(outcomes):
+        print(f"  {seconds:8.1f}s  {layer:<12} {test}")
+    failures = [f for o in outcomes for f in o.failures]
+    lint_failed = any(p.name == "lint" and p.returncode != 0 for p in phases)
+    if lint_failed:
+        failures.insert(0, "lint")
+    for failure in failures:
+        print(f"suite: FAILED {failure}")
+    full = not args.tests and not extra and set(layers) == set(LAYERS) and args.lint
+    if full and args.write_timings:
+        write_timings(
+            phases,
+            outcomes,
+            total=total,
+            load_start=load_start,
+            cold=cold,
+            parallel=args.parallel,
+        )
+    passed = sum(o.passed for o in outcomes)
+    failed = sum(o.failed for o in outcomes) + (1 if lint_failed else 0)
+    skipped = sum(o.skipped for o in outcomes)
+    print(layer_line(phases, total), flush=True)
+    print(f"suite: {passed} passed, {failed} failed, {skipped} skipped", flush=True)
+    return 0 if failed == 0 and passed > 0 else 1
+
+
+def cmd_flake(args: argparse.Namespace) -> int:
+    """Runs the chosen layers ``rounds`` times with stress-ng loading the CPU beside them and
+    lists every test that failed in any round: a test that fails once in N is a bug."""
+    extra = shlex.split(args.pytest_args)
+    stress_argv = ["stress-ng", *shlex.split(args.stress), "--timeout", "0", "--quiet"]
+    if shutil.which("stress-ng") is None:
+        print("flake: stress-ng is missing (make setup installs it)", flush=True)
+        print("flake: 0 passed, 1 failed", flush=True)
+        return 1
+    history: dict[str, list[int]] = {}
+    rounds: list[list[Outcome]] = []
+    started = time.monotonic()
+    for number in range(1, args.rounds + 1):
+        print(f"flake: round {number}/{args.rounds}, load: {shlex.join(stress_argv)}", flush=True)
+        stress = subprocess.Popen(stress_argv, start_new_session=True)
+        try:
+            selection: dict[str, list[str]] = {}
+            for layer in args.layers:
+                chosen = [t for t in args.tests if in_layer(t, layer)]
+                if args.tests and not chosen:
+                    continue
+                selection[layer] = chosen
+            with tempfile.TemporaryDirectory(prefix="flake-") as tmp:
+                outcomes = run_layers(
+                    [layer for layer in args.layers if layer in selection],
+                    parallel=args.parallel,
+                    selection=selection,
+                    extra=extra,
+                    reports=Path(tmp),
+                )
+        finally:
+            os.killpg(stress.pid, signal.SIGTERM)
+            stress.wait()
+        rounds.append(outcomes)
+        for outcome in outcomes:
+            for failure in outcome.failures:
+                history.setdefault(failure, []).append(number)
+        print(
+            f"flake: round {number}: "
+            + ", ".join(
+                f"{o.name} {o.passed} passed {o.failed} failed {o.seconds:.0f}s" for o in outcomes
+            ),
+            flush=True,
+        )
+    print(
+        f"flake: {args.rounds} rounds in {time.monotonic() - started:.0f}s; "
+        f"tests that failed in any round: {len(history)}"
+    )
+    for test, numbers in sorted(history.items()):
+        print(f"flake: FAILED in round(s) {', '.join(map(str, numbers))} of {args.rounds}: {test}")
+    passed = sum(o.passed for outcomes in rounds for o in outcomes)
+    failed = sum(o.failed for outcomes in rounds for o in outcomes)
+    print(f"flake: {passed} passed, {failed} failed", flush=True)
+    return 0 if failed == 0 and passed > 0 else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, layers: str) -> None:
+        p.add_argument(
+            "--layers",
+            default=layers,
+            type=lambda s: s.split(","),
+            help="comma-separated, from " + ",".join(LAYERS),
+        )
+        p.add_argument(
+            "--tests",
+            default="",
+            type=str.split,
+            help="test files or ids under tests/<layer>/ (space-separated); "
+            "a layer none of them names is not run",
+        )
+        p.add_argument("--pytest-args", default="", help="passed to every layer's pytest")
+        p.add_argument(
+            "--parallel",
+            action="store_true",
+            help="run integration beside e2e, each with its own servers",
+        )
+
+    test = sub.add_parser("test", help="set-up, lint and the layers (make test, make check)")
+    common(test, ",".join(LAYERS))
+    test.add_argument("--no-setup", action="store_true")
+    test.add_argument("--no-lint", dest="lint", action="store_false")
+    test.add_argument(
+        "--no-timings",
+        dest="write_timings",
+        action="store_false",
+        help=f"do not rewrite {TIMINGS_FILE.relative_to(ROOT)}",
+    )
+    flake = sub.add_parser("flake", help="layers N rounds under CPU load (make flake)")
+    common(flake, "integration,e2e")
+    flake.add_argument("--rounds", type=int, default=3)
+    flake.add_argument("--stress", default="--cpu 1", help="stress-ng's load options")
+    args = parser.parse_args()
+    for layer in args.layers:
+        if layer not in LAYERS:
+            parser.error(f"unknown layer {layer!r}; layers: {', '.join(LAYERS)}")
+    return cmd_test(args) if args.command == "test" else cmd_flake(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
