@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv/bin
 PYTEST_ARGS ?=
 
-.PHONY: help setup test unit lint demo chaos bench lock manifests docs stack-up stack-down clean
+.PHONY: help setup test unit compat lint demo chaos bench lock manifests docs stack-up stack-down clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -16,6 +16,9 @@ test: setup lint ## run lint, then every test against real servers
 
 unit: setup ## run the pure unit tests only
 	$(VENV)/pytest tests/unit $(PYTEST_ARGS)
+
+compat: setup ## the worker wheel's tests across the Python, Celery, Django and psycopg it declares
+	$(VENV)/python scripts/compat.py $(COMPAT_ARGS)
 
 lint: setup ## ruff, mypy and hadolint
 	$(VENV)/ruff check .
