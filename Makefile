@@ -13,7 +13,7 @@ CHECK_TESTS ?= tests/integration/test_stack_smoke.py
 SUITE := python3 scripts/run_suite.py
 SUITE_FLAGS = $(if $(SUITE_PARALLEL),--parallel) --pytest-args '$(PYTEST_ARGS)'
 
-.PHONY: help setup test check flake unit lint lint-only demo chaos bench lock manifests docs stack-up stack-down clean
+.PHONY: help setup test check flake unit compat lint lint-only demo chaos bench lock manifests docs stack-up stack-down clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ flake: setup ## integration and e2e FLAKE_ROUNDS times under CPU load; lists eve
 
 unit: setup ## run the pure unit tests only
 	$(VENV)/pytest tests/unit $(PYTEST_ARGS)
+
+compat: setup ## the worker wheel's tests across the Python, Celery, Django and psycopg it declares
+	$(VENV)/python scripts/compat.py $(COMPAT_ARGS)
 
 lint: setup ## ruff, mypy and hadolint
 	@$(MAKE) --no-print-directory lint-only

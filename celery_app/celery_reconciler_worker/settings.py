@@ -1,12 +1,16 @@
 """The Celery settings under which the ledger's guarantees hold (``recommended_settings``).
 
 Users merge them into their app with ``app.conf.update(reliable.recommended_settings(...))``;
-each setting says which failure it keeps from losing or doubling work.
+each setting says which failure it keeps from losing or doubling work. The preset holds only
+settings the installed Celery knows: Celery ignores an unknown key without a word, so a
+setting of a newer Celery would promise a behaviour the user's worker does not have.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from celery.app import defaults
 
 DEFAULT_LEASE_SECONDS = 15 * 60.0
 # Redis re-queues an unacked message after the visibility timeout. Longer than the lease, a
@@ -28,12 +32,12 @@ def recommended_settings(*, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> dic
 
     Retry timing is not a Celery setting here: it is ``spec.retry`` of the ProcessingPolicy,
     whose defaults mirror the seed's Celery settings (60 s initial delay, 5 attempts, jitter).
+    ``worker_disable_prefetch`` is left out where the installed Celery lacks it (before 5.6);
+    ``worker_prefetch_multiplier=1`` then bounds a crash's stranded messages to one per
+    pool process.
     """
-    return {
+    settings: dict[str, Any] = {
         "task_acks_late": True,
-        # Take a message only when a pool process is free (Redis): a killed worker then
-        # holds no prefetched messages that would wait out their lease.
-        "worker_disable_prefetch": True,
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
@@ -45,6 +49,11 @@ def recommended_settings(*, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> dic
         "accept_content": ["json"],
         "result_serializer": "json",
     }
+    if "worker_disable_prefetch" in defaults.DEFAULTS:
+        # Take a message only when a pool process is free (Redis): a killed worker then
+        # holds no prefetched messages that would wait out their lease.
+        settings["worker_disable_prefetch"] = True
+    return settings
 
 
 RECOMMENDED_SETTINGS = recommended_settings()

@@ -9,10 +9,12 @@ in a fresh venv and running a real worker, is tests/integration/test_worker_whee
 from __future__ import annotations
 
 import ast
+import importlib.util
 import sys
 import tomllib
 import warnings
 from pathlib import Path
+from typing import Any
 
 from packaging.requirements import Requirement
 
@@ -84,3 +86,50 @@ def test_the_old_import_path_warns_and_is_the_new_module() -> None:
     assert deprecations[0].filename == __file__
     assert old is reliable
     assert sys.modules["celery_app.reliable"] is reliable
+
+
+def _compat_matrix() -> tuple[Any, ...]:
+    spec = importlib.util.spec_from_file_location("compat", ROOT / "scripts" / "compat.py")
+    assert spec is not None and spec.loader is not None
+    compat = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules while the module runs.
+    sys.modules.setdefault("compat", compat)
+    spec.loader.exec_module(compat)
+    matrix: tuple[Any, ...] = compat.MATRIX
+    return matrix
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def test_the_declared_ranges_are_the_ones_make_compat_runs() -> None:
+    """Each range the worker declares starts at the oldest minor ``make compat`` runs and
+    ends before the major after the newest it runs; every Celery minor in between runs."""
+    project = _project(ROOT / "celery_app" / "pyproject.toml")
+    optional = project["optional-dependencies"]
+    assert isinstance(optional, dict)
+    declared = {
+        requirement.name.lower(): requirement
+        for requirement in [*_requirements(project), *map(Requirement, optional["django"])]
+    }
+    matrix = _compat_matrix()
+    for name in ("celery", "psycopg", "django"):
+        run = sorted({_version(getattr(row, name)) for row in matrix})
+        bounds = {spec.operator: _version(spec.version) for spec in declared[name].specifier}
+        assert bounds == {">=": run[0], "<": (run[-1][0] + 1,)}, (name, bounds, run)
+    celery_minors = sorted({_version(row.celery)[1] for row in matrix})
+    assert celery_minors == list(range(celery_minors[0], celery_minors[-1] + 1))
+    pythons = sorted({_version(row.python) for row in matrix})
+    requires_python = project["requires-python"]
+    assert requires_python == ">={}.{}".format(*pythons[0])
+    classifiers = project["classifiers"]
+    assert isinstance(classifiers, list)
+    assert (
+        sorted(
+            _version(line.rsplit(" :: ", 1)[1])
+            for line in classifiers
+            if line.startswith("Programming Language :: Python :: 3.")
+        )
+        == pythons
+    )
