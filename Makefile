@@ -4,6 +4,9 @@ VENV := .venv/bin
 PYTEST_ARGS ?=
 # `make test` and `make flake`: run integration beside e2e (each layer has its own servers)
 SUITE_PARALLEL ?=
+# `make test` and `make flake`: layers cut into pytest processes side by side, each with its own
+# servers, balanced by tests/durations.json (e.g. integration=2,e2e=3; empty: one process a layer)
+SUITE_SHARDS ?=
 FLAKE_ROUNDS ?= 3
 # test files or ids (under tests/integration/ or tests/e2e/) for `make flake`; empty: both layers whole
 FLAKE_ARGS ?=
@@ -11,7 +14,7 @@ FLAKE_STRESS ?= --cpu 1
 # `make check`: the fastest integration tests, a smoke test of the real servers
 CHECK_TESTS ?= tests/integration/test_stack_smoke.py
 SUITE := python3 scripts/run_suite.py
-SUITE_FLAGS = $(if $(SUITE_PARALLEL),--parallel) --pytest-args '$(PYTEST_ARGS)'
+SUITE_FLAGS = $(if $(SUITE_PARALLEL),--parallel) --shards '$(SUITE_SHARDS)' --pytest-args '$(PYTEST_ARGS)'
 
 .PHONY: help setup test check flake unit compat lint lint-only demo chaos bench lock manifests docs stack-up stack-down clean
 

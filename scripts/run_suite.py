@@ -5,7 +5,12 @@
 measures itself the same way: set-up, lint, then one pytest process per layer (unit,
 integration, e2e, chaos), each with ``--durations`` and a JUnit report. Each layer's pytest
 starts its own session servers (PostgreSQL, Redis, RabbitMQ, apiserver, node on free ports),
-so layers never share a server and may run side by side (``SUITE_PARALLEL``).
+so layers never share a server and may run side by side (``SUITE_PARALLEL``). A layer may
+also be cut into shards (``SUITE_SHARDS``, e.g. ``e2e=3``): each shard is a pytest process of
+its own, with its own servers, over a share of the layer's test files balanced by the time each
+file took in the last full run (``tests/durations.json``, rewritten by every full run). Most of
+the integration and e2e time is waiting on servers and workers, not CPU, so shards side by
+side cut the wall time on a 2-core machine too.
 
 At the end it prints the slowest tests across all layers, one line with the wall time of
 set-up, lint and each layer, and one plain ``suite: N passed, N failed`` line (a failed test,
@@ -20,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
+import json
 import os
 import shlex
 import shutil
@@ -36,6 +43,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PYTEST = ROOT / ".venv" / "bin" / "pytest"
 TIMINGS_FILE = ROOT / "docs" / "suite-timings.md"
+DURATIONS_FILE = ROOT / "tests" / "durations.json"
+# a test file no full run has timed yet weighs this many seconds per test function in it
+UNTIMED_SECONDS_PER_TEST = 15.0
 LAYERS = ("unit", "integration", "e2e", "chaos")
 SLOWEST = 30
 
@@ -53,6 +63,9 @@ class Outcome:
     failures: list[str] = dataclasses.field(default_factory=list)
     durations: list[tuple[float, str]] = dataclasses.field(default_factory=list)
     ran: bool = False
+    # CPU seconds (user + system) of the phase's process and the descendants it reaped: with
+    # the wall time, it says whether running more side by side can still help on this machine.
+    cpu_seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -63,12 +76,23 @@ def run_phase(name: str, argv: list[str], *, log: Path | None = None) -> Outcome
     """Runs one command; its output goes to our stdout, or to ``log`` when phases run side by
     side (printed whole once it ends, so two layers' lines never interleave)."""
     started = time.monotonic()
-    if log is None:
-        returncode = subprocess.call(argv, cwd=ROOT)
-    else:
-        with log.open("wb") as out:
-            returncode = subprocess.call(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    return Outcome(name=name, seconds=time.monotonic() - started, returncode=returncode, ran=True)
+    with log.open("wb") if log is not None else contextlib.nullcontext() as out:
+        process = subprocess.Popen(
+            argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT if out else None
+        )
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        except BaseException:
+            process.kill()
+            raise
+        process.returncode = os.waitstatus_to_exitcode(status)
+    return Outcome(
+        name=name,
+        seconds=time.monotonic() - started,
+        returncode=process.returncode,
+        ran=True,
+        cpu_seconds=usage.ru_utime + usage.ru_stime,
+    )
 
 
 def read_junit(outcome: Outcome, report: Path) -> None:
@@ -105,28 +129,89 @@ def test_path(classname: str, name: str) -> str:
     return f"{classname}::{name}"
 
 
-def pytest_layer(
-    layer: str, *, selection: list[str], extra: list[str], reports: Path, log: Path | None
-) -> Outcome:
-    report = reports / f"{layer}.xml"
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One pytest process: a layer, or one shard of it (its own servers either way)."""
+
+    layer: str
+    tests: tuple[str, ...]  # empty: the whole layer
+    shard: int = 1
+    shards: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.layer if self.shards == 1 else f"{self.layer}[{self.shard}/{self.shards}]"
+
+    @property
+    def file_stem(self) -> str:
+        return self.layer if self.shards == 1 else f"{self.layer}-{self.shard}-of-{self.shards}"
+
+
+def pytest_job(job: Job, *, extra: list[str], reports: Path, log: Path | None) -> Outcome:
+    report = reports / f"{job.file_stem}.xml"
     report.unlink(missing_ok=True)
     argv = [
         str(PYTEST),
-        *(selection or [f"tests/{layer}"]),
+        *(job.tests or [f"tests/{job.layer}"]),
         f"--durations={SLOWEST}",
         f"--junitxml={report}",
         "-o",
         "junit_family=xunit2",
         *extra,
     ]
-    print(f"suite: {layer}: {shlex.join(argv[1:])}", flush=True)
-    outcome = run_phase(layer, argv, log=log)
+    print(f"suite: {job.name}: {shlex.join(argv[1:])}", flush=True)
+    outcome = run_phase(job.name, argv, log=log)
     read_junit(outcome, report)
     return outcome
 
 
 def in_layer(test: str, layer: str) -> bool:
     return test.rstrip("/") == f"tests/{layer}" or test.startswith(f"tests/{layer}/")
+
+
+def test_files(layer: str) -> list[str]:
+    found = (ROOT / "tests" / layer).glob("test_*.py")
+    return sorted(path.relative_to(ROOT).as_posix() for path in found)
+
+
+def file_weight(test_file: str, durations: dict[str, float]) -> float:
+    """Seconds the file took in the last full run; for a file never timed, an estimate from
+    how many tests it defines (parametrised ones count once: an estimate, not a measure)."""
+    if test_file in durations:
+        return durations[test_file]
+    text = (ROOT / test_file).read_text(encoding="utf-8", errors="replace")
+    count = sum(
+        1 for line in text.splitlines() if line.startswith(("def test_", "async def test_"))
+    )
+    return UNTIMED_SECONDS_PER_TEST * max(count, 1)
+
+
+def balance(weights: dict[str, float], shards: int) -> list[list[str]]:
+    """Splits files into at most ``shards`` groups whose summed weights are as even as the
+    greedy rule makes them: heaviest file first, each to the lightest group so far. Ties go
+    to the lower group and files are named in order, so the split is the same every run."""
+    groups: list[list[str]] = [[] for _ in range(max(shards, 1))]
+    loads = [0.0] * len(groups)
+    for test_file in sorted(weights, key=lambda f: (-weights[f], f)):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(test_file)
+        loads[lightest] += weights[test_file]
+    return [sorted(group) for group in groups if group]
+
+
+def layer_jobs(
+    layer: str, *, chosen: list[str], shards: int, durations: dict[str, float]
+) -> list[Job]:
+    """A layer's pytest processes. Only whole files are cut apart (a module's fixtures stay
+    in one process); a selection of single tests, or of fewer files than shards, stays one."""
+    files = chosen or test_files(layer)
+    if shards <= 1 or len(files) < 2 or any("::" in t or not t.endswith(".py") for t in files):
+        return [Job(layer=layer, tests=tuple(chosen))]
+    groups = balance({f: file_weight(f, durations) for f in files}, shards)
+    return [
+        Job(layer=layer, tests=tuple(group), shard=number, shards=len(groups))
+        for number, group in enumerate(groups, start=1)
+    ]
 
 
 def stages(layers: list[str], parallel: bool) -> list[list[str]]:
@@ -146,48 +231,101 @@ def stages(layers: list[str], parallel: bool) -> list[list[str]]:
     return result
 
 
+def merge(layer: str, outcomes: list[Outcome]) -> Outcome:
+    """A layer's outcome from its shards': counts add up, its wall time is the longest one's
+    (they ran side by side)."""
+    if len(outcomes) == 1:
+        return outcomes[0]
+    return Outcome(
+        name=layer,
+        seconds=max(o.seconds for o in outcomes),
+        returncode=max(o.returncode for o in outcomes),
+        passed=sum(o.passed for o in outcomes),
+        failed=sum(o.failed for o in outcomes),
+        skipped=sum(o.skipped for o in outcomes),
+        failures=[f for o in outcomes for f in o.failures],
+        durations=[d for o in outcomes for d in o.durations],
+        ran=all(o.ran for o in outcomes),
+        cpu_seconds=sum(o.cpu_seconds for o in outcomes),
+    )
+
+
 def run_layers(
     layers: list[str],
     *,
     parallel: bool,
+    shards: dict[str, int],
     selection: dict[str, list[str]],
     extra: list[str],
     reports: Path,
 ) -> list[Outcome]:
+    durations = read_durations()
     outcomes: list[Outcome] = []
     for stage in stages(layers, parallel):
-        if len(stage) == 1:
-            layer = stage[0]
-            outcomes.append(
-                pytest_layer(
-                    layer,
-                    selection=selection.get(layer, []),
-                    extra=extra,
-                    reports=reports,
-                    log=None,
-                )
+        jobs = {
+            layer: layer_jobs(
+                layer,
+                chosen=selection.get(layer, []),
+                shards=shards.get(layer, 1),
+                durations=durations,
             )
+            for layer in stage
+        }
+        flat = [job for layer in stage for job in jobs[layer]]
+        if len(flat) == 1:
+            outcomes.append(pytest_job(flat[0], extra=extra, reports=reports, log=None))
             continue
-        logs = {layer: reports / f"{layer}.log" for layer in stage}
-        with concurrent.futures.ThreadPoolExecutor(max_workers=len(stage)) as pool:
+        logs = {job: reports / f"{job.file_stem}.log" for job in flat}
+        print(f"suite: side by side: {', '.join(job.name for job in flat)}", flush=True)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(flat)) as pool:
             futures = {
-                layer: pool.submit(
-                    pytest_layer,
-                    layer,
-                    selection=selection.get(layer, []),
-                    extra=extra,
-                    reports=reports,
-                    log=logs[layer],
-                )
-                for layer in stage
+                job: pool.submit(pytest_job, job, extra=extra, reports=reports, log=logs[job])
+                for job in flat
             }
         for layer in stage:
-            print(f"suite: ---- output of the {layer} layer (ran beside {stage}) ----", flush=True)
-            with logs[layer].open("rb") as log:
-                shutil.copyfileobj(log, sys.stdout.buffer)
-            sys.stdout.buffer.flush()
-            outcomes.append(futures[layer].result())
+            shard_outcomes = []
+            for job in jobs[layer]:
+                print(f"suite: ---- output of {job.name} (ran beside others) ----", flush=True)
+                with logs[job].open("rb") as log:
+                    shutil.copyfileobj(log, sys.stdout.buffer)
+                sys.stdout.buffer.flush()
+                shard_outcomes.append(futures[job].result())
+            if len(shard_outcomes) > 1:
+                print(
+                    f"suite: {layer} shards: "
+                    + ", ".join(f"{o.name} {o.seconds:.0f}s" for o in shard_outcomes),
+                    flush=True,
+                )
+            outcomes.append(merge(layer, shard_outcomes))
     return outcomes
+
+
+def read_durations() -> dict[str, float]:
+    try:
+        data = json.loads(DURATIONS_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): float(v) for k, v in data.get("seconds_per_file", {}).items()}
+
+
+def write_durations(outcomes: list[Outcome]) -> None:
+    """Each test file's summed test time in this run, what the next run balances shards by.
+    Files of layers this run did not cover keep the figures an earlier run wrote."""
+    per_file = {
+        f: seconds
+        for f, seconds in read_durations().items()
+        if not any(in_layer(f, o.name) for o in outcomes)
+    }
+    for outcome in outcomes:
+        for seconds, test_id in outcome.durations:
+            test_file = test_id.split("::", 1)[0]
+            per_file[test_file] = per_file.get(test_file, 0.0) + seconds
+    data = {
+        "written_by": "scripts/run_suite.py after each run of whole layers; do not edit",
+        "seconds_per_file": {f: round(per_file[f], 1) for f in sorted(per_file)},
+    }
+    DURATIONS_FILE.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"suite: wrote {DURATIONS_FILE.relative_to(ROOT)}", flush=True)
 
 
 def layer_line(phases: list[Outcome], total: float) -> str:
@@ -195,9 +333,36 @@ def layer_line(phases: list[Outcome], total: float) -> str:
     return "suite wall time: " + ", ".join(parts) + f"; total {total:.0f}s"
 
 
+def cpu_line(phases: list[Outcome]) -> str:
+    """CPU seconds beside wall seconds per phase: a layer using far less than the machine's
+    cores x its wall time is mostly waiting, and shards side by side can cut it."""
+    parts = [
+        f"{phase.name} {phase.cpu_seconds:.0f}s ({phase.cpu_seconds / phase.seconds:.2f} cores)"
+        for phase in phases
+        if phase.ran and phase.seconds > 0
+    ]
+    return f"suite cpu time ({os.cpu_count()} cores): " + ", ".join(parts)
+
+
 def slowest(outcomes: list[Outcome]) -> list[tuple[float, str, str]]:
     rows = [(seconds, o.name, test) for o in outcomes for seconds, test in o.durations]
     return sorted(rows, reverse=True)[:SLOWEST]
+
+
+def parse_shards(text: str) -> dict[str, int]:
+    """``e2e=3,integration=2`` -> {"e2e": 3, "integration": 2}; a layer not named runs whole."""
+    shards: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        layer, _, count = part.partition("=")
+        if layer not in LAYERS or not count.isdigit() or int(count) < 1:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected LAYER=N with N >= 1")
+        shards[layer] = int(count)
+    return shards
+
+
+def describe_shards(shards: dict[str, int]) -> str:
+    cut = [f"{layer}={count}" for layer, count in shards.items() if count > 1]
+    return ", ".join(cut) or "none"
 
 
 def load_average() -> str:
@@ -213,6 +378,7 @@ def write_timings(
     load_start: str,
     cold: bool,
     parallel: bool,
+    shards: dict[str, int],
 ) -> None:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
@@ -232,21 +398,22 @@ def write_timings(
         f"- machine: {os.cpu_count()} cores; load average (1, 5, 15 min) at the start "
         f"{load_start}, at the end {load_average()}",
         f"- control-plane cache: {'cold (built in set-up)' if cold else 'warm'}; layers "
-        f"{'side by side (integration beside e2e)' if parallel else 'one after another'}",
+        f"{'side by side (integration beside e2e)' if parallel else 'one after another'}; "
+        f"shards: {describe_shards(shards)}",
         f"- tests: {passed} passed, {failed} failed, {skipped} skipped",
         "",
-        "| phase | wall seconds | passed | failed | skipped |",
-        "|---|---:|---:|---:|---:|",
+        "| phase | wall seconds | cpu seconds | passed | failed | skipped |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for phase in phases:
         if phase.name in LAYERS:
             lines.append(
-                f"| {phase.name} | {phase.seconds:.0f} | {phase.passed} | {phase.failed} | "
-                f"{phase.skipped} |"
+                f"| {phase.name} | {phase.seconds:.0f} | {phase.cpu_seconds:.0f} | "
+                f"{phase.passed} | {phase.failed} | {phase.skipped} |"
             )
         else:
-            lines.append(f"| {phase.name} | {phase.seconds:.0f} | | | |")
-    lines += [f"| **total** | **{total:.0f}** | | | |", "", f"## The {SLOWEST} slowest tests", ""]
+            lines.append(f"| {phase.name} | {phase.seconds:.0f} | {phase.cpu_seconds:.0f} | | | |")
+    lines += [f"| **total** | **{total:.0f}** | | | | |", "", f"## The {SLOWEST} slowest tests", ""]
     lines += ["| seconds | layer | test |", "|---:|---|---|"]
     lines += [f"| {s:.1f} | {layer} | `{test}` |" for s, layer, test in slowest(outcomes)]
     TIMINGS_FILE.write_text("\n".join(lines) + "\n")
@@ -276,7 +443,12 @@ def cmd_test(args: argparse.Namespace) -> int:
     layers = [layer for layer in args.layers if layer in selection]
     with tempfile.TemporaryDirectory(prefix="suite-") as tmp:
         outcomes = run_layers(
-            layers, parallel=args.parallel, selection=selection, extra=extra, reports=Path(tmp)
+            layers,
+            parallel=args.parallel,
+            shards=args.shards,
+            selection=selection,
+            extra=extra,
+            reports=Path(tmp),
         )
     total = time.monotonic() - started
     phases += outcomes
@@ -299,10 +471,14 @@ def cmd_test(args: argparse.Namespace) -> int:
             load_start=load_start,
             cold=cold,
             parallel=args.parallel,
+            shards=args.shards,
         )
+    if not args.tests and not extra and args.write_timings and outcomes:
+        write_durations(outcomes)
     passed = sum(o.passed for o in outcomes)
     failed = sum(o.failed for o in outcomes) + (1 if lint_failed else 0)
     skipped = sum(o.skipped for o in outcomes)
+    print(cpu_line(phases), flush=True)
     print(layer_line(phases, total), flush=True)
     print(f"suite: {passed} passed, {failed} failed, {skipped} skipped", flush=True)
     return 0 if failed == 0 and passed > 0 else 1
@@ -334,6 +510,7 @@ def cmd_flake(args: argparse.Namespace) -> int:
                 outcomes = run_layers(
                     [layer for layer in args.layers if layer in selection],
                     parallel=args.parallel,
+                    shards=args.shards,
                     selection=selection,
                     extra=extra,
                     reports=Path(tmp),
@@ -387,6 +564,12 @@ def main() -> int:
             "--parallel",
             action="store_true",
             help="run integration beside e2e, each with its own servers",
+        )
+        p.add_argument(
+            "--shards",
+            default={},
+            type=parse_shards,
+            help="cut layers into pytest processes run side by side, e.g. integration=2,e2e=3",
         )
 
     test = sub.add_parser("test", help="set-up, lint and the layers (make test, make check)")
