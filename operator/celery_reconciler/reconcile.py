@@ -359,11 +359,11 @@ def _sweep(
                     break
                 if pause > 0:
                     sleep(pause)
-                size = planning.page_size(remaining_budget=remaining, batch_size=batch_size)
+                plan = planning.page_plan(remaining_budget=remaining, batch_size=batch_size)
                 doing = "claiming entries"
                 claim_started = clock()
                 page = _claim_page(
-                    conn, policy, after=after, size=size, still_pending=still_pending, fence=fence
+                    conn, policy, after=after, plan=plan, still_pending=still_pending, fence=fence
                 )
                 claims = page.claims
                 claim_seconds += clock() - claim_started
@@ -374,7 +374,7 @@ def _sweep(
                     claimed += len(claims)
                     published += len(claims)
                     remaining -= len(claims)
-                if page.size < size:
+                if page.size < plan.rows:
                     break
                 after = page.last_key
             doing = "publishing"
@@ -422,27 +422,31 @@ def _claim_page(
     policy: policy_module.Policy,
     *,
     after: tuple[Any, ...] | None,
-    size: int,
+    plan: planning.PagePlan,
     still_pending: Callable[[Sequence[str]], set[str]],
     fence: sharding.Fence | None,
 ) -> ledger.ClaimedPage:
-    """The next page of pending entries, read and claimed (``ledger.claim_page``)."""
+    """The next page of pending entries the ledger does not hold, read and claimed
+    (``ledger.claim_page``)."""
     try:
         return ledger.claim_page(
             conn,
             policy_key=policy.key,
-            page_query=source.page_query_text(conn, policy.source, after=after is not None),
-            page_params=[*(after or ()), size],
+            page_query=source.page_query_text(
+                conn, policy.source, after=after is not None, skipping=ledger.not_held
+            ),
+            page_params=[*(after or ()), policy.key, plan.rows],
             key_width=source.key_width(policy.source),
             lease_seconds=policy.lease.timeout_seconds,
             still_pending=still_pending,
             sweeper=fence,
+            claim_limit=plan.claims,
         )
     except psycopg.Error:
         # The statement reads the user's table too. A failure the spec causes is
         # ``SourceInvalid``, which reading the page alone tells apart by raising it; when
         # the read alone works, the failure was the ledger's.
-        source.pending_page(conn, policy.source, after=after, limit=size)
+        source.pending_page(conn, policy.source, after=after, limit=plan.rows)
         raise
 
 

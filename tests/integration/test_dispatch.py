@@ -210,3 +210,52 @@ def test_a_publish_that_fails_mid_sweep_releases_its_page_and_the_page_claimed_m
         "FROM celery_reconciler.entries WHERE state = 'queued'"
     ).fetchone() or (None, None)
     assert (live, released) == (10, 20)  # page 1 in the queue; pages 2 and 3 released
+
+
+def finish_oldest_in_flight(conn: psycopg.Connection[Any]) -> str:
+    """A worker finishing the oldest in-flight entry: its body marks the row processed and
+    the ledger records the success — one slot of ``maxInFlight`` frees."""
+    row = conn.execute(
+        "SELECT e.entry_id, e.fence_token::text FROM celery_reconciler.entries e "
+        "JOIN journal_entry j ON j.id = e.entry_id::bigint "
+        "WHERE e.state = 'queued' ORDER BY j.created_at, j.id LIMIT 1"
+    ).fetchone()
+    assert row is not None
+    entry_id, fence_token = row
+    started = ledger.start_attempt(conn, fence_token=fence_token, entry_id=entry_id, worker="t")
+    assert started is not None
+    conn.execute("UPDATE journal_entry SET insights_extracted = true WHERE id = %s", [entry_id])
+    assert ledger.record_success(conn, fence_token=started.fence_token)
+    return str(entry_id)
+
+
+def test_a_sweep_with_one_free_slot_reads_one_page_not_the_in_flight_backlog(
+    demo_dsn: str, conn: psycopg.Connection[Any], broker_url: str
+) -> None:
+    """The steady state of a backlog larger than ``maxInFlight``: slots free one at a time
+    and each sweep may claim one entry. It must cost about one page of ``batchSize`` — not
+    one round trip per in-flight entry ahead of the first claimable one."""
+    max_in_flight = 60
+    schema.seed(conn, count=10 * max_in_flight)
+    policy = make_policy(limits={"batchSize": 25, "maxInFlight": max_in_flight})
+    with sweep_connections(demo_dsn, broker_url) as (db, publisher):
+        filled = reconcile.reconcile_once(policy, db=db, broker=publisher)
+        assert filled.published == max_in_flight
+        next_in_order = [
+            str(row[0])
+            for row in conn.execute(
+                "SELECT id FROM journal_entry ORDER BY created_at, id OFFSET %s LIMIT 3",
+                [max_in_flight],
+            )
+        ]
+        for expected in next_in_order:
+            finish_oldest_in_flight(conn)
+            steady = reconcile.reconcile_once(policy, db=db, broker=publisher)
+            assert (steady.budget, steady.published) == (1, 1)
+            assert steady.pages == 1  # not max_in_flight + 1 pages of one row
+            claimed = conn.execute(
+                "SELECT entry_id FROM celery_reconciler.entries "
+                "ORDER BY dispatched_at DESC, entry_id::bigint DESC LIMIT 1"
+            ).fetchone()
+            assert claimed == (expected,)  # the next pending entry in keyset order
+        assert publisher.queue_depth("insights") == max_in_flight + 3

@@ -101,11 +101,22 @@ def test_claims_never_exceed_max_in_flight_or_batch(
     assert budget >= 0 and in_flight + budget <= max(in_flight, max_in_flight)
     remaining, claimed = budget, 0
     while remaining > 0:
-        size = planning.page_size(remaining_budget=remaining, batch_size=batch)
-        assert 0 < size <= batch
-        claimed += size
-        remaining -= size
+        page = planning.page_plan(remaining_budget=remaining, batch_size=batch)
+        assert 0 < page.claims <= page.rows == batch
+        claimed += page.claims
+        remaining -= page.claims
     assert claimed == budget
+    assert planning.page_plan(remaining_budget=remaining, batch_size=batch).rows == 0
+
+
+@given(
+    remaining=st.integers(min_value=1, max_value=20_000),
+    batch=st.integers(min_value=1, max_value=50_000),
+)
+def test_a_page_reads_a_whole_batch_however_few_slots_are_free(remaining: int, batch: int) -> None:
+    page = planning.page_plan(remaining_budget=remaining, batch_size=batch)
+    assert page.rows == batch
+    assert page.claims == min(remaining, batch)
 
 
 @given(interval=st.floats(min_value=0.01, max_value=86400.0), r=unit_random)
