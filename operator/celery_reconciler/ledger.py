@@ -1389,7 +1389,7 @@ _OUTCOMES = sql.SQL(
         count(*) FILTER (WHERE outcome IN ('failed', 'lost') AND retry_at IS NULL)
     FROM window_end LEFT JOIN {attempts} a
       ON a.policy_key = %(policy_key)s
-     AND a.finished_at > coalesce(%(since)s::timestamptz, '-infinity')
+     AND a.finished_at > coalesce(%(since)s::timestamptz, window_end.until)
      AND a.finished_at <= window_end.until
     GROUP BY window_end.until
     """
@@ -1420,7 +1420,12 @@ _STATUS = _rendered(
 def status(
     conn: psycopg.Connection[Any], *, policy_key: str, outcomes_since: datetime.datetime | None
 ) -> Status:
-    """``counts``, ``consumption`` and ``outcomes_since`` of one policy, in one statement."""
+    """``counts``, ``consumption`` and ``outcomes_since`` of one policy, in one statement.
+
+    Without ``outcomes_since`` (an operator's first read) the window of outcomes is empty
+    and only opens: it reads the tally and the unfinished rows, never the history, so a
+    start over millions of finished attempts costs what a start over none does. The
+    counters it feeds are Prometheus counters, which start at zero with their process."""
     row = conn.execute(
         _STATUS,
         {"policy_key": policy_key, "since": outcomes_since, "settle": OUTCOME_SETTLE_SECONDS},

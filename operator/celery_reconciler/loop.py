@@ -620,8 +620,11 @@ class PolicyLoop:
 
     def count_outcomes(self, outcomes: ledger.Outcomes) -> None:
         """Advance the succeeded / retried / dead-lettered counters by what finished since
-        the last read. The first read counts the ledger's whole history, so the counters
-        of a fresh operator process agree with the ledger."""
+        the last read. The first read counts nothing and opens the window: counting the
+        ledger's whole history made every operator start scan it once per policy, and a
+        Prometheus counter starts at zero with its process anyway (``rate`` and
+        ``increase`` expect that; a counter that began at the history's total would show
+        one huge increase after each restart)."""
         self.outcomes_until = outcomes.until
         labels = (self.namespace, self.name)
         metrics.SUCCEEDED.labels(*labels).inc(outcomes.succeeded)

@@ -728,9 +728,9 @@ def retry_dead(
 def collect_status(
     policy: policy_module.Policy, *, db: Sessions, outcomes_since: datetime.datetime | None
 ) -> StatusSnapshot:
-    """The status counts, and the attempts finished since ``outcomes_since`` (the whole
-    history when ``None``) for the operator's Prometheus counters: two statements, one on
-    the table and one on the ledger."""
+    """The status counts, and the attempts finished since ``outcomes_since`` (none when
+    ``None``: the window opens at this read) for the operator's Prometheus counters: two
+    statements, one on the table and one on the ledger."""
     with db.session(doing="reading status counts") as conn:
         summary = source.pending_summary(conn, policy.source)
         found = ledger.status(conn, policy_key=policy.key, outcomes_since=outcomes_since)
