@@ -338,7 +338,9 @@ def _sweep(
 
         remaining = budget
         rate_allows_in: float | None = None
-        after: tuple[Any, ...] | None = None
+        resumed = _resume_position(conn, policy, now=clock())
+        after = None if resumed is None else resumed.key
+        pass_started = clock() if resumed is None else resumed.pass_started
         pages = 0
         claimed = published = redispatched + stranded
         claim_seconds = 0.0
@@ -374,9 +376,17 @@ def _sweep(
                     claimed += len(claims)
                     published += len(claims)
                     remaining -= len(claims)
-                if page.size < plan.rows:
+                if page.size < plan.rows:  # the end of the backlog
+                    if after is not None and resumed is not None:
+                        # Resumed mid-way with budget left: the rows ahead of the position
+                        # too, as a new pass.
+                        after, resumed, pass_started = None, None, clock()
+                        continue
+                    after = None
                     break
                 after = page.last_key
+            if pages:
+                _remember_position(conn, policy, after=after, pass_started=pass_started)
             doing = "publishing"
         publish_seconds = pages_out.seconds
         doing = "reading the next due time"
@@ -415,6 +425,43 @@ def _sweep(
         pruned=pruned,
         rate_allows_in_seconds=rate_allows_in,
     )
+
+
+# Where each policy's sweeps stopped reading their backlog (``planning.BacklogPosition``),
+# by policy key, with what it is a position in: the database and the source. Kept in
+# memory: a new process, like a new owner, simply starts a pass from the start.
+_positions: dict[str, tuple[tuple[Any, ...], planning.BacklogPosition]] = {}
+
+
+def _backlog_identity(
+    conn: psycopg.Connection[Any], policy: policy_module.Policy
+) -> tuple[Any, ...]:
+    return (conn.info.host, conn.info.port, conn.info.dbname, policy.source)
+
+
+def _resume_position(
+    conn: psycopg.Connection[Any], policy: policy_module.Policy, *, now: float
+) -> planning.BacklogPosition | None:
+    kept = _positions.get(policy.key)
+    if kept is None or kept[0] != _backlog_identity(conn, policy):
+        return None
+    return planning.sweep_resumes_at(
+        kept[1], now=now, sweep_interval_seconds=policy.schedule.sweep_interval_seconds
+    )
+
+
+def _remember_position(
+    conn: psycopg.Connection[Any],
+    policy: policy_module.Policy,
+    *,
+    after: tuple[Any, ...] | None,
+    pass_started: float,
+) -> None:
+    if after is None:
+        _positions.pop(policy.key, None)
+    else:
+        position = planning.BacklogPosition(key=after, pass_started=pass_started)
+        _positions[policy.key] = (_backlog_identity(conn, policy), position)
 
 
 def _claim_page(

@@ -728,3 +728,13 @@ def test_equal_predicates_have_equal_texts_and_different_ones_differ() -> None:
         policy.PendingIn(column="done", values=("false",)),
     ]
     assert len({planning.pending_text(p) for p in [flag, *others]}) == 5
+
+
+def test_a_sweep_resumes_where_the_last_one_ran_out_of_budget_within_one_interval() -> None:
+    position = planning.BacklogPosition(key=(7,), pass_started=100.0)
+    assert planning.sweep_resumes_at(None, now=100.0, sweep_interval_seconds=60.0) is None
+    resumed = planning.sweep_resumes_at(position, now=159.9, sweep_interval_seconds=60.0)
+    assert resumed == position
+    # A pass one interval old starts over: rows that became pending ahead of the position
+    # wait at most one sweep interval, as they would for a sweep.
+    assert planning.sweep_resumes_at(position, now=160.0, sweep_interval_seconds=60.0) is None
