@@ -17,14 +17,18 @@ does the same on RabbitMQ: ours (every message confirmed) against kombu's ``send
 plain and with ``confirm_publish``. Then
 ``benchmarks.worker`` measures the worker side: the drain rate of one prefork worker for a
 ``ReconciledTask`` against a plain Celery task with the same body (no-op, and 20 ms), and
-prints ours/plain. Last, ``benchmarks.scale`` measures what history costs: a status read
-with 10M succeeded entries and attempts in the ledger against an empty one, and a sweep
+prints ours/plain. ``benchmarks.steady_sweep`` times the steady state of a backlog 10x
+``maxInFlight`` (20,000 in flight, slots freeing one at a time): the pages a sweep with one
+free slot reads, and its time against an idle sweep. Last, ``benchmarks.scale`` measures
+what history costs: a status read — the first one after a start, and a later one — with
+10M succeeded entries and attempts in the ledger against an empty one, and a sweep
 against a 10M-row table against a 100k-row one. Then ``benchmarks.policies`` applies 500
 policies to one operator against one database and prints how many are Ready and processed,
 the operator's peak connections against its bound, its RSS, idle CPU and API writes per
 policy per minute when idle. ``python -m benchmarks dispatch``, ``... amqp``, ``... worker``,
-``... scale`` or ``... policies`` runs one of them. ``python -m benchmarks idle-sweep``
-(``benchmarks.idle_sweep``, not part of the full run) breaks an idle sweep down: the
-statements it sends to PostgreSQL, the commands it sends to Redis and the CPU it costs.
+``... steady-sweep``, ``... scale`` or ``... policies`` runs one of them.
+``python -m benchmarks idle-sweep`` (``benchmarks.idle_sweep``, not part of the full run)
+breaks an idle sweep down: the statements it sends to PostgreSQL, the commands it sends to
+Redis and the CPU it costs.
 Timings are printed, never asserted: the tests assert behaviour, not speed.
 """

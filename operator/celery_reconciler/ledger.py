@@ -715,6 +715,25 @@ class ClaimedPage:
     last_key: tuple[Any, ...] | None  # the keyset position after it (None: empty page)
 
 
+_NOT_HELD = sql.SQL(
+    """NOT EXISTS (
+        SELECT 1 FROM {entries} AS held
+        WHERE held.policy_key = %s AND held.entry_id = {entry_id} AND ({claimable}) IS NOT TRUE
+    )"""
+)
+
+
+def not_held(entry_id: sql.Composable) -> sql.Composed:
+    """For ``source.page_query``'s ``skipping``: true of an entry the ledger does not hold —
+    no row, or a row ``claim`` would claim — so a page skips what is in flight, waiting for
+    its retry or dead. One unique-key probe per row read; its placeholder is the policy key.
+
+    Why in the page: in the steady state of a backlog larger than ``maxInFlight`` the
+    oldest pending rows are all in flight, and a page that returned them read a page per
+    ``batchSize`` of them before it reached one it could claim."""
+    return _NOT_HELD.format(entries=_ENTRIES, entry_id=entry_id, claimable=_CLAIMABLE)
+
+
 def claim_page(
     conn: psycopg.Connection[Any],
     *,
@@ -725,13 +744,17 @@ def claim_page(
     lease_seconds: float,
     still_pending: Callable[[Sequence[str]], set[str]],
     sweeper: sharding.Fence | None = None,
+    claim_limit: int | None = None,
 ) -> ClaimedPage:
     """Read a page of the source and claim it, as ``claim`` would claim its ids, mostly in
     ONE statement — its own transaction, committed when it returns (autocommit).
 
     ``page_query`` (rendered for ``conn``; positional parameters ``page_params``) yields the
     ``key_width`` keyset columns and then the id as text, in keyset order
-    (``source.page_query_text``). The statement
+    (``source.page_query_text``). Only its first ``claim_limit`` rows (all without one) are
+    candidates: the budget left bounds the claims, never the rows a page reads, and the
+    page's ``last_key`` is the last candidate's, so the next page starts after the rows
+    looked at. The statement
     inserts the page's new entries with fresh fences and returns the page, the new claims
     and the ids whose existing ledger row is claimable (as in ``claim``: a lost message,
     a due retry, a success pending again); only when there are such ids does a second
@@ -751,7 +774,7 @@ def claim_page(
     statement = _claim_page_text(
         conn, page_query=page_query, key_width=key_width, fenced=sweeper is not None
     )
-    params: list[Any] = [*page_params]
+    params: list[Any] = [*page_params, claim_limit]
     if sweeper is not None:
         params += [sweeper.policy_key, sweeper.holder, sweeper.token]
     params += [policy_key, lease_seconds, policy_key]
@@ -775,10 +798,11 @@ def claim_page(
                     still_pending=still_pending,
                 )
             )
+    candidates = page if claim_limit is None else page[:claim_limit]
     return ClaimedPage(
-        claims=[claims[row[-2]] for row in page if row[-2] in claims],
+        claims=[claims[row[-2]] for row in candidates if row[-2] in claims],
         size=len(page),
-        last_key=tuple(page[-1][1:-2]) if page else None,
+        last_key=tuple(candidates[-1][1:-2]) if candidates else None,
     )
 
 
@@ -819,22 +843,25 @@ def _claim_page_statement(
         WITH page AS MATERIALIZED (
             SELECT * FROM ({page_query}) AS page({keys}, entry_id)
         ),
+        candidate AS MATERIALIZED (
+            SELECT entry_id FROM page ORDER BY {keys} LIMIT %s
+        ),
         {owner_check}
         inserted AS (
             INSERT INTO {entries} (policy_key, entry_id, state, fence_token, lease_deadline,
                 dispatched_at)
-            SELECT %s, page.entry_id, 'queued', gen_random_uuid(),
+            SELECT %s, candidate.entry_id, 'queued', gen_random_uuid(),
                 now() + make_interval(secs => %s), now()
-            FROM page {owned}
+            FROM candidate {owned}
             ON CONFLICT (policy_key, entry_id) DO NOTHING
             RETURNING entry_id, fence_token
         ),
         known AS (
-            SELECT e.entry_id FROM page CROSS JOIN LATERAL (
+            SELECT e.entry_id FROM candidate CROSS JOIN LATERAL (
                 SELECT entry_id FROM {entries}
-                WHERE policy_key = %s AND entry_id = page.entry_id AND {claimable}
+                WHERE policy_key = %s AND entry_id = candidate.entry_id AND {claimable}
             ) AS e
-            WHERE page.entry_id NOT IN (SELECT entry_id FROM inserted)
+            WHERE candidate.entry_id NOT IN (SELECT entry_id FROM inserted)
         )
         SELECT * FROM (
             (SELECT 'page' AS kind, {keys}, entry_id, NULL::uuid AS fence_token
@@ -1362,7 +1389,7 @@ _OUTCOMES = sql.SQL(
         count(*) FILTER (WHERE outcome IN ('failed', 'lost') AND retry_at IS NULL)
     FROM window_end LEFT JOIN {attempts} a
       ON a.policy_key = %(policy_key)s
-     AND a.finished_at > coalesce(%(since)s::timestamptz, '-infinity')
+     AND a.finished_at > coalesce(%(since)s::timestamptz, window_end.until)
      AND a.finished_at <= window_end.until
     GROUP BY window_end.until
     """
@@ -1393,7 +1420,12 @@ _STATUS = _rendered(
 def status(
     conn: psycopg.Connection[Any], *, policy_key: str, outcomes_since: datetime.datetime | None
 ) -> Status:
-    """``counts``, ``consumption`` and ``outcomes_since`` of one policy, in one statement."""
+    """``counts``, ``consumption`` and ``outcomes_since`` of one policy, in one statement.
+
+    Without ``outcomes_since`` (an operator's first read) the window of outcomes is empty
+    and only opens: it reads the tally and the unfinished rows, never the history, so a
+    start over millions of finished attempts costs what a start over none does. The
+    counters it feeds are Prometheus counters, which start at zero with their process."""
     row = conn.execute(
         _STATUS,
         {"policy_key": policy_key, "since": outcomes_since, "settle": OUTCOME_SETTLE_SECONDS},

@@ -237,6 +237,8 @@ class PolicyLoop:
         self.connections = Connections()
         self.policy: policy_module.Policy | None = None
         self.last_status_write = 0.0
+        # When the last sweep ended, written with every status write (see ``report``).
+        self.last_sweep_time: str | None = None
         self.reported_facts: tuple[Any, ...] | None = None
         self.status_write_deferred = False
         self.submitted_conditions: list[dict[str, Any]] | None = None
@@ -620,8 +622,11 @@ class PolicyLoop:
 
     def count_outcomes(self, outcomes: ledger.Outcomes) -> None:
         """Advance the succeeded / retried / dead-lettered counters by what finished since
-        the last read. The first read counts the ledger's whole history, so the counters
-        of a fresh operator process agree with the ledger."""
+        the last read. The first read counts nothing and opens the window: counting the
+        ledger's whole history made every operator start scan it once per policy, and a
+        Prometheus counter starts at zero with its process anyway (``rate`` and
+        ``increase`` expect that; a counter that began at the history's total would show
+        one huge increase after each restart)."""
         self.outcomes_until = outcomes.until
         labels = (self.namespace, self.name)
         metrics.SUCCEEDED.labels(*labels).inc(outcomes.succeeded)
@@ -921,6 +926,9 @@ class PolicyLoop:
             await self.event("Normal", "Recovered", f"{self.last_problem.reason} resolved")
         self.last_problem = problem
         if result is not None:
+            # Kept even when this report writes nothing: a later write (the counts moved
+            # between sweeps, a condition changed) then carries this sweep, not an older one.
+            self.last_sweep_time = utc_now_text()
             self.dispatched_since_write += result.published
             record_sweep_metrics(self.namespace, self.name, result)
             # Hundreds of idle policies would write a line each per sweep, saying nothing.
@@ -979,11 +987,11 @@ class PolicyLoop:
         if (generation, merged) != self.submitted_policy_status:
             self.submitted_policy_status = (generation, merged)
             policy_status = {"observedGeneration": generation, "conditions": merged}
-            if result is not None:
-                policy_status["lastSweepTime"] = now
+            if self.last_sweep_time is not None:
+                policy_status["lastSweepTime"] = self.last_sweep_time
         processing: dict[str, Any] = {"policyGeneration": generation, "conditions": merged}
-        if result is not None:
-            processing["lastSweepTime"] = now
+        if self.last_sweep_time is not None:
+            processing["lastSweepTime"] = self.last_sweep_time
         if counts is not None:
             processing.update(status_counts(counts))
         if result is not None:

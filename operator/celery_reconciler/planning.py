@@ -56,9 +56,53 @@ def sweep_claim_budget(*, in_flight: int, max_in_flight: int) -> int:
     return max(0, max_in_flight - in_flight)
 
 
-def page_size(*, remaining_budget: int, batch_size: int) -> int:
-    """Entries to read and claim in the next page: never more than the budget left."""
-    return max(0, min(batch_size, remaining_budget))
+@dataclasses.dataclass(frozen=True)
+class PagePlan:
+    """What the next page of a sweep reads and how much of it it may claim.
+
+    A page always reads ``batchSize`` rows, however few slots are free: the round trip
+    costs about the same for one row as for a page, and a page sized by the free slots
+    made a sweep with one slot free walk the backlog one row per round trip. Only the
+    claims are bounded by the budget (``maxInFlight``): the first ``claims`` claimable
+    rows of the page are claimed, the rest are left for a later sweep.
+    """
+
+    rows: int  # rows of the source to read (0: the budget is spent, read nothing)
+    claims: int  # at most this many of them claimed
+
+
+def page_plan(*, remaining_budget: int, batch_size: int) -> PagePlan:
+    """The next page of a sweep that may still claim ``remaining_budget`` entries."""
+    if remaining_budget <= 0:
+        return PagePlan(rows=0, claims=0)
+    return PagePlan(rows=batch_size, claims=min(batch_size, remaining_budget))
+
+
+@dataclasses.dataclass(frozen=True)
+class BacklogPosition:
+    """Where a policy's last sweep stopped reading its backlog because its budget ran out,
+    and when the pass over the backlog it belongs to began (monotonic seconds).
+
+    Why sweeps resume there: in the steady state of a backlog larger than ``maxInFlight``
+    every sweep may claim a few entries, and the rows ahead of where the previous sweep
+    stopped are in flight. Reading from the start again finds nothing new there (the
+    ledger's due retries are dispatched apart, first), yet costs a probe of the ledger per
+    in-flight row. What a resumed sweep can miss is a row that became pending ahead of
+    the position (inserted with an early key, or a processed row pending again); each
+    pass is therefore at most one sweep interval old, and a sweep that reaches the end of
+    the backlog with budget left reads it again from the start."""
+
+    key: tuple[Any, ...]  # the keyset position after the last row looked at
+    pass_started: float
+
+
+def sweep_resumes_at(
+    position: BacklogPosition | None, *, now: float, sweep_interval_seconds: float
+) -> BacklogPosition | None:
+    """The position the next sweep reads from, or ``None``: from the start (a new pass)."""
+    if position is None or now - position.pass_started >= sweep_interval_seconds:
+        return None
+    return position
 
 
 def sweep_delay_bounds_seconds(sweep_interval_seconds: float) -> tuple[float, float]:

@@ -338,7 +338,9 @@ def _sweep(
 
         remaining = budget
         rate_allows_in: float | None = None
-        after: tuple[Any, ...] | None = None
+        resumed = _resume_position(conn, policy, now=clock())
+        after = None if resumed is None else resumed.key
+        pass_started = clock() if resumed is None else resumed.pass_started
         pages = 0
         claimed = published = redispatched + stranded
         claim_seconds = 0.0
@@ -359,11 +361,11 @@ def _sweep(
                     break
                 if pause > 0:
                     sleep(pause)
-                size = planning.page_size(remaining_budget=remaining, batch_size=batch_size)
+                plan = planning.page_plan(remaining_budget=remaining, batch_size=batch_size)
                 doing = "claiming entries"
                 claim_started = clock()
                 page = _claim_page(
-                    conn, policy, after=after, size=size, still_pending=still_pending, fence=fence
+                    conn, policy, after=after, plan=plan, still_pending=still_pending, fence=fence
                 )
                 claims = page.claims
                 claim_seconds += clock() - claim_started
@@ -374,9 +376,17 @@ def _sweep(
                     claimed += len(claims)
                     published += len(claims)
                     remaining -= len(claims)
-                if page.size < size:
+                if page.size < plan.rows:  # the end of the backlog
+                    if after is not None and resumed is not None:
+                        # Resumed mid-way with budget left: the rows ahead of the position
+                        # too, as a new pass.
+                        after, resumed, pass_started = None, None, clock()
+                        continue
+                    after = None
                     break
                 after = page.last_key
+            if pages:
+                _remember_position(conn, policy, after=after, pass_started=pass_started)
             doing = "publishing"
         publish_seconds = pages_out.seconds
         doing = "reading the next due time"
@@ -417,32 +427,73 @@ def _sweep(
     )
 
 
+# Where each policy's sweeps stopped reading their backlog (``planning.BacklogPosition``),
+# by policy key, with what it is a position in: the database and the source. Kept in
+# memory: a new process, like a new owner, simply starts a pass from the start.
+_positions: dict[str, tuple[tuple[Any, ...], planning.BacklogPosition]] = {}
+
+
+def _backlog_identity(
+    conn: psycopg.Connection[Any], policy: policy_module.Policy
+) -> tuple[Any, ...]:
+    return (conn.info.host, conn.info.port, conn.info.dbname, policy.source)
+
+
+def _resume_position(
+    conn: psycopg.Connection[Any], policy: policy_module.Policy, *, now: float
+) -> planning.BacklogPosition | None:
+    kept = _positions.get(policy.key)
+    if kept is None or kept[0] != _backlog_identity(conn, policy):
+        return None
+    return planning.sweep_resumes_at(
+        kept[1], now=now, sweep_interval_seconds=policy.schedule.sweep_interval_seconds
+    )
+
+
+def _remember_position(
+    conn: psycopg.Connection[Any],
+    policy: policy_module.Policy,
+    *,
+    after: tuple[Any, ...] | None,
+    pass_started: float,
+) -> None:
+    if after is None:
+        _positions.pop(policy.key, None)
+    else:
+        position = planning.BacklogPosition(key=after, pass_started=pass_started)
+        _positions[policy.key] = (_backlog_identity(conn, policy), position)
+
+
 def _claim_page(
     conn: psycopg.Connection[Any],
     policy: policy_module.Policy,
     *,
     after: tuple[Any, ...] | None,
-    size: int,
+    plan: planning.PagePlan,
     still_pending: Callable[[Sequence[str]], set[str]],
     fence: sharding.Fence | None,
 ) -> ledger.ClaimedPage:
-    """The next page of pending entries, read and claimed (``ledger.claim_page``)."""
+    """The next page of pending entries the ledger does not hold, read and claimed
+    (``ledger.claim_page``)."""
     try:
         return ledger.claim_page(
             conn,
             policy_key=policy.key,
-            page_query=source.page_query_text(conn, policy.source, after=after is not None),
-            page_params=[*(after or ()), size],
+            page_query=source.page_query_text(
+                conn, policy.source, after=after is not None, skipping=ledger.not_held
+            ),
+            page_params=[*(after or ()), policy.key, plan.rows],
             key_width=source.key_width(policy.source),
             lease_seconds=policy.lease.timeout_seconds,
             still_pending=still_pending,
             sweeper=fence,
+            claim_limit=plan.claims,
         )
     except psycopg.Error:
         # The statement reads the user's table too. A failure the spec causes is
         # ``SourceInvalid``, which reading the page alone tells apart by raising it; when
         # the read alone works, the failure was the ledger's.
-        source.pending_page(conn, policy.source, after=after, limit=size)
+        source.pending_page(conn, policy.source, after=after, limit=plan.rows)
         raise
 
 
@@ -724,9 +775,9 @@ def retry_dead(
 def collect_status(
     policy: policy_module.Policy, *, db: Sessions, outcomes_since: datetime.datetime | None
 ) -> StatusSnapshot:
-    """The status counts, and the attempts finished since ``outcomes_since`` (the whole
-    history when ``None``) for the operator's Prometheus counters: two statements, one on
-    the table and one on the ledger."""
+    """The status counts, and the attempts finished since ``outcomes_since`` (none when
+    ``None``: the window opens at this read) for the operator's Prometheus counters: two
+    statements, one on the table and one on the ledger."""
     with db.session(doing="reading status counts") as conn:
         summary = source.pending_summary(conn, policy.source)
         found = ledger.status(conn, policy_key=policy.key, outcomes_since=outcomes_since)

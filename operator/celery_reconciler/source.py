@@ -110,14 +110,29 @@ def key_width(source: policy_module.Source) -> int:
     return len(_keyset_columns(source))
 
 
-def page_query(source: policy_module.Source, *, after: bool) -> sql.Composed:
-    """``SELECT key..., id::text FROM table WHERE pending [AND key > %s] ORDER BY key LIMIT %s``."""
+# A condition on a row's id as text (its placeholders follow the keyset bound's).
+RowFilter = Callable[[sql.Composable], sql.Composable]
+
+
+def page_query(
+    source: policy_module.Source, *, after: bool, skipping: RowFilter | None = None
+) -> sql.Composed:
+    """``SELECT key..., id::text FROM table WHERE pending [AND key > %s] [AND skipping(id)]
+    ORDER BY key LIMIT %s``.
+
+    ``skipping`` leaves rows out before the ``LIMIT``, so a page holds ``LIMIT`` rows that
+    pass it (the ledger's ``not_held``: rows a sweep could claim) however many rows that
+    fail it come first in keyset order — in one statement, not one page per such stretch.
+    """
     keys = _keyset_columns(source)
     key_list = sql.SQL(", ").join(keys)
     where = predicate(source.pending)
     if after:
         bound = sql.SQL(", ").join(sql.Placeholder() for _ in keys)
         where = sql.SQL("{} AND ({}) > ({})").format(where, key_list, bound)
+    if skipping is not None:
+        entry_id = sql.SQL("{}::text").format(_column(source.id_column))
+        where = sql.SQL("{} AND {}").format(where, skipping(entry_id))
     return sql.SQL(
         "SELECT {keys}, {id}::text FROM {table} AS {alias} WHERE {where} ORDER BY {keys} LIMIT %s"
     ).format(
@@ -162,10 +177,19 @@ def _text(
 
 
 def page_query_text(
-    conn: psycopg.Connection[Any], source: policy_module.Source, *, after: bool
+    conn: psycopg.Connection[Any],
+    source: policy_module.Source,
+    *,
+    after: bool,
+    skipping: RowFilter | None = None,
 ) -> bytes:
     """``page_query`` rendered for ``conn``, kept for the next page and the next sweep."""
-    return _text(conn, source, ("page", after), lambda: page_query(source, after=after))
+    return _text(
+        conn,
+        source,
+        ("page", after, skipping),
+        lambda: page_query(source, after=after, skipping=skipping),
+    )
 
 
 def pending_page(

@@ -210,3 +210,113 @@ def test_a_publish_that_fails_mid_sweep_releases_its_page_and_the_page_claimed_m
         "FROM celery_reconciler.entries WHERE state = 'queued'"
     ).fetchone() or (None, None)
     assert (live, released) == (10, 20)  # page 1 in the queue; pages 2 and 3 released
+
+
+def finish_oldest_in_flight(conn: psycopg.Connection[Any]) -> str:
+    """A worker finishing the oldest in-flight entry: its body marks the row processed and
+    the ledger records the success — one slot of ``maxInFlight`` frees."""
+    row = conn.execute(
+        "SELECT e.entry_id, e.fence_token::text FROM celery_reconciler.entries e "
+        "JOIN journal_entry j ON j.id = e.entry_id::bigint "
+        "WHERE e.state = 'queued' ORDER BY j.created_at, j.id LIMIT 1"
+    ).fetchone()
+    assert row is not None
+    entry_id, fence_token = row
+    started = ledger.start_attempt(conn, fence_token=fence_token, entry_id=entry_id, worker="t")
+    assert started is not None
+    conn.execute("UPDATE journal_entry SET insights_extracted = true WHERE id = %s", [entry_id])
+    assert ledger.record_success(conn, fence_token=started.fence_token)
+    return str(entry_id)
+
+
+@pytest.mark.parametrize("resumed", [True, False], ids=["resumed", "from-the-start"])
+def test_a_sweep_with_one_free_slot_reads_one_page_not_the_in_flight_backlog(
+    demo_dsn: str,
+    conn: psycopg.Connection[Any],
+    broker_url: str,
+    resumed: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The steady state of a backlog larger than ``maxInFlight``: slots free one at a time
+    and each sweep may claim one entry. It must cost about one page of ``batchSize`` — not
+    one round trip per in-flight entry ahead of the first claimable one — both when the
+    sweep resumes where the last one stopped and when it starts a pass from the start (a
+    new operator process, or a pass one interval old)."""
+    max_in_flight = 60
+    schema.seed(conn, count=10 * max_in_flight)
+    policy = make_policy(limits={"batchSize": 25, "maxInFlight": max_in_flight})
+    with sweep_connections(demo_dsn, broker_url) as (db, publisher):
+        filled = reconcile.reconcile_once(policy, db=db, broker=publisher)
+        assert filled.published == max_in_flight
+        next_in_order = [
+            str(row[0])
+            for row in conn.execute(
+                "SELECT id FROM journal_entry ORDER BY created_at, id OFFSET %s LIMIT 3",
+                [max_in_flight],
+            )
+        ]
+        for expected in next_in_order:
+            finish_oldest_in_flight(conn)
+            if not resumed:
+                monkeypatch.setattr(reconcile, "_positions", {})  # as in a new process
+            steady = reconcile.reconcile_once(policy, db=db, broker=publisher)
+            assert (steady.budget, steady.published) == (1, 1)
+            assert steady.pages == 1  # not max_in_flight + 1 pages of one row
+            claimed = conn.execute(
+                "SELECT entry_id FROM celery_reconciler.entries "
+                "ORDER BY dispatched_at DESC, entry_id::bigint DESC LIMIT 1"
+            ).fetchone()
+            assert claimed == (expected,)  # the next pending entry in keyset order
+        assert publisher.queue_depth("insights") == max_in_flight + 3
+
+
+def test_a_resumed_sweep_reaches_rows_that_became_pending_ahead_of_it(
+    demo_dsn: str, conn: psycopg.Connection[Any], broker_url: str
+) -> None:
+    """A sweep resumes where the last one ran out of budget; a row that became pending
+    ahead of that position is claimed by the next pass — once the pass is one sweep
+    interval old, or at once when a sweep reaches the end of the backlog with budget left.
+    The sweeps' clock is the test's, so the pass's age is exact."""
+    schema.seed(conn, count=40)
+    policy = make_policy(limits={"batchSize": 10, "maxInFlight": 30})
+    interval = policy.schedule.sweep_interval_seconds
+    now = [1000.0]
+
+    def sweep() -> reconcile.SweepResult:
+        return reconcile.reconcile_once(policy, db=db, broker=publisher, clock=lambda: now[0])
+
+    def insert_early_row(*, days_ago: int) -> str:
+        row = conn.execute(
+            'INSERT INTO journal_entry ("user", body, created_at) '
+            "VALUES ('demo', 'early', now() - make_interval(days => %s)) RETURNING id::text",
+            [days_ago],
+        ).fetchone()
+        assert row is not None
+        return str(row[0])
+
+    with sweep_connections(demo_dsn, broker_url) as (db, publisher):
+        assert sweep().published == 30
+        early = insert_early_row(days_ago=30)
+        finish_oldest_in_flight(conn)
+        now[0] += interval - 1
+        resumed = sweep()
+        assert (resumed.published, resumed.pages) == (1, 1)
+        assert not claimed(conn, early)  # the next row after the position was
+        now[0] += 1  # the pass is one sweep interval old: the next sweep starts over
+        finish_oldest_in_flight(conn)
+        assert sweep().published == 1 and claimed(conn, early)
+
+        earlier = insert_early_row(days_ago=31)
+        for _ in range(12):  # slots for the rest of the backlog, and more
+            finish_oldest_in_flight(conn)
+        wrapped = sweep()  # resumes, reaches the end, then reads from the start
+        assert wrapped.published == 10 and claimed(conn, earlier)
+    in_flight = ledger.count_in_flight(conn, policy_key=policy.key)
+    assert pending_count(conn) == in_flight == 42 - 14  # every pending row is in flight
+
+
+def claimed(conn: psycopg.Connection[Any], entry_id: str) -> bool:
+    row = conn.execute(
+        "SELECT count(*) FROM celery_reconciler.entries WHERE entry_id = %s", [entry_id]
+    ).fetchone()
+    return row is not None and row[0] == 1

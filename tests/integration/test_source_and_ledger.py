@@ -626,3 +626,54 @@ def test_silence_ends_only_workers_outside_kubernetes_and_pod_proof_ends_the_res
     )
     assert reasons[1].startswith("no heartbeat") and reasons[3] is None
     assert reasons[2].startswith("its container worker's instance aaaaaaaaaaaa ended")
+
+
+def attempts_rows_read(conn: psycopg.Connection[Any]) -> int:
+    """Rows of the attempts table this transaction has read so far: by sequential scans and
+    fetched through indexes (the outcomes read needs each row's outcome, so no index-only
+    scan can answer it)."""
+    row = conn.execute(
+        "SELECT seq_tup_read + coalesce(idx_tup_fetch, 0) FROM pg_stat_xact_user_tables "
+        "WHERE schemaname = 'celery_reconciler' AND relname = 'attempts'"
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_the_first_status_read_after_a_start_reads_the_tally_not_the_history(
+    conn: psycopg.Connection[Any],
+) -> None:
+    """An operator that starts over a long history must not scan it: the first status read
+    counts succeeded entries from the tally, and its window of finished attempts (the
+    Prometheus counters) opens there — rows read from the attempts table, never a timing."""
+    ledger.ensure_schema(conn)
+    history = 3000
+    conn.execute(
+        """
+        INSERT INTO celery_reconciler.attempts (policy_key, entry_id, attempt, fence_token,
+            worker, outcome, started_at, finished_at)
+        SELECT 't/p', n::text, 1, gen_random_uuid(), 'w', 'succeeded',
+            now() - interval '1 hour', now() - interval '1 hour'
+        FROM generate_series(1, %s) AS n
+        """,
+        [history],
+    )
+    conn.execute(
+        "INSERT INTO celery_reconciler.tallies (policy_key, succeeded) VALUES ('t/p', %s)",
+        [history],
+    )
+    conn.execute("ANALYZE celery_reconciler.attempts")
+
+    with conn.transaction():
+        first = ledger.status(conn, policy_key="t/p", outcomes_since=None)
+        read_by_first = attempts_rows_read(conn)
+    assert first.counts.succeeded == history  # from the tally
+    # One row: the latest finished attempt (how long since workers last finished one, a
+    # backwards index probe); not one row of the history besides.
+    assert read_by_first == 1
+    assert first.outcomes.succeeded == 0  # the counters start with this operator
+
+    with conn.transaction():
+        ledger.status(conn, policy_key="t/p", outcomes_since=first.outcomes.until)
+        read_by_next = attempts_rows_read(conn)
+    assert read_by_next < 10  # later reads look at their window only, as before

@@ -101,11 +101,22 @@ def test_claims_never_exceed_max_in_flight_or_batch(
     assert budget >= 0 and in_flight + budget <= max(in_flight, max_in_flight)
     remaining, claimed = budget, 0
     while remaining > 0:
-        size = planning.page_size(remaining_budget=remaining, batch_size=batch)
-        assert 0 < size <= batch
-        claimed += size
-        remaining -= size
+        page = planning.page_plan(remaining_budget=remaining, batch_size=batch)
+        assert 0 < page.claims <= page.rows == batch
+        claimed += page.claims
+        remaining -= page.claims
     assert claimed == budget
+    assert planning.page_plan(remaining_budget=remaining, batch_size=batch).rows == 0
+
+
+@given(
+    remaining=st.integers(min_value=1, max_value=20_000),
+    batch=st.integers(min_value=1, max_value=50_000),
+)
+def test_a_page_reads_a_whole_batch_however_few_slots_are_free(remaining: int, batch: int) -> None:
+    page = planning.page_plan(remaining_budget=remaining, batch_size=batch)
+    assert page.rows == batch
+    assert page.claims == min(remaining, batch)
 
 
 @given(interval=st.floats(min_value=0.01, max_value=86400.0), r=unit_random)
@@ -717,3 +728,13 @@ def test_equal_predicates_have_equal_texts_and_different_ones_differ() -> None:
         policy.PendingIn(column="done", values=("false",)),
     ]
     assert len({planning.pending_text(p) for p in [flag, *others]}) == 5
+
+
+def test_a_sweep_resumes_where_the_last_one_ran_out_of_budget_within_one_interval() -> None:
+    position = planning.BacklogPosition(key=(7,), pass_started=100.0)
+    assert planning.sweep_resumes_at(None, now=100.0, sweep_interval_seconds=60.0) is None
+    resumed = planning.sweep_resumes_at(position, now=159.9, sweep_interval_seconds=60.0)
+    assert resumed == position
+    # A pass one interval old starts over: rows that became pending ahead of the position
+    # wait at most one sweep interval, as they would for a sweep.
+    assert planning.sweep_resumes_at(position, now=160.0, sweep_interval_seconds=60.0) is None
