@@ -151,10 +151,10 @@ def permission_denied(error: BaseException, *, dsn: str, doing: str) -> LedgerPe
     return LedgerPermissionDenied(
         f"the database user may not use the operator's schema {SCHEMA} while {doing} "
         f"({describe_dsn(dsn)}): {reason} — the ledger lives in that schema of the entries' "
-        f"database: GRANT CREATE ON DATABASE to the user (the operator creates the schema), "
-        f"or create it and GRANT USAGE, CREATE ON SCHEMA {SCHEMA} and SELECT, INSERT, "
-        f"UPDATE, DELETE ON ALL TABLES IN SCHEMA {SCHEMA} to the user of "
-        "spec.source.databaseSecretRef (--dsn or CELERY_RECONCILER_DSN for the CLI)"
+        f"database, created and owned by the operator's role: GRANT CONNECT, CREATE ON "
+        f"DATABASE to the user of spec.source.databaseSecretRef (--dsn or "
+        "CELERY_RECONCILER_DSN for the CLI); `celery-reconciler grants` prints every role's "
+        "statements"
     )
 
 

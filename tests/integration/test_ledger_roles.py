@@ -1,0 +1,217 @@
+"""The ledger's least-privilege roles, with exactly the GRANTs ``celery-reconciler grants``
+prints: a real worker and the operator's sweeps do their work with them, and a worker's
+login is refused everything else (issue 22, item 2).
+
+Roles are created as PostgreSQL roles of the session's server with random names (roles are
+cluster-wide); the demo body's own table rights are the application's business, granted
+apart from the ledger's.
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import conninfo, sql
+from reconcile_support import (
+    WorkerFactory,
+    make_policy,
+    pending_count,
+    sweep_connections,
+    sweep_until,
+)
+
+from celery_app.demo import audit, schema
+from celery_reconciler import cli, ledger_roles, reconcile
+from celery_reconciler import ledger as operator_ledger
+from devstack import postgres as devstack_postgres
+
+pytestmark = pytest.mark.integration
+
+LEDGER_TABLES = (
+    "entries",
+    "attempts",
+    "incarnations",
+    "policies",
+    "tallies",
+    "policy_owners",
+    "sweeps",
+    "policy_work",
+)
+
+
+@pytest.fixture
+def logins(postgres: devstack_postgres.PostgresServer, demo_dsn: str) -> Iterator[dict[str, str]]:
+    """A LOGIN role per part (operator, worker, reader) with a password; their DSNs."""
+    suffix = uuid.uuid4().hex[:8]
+    dsns: dict[str, str] = {}
+    names: list[str] = []
+    with psycopg.connect(postgres.dsn, autocommit=True) as admin:
+        for part in ("operator", "worker", "reader"):
+            role, password = f"cr_{part}_{suffix}", secrets.token_urlsafe(12)
+            admin.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(role), sql.Literal(password)
+                )
+            )
+            names.append(role)
+            dsns[part] = conninfo.make_conninfo(demo_dsn, user=role, password=password)
+            dsns[f"{part}_role"] = role
+    yield dsns
+    with psycopg.connect(demo_dsn, autocommit=True) as admin:
+        for role in names:
+            admin.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
+    with psycopg.connect(postgres.dsn, autocommit=True) as admin:
+        for role in names:
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def printed_grants(*, database: str, logins: dict[str, str]) -> tuple[str, str]:
+    out = io.StringIO()
+    code = cli.main(
+        [
+            "grants",
+            "--database",
+            database,
+            "--table",
+            "public.journal_entry",
+            "--operator-role",
+            logins["operator_role"],
+            "--worker-role",
+            logins["worker_role"],
+            "--reader-role",
+            logins["reader_role"],
+        ],
+        out=out,
+    )
+    assert code == cli.EXIT_OK
+    administrator, operator = out.getvalue().split(ledger_roles.OPERATOR_PART_MARKER)
+    return administrator, ledger_roles.OPERATOR_PART_MARKER + operator
+
+
+def run_script(dsn: str, script: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(script.encode())
+
+
+def ledger_states(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    rows = conn.execute("SELECT state, count(*) FROM celery_reconciler.entries GROUP BY state")
+    return dict(rows.fetchall())
+
+
+def select_from(table: str) -> sql.Composed:
+    return sql.SQL("SELECT * FROM {} LIMIT 1").format(sql.Identifier("celery_reconciler", table))
+
+
+def refused(dsn: str, statement: str | sql.Composed, params: Any = None) -> bool:
+    """Whether the server refuses ``statement`` to this login for want of a right."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        try:
+            conn.execute(statement.encode() if isinstance(statement, str) else statement, params)
+        except psycopg.errors.InsufficientPrivilege:
+            return True
+    return False
+
+
+def test_a_worker_and_the_operator_run_with_the_printed_grants_and_a_worker_may_do_no_more(
+    demo_dsn: str,
+    conn: psycopg.Connection[Any],
+    redis_url: str,
+    start_worker: WorkerFactory,
+    logins: dict[str, str],
+) -> None:
+    database = str(conninfo.conninfo_to_dict(demo_dsn)["dbname"])
+    administrator, operator = printed_grants(database=database, logins=logins)
+    run_script(demo_dsn, administrator)
+    # The demo body's own rights on its tables: the application's, not the ledger's.
+    conn.execute(
+        sql.SQL(
+            "GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {role}; "
+            "GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"
+        ).format(role=sql.Identifier(logins["worker_role"]))
+    )
+    schema.seed(conn, count=40)
+    schema.set_fault(conn, entry_id=7, kind="fail")
+    policy = make_policy(retry={"maxAttempts": 1, "initialDelay": "1s"})
+
+    # The operator's first sweep creates the schema it then owns; its part of the grants
+    # names the functions that sweep created.
+    with sweep_connections(logins["operator"], redis_url) as (db, publisher):
+        first = reconcile.reconcile_once(policy, db=db, broker=publisher)
+    assert first.published == 40
+    run_script(logins["operator"], operator)
+    owner = conn.execute(
+        "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = %s",
+        [operator_ledger.SCHEMA],
+    ).fetchone()
+    assert owner == (logins["operator_role"],)
+
+    start_worker(broker_url=redis_url, dsn=logins["worker"], concurrency=2)
+    sweep_until(
+        lambda: pending_count(conn) == 1 and ledger_states(conn) == {"succeeded": 39, "dead": 1},
+        policy_=policy,
+        dsn=logins["operator"],
+        broker_url=redis_url,
+        timeout_seconds=120,
+    )
+    runs = audit.runs(conn)
+    assert sorted(int(run.entry_id) for run in runs) == list(range(1, 41))
+    assert audit.overlapping_runs(runs) == []
+    live = conn.execute(
+        "SELECT count(*) FROM celery_reconciler.incarnations WHERE ended_at IS NULL"
+    ).fetchone()
+    assert live is not None and live[0] >= 1
+
+    worker = logins["worker"]
+    for table in LEDGER_TABLES:
+        assert refused(worker, select_from(table)), table
+    assert refused(worker, "UPDATE celery_reconciler.entries SET state = 'dead'")
+    assert refused(worker, "UPDATE celery_reconciler.incarnations SET ended_at = now()")
+    assert refused(
+        worker,
+        "INSERT INTO celery_reconciler.policy_owners (policy_key, holder, token) "
+        "VALUES ('test/journal-insights', 'evil/1', 9223372036854775807)",
+    )
+    assert refused(worker, "DELETE FROM celery_reconciler.policy_work")
+    assert refused(
+        worker,
+        "INSERT INTO celery_reconciler.attempts (policy_key, entry_id, attempt, fence_token, "
+        "outcome, started_at) VALUES ('x', '1', 1, gen_random_uuid(), 'failed', now())",
+    )
+    assert refused(worker, "CREATE TABLE celery_reconciler.evil (id int)")
+    assert refused(worker, "DROP SCHEMA celery_reconciler CASCADE")
+    # Its functions act only on what the caller proves it holds: ids nobody gave it end
+    # nothing and mark nothing.
+    with psycopg.connect(worker, autocommit=True) as login:
+        ended = login.execute(
+            "SELECT celery_reconciler.worker_end_incarnations(%s::uuid[], 'forged')",
+            [[uuid.uuid4(), uuid.uuid4()]],
+        ).fetchone()
+        marked = login.execute(
+            "SELECT celery_reconciler.worker_record_failure(%s, 'forged', NULL)", [uuid.uuid4()]
+        ).fetchone()
+    assert ended == (0,) and marked == (None,)
+    assert (
+        conn.execute(
+            "SELECT count(*) FROM celery_reconciler.incarnations WHERE ended_at IS NULL"
+        ).fetchone()
+        == live
+    )
+    assert ledger_states(conn) == {"succeeded": 39, "dead": 1}
+
+    reader = logins["reader"]
+    with psycopg.connect(reader, autocommit=True) as login:
+        backlog = login.execute(
+            "SELECT policy_key, queued, running FROM celery_reconciler.backlog"
+        ).fetchall()
+    assert backlog == [(policy.key, 0, 0)]
+    for table in LEDGER_TABLES:
+        assert refused(reader, select_from(table)), table
+    assert refused(
+        reader, "SELECT celery_reconciler.worker_end_incarnations(%s::uuid[], 'x')", [[]]
+    )
