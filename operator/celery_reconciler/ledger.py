@@ -1090,25 +1090,35 @@ class Consumption:
 
     oldest_queued_seconds: float | None  # None: nothing published and waiting
     last_finished_seconds_ago: float | None  # None: no attempt ever finished
+    # The longest heartbeat timeout of the live worker processes running its entries: the
+    # ledger holds their attempts that long whatever the lease (``conditions.lease_fits_workers``).
+    # None: nothing runs under an incarnation now.
+    workers_heartbeat_timeout_seconds: float | None = None
 
 
-# Both halves use an index: entries_unfinished (policy_key, state) and attempts_finished
-# (policy_key, finished_at), so the check costs the backlog, not the history.
+# Each part uses an index: entries_unfinished (policy_key, state), attempts_finished
+# (policy_key, finished_at) and the incarnations' primary key, so the check costs the
+# backlog, not the history.
 _CONSUMPTION = sql.SQL(
     """
     SELECT
         (SELECT EXTRACT(EPOCH FROM now() - min(dispatched_at)) FROM {entries}
          WHERE policy_key = %(policy_key)s AND state = 'queued' AND lease_deadline > now()),
         (SELECT EXTRACT(EPOCH FROM now() - max(finished_at)) FROM {attempts}
-         WHERE policy_key = %(policy_key)s AND finished_at IS NOT NULL)
+         WHERE policy_key = %(policy_key)s AND finished_at IS NOT NULL),
+        (SELECT max(i.heartbeat_timeout_seconds) FROM {incarnations} i
+         WHERE i.ended_at IS NULL AND i.id IN (
+            SELECT r.incarnation FROM {entries} r
+            WHERE r.policy_key = %(policy_key)s AND r.state = 'running'))
     """
-).format(entries=_ENTRIES, attempts=_ATTEMPTS)
+).format(entries=_ENTRIES, attempts=_ATTEMPTS, incarnations=_INCARNATIONS)
 
 
 def _consumption(row: Sequence[Any]) -> Consumption:
     return Consumption(
         oldest_queued_seconds=None if row[0] is None else float(row[0]),
         last_finished_seconds_ago=None if row[1] is None else float(row[1]),
+        workers_heartbeat_timeout_seconds=None if row[2] is None else float(row[2]),
     )
 
 
@@ -1401,6 +1411,6 @@ def status(
     assert row is not None
     return Status(
         counts=_counts(row[:6]),
-        consumption=_consumption(row[6:8]),
-        outcomes=_outcomes(row[8:]),
+        consumption=_consumption(row[6:9]),
+        outcomes=_outcomes(row[9:]),
     )

@@ -261,6 +261,9 @@ class PolicyLoop:
         self.pod_watch: podwatch.Subscription | None = None
         self.index_condition: tuple[str, str, str, str] | None = None
         self.index_checked: tuple[int, float] | None = None  # (generation, time.monotonic())
+        self.lease_condition: tuple[str, str, str, str] | None = None
+        # The heartbeat timeout of the workers last seen running this policy's entries.
+        self.workers_heartbeat_timeout_seconds: float | None = None
         self.pod_selector = ""
         self.pod_watch_failure: str | None = None  # set from the watch thread
         # Every ProcessingPolicy by namespace (a kopf index), to find the ones that overlap.
@@ -564,9 +567,30 @@ class PolicyLoop:
             reconcile.collect_status, policy, db=db, outcomes_since=self.outcomes_until
         )
         self.count_outcomes(counts.outcomes)
+        await self.check_lease(policy, counts)
         depth = await asyncio.to_thread(publisher.queue_depth, policy.task.queue)
         metrics.QUEUE_DEPTH.labels(self.namespace, self.name).set(depth)
         return counts
+
+    async def check_lease(
+        self, policy: policy_module.Policy, counts: reconcile.StatusSnapshot
+    ) -> None:
+        """Tell the user, on the policy, when its lease is shorter than the heartbeat timeout
+        of the workers running its entries — which only the ledger knows (each worker sets
+        its own), so nothing at apply time can refuse it."""
+        seen = counts.consumption.workers_heartbeat_timeout_seconds
+        if seen is not None:
+            self.workers_heartbeat_timeout_seconds = seen
+        if self.workers_heartbeat_timeout_seconds is None:
+            return
+        condition = conditions.lease_fits_workers(
+            lease_seconds=policy.lease.timeout_seconds,
+            heartbeat_timeout_seconds=self.workers_heartbeat_timeout_seconds,
+        )
+        if condition[1] == "False" and condition != self.lease_condition:
+            logger.warning("policy %s: %s", self.key, condition[3])
+            await self.event("Warning", conditions.LEASE_BELOW_HEARTBEAT_TIMEOUT, condition[3])
+        self.lease_condition = condition
 
     async def check_index(
         self, policy: policy_module.Policy, *, db: reconcile.Sessions, generation: int
@@ -947,6 +971,7 @@ class PolicyLoop:
             self.dispatched_since_write,
             None if self.last_rescue is None else dataclasses.astuple(self.last_rescue),
             self.index_condition,
+            self.lease_condition,
         )
         since_write = time.monotonic() - self.last_status_write
         if not changed and facts == self.reported_facts and since_write < STATUS_REFRESH_SECONDS:
@@ -969,8 +994,11 @@ class PolicyLoop:
         if previous is None:
             previous = (self.body.get("status") or {}).get("conditions")
         updates = list(conditions.health(problem=problem, suspended=suspended, summary=summary))
-        if self.index_condition is not None:
-            updates.append(self.index_condition)
+        updates.extend(
+            condition
+            for condition in (self.index_condition, self.lease_condition)
+            if condition is not None
+        )
         merged = conditions.merge(previous, updates, now=now, generation=generation)
         self.submitted_conditions = merged
         policy_status: dict[str, Any] | None = None
