@@ -250,6 +250,24 @@ _PRUNE_SWEEPS = sql.SQL(
 ).format(sweeps=_SWEEPS)
 
 
+# A deleted policy's owner row goes with it: left behind, its token — however it got there —
+# would refuse every Lease of a new policy of the same name that starts below it. The row
+# has no uid of its own; the policy's recorded work (``overlaps``) has, so a removal that
+# comes after a recreated policy of that name recorded its work leaves that policy's row.
+_FORGET_OWNER = sql.SQL(
+    """
+    DELETE FROM {owners} WHERE policy_key = %(policy_key)s
+      AND NOT EXISTS (SELECT 1 FROM {work} WHERE policy_key = %(policy_key)s
+                                          AND policy_uid <> %(policy_uid)s)
+    """
+).format(owners=_OWNERS, work=worker_ledger.POLICY_WORK)
+
+
+def forget_owner(conn: psycopg.Connection[Any], *, policy_key: str, policy_uid: str) -> None:
+    """Remove the owner row of a policy that no longer exists (that uid of that name)."""
+    conn.execute(_FORGET_OWNER, {"policy_key": policy_key, "policy_uid": policy_uid})
+
+
 def _fence_params(fence: sharding.Fence) -> dict[str, Any]:
     return {"policy_key": fence.policy_key, "holder": fence.holder, "token": fence.token}
 
