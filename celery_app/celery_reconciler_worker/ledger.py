@@ -228,6 +228,23 @@ def unavailable(error: BaseException, *, dsn: str, doing: str) -> DatabaseUnavai
     )
 
 
+# SQLSTATE insufficient_privilege: a missing GRANT, which no retry heals by itself.
+INSUFFICIENT_PRIVILEGE_SQLSTATE = "42501"
+
+
+def not_permitted(error: BaseException, *, dsn: str, doing: str) -> DatabaseUnavailable:
+    """A worker login refused by our schema, without any credential in the message: the
+    fix is a GRANT (or a migration the operator has not run yet), not a check of the
+    server."""
+    reason = sanitize_database_error(str(error).strip() or type(error).__name__, dsn=dsn)
+    return DatabaseUnavailable(
+        f"the worker's login may not use the ledger while {doing} ({describe_dsn(dsn)}): "
+        f"{reason} — it needs the worker role's grants on schema {SCHEMA}: run part 2 of "
+        "`celery-reconciler grants` as the operator's login, once the operator has created "
+        "or migrated the schema (its first sweep); deliveries wait in the queue meanwhile"
+    )
+
+
 # TCP keepalives, so a connection whose peer vanished (a half-open socket after a network
 # cut or a server host that died) fails in tens of seconds instead of blocking forever.
 KEEPALIVES_IDLE_SECONDS = 10

@@ -29,6 +29,7 @@ from reconcile_support import (
 from celery_app.demo import audit, schema
 from celery_reconciler import cli, ledger_roles, reconcile
 from celery_reconciler import ledger as operator_ledger
+from celery_reconciler_worker import connection as worker_connection
 from devstack import postgres as devstack_postgres
 from tests.e2e.hostile_corpus import LEDGER_CASES
 
@@ -181,3 +182,35 @@ def test_a_worker_and_the_operator_run_with_the_printed_grants_and_a_worker_may_
             "SELECT policy_key, queued, running FROM celery_reconciler.backlog"
         ).fetchall()
     assert backlog == [(policy.key, 0, 0)]
+
+
+def test_a_worker_login_without_the_functions_grants_is_told_what_to_run(
+    demo_dsn: str, logins: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Part 2 of the grants not run yet (or a login of another role): a delivery goes back
+    to the queue, as when the database is away, and the error says what to grant — not a
+    failed task whose permission error nobody reads, nor "check that the database is up"."""
+    database = str(conninfo.conninfo_to_dict(demo_dsn)["dbname"])
+    administrator, _ = printed_grants(database=database, logins=logins)
+    run_script(demo_dsn, administrator)
+    with psycopg.connect(logins["operator"], autocommit=True) as owner:
+        operator_ledger.ensure_schema(owner)
+    monkeypatch.setenv(worker_connection.DSN_ENVIRONMENT_VARIABLE, logins["worker"])
+    own = worker_connection._LedgerConnection()
+    previous = worker_connection.current()
+    worker_connection.use_ledger_connection(own)
+    try:
+        with pytest.raises(worker_connection.LedgerUnavailable) as caught:
+            worker_connection.ledger_call(
+                "checking the fence token",
+                operator_ledger.start_attempt,
+                fence_token=str(uuid.uuid4()),
+                entry_id="1",
+                worker="w",
+            )
+    finally:
+        worker_connection.use_ledger_connection(previous)
+        own.failed()
+    message = str(caught.value)
+    assert "celery-reconciler grants" in message
+    assert "password" not in message.lower() and logins["worker"] not in message
