@@ -31,8 +31,10 @@ Tables (see docs/design.md), created and migrated here (``ensure_schema``):
 
 The worker calls ``register_incarnation``, ``heartbeat`` (which also marks finished bodies
 succeeded, in batches), ``start_attempt`` (the atomic fence check), ``record_success``
-(inside the body's own transaction: the fenced commit), ``retry_rules``, ``record_failure``
-and ``incarnation_is_live``.
+(inside the body's own transaction: the fenced commit), ``retry_rules``, ``record_failure``,
+``incarnation_is_live`` and (its guardian) ``end_incarnations``. Each is one call of a
+``SECURITY DEFINER`` function of the schema (``WORKER_FUNCTIONS``), so a worker's login
+needs no right on any table: the least-privilege worker role of ``celery-reconciler grants``.
 
 Every statement is composed with ``psycopg.sql`` from constant text and identifiers; values
 are always bound parameters. All times are the database's ``now()``, never a host clock, so
@@ -226,10 +228,6 @@ def unavailable(error: BaseException, *, dsn: str, doing: str) -> DatabaseUnavai
         "the database is up and that the DSN (spec.source.databaseSecretRef, --dsn or "
         "CELERY_RECONCILER_DSN) is right; nothing was lost, the next sweep retries"
     )
-
-
-# SQLSTATE insufficient_privilege: a missing GRANT, which no retry heals by itself.
-INSUFFICIENT_PRIVILEGE_SQLSTATE = "42501"
 
 
 def not_permitted(error: BaseException, *, dsn: str, doing: str) -> DatabaseUnavailable:
