@@ -43,6 +43,8 @@ KUBERNETES_UNAVAILABLE = "KubernetesUnavailable"
 CONFLICT = "Conflict"
 WORKERS_NOT_CONSUMING = "WorkersNotConsuming"
 POD_WATCH_FAILED = "PodWatchFailed"
+# The ledger's owner row names another replica than the policy's Lease does (membership).
+OWNER_ROW_DISAGREES = "OwnerRowDisagrees"
 # Running entries held by a silent worker process in a Pod that nothing proves gone yet.
 HELD_BY_SILENT_WORKER = "HeldBySilentWorker"
 # The last resort: a failure no other reason describes is a bug of ours. The loop reports it
