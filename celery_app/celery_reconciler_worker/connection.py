@@ -61,6 +61,11 @@ class _LedgerConnection:
                 ledger.ensure_schema(connection)
             except ledger.DatabaseUnavailable as error:
                 raise LedgerUnavailable(str(error)) from None
+            except psycopg.errors.InsufficientPrivilege as error:
+                connection.close()
+                raise LedgerUnavailable(
+                    str(ledger.not_permitted(error, dsn=dsn, doing="preparing the ledger"))
+                ) from None
             except psycopg.Error as error:
                 raise LedgerUnavailable(
                     str(ledger.unavailable(error, dsn=dsn, doing="preparing the ledger"))
@@ -132,15 +137,25 @@ def ledger_call(doing: str, call: Any, **kwargs: Any) -> Any:
     twice: at worst it finds the work already done and reports so."""
     try:
         return call(_ledger_connection.get(), **kwargs)
+    except psycopg.errors.InsufficientPrivilege as error:
+        raise _not_permitted(error, doing=doing) from None
     except (psycopg.OperationalError, psycopg.InterfaceError):
         _ledger_connection.failed()
     try:
         return call(_ledger_connection.get(), **kwargs)
+    except psycopg.errors.InsufficientPrivilege as error:
+        raise _not_permitted(error, doing=doing) from None
     except (psycopg.OperationalError, psycopg.InterfaceError) as error:
         _ledger_connection.failed()
         raise LedgerUnavailable(
             str(ledger.unavailable(error, dsn=required_dsn(), doing=doing))
         ) from None
+
+
+def _not_permitted(error: BaseException, *, doing: str) -> LedgerUnavailable:
+    """A missing GRANT is no reason to spend the delivery: like a database that is away, the
+    body does not run and the delivery goes back to the queue, with what to grant."""
+    return LedgerUnavailable(str(ledger.not_permitted(error, dsn=required_dsn(), doing=doing)))
 
 
 def current() -> LedgerConnection:

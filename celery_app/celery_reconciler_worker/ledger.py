@@ -31,8 +31,10 @@ Tables (see docs/design.md), created and migrated here (``ensure_schema``):
 
 The worker calls ``register_incarnation``, ``heartbeat`` (which also marks finished bodies
 succeeded, in batches), ``start_attempt`` (the atomic fence check), ``record_success``
-(inside the body's own transaction: the fenced commit), ``retry_rules``, ``record_failure``
-and ``incarnation_is_live``.
+(inside the body's own transaction: the fenced commit), ``retry_rules``, ``record_failure``,
+``incarnation_is_live`` and (its guardian) ``end_incarnations``. Each is one call of a
+``SECURITY DEFINER`` function of the schema (``WORKER_FUNCTIONS``), so a worker's login
+needs no right on any table: the least-privilege worker role of ``celery-reconciler grants``.
 
 Every statement is composed with ``psycopg.sql`` from constant text and identifiers; values
 are always bound parameters. All times are the database's ``now()``, never a host clock, so
@@ -228,6 +230,19 @@ def unavailable(error: BaseException, *, dsn: str, doing: str) -> DatabaseUnavai
     )
 
 
+def not_permitted(error: BaseException, *, dsn: str, doing: str) -> DatabaseUnavailable:
+    """A worker login refused by our schema, without any credential in the message: the
+    fix is a GRANT (or a migration the operator has not run yet), not a check of the
+    server."""
+    reason = sanitize_database_error(str(error).strip() or type(error).__name__, dsn=dsn)
+    return DatabaseUnavailable(
+        f"the worker's login may not use the ledger while {doing} ({describe_dsn(dsn)}): "
+        f"{reason} — it needs the worker role's grants on schema {SCHEMA}: run part 2 of "
+        "`celery-reconciler grants` as the operator's login, once the operator has created "
+        "or migrated the schema (its first sweep); deliveries wait in the queue meanwhile"
+    )
+
+
 # TCP keepalives, so a connection whose peer vanished (a half-open socket after a network
 # cut or a server host that died) fails in tens of seconds instead of blocking forever.
 KEEPALIVES_IDLE_SECONDS = 10
@@ -284,6 +299,349 @@ def connect(
 
 
 # --- schema --------------------------------------------------------------------------------
+
+
+# An attempt's history row is written once, when the attempt ends (succeeded, failed or
+# lost), from the entry row the ending statement just updated: the worker's fence check is
+# then a single-row UPDATE, the least a per-task statement can be, and a running attempt is
+# read from the entry row itself (``history``). A ledger of the previous schema may still
+# hold ``running`` history rows: those are completed in place instead of inserted.
+# ``ended`` names a CTE returning the entry's ``policy_key, entry_id, attempt, fence_token,
+# worker, dispatched_at, started_at, incarnation``; the expressions may use its columns
+# through the alias ``ended``.
+def attempt_ended(
+    ended: str, *, outcome: str, error: str = "NULL", retry_at: str = "NULL"
+) -> sql.Composed:
+    return sql.SQL(
+        """
+        {completed} AS (
+            UPDATE {attempts} a SET outcome = {outcome}, error = {error}, finished_at = now(),
+                retry_at = {retry_at}
+            FROM {ended} ended
+            WHERE a.fence_token = ended.fence_token AND a.outcome = 'running'
+        ), {recorded} AS (
+            INSERT INTO {attempts} (policy_key, entry_id, attempt, fence_token, worker,
+                outcome, error, dispatched_at, started_at, finished_at, retry_at, incarnation)
+            SELECT ended.policy_key, ended.entry_id, ended.attempt, ended.fence_token,
+                ended.worker, {outcome}, {error}, ended.dispatched_at,
+                coalesce(ended.started_at, now()), now(), {retry_at}, ended.incarnation
+            FROM {ended} ended
+            WHERE NOT EXISTS (SELECT 1 FROM {attempts} a
+                              WHERE a.fence_token = ended.fence_token AND a.outcome = 'running')
+        )
+        """
+    ).format(
+        ended=sql.Identifier(ended),
+        completed=sql.Identifier(f"{ended}_completed"),
+        recorded=sql.Identifier(f"{ended}_recorded"),
+        attempts=ATTEMPTS,
+        outcome=sql.Literal(outcome),
+        error=sql.SQL(error),
+        retry_at=sql.SQL(retry_at),
+    )
+
+
+# --- the worker's interface: functions, not tables --------------------------------------------
+#
+# A worker's login reaches the ledger only through these functions (see docs/operations.md,
+# "Trust boundaries", and ``celery_reconciler.ledger_roles``, which prints the GRANTs). They
+# are ``SECURITY DEFINER``: they run with the rights of the schema's owner (the operator's
+# role, which created them), so the worker's role needs no right on any table — it cannot
+# read another policy's entries, end incarnations or mark entries except through a function,
+# and each function acts only on what its caller proves it holds: an attempt by its fence
+# token (a random UUID that reaches a worker as the task id of its message, and that no
+# worker login can list), an incarnation by its id (a random UUID only its process and that
+# process's guardian know). Row-level security was the alternative; it decides by the
+# session's role, and every worker shares one, so it could not tell one worker's incarnation
+# from another's without trusting what the session says about itself.
+#
+# PL/pgSQL, not SQL: its plans are cached for the session, so the fence check costs one
+# planned statement per task as before. ``search_path`` is pinned (every name below is
+# schema-qualified) so that a caller's temporary objects cannot stand in for ours.
+# ``#variable_conflict use_column``: a name that is both a column and an output column means
+# the column. A later change to a function replaces it in a migration of its own.
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerFunction:
+    """One function of the worker's interface: its name, typed parameters, result and body."""
+
+    name: str
+    parameters: tuple[tuple[str, str], ...]  # (name, type)
+    returns: str
+    body: sql.Composable
+
+    @property
+    def identifier(self) -> sql.Identifier:
+        return sql.Identifier(SCHEMA, self.name)
+
+    @property
+    def signature(self) -> sql.Composed:
+        """``schema.name(type, ...)``: how GRANT and REVOKE name this function."""
+        return sql.SQL("{}({})").format(
+            self.identifier, sql.SQL(", ").join(sql.SQL(kind) for _, kind in self.parameters)
+        )
+
+    def create(self) -> sql.Composed:
+        return sql.SQL(
+            """
+            CREATE FUNCTION {identifier}({parameters}) RETURNS {returns}
+            LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+            AS $function$
+            #variable_conflict use_column
+            {declare}
+            BEGIN
+            {body}
+            END
+            $function$
+            """
+        ).format(
+            identifier=self.identifier,
+            parameters=sql.SQL(", ").join(
+                sql.SQL("{} {}").format(sql.Identifier(name), sql.SQL(kind))
+                for name, kind in self.parameters
+            ),
+            returns=sql.SQL(self.returns),
+            declare=self._declare(),
+            body=self.body,
+        )
+
+    def _declare(self) -> sql.Composable:
+        """A scalar function returns its ``result`` variable; a set or nothing needs none."""
+        if self.returns.startswith(("TABLE", "void")):
+            return sql.SQL("")
+        return sql.SQL("DECLARE result {};").format(sql.SQL(self.returns))
+
+    def revoke_from_public(self) -> sql.Composed:
+        # Functions are executable by PUBLIC unless revoked: only the GRANTs may open them.
+        return sql.SQL("REVOKE ALL ON FUNCTION {} FROM PUBLIC").format(self.signature)
+
+
+# Bodies an incarnation finished, marked succeeded in one batch by its next heartbeat (or by
+# ``worker_record_success`` inside a fenced commit): a worker spends a single one-row statement
+# per task, its fence check. Until the mark the entry stays ``running`` under a live
+# incarnation — nothing re-dispatches it — and if the process dies first, the source shows
+# it processed and the sweep settles it. ``p_finished`` is the function's uuid[] parameter.
+_MARK_FINISHED = sql.SQL(
+    """
+    finished AS (
+        UPDATE {entries} SET state = 'succeeded', lease_deadline = NULL,
+            next_attempt_at = NULL, finished_at = now(), updated_at = now()
+        WHERE fence_token = ANY(p_finished) AND state = 'running'
+        RETURNING policy_key, entry_id, attempt, fence_token, worker, dispatched_at,
+            started_at, incarnation
+    ), {history}
+    """
+).format(entries=ENTRIES, history=attempt_ended("finished", outcome="succeeded"))
+
+# The fence: a worker may run the body only if its task id is the entry's current fence
+# token, the entry is still queued (not already running, retried or finished) and the lease
+# is live — and, for a worker with an incarnation, only while that incarnation is live and
+# heartbeated within half its timeout. One single-row UPDATE checks and claims at once, so two
+# deliveries cannot both pass. ``FOR SHARE`` on the incarnation row makes the operator's
+# ending of it (an UPDATE of that row) and this start serialize: whichever commits first
+# wins, and a start that waited re-reads the row and sees it ended. The lease is never
+# shorter than the heartbeat timeout, so the backstop cannot fire between two renewals.
+_START_ATTEMPT_BODY = sql.SQL(
+    """
+    RETURN QUERY WITH started AS (
+        UPDATE {entries} e SET
+            state = 'running',
+            attempt = e.attempt + 1,
+            worker = p_worker,
+            incarnation = p_incarnation,
+            started_at = now(),
+            finished_at = NULL,
+            lease_deadline = now() + make_interval(secs => greatest(
+                (SELECT p.lease_seconds FROM {policies} p WHERE p.policy_key = e.policy_key),
+                coalesce(p_heartbeat_timeout_seconds, 0))),
+            updated_at = now()
+        WHERE e.fence_token = p_fence_token
+          AND (p_entry_id IS NULL OR e.entry_id = p_entry_id)
+          AND e.state = 'queued'
+          AND e.lease_deadline > now()
+          AND (p_incarnation IS NULL OR EXISTS (
+                SELECT 1 FROM {incarnations} i
+                WHERE i.id = p_incarnation AND i.ended_at IS NULL
+                  AND i.heartbeat_at > now()
+                      - make_interval(secs => i.heartbeat_timeout_seconds / 2)
+                FOR SHARE))
+        RETURNING e.policy_key, e.entry_id, e.attempt, e.fence_token
+    )
+    SELECT * FROM started;
+    """
+).format(entries=ENTRIES, policies=POLICIES, incarnations=INCARNATIONS)
+
+_RETRY_RULES_BODY = sql.SQL(
+    """
+    RETURN QUERY SELECT p.max_attempts, p.initial_delay_seconds, p.backoff_factor,
+        p.max_delay_seconds, p.jitter
+    FROM {policies} p WHERE p.policy_key = p_policy_key;
+    """
+).format(policies=POLICIES)
+
+_RECORD_SUCCESS_BODY = sql.SQL(
+    """
+    WITH {mark_finished} SELECT count(*) > 0 INTO result FROM finished;
+    RETURN result;
+    """
+).format(mark_finished=_MARK_FINISHED)
+
+_RECORD_FAILURE_BODY = sql.SQL(
+    """
+    WITH failed AS (
+        UPDATE {entries} SET
+            state = CASE WHEN p_retry_in_seconds IS NULL THEN 'dead' ELSE 'retry_wait' END,
+            next_attempt_at = now() + make_interval(secs => p_retry_in_seconds),
+            last_error = p_error,
+            lease_deadline = NULL,
+            finished_at = now(),
+            updated_at = now()
+        WHERE fence_token = p_fence_token AND state = 'running'
+        RETURNING policy_key, entry_id, attempt, fence_token, worker, dispatched_at,
+            started_at, incarnation, state, next_attempt_at
+    ), {history}
+    SELECT state INTO result FROM failed;
+    RETURN result;
+    """
+).format(
+    entries=ENTRIES,
+    history=attempt_ended(
+        "failed", outcome="failed", error="p_error", retry_at="ended.next_attempt_at"
+    ),
+)
+
+_REGISTER_INCARNATION_BODY = sql.SQL(
+    """
+    INSERT INTO {incarnations} (id, hostname, pid, pod_name, pod_namespace, pod_uid,
+        container_id, container_name, container_started_at, heartbeat_timeout_seconds)
+    VALUES (p_id, p_hostname, p_pid, p_pod_name, p_pod_namespace, p_pod_uid,
+        p_container_id, p_container_name, p_container_started_at, p_heartbeat_timeout_seconds);
+    """
+).format(incarnations=INCARNATIONS)
+
+# One statement per incarnation per interval, however many bodies it runs: renew the
+# incarnation and push the lease of each attempt it runs, so a long body never outlives it.
+# Attempts whose body finished but whose outcome could not be recorded (the database was
+# away) are not renewed but released: their lease ends now, and the next sweep settles them
+# from the table or re-dispatches them. The lease is never shorter than the incarnation's
+# heartbeat timeout, so the backstop cannot fire between the renewals of a live worker.
+_HEARTBEAT_BODY = sql.SQL(
+    """
+    WITH {mark_finished}, me AS (
+        UPDATE {incarnations} SET heartbeat_at = now()
+        WHERE id = p_incarnation AND ended_at IS NULL
+        RETURNING id, heartbeat_timeout_seconds
+    ), renewed AS (
+        UPDATE {entries} e SET lease_deadline = CASE
+            WHEN e.fence_token = ANY(p_unrecorded) THEN now()
+            ELSE now() + make_interval(
+                secs => greatest(p.lease_seconds, me.heartbeat_timeout_seconds))
+        END
+        FROM {policies} p, me
+        WHERE e.incarnation = me.id AND e.state = 'running' AND p.policy_key = e.policy_key
+          AND NOT e.fence_token = ANY(p_finished)
+    )
+    SELECT count(*) > 0 INTO result FROM me;
+    RETURN result;
+    """
+).format(
+    incarnations=INCARNATIONS, entries=ENTRIES, policies=POLICIES, mark_finished=_MARK_FINISHED
+)
+
+_INCARNATION_IS_LIVE_BODY = sql.SQL(
+    """
+    SELECT i.ended_at IS NULL
+        AND i.heartbeat_at > now() - make_interval(secs => i.heartbeat_timeout_seconds / 2)
+    INTO result FROM {incarnations} i WHERE i.id = p_incarnation;
+    RETURN coalesce(result, false);
+    """
+).format(incarnations=INCARNATIONS)
+
+_END_INCARNATIONS_BODY = sql.SQL(
+    """
+    UPDATE {incarnations} SET ended_at = now(), ended_reason = p_reason
+    WHERE id = ANY(p_incarnations) AND ended_at IS NULL;
+    GET DIAGNOSTICS result = ROW_COUNT;
+    RETURN result;
+    """
+).format(incarnations=INCARNATIONS)
+
+START_ATTEMPT = WorkerFunction(
+    "worker_start_attempt",
+    (
+        ("p_fence_token", "uuid"),
+        ("p_entry_id", "text"),
+        ("p_worker", "text"),
+        ("p_incarnation", "uuid"),
+        ("p_heartbeat_timeout_seconds", "double precision"),
+    ),
+    "TABLE (policy_key text, entry_id text, attempt integer, fence_token uuid)",
+    _START_ATTEMPT_BODY,
+)
+RETRY_RULES = WorkerFunction(
+    "worker_retry_rules",
+    (("p_policy_key", "text"),),
+    "TABLE (max_attempts integer, initial_delay_seconds double precision, "
+    "backoff_factor double precision, max_delay_seconds double precision, jitter boolean)",
+    _RETRY_RULES_BODY,
+)
+RECORD_SUCCESS = WorkerFunction(
+    "worker_record_success", (("p_finished", "uuid[]"),), "boolean", _RECORD_SUCCESS_BODY
+)
+RECORD_FAILURE = WorkerFunction(
+    "worker_record_failure",
+    (("p_fence_token", "uuid"), ("p_error", "text"), ("p_retry_in_seconds", "double precision")),
+    "text",
+    _RECORD_FAILURE_BODY,
+)
+REGISTER_INCARNATION = WorkerFunction(
+    "worker_register_incarnation",
+    (
+        ("p_id", "uuid"),
+        ("p_hostname", "text"),
+        ("p_pid", "integer"),
+        ("p_pod_name", "text"),
+        ("p_pod_namespace", "text"),
+        ("p_pod_uid", "text"),
+        ("p_container_id", "text"),
+        ("p_container_name", "text"),
+        ("p_container_started_at", "timestamptz"),
+        ("p_heartbeat_timeout_seconds", "double precision"),
+    ),
+    "void",
+    _REGISTER_INCARNATION_BODY,
+)
+HEARTBEAT = WorkerFunction(
+    "worker_heartbeat",
+    (("p_incarnation", "uuid"), ("p_unrecorded", "uuid[]"), ("p_finished", "uuid[]")),
+    "boolean",
+    _HEARTBEAT_BODY,
+)
+INCARNATION_IS_LIVE = WorkerFunction(
+    "worker_incarnation_is_live",
+    (("p_incarnation", "uuid"),),
+    "boolean",
+    _INCARNATION_IS_LIVE_BODY,
+)
+END_INCARNATIONS = WorkerFunction(
+    "worker_end_incarnations",
+    (("p_incarnations", "uuid[]"), ("p_reason", "text")),
+    "integer",
+    _END_INCARNATIONS_BODY,
+)
+# Everything a worker login may call (``celery_reconciler.ledger_roles`` grants these).
+WORKER_FUNCTIONS = (
+    REGISTER_INCARNATION,
+    HEARTBEAT,
+    START_ATTEMPT,
+    RECORD_SUCCESS,
+    RETRY_RULES,
+    RECORD_FAILURE,
+    INCARNATION_IS_LIVE,
+    END_INCARNATIONS,
+)
+
 
 _MIGRATIONS: tuple[tuple[int, tuple[sql.Composed, ...]], ...] = (
     (
@@ -554,6 +912,17 @@ _MIGRATIONS: tuple[tuple[int, tuple[sql.Composed, ...]], ...] = (
             ),
         ),
     ),
+    (
+        9,
+        # The worker's narrow interface (``WORKER_FUNCTIONS``): a worker login needs EXECUTE
+        # on these and no right on any table. Workers of earlier releases still write the
+        # tables directly and keep working with a login that may.
+        tuple(
+            statement
+            for function in WORKER_FUNCTIONS
+            for statement in (function.create(), function.revoke_from_public())
+        ),
+    ),
 )
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
 
@@ -607,99 +976,26 @@ def _applied_versions(conn: psycopg.Connection[Any]) -> set[int]:
     }
 
 
-# An attempt's history row is written once, when the attempt ends (succeeded, failed or
-# lost), from the entry row the ending statement just updated: the worker's fence check is
-# then a single-row UPDATE, the least a per-task statement can be, and a running attempt is
-# read from the entry row itself (``history``). A ledger of the previous schema may still
-# hold ``running`` history rows: those are completed in place instead of inserted.
-# ``ended`` names a CTE returning the entry's ``policy_key, entry_id, attempt, fence_token,
-# worker, dispatched_at, started_at, incarnation``; the expressions may use its columns
-# through the alias ``ended``.
-def attempt_ended(
-    ended: str, *, outcome: str, error: str = "NULL", retry_at: str = "NULL"
-) -> sql.Composed:
-    return sql.SQL(
-        """
-        {completed} AS (
-            UPDATE {attempts} a SET outcome = {outcome}, error = {error}, finished_at = now(),
-                retry_at = {retry_at}
-            FROM {ended} ended
-            WHERE a.fence_token = ended.fence_token AND a.outcome = 'running'
-        ), {recorded} AS (
-            INSERT INTO {attempts} (policy_key, entry_id, attempt, fence_token, worker,
-                outcome, error, dispatched_at, started_at, finished_at, retry_at, incarnation)
-            SELECT ended.policy_key, ended.entry_id, ended.attempt, ended.fence_token,
-                ended.worker, {outcome}, {error}, ended.dispatched_at,
-                coalesce(ended.started_at, now()), now(), {retry_at}, ended.incarnation
-            FROM {ended} ended
-            WHERE NOT EXISTS (SELECT 1 FROM {attempts} a
-                              WHERE a.fence_token = ended.fence_token AND a.outcome = 'running')
-        )
-        """
-    ).format(
-        ended=sql.Identifier(ended),
-        completed=sql.Identifier(f"{ended}_completed"),
-        recorded=sql.Identifier(f"{ended}_recorded"),
-        attempts=ATTEMPTS,
-        outcome=sql.Literal(outcome),
-        error=sql.SQL(error),
-        retry_at=sql.SQL(retry_at),
+# --- worker side ---------------------------------------------------------------------------
+#
+# Each statement a worker runs is one call of its function (above): the SQL that touches the
+# tables runs with the owner's rights, the worker's login needs only EXECUTE.
+
+
+def _call(function: WorkerFunction, *, select: str = "*") -> sql.Composed:
+    """``SELECT ... FROM schema.function(%(name)s::type, ...)``, bound by parameter name
+    (without the ``p_`` prefix), each cast so the call resolves to exactly this function."""
+    return sql.SQL("SELECT {select} FROM {identifier}({arguments})").format(
+        select=sql.SQL(select),
+        identifier=function.identifier,
+        arguments=sql.SQL(", ").join(
+            sql.SQL("{}::{}").format(sql.Placeholder(name.removeprefix("p_")), sql.SQL(kind))
+            for name, kind in function.parameters
+        ),
     )
 
 
-# --- worker side ---------------------------------------------------------------------------
-
-# Bodies an incarnation finished, marked succeeded in one batch by its next heartbeat (or by
-# ``record_success`` inside a fenced commit): a worker spends a single one-row statement per
-# task, its fence check. Until the mark the entry stays ``running`` under a live incarnation —
-# nothing re-dispatches it — and if the process dies first, the source shows it processed
-# and the sweep settles it. Every statement that embeds this binds ``%(finished)s`` (a uuid[]).
-_MARK_FINISHED = sql.SQL(
-    """
-    finished AS (
-        UPDATE {entries} SET state = 'succeeded', lease_deadline = NULL,
-            next_attempt_at = NULL, finished_at = now(), updated_at = now()
-        WHERE fence_token = ANY(%(finished)s::uuid[]) AND state = 'running'
-        RETURNING policy_key, entry_id, attempt, fence_token, worker, dispatched_at,
-            started_at, incarnation
-    ), {history}
-    """
-).format(entries=ENTRIES, history=attempt_ended("finished", outcome="succeeded"))
-
-
-# The fence: a worker may run the body only if its task id is the entry's current fence
-# token, the entry is still queued (not already running, retried or finished) and the lease
-# is live — and, for a worker with an incarnation, only while that incarnation is live and
-# heartbeated within half its timeout. One single-row UPDATE checks and claims at once, so two
-# deliveries cannot both pass. ``FOR SHARE`` on the incarnation row makes the operator's
-# ending of it (an UPDATE of that row) and this start serialize: whichever commits first
-# wins, and a start that waited re-reads the row and sees it ended. The lease is never
-# shorter than the heartbeat timeout, so the backstop cannot fire between two renewals.
-_START_ATTEMPT = sql.SQL(
-    """
-    UPDATE {entries} e SET
-        state = 'running',
-        attempt = e.attempt + 1,
-        worker = %(worker)s,
-        incarnation = %(incarnation)s::uuid,
-        started_at = now(),
-        finished_at = NULL,
-        lease_deadline = now() + make_interval(secs => greatest(
-            (SELECT p.lease_seconds FROM {policies} p WHERE p.policy_key = e.policy_key),
-            coalesce(%(heartbeat_timeout)s::float8, 0))),
-        updated_at = now()
-    WHERE e.fence_token = %(fence_token)s
-      AND (%(entry_id)s::text IS NULL OR e.entry_id = %(entry_id)s::text)
-      AND e.state = 'queued'
-      AND e.lease_deadline > now()
-      AND (%(incarnation)s::uuid IS NULL OR EXISTS (
-            SELECT 1 FROM {incarnations} i
-            WHERE i.id = %(incarnation)s::uuid AND i.ended_at IS NULL
-              AND i.heartbeat_at > now() - make_interval(secs => i.heartbeat_timeout_seconds / 2)
-            FOR SHARE))
-    RETURNING e.policy_key, e.entry_id, e.attempt, e.fence_token
-    """
-).format(entries=ENTRIES, policies=POLICIES, incarnations=INCARNATIONS)
+_START_ATTEMPT = _call(START_ATTEMPT)
 
 
 def start_attempt(
@@ -728,7 +1024,7 @@ def start_attempt(
             "entry_id": entry_id,
             "worker": worker,
             "incarnation": incarnation,
-            "heartbeat_timeout": heartbeat_timeout_seconds,
+            "heartbeat_timeout_seconds": heartbeat_timeout_seconds,
         },
     ).fetchone()
     if row is None:
@@ -737,17 +1033,12 @@ def start_attempt(
     return RunningAttempt(policy_key=policy_key, entry_id=entry, attempt=attempt, fence_token=fence)
 
 
-_RETRY_RULES = sql.SQL(
-    """
-    SELECT max_attempts, initial_delay_seconds, backoff_factor, max_delay_seconds, jitter
-    FROM {policies} WHERE policy_key = %s
-    """
-).format(policies=POLICIES)
+_RETRY_RULES = _call(RETRY_RULES)
 
 
 def retry_rules(conn: psycopg.Connection[Any], *, policy_key: str) -> backoff.Retry:
     """The policy's retry rules as the operator last wrote them (read when a body fails)."""
-    row = conn.execute(_RETRY_RULES, [policy_key]).fetchone()
+    row = conn.execute(_RETRY_RULES, {"policy_key": policy_key}).fetchone()
     if row is None:
         # The policy was deleted while its body ran: one attempt, no retry.
         return backoff.Retry(
@@ -767,9 +1058,7 @@ def retry_rules(conn: psycopg.Connection[Any], *, policy_key: str) -> backoff.Re
     )
 
 
-_RECORD_SUCCESS = sql.SQL("WITH {mark_finished} SELECT count(*) FROM finished").format(
-    mark_finished=_MARK_FINISHED
-)
+_RECORD_SUCCESS = _call(RECORD_SUCCESS)
 
 
 def record_success(conn: psycopg.Connection[Any], *, fence_token: uuid.UUID) -> bool:
@@ -778,29 +1067,7 @@ def record_success(conn: psycopg.Connection[Any], *, fence_token: uuid.UUID) -> 
     return bool(row and row[0])
 
 
-_RECORD_FAILURE = sql.SQL(
-    """
-    WITH failed AS (
-        UPDATE {entries} SET
-            state = CASE WHEN %(retry_in_seconds)s::float8 IS NULL THEN 'dead'
-                         ELSE 'retry_wait' END,
-            next_attempt_at = now() + make_interval(secs => %(retry_in_seconds)s::float8),
-            last_error = %(error)s,
-            lease_deadline = NULL,
-            finished_at = now(),
-            updated_at = now()
-        WHERE fence_token = %(fence_token)s AND state = 'running'
-        RETURNING policy_key, entry_id, attempt, fence_token, worker, dispatched_at,
-            started_at, incarnation, state, next_attempt_at
-    ), {history}
-    SELECT state FROM failed
-    """
-).format(
-    entries=ENTRIES,
-    history=attempt_ended(
-        "failed", outcome="failed", error="%(error)s", retry_at="ended.next_attempt_at"
-    ),
-)
+_RECORD_FAILURE = _call(RECORD_FAILURE)
 
 
 def record_failure(
@@ -819,7 +1086,7 @@ def record_failure(
         _RECORD_FAILURE,
         {"fence_token": fence_token, "error": error, "retry_in_seconds": retry_in_seconds},
     ).fetchone()
-    return None if row is None else str(row[0])
+    return None if row is None or row[0] is None else str(row[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -837,14 +1104,7 @@ class WorkerIdentity:
     container_started_at: datetime.datetime | None = None
 
 
-_REGISTER_INCARNATION = sql.SQL(
-    """
-    INSERT INTO {incarnations} (id, hostname, pid, pod_name, pod_namespace, pod_uid,
-        container_id, container_name, container_started_at, heartbeat_timeout_seconds)
-    VALUES (%(id)s, %(hostname)s, %(pid)s, %(pod_name)s, %(pod_namespace)s, %(pod_uid)s,
-        %(container_id)s, %(container_name)s, %(container_started_at)s, %(timeout)s)
-    """
-).format(incarnations=INCARNATIONS)
+_REGISTER_INCARNATION = _call(REGISTER_INCARNATION)
 
 
 def register_incarnation(
@@ -859,43 +1119,14 @@ def register_incarnation(
         _REGISTER_INCARNATION,
         {
             "id": incarnation,
-            "timeout": heartbeat_timeout_seconds,
+            "heartbeat_timeout_seconds": heartbeat_timeout_seconds,
             **dataclasses.asdict(identity),
         },
     )
     return incarnation
 
 
-# One statement per incarnation per interval, however many bodies it runs: renew the
-# incarnation and push the lease of each attempt it runs, so a long body never outlives it.
-# Attempts whose body finished but whose outcome could not be recorded (the database was
-# away) are not renewed but released: their lease ends now, and the next sweep settles them
-# from the table or re-dispatches them. The lease is never shorter than the incarnation's
-# heartbeat timeout, so the backstop cannot fire between the renewals of a live worker.
-_HEARTBEAT = sql.SQL(
-    """
-    WITH {mark_finished}, me AS (
-        UPDATE {incarnations} SET heartbeat_at = now()
-        WHERE id = %(incarnation)s AND ended_at IS NULL
-        RETURNING id, heartbeat_timeout_seconds
-    ), renewed AS (
-        UPDATE {entries} e SET lease_deadline = CASE
-            WHEN e.fence_token = ANY(%(unrecorded)s::uuid[]) THEN now()
-            ELSE now() + make_interval(
-                secs => greatest(p.lease_seconds, me.heartbeat_timeout_seconds))
-        END
-        FROM {policies} p, me
-        WHERE e.incarnation = me.id AND e.state = 'running' AND p.policy_key = e.policy_key
-          AND NOT e.fence_token = ANY(%(finished)s::uuid[])
-    )
-    SELECT count(*) FROM me
-    """
-).format(
-    incarnations=INCARNATIONS,
-    entries=ENTRIES,
-    policies=POLICIES,
-    mark_finished=_MARK_FINISHED,
-)
+_HEARTBEAT = _call(HEARTBEAT)
 
 
 def heartbeat(
@@ -918,27 +1149,16 @@ def heartbeat(
     return bool(row and row[0])
 
 
-_INCARNATION_IS_LIVE = sql.SQL(
-    """
-    SELECT ended_at IS NULL
-        AND heartbeat_at > now() - make_interval(secs => heartbeat_timeout_seconds / 2)
-    FROM {incarnations} WHERE id = %s
-    """
-).format(incarnations=INCARNATIONS)
+_INCARNATION_IS_LIVE = _call(INCARNATION_IS_LIVE)
 
 
 def incarnation_is_live(conn: psycopg.Connection[Any], *, incarnation: uuid.UUID) -> bool:
     """Whether ``start_attempt`` would accept this incarnation (not ended, heartbeat fresh)."""
-    row = conn.execute(_INCARNATION_IS_LIVE, [incarnation]).fetchone()
+    row = conn.execute(_INCARNATION_IS_LIVE, {"incarnation": incarnation}).fetchone()
     return bool(row and row[0])
 
 
-_END_INCARNATIONS = sql.SQL(
-    """
-    UPDATE {incarnations} SET ended_at = now(), ended_reason = %(reason)s
-    WHERE id = ANY(%(incarnations)s::uuid[]) AND ended_at IS NULL
-    """
-).format(incarnations=INCARNATIONS)
+_END_INCARNATIONS = _call(END_INCARNATIONS)
 
 
 def end_incarnations(
@@ -947,5 +1167,7 @@ def end_incarnations(
     """Record that the processes of ``incarnations`` are gone (the proof a guardian writes
     after it saw them die): their running entries are the operator's to re-dispatch now.
     How many were still open."""
-    cursor = conn.execute(_END_INCARNATIONS, {"incarnations": list(incarnations), "reason": reason})
-    return cursor.rowcount
+    row = conn.execute(
+        _END_INCARNATIONS, {"incarnations": list(incarnations), "reason": reason}
+    ).fetchone()
+    return int(row[0]) if row and row[0] is not None else 0

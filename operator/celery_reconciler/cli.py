@@ -9,8 +9,10 @@ module that does the work and prints a human summary (``-o json`` where a script
     celery-reconciler sweep-now POLICY [-n NS] [--wait]
     celery-reconciler retry-dead POLICY [-n NS] [--ids 1,2,3] [--wait]
     celery-reconciler explain POLICY ENTRY_ID [-n NS] [-o json]
+    celery-reconciler grants --database DB --table SCHEMA.TABLE [--operator-role ...]
 
-``sweep`` works offline from a policy file. The cluster verbs talk to the API server with the
+``sweep`` works offline from a policy file; ``grants`` prints the database roles' GRANTs
+(``ledger_roles``) and connects to nothing. The cluster verbs talk to the API server with the
 person's own credentials, found like kubectl finds them (``--kubeconfig``, ``$KUBECONFIG``,
 ``~/.kube/config``, in-cluster), and default to the context's namespace. They never sweep
 themselves: ``sweep-now`` and ``retry-dead`` set the annotations the operator's loop acts on
@@ -46,7 +48,7 @@ import urllib3
 import yaml
 
 from celery_reconciler import broker as broker_module
-from celery_reconciler import kube, ledger, loop, reconcile, runner
+from celery_reconciler import kube, ledger, ledger_roles, loop, reconcile, runner
 from celery_reconciler import policy as policy_module
 
 DSN_ENVIRONMENT_VARIABLE = "CELERY_RECONCILER_DSN"
@@ -685,7 +687,54 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"PostgreSQL DSN (default: ${DSN_ENVIRONMENT_VARIABLE}, else the policy's Secret)",
     )
     explain.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    add_grants_arguments(
+        add_subcommand(
+            subparsers,
+            "grants",
+            cmd_grants,
+            help="print the GRANTs of the ledger's roles: operator, worker, reader",
+        )
+    )
     return parser
+
+
+def qualified_table(text: str) -> tuple[str, str]:
+    """``schema.table`` (``table`` alone: ``public``), each part a plain SQL identifier."""
+    parts = text.split(".")
+    if len(parts) > 2 or not all(policy_module.IDENTIFIER_PATTERN.fullmatch(p) for p in parts):
+        raise UsageError(
+            f"--table {text!r}: write schema.table (or table, in schema public), each part "
+            "letters, digits and underscores"
+        )
+    return (parts[0], parts[1]) if len(parts) == 2 else ("public", parts[0])
+
+
+def cmd_grants(args: argparse.Namespace, out: TextIO) -> int:
+    roles = ledger_roles.Roles(
+        operator=args.operator_role, worker=args.worker_role, reader=args.reader_role
+    )
+    tables = [qualified_table(table) for table in args.table]
+    out.write(ledger_roles.script(database=args.database, tables=tables, roles=roles))
+    return EXIT_OK
+
+
+def add_grants_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database", required=True, help="the database of the entries' table")
+    parser.add_argument(
+        "--table",
+        action="append",
+        default=[],
+        metavar="SCHEMA.TABLE",
+        help="a table the policies read (spec.source.table); repeat for several",
+    )
+    for role, default in (
+        ("operator", ledger_roles.DEFAULT_OPERATOR_ROLE),
+        ("worker", ledger_roles.DEFAULT_WORKER_ROLE),
+        ("reader", ledger_roles.DEFAULT_READER_ROLE),
+    ):
+        parser.add_argument(
+            f"--{role}-role", default=default, help=f"the {role}'s role (default {default})"
+        )
 
 
 def cmd_run(args: argparse.Namespace, out: TextIO) -> int:

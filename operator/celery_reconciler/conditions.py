@@ -18,6 +18,12 @@ DEGRADED = "Degraded"
 INDEXED = "Indexed"
 MISSING_INDEX = "MissingIndex"
 INDEX_USED = "IndexUsed"
+# Whether the lease is at least the heartbeat timeout of the workers running the policy's
+# entries: below it, the ledger holds each attempt for the heartbeat timeout anyway, and a
+# message not started within the lease is dispatched again.
+LEASE_FITS_WORKERS = "LeaseFitsWorkers"
+LEASE_BELOW_HEARTBEAT_TIMEOUT = "LeaseBelowHeartbeatTimeout"
+LEASE_ABOVE_HEARTBEAT_TIMEOUT = "LeaseAboveHeartbeatTimeout"
 
 # Reasons are CamelCase API constants: users match on them in alerts and scripts.
 SWEPT = "Swept"
@@ -37,6 +43,8 @@ KUBERNETES_UNAVAILABLE = "KubernetesUnavailable"
 CONFLICT = "Conflict"
 WORKERS_NOT_CONSUMING = "WorkersNotConsuming"
 POD_WATCH_FAILED = "PodWatchFailed"
+# The ledger's owner row names another replica than the policy's Lease does (membership).
+OWNER_ROW_DISAGREES = "OwnerRowDisagrees"
 # Running entries held by a silent worker process in a Pod that nothing proves gone yet.
 HELD_BY_SILENT_WORKER = "HeldBySilentWorker"
 # The last resort: a failure no other reason describes is a bug of ours. The loop reports it
@@ -111,4 +119,33 @@ def indexed(*, create_index: str | None, table: str, table_rows: int) -> tuple[s
         MISSING_INDEX,
         f"every sweep reads {table} (about {table_rows} rows) in proportion to its size, not "
         f"to the backlog: no index holds spec.source.pending. Create one: {create_index}",
+    )
+
+
+def lease_fits_workers(
+    *, lease_seconds: float, heartbeat_timeout_seconds: float
+) -> tuple[str, str, str, str]:
+    """The ``LeaseFitsWorkers`` condition: ``False`` when ``spec.lease.timeout`` is shorter
+    than the heartbeat timeout of the workers running the policy's entries. Nothing runs
+    twice for it (a worker holds its attempt for the longer of the two), but the lease the
+    user set is not the one in force, and a queued message not started within it is
+    dispatched again."""
+    if lease_seconds >= heartbeat_timeout_seconds:
+        return (
+            LEASE_FITS_WORKERS,
+            "True",
+            LEASE_ABOVE_HEARTBEAT_TIMEOUT,
+            f"spec.lease.timeout ({lease_seconds:g}s) is at least the workers' heartbeat "
+            f"timeout ({heartbeat_timeout_seconds:g}s)",
+        )
+    return (
+        LEASE_FITS_WORKERS,
+        "False",
+        LEASE_BELOW_HEARTBEAT_TIMEOUT,
+        f"spec.lease.timeout is {lease_seconds:g}s, shorter than the heartbeat timeout of the "
+        f"workers running this policy's entries ({heartbeat_timeout_seconds:g}s, "
+        "CELERY_RECONCILER_HEARTBEAT_TIMEOUT): their attempts are held "
+        f"{heartbeat_timeout_seconds:g}s whatever the lease, and a message not started within "
+        f"{lease_seconds:g}s is dispatched again — set spec.lease.timeout to at least "
+        f"{heartbeat_timeout_seconds:g}s, or lower the workers' heartbeat timeout",
     )

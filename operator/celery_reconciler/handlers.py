@@ -128,7 +128,13 @@ async def policy_loop(
     async def run_loop(fence: sharding.Fence, handover: membership.Handover) -> None:
         try:
             await loop.PolicyLoop(
-                namespace=namespace, name=name, uid=uid, body=body, peers=peers, fence=fence
+                namespace=namespace,
+                name=name,
+                uid=uid,
+                body=body,
+                peers=peers,
+                fence=fence,
+                lease_backs=lambda fence: shard.lease_backs(uid=uid, fence=fence),
             ).run(handover)
         finally:
             metrics.forget_gauges(namespace, name)

@@ -151,10 +151,10 @@ def permission_denied(error: BaseException, *, dsn: str, doing: str) -> LedgerPe
     return LedgerPermissionDenied(
         f"the database user may not use the operator's schema {SCHEMA} while {doing} "
         f"({describe_dsn(dsn)}): {reason} — the ledger lives in that schema of the entries' "
-        f"database: GRANT CREATE ON DATABASE to the user (the operator creates the schema), "
-        f"or create it and GRANT USAGE, CREATE ON SCHEMA {SCHEMA} and SELECT, INSERT, "
-        f"UPDATE, DELETE ON ALL TABLES IN SCHEMA {SCHEMA} to the user of "
-        "spec.source.databaseSecretRef (--dsn or CELERY_RECONCILER_DSN for the CLI)"
+        f"database, created and owned by the operator's role: GRANT CONNECT, CREATE ON "
+        f"DATABASE to the user of spec.source.databaseSecretRef (--dsn or "
+        "CELERY_RECONCILER_DSN for the CLI); `celery-reconciler grants` prints every role's "
+        "statements"
     )
 
 
@@ -248,6 +248,24 @@ _PRUNE_SWEEPS = sql.SQL(
         ORDER BY started_at LIMIT 1000)
     """
 ).format(sweeps=_SWEEPS)
+
+
+# A deleted policy's owner row goes with it: left behind, its token — however it got there —
+# would refuse every Lease of a new policy of the same name that starts below it. The row
+# has no uid of its own; the policy's recorded work (``overlaps``) has, so a removal that
+# comes after a recreated policy of that name recorded its work leaves that policy's row.
+_FORGET_OWNER = sql.SQL(
+    """
+    DELETE FROM {owners} WHERE policy_key = %(policy_key)s
+      AND NOT EXISTS (SELECT 1 FROM {work} WHERE policy_key = %(policy_key)s
+                                          AND policy_uid <> %(policy_uid)s)
+    """
+).format(owners=_OWNERS, work=worker_ledger.POLICY_WORK)
+
+
+def forget_owner(conn: psycopg.Connection[Any], *, policy_key: str, policy_uid: str) -> None:
+    """Remove the owner row of a policy that no longer exists (that uid of that name)."""
+    conn.execute(_FORGET_OWNER, {"policy_key": policy_key, "policy_uid": policy_uid})
 
 
 def _fence_params(fence: sharding.Fence) -> dict[str, Any]:
@@ -1117,25 +1135,35 @@ class Consumption:
 
     oldest_queued_seconds: float | None  # None: nothing published and waiting
     last_finished_seconds_ago: float | None  # None: no attempt ever finished
+    # The longest heartbeat timeout of the live worker processes running its entries: the
+    # ledger holds their attempts that long whatever the lease (``conditions.lease_fits_workers``).
+    # None: nothing runs under an incarnation now.
+    workers_heartbeat_timeout_seconds: float | None = None
 
 
-# Both halves use an index: entries_unfinished (policy_key, state) and attempts_finished
-# (policy_key, finished_at), so the check costs the backlog, not the history.
+# Each part uses an index: entries_unfinished (policy_key, state), attempts_finished
+# (policy_key, finished_at) and the incarnations' primary key, so the check costs the
+# backlog, not the history.
 _CONSUMPTION = sql.SQL(
     """
     SELECT
         (SELECT EXTRACT(EPOCH FROM now() - min(dispatched_at)) FROM {entries}
          WHERE policy_key = %(policy_key)s AND state = 'queued' AND lease_deadline > now()),
         (SELECT EXTRACT(EPOCH FROM now() - max(finished_at)) FROM {attempts}
-         WHERE policy_key = %(policy_key)s AND finished_at IS NOT NULL)
+         WHERE policy_key = %(policy_key)s AND finished_at IS NOT NULL),
+        (SELECT max(i.heartbeat_timeout_seconds) FROM {incarnations} i
+         WHERE i.ended_at IS NULL AND i.id IN (
+            SELECT r.incarnation FROM {entries} r
+            WHERE r.policy_key = %(policy_key)s AND r.state = 'running'))
     """
-).format(entries=_ENTRIES, attempts=_ATTEMPTS)
+).format(entries=_ENTRIES, attempts=_ATTEMPTS, incarnations=_INCARNATIONS)
 
 
 def _consumption(row: Sequence[Any]) -> Consumption:
     return Consumption(
         oldest_queued_seconds=None if row[0] is None else float(row[0]),
         last_finished_seconds_ago=None if row[1] is None else float(row[1]),
+        workers_heartbeat_timeout_seconds=None if row[2] is None else float(row[2]),
     )
 
 
@@ -1433,6 +1461,6 @@ def status(
     assert row is not None
     return Status(
         counts=_counts(row[:6]),
-        consumption=_consumption(row[6:8]),
-        outcomes=_outcomes(row[8:]),
+        consumption=_consumption(row[6:9]),
+        outcomes=_outcomes(row[9:]),
     )

@@ -34,7 +34,7 @@ import logging
 import operator
 import time
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from celery_reconciler import (
@@ -227,6 +227,7 @@ class PolicyLoop:
         body: Mapping[str, Any],
         peers: Mapping[str, Iterable[planning.PolicyClaim]] | None = None,
         fence: sharding.Fence | None = None,
+        lease_backs: Callable[[sharding.Fence], Awaitable[bool]] | None = None,
     ) -> None:
         self.namespace = namespace
         self.name = name
@@ -263,6 +264,9 @@ class PolicyLoop:
         self.pod_watch: podwatch.Subscription | None = None
         self.index_condition: tuple[str, str, str, str] | None = None
         self.index_checked: tuple[int, float] | None = None  # (generation, time.monotonic())
+        self.lease_condition: tuple[str, str, str, str] | None = None
+        # The heartbeat timeout of the workers last seen running this policy's entries.
+        self.workers_heartbeat_timeout_seconds: float | None = None
         self.pod_selector = ""
         self.pod_watch_failure: str | None = None  # set from the watch thread
         # Every ProcessingPolicy by namespace (a kopf index), to find the ones that overlap.
@@ -274,6 +278,9 @@ class PolicyLoop:
         self.pacing = planning.RatePacing()
         # This replica's claim to the policy when replicas share the policies (membership).
         self.fence = fence
+        # Whether the policy's Lease still names a fence (holder and token): asked when the
+        # ledger's owner row refuses this replica (``owner_disagreement``).
+        self.lease_backs = lease_backs
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -419,16 +426,19 @@ class PolicyLoop:
             await self.judge_silent_workers(policy, db=db)
             counts = await self.observe(policy, db=db, publisher=publisher)
             await self.check_index(policy, db=db, generation=generation)
-        except ledger.FencedOut:
-            raise  # another replica sweeps the policy now: this loop ends (membership.serve)
+        except ledger.FencedOut as error:
+            disagreement = await self.owner_disagreement(error)
+            if disagreement is None:
+                raise  # another replica sweeps the policy now: this loop ends (membership.serve)
+            if error.current is not None and error.current.token < sharding.MAX_LEASE_TOKEN:
+                # membership.serve takes the Lease over above the row's token: said once.
+                await self.event("Warning", disagreement.reason, disagreement.message)
+                raise
+            # No Lease can carry that token: this replica keeps the Lease and the policy
+            # shows why it is not swept, until someone removes the row.
+            return await self.failed(policy, disagreement, generation=generation)
         except Exception as error:  # every failure is a condition, never a dead loop
-            problem = self.problem_of(error)
-            metrics.SWEEP_ERRORS.labels(self.namespace, self.name, problem.reason).inc()
-            await self.report(policy=policy, problem=problem, generation=generation)
-            self.failures_in_a_row += 1
-            return ERROR_BACKOFF_SECONDS[
-                min(self.failures_in_a_row, len(ERROR_BACKOFF_SECONDS)) - 1
-            ]
+            return await self.failed(policy, self.problem_of(error), generation=generation)
         self.failures_in_a_row = 0
         await self.report(
             policy=policy,
@@ -449,6 +459,41 @@ class PolicyLoop:
         if self.status_write_deferred:
             delay = min(delay, STATUS_MIN_INTERVAL_SECONDS)
         return delay
+
+    async def failed(
+        self, policy: policy_module.Policy, problem: conditions.Problem, *, generation: int
+    ) -> float:
+        """Report a sweep that failed; how long to back off before the next one."""
+        metrics.SWEEP_ERRORS.labels(self.namespace, self.name, problem.reason).inc()
+        await self.report(policy=policy, problem=problem, generation=generation)
+        self.failures_in_a_row += 1
+        return ERROR_BACKOFF_SECONDS[min(self.failures_in_a_row, len(ERROR_BACKOFF_SECONDS)) - 1]
+
+    async def owner_disagreement(self, refused: ledger.FencedOut) -> conditions.Problem | None:
+        """The ledger refused this replica's fence while the policy's Lease still names it:
+        the owner row was written by no replica under this Lease (forged, or left by an
+        earlier Lease of the policy, deleted since). A real takeover writes the Lease first,
+        so it never looks like this. When a Lease can carry a token above the row's,
+        ``membership.serve`` takes the Lease over above it (and an Event says so);
+        otherwise sweeping stops — the row is the fence — with a condition that says what
+        disagrees, never silently. None when the Lease does not back this replica (or
+        cannot be read): a takeover."""
+        if self.fence is None or self.lease_backs is None or refused.current is None:
+            return None
+        if not await self.lease_backs(self.fence):
+            return None
+        row = refused.current
+        return conditions.Problem(
+            conditions.OWNER_ROW_DISAGREES,
+            f"the ledger's owner row of this policy names {policy_annotations.shown(row.holder)}"
+            f" (token {row.token}), but the policy's Lease is held by this replica, "
+            f"{self.fence.holder} (token {self.fence.token}): no replica wrote that row under "
+            f"this Lease. This replica takes its Lease over above that token if a Lease can "
+            f"carry it (at most {sharding.MAX_LEASE_TOKEN}); otherwise nothing is dispatched "
+            f"until the policy's row of {ledger.SCHEMA}.policy_owners (policy_key "
+            f"{self.key!r}) is removed. Check who may write that table: only the operator's "
+            "role may (celery-reconciler grants)",
+        )
 
     def conflict(self, policy: policy_module.Policy) -> conditions.Problem | None:
         """Conflict when an older policy already processes the same rows (see
@@ -566,9 +611,30 @@ class PolicyLoop:
             reconcile.collect_status, policy, db=db, outcomes_since=self.outcomes_until
         )
         self.count_outcomes(counts.outcomes)
+        await self.check_lease(policy, counts)
         depth = await asyncio.to_thread(publisher.queue_depth, policy.task.queue)
         metrics.QUEUE_DEPTH.labels(self.namespace, self.name).set(depth)
         return counts
+
+    async def check_lease(
+        self, policy: policy_module.Policy, counts: reconcile.StatusSnapshot
+    ) -> None:
+        """Tell the user, on the policy, when its lease is shorter than the heartbeat timeout
+        of the workers running its entries — which only the ledger knows (each worker sets
+        its own), so nothing at apply time can refuse it."""
+        seen = counts.consumption.workers_heartbeat_timeout_seconds
+        if seen is not None:
+            self.workers_heartbeat_timeout_seconds = seen
+        if self.workers_heartbeat_timeout_seconds is None:
+            return
+        condition = conditions.lease_fits_workers(
+            lease_seconds=policy.lease.timeout_seconds,
+            heartbeat_timeout_seconds=self.workers_heartbeat_timeout_seconds,
+        )
+        if condition[1] == "False" and condition != self.lease_condition:
+            logger.warning("policy %s: %s", self.key, condition[3])
+            await self.event("Warning", conditions.LEASE_BELOW_HEARTBEAT_TIMEOUT, condition[3])
+        self.lease_condition = condition
 
     async def check_index(
         self, policy: policy_module.Policy, *, db: reconcile.Sessions, generation: int
@@ -955,6 +1021,7 @@ class PolicyLoop:
             self.dispatched_since_write,
             None if self.last_rescue is None else dataclasses.astuple(self.last_rescue),
             self.index_condition,
+            self.lease_condition,
         )
         since_write = time.monotonic() - self.last_status_write
         if not changed and facts == self.reported_facts and since_write < STATUS_REFRESH_SECONDS:
@@ -977,8 +1044,11 @@ class PolicyLoop:
         if previous is None:
             previous = (self.body.get("status") or {}).get("conditions")
         updates = list(conditions.health(problem=problem, suspended=suspended, summary=summary))
-        if self.index_condition is not None:
-            updates.append(self.index_condition)
+        updates.extend(
+            condition
+            for condition in (self.index_condition, self.lease_condition)
+            if condition is not None
+        )
         merged = conditions.merge(previous, updates, now=now, generation=generation)
         self.submitted_conditions = merged
         policy_status: dict[str, Any] | None = None

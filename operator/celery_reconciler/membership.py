@@ -396,6 +396,22 @@ class Membership:
             return None
         return sharding.Fence(policy_key=key, holder=self.identity, token=written.transitions)
 
+    async def lease_backs(self, *, uid: str, fence: sharding.Fence) -> bool:
+        """Whether the policy's Lease still names ``fence``: this holder, this token. False
+        when it does not, or cannot be read (then a refusal is taken for a takeover)."""
+        try:
+            record = await self.call(
+                leases.read, namespace=self.namespace, name=self.policy_lease(uid)
+            )
+        except Exception as error:  # unknown: hand over, as before
+            logger.warning("sharding: policy %s: Lease not read: %s", fence.policy_key, error)
+            return False
+        return (
+            record is not None
+            and record.holder == fence.holder
+            and record.transitions == fence.token
+        )
+
     async def release(self, *, uid: str, fence: sharding.Fence) -> None:
         """Free the policy's Lease if we still hold it, so its next owner need not wait."""
         name = self.policy_lease(uid)

@@ -751,8 +751,11 @@ def arbitrate(
 
 
 def forget_work(db: Sessions, *, policy_key: str, policy_uid: str) -> None:
-    """Remove what a policy that no longer exists recorded about its work (``overlaps``)."""
-    with db.session(doing="removing a deleted policy's record") as conn:
+    """Remove what a policy that no longer exists recorded: its owner row (``ledger``) and
+    its work (``overlaps``), in one transaction — the owner row first, while the work row
+    still tells whose it is."""
+    with db.session(doing="removing a deleted policy's record") as conn, conn.transaction():
+        ledger.forget_owner(conn, policy_key=policy_key, policy_uid=policy_uid)
         overlaps.forget(conn, policy_key=policy_key, policy_uid=policy_uid)
 
 

@@ -235,6 +235,11 @@ def acquisition(
     return None
 
 
+# A policy's fencing token is its Lease's leaseTransitions, an int32 in the Kubernetes API:
+# an owner row above it (forged) is a token no takeover can reach.
+MAX_LEASE_TOKEN = 2**31 - 1
+
+
 def fence_accepts(current: Fence | None, claimant: Fence) -> bool:
     """Whether the ledger lets ``claimant`` sweep: the first owner, a newer token (it took
     the Lease over), or the current owner itself. An older token is a replica that lost

@@ -212,3 +212,148 @@ CASES: list[Case] = [
     Case("schedule: a string", "schedule", "5m", "spec.schedule"),
     Case("workers: a list", "workers", ["insights-worker"], "spec.workers"),
 ]  # fmt: skip
+
+
+# --- issue 22's classes: what reaches the operator other than a spec -------------------------
+#
+# Each table is run where the behaviour lives, the cheapest real way: the annotations by
+# ``tests/unit/test_hostile_corpus_classes.py`` against the operator's validation (and the
+# retry-dead ones by ``test_hostile_annotations.py`` through the apiserver), the
+# cross-namespace spellings and the ledger logins against real PostgreSQL
+# (``tests/integration/test_overlaps.py``, ``tests/integration/test_ledger_roles.py``).
+
+AnnotationExpect = Literal["acted on", "removed"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnotationCase:
+    """An annotation anyone with ``edit`` may set on a policy: the operator acts on it, or
+    removes it with a Warning Event (``InvalidRequest``) and sweeps on."""
+
+    name: str
+    key: str
+    value: str
+    expect: AnnotationExpect
+
+
+_RETRY_DEAD = "celery-reconciler.io/retry-dead"
+_DIFFBASE = "celery-reconciler.io/last-handled-configuration"
+
+ANNOTATION_CASES = (
+    AnnotationCase("retry-dead: NUL after an id", _RETRY_DEAD, "7\x00", "removed"),
+    AnnotationCase("retry-dead: SOH alone", _RETRY_DEAD, "\x01", "removed"),
+    AnnotationCase("retry-dead: terminal escape", _RETRY_DEAD, "1,\x1b[31m2", "removed"),
+    AnnotationCase("retry-dead: DEL", _RETRY_DEAD, "\x7f", "removed"),
+    AnnotationCase("retry-dead: id of 300 characters", _RETRY_DEAD, "x" * 300, "removed"),
+    AnnotationCase("retry-dead: over 64 KiB", _RETRY_DEAD, "1," * 40_000, "removed"),
+    AnnotationCase("retry-dead: commas only", _RETRY_DEAD, ",,,", "removed"),
+    AnnotationCase("retry-dead: all", _RETRY_DEAD, "all", "acted on"),
+    AnnotationCase("retry-dead: ids with spaces", _RETRY_DEAD, " 1, 2 ,3", "acted on"),
+    # An id is a bound parameter: SQL in it is an id that matches no entry.
+    AnnotationCase(
+        "retry-dead: SQL as an id", _RETRY_DEAD, "1'); DELETE FROM journal_entry; --", "acted on"
+    ),
+    AnnotationCase("diff-base: not JSON", _DIFFBASE, "{not json", "removed"),
+    AnnotationCase("diff-base: a JSON array", _DIFFBASE, "[]", "removed"),
+    AnnotationCase("diff-base: a JSON string", _DIFFBASE, '"spec"', "removed"),
+    AnnotationCase("diff-base: JSON null", _DIFFBASE, "null", "removed"),
+    AnnotationCase("diff-base: a JSON object", _DIFFBASE, '{"spec": {}}', "acted on"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossNamespaceCase:
+    """A second policy, in another namespace, on the same rows as the first but spelled
+    differently: the ledger of their one database must make the younger yield."""
+
+    name: str
+    first_table: str  # "table" or "schema.table"
+    second_table: str
+    second_dsn_as_key_values: bool  # the same database through a key=value DSN
+
+
+CROSS_NAMESPACE_CASES = (
+    CrossNamespaceCase("same spelling", "journal_entry", "journal_entry", False),
+    CrossNamespaceCase("schema-qualified", "journal_entry", "public.journal_entry", False),
+    CrossNamespaceCase("key=value DSN", "public.journal_entry", "journal_entry", True),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LedgerCase:
+    """A statement a login of the worker's or the reader's role tries on the ledger; the
+    server must refuse it for want of a right (SQLSTATE 42501)."""
+
+    name: str
+    login: Literal["worker", "reader"]
+    statement: str
+
+
+LEDGER_CASES = (
+    *(
+        LedgerCase(f"{login} reads {table}", login, f"SELECT * FROM celery_reconciler.{table}")  # noqa: S608 (our names)
+        for login in ("worker", "reader")
+        for table in (
+            "entries",
+            "attempts",
+            "incarnations",
+            "policies",
+            "tallies",
+            "policy_owners",
+            "sweeps",
+            "policy_work",
+        )
+    ),
+    LedgerCase(
+        "worker marks entries dead", "worker", "UPDATE celery_reconciler.entries SET state = 'dead'"
+    ),
+    LedgerCase(
+        "worker ends incarnations",
+        "worker",
+        "UPDATE celery_reconciler.incarnations SET ended_at = now()",
+    ),
+    LedgerCase(
+        "worker forges an owner row",
+        "worker",
+        "INSERT INTO celery_reconciler.policy_owners (policy_key, holder, token) "
+        "VALUES ('test/journal-insights', 'evil/1', 9223372036854775807)",
+    ),
+    LedgerCase(
+        "worker takes over an owner row",
+        "worker",
+        "UPDATE celery_reconciler.policy_owners SET holder = 'evil/1'",
+    ),
+    LedgerCase(
+        "worker forges recorded work",
+        "worker",
+        "INSERT INTO celery_reconciler.policy_work (policy_key, policy_uid, created, "
+        "table_name, pending, task_name) VALUES ('a/b', 'u', '0', 't', 'p', 'x')",
+    ),
+    LedgerCase(
+        "worker removes recorded work", "worker", "DELETE FROM celery_reconciler.policy_work"
+    ),
+    LedgerCase(
+        "worker writes an attempt",
+        "worker",
+        "INSERT INTO celery_reconciler.attempts (policy_key, entry_id, attempt, fence_token, "
+        "outcome, started_at) VALUES ('x', '1', 1, gen_random_uuid(), 'failed', now())",
+    ),
+    LedgerCase(
+        "worker rewrites a policy's rules",
+        "worker",
+        "UPDATE celery_reconciler.policies SET max_attempts = 1",
+    ),
+    LedgerCase("worker creates a table", "worker", "CREATE TABLE celery_reconciler.evil (id int)"),
+    LedgerCase("worker drops the schema", "worker", "DROP SCHEMA celery_reconciler CASCADE"),
+    LedgerCase(
+        "reader ends incarnations",
+        "reader",
+        "SELECT celery_reconciler.worker_end_incarnations(ARRAY[]::uuid[], 'x')",
+    ),
+    LedgerCase(
+        "reader starts an attempt",
+        "reader",
+        "SELECT * FROM celery_reconciler.worker_start_attempt("
+        "gen_random_uuid(), NULL, 'x', NULL, NULL)",
+    ),
+)

@@ -130,7 +130,8 @@ def test_a_database_user_without_rights_on_the_ledger_schema_is_told_what_to_gra
             reconcile.reconcile_once(policy, db=db, broker=publisher)
         problem = loop.problem_of(caught.value)
         assert problem.reason == conditions.LEDGER_PERMISSION_DENIED
-        assert "GRANT CREATE ON DATABASE" in problem.message
+        assert "GRANT CONNECT, CREATE ON DATABASE" in problem.message
+        assert "celery-reconciler grants" in problem.message
         assert "spec.source.databaseSecretRef" in problem.message
         assert password not in problem.message and limited_dsn not in problem.message
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 import dataclasses
 
 import psycopg
+import pytest
+from psycopg import conninfo
 from reconcile_support import make_policy
 
 from celery_app.demo import schema
 from celery_reconciler import ledger, overlaps, policy, reconcile
+from tests.e2e.hostile_corpus import CROSS_NAMESPACE_CASES, CrossNamespaceCase
 
 
 def on_table(policy_: policy.Policy, table: policy.TableName, *, namespace: str) -> policy.Policy:
@@ -70,3 +73,37 @@ def test_a_missing_table_conflicts_with_nothing(database_dsn: str) -> None:
         assert reconcile.arbitrate(two, db=db, mine=mine_two) is None
     finally:
         db.close()
+
+
+@pytest.mark.parametrize("case", CROSS_NAMESPACE_CASES, ids=lambda case: case.name)
+def test_a_policy_in_another_namespace_on_the_same_rows_yields_however_it_spells_them(
+    database_dsn: str, case: CrossNamespaceCase
+) -> None:
+    """The hostile corpus's cross-namespace class: two namespaces, one database and table."""
+    with psycopg.connect(database_dsn, autocommit=True) as conn:
+        schema.create_schema(conn)
+        ledger.ensure_schema(conn)
+    base = make_policy()
+    first = on_table(base, table_name(case.first_table), namespace="tenant-a")
+    second = on_table(base, table_name(case.second_table), namespace="tenant-b")
+    second_dsn = database_dsn
+    if case.second_dsn_as_key_values:
+        params = conninfo.conninfo_to_dict(database_dsn)
+        second_dsn = " ".join(f"{key}={value}" for key, value in sorted(params.items()))
+    first_db, second_db = reconcile.Database(database_dsn), reconcile.Database(second_dsn)
+    try:
+        held_first = overlaps.held_by(first, uid="uid-a", created="2026-01-01T00:00:00Z")
+        held_second = overlaps.held_by(second, uid="uid-b", created="2026-01-02T00:00:00Z")
+        assert reconcile.arbitrate(first, db=first_db, mine=held_first) is None
+        found = reconcile.arbitrate(second, db=second_db, mine=held_second)
+        assert found is not None
+        assert (found[0].loser, found[0].winner) == (second.key, first.key)
+        assert reconcile.arbitrate(first, db=first_db, mine=held_first) is None
+    finally:
+        first_db.close()
+        second_db.close()
+
+
+def table_name(text: str) -> policy.TableName:
+    schema_name, _, table = text.rpartition(".")
+    return policy.TableName(schema_name or None, table)

@@ -108,3 +108,42 @@ def test_the_same_token_under_another_holder_is_refused(
             ledger.begin_sweep(c, sharding.Fence(policy.key, "replica-b/1", 7))
         ledger.begin_sweep(c, sharding.Fence(policy.key, "replica-a/1", 7))  # the owner goes on
     assert [row[0] for row in intervals(conn, policy.key)] == ["replica-a/1", "replica-a/1"]
+
+
+def test_the_owner_row_of_a_deleted_policy_goes_with_it_and_a_recreated_one_keeps_its_own(
+    demo_dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    """Issue 22: an owner row with a token no Lease of a new policy would reach (forged, or
+    left by a policy of the same name) outlived its policy, and the new policy of that name
+    was never swept. Removing a deleted policy's record removes its owner row too — unless
+    the name's work is already recorded by another uid (a recreated policy's own row)."""
+    ledger.ensure_schema(conn)
+    policy = make_policy()
+    db = reconcile.Database(demo_dsn)
+    try:
+        ledger.begin_sweep(conn, sharding.Fence(policy.key, "replica-a/1", 2**62))
+        conn.execute(
+            "INSERT INTO celery_reconciler.policy_work (policy_key, policy_uid, created, "
+            "table_name, pending, task_name) VALUES (%s, 'uid-old', 't', 'journal_entry', "
+            "'p', 'x')",
+            [policy.key],
+        )
+        reconcile.forget_work(db, policy_key=policy.key, policy_uid="uid-old")
+        # The recreated policy's first Lease starts over at a small token.
+        ledger.begin_sweep(conn, sharding.Fence(policy.key, "replica-b/1", 1))
+
+        # A late removal for the old uid leaves the recreated policy's owner row alone.
+        conn.execute(
+            "INSERT INTO celery_reconciler.policy_work (policy_key, policy_uid, created, "
+            "table_name, pending, task_name) VALUES (%s, 'uid-new', 't', 'journal_entry', "
+            "'p', 'x')",
+            [policy.key],
+        )
+        reconcile.forget_work(db, policy_key=policy.key, policy_uid="uid-old")
+        owner = conn.execute(
+            "SELECT holder, token FROM celery_reconciler.policy_owners WHERE policy_key = %s",
+            [policy.key],
+        ).fetchone()
+        assert owner == ("replica-b/1", 1)
+    finally:
+        db.close()

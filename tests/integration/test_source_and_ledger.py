@@ -17,7 +17,7 @@ import pytest
 from psycopg import sql
 
 from celery_app.demo import schema
-from celery_reconciler import ledger, planning, policy, sharding, source
+from celery_reconciler import conditions, ledger, planning, policy, sharding, source
 
 pytestmark = pytest.mark.integration
 
@@ -677,3 +677,28 @@ def test_the_first_status_read_after_a_start_reads_the_tally_not_the_history(
         ledger.status(conn, policy_key="t/p", outcomes_since=first.outcomes.until)
         read_by_next = attempts_rows_read(conn)
     assert read_by_next < 10  # later reads look at their window only, as before
+
+
+def test_a_lease_below_the_heartbeat_timeout_of_the_policys_workers_is_flagged(
+    conn: psycopg.Connection[Any],
+) -> None:
+    """Issue 22: ``lease.timeout: 5s`` under workers with a 20 s heartbeat timeout was
+    accepted silently; the ledger knows the timeout of the workers running the policy's
+    entries, and the policy shows the mismatch."""
+    short = policy.parse_policy(schema.policy_spec(lease_timeout="5s"), namespace="t", name="p")
+    claimed_and_started(conn, ["1"])  # under an incarnation with a 20 s heartbeat timeout
+    found = ledger.status(conn, policy_key="t/p", outcomes_since=None)
+    assert found.consumption.workers_heartbeat_timeout_seconds == 20.0
+
+    type_, state, reason, message = conditions.lease_fits_workers(
+        lease_seconds=short.lease.timeout_seconds,
+        heartbeat_timeout_seconds=found.consumption.workers_heartbeat_timeout_seconds,
+    )
+    assert (type_, state, reason) == (
+        conditions.LEASE_FITS_WORKERS,
+        "False",
+        conditions.LEASE_BELOW_HEARTBEAT_TIMEOUT,
+    )
+    assert "spec.lease.timeout" in message and "5s" in message and "20s" in message
+    fitting = conditions.lease_fits_workers(lease_seconds=60, heartbeat_timeout_seconds=20)
+    assert fitting[1] == "True"

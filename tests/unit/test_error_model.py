@@ -225,7 +225,7 @@ def test_the_operations_guide_lists_exactly_the_reasons_a_policy_can_be_degraded
     in_code = {reason for _, reason in loop.SWEEP_ERRORS}
     in_code |= {conditions.INVALID_SPEC, conditions.INTERNAL_ERROR}
     # Reasons a sweep that worked can still carry (the loop's health checks).
-    in_code |= {conditions.CONFLICT, *loop.HEALTH_REASONS}
+    in_code |= {conditions.CONFLICT, conditions.OWNER_ROW_DISAGREES, *loop.HEALTH_REASONS}
     assert documented == in_code
 
 
