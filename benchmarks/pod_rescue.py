@@ -335,13 +335,29 @@ class Bench:
         ).fetchall()
         return [Holder(entry_id=row[0], incarnation=row[1], pod=row[2]) for row in rows]
 
-    def wait_until_held(self, entry_ids: Sequence[str]) -> list[Holder]:
-        held: list[Holder] = processes.wait_for(
-            lambda: len(found := self.holders(entry_ids)) == len(entry_ids) and found,
-            timeout_seconds=60,
-            what=f"entries {entry_ids} running their bodies",
-        )
-        return held
+    def wait_until_held(self, entry_ids: Sequence[str]) -> list[Holder] | None:
+        """The holders once every entry runs its first body; ``None`` when an entry ran
+        again before that (its first run's container was restarted by something else — the
+        liveness probe of a worker starved on a loaded node): the round is disturbed."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            held = self.holders(entry_ids)
+            if len(held) == len(entry_ids):
+                return held
+            again = self.conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM task_runs WHERE entry_id::text = ANY(%s) "
+                "GROUP BY entry_id HAVING count(*) > 1)",
+                [list(entry_ids)],
+            ).fetchone()
+            if again == (True,):
+                return None
+            time.sleep(0.1)
+        return None
+
+    def restarts_not_ours(self, *, struck: int) -> int:
+        """Container restarts the benchmark did not cause (the liveness probe's, on a node
+        too loaded to run the probe within its timeout)."""
+        return sum(pod.restart_count() for pod in self.pods) - struck
 
     def strike(self, held: Sequence[Holder], *, signal_number: int) -> list[Kill]:
         """Signal every process of each container that holds one of ``held``."""
@@ -419,16 +435,32 @@ class Bench:
             heartbeat_timeout_seconds=max((row[3] for row in rows), default=0.0),
         )
 
-    def wait_until_done(self, entry_ids: Sequence[str]) -> None:
-        def done() -> bool:
+    def wait_for_the_ledger(self) -> None:
+        """The operator's first sweep creates the ledger's tables the benchmark reads."""
+        processes.wait_for(
+            lambda: (
+                self.conn.execute(
+                    "SELECT to_regclass('celery_reconciler.entries') IS NOT NULL"
+                ).fetchone()
+                == (True,)
+            ),
+            timeout_seconds=120,
+            what="the operator's first sweep to create the ledger",
+        )
+
+    def wait_until_done(self, entry_ids: Sequence[str], *, timeout_seconds: float) -> None:
+        """Until the re-runs have finished, so their slots are free for the next round; an
+        entry never re-run is left to its lease (and shows as not re-run in the figures)."""
+        deadline = time.monotonic() + timeout_seconds
+        while time.monotonic() < deadline:
             row = self.conn.execute(
                 "SELECT count(*) FROM journal_entry WHERE id::text = ANY(%s) "
                 "AND NOT insights_extracted",
                 [list(entry_ids)],
             ).fetchone()
-            return row is not None and row[0] == 0
-
-        processes.wait_for(done, timeout_seconds=120, what=f"entries {entry_ids} processed")
+            if row is not None and row[0] == 0:
+                return
+            time.sleep(0.25)
 
     def wait_until_restarted(self, kills: Sequence[Kill], *, timeout_seconds: float) -> None:
         """Every struck Pod runs a new container instance, ready to take work again."""
@@ -448,11 +480,19 @@ class Bench:
 
     def round(
         self, *, signal_number: int, reports: PodReports, wait_seconds: float
-    ) -> list[Rescue]:
+    ) -> list[Rescue] | None:
+        """One round: held bodies dispatched, their containers struck, the rescue read;
+        ``None`` when something else restarted a holder first (nothing was measured)."""
+        for pod in self.pods:
+            pod.wait_ready(restarts=None, timeout_seconds=wait_seconds)
         entry_ids = self.hold_entries(self.args.bodies_per_kill)
-        kills = self.strike(self.wait_until_held(entry_ids), signal_number=signal_number)
+        held = self.wait_until_held(entry_ids)
+        if held is None:
+            self.wait_until_done(entry_ids, timeout_seconds=60)
+            return None
+        kills = self.strike(held, signal_number=signal_number)
         self.wait_for_reruns(kills, timeout_seconds=wait_seconds)
-        self.wait_until_done(entry_ids)
+        self.wait_until_done(entry_ids, timeout_seconds=30)
         self.wait_until_restarted(kills, timeout_seconds=wait_seconds)
         time.sleep(0.5)  # the watch's report of the restart, if it is late
         return [self.account(kill, reports=reports) for kill in kills]
@@ -553,6 +593,7 @@ def run(stack: chaos.Stack, args: argparse.Namespace) -> None:
             plane, NAMESPACE, dsn=dsn, broker_url=broker.url, lease_timeout="10m",
             sweep_interval="30s",
         )  # fmt: skip
+        bench.wait_for_the_ledger()
         bench.measure_clock_offset()
         print(
             f"pod rescue: {args.workers} worker Pods x {args.concurrency} processes on the test "
@@ -564,10 +605,15 @@ def run(stack: chaos.Stack, args: argparse.Namespace) -> None:
         )
         with PodReports(kubeconfig=plane.kubeconfig, namespace=NAMESPACE) as reports:
             killed: list[Rescue] = []
+            disturbed = 0
             while len(killed) < args.kills:
                 rescues = bench.round(
                     signal_number=signal.SIGKILL, reports=reports, wait_seconds=RERUN_WAIT_SECONDS
                 )
+                if rescues is None:
+                    disturbed += 1
+                    print("  (a holder restarted before the kill: round not counted)", flush=True)
+                    continue
                 killed += rescues
                 for rescue in rescues:
                     print(progress(rescue, number=len(killed)), flush=True)
@@ -581,6 +627,10 @@ def run(stack: chaos.Stack, args: argparse.Namespace) -> None:
                 rescues = bench.round(
                     signal_number=signal.SIGSTOP, reports=reports, wait_seconds=300
                 )
+                if rescues is None:
+                    disturbed += 1
+                    print("  (a holder restarted before the freeze: round not counted)", flush=True)
+                    continue
                 timeout = max(rescue.heartbeat_timeout_seconds for rescue in rescues)
                 bound = probe_kill_bound_seconds(
                     heartbeat_timeout_seconds=timeout,
@@ -600,7 +650,13 @@ def run(stack: chaos.Stack, args: argparse.Namespace) -> None:
             )
             for line in describe(frozen, what="freeze"):
                 print(line, flush=True)
-            print(f"load average at the end {os.getloadavg()[0]:.2f}", flush=True)
+            print(
+                f"rounds not counted (a holder restarted before the strike): {disturbed}; "
+                f"container restarts the benchmark did not cause (liveness probe): "
+                f"{bench.restarts_not_ours(struck=len(killed) + len(frozen))}; load average at "
+                f"the end {os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
     finally:
         if operator is not None:
             operator.stop()
