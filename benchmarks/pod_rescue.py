@@ -267,11 +267,18 @@ class Bench:
         self.conn = psycopg.connect(dsn, autocommit=True)
         self.pods: list[workers.WorkerPod] = []
         self.offset = ClockOffset(0.0, 0.0)
+        self.struck = 0  # containers the benchmark killed or froze
+        self.restarts_before = 0  # restarts of the Pods replaced since
 
     def close(self) -> None:
         self.conn.close()
 
-    def start_workers(self) -> None:
+    def start_workers(self, *, liveness_probe: bool) -> None:
+        """The worker Pods (again, replacing any from before: the freeze phase needs the
+        probe the kill phase may run without)."""
+        for pod in self.pods:
+            self.restarts_before += pod.restart_count()
+            pod.delete(grace_seconds=1, wait=True)
         self.pods = [
             workers.start_worker_pod(
                 node=self.stack.node,
@@ -282,6 +289,7 @@ class Bench:
                 dsn=self.dsn,
                 concurrency=self.args.concurrency,
                 wait=False,
+                liveness_probe=liveness_probe,
             )
             for number in range(self.args.workers)
         ]
@@ -354,10 +362,10 @@ class Bench:
             time.sleep(0.1)
         return None
 
-    def restarts_not_ours(self, *, struck: int) -> int:
+    def restarts_not_ours(self) -> int:
         """Container restarts the benchmark did not cause (the liveness probe's, on a node
         too loaded to run the probe within its timeout)."""
-        return sum(pod.restart_count() for pod in self.pods) - struck
+        return self.restarts_before + sum(pod.restart_count() for pod in self.pods) - self.struck
 
     def strike(self, held: Sequence[Holder], *, signal_number: int) -> list[Kill]:
         """Signal every process of each container that holds one of ``held``."""
@@ -373,6 +381,7 @@ class Bench:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal_number)
+            self.struck += 1
             kills.append(
                 Kill(
                     pod=pod.name,
@@ -585,7 +594,7 @@ def run(stack: chaos.Stack, args: argparse.Namespace) -> None:
         with psycopg.connect(dsn, autocommit=True) as conn:
             schema.create_schema(conn)
         bench = Bench(stack=stack, broker_url=broker.url, dsn=dsn, args=args)
-        bench.start_workers()
+        bench.start_workers(liveness_probe=not args.no_probe_while_killing)
         operator = operators.start(
             plane, log_dir=stack.workdir, namespaces=(NAMESPACE,), verbose=False
         )
@@ -617,10 +626,16 @@ def run(stack: chaos.Stack, args: argparse.Namespace) -> None:
                 killed += rescues
                 for rescue in rescues:
                     print(progress(rescue, number=len(killed)), flush=True)
-            print(f"SIGKILL of every process of a worker container, {len(killed)} kills:")
+            print(
+                f"SIGKILL of every process of a worker container, {len(killed)} kills"
+                + (" (worker Pods without a liveness probe)" * args.no_probe_while_killing)
+                + ":"
+            )
             for line in describe(killed, what="kill"):
                 print(line, flush=True)
             frozen: list[Rescue] = []
+            if args.no_probe_while_killing:
+                bench.start_workers(liveness_probe=True)
             bound = 0.0
             while len(frozen) < args.freezes:
                 spec = bench.pod_spec(bench.pods[0].name)
@@ -653,7 +668,7 @@ def run(stack: chaos.Stack, args: argparse.Namespace) -> None:
             print(
                 f"rounds not counted (a holder restarted before the strike): {disturbed}; "
                 f"container restarts the benchmark did not cause (liveness probe): "
-                f"{bench.restarts_not_ours(struck=len(killed) + len(frozen))}; load average at "
+                f"{bench.restarts_not_ours()}; load average at "
                 f"the end {os.getloadavg()[0]:.2f}",
                 flush=True,
             )
@@ -675,6 +690,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=2, help="processes per Pod (2)")
     parser.add_argument(
         "--bodies-per-kill", type=int, default=2, help="held bodies dispatched per round (2)"
+    )
+    parser.add_argument(
+        "--no-probe-while-killing",
+        action="store_true",
+        help="the SIGKILL phase's worker Pods carry no liveness probe (the freeze phase's "
+        "always do): on a node too loaded to run the exec probe within its timeout, the "
+        "kubelet restarts healthy workers and disturbs every round",
     )
     args = parser.parse_args(argv)
     if args.bodies_per_kill >= (args.workers - 1) * args.concurrency:
