@@ -623,8 +623,8 @@ def run(stack: chaos.Stack, args: argparse.Namespace) -> None:
                     disturbed += 1
                     print("  (a holder restarted before the kill: round not counted)", flush=True)
                     continue
-                killed += rescues
                 for rescue in rescues:
+                    killed.append(rescue)
                     print(progress(rescue, number=len(killed)), flush=True)
             print(
                 f"SIGKILL of every process of a worker container, {len(killed)} kills"
@@ -652,8 +652,8 @@ def run(stack: chaos.Stack, args: argparse.Namespace) -> None:
                     probe=spec["containers"][0].get("livenessProbe", {}),
                     grace_seconds=float(spec.get("terminationGracePeriodSeconds", 30)),
                 )
-                frozen += rescues
                 for rescue in rescues:
+                    frozen.append(rescue)
                     print(progress(rescue, number=len(frozen)), flush=True)
             probe = bench.pod_spec(bench.pods[0].name)["containers"][0].get("livenessProbe", {})
             print(
