@@ -73,7 +73,10 @@ RERUN_WAIT_SECONDS = 90.0
 
 # How a holder's process was ended, read from its incarnation row (``rescue_path``).
 PROOF = "proof"  # ended by a proof before its heartbeat could be judged stale
-AFTER_SILENCE = "proof found after silence"  # the silent-worker check read the Pod's proof
+# Ended by a proof only once its heartbeat was stale: the silent-worker check read the Pod's
+# proof, or — always, for a frozen container, whose kill waits for the stale heartbeat — the
+# pod event came after it.
+AFTER_SILENCE = "proof after the heartbeat went stale"
 SILENCE = "silence"  # the no-heartbeat rule (workers without a Pod identity)
 NOT_ENDED = "not ended"  # nothing ended it: only its lease could move its entries
 PATHS = (PROOF, AFTER_SILENCE, SILENCE, NOT_ENDED)
@@ -572,7 +575,8 @@ def describe(rescues: Sequence[Rescue], *, what: str) -> list[str]:
             f"{percentile(ours, 0.99) / percentile(kubelet, 0.99):.2f}x"
         )
     lines.append(
-        f"  rescued by proof: {by_path[PROOF]} of {len(rescues)} containers "
+        f"  rescued by proof before the heartbeat went stale: {by_path[PROOF]} of "
+        f"{len(rescues)} containers "
         f"({100 * by_path[PROOF] / max(1, len(rescues)):.0f}%); "
         + ", ".join(f"{path}: {count}" for path, count in by_path.items() if path != PROOF)
         + f"; held entries not re-run within the wait: "

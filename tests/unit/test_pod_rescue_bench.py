@@ -101,7 +101,9 @@ def test_the_watch_counts_a_terminated_or_restarted_instance_as_reported_ended()
                     "name": "worker",
                     "containerID": "containerd://new",
                     "state": running,
-                    "lastState": {"terminated": {"exitCode": 137, "containerID": "containerd://old"}},
+                    "lastState": {
+                        "terminated": {"exitCode": 137, "containerID": "containerd://old"}
+                    },
                 }
             ]
         }
