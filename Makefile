@@ -8,6 +8,8 @@ SUITE_PARALLEL ?=
 # servers, balanced by tests/durations.json (e.g. integration=2,e2e=3; empty: one process a layer)
 SUITE_SHARDS ?=
 FLAKE_ROUNDS ?= 3
+# `make bench`'s Pod rescue benchmark, e.g. "--kills 100 --freezes 5" (benchmarks/pod_rescue.py)
+POD_RESCUE_BENCH_ARGS ?=
 # test files or ids (under tests/integration/ or tests/e2e/) for `make flake`; empty: both layers whole
 FLAKE_ARGS ?=
 FLAKE_STRESS ?= --cpu 1
@@ -55,9 +57,10 @@ demo: setup ## the main job end to end on a local stack
 chaos: setup ## 10,000 entries under 100 faults of every kind; invariants and rescue latency
 	$(VENV)/python -m devstack chaos $(CHAOS_ARGS)
 
-bench: setup ## dispatch, worker-side cost, history at scale and rescue latency, against same-run baselines
+bench: setup ## dispatch, worker-side cost, history at scale and rescue latency (worker Pods killed and frozen on the node), against same-run baselines
 	$(VENV)/python -m benchmarks $(BENCH_ARGS)
 	$(VENV)/python -m benchmarks.rescue --compare-tail $(RESCUE_BENCH_ARGS)
+	$(VENV)/python -m benchmarks.pod_rescue $(POD_RESCUE_BENCH_ARGS)
 
 lock: setup ## re-resolve requirements/*.txt (with hashes) from the pyproject files and prove them
 	bash scripts/lock.sh

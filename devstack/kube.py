@@ -25,6 +25,8 @@ from devstack import processes
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_USER = "celery-reconciler-admin"
+CRD_DIR = ROOT / "charts" / "celery-reconciler" / "files" / "crds"
+PEERING_CRDS = ROOT / "charts" / "celery-reconciler" / "crds" / "kopf-peerings.yaml"
 
 
 def bin_dir() -> Path:
@@ -142,6 +144,19 @@ class ControlPlane:
             lambda: _readyz(self.server, self.admin_token, self.ca_file),
             timeout_seconds=90,
             what="ready (/readyz) after a restart",
+        )
+
+    def install_crds(self) -> None:
+        """Our CRDs and kopf's peering CRDs, as the chart installs them, once Established:
+        what every operator run against this control plane needs first."""
+        self.kubectl("apply", "--server-side", "-f", str(CRD_DIR))
+        self.kubectl("apply", "--server-side", "-f", str(PEERING_CRDS))
+        self.kubectl(
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/processingpolicies.celery-reconciler.io",
+            "crd/processingstatuses.celery-reconciler.io",
         )
 
     def stop(self) -> None:

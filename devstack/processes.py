@@ -17,6 +17,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 RUNNING: dict[str, ManagedProcess] = {}
 
@@ -145,3 +146,19 @@ def stop_pid(pid: int, *, timeout_seconds: float = 10.0) -> None:
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
+
+
+def wait_for(
+    condition: Callable[[], Any], *, timeout_seconds: float, what: str, interval: float = 0.5
+) -> Any:
+    """Poll until ``condition()`` is truthy; fail naming what never happened."""
+    deadline = time.monotonic() + timeout_seconds
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(
+        f"timed out after {timeout_seconds:.0f}s waiting for {what}; last: {last!r}"
+    )

@@ -228,15 +228,18 @@ class WorkerPod:
             namespace=self.namespace, pod=self.name, container="worker", restart=restart
         )
 
-    def wait_ready(self, *, restarts: int = 0, timeout_seconds: float = 90) -> None:
-        """Until the container's ``restarts``-th restart has logged celery's ``ready.``."""
+    def wait_ready(self, *, restarts: int | None = 0, timeout_seconds: float = 90) -> None:
+        """Until the container's ``restarts``-th restart has logged celery's ``ready.``;
+        ``None``: whichever instance runs (a benchmark on a loaded node, where the liveness
+        probe may restart a worker that starts slowly, waits for one that serves)."""
         deadline = time.monotonic() + timeout_seconds
         while time.monotonic() < deadline:
             status = self.container_status()
+            count = status.get("restartCount")
             if (
                 "running" in status.get("state", {})
-                and status.get("restartCount") == restarts
-                and " ready." in self.instance_log(restarts)
+                and count == (count if restarts is None else restarts)
+                and " ready." in self.instance_log(int(count or 0))
             ):
                 return
             time.sleep(0.2)
@@ -248,6 +251,19 @@ class WorkerPod:
     def main_pid(self) -> int:
         """The host PID of the running container's main process (celery's parent)."""
         return self.node.container_pid(self.container_status()["containerID"])
+
+    def container_pids(self) -> list[int]:
+        """Host PIDs of every process of the running container: its main process's cgroup
+        (the v1 ``pids`` hierarchy, which this test bed's node has), main process first.
+        What freezing or killing a container as a whole must reach: the worker, its pool,
+        its guardian, and any probe the kubelet is running in it."""
+        main = self.main_pid()
+        with open(f"/proc/{main}/cgroup", encoding="utf-8") as cgroups:
+            lines = cgroups.read().splitlines()
+        path = next(line.split(":", 2)[2] for line in lines if line.split(":", 2)[1] == "pids")
+        with open(f"/sys/fs/cgroup/pids{path}/cgroup.procs", encoding="utf-8") as procs:
+            others = [int(pid) for pid in procs.read().split() if int(pid) != main]
+        return [main, *others]
 
     def kill(self) -> None:
         """SIGKILL the container's main process; the kubelet restarts the container."""

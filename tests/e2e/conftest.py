@@ -19,22 +19,10 @@ from devstack import kube as devstack_kube
 from devstack import node as devstack_node
 from devstack import operators, processes, workers
 
-ROOT = Path(__file__).resolve().parents[2]
-CRD_DIR = ROOT / "charts" / "celery-reconciler" / "files" / "crds"
-PEERING_CRDS = ROOT / "charts" / "celery-reconciler" / "crds" / "kopf-peerings.yaml"
-
 
 @pytest.fixture(scope="session")
 def crds(kube: devstack_kube.ControlPlane) -> devstack_kube.ControlPlane:
-    kube.kubectl("apply", "--server-side", "-f", str(CRD_DIR))
-    kube.kubectl("apply", "--server-side", "-f", str(PEERING_CRDS))
-    kube.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/processingpolicies.celery-reconciler.io",
-        "crd/processingstatuses.celery-reconciler.io",
-    )
+    kube.install_crds()
     return kube
 
 

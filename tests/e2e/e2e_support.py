@@ -7,8 +7,6 @@ import dataclasses
 import io
 import json
 import re
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +14,8 @@ import psycopg
 
 from celery_app.demo import audit, schema
 from celery_reconciler import cli
+from devstack import demo_policy, operators, processes
 from devstack import kube as devstack_kube
-from devstack import operators
 
 OperatorProcess = operators.OperatorProcess
 healthy = operators.healthy
@@ -27,68 +25,15 @@ def get_json(kube: devstack_kube.ControlPlane, *args: str) -> Any:
     return json.loads(kube.kubectl(*args, "-o", "json").stdout)
 
 
-def wait_for(
-    condition: Callable[[], Any], *, timeout_seconds: float, what: str, interval: float = 0.5
-) -> Any:
-    """Poll until ``condition()`` is truthy; fail naming what never happened."""
-    deadline = time.monotonic() + timeout_seconds
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = condition()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(
-        f"timed out after {timeout_seconds:.0f}s waiting for {what}; last: {last!r}"
-    )
+wait_for = processes.wait_for
 
 
-WORKER_LABELS = {"app": "insights-worker"}
-
-
-def secrets_manifest(*, dsn: str, broker_url: str) -> str:
-    items = schema.secrets(dsn=dsn, broker_url=broker_url)
-    return json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
-
-
-def policy_manifest(name: str = "journal-insights", **spec_overrides: Any) -> str:
-    spec = schema.policy_spec(
-        sweep_interval=spec_overrides.pop("sweep_interval", "30s"),
-        lease_timeout=spec_overrides.pop("lease_timeout", "10m"),
-        retry=spec_overrides.pop("retry", None),
-    )
-    spec["workers"] = {"podSelector": {"matchLabels": WORKER_LABELS}}
-    spec.update(spec_overrides)
-    return json.dumps(
-        {
-            "apiVersion": "celery-reconciler.io/v1alpha1",
-            "kind": "ProcessingPolicy",
-            "metadata": {"name": name},
-            "spec": spec,
-        }
-    )
-
-
-def apply_policy(
-    kube: devstack_kube.ControlPlane,
-    namespace: str,
-    *,
-    dsn: str,
-    broker_url: str,
-    **spec_overrides: Any,
-) -> None:
-    """The user's part: the two Secrets, then a ProcessingPolicy naming them."""
-    apply_secrets(kube, namespace, dsn=dsn, broker_url=broker_url)
-    kube.kubectl("-n", namespace, "apply", "-f", "-", input=policy_manifest(**spec_overrides))
-
-
-def apply_secrets(
-    kube: devstack_kube.ControlPlane, namespace: str, *, dsn: str, broker_url: str
-) -> None:
-    """Create or fix the two Secrets a policy names (``demo-db`` and ``demo-broker``)."""
-    kube.kubectl(
-        "-n", namespace, "apply", "-f", "-", input=secrets_manifest(dsn=dsn, broker_url=broker_url)
-    )
+# The demo's policy and Secrets, as the e2e tests and the Pod rescue benchmark apply them.
+WORKER_LABELS = demo_policy.WORKER_LABELS
+secrets_manifest = demo_policy.secrets_manifest
+policy_manifest = demo_policy.policy_manifest
+apply_policy = demo_policy.apply_policy
+apply_secrets = demo_policy.apply_secrets
 
 
 def policy_conditions(policy: dict[str, Any]) -> dict[str, dict[str, Any]]:

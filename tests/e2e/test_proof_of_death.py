@@ -236,16 +236,6 @@ def test_a_restart_ends_exactly_the_dead_instance_and_no_live_process(
     assert overlaps(journal, kills={"insights-worker-a": kills}) == []
 
 
-def container_pids(worker: workers.WorkerPod) -> list[int]:
-    """Every process of the worker's container: its main process's cgroup (v1 ``pids``)."""
-    main = worker.main_pid()
-    with open(f"/proc/{main}/cgroup", encoding="utf-8") as cgroups:
-        lines = cgroups.read().splitlines()
-    path = next(line.split(":", 2)[2] for line in lines if line.split(":", 2)[1] == "pids")
-    with open(f"/sys/fs/cgroup/pids{path}/cgroup.procs", encoding="utf-8") as procs:
-        return [int(pid) for pid in procs.read().split()]
-
-
 def policy_condition(crds: devstack_kube.ControlPlane, namespace: str, kind: str) -> Any:
     got = get_json(crds, "-n", namespace, "get", "processingpolicy", "journal-insights")
     found = [c for c in got.get("status", {}).get("conditions", []) if c["type"] == kind]
@@ -283,7 +273,7 @@ def test_a_frozen_worker_pod_keeps_its_entries_until_the_platform_proves_it_gone
     )
     # Free slots for a wrong re-dispatch to run at once, side by side with a's bodies.
     worker_pods("insights-worker-b", concurrency=2, extra_env=QUICK_SILENCE)
-    for pid in container_pids(frozen):
+    for pid in frozen.container_pids():
         os.kill(pid, signal.SIGSTOP)
     frozen_at = database_now(journal)
     condition = wait_for(
