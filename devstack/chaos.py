@@ -31,8 +31,10 @@ faults of every kind, on a stack of its own). It
                           timeouts in one C call that keeps the GIL (``celery_app.faults``):
                           its own heartbeat and watchdog starve, the guardian must kill it
 
-   Workers run with a heartbeat timeout of ``--heartbeat-timeout`` seconds (6), so that a
-   freeze or a hold outlasts it without making the run long.
+   A freeze holds a Pod for 40 s and a hold a slot for 30 s at the default heartbeat timeout
+   (20 s, ``--heartbeat-timeout``; a shorter one restarts healthy workers on a loaded node),
+   so these two kinds come ``--long-faults-per-kind`` times (a tenth of the others by
+   default), one freeze at a time; the schedule stretches to fit them.
 
 4. waits until every entry is processed (failing loudly if progress stops), and checks the
    invariants with its own SQL over the body's own tables — never our ledger: **0 lost**
@@ -117,6 +119,7 @@ RECOVERY_SECONDS = 180.0
 # A freeze lasts this many heartbeat timeouts (issue 21's attack), a GIL hold this many.
 FREEZE_TIMEOUTS = 2.0
 GIL_HOLD_TIMEOUTS = 1.5
+LONG_FAULT_KINDS = frozenset({"worker_freeze", "gil_hold"})
 # How far from the head of the pending queue a GIL hold is armed: an entry about to run.
 GIL_ARMING_WINDOW = 20
 # An armed GIL hold whose entry did not start within this long is moved to another entry.
@@ -146,7 +149,15 @@ class Settings:
     faults_per_kind: int
     workers: int = 3
     concurrency: int = 2
-    heartbeat_timeout_seconds: float = 6.0
+    heartbeat_timeout_seconds: float = 20.0
+    long_faults_per_kind: int | None = None  # worker_freeze, gil_hold; None: a tenth
+
+    def faults_of(self, kind: str) -> int:
+        if kind not in LONG_FAULT_KINDS:
+            return self.faults_per_kind
+        if self.long_faults_per_kind is not None:
+            return self.long_faults_per_kind
+        return max(1, self.faults_per_kind // 10)
 
     @property
     def freeze_seconds(self) -> float:
@@ -298,7 +309,9 @@ class _Run:
         # Seconds the fault threads spread their faults over; bodies are sized to it. A
         # freeze blocks its thread for its whole length: the schedule makes room for them.
         self.planned_seconds = max(
-            60.0, settings.faults_per_kind * max(5.0, settings.freeze_seconds + 3.0)
+            60.0,
+            settings.faults_per_kind * 5.0,
+            settings.faults_of("worker_freeze") * (settings.freeze_seconds + 3.0),
         )
 
     # -- set-up ---------------------------------------------------------------------------
@@ -312,8 +325,9 @@ class _Run:
         self.apply_policy()
         say(
             f"{self.settings.entries:,} entries, {self.settings.workers} worker Pods x "
-            f"{self.settings.concurrency} processes; injecting {self.settings.faults_per_kind} "
-            f"faults of each kind: {', '.join(FAULT_KINDS)}"
+            f"{self.settings.concurrency} processes, heartbeat timeout "
+            f"{self.settings.heartbeat_timeout_seconds:g} s; injecting "
+            + ", ".join(f"{kind} x{self.settings.faults_of(kind)}" for kind in FAULT_KINDS)
         )
         threads = [
             threading.Thread(target=self.inject, args=(kind,), name=f"chaos-{kind}", daemon=True)
@@ -465,10 +479,11 @@ class _Run:
     def inject(self, kind: str) -> None:
         """``faults_per_kind`` faults of one kind at random gaps over the planned time."""
         rng = random.Random(f"{self.settings.seed}:{kind}")
-        mean_gap = self.planned_seconds / self.settings.faults_per_kind
+        count = self.settings.faults_of(kind)
+        mean_gap = self.planned_seconds / max(1, count)
         took = 0.0  # a fault that lasts (a freeze) eats into the gap after it
         try:
-            for _ in range(self.settings.faults_per_kind):
+            for _ in range(count):
                 gap = rng.uniform(0.2 * mean_gap, 1.5 * mean_gap)
                 if self.stopping.wait(max(0.2, gap - took)):
                     return
@@ -1185,7 +1200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--heartbeat-timeout",
         type=float,
         default=Settings.heartbeat_timeout_seconds,
-        help="the workers' heartbeat timeout in seconds, which sizes freezes and GIL holds (6)",
+        help="the workers' heartbeat timeout in seconds, which sizes freezes and GIL holds (20)",
+    )
+    parser.add_argument(
+        "--long-faults-per-kind",
+        type=int,
+        help="worker freezes and GIL holds each (default: a tenth of --faults-per-kind)",
     )
     args = parser.parse_args(argv)
     settings = Settings(
@@ -1195,6 +1215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
         concurrency=args.concurrency,
         heartbeat_timeout_seconds=args.heartbeat_timeout,
+        long_faults_per_kind=args.long_faults_per_kind,
     )
     workdir = Path(tempfile.mkdtemp(prefix="cr-chaos-"))
     say(f"starting PostgreSQL, kube-apiserver and a node (logs in {workdir})")

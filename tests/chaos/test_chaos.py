@@ -34,7 +34,7 @@ def test_a_fixed_seed_of_every_fault_kind_loses_nothing_and_never_runs_twice(
 ) -> None:
     figures = chaos.run(
         chaos.Stack(plane=kube, node=node, postgres=postgres, workdir=tmp_path),
-        chaos.Settings(seed=SEED, entries=300, faults_per_kind=2),
+        chaos.Settings(seed=SEED, entries=300, faults_per_kind=2, long_faults_per_kind=2),
     )
     assert figures.violations == []
     # A GIL hold with no pending entry left to arm adds one at the head of the queue.
