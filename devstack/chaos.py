@@ -213,7 +213,7 @@ class Figures:
         out.append(
             f"  worker freezes: {self.frozen_runs} runs caught mid-body, "
             f"{self.frozen_runs_finished_late} of them wrote their end after the thaw; "
-            f"processes of frozen Pods seen gone afterwards: {self.frozen_deaths}"
+            f"processes of worker Pods (probes included) the driver saw gone: {self.frozen_deaths}"
         )
         out += [
             _latency_line("worker kill -> killed body's entry running again", self.latencies),
@@ -429,6 +429,15 @@ class _Run:
         ]
         for pod in self.pods:
             pod.wait_ready(timeout_seconds=180)
+        self.deaths.start(
+            pods={
+                pod.name: devstack_workers.pod_uid(
+                    self.stack.plane, namespace=self.namespace, name=pod.name
+                )
+                for pod in self.pods
+            },
+            cgroup_root=self.stack.node.cgroup_root,
+        )
 
     def apply_policy(self) -> None:
         assert self.broker is not None
@@ -1117,9 +1126,10 @@ def _freeze_tree(main_pid: int) -> list[_Process]:
 
 
 class _DeathWatch:
-    """Notes when each process of a frozen Pod is gone — by its own watchdog, the guardian,
-    the kubelet's liveness kill or a driver's kill: the end of a run it held that never
-    wrote its own. One thread polls every watched process."""
+    """Notes when each process of a worker Pod is gone — by its own watchdog, the guardian,
+    the kubelet (a liveness kill, a freeze's end) or a driver's kill: the end of a run it
+    held that never wrote its own. One thread polls the Pods' cgroups (``start``) and every
+    process found there or handed over by a freeze (``watch``)."""
 
     def __init__(self, *, stopping: threading.Event) -> None:
         self.stopping = stopping
@@ -1127,6 +1137,14 @@ class _DeathWatch:
         self.watched: list[tuple[str, _Process]] = []
         self.deaths: list[tuple[str, int, datetime.datetime]] = []
         self.thread: threading.Thread | None = None
+        self.pods: dict[str, str] = {}  # Pod name -> uid
+        self.cgroups: dict[str, Path] = {}
+        self.pids_root: Path | None = None
+
+    def start(self, *, pods: dict[str, str], cgroup_root: str) -> None:
+        self.pods = dict(pods)
+        self.pids_root = node.CGROUP_FS / "pids" / cgroup_root.lstrip("/")
+        self.watch("", [])
 
     def watch(self, pod: str, processes_: Sequence[_Process]) -> None:
         with self.lock:
@@ -1135,12 +1153,43 @@ class _DeathWatch:
                 self.thread = threading.Thread(target=self._poll, name="chaos-deaths", daemon=True)
                 self.thread.start()
 
+    def _pod_processes(self) -> list[tuple[str, int]]:
+        found = []
+        for name, uid in self.pods.items():
+            cgroup = self.cgroups.get(name)
+            if cgroup is None and self.pids_root is not None:
+                for spelling in (uid, uid.replace("-", "_")):
+                    cgroup = next(self.pids_root.rglob(f"*pod{spelling}*"), None)
+                    if cgroup is not None:
+                        self.cgroups[name] = cgroup
+                        break
+            if cgroup is None:
+                continue
+            for procs in cgroup.rglob("cgroup.procs"):
+                with contextlib.suppress(OSError, ValueError):
+                    found += [(name, int(pid)) for pid in procs.read_text().split()]
+        return found
+
+    def _track_new(self) -> None:
+        with self.lock:
+            known = {process.host_pid for _, process in self.watched}
+        new = []
+        for pod, host_pid in self._pod_processes():
+            if host_pid not in known:
+                process = _Process.read(host_pid)
+                if process is not None:
+                    new.append((pod, process))
+        if new:
+            with self.lock:
+                self.watched += new
+
     def recorded(self) -> list[tuple[str, int, datetime.datetime]]:
         with self.lock:
             return list(self.deaths)
 
     def _poll(self) -> None:
         while not self.stopping.wait(DEATH_POLL_SECONDS):
+            self._track_new()
             with self.lock:
                 watched = list(self.watched)
             gone = [(pod, process) for pod, process in watched if not process.alive()]
