@@ -10,8 +10,8 @@ or held the GIL and never got to write it — ended when its process was known t
 the earliest of:
 
 * a **process end** after the run started: the worker's guardian logged that it killed (or
-  saw the death of) that process of that Pod, or the driver saw that process of a frozen
-  Pod gone (it watches every process it froze until it is gone);
+  saw the death of) that process of that Pod, or the driver saw that process gone (it
+  polls every process of every worker Pod's cgroup, frozen or not);
 * a **Pod kill** after the run started: the driver's SIGKILL of the Pod's container, noted
   once its main process was dead (the kernel kills the rest of the container with it).
 
