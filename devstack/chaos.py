@@ -22,14 +22,30 @@ faults of every kind, on a stack of its own). It
    ``apiserver_restart``  kube-apiserver SIGKILLed and started again: every watch breaks
    ``pod_watch_cut``      the operator's connections to the apiserver (its pod watch among
                           them) stalled for a moment, then reset by the proxy
+   ``worker_freeze``      every process of a worker Pod (celery's main process, its pool,
+                          its guardian) stopped with SIGSTOP for twice the heartbeat
+                          timeout, then SIGCONT: a paused machine; only the kubelet (the
+                          liveness probe) or the thawed guardian may stop its bodies, and
+                          their entries may move only once they are gone
+   ``gil_hold``           an entry about to run armed so that its body spends 1.5 heartbeat
+                          timeouts in one C call that keeps the GIL (``celery_app.faults``):
+                          its own heartbeat and watchdog starve, the guardian must kill it
+
+   A freeze holds a Pod for 40 s and a hold a slot for 30 s at the default heartbeat timeout
+   (20 s, ``--heartbeat-timeout``; a shorter one restarts healthy workers on a loaded node),
+   so these two kinds come ``--long-faults-per-kind`` times (a tenth of the others by
+   default), one freeze at a time; the schedule stretches to fit them.
 
 4. waits until every entry is processed (failing loudly if progress stops), and checks the
    invariants with its own SQL over the body's own tables — never our ledger: **0 lost**
    (every entry has its effect), **0 duplicate effects** (exactly one effect row per entry:
-   ``fenced_transaction``'s exactly-once claim), **0 overlapping runs** (no two runs of an
-   entry overlap in time, and no run started while another held the entry's advisory
-   lock). It prints rescue latency percentiles (worker kill -> the killed bodies' entries
-   starting again, from the run table and the kill times) and the count of each fault kind.
+   ``fenced_transaction``'s exactly-once claim), **0 stale plain effects** (no write outside
+   the fence committed after another run of its entry had started), **0 overlapping runs**
+   (no two runs of an entry overlap in time — frozen and GIL-bound runs included, bounded
+   as ``devstack.chaos_overlaps`` says — and no run started while another held the entry's
+   advisory lock). It prints rescue latency percentiles (worker kill, freeze or GIL hold ->
+   the entry starting again, from the run table and the fault times) and the count of each
+   fault kind.
 
 The seed fixes each kind's schedule (gaps, targets, stall lengths) and the body lengths;
 how the threads interleave depends on timing, so a failing seed is a strong hint, not a
@@ -49,6 +65,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import random
@@ -66,7 +83,17 @@ from typing import Any
 
 import psycopg
 
-from devstack import chaos_app, kube, node, operators, postgres, processes, redis, tcp_proxy
+from devstack import (
+    chaos_app,
+    chaos_overlaps,
+    kube,
+    node,
+    operators,
+    postgres,
+    processes,
+    redis,
+    tcp_proxy,
+)
 from devstack import workers as devstack_workers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,6 +106,8 @@ FAULT_KINDS = (
     "postgres_restart",
     "apiserver_restart",
     "pod_watch_cut",
+    "worker_freeze",
+    "gil_hold",
 )
 WORKER_LABELS = {"app": "chaos-worker"}
 POLICY = "chaos"
@@ -87,6 +116,16 @@ STUCK_SECONDS = 300.0
 # How long a fault may wait for its target to come back (a Pod to run, the apiserver to
 # answer) before the driver gives up loudly.
 RECOVERY_SECONDS = 180.0
+# A freeze lasts this many heartbeat timeouts (issue 21's attack), a GIL hold this many.
+FREEZE_TIMEOUTS = 2.0
+GIL_HOLD_TIMEOUTS = 1.5
+LONG_FAULT_KINDS = frozenset({"worker_freeze", "gil_hold"})
+# How far from the head of the pending queue a GIL hold is armed: an entry about to run.
+GIL_ARMING_WINDOW = 20
+# An armed GIL hold whose entry did not start within this long is moved to another entry.
+GIL_FIRING_SECONDS = 60.0
+# How often the driver looks whether a process it froze is gone yet.
+DEATH_POLL_SECONDS = 0.1
 
 
 class ChaosFailure(AssertionError):
@@ -110,6 +149,23 @@ class Settings:
     faults_per_kind: int
     workers: int = 3
     concurrency: int = 2
+    heartbeat_timeout_seconds: float = 20.0
+    long_faults_per_kind: int | None = None  # worker_freeze, gil_hold; None: a tenth
+
+    def faults_of(self, kind: str) -> int:
+        if kind not in LONG_FAULT_KINDS:
+            return self.faults_per_kind
+        if self.long_faults_per_kind is not None:
+            return self.long_faults_per_kind
+        return max(1, self.faults_per_kind // 10)
+
+    @property
+    def freeze_seconds(self) -> float:
+        return FREEZE_TIMEOUTS * self.heartbeat_timeout_seconds
+
+    @property
+    def gil_hold_seconds(self) -> float:
+        return GIL_HOLD_TIMEOUTS * self.heartbeat_timeout_seconds
 
 
 @dataclasses.dataclass
@@ -131,6 +187,13 @@ class Figures:
     violations: list[str]
     self_fenced: int
     container_restarts: int = 0
+    overlaps: int = 0
+    plain_repeated: int = 0
+    frozen_runs: int = 0
+    frozen_runs_finished_late: int = 0
+    freeze_latencies: list[float] = dataclasses.field(default_factory=list)
+    gil_latencies: list[float] = dataclasses.field(default_factory=list)
+    frozen_deaths: int = 0
 
     def lines(self) -> list[str]:
         out = [
@@ -147,22 +210,40 @@ class Figures:
             f"kills: {self.faults.get('worker_kill', 0)}); worker processes that fenced "
             f"themselves: {self.self_fenced}",
         ]
-        if self.latencies:
-            values = self.latencies
-            out.append(
-                f"  rescue latency (worker kill -> killed body's entry running again), "
-                f"n={len(values)}: p50 {percentile(values, 0.5):.2f} s, "
-                f"p90 {percentile(values, 0.9):.2f} s, p99 {percentile(values, 0.99):.2f} s, "
-                f"max {max(values):.2f} s, mean {statistics.fmean(values):.2f} s"
-            )
-        else:
-            out.append("  rescue latency: no worker kill caught a body mid-run")
+        out.append(
+            f"  worker freezes: {self.frozen_runs} runs caught mid-body, "
+            f"{self.frozen_runs_finished_late} of them wrote their end after the thaw; "
+            f"processes of worker Pods (probes included) the driver saw gone: {self.frozen_deaths}"
+        )
+        out += [
+            _latency_line("worker kill -> killed body's entry running again", self.latencies),
+            _latency_line("freeze -> frozen body's entry running again", self.freeze_latencies),
+            _latency_line("GIL hold -> its entry running again", self.gil_latencies),
+        ]
+        out.append(
+            f"  overlapping pairs of runs: {self.overlaps}; plain (unfenced) effects repeated "
+            f"after a crash (at-least-once, not a violation): {self.plain_repeated}"
+        )
         out.append(
             "  invariants: "
-            + ("0 lost, 0 duplicate effects, 0 overlapping runs" if not self.violations else "")
+            + (
+                "0 lost, 0 duplicate effects, 0 stale plain effects, 0 overlapping runs"
+                if not self.violations
+                else ""
+            )
         )
         out += [f"  VIOLATED: {violation}" for violation in self.violations]
         return out
+
+
+def _latency_line(what: str, values: Sequence[float]) -> str:
+    if not values:
+        return f"  rescue latency ({what}): none caught a body mid-run"
+    return (
+        f"  rescue latency ({what}), n={len(values)}: p50 {percentile(values, 0.5):.2f} s, "
+        f"p90 {percentile(values, 0.9):.2f} s, p99 {percentile(values, 0.99):.2f} s, "
+        f"max {max(values):.2f} s, mean {statistics.fmean(values):.2f} s"
+    )
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -214,17 +295,24 @@ class _Run:
         self.operator_lock = threading.Lock()
         self.pods: list[devstack_workers.WorkerPod] = []
         self.kills: list[tuple[str, datetime.datetime]] = []
+        self.freezes: list[tuple[str, datetime.datetime, datetime.datetime]] = []
+        self.stopping = threading.Event()
+        self.deaths = _DeathWatch(stopping=self.stopping)
         self.faults: collections.Counter[str] = collections.Counter()
         self.faults_while_pending = 0
         self.mid_sweep_kills = 0
         self.fault_lock = threading.Lock()
         self.failures: list[str] = []
-        self.stopping = threading.Event()
         self.logs = _WorkerLogs(
             node_=stack.node, namespace=self.namespace, directory=self.workdir / "worker-logs"
         )
-        # Seconds the fault threads spread their faults over; bodies are sized to it.
-        self.planned_seconds = max(60.0, settings.faults_per_kind * 5.0)
+        # Seconds the fault threads spread their faults over; bodies are sized to it. A
+        # freeze blocks its thread for its whole length: the schedule makes room for them.
+        self.planned_seconds = max(
+            60.0,
+            settings.faults_per_kind * 5.0,
+            settings.faults_of("worker_freeze") * (settings.freeze_seconds + 3.0),
+        )
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -237,8 +325,9 @@ class _Run:
         self.apply_policy()
         say(
             f"{self.settings.entries:,} entries, {self.settings.workers} worker Pods x "
-            f"{self.settings.concurrency} processes; injecting {self.settings.faults_per_kind} "
-            f"faults of each kind: {', '.join(FAULT_KINDS)}"
+            f"{self.settings.concurrency} processes, heartbeat timeout "
+            f"{self.settings.heartbeat_timeout_seconds:g} s; injecting "
+            + ", ".join(f"{kind} x{self.settings.faults_of(kind)}" for kind in FAULT_KINDS)
         )
         threads = [
             threading.Thread(target=self.inject, args=(kind,), name=f"chaos-{kind}", daemon=True)
@@ -329,12 +418,26 @@ class _Run:
                 queue=chaos_app.QUEUE,
                 app="devstack.chaos_app",
                 app_source=ROOT / "devstack",
+                extra_env={
+                    "CELERY_RECONCILER_HEARTBEAT_TIMEOUT": str(
+                        self.settings.heartbeat_timeout_seconds
+                    )
+                },
                 wait=False,
             )
             for number in range(self.settings.workers)
         ]
         for pod in self.pods:
             pod.wait_ready(timeout_seconds=180)
+        self.deaths.start(
+            pods={
+                pod.name: devstack_workers.pod_uid(
+                    self.stack.plane, namespace=self.namespace, name=pod.name
+                )
+                for pod in self.pods
+            },
+            cgroup_root=self.stack.node.cgroup_root,
+        )
 
     def apply_policy(self) -> None:
         assert self.broker is not None
@@ -385,13 +488,18 @@ class _Run:
     def inject(self, kind: str) -> None:
         """``faults_per_kind`` faults of one kind at random gaps over the planned time."""
         rng = random.Random(f"{self.settings.seed}:{kind}")
-        mean_gap = self.planned_seconds / self.settings.faults_per_kind
+        count = self.settings.faults_of(kind)
+        mean_gap = self.planned_seconds / max(1, count)
+        took = 0.0  # a fault that lasts (a freeze) eats into the gap after it
         try:
-            for _ in range(self.settings.faults_per_kind):
-                if self.stopping.wait(rng.uniform(0.2 * mean_gap, 1.5 * mean_gap)):
+            for _ in range(count):
+                gap = rng.uniform(0.2 * mean_gap, 1.5 * mean_gap)
+                if self.stopping.wait(max(0.2, gap - took)):
                     return
                 pending = self.pending() > 0
+                began = time.monotonic()
                 getattr(self, f"fault_{kind}")(rng)
+                took = time.monotonic() - began
                 with self.fault_lock:
                     self.faults[kind] += 1
                     self.faults_while_pending += pending
@@ -460,6 +568,89 @@ class _Run:
         self.proxy.cut()
         self.proxy.resume()
 
+    def fault_worker_freeze(self, rng: random.Random) -> None:
+        """SIGSTOP every process of a worker Pod's running container for
+        ``freeze_seconds``, then SIGCONT; each frozen process is watched until it is gone,
+        the end of any run it held that never wrote its own."""
+        pod = rng.choice(self.pods)
+        main = _retry(lambda: pod.main_pid(), what=f"{pod.name}'s container to run (to freeze it)")
+        frozen = _freeze_tree(main)
+        if not frozen:
+            return  # the container died just now (a kill): nothing left to freeze
+        frozen_at = datetime.datetime.now(datetime.UTC)
+        # Watched from now: a kill while frozen is dated within a poll, before a new
+        # container's process could take the same PID in its namespace.
+        self.deaths.watch(pod.name, frozen)
+        time.sleep(self.settings.freeze_seconds)
+        for process in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                if process.alive():
+                    os.kill(process.host_pid, signal.SIGCONT)
+        thawed_at = datetime.datetime.now(datetime.UTC)
+        with self.fault_lock:
+            self.freezes.append((pod.name, frozen_at, thawed_at))
+
+    def fault_gil_hold(self, rng: random.Random) -> None:
+        """Arm an entry about to run with a one-shot GIL hold, and wait until a body fired
+        it; an armed entry that did not start in time is disarmed and another armed."""
+        deadline = time.monotonic() + RECOVERY_SECONDS
+        while time.monotonic() < deadline and not self.stopping.is_set():
+            entry = _retry(lambda: self.arm_gil_hold(rng), what="PostgreSQL (to arm a GIL hold)")
+            armed_until = time.monotonic() + GIL_FIRING_SECONDS
+            while time.monotonic() < armed_until and not self.stopping.is_set():
+                if _retry(functools.partial(self.gil_hold_fired, entry), what="PostgreSQL"):
+                    return
+                time.sleep(0.2)
+            if _retry(functools.partial(self.disarm_gil_hold, entry), what="PostgreSQL") == 0:
+                return  # it fired as it was disarmed
+        if self.stopping.is_set():
+            return
+        raise ChaosFailure(f"no entry ran a GIL hold within {RECOVERY_SECONDS:.0f} s")
+
+    def arm_gil_hold(self, rng: random.Random) -> int:
+        """An entry near the head of the pending queue that has not run yet (with none
+        left, one more entry at the head): it runs within seconds."""
+        with psycopg.connect(self.dsn, autocommit=True, connect_timeout=3) as conn:
+            candidates = [
+                int(row[0])
+                for row in conn.execute(
+                    "SELECT e.id FROM chaos_entry e WHERE NOT e.processed "
+                    "AND NOT EXISTS (SELECT 1 FROM chaos_runs r WHERE r.entry_id = e.id) "
+                    "AND NOT EXISTS (SELECT 1 FROM chaos_gil_holds h WHERE h.entry_id = e.id) "
+                    "ORDER BY e.created_at, e.id LIMIT %s",
+                    [GIL_ARMING_WINDOW],
+                )
+            ]
+            if candidates:
+                entry = rng.choice(candidates)
+            else:
+                row = conn.execute(
+                    "INSERT INTO chaos_entry (created_at, body_seconds) "
+                    "SELECT min(created_at) - interval '1 microsecond', %s FROM chaos_entry "
+                    "RETURNING id",
+                    [self.mean_body_seconds()],
+                ).fetchone()
+                assert row is not None
+                entry = int(row[0])
+            conn.execute(
+                "INSERT INTO chaos_gil_holds (entry_id, seconds) VALUES (%s, %s)",
+                [entry, self.settings.gil_hold_seconds],
+            )
+            return entry
+
+    def gil_hold_fired(self, entry: int) -> bool:
+        with psycopg.connect(self.dsn, autocommit=True, connect_timeout=3) as conn:
+            row = conn.execute(
+                "SELECT fired_at IS NOT NULL FROM chaos_gil_holds WHERE entry_id = %s", [entry]
+            ).fetchone()
+            return bool(row and row[0])
+
+    def disarm_gil_hold(self, entry: int) -> int:
+        with psycopg.connect(self.dsn, autocommit=True, connect_timeout=3) as conn:
+            return conn.execute(
+                "DELETE FROM chaos_gil_holds WHERE entry_id = %s AND fired_at IS NULL", [entry]
+            ).rowcount
+
     # -- waiting --------------------------------------------------------------------------
 
     def pending(self) -> int:
@@ -506,19 +697,20 @@ class _Run:
             time.sleep(1)
 
     def unfinished_unexplained(self) -> int:
-        with self.fault_lock:
-            kills = list(self.kills)
         with psycopg.connect(self.dsn) as conn:
-            rows = conn.execute(
-                "SELECT pod, pid, started_at FROM chaos_runs WHERE finished_at IS NULL"
-            ).fetchall()
+            runs = _runs(conn, unfinished_only=True)
         self.logs.collect([pod.name for pod in self.pods])
-        fences = set(self.logs.fences)
         return sum(
             1
-            for pod, pid, started in rows
-            if not any(p == pod and at > started for p, at in kills)
-            and not any(p == pod and q == pid and at > started for p, q, at in fences)
+            for interval in chaos_overlaps.intervals(runs, self.endings())
+            if interval.ended_at == chaos_overlaps.NEVER
+        )
+
+    def endings(self) -> chaos_overlaps.Endings:
+        with self.fault_lock:
+            kills = list(self.kills)
+        return chaos_overlaps.Endings(
+            pod_kills=kills, process_ends=[*self.logs.fences, *self.deaths.recorded()]
         )
 
     def ledger_summary(self) -> str:
@@ -562,6 +754,14 @@ class _Run:
             with conn.cursor().copy("COPY chaos_fences (pod, pid, fenced_at) FROM STDIN") as copy:
                 for fence in sorted(self.logs.fences):
                     copy.write_row(fence)
+            with conn.cursor().copy("COPY chaos_deaths (pod, pid, died_at) FROM STDIN") as copy:
+                for death in self.deaths.recorded():
+                    copy.write_row(death)
+            with conn.cursor().copy(
+                "COPY chaos_freezes (pod, frozen_at, thawed_at) FROM STDIN"
+            ) as copy:
+                for freeze in self.freezes:
+                    copy.write_row(freeze)
             return _verdict(
                 conn,
                 seed=self.settings.seed,
@@ -639,19 +839,45 @@ class _WorkerLogs:
                 self.fences.add((pod, int(pid), at.replace(microsecond=micros)))
 
 
-# A run without an end ended when its process died: at the first self-fence of its process
-# after it started, or at the first kill of its Pod after it started (each noted once the
-# process was gone); with neither its end is unknown, and it counts as never ending.
-_RUN_ENDS = """
-    SELECT r.id, r.entry_id, r.pod, r.started_at, r.finished_at, r.exclusive, r.outcome,
-           coalesce(r.finished_at,
-                    least((SELECT min(f.fenced_at) FROM chaos_fences f
-                           WHERE f.pod = r.pod AND f.pid = r.pid AND f.fenced_at > r.started_at),
-                          (SELECT min(k.killed_at) FROM chaos_kills k
-                           WHERE k.pod = r.pod AND k.killed_at > r.started_at)),
-                    'infinity') AS ended_at
-    FROM chaos_runs r
-"""
+# Every run as its own rows recorded it; chaos_overlaps bounds the ones without an end.
+_RUNS = "SELECT id, entry_id, pod, pid, started_at, finished_at FROM chaos_runs ORDER BY id"
+_UNFINISHED_RUNS = (
+    "SELECT id, entry_id, pod, pid, started_at, finished_at FROM chaos_runs "
+    "WHERE finished_at IS NULL ORDER BY id"
+)
+
+
+def _runs(
+    conn: psycopg.Connection[Any], *, unfinished_only: bool = False
+) -> list[chaos_overlaps.Run]:
+    return [
+        chaos_overlaps.Run(
+            run_id=run_id,
+            entry_id=entry_id,
+            pod=pod,
+            pid=pid,
+            started_at=started_at,
+            finished_at=finished_at,
+        )
+        for run_id, entry_id, pod, pid, started_at, finished_at in conn.execute(
+            _UNFINISHED_RUNS if unfinished_only else _RUNS
+        )
+    ]
+
+
+def _endings(conn: psycopg.Connection[Any]) -> chaos_overlaps.Endings:
+    """What the driver wrote at the end: its kills, the guardians' self-fences and the
+    deaths it saw of frozen Pods' processes."""
+    return chaos_overlaps.Endings(
+        pod_kills=[(pod, at) for pod, at in conn.execute("SELECT pod, killed_at FROM chaos_kills")],
+        process_ends=[
+            (pod, pid, at)
+            for pod, pid, at in conn.execute(
+                "SELECT pod, pid, fenced_at FROM chaos_fences "
+                "UNION ALL SELECT pod, pid, died_at FROM chaos_deaths"
+            )
+        ],
+    )
 
 
 def _verdict(
@@ -683,21 +909,45 @@ def _verdict(
     ).fetchall()
     if doubled:
         violations.append(f"{len(doubled)} entries with duplicate effects, e.g. {doubled[:10]}")
-    # Times as text: a run that never ended ends at 'infinity', which no datetime holds.
-    overlapping = conn.execute(
-        f"""
-        WITH runs AS ({_RUN_ENDS})
-        SELECT a.entry_id, a.id, a.pod, a.started_at::text, a.ended_at::text, b.id, b.pod,
-               b.started_at::text
-        FROM runs a JOIN runs b ON a.entry_id = b.entry_id AND a.id < b.id
-        WHERE a.started_at < b.ended_at AND b.started_at < a.ended_at
-        ORDER BY a.entry_id
-        """  # noqa: S608 — a constant subquery, no input
+    # A plain write committed after a newer run of its entry had started: the writer ran on
+    # after its entry was handed over (a crash before the fenced commit repeats a plain
+    # write too, but only from a run that started after the crashed one was gone).
+    stale_plain = conn.execute(
+        """
+        SELECT p.entry_id, p.run_id, p.committed_at::text, n.id, n.started_at::text
+        FROM chaos_plain_effects p
+        JOIN chaos_runs r ON r.id = p.run_id
+        JOIN LATERAL (SELECT n.id, n.started_at FROM chaos_runs n
+                      WHERE n.entry_id = p.entry_id AND n.started_at > r.started_at
+                        AND n.started_at < p.committed_at
+                      ORDER BY n.started_at LIMIT 1) n ON true
+        ORDER BY p.entry_id
+        """
     ).fetchall()
-    if overlapping:
+    if stale_plain:
         violations.append(
-            f"{len(overlapping)} overlapping pairs of runs (entry, run, pod, start, end, "
-            f"run, pod, start), e.g. {overlapping[:5]}"
+            f"{len(stale_plain)} plain effects committed after a newer run of their entry "
+            f"had started (entry, run, committed, newer run, its start), e.g. {stale_plain[:5]}"
+        )
+    plain_repeated = scalar(
+        "SELECT count(*) FROM (SELECT entry_id FROM chaos_plain_effects GROUP BY entry_id "
+        "HAVING count(*) > 1) AS repeated"
+    )
+    runs = chaos_overlaps.intervals(_runs(conn), _endings(conn))
+    overlapping = chaos_overlaps.overlapping_pairs(runs)
+    if overlapping:
+        shown = [
+            (
+                first.run.entry_id,
+                (first.run.run_id, first.run.pod, first.run.pid, str(first.run.started_at)),
+                "never" if first.ended_at == chaos_overlaps.NEVER else str(first.ended_at),
+                (second.run.run_id, second.run.pod, second.run.pid, str(second.run.started_at)),
+            )
+            for first, second in overlapping[:5]
+        ]
+        violations.append(
+            f"{len(overlapping)} overlapping pairs of runs (entry, (run, pod, pid, start), "
+            f"end, (run, pod, pid, start)), e.g. {shown}"
         )
     locked_out = conn.execute(
         "SELECT entry_id, id, pod, started_at::text FROM chaos_runs WHERE NOT exclusive ORDER BY id"
@@ -722,23 +972,74 @@ def _verdict(
         """
     ).fetchall()
     latencies = [float(value) for _, value in latencies_rows if value is not None]
-    untraced = scalar(f"SELECT count(*) FROM ({_RUN_ENDS}) AS r WHERE ended_at = 'infinity'")  # noqa: S608
+    frozen = _frozen_runs(conn, runs)
+    gil_latencies = [
+        float(value)
+        for (value,) in conn.execute(
+            """
+            SELECT extract(epoch FROM (SELECT min(n.started_at) FROM chaos_runs n
+                                       WHERE n.entry_id = h.entry_id AND n.id <> h.run_id
+                                         AND n.started_at > h.fired_at) - h.fired_at)
+            FROM chaos_gil_holds h WHERE h.fired_at IS NOT NULL
+            """
+        )
+        if value is not None
+    ]
     return Figures(
         seed=seed,
         entries=entries,
         processed=processed,
-        runs=scalar("SELECT count(*) FROM chaos_runs"),
+        runs=len(runs),
         faults=faults,
         faults_while_pending=faults_while_pending,
         mid_sweep_kills=mid_sweep_kills,
         latencies=latencies,
         killed_runs=len(latencies_rows),
-        untraced_runs=untraced,
+        untraced_runs=sum(1 for run in runs if run.ended_at == chaos_overlaps.NEVER),
         fence_lost=scalar("SELECT count(*) FROM chaos_runs WHERE outcome = 'FenceLost'"),
         self_fenced=scalar("SELECT count(*) FROM chaos_fences"),
         seconds=seconds,
         violations=violations,
+        overlaps=len(overlapping),
+        plain_repeated=plain_repeated,
+        frozen_runs=frozen.caught,
+        frozen_runs_finished_late=frozen.finished_late,
+        freeze_latencies=frozen.latencies,
+        gil_latencies=gil_latencies,
+        frozen_deaths=scalar("SELECT count(*) FROM chaos_deaths"),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Frozen:
+    caught: int
+    finished_late: int
+    latencies: list[float]
+
+
+def _frozen_runs(conn: psycopg.Connection[Any], runs: Sequence[chaos_overlaps.Interval]) -> _Frozen:
+    """The runs each freeze caught mid-body (on the frozen Pod, started before the freeze,
+    ended after it), how many wrote their own end after the thaw, and freeze -> the
+    caught entry's next run elsewhere."""
+    by_pod: dict[str, list[chaos_overlaps.Interval]] = collections.defaultdict(list)
+    by_entry: dict[int, list[datetime.datetime]] = collections.defaultdict(list)
+    for interval in runs:
+        by_pod[interval.run.pod].append(interval)
+        by_entry[interval.run.entry_id].append(interval.run.started_at)
+    caught, finished_late, latencies = 0, 0, []
+    for pod, frozen_at, thawed_at in conn.execute(
+        "SELECT pod, frozen_at, thawed_at FROM chaos_freezes ORDER BY frozen_at"
+    ):
+        for interval in by_pod[pod]:
+            if not interval.run.started_at < frozen_at < interval.ended_at:
+                continue
+            caught += 1
+            finished = interval.run.finished_at
+            finished_late += finished is not None and finished > thawed_at
+            later = [at for at in by_entry[interval.run.entry_id] if at > frozen_at]
+            if later:
+                latencies.append((min(later) - frozen_at).total_seconds())
+    return _Frozen(caught=caught, finished_late=finished_late, latencies=latencies)
 
 
 def _secret(name: str, key: str, value: str) -> dict[str, Any]:
@@ -760,6 +1061,145 @@ def _running(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Process:
+    """A process of a worker container: its host PID, its PID in the container (what its
+    bodies record), and its start (so a reused PID is not taken for it)."""
+
+    host_pid: int
+    pid: int
+    start_ticks: int
+
+    @classmethod
+    def read(cls, host_pid: int) -> _Process | None:
+        try:
+            stat = Path(f"/proc/{host_pid}/stat").read_text()
+            status = Path(f"/proc/{host_pid}/status").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+        namespaced = next(
+            (line.split()[-1] for line in status.splitlines() if line.startswith("NSpid:")),
+            str(host_pid),
+        )
+        return cls(host_pid=host_pid, pid=int(namespaced), start_ticks=_start_ticks(stat))
+
+    def alive(self) -> bool:
+        """Still running code (stopped counts): not gone, not reused, not a zombie."""
+        try:
+            stat = Path(f"/proc/{self.host_pid}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        return _start_ticks(stat) == self.start_ticks and _running(self.host_pid)
+
+
+def _start_ticks(stat: str) -> int:
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError, ValueError):
+            found |= {int(child) for child in (task / "children").read_text().split()}
+    return found
+
+
+def _freeze_tree(main_pid: int) -> list[_Process]:
+    """SIGSTOP ``main_pid`` and then every process below it (celery's pool, the guardian):
+    the parent first, so no new child appears behind the sweep."""
+    frozen: dict[int, _Process] = {}
+    frontier = [main_pid]
+    while frontier:
+        host_pid = frontier.pop()
+        if host_pid in frozen:
+            continue
+        process = _Process.read(host_pid)
+        if process is None:
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(host_pid, signal.SIGSTOP)
+            frozen[host_pid] = process
+            frontier += sorted(_children(host_pid))
+    return list(frozen.values())
+
+
+class _DeathWatch:
+    """Notes when each process of a worker Pod is gone — by its own watchdog, the guardian,
+    the kubelet (a liveness kill, a freeze's end) or a driver's kill: the end of a run it
+    held that never wrote its own. One thread polls the Pods' cgroups (``start``) and every
+    process found there or handed over by a freeze (``watch``)."""
+
+    def __init__(self, *, stopping: threading.Event) -> None:
+        self.stopping = stopping
+        self.lock = threading.Lock()
+        self.watched: list[tuple[str, _Process]] = []
+        self.deaths: list[tuple[str, int, datetime.datetime]] = []
+        self.thread: threading.Thread | None = None
+        self.pods: dict[str, str] = {}  # Pod name -> uid
+        self.cgroups: dict[str, Path] = {}
+        self.pids_root: Path | None = None
+
+    def start(self, *, pods: dict[str, str], cgroup_root: str) -> None:
+        self.pods = dict(pods)
+        self.pids_root = node.CGROUP_FS / "pids" / cgroup_root.lstrip("/")
+        self.watch("", [])
+
+    def watch(self, pod: str, processes_: Sequence[_Process]) -> None:
+        with self.lock:
+            self.watched += [(pod, process) for process in processes_]
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._poll, name="chaos-deaths", daemon=True)
+                self.thread.start()
+
+    def _pod_processes(self) -> list[tuple[str, int]]:
+        found = []
+        for name, uid in self.pods.items():
+            cgroup = self.cgroups.get(name)
+            if cgroup is None and self.pids_root is not None:
+                for spelling in (uid, uid.replace("-", "_")):
+                    cgroup = next(self.pids_root.rglob(f"*pod{spelling}*"), None)
+                    if cgroup is not None:
+                        self.cgroups[name] = cgroup
+                        break
+            if cgroup is None:
+                continue
+            for procs in cgroup.rglob("cgroup.procs"):
+                with contextlib.suppress(OSError, ValueError):
+                    found += [(name, int(pid)) for pid in procs.read_text().split()]
+        return found
+
+    def _track_new(self) -> None:
+        with self.lock:
+            known = {process.host_pid for _, process in self.watched}
+        new = []
+        for pod, host_pid in self._pod_processes():
+            if host_pid not in known:
+                process = _Process.read(host_pid)
+                if process is not None:
+                    new.append((pod, process))
+        if new:
+            with self.lock:
+                self.watched += new
+
+    def recorded(self) -> list[tuple[str, int, datetime.datetime]]:
+        with self.lock:
+            return list(self.deaths)
+
+    def _poll(self) -> None:
+        while not self.stopping.wait(DEATH_POLL_SECONDS):
+            self._track_new()
+            with self.lock:
+                watched = list(self.watched)
+            gone = [(pod, process) for pod, process in watched if not process.alive()]
+            if not gone:
+                continue
+            # Noted once seen gone: no earlier than the death itself.
+            at = datetime.datetime.now(datetime.UTC)
+            with self.lock:
+                self.watched = [item for item in self.watched if item not in gone]
+                self.deaths += [(pod, process.pid, at) for pod, process in gone]
 
 
 def _retry(call: Callable[[], int], *, what: str) -> int:
@@ -805,6 +1245,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--workers", type=int, default=3, help="worker Pods (3)")
     parser.add_argument("--concurrency", type=int, default=2, help="processes per Pod (2)")
+    parser.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=Settings.heartbeat_timeout_seconds,
+        help="the workers' heartbeat timeout in seconds, which sizes freezes and GIL holds (20)",
+    )
+    parser.add_argument(
+        "--long-faults-per-kind",
+        type=int,
+        help="worker freezes and GIL holds each (default: a tenth of --faults-per-kind)",
+    )
     args = parser.parse_args(argv)
     settings = Settings(
         seed=args.seed if args.seed is not None else new_seed(),
@@ -812,6 +1263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         faults_per_kind=args.faults_per_kind,
         workers=args.workers,
         concurrency=args.concurrency,
+        heartbeat_timeout_seconds=args.heartbeat_timeout,
+        long_faults_per_kind=args.long_faults_per_kind,
     )
     workdir = Path(tempfile.mkdtemp(prefix="cr-chaos-"))
     say(f"starting PostgreSQL, kube-apiserver and a node (logs in {workdir})")

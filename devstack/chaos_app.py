@@ -13,6 +13,13 @@ hide a bug in our ledger. The body is what a careful user's task looks like:
 * ``chaos_effects``: the effect — one row appended per successful run, with no unique
   constraint that could hide a duplicate — committed in ``reliable.fenced_transaction``
   together with the ledger's done mark: the exactly-once claim under test.
+* ``chaos_plain_effects``: a write outside the fence, committed on its own just before the
+  fenced one, as a body without the helper writes. A crash between the two repeats it when
+  the entry runs again (at-least-once, as documented); one committed after another run of
+  its entry had started is a stale body's write — what proof of death must rule out.
+* ``chaos_gil_holds``: entries the driver armed with a one-shot GIL hold: the first run of
+  such an entry records that it fired and spends its seconds in one C call that keeps the
+  GIL (``celery_app.faults``), so neither its heartbeat nor its watchdog can run.
 
 Workers run it as real Pods of the project's image (``celery_app`` from the image), with
 this module mounted from the checkout, the way a user's image carries their code beside our
@@ -29,6 +36,7 @@ from typing import Any
 import celery
 import psycopg
 
+from celery_app import faults
 from celery_reconciler_worker import reliable
 
 TASK_NAME = "chaos.process_entry"
@@ -72,8 +80,27 @@ SCHEMA = (
     )
     """,
     "CREATE INDEX IF NOT EXISTS chaos_effects_by_entry ON chaos_effects (entry_id)",
-    # Written by the driver at the end: when it killed which worker Pod's container, and
-    # when a worker process killed itself (its self-fence, read from the Pod's log).
+    """
+    CREATE TABLE IF NOT EXISTS chaos_plain_effects (
+        id bigserial PRIMARY KEY,
+        entry_id bigint NOT NULL,
+        run_id bigint NOT NULL,
+        committed_at timestamptz NOT NULL DEFAULT clock_timestamp()
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS chaos_plain_effects_by_entry ON chaos_plain_effects (entry_id)",
+    """
+    CREATE TABLE IF NOT EXISTS chaos_gil_holds (
+        entry_id bigint PRIMARY KEY,
+        seconds double precision NOT NULL,
+        armed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        run_id bigint,
+        fired_at timestamptz
+    )
+    """,
+    # Written by the driver at the end: when it killed which worker Pod's container, when
+    # a worker process killed itself (its self-fence, read from the Pod's log), when it saw
+    # a process of a Pod it had frozen gone, and when it froze and thawed which Pod.
     """
     CREATE TABLE IF NOT EXISTS chaos_kills (
         pod text NOT NULL,
@@ -85,6 +112,20 @@ SCHEMA = (
         pod text NOT NULL,
         pid integer NOT NULL,
         fenced_at timestamptz NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS chaos_deaths (
+        pod text NOT NULL,
+        pid integer NOT NULL,
+        died_at timestamptz NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS chaos_freezes (
+        pod text NOT NULL,
+        frozen_at timestamptz NOT NULL,
+        thawed_at timestamptz NOT NULL
     )
     """,
 )
@@ -148,7 +189,17 @@ def process_entry(self: reliable.ReconciledTask, entry_id: str) -> None:
     assert row is not None
     run_id, body_seconds = row
     try:
+        hold = conn.execute(
+            "UPDATE chaos_gil_holds SET run_id = %s, fired_at = clock_timestamp() "
+            "WHERE entry_id = %s AND fired_at IS NULL RETURNING seconds",
+            [run_id, entry],
+        ).fetchone()
+        if hold is not None:
+            faults.hold_the_gil(seconds=float(hold[0]))
         time.sleep(float(body_seconds))
+        conn.execute(
+            "INSERT INTO chaos_plain_effects (entry_id, run_id) VALUES (%s, %s)", [entry, run_id]
+        )
         with reliable.fenced_transaction(conn):
             conn.execute(
                 "INSERT INTO chaos_effects (entry_id, run_id) VALUES (%s, %s)", [entry, run_id]

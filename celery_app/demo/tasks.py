@@ -11,7 +11,6 @@ the worker, for the tests that freeze or kill a worker there.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from typing import Any
 import celery.signals
 import psycopg
 
+from celery_app import faults
 from celery_app.demo import settings
 from celery_app.demo.app import app
 from celery_reconciler_worker import reliable
@@ -168,8 +168,8 @@ def _hold_once(conn: psycopg.Connection[Any], *, entry_id: int, kind: str) -> No
 
 def _hold_the_gil_once(conn: psycopg.Connection[Any], *, entry_id: int) -> None:
     """Consume the entry's one-shot ``gil`` fault and spend its seconds in one C call that
-        keeps the GIL (``PyDLL`` does not release it, unlike ``CDLL``): libc's ``sleep``. The
-    fault stays as a zero-second ``sleep``, so a re-run commits the same way (``unfenced``)."""
+    keeps the GIL (``faults.hold_the_gil``). The fault stays as a zero-second ``sleep``, so a
+    re-run commits the same way (``unfenced``)."""
     row = conn.execute(
         "WITH held AS (SELECT seconds FROM demo_faults WHERE entry_id = %(entry)s "
         "AND kind = 'gil' FOR UPDATE) "
@@ -178,7 +178,7 @@ def _hold_the_gil_once(conn: psycopg.Connection[Any], *, entry_id: int) -> None:
         {"entry": entry_id},
     ).fetchone()
     if row is not None:
-        ctypes.PyDLL(None).sleep(max(1, round(float(row[0]))))
+        faults.hold_the_gil(seconds=float(row[0]))
 
 
 def _commit_unfenced_then_kill(

@@ -119,3 +119,66 @@ def test_each_broken_invariant_is_named(conn: psycopg.Connection[Any]) -> None:
     assert "1 entries with duplicate effects" in text, text
     assert "2 overlapping pairs of runs" in text, text
     assert "1 runs started while another session held the entry's lock" in text, text
+
+
+def plain(conn: psycopg.Connection[Any], *, entry: int, run_id: int, when: float) -> None:
+    conn.execute(
+        "INSERT INTO chaos_plain_effects (entry_id, run_id, committed_at) VALUES (%s, %s, %s)",
+        [entry, run_id, at(when)],
+    )
+
+
+def run_id(conn: psycopg.Connection[Any], *, pod: str) -> int:
+    row = conn.execute("SELECT max(id) FROM chaos_runs WHERE pod = %s", [pod]).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_plain_write_after_the_entry_moved_on_is_named_and_a_crash_repeat_is_not(
+    conn: psycopg.Connection[Any],
+) -> None:
+    """Entry 1: the old body thawed and wrote its plain effect after the re-run started.
+    Entry 2: the first run wrote its plain effect, then its Pod was killed; the re-run
+    repeats it (at-least-once), which is counted but not a violation."""
+    run(conn, entry=1, pod="a", start=0, end=None, effect=False)
+    plain(conn, entry=1, run_id=run_id(conn, pod="a"), when=30)
+    death(conn, pod="a", pid=1, when=31)
+    run(conn, entry=1, pod="b", start=20, end=21)
+    plain(conn, entry=1, run_id=run_id(conn, pod="b"), when=20.5)
+    run(conn, entry=2, pod="c", start=0, end=None, effect=False)
+    plain(conn, entry=2, run_id=run_id(conn, pod="c"), when=1)
+    kill(conn, pod="c", when=2)
+    run(conn, entry=2, pod="d", start=3, end=4)
+    plain(conn, entry=2, run_id=run_id(conn, pod="d"), when=3.5)
+    run(conn, entry=3, pod="d", start=5, end=6)
+    figures = verdict(conn)
+    text = " | ".join(figures.violations)
+    assert "1 plain effects committed after a newer run of their entry had started" in text
+    assert "1 overlapping pairs of runs" in text, text  # entry 1, bounded by its death
+    assert len(figures.violations) == 2, text
+    assert (figures.plain_repeated, figures.overlaps) == (2, 1)
+
+
+def death(conn: psycopg.Connection[Any], *, pod: str, pid: int, when: float) -> None:
+    conn.execute(
+        "INSERT INTO chaos_deaths (pod, pid, died_at) VALUES (%s, %s, %s)", [pod, pid, at(when)]
+    )
+
+
+def test_a_frozen_run_ends_when_the_driver_saw_its_process_gone(
+    conn: psycopg.Connection[Any],
+) -> None:
+    """No end row, no kill, no self-fence: the driver's watch of the frozen Pod's processes
+    bounds it, and a rescue after that bound is no overlap."""
+    run(conn, entry=1, pod="a", pid=8, start=0, end=None, effect=False)
+    death(conn, pod="a", pid=8, when=14)
+    conn.execute(
+        "INSERT INTO chaos_freezes (pod, frozen_at, thawed_at) VALUES ('a', %s, %s)",
+        [at(1), at(13)],
+    )
+    run(conn, entry=1, pod="b", start=15, end=16)
+    run(conn, entry=2, pod="b", start=0, end=1)
+    run(conn, entry=3, pod="b", start=2, end=3)
+    figures = verdict(conn)
+    assert figures.violations == []
+    assert (figures.frozen_runs, figures.freeze_latencies, figures.untraced_runs) == (1, [14.0], 0)
