@@ -19,12 +19,17 @@ from collections.abc import Iterator
 
 import psycopg
 
-from celery_reconciler_worker import connection, identity, ledger, ticks, watchdog
+from celery_reconciler_worker import connection, identity, ledger, settings, ticks, watchdog
 
 HEARTBEAT_TIMEOUT_VARIABLE = "CELERY_RECONCILER_HEARTBEAT_TIMEOUT"
 DEFAULT_HEARTBEAT_TIMEOUT_SECONDS = 20.0
-# A heartbeat every fifth of the timeout: two can fail before the self-fence at one half.
+# A heartbeat every fifth of the timeout: three can fail before the self-fence.
 HEARTBEATS_PER_TIMEOUT = 5
+# The watchdog kills the bodies this far into the timeout after the last renewal that got
+# through was sent: the operator can end the incarnation on silence only after the whole
+# timeout (database clock, from a ``heartbeat_at`` no earlier than the sending), and the
+# quarter left covers the watchdog's period and its own lateness on a loaded node.
+SELF_FENCE_TIMEOUT_FRACTION = 0.75
 
 logger = logging.getLogger(__name__)
 
@@ -66,21 +71,24 @@ class Incarnation:
 
     * the heartbeat renews it every ``timeout / HEARTBEATS_PER_TIMEOUT`` on a connection of
       its own (one statement however many bodies run, bounded by a statement and a lock
-      timeout), which also pushes the leases of the attempts it runs;
+      timeout: ``settings.heartbeat_statement_timeout_seconds``), which also pushes the
+      leases of the attempts it runs. It keeps its cadence when a heartbeat fails, so a
+      slow database costs the heartbeats it fails, not the ones after;
     * the watchdog does no I/O at all: it publishes this process's tick for the guardian
       (``ticks``) and, while a body runs, if the last renewal that succeeded was *sent*
-      more than ``timeout / 2`` ago — or the operator has ended the incarnation, or a body
-      still runs under an incarnation this process has left — it kills the process. A hung
-      connection cannot delay it.
+      more than ``SELF_FENCE_TIMEOUT_FRACTION`` of the timeout ago — or the operator has
+      ended the incarnation, or a body still runs under an incarnation this process has
+      left — it kills the process. A hung connection cannot delay it; a database slow for
+      less than that costs no body.
 
     That watchdog is the fast path. A process that cannot run its threads at all (paused, or
     a body holding the GIL) stops ticking, and its guardian kills it from outside
     (``guardian``).
 
     The operator ends an incarnation only after ``timeout`` without a heartbeat (both
-    measured on the database's clock from the same rows), or on the guardian's proof that
-    its process is gone, so a worker that cannot renew has stopped its bodies at least
-    ``timeout / 2`` before anyone may re-dispatch them on silence.
+    measured on the database's clock from the same rows), or on proof that its process is
+    gone, so a worker that cannot renew has stopped its bodies at least a quarter of its
+    timeout before anyone may re-dispatch them on silence.
     """
 
     def __init__(self) -> None:
@@ -88,6 +96,8 @@ class Incarnation:
         self._pid: int | None = None
         self.id: uuid.UUID | None = None
         self.timeout_seconds = DEFAULT_HEARTBEAT_TIMEOUT_SECONDS
+        self.statement_timeout_seconds = self.timeout_seconds / HEARTBEATS_PER_TIMEOUT
+        self.lock_timeout_seconds = self.statement_timeout_seconds / 2
         self._renewed_at = 0.0  # time.monotonic() when the last successful renewal was sent
         self._ended = False
         # Bodies running, by the incarnation they started under: a re-registration does not
@@ -104,7 +114,14 @@ class Incarnation:
         self._registering = threading.Lock()
 
     def _stale(self) -> bool:
+        """Too old to start a body under: the fence check's own rule (``ledger``)."""
         return time.monotonic() - self._renewed_at > self.timeout_seconds / 2
+
+    def _fence_at_risk(self) -> bool:
+        """Close enough to the moment the operator may end the incarnation on silence that
+        its bodies must die now."""
+        silent_seconds = time.monotonic() - self._renewed_at
+        return silent_seconds > self.timeout_seconds * SELF_FENCE_TIMEOUT_FRACTION
 
     def ready_for_a_body(self) -> uuid.UUID:
         """The id to start an attempt under: registered, not ended, renewed within half its
@@ -144,6 +161,14 @@ class Incarnation:
             # re-dispatched already. They die before anything starts under a new one.
             watchdog.stop_own_bodies()
         self.timeout_seconds = heartbeat_timeout_seconds()
+        # Read here, where a wrong value fails the body that registers (saying which
+        # variable), not the heartbeat thread.
+        self.statement_timeout_seconds = settings.heartbeat_statement_timeout_seconds(
+            heartbeat_timeout_seconds=self.timeout_seconds
+        )
+        self.lock_timeout_seconds = settings.heartbeat_lock_timeout_seconds(
+            heartbeat_timeout_seconds=self.timeout_seconds
+        )
         sent = time.monotonic()
         incarnation: uuid.UUID = connection.ledger_call(
             "registering the worker process",
@@ -238,9 +263,13 @@ class Incarnation:
 
     def _heartbeat_forever(self) -> None:
         own_connection = None
+        next_beat = time.monotonic()
         while True:
             period_seconds = self.timeout_seconds / HEARTBEATS_PER_TIMEOUT
-            time.sleep(period_seconds)
+            # On a cadence, not a sleep after each try: a heartbeat that waited for its
+            # timeouts does not push the next one back.
+            next_beat = max(next_beat + period_seconds, time.monotonic())
+            time.sleep(max(0.0, next_beat - time.monotonic()))
             with self._lock:
                 incarnation, unrecorded = self.id, tuple(self._unrecorded)
                 finished = tuple(self._finished)
@@ -256,8 +285,8 @@ class Incarnation:
                         application_name=f"celery-worker {identity.worker_name()} heartbeat",
                         connect_timeout_seconds=max(1, int(self.timeout_seconds / 4)),
                         tcp_user_timeout_seconds=self.timeout_seconds / 2,
-                        statement_timeout_seconds=period_seconds,
-                        lock_timeout_seconds=period_seconds / 2,
+                        statement_timeout_seconds=self.statement_timeout_seconds,
+                        lock_timeout_seconds=self.lock_timeout_seconds,
                     )
                 alive = ledger.heartbeat(
                     own_connection,
@@ -288,11 +317,12 @@ class Incarnation:
     def must_stop(self) -> bool:
         """The watchdog's question, every period: publishes this process's tick, and says
         whether its bodies must die — they run while the incarnation is ended, or has not
-        been renewed for half its timeout, or under an incarnation this process replaced."""
+        been renewed for ``SELF_FENCE_TIMEOUT_FRACTION`` of its timeout, or under an
+        incarnation this process replaced."""
         with self._lock:
             self._tick()
             return bool(self._running) and (
-                self._ended or self._stale() or any(i != self.id for i in self._running)
+                self._ended or self._fence_at_risk() or any(i != self.id for i in self._running)
             )
 
 

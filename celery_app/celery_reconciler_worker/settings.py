@@ -1,13 +1,20 @@
-"""The Celery settings under which the ledger's guarantees hold (``recommended_settings``).
+"""The settings of a worker: Celery's (``recommended_settings``) and the heartbeat's own.
 
-Users merge them into their app with ``app.conf.update(reliable.recommended_settings(...))``;
-each setting says which failure it keeps from losing or doubling work. The preset holds only
-settings the installed Celery knows: Celery ignores an unknown key without a word, so a
-setting of a newer Celery would promise a behaviour the user's worker does not have.
+Users merge the Celery settings into their app with
+``app.conf.update(reliable.recommended_settings(...))``; each says which failure it keeps
+from losing or doubling work. The preset holds only settings the installed Celery knows:
+Celery ignores an unknown key without a word, so a setting of a newer Celery would promise a
+behaviour the user's worker does not have.
+
+The heartbeat's statement and lock timeouts come from the worker's environment, like its
+heartbeat timeout (``incarnation.heartbeat_timeout_seconds``): a slow database must fail a
+heartbeat, which the next one retries, rather than hold it past the moment the watchdog
+must act (``heartbeat_statement_timeout_seconds``).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from celery.app import defaults
@@ -57,3 +64,46 @@ def recommended_settings(*, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> dic
 
 
 RECOMMENDED_SETTINGS = recommended_settings()
+
+
+HEARTBEAT_STATEMENT_TIMEOUT_VARIABLE = "CELERY_RECONCILER_HEARTBEAT_STATEMENT_TIMEOUT"
+HEARTBEAT_LOCK_TIMEOUT_VARIABLE = "CELERY_RECONCILER_HEARTBEAT_LOCK_TIMEOUT"
+
+
+def _seconds_from_environment(variable: str, *, default: float, at_most: float) -> float:
+    raw = os.environ.get(variable)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0.0 < value <= at_most:
+        raise ValueError(f"{variable}={raw!r}: expected seconds above 0 and at most {at_most:g}")
+    return value
+
+
+def heartbeat_statement_timeout_seconds(*, heartbeat_timeout_seconds: float) -> float:
+    """``statement_timeout`` of the heartbeat's statement: ``$CELERY_RECONCILER_HEARTBEAT_
+    STATEMENT_TIMEOUT``, by default one heartbeat period (a fifth of the heartbeat timeout),
+    so a heartbeat the database is slow to answer gives way to the next one on time; at
+    most a quarter of the heartbeat timeout, so one slow statement never uses up the time
+    the watchdog leaves the heartbeats to get through."""
+    return _seconds_from_environment(
+        HEARTBEAT_STATEMENT_TIMEOUT_VARIABLE,
+        default=heartbeat_timeout_seconds / 5,
+        at_most=heartbeat_timeout_seconds / 4,
+    )
+
+
+def heartbeat_lock_timeout_seconds(*, heartbeat_timeout_seconds: float) -> float:
+    """``lock_timeout`` of the heartbeat's statement: ``$CELERY_RECONCILER_HEARTBEAT_LOCK_
+    TIMEOUT``, by default half the statement timeout — a heartbeat waiting for a row lock
+    (a long transaction holding the incarnation's row, or a running entry's) fails and is
+    retried instead of waiting its whole statement timeout; at most the statement timeout."""
+    statement_timeout = heartbeat_statement_timeout_seconds(
+        heartbeat_timeout_seconds=heartbeat_timeout_seconds
+    )
+    return _seconds_from_environment(
+        HEARTBEAT_LOCK_TIMEOUT_VARIABLE, default=statement_timeout / 2, at_most=statement_timeout
+    )

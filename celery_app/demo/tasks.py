@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -59,8 +60,10 @@ def derive_insights(body: str) -> dict[str, Any]:
     }
 
 
-class _Connection:
-    """One autocommit connection per worker process, opened after the pool forks."""
+class _Connection(threading.local):
+    """One autocommit connection per worker process, opened after the pool forks — and per
+    thread: the threads pool runs bodies side by side, and a body's ``fenced_transaction``
+    must own its connection's transaction."""
 
     def __init__(self) -> None:
         self._pid: int | None = None

@@ -14,7 +14,8 @@ import dataclasses
 import datetime
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -25,13 +26,14 @@ from e2e_support import (
     get_json,
     ledger_rows,
     seed,
+    tally,
     unprocessed,
     wait_for,
 )
 
 from celery_app.demo import audit, schema
 from devstack import kube as devstack_kube
-from devstack import processes, workers
+from devstack import processes, tcp_proxy, workers
 
 pytestmark = pytest.mark.e2e
 
@@ -110,6 +112,47 @@ def overlaps(dsn: str, *, kills: dict[str, list[datetime.datetime]]) -> list[Any
     return audit.overlapping_runs(ended)
 
 
+@dataclasses.dataclass(frozen=True)
+class Dispatched:
+    operator: OperatorProcess
+    held: dict[str, list[int]]  # by worker Pod: the entries its bodies run
+
+
+@pytest.fixture
+def dispatch(
+    crds: devstack_kube.ControlPlane,
+    namespace: str,
+    journal: str,
+    redis_url: str,
+    start_operator: Callable[..., OperatorProcess],
+) -> Callable[..., Dispatched]:
+    """``dispatch(holders={pod: n})``: what every test here starts with — an operator, the
+    policy (long leases, one sweep), and each named worker Pod running ``n`` bodies."""
+
+    def start(
+        *,
+        holders: dict[str, int],
+        sweep_interval: str = SWEEP_INTERVAL,
+        kubeconfig: Path | None = None,
+    ) -> Dispatched:
+        operator = start_operator(kubeconfig=kubeconfig)
+        apply_policy(
+            crds, namespace, dsn=journal, broker_url=redis_url, lease_timeout=LEASE,
+            sweep_interval=sweep_interval,
+        )  # fmt: skip
+        held = wait_for(
+            lambda: (
+                all(len(running_on(journal, pod)) == n for pod, n in holders.items())
+                and {pod: running_on(journal, pod) for pod in holders}
+            ),
+            timeout_seconds=60,
+            what=f"worker Pods running their bodies ({holders})",
+        )
+        return Dispatched(operator=operator, held=held)
+
+    return start
+
+
 def kill(journal: str, worker: workers.WorkerPod) -> datetime.datetime:
     """SIGKILL the container's main process, wait for it to be gone (its bodies die with
     its PID namespace); the database's time of the kill."""
@@ -122,28 +165,18 @@ def kill(journal: str, worker: workers.WorkerPod) -> datetime.datetime:
 @pytest.mark.parametrize("age", ["old", "young"])
 def test_a_pod_killed_while_the_operator_is_down_is_rescued_from_its_first_listing(
     age: str,
-    crds: devstack_kube.ControlPlane,
-    namespace: str,
     journal: str,
-    redis_url: str,
     start_operator: Callable[..., OperatorProcess],
     worker_pods: Callable[..., workers.WorkerPod],
+    dispatch: Callable[..., Dispatched],
 ) -> None:
     """The operator never sees the restart happen (no restartCount rise): its listing at
     start shows the container's previous instance ended, and that alone ends it. ``young``:
     the container dies a moment after its process registered (a crash loop's case)."""
     hang_all(journal, 2)
     doomed = worker_pods("insights-worker-a", concurrency=2, extra_env=NO_SILENCE)
-    operator = start_operator()
-    apply_policy(
-        crds, namespace, dsn=journal, broker_url=redis_url, lease_timeout=LEASE,
-        sweep_interval=SWEEP_INTERVAL,
-    )  # fmt: skip
-    held = wait_for(
-        lambda: len(found := running_on(journal, "insights-worker-a")) == 2 and found,
-        timeout_seconds=60,
-        what="worker a running both entries",
-    )
+    dispatched = dispatch(holders={"insights-worker-a": 2})
+    held = dispatched.held["insights-worker-a"]
     if age == "old":
         wait_for(
             lambda: all(
@@ -153,7 +186,7 @@ def test_a_pod_killed_while_the_operator_is_down_is_rescued_from_its_first_listi
             timeout_seconds=30,
             what="worker a's processes to be older than the old clock margin",
         )
-    operator.kill()
+    dispatched.operator.kill()
     killed_at = kill(journal, doomed)
     clear_faults(journal, held)
     doomed.wait_ready(restarts=1)
@@ -172,12 +205,9 @@ def test_a_pod_killed_while_the_operator_is_down_is_rescued_from_its_first_listi
 
 
 def test_a_restart_ends_exactly_the_dead_instance_and_no_live_process(
-    crds: devstack_kube.ControlPlane,
-    namespace: str,
     journal: str,
-    redis_url: str,
-    start_operator: Callable[..., OperatorProcess],
     worker_pods: Callable[..., workers.WorkerPod],
+    dispatch: Callable[..., Dispatched],
 ) -> None:
     """Worker a is killed twice, the second time a moment after its new process registered
     (younger than any clock margin); worker b, another Pod, runs on. Each pod event ends
@@ -186,21 +216,8 @@ def test_a_restart_ends_exactly_the_dead_instance_and_no_live_process(
     hang_all(journal, 4)
     a = worker_pods("insights-worker-a", concurrency=2, extra_env=NO_SILENCE)
     worker_pods("insights-worker-b", concurrency=2, extra_env=NO_SILENCE)
-    start_operator()
-    apply_policy(
-        crds, namespace, dsn=journal, broker_url=redis_url, lease_timeout=LEASE,
-        sweep_interval=SWEEP_INTERVAL,
-    )  # fmt: skip
-    wait_for(
-        lambda: (
-            len(running_on(journal, "insights-worker-a")) == 2
-            and len(running_on(journal, "insights-worker-b")) == 2
-        ),
-        timeout_seconds=60,
-        what="workers a and b running two entries each",
-    )
-    on_a = running_on(journal, "insights-worker-a")
-    on_b = running_on(journal, "insights-worker-b")
+    held = dispatch(holders={"insights-worker-a": 2, "insights-worker-b": 2}).held
+    on_a, on_b = held["insights-worker-a"], held["insights-worker-b"]
 
     kills = [kill(journal, a)]
     wait_for(
@@ -236,6 +253,93 @@ def test_a_restart_ends_exactly_the_dead_instance_and_no_live_process(
     assert overlaps(journal, kills={"insights-worker-a": kills}) == []
 
 
+@pytest.fixture
+def apiserver_proxy(
+    crds: devstack_kube.ControlPlane, tmp_path: Path
+) -> Iterator[tuple[tcp_proxy.PausableProxy, Path]]:
+    """A proxy in front of kube-apiserver and a kubeconfig through it: the operator's side of
+    a partition the test opens and heals (pausing stalls every connection, its pod watch
+    among them; cutting resets them, as a partition that outlived TCP does)."""
+    proxy = tcp_proxy.PausableProxy(target_port=int(crds.server.rsplit(":", 1)[1]))
+    kubeconfig = crds.write_kubeconfig(
+        tmp_path / "operator-via-proxy.kubeconfig",
+        token=crds.admin_token,
+        server=f"https://127.0.0.1:{proxy.port}",
+    )
+    yield proxy, kubeconfig
+    proxy.close()
+
+
+@pytest.mark.parametrize("delay", ["watch_blocked", "operator_replaced"])
+def test_a_restart_reported_late_ends_exactly_the_dead_instance(
+    delay: str,
+    journal: str,
+    start_operator: Callable[..., OperatorProcess],
+    worker_pods: Callable[..., workers.WorkerPod],
+    dispatch: Callable[..., Dispatched],
+    apiserver_proxy: tuple[tcp_proxy.PausableProxy, Path],
+) -> None:
+    """The kubelet reports worker a's restart while the operator cannot hear it: the
+    operator's connections to the apiserver stall from just before the kill until a's new
+    container runs and its new process has registered and runs bodies of its own. The
+    report reaches the operator late, as one state in which ``restartCount`` already rose
+    and the new instance already works:
+
+    * ``watch_blocked``: the same operator, when its stalled watch is reset and re-lists;
+    * ``operator_replaced``: the stalled operator is replaced (as its Deployment does with a
+      stuck process) and the new one first hears of the Pod after the restart — it never
+      saw ``restartCount`` rise at all.
+
+    Either way the ending is exact: a's dead instance's incarnation ends (its two entries
+    re-run on worker b, one committing plainly and one through ``fenced_transaction``), the
+    new instance's incarnation and its bodies live on, no run of an entry overlaps another
+    and no effect is applied twice."""
+    proxy, via_proxy = apiserver_proxy
+    hang_all(journal, 4)
+    a = worker_pods("insights-worker-a", concurrency=2, extra_env=NO_SILENCE)
+    dispatched = dispatch(holders={"insights-worker-a": 2}, kubeconfig=via_proxy)
+    held = dispatched.held["insights-worker-a"]
+    queued = sorted(set(range(1, 5)) - set(held))  # published, waiting for a free slot
+
+    proxy.pause()
+    killed_at = kill(journal, a)
+    a.wait_ready(restarts=1)  # the kubelet's report is in the apiserver, not in the operator
+    wait_for(
+        lambda: unfinished_since(journal, worker="insights-worker-a", since=killed_at) == queued,
+        timeout_seconds=60,
+        what="a's new instance running the queued entries under a new incarnation",
+    )
+    with psycopg.connect(journal, autocommit=True) as conn:
+        for entry_id, unfenced in zip(held, (True, False), strict=True):
+            schema.set_fault(conn, entry_id=entry_id, kind="sleep", seconds=0, unfenced=unfenced)
+    worker_pods("insights-worker-b", concurrency=2, extra_env=NO_SILENCE)  # free slots
+    if delay == "operator_replaced":
+        dispatched.operator.kill()
+    proxy.cut()
+    proxy.resume()
+    if delay == "operator_replaced":
+        start_operator(name="operator-2", kubeconfig=via_proxy)
+    wait_for(
+        lambda: unprocessed(journal) == len(queued),
+        timeout_seconds=90,
+        what="a's dead instance's entries re-run (heartbeats and leases have 10 minutes to go)",
+    )
+
+    of_a = incarnations(journal, pod="insights-worker-a")
+    assert [reason is not None and reason.startswith(PROOF) for _, reason in of_a] == [
+        started < killed_at for started, _ in of_a
+    ], of_a
+    assert any(started > killed_at for started, _ in of_a), of_a
+    assert running_on(journal, "insights-worker-a") == queued
+    assert unfinished_since(journal, worker="insights-worker-a", since=killed_at) == queued
+    assert sorted(int(row[0]) for row in lost_attempts(journal)) == sorted(held)
+    reruns = [run for run in runs(journal) if run.started_at > killed_at and run.entry_id in held]
+    assert sorted(run.entry_id for run in reruns) == sorted(held)
+    assert all(run.worker == "insights-worker-b" and run.finished_at for run in reruns), reruns
+    assert overlaps(journal, kills={"insights-worker-a": [killed_at]}) == []
+    assert tally(journal).duplicate_successes == 0
+
+
 def policy_condition(crds: devstack_kube.ControlPlane, namespace: str, kind: str) -> Any:
     got = get_json(crds, "-n", namespace, "get", "processingpolicy", "journal-insights")
     found = [c for c in got.get("status", {}).get("conditions", []) if c["type"] == kind]
@@ -246,9 +350,8 @@ def test_a_frozen_worker_pod_keeps_its_entries_until_the_platform_proves_it_gone
     crds: devstack_kube.ControlPlane,
     namespace: str,
     journal: str,
-    redis_url: str,
-    start_operator: Callable[..., OperatorProcess],
     worker_pods: Callable[..., workers.WorkerPod],
+    dispatch: Callable[..., Dispatched],
 ) -> None:
     """Every process of worker a's container is stopped (SIGSTOP) for three heartbeat
     timeouts while worker b has free slots: a's silence moves nothing, the policy says why
@@ -261,16 +364,7 @@ def test_a_frozen_worker_pod_keeps_its_entries_until_the_platform_proves_it_gone
     frozen = worker_pods(
         "insights-worker-a", concurrency=2, extra_env=QUICK_SILENCE, liveness_probe=False
     )
-    start_operator()
-    apply_policy(
-        crds, namespace, dsn=journal, broker_url=redis_url, lease_timeout=LEASE,
-        sweep_interval="3s",
-    )  # fmt: skip
-    held = wait_for(
-        lambda: len(found := running_on(journal, "insights-worker-a")) == 2 and found,
-        timeout_seconds=60,
-        what="worker a running both entries",
-    )
+    held = dispatch(holders={"insights-worker-a": 2}, sweep_interval="3s").held["insights-worker-a"]
     # Free slots for a wrong re-dispatch to run at once, side by side with a's bodies.
     worker_pods("insights-worker-b", concurrency=2, extra_env=QUICK_SILENCE)
     for pid in frozen.container_pids():
