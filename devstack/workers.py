@@ -340,7 +340,7 @@ WORKER_LIVENESS_PROBE: dict[str, Any] = {
     "exec": {"command": ["python", "-m", "celery_reconciler_worker.probe"]},
     "initialDelaySeconds": 10,
     "periodSeconds": 3,
-    "timeoutSeconds": 2,
+    "timeoutSeconds": 5,
     "failureThreshold": 2,
 }
 

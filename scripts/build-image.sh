@@ -23,15 +23,34 @@ storage=(--root "$cache_root/buildah/root" --runroot "$cache_root/buildah/runroo
 
 log() { echo "build-image: $*" >&2; }
 
-mkdir -p "$images"
-exec 9>"$cache_root/.build-image.lock"
-flock 9
-command -v buildah >/dev/null || { log "buildah is missing: run scripts/setup.sh"; exit 1; }
 
 extra_cas=(/usr/local/share/ca-certificates/*.crt)
 [ -e "${extra_cas[0]}" ] || extra_cas=()
 base_key=$( { echo "$SUITE $BASE_PACKAGES v1"; cat ${extra_cas[@]+"${extra_cas[@]}"}; } | sha256sum | cut -c1-16)
 base_ref=localhost/celery-reconciler-base:$SUITE-$base_key
+
+# The inputs the build can see: the Dockerfile and what .dockerignore admits to the context.
+image_key=$(cd "$here" && {
+  echo "$base_ref"
+  cat Dockerfile .dockerignore
+  find requirements/image.txt pyproject.toml README.md operator celery_app -type f \
+    -not -path '*/__pycache__/*' -not -name '*.pyc' -not -path '*.egg-info/*' -not -path '*/build/*' -print0 | sort -z | xargs -0 sha256sum
+} | sha256sum | cut -c1-16)
+image_ref=localhost/celery-reconciler:$image_key
+archive=$images/celery-reconciler-$image_key.tar
+
+# An image already built is read without the lock: many checkouts share this cache, and one
+# building another image (minutes) must not hold up those whose image is ready.
+if [ -f "$archive" ]; then
+  echo "$image_ref"
+  echo "$archive"
+  exit 0
+fi
+
+mkdir -p "$images"
+exec 9>"$cache_root/.build-image.lock"
+flock 9
+command -v buildah >/dev/null || { log "buildah is missing: run scripts/setup.sh"; exit 1; }
 
 if ! buildah "${storage[@]}" inspect --type image "$base_ref" >/dev/null 2>&1; then
   command -v debootstrap >/dev/null || { log "debootstrap is missing: run scripts/setup.sh"; exit 1; }
@@ -60,15 +79,6 @@ if ! buildah "${storage[@]}" inspect --type image "$base_ref" >/dev/null 2>&1; t
   log "built the base image $base_ref in $(( $(date +%s) - t0 ))s"
 fi
 
-# The inputs the build can see: the Dockerfile and what .dockerignore admits to the context.
-image_key=$(cd "$here" && {
-  echo "$base_ref"
-  cat Dockerfile .dockerignore
-  find requirements/image.txt pyproject.toml README.md operator celery_app -type f \
-    -not -path '*/__pycache__/*' -not -name '*.pyc' -not -path '*.egg-info/*' -not -path '*/build/*' -print0 | sort -z | xargs -0 sha256sum
-} | sha256sum | cut -c1-16)
-image_ref=localhost/celery-reconciler:$image_key
-archive=$images/celery-reconciler-$image_key.tar
 
 if ! [ -f "$archive" ]; then
   t0=$(date +%s)
@@ -79,8 +89,9 @@ if ! [ -f "$archive" ]; then
   buildah "${storage[@]}" push -q "$image_ref" "oci-archive:$archive.tmp:$image_ref"
   buildah "${storage[@]}" rmi -f "$image_ref" >/dev/null
   mv "$archive.tmp" "$archive"
-  # Each edit of the sources makes a new image; keep the three newest archives.
-  ls -t "$images"/celery-reconciler-*.tar | tail -n +4 | xargs -r rm -f
+  # Each edit of the sources makes a new image; keep the eight newest archives (several
+  # checkouts of different commits may be testing at once).
+  ls -t "$images"/celery-reconciler-*.tar | tail -n +9 | xargs -r rm -f
   log "built $image_ref in $(( t1 - t0 ))s, archived in $(( $(date +%s) - t1 ))s"
 fi
 
