@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import os
@@ -154,7 +155,7 @@ def configure_logging(*, json_logs: bool, verbose: bool) -> None:
 
 def run(options: RunOptions, *, stop_flag: threading.Event | None = None) -> int:
     # Imported for its side effect: the @kopf decorators register the handlers.
-    from celery_reconciler import handlers, membership, metrics, pools, statuswriter
+    from celery_reconciler import handlers, membership, metrics, pools, served, statuswriter
 
     configure_logging(json_logs=options.json_logs, verbose=options.verbose)
     max_connections = options.max_database_connections
@@ -188,14 +189,33 @@ def run(options: RunOptions, *, stop_flag: threading.Event | None = None) -> int
             max_workers=2 * max_connections + 8, thread_name_prefix="io"
         )
     )
-    kopf.run(
-        loop=loop,
-        standalone=standalone,
-        peering_name=options.peering_name,
-        priority=priority,
-        liveness_endpoint=options.liveness_endpoint,
-        clusterwide=options.all_namespaces,
-        namespaces=list(options.namespaces),
-        stop_flag=stop_flag,
+    # kopf.run stops on this flag; ours when the caller gave none, so that ``served`` can
+    # stop an operator that serves nothing.
+    stop = stop_flag if stop_flag is not None else threading.Event()
+    insights = served.new_insights()
+    not_served = threading.Event()
+
+    def stop_serving_nothing() -> None:
+        not_served.set()
+        stop.set()
+
+    guard = loop.create_task(
+        served.stop_unless_policies_are_served(insights=insights, stop=stop_serving_nothing)
     )
-    return 0
+    try:
+        kopf.run(
+            loop=loop,
+            standalone=standalone,
+            peering_name=options.peering_name,
+            priority=priority,
+            liveness_endpoint=options.liveness_endpoint,
+            clusterwide=options.all_namespaces,
+            namespaces=list(options.namespaces),
+            insights=insights,
+            stop_flag=stop,
+        )
+    finally:
+        guard.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(guard)
+    return 1 if not_served.is_set() else 0
