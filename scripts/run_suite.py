@@ -424,6 +424,18 @@ def write_timings(
     print(f"suite: wrote {TIMINGS_FILE.relative_to(ROOT)}", flush=True)
 
 
+def select_tests(layers: list[str], tests: list[str]) -> dict[str, list[str]]:
+    """The layers to run, in order, each with the chosen tests in it (empty: all of it); with
+    tests chosen, a layer holding none of them is left out."""
+    selection: dict[str, list[str]] = {}
+    for layer in layers:
+        chosen = [t for t in tests if in_layer(t, layer)]
+        if tests and not chosen:
+            continue
+        selection[layer] = chosen
+    return selection
+
+
 def cmd_test(args: argparse.Namespace) -> int:
     started = time.monotonic()
     load_start = load_average()
@@ -438,13 +450,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     if args.lint:
         phases.append(run_phase("lint", ["make", "--no-print-directory", "lint-only"]))
     extra = shlex.split(args.pytest_args)
-    selection: dict[str, list[str]] = {}
-    for layer in args.layers:
-        chosen = [t for t in args.tests if in_layer(t, layer)]
-        if args.tests and not chosen:
-            continue
-        selection[layer] = chosen
-    layers = [layer for layer in args.layers if layer in selection]
+    selection = select_tests(args.layers, args.tests)
+    layers = list(selection)
     with tempfile.TemporaryDirectory(prefix="suite-") as tmp:
         outcomes = run_layers(
             layers,
@@ -504,15 +511,10 @@ def cmd_flake(args: argparse.Namespace) -> int:
         print(f"flake: round {number}/{args.rounds}, load: {shlex.join(stress_argv)}", flush=True)
         stress = subprocess.Popen(stress_argv, start_new_session=True)
         try:
-            selection: dict[str, list[str]] = {}
-            for layer in args.layers:
-                chosen = [t for t in args.tests if in_layer(t, layer)]
-                if args.tests and not chosen:
-                    continue
-                selection[layer] = chosen
+            selection = select_tests(args.layers, args.tests)
             with tempfile.TemporaryDirectory(prefix="flake-") as tmp:
                 outcomes = run_layers(
-                    [layer for layer in args.layers if layer in selection],
+                    list(selection),
                     parallel=args.parallel,
                     shards=args.shards,
                     selection=selection,

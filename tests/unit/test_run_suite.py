@@ -121,3 +121,13 @@ def test_an_interrupted_shards_report_fails_its_layer_instead_of_crashing_the_ru
     assert (outcome.passed, outcome.failed) == (1, 1)
     assert outcome.failures == ["tests/e2e/test_demo.py"]
     assert not outcome.ok
+
+
+def test_chosen_tests_select_their_layers_in_order_and_no_choice_selects_every_layer() -> None:
+    layers = ["unit", "integration", "e2e", "chaos"]
+    chosen = ["tests/e2e/test_demo.py", "tests/unit/test_policy.py::test_x"]
+    assert run_suite.select_tests(layers, chosen) == {
+        "unit": ["tests/unit/test_policy.py::test_x"],
+        "e2e": ["tests/e2e/test_demo.py"],
+    }
+    assert run_suite.select_tests(layers, []) == {layer: [] for layer in layers}
