@@ -36,8 +36,9 @@ faults of every kind, on a stack of its own). It
    so these two kinds come ``--long-faults-per-kind`` times (a tenth of the others by
    default), one freeze at a time; the schedule stretches to fit them. An outage (operator
    kill, Redis, PostgreSQL or apiserver restart) waits until an entry was processed after
-   the previous outage ended: every outage then hits a system that had come back, and the
-   run prints how long they waited.
+   the previous outage ended, and a worker kill picks a Pod that ran a body since its last
+   kill: every fault then hits a system that had come back, and the run prints how long
+   they waited.
 
 4. waits until every entry is processed (failing loudly if progress stops), and checks the
    invariants with its own SQL over the body's own tables — never our ledger: **0 lost**
@@ -209,6 +210,8 @@ class Figures:
     frozen_deaths: int = 0
     # Seconds each outage waited for an entry processed since the previous one (OUTAGE_KINDS).
     outage_waits: list[float] = dataclasses.field(default_factory=list)
+    # Seconds each worker kill waited for a Pod that ran a body since its last kill.
+    kill_waits: list[float] = dataclasses.field(default_factory=list)
     # Times the operator exited on its own and was started again.
     operator_exits: int = 0
 
@@ -231,6 +234,12 @@ class Figures:
             f"  operator exits on its own (started again, as a kubelet would): "
             f"{self.operator_exits}"
         )
+        if self.kill_waits:
+            out.append(
+                f"  worker kills that waited for a Pod that ran a body since its last kill: "
+                f"n={len(self.kill_waits)}, p50 {percentile(self.kill_waits, 0.5):.2f} s, "
+                f"p90 {percentile(self.kill_waits, 0.9):.2f} s, max {max(self.kill_waits):.2f} s"
+            )
         if self.outage_waits:
             out.append(
                 f"  outages (operator, Redis, PostgreSQL, apiserver) that waited for an entry "
@@ -333,6 +342,7 @@ class _Run:
         # Processed entries when the last outage ended (see OUTAGE_KINDS); -1: none yet.
         self.processed_after_outage = -1
         self.outage_waits: list[float] = []
+        self.kill_waits: list[float] = []  # for a Pod that ran a body since its last kill
         self.operator_exits = 0
         self.mid_sweep_kills = 0
         self.fault_lock = threading.Lock()
@@ -381,6 +391,7 @@ class _Run:
         figures = self.verdict(elapsed)
         figures.container_restarts = restarts
         figures.outage_waits = list(self.outage_waits)
+        figures.kill_waits = list(self.kill_waits)
         figures.operator_exits = self.operator_exits
         return figures
 
@@ -566,7 +577,7 @@ class _Run:
             self.stopping.set()
 
     def fault_worker_kill(self, rng: random.Random) -> None:
-        pod = rng.choice(self.pods)
+        pod = self.pick_a_working_pod(rng)
         pid = _retry(lambda: pod.main_pid(), what=f"{pod.name}'s container to run (to kill it)")
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -576,6 +587,38 @@ class _Run:
         # Noted once the process is dead: a body of this container ended no later.
         with self.fault_lock:
             self.kills.append((pod.name, datetime.datetime.now(datetime.UTC)))
+
+    def pick_a_working_pod(self, rng: random.Random) -> devstack_workers.WorkerPod:
+        """A Pod whose container ran a body since the driver last killed it, waiting for
+        one: a kill then hits a worker doing work, and no Pod is killed again before it
+        came back. On a loaded node a worker takes tens of seconds to start, and a kill
+        every 5 s kept all three down (with the kubelet's crash-loop back-off on top)."""
+        began = time.monotonic()
+        deadline = began + RECOVERY_SECONDS
+        while True:
+            working = [pod for pod in self.pods if self.ran_a_body_since_its_last_kill(pod)]
+            if working or time.monotonic() > deadline or self.stopping.is_set():
+                break
+            if self.pending() == 0:
+                break
+            self.stopping.wait(0.5)
+        with self.fault_lock:
+            self.kill_waits.append(time.monotonic() - began)
+        return rng.choice(working or self.pods)
+
+    def ran_a_body_since_its_last_kill(self, pod: devstack_workers.WorkerPod) -> bool:
+        with self.fault_lock:
+            kills = [at for name, at in self.kills if name == pod.name]
+        since = max(kills, default=datetime.datetime.min.replace(tzinfo=datetime.UTC))
+        try:
+            with psycopg.connect(self.dsn, connect_timeout=3) as conn:
+                row = conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM chaos_runs WHERE pod = %s AND started_at > %s)",
+                    [pod.name, since],
+                ).fetchone()
+                return bool(row and row[0])
+        except psycopg.Error:
+            return False
 
     def fault_operator_kill(self, rng: random.Random) -> None:
         mid_sweep = self.wait_for_a_sweep(timeout_seconds=rng.uniform(2.0, 8.0))
