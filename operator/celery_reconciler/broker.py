@@ -83,7 +83,8 @@ import kombu.transport
 import redis
 import redis.exceptions
 
-# kombu's Redis transport: priority steps and the separator of priority sub-queues.
+# kombu's Redis transport: priority steps and the separator of priority sub-queues, unless the
+# app's broker_transport_options change them (RedisPublisher's transport_options).
 REDIS_PRIORITY_STEPS = (0, 3, 6, 9)
 REDIS_PRIORITY_SEPARATOR = "\x06\x16"
 # Values per LPUSH command inside the one pipeline: bounds a single command's size.
@@ -657,7 +658,16 @@ class RedisPublisher:
     ) -> None:
         self._url = url
         self._builder = MessageBuilder(message_app(url))
-        self._key_prefix = str((transport_options or {}).get("global_keyprefix") or "")
+        # The workers' kombu names its keys after the app's broker_transport_options; the
+        # defaults below are kombu's own.
+        options = transport_options or {}
+        self._key_prefix = str(options.get("global_keyprefix") or "")
+        self._unacked_key = self._key_prefix + str(options.get("unacked_key") or "unacked")
+        self._unacked_index_key = self._key_prefix + str(
+            options.get("unacked_index_key") or "unacked_index"
+        )
+        self._priority_separator = str(options.get("sep") or REDIS_PRIORITY_SEPARATOR)
+        self._priority_steps = tuple(options.get("priority_steps") or REDIS_PRIORITY_STEPS)
         try:
             self._client: redis.Redis[bytes] = redis.Redis.from_url(
                 url,
@@ -708,8 +718,8 @@ class RedisPublisher:
 
     def queue_depth(self, queue: str) -> int:
         keys = [
-            self._key_prefix + (queue if step == 0 else f"{queue}{REDIS_PRIORITY_SEPARATOR}{step}")
-            for step in REDIS_PRIORITY_STEPS
+            self._key_prefix + (queue if step == 0 else f"{queue}{self._priority_separator}{step}")
+            for step in self._priority_steps
         ]
         try:
             with self._client.pipeline(transaction=False) as pipe:
@@ -730,7 +740,8 @@ class RedisPublisher:
 
     def messages_accounted_for(self, queue: str, *, taken_within_seconds: float) -> set[str] | None:
         """The queue's list, plus kombu's ``unacked`` hash of delivered, unacknowledged
-        messages indexed by delivery time (the consumer's clock) in ``unacked_index``."""
+        messages indexed by delivery time (the consumer's clock) in ``unacked_index`` (both
+        as the app names them)."""
         key = self._key_prefix + queue
         recent = time.time() - taken_within_seconds
         try:
@@ -738,9 +749,9 @@ class RedisPublisher:
                 return None
             with self._client.pipeline(transaction=False) as pipe:
                 pipe.lrange(key, 0, -1)
-                pipe.zrangebyscore(self._key_prefix + "unacked_index", recent, "+inf")
+                pipe.zrangebyscore(self._unacked_index_key, recent, "+inf")
                 waiting, tags = pipe.execute()
-            taken = self._client.hmget(self._key_prefix + "unacked", tags) if tags else []
+            taken = self._client.hmget(self._unacked_key, tags) if tags else []
         except redis.exceptions.RedisError as error:
             raise unavailable(error, url=self._url, doing=f"reading queue {queue!r}") from None
         found = {_task_id(raw, taken=False) for raw in waiting}

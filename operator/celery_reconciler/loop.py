@@ -176,21 +176,27 @@ class Connections:
     db: reconcile.Sessions | None = None
     rescue_db: reconcile.Sessions | None = None
     broker_url: str | None = None
+    transport_options: dict[str, Any] | None = None
     shared_publisher: publishers.SharedPublisher | None = None
     publisher: broker.Publisher | None = None
 
-    def use(self, *, dsn: str, broker_url: str) -> None:
+    def use(
+        self, *, dsn: str, broker_url: str, transport_options: dict[str, Any] | None = None
+    ) -> None:
         if dsn != self.dsn:
             self.close_databases()
             self.dsn = dsn
             self.shared = pools.attach(dsn)
             self.db = self.shared.sweeps
             self.rescue_db = self.shared.rescues
-        if broker_url != self.broker_url:
+        if broker_url != self.broker_url or transport_options != self.transport_options:
             self.close_publisher()
-            self.shared_publisher = publishers.attach(broker_url)
+            self.shared_publisher = publishers.attach(
+                broker_url, transport_options=transport_options
+            )
             self.publisher = self.shared_publisher
             self.broker_url = broker_url
+            self.transport_options = transport_options
 
     def secrets(self) -> tuple[str, ...]:
         """What must never appear in a message: the DSN, the broker URL and their passwords."""
@@ -210,7 +216,7 @@ class Connections:
         if self.shared_publisher is not None:
             publishers.detach(self.shared_publisher)
         self.shared_publisher = self.publisher = None
-        self.broker_url = None
+        self.broker_url = self.transport_options = None
 
     def close(self) -> None:
         self.close_databases()
@@ -391,7 +397,11 @@ class PolicyLoop:
             return policy.schedule.sweep_interval_seconds
         try:
             dsn, broker_url = await asyncio.to_thread(self.read_secrets, policy)
-            self.connections.use(dsn=dsn, broker_url=broker_url)
+            self.connections.use(
+                dsn=dsn,
+                broker_url=broker_url,
+                transport_options=policy.task.transport_options(),
+            )
             db, publisher = self.connections.db, self.connections.publisher
             assert db is not None and publisher is not None
             conflict = await self.database_conflict(policy, db=db)

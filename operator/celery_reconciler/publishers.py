@@ -3,7 +3,8 @@
 A publisher is not just a socket: it carries a Celery app that builds the messages, its
 templates and its connection pool. One per policy made the operator's memory grow with its
 policies (and opened a broker connection each) although most policies of an installation
-name one broker. Here the policies whose Secret resolves to the same URL share one.
+name one broker. Here the policies whose Secret resolves to the same URL, and that name the
+same Redis keys (``spec.task.brokerTransportOptions``), share one.
 
 Every sweep of every policy asks the broker who it is (a restart without persistence lost
 the queues) and how deep the policy's queue is (a metric). With hundreds of policies those
@@ -21,8 +22,8 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import TypeVar, cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
 from celery_reconciler import broker
 
@@ -33,12 +34,19 @@ _T = TypeVar("_T")
 class SharedPublisher:
     """A ``broker.Publisher`` for several policies; ``close`` is ``detach``'s business."""
 
-    def __init__(self, url: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        transport_options: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.url = url
+        self.key = _key(url, transport_options)
         self.users = 0
         self._clock = clock
         self._answers: dict[tuple[str, ...], tuple[float, object]] = {}
-        self._publisher = broker.connect(url)
+        self._publisher = broker.connect(url, transport_options=transport_options)
         self._turns: contextlib.AbstractContextManager[object] = (
             contextlib.nullcontext()
             if isinstance(self._publisher, broker.RedisPublisher)
@@ -99,16 +107,22 @@ class SharedPublisher:
 
 
 _lock = threading.Lock()
-_shared: dict[str, SharedPublisher] = {}
+_shared: dict[tuple[str, str], SharedPublisher] = {}
 
 
-def attach(url: str) -> SharedPublisher:
-    """The shared publisher of ``url``; every ``attach`` is matched by one ``detach``."""
+def _key(url: str, transport_options: Mapping[str, Any] | None) -> tuple[str, str]:
+    return url, repr(sorted((transport_options or {}).items()))
+
+
+def attach(url: str, *, transport_options: Mapping[str, Any] | None = None) -> SharedPublisher:
+    """The shared publisher of ``url`` with the app's ``transport_options``; every ``attach``
+    is matched by one ``detach``."""
     with _lock:
-        shared = _shared.get(url)
+        key = _key(url, transport_options)
+        shared = _shared.get(key)
         if shared is None:
-            shared = SharedPublisher(url)
-            _shared[url] = shared
+            shared = SharedPublisher(url, transport_options=transport_options)
+            _shared[key] = shared
         shared.users += 1
         return shared
 
@@ -118,6 +132,6 @@ def detach(shared: SharedPublisher) -> None:
         shared.users -= 1
         if shared.users > 0:
             return
-        if _shared.get(shared.url) is shared:
-            del _shared[shared.url]
+        if _shared.get(shared.key) is shared:
+            del _shared[shared.key]
     shared.shut()
