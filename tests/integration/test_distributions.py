@@ -215,3 +215,18 @@ def test_helm_package_archives_the_chart_with_its_version_and_image(tmp_path: Pa
         assert from_archive == from_folder
         images = set(re.findall(r'^\s*image:\s*"?([^"\s]+)"?', from_archive, re.M))
         assert images == {f"{chart['name']}:{operator_version}"}, images
+
+
+def test_what_building_leaves_in_a_checkout_stays_out_of_git_status() -> None:
+    """The README's ``pip wheel ... --wheel-dir dist ./celery_app`` and ``python -m build``
+    write these; none may show as untracked in the user's checkout."""
+    leftovers = [
+        "dist/celery_reconciler_worker-0.1.0-py3-none-any.whl",
+        "celery_app/dist/celery_reconciler_worker-0.1.0.tar.gz",
+        "celery_app/build/lib/celery_reconciler_worker/task.py",
+        "celery_app/celery_reconciler_worker.egg-info/PKG-INFO",
+        "build/lib/celery_reconciler/broker.py",
+        "operator/celery_reconciler.egg-info/PKG-INFO",
+    ]
+    ignored = _run(["git", "check-ignore", "--no-index", *leftovers], cwd=REPOSITORY)
+    assert sorted(ignored.split()) == sorted(leftovers)
