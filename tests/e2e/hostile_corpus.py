@@ -111,7 +111,16 @@ CASES: list[Case] = [
     Case("queue: NUL byte", "task.queue", "insights\x00", "spec.task.queue"),
     Case("queue: glob", "task.queue", "*", "spec.task.queue"),
     Case("queue: path", "task.queue", "../../etc", "spec.task.queue"),
-    # --- Secret references: a name in the policy's namespace, nothing else
+    # --- Redis key names of the app's kombu: the operator publishes onto and reads them
+    Case("Redis key: space", "task.brokerTransportOptions", {"unacked_key": "un acked"},
+         "spec.task.brokerTransportOptions.unacked_key"),
+    Case("Redis key prefix: newline", "task.brokerTransportOptions",
+         {"global_keyprefix": "app\n"}, "spec.task.brokerTransportOptions.global_keyprefix"),
+    Case("priority step: beyond 255", "task.brokerTransportOptions",
+         {"priority_steps": [0, 256]}, "spec.task.brokerTransportOptions.priority_steps[1]"),
+    Case("a transport option of the workers alone", "task.brokerTransportOptions",
+         {"visibility_timeout": 3600}, "spec.task.brokerTransportOptions.visibility_timeout",
+         reason="unknown field"),
     Case("database Secret: other namespace", "source.databaseSecretRef.name",
          "../kube-system/admin", "spec.source.databaseSecretRef.name"),
     Case("database Secret key: space", "source.databaseSecretRef.key", "dsn value",
