@@ -328,7 +328,9 @@ class PolicyLoop:
 
         Between sweeps nothing is dispatched, but workers keep finishing entries: a person
         watching ``kubectl get processingstatus`` should see the counts move, not freeze for
-        a whole sweep interval. Refreshing costs two index-backed counts, no sweep.
+        a whole sweep interval. Refreshing costs two index-backed counts, no sweep. What it
+        reads also ends the sleep early when something fell due that the sweep could not
+        foresee (``planning.sweep_early``): a body started since, whose worker went silent.
         """
         deadline = time.monotonic() + delay_seconds
         while True:
@@ -338,23 +340,30 @@ class PolicyLoop:
             woken = await self.sleep(chunk, stopped)
             if woken or stopped or time.monotonic() >= deadline:
                 return
-            await self.refresh_status()
+            counts = await self.refresh_status()
+            if counts is not None and planning.sweep_early(
+                seconds_until_next_due=counts.seconds_until_next_due,
+                suspended=self.policy is not None and self.policy.schedule.suspend,
+            ):
+                return  # a worker went silent, or a retry or lease fell due, since the sweep
 
-    async def refresh_status(self) -> None:
+    async def refresh_status(self) -> reconcile.StatusSnapshot | None:
+        """Report fresh counts between sweeps; returns them (None when it could not)."""
         db, publisher, policy = self.connections.db, self.connections.publisher, self.policy
         if db is None or publisher is None or policy is None:
-            return
+            return None
         if self.last_problem is not None and self.last_problem.reason not in HEALTH_REASONS:
-            return
+            return None
         try:
             if await self.notice_broker_restart(policy, db=db, publisher=publisher):
-                return  # the loop was woken to re-dispatch; it reports after that sweep
+                return None  # the loop was woken to re-dispatch; it reports after that sweep
             counts = await self.observe(policy, db=db, publisher=publisher)
         except Exception:  # the next sweep meets it too, and reports it
-            return
+            return None
         generation = int(self.body.get("metadata", {}).get("generation") or 0)
         problem = self.health_problem(policy, counts)
         await self.report(policy=policy, problem=problem, generation=generation, counts=counts)
+        return counts
 
     async def sleep(self, delay_seconds: float, stopped: Any) -> bool:
         """Sleep up to ``delay_seconds``; True when woken early by a wake-up request."""

@@ -132,6 +132,18 @@ def next_wakeup_seconds(
     return delay
 
 
+def sweep_early(*, seconds_until_next_due: float | None, suspended: bool) -> bool:
+    """Whether a status refresh between sweeps should end the sleep and sweep now.
+
+    The sleep is chosen at the end of a sweep from what was due then; a body that started
+    afterwards, on a worker outside Kubernetes that then died, falls due when its heartbeat
+    timeout passes — seconds later, while the sweep interval may still have minutes to
+    run. The refresh reads the same ``seconds_until_next_due``; already due means sweep.
+    A suspended policy dispatches nothing, so nothing falling due wakes it.
+    """
+    return not suspended and seconds_until_next_due is not None and seconds_until_next_due <= 0
+
+
 def dispatch_pause_seconds(
     *, dispatched: int, elapsed_seconds: float, dispatch_per_second: float
 ) -> float:

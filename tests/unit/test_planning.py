@@ -144,6 +144,22 @@ def test_wakeup_comes_no_later_than_the_earliest_due_retry(
     assert delay <= interval
 
 
+@pytest.mark.parametrize(
+    ("due", "suspended", "early"),
+    [
+        (-3.0, False, True),  # a worker's heartbeat deadline passed since the sweep
+        (0.0, False, True),
+        (0.5, False, False),  # not yet: the refresh after next sees it
+        (None, False, False),  # nothing queued, running or waiting
+        (-3.0, True, False),  # a suspended policy dispatches nothing
+    ],
+)
+def test_a_refresh_between_sweeps_sweeps_early_only_for_what_is_due(
+    due: float | None, suspended: bool, early: bool
+) -> None:
+    assert planning.sweep_early(seconds_until_next_due=due, suspended=suspended) is early
+
+
 @given(
     dispatched=st.integers(min_value=0, max_value=10**6),
     elapsed=st.floats(min_value=0.0, max_value=10**5),
