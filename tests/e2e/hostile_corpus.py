@@ -366,3 +366,39 @@ LEDGER_CASES = (
         "gen_random_uuid(), NULL, 'x', NULL, NULL)",
     ),
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaseCase:
+    """A member Lease anyone with ``edit`` in the operator's namespace may apply next to the
+    replicas' own (replicas ``replica-a`` and ``replica-b``, each in a Pod of that name):
+    no replica counts it, and each names it in a Warning Event saying ``why``."""
+
+    name: str
+    lease_of: str  # the Lease is named as the member Lease of this (pod) name
+    holder: str
+    pod_name: str | None  # the Pod named on it (None: no proof at all)
+    pod_uid: Literal["real", "made-up"]  # that Pod's real uid, or one made up
+    why: str
+
+    def annotations(self, *, uids: dict[str, str]) -> dict[str, str]:
+        if self.pod_name is None:
+            return {}
+        uid = uids.get(self.pod_name, "") if self.pod_uid == "real" else "0000-made-up"
+        return {
+            "celery-reconciler.io/replica-pod": self.pod_name,
+            "celery-reconciler.io/replica-pod-uid": uid,
+        }
+
+
+LEASE_CASES = (
+    LeaseCase("no proof", "replica-x", "replica-x/00000000", None, "made-up",
+              "names no replica Pod"),
+    LeaseCase("a Pod that does not exist", "ghost", "ghost/00000000", "ghost", "made-up",
+              "no Pod of that name carries the replica labels"),
+    # A real replica's Pod name and uid copied onto a Lease of another name.
+    LeaseCase("a replica's proof copied", "replica-y", "replica-a/00000000", "replica-a", "real",
+              "whose member Lease is"),
+    LeaseCase("a replica's Pod, another holder", "replica-z", "evil/1", "replica-b", "made-up",
+              "whose member Lease is"),
+)  # fmt: skip
