@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -49,6 +50,28 @@ MIGRATION_PATIENCE_SECONDS = 600.0
 BACKFILL_BATCH_ROWS = 5000
 
 _T = TypeVar("_T")
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Longest:
+    """The longest transaction a migration ran (what a writer could have waited behind)."""
+
+    seconds: float = 0.0
+    what: str = "none"
+
+    def timed(self, attempt: Callable[[], _T], *, what: str) -> Callable[[], _T]:
+        def run() -> _T:
+            started = time.monotonic()
+            try:
+                return attempt()
+            finally:
+                elapsed = time.monotonic() - started
+                if elapsed > self.seconds:
+                    self.seconds, self.what = elapsed, what
+
+        return run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,15 +118,48 @@ def apply(
         )  # fmt: skip
         return
     with _session(conn, statement_timeout="0", lock_timeout="0"):
-        conn.execute("SELECT pg_advisory_lock(%s)", [lock_id])
+        _take_lock(conn, lock_id=lock_id, sleep=sleep)
         try:
             _retrying(lambda: _run(conn, prepare), sleep=sleep)
             done = applied()
+            started = time.monotonic()
+            longest = _Longest()
+            versions = [version for version, _ in migrations if version not in done]
             for version, steps in migrations:
-                if version not in done:
-                    _apply_version(conn, version, steps, record=record, sleep=sleep)
+                if version in versions:
+                    _apply_version(
+                        conn, version, steps, record=record, sleep=sleep, longest=longest
+                    )
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", [lock_id])
+    if not versions:
+        return  # another process migrated it while this one waited
+    logger.info(
+        "ledger schema migrated to version %d (%d versions) in %.1f s; its longest "
+        "transaction took %.3f s (%s)",
+        versions[-1],
+        len(versions),
+        time.monotonic() - started,
+        longest.seconds,
+        longest.what,
+    )
+
+
+# How often a process waiting for another's migration asks for the lock again.
+LOCK_POLL_SECONDS = 0.2
+
+
+def _take_lock(
+    conn: psycopg.Connection[Any], *, lock_id: int, sleep: Callable[[float], None]
+) -> None:
+    """The session's advisory lock, asked for again and again rather than waited for: a
+    statement waiting for it would be a transaction that the migrator's
+    ``CREATE INDEX CONCURRENTLY`` must wait for in turn — a deadlock."""
+    while True:
+        row = conn.execute("SELECT pg_try_advisory_lock(%s)", [lock_id]).fetchone()
+        if row is not None and row[0]:
+            return
+        sleep(LOCK_POLL_SECONDS)
 
 
 def _apply_version(
@@ -113,6 +169,7 @@ def _apply_version(
     *,
     record: sql.Composed,
     sleep: Callable[[float], None],
+    longest: _Longest,
 ) -> None:
     plain: list[sql.Composed] = []
     for step in steps:
@@ -120,14 +177,25 @@ def _apply_version(
             plain.append(step)
             continue
         if plain:
-            _retrying(functools.partial(_run, conn, tuple(plain)), sleep=sleep)
+            _retrying(
+                longest.timed(
+                    functools.partial(_run, conn, tuple(plain)), what=f"version {version}'s DDL"
+                ),
+                sleep=sleep,
+            )
             plain = []
         if isinstance(step, Backfill):
-            _backfill(conn, step, sleep=sleep)
+            _backfill(
+                conn, step, sleep=sleep, longest=longest, what=f"a batch of version {version}"
+            )
         else:
-            _build_concurrently(conn, step)
+            _retrying(functools.partial(_build_concurrently, conn, step), sleep=sleep)
     _retrying(
-        functools.partial(_run, conn, tuple(plain), record=record, version=version), sleep=sleep
+        longest.timed(
+            functools.partial(_run, conn, tuple(plain), record=record, version=version),
+            what=f"version {version}'s last transaction",
+        ),
+        sleep=sleep,
     )
 
 
@@ -152,11 +220,18 @@ def _lock_timeout() -> sql.Composed:
 
 
 def _backfill(
-    conn: psycopg.Connection[Any], step: Backfill, *, sleep: Callable[[float], None]
+    conn: psycopg.Connection[Any],
+    step: Backfill,
+    *,
+    sleep: Callable[[float], None],
+    longest: _Longest,
+    what: str,
 ) -> None:
     after: Any = None
     while True:
-        changed, after = _retrying(functools.partial(_batch, conn, step, after), sleep=sleep)
+        changed, after = _retrying(
+            longest.timed(functools.partial(_batch, conn, step, after), what=what), sleep=sleep
+        )
         if not changed and after is None:
             return
 
