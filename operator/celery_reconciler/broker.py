@@ -180,6 +180,11 @@ class Publisher(Protocol):
         cannot tell (or the queue is too long to read)."""
         ...
 
+    def messages_held(self, queue: str, *, taken_within_seconds: float) -> int | None:
+        """At least as many as ``messages_accounted_for`` would find, read without reading
+        the messages (a queue's length is O(1)); ``None`` where the broker cannot tell."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -758,6 +763,19 @@ class RedisPublisher:
         found.update(_task_id(raw, taken=True) for raw in taken if raw is not None)
         return {task_id for task_id in found if task_id is not None}
 
+    def messages_held(self, queue: str, *, taken_within_seconds: float) -> int | None:
+        """The queue's length plus the deliveries taken within ``taken_within_seconds``: the
+        list and the index ``messages_accounted_for`` reads, counted, not read."""
+        recent = time.time() - taken_within_seconds
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                pipe.llen(self._key_prefix + queue)
+                pipe.zcount(self._key_prefix + "unacked_index", recent, "+inf")
+                waiting, taken = pipe.execute()
+        except redis.exceptions.RedisError as error:
+            raise unavailable(error, url=self._url, doing=f"measuring queue {queue!r}") from None
+        return int(waiting) + int(taken)
+
     def close(self) -> None:
         self._client.close()
 
@@ -811,6 +829,9 @@ class KombuPublisher:
 
     def messages_accounted_for(self, queue: str, *, taken_within_seconds: float) -> set[str] | None:
         return None  # kombu cannot list a queue's messages without taking them
+
+    def messages_held(self, queue: str, *, taken_within_seconds: float) -> int | None:
+        return None  # nothing to count against: there is no audit (above)
 
     def close(self) -> None:
         self._app.close()
@@ -1089,6 +1110,9 @@ class AmqpPublisher:
         channel closes, so a worker that dies between taking and starting one loses nothing
         (the lease stays the backstop)."""
         return None
+
+    def messages_held(self, queue: str, *, taken_within_seconds: float) -> int | None:
+        return None  # no audit, so nothing to count against (``messages_accounted_for``)
 
     def close(self) -> None:
         with self._lock:

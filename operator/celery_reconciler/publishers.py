@@ -98,6 +98,10 @@ class SharedPublisher:
                 queue, taken_within_seconds=taken_within_seconds
             )
 
+    def messages_held(self, queue: str, *, taken_within_seconds: float) -> int | None:
+        with self._turns:
+            return self._publisher.messages_held(queue, taken_within_seconds=taken_within_seconds)
+
     def close(self) -> None:
         """Nothing: other policies may still publish through it (see ``detach``)."""
 

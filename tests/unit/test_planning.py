@@ -641,7 +641,8 @@ NOTHING_TO_DO: dict[str, Any] = {
 def test_an_idle_ledger_needs_no_upkeep() -> None:
     chores = planning.sweep_chores(**NOTHING_TO_DO)
     assert not any(dataclasses.astuple(chores))
-    assert not chores.may_change_in_flight and not chores.may_change_schedule
+    assert not chores.may_change_in_flight(queue_audited=False)
+    assert not chores.may_change_schedule(queue_audited=False)
 
 
 @pytest.mark.parametrize(
@@ -687,7 +688,11 @@ def test_no_work_is_skipped(**found: Any) -> None:
     assert chores.redispatch_due_retries >= (
         found["due_retries"] > 0 or chores.expire_lost_attempts
     )
-    assert chores.may_change_in_flight == (chores.expire_lost_attempts or chores.look_for_stranded)
+    for audited in (False, True):
+        assert chores.may_change_in_flight(queue_audited=audited) == (
+            chores.expire_lost_attempts or audited
+        )
+        assert chores.may_change_schedule(queue_audited=audited) >= audited
 
 
 # --- the database's record of who processes what ---------------------------------------
