@@ -289,6 +289,26 @@ COMMIT_POINTS = {
     "after_done_mark": ("hold_after_done", 1),
 }
 HOLD_SECONDS = 4.0
+LEASE_SECONDS = 8
+
+
+def incarnation_ended(conn: psycopg.Connection[Any], *, hostname: str) -> bool:
+    """Whether every incarnation of the worker ``hostname`` registered is ended (and one is)."""
+    row = conn.execute(
+        "SELECT count(*), count(ended_at) FROM celery_reconciler.incarnations WHERE hostname = %s",
+        [hostname],
+    ).fetchone()
+    return row is not None and row[0] > 0 and row[0] == row[1]
+
+
+def sessions_of(conn: psycopg.Connection[Any], *, worker: str) -> int:
+    """The database sessions a worker process still holds (its task and heartbeat ones)."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+        "OR application_name = %s",
+        [f"celery-worker {worker}", f"celery-worker {worker} heartbeat"],
+    ).fetchone()
+    return 0 if row is None else int(row[0])
 
 
 @pytest.mark.parametrize("point", list(COMMIT_POINTS))
@@ -310,18 +330,18 @@ def test_a_worker_frozen_then_killed_at_each_commit_point_leaves_each_effect_exa
     schema.seed(conn, count=3)
     schema.set_fault(conn, entry_id=1, kind=fault, seconds=HOLD_SECONDS)
     policy = make_policy(
-        lease_timeout="8s",
+        lease_timeout=f"{LEASE_SECONDS}s",
         retry={"maxAttempts": max_attempts, "initialDelay": "1s", "factor": 1, "maxDelay": "1s"},
     )
     frozen = start_worker(
         broker_url=broker_url,
         dsn=demo_dsn,
         concurrency=1,
-        lease_seconds=8,
+        lease_seconds=LEASE_SECONDS,
         pool="threads",
         extra_env=HEARTBEAT_ENV,
     )
-    with Sweeper(policy, dsn=demo_dsn, broker_url=broker_url):
+    with Sweeper(policy, dsn=demo_dsn, broker_url=broker_url) as sweeper:
 
         def at_the_point() -> bool:
             row = conn.execute("SELECT count(*) FROM demo_faults WHERE entry_id = 1").fetchone()
@@ -335,27 +355,45 @@ def test_a_worker_frozen_then_killed_at_each_commit_point_leaves_each_effect_exa
                 broker_url=broker_url,
                 dsn=demo_dsn,
                 concurrency=1,
-                lease_seconds=8,
+                lease_seconds=LEASE_SECONDS,
                 pool="threads",
                 extra_env=HEARTBEAT_ENV,
             )
-            # Past the lease and the heartbeat timeout, with room: whatever the operator
-            # does about the frozen attempt, it has done it by then.
+            # Whatever the operator does about the frozen attempt, it has done: it ended
+            # the silent incarnation (heartbeat timeout), every entry is processed, and
+            # sweeps ran past the attempt's lease too.
             wait_for(
-                lambda: seconds_since(conn, frozen_at) > 16 and pending_count(conn) == 0,
+                lambda: (
+                    incarnation_ended(conn, hostname=frozen.name)
+                    and seconds_since(conn, frozen_at) > LEASE_SECONDS
+                    and pending_count(conn) == 0
+                ),
                 timeout_seconds=75,
-                what="the lease and heartbeat timeout to pass and every entry processed",
+                what="the frozen incarnation ended, the lease passed and every entry processed",
                 poll_seconds=0.3,
+            )
+            sweeps = sweeper.sweeps
+            wait_for(
+                lambda: sweeper.sweeps >= sweeps + 2,
+                timeout_seconds=30,
+                what="two more sweeps past the lease",
+                poll_seconds=0.1,
             )
         finally:
             signal_worker(frozen, signal.SIGCONT)
         woken_at = audit.database_now(conn)
-        # Let the woken body finish whatever it would do (its hold had < HOLD_SECONDS left).
+        # Let the woken body finish whatever it would do (its hold had < HOLD_SECONDS left):
+        # at once if its own watchdog or its guardian kills the woken process (it has been
+        # silent for longer than its heartbeat timeout) and its sessions are gone from the
+        # database, so that no commit of it is still on its way; else after a bound.
         wait_for(
-            lambda: seconds_since(conn, woken_at) > HOLD_SECONDS + 4,
+            lambda: (
+                (not frozen.process.running() and not sessions_of(conn, worker=frozen.name))
+                or seconds_since(conn, woken_at) > HOLD_SECONDS + 4
+            ),
             timeout_seconds=30,
             what="the woken worker's body to have had its chance to commit",
-            poll_seconds=0.3,
+            poll_seconds=0.1,
         )
         frozen.kill()
 

@@ -280,12 +280,20 @@ def _build_wheel(root: Path) -> Path:
     return wheel
 
 
+@pytest.fixture(scope="module")
+def checkout_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel of this checkout's worker project, built once for every venv of the module:
+    the venvs differ in what they install beside it, never in the wheel."""
+    return _build_wheel(tmp_path_factory.mktemp("worker-wheel-build"))
+
+
 @pytest.fixture(scope="module", params=_venv_specs(), ids=lambda spec: spec.name)
 def worker_venv(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv holding the worker wheel, its Django extra and the spec's pins."""
     spec: VenvSpec = request.param
     root = tmp_path_factory.mktemp(f"worker-wheel-{spec.name}")
-    wheel = spec.wheel or _build_wheel(root)
+    # Asked for here, not as an argument: a row of `make compat` brings its own wheel.
+    wheel = spec.wheel or request.getfixturevalue("checkout_wheel")
     venv = root / "venv"
     _run([spec.python, "-m", "venv", str(venv)], cwd=root, env=dict(os.environ))
     config = (venv / "pyvenv.cfg").read_text()
