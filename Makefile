@@ -55,7 +55,7 @@ lint-only:
 demo: setup ## the main job end to end on a local stack
 	$(VENV)/python -m devstack demo $(DEMO_ARGS)
 
-chaos: setup ## 10,000 entries under 100 faults of every kind; invariants and rescue latency
+chaos: setup ## 10,000 entries under 25 faults of every kind; invariants and rescue latency
 	$(VENV)/python -m devstack chaos $(CHAOS_ARGS)
 
 bench: setup ## dispatch, worker-side cost, history at scale and rescue latency (worker Pods killed and frozen on the node), against same-run baselines

@@ -1,8 +1,8 @@
 """The chaos driver: a backlog processed while every component we depend on fails at random.
 
 One driver serves ``tests/chaos`` (a small fixed-seed run inside ``make test``, on the
-session's stack) and ``make chaos`` (``python -m devstack chaos``: 10,000 entries and 100
-faults of every kind, on a stack of its own). It
+session's stack) and ``make chaos`` (``python -m devstack chaos``: 10,000 entries and
+``DEFAULT_FAULTS_PER_KIND`` faults of every kind, on a stack of its own). It
 
 1. seeds ``--entries`` rows in ``chaos_entry`` (each with a random body length) and applies
    a ProcessingPolicy for them to an operator running as a local process, whose kubeconfig
@@ -33,7 +33,7 @@ faults of every kind, on a stack of its own). It
 
    A freeze holds a Pod for 40 s and a hold a slot for 30 s at the default heartbeat timeout
    (20 s, ``--heartbeat-timeout``; a shorter one restarts healthy workers on a loaded node),
-   so these two kinds come ``--long-faults-per-kind`` times (a tenth of the others by
+   so these two kinds come ``--long-faults-per-kind`` times (a fifth of the others by
    default), one freeze at a time; the schedule stretches to fit them. An outage (operator
    kill, Redis, PostgreSQL or apiserver restart) waits until an entry was processed after
    the previous outage ended, and a worker kill picks a Pod that ran a body since its last
@@ -124,6 +124,13 @@ RECOVERY_SECONDS = 180.0
 FREEZE_TIMEOUTS = 2.0
 GIL_HOLD_TIMEOUTS = 1.5
 LONG_FAULT_KINDS = frozenset({"worker_freeze", "gil_hold"})
+# ``make chaos``'s faults of each kind. Each outage costs the system seconds to come back
+# from (an operator start and first sweep, a lost queue re-dispatched, bodies cut by a
+# database restart) and waits for it (OUTAGE_KINDS): at 100 of each of the four outage
+# kinds a run on this machine processed 65 entries in its first 110 faults (6 minutes) and
+# would have lasted about an hour, nearly all of it recovering. 25 of each (and 5 freezes
+# and GIL holds) still overlap every kind with every other, in about ten minutes.
+DEFAULT_FAULTS_PER_KIND = 25
 # Faults that take away a component every entry needs (the operator, the broker, the
 # database, the apiserver a restarted operator lists its policies from). Each waits until an
 # entry was processed after the previous one of them: restarting the apiserver every 5 s when
@@ -164,14 +171,14 @@ class Settings:
     workers: int = 3
     concurrency: int = 2
     heartbeat_timeout_seconds: float = 20.0
-    long_faults_per_kind: int | None = None  # worker_freeze, gil_hold; None: a tenth
+    long_faults_per_kind: int | None = None  # worker_freeze, gil_hold; None: a fifth
 
     def faults_of(self, kind: str) -> int:
         if kind not in LONG_FAULT_KINDS:
             return self.faults_per_kind
         if self.long_faults_per_kind is not None:
             return self.long_faults_per_kind
-        return max(1, self.faults_per_kind // 10)
+        return max(1, self.faults_per_kind // 5)
 
     @property
     def freeze_seconds(self) -> float:
@@ -1403,7 +1410,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="repeat a run's schedule (default: random)")
     parser.add_argument("--entries", type=int, default=10_000, help="backlog (10000)")
     parser.add_argument(
-        "--faults-per-kind", type=int, default=100, help="faults of each kind (100)"
+        "--faults-per-kind",
+        type=int,
+        default=DEFAULT_FAULTS_PER_KIND,
+        help=f"faults of each kind ({DEFAULT_FAULTS_PER_KIND})",
     )
     parser.add_argument("--workers", type=int, default=3, help="worker Pods (3)")
     parser.add_argument("--concurrency", type=int, default=2, help="processes per Pod (2)")
@@ -1416,7 +1426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--long-faults-per-kind",
         type=int,
-        help="worker freezes and GIL holds each (default: a tenth of --faults-per-kind)",
+        help="worker freezes and GIL holds each (default: a fifth of --faults-per-kind)",
     )
     args = parser.parse_args(argv)
     settings = Settings(
