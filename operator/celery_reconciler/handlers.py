@@ -28,6 +28,7 @@ from celery_reconciler import (
     policy,
     policy_annotations,
     sharding,
+    statuswriter,
 )
 
 _peering_lifetime_seconds = 30
@@ -154,6 +155,11 @@ async def leave_membership(**_: Any) -> None:
     shard = membership.current()
     if shard is not None:
         await shard.leave()
+
+
+@kopf.on.cleanup()
+async def stop_status_writer(**_: Any) -> None:
+    await statuswriter.WRITER.close()
 
 
 @kopf.on.event(kube.GROUP, kube.VERSION, kube.POLICIES)

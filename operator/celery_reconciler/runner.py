@@ -33,6 +33,7 @@ import dataclasses
 import logging
 import os
 import random
+import signal
 import socket
 import threading
 from collections.abc import Sequence
@@ -230,15 +231,18 @@ def run(options: RunOptions, *, stop_flag: threading.Event | None = None) -> int
             max_workers=2 * max_connections + 8, thread_name_prefix="io"
         )
     )
-    # kopf.run stops on this flag; ours when the caller gave none, so that ``served`` can
-    # stop an operator that serves nothing.
-    stop = stop_flag if stop_flag is not None else threading.Event()
     insights = served.new_insights()
     not_served = threading.Event()
 
     def stop_serving_nothing() -> None:
         not_served.set()
-        stop.set()
+        if stop_flag is not None:
+            stop_flag.set()
+        else:
+            # What SIGTERM does, through kopf's own handler. Not a stop flag of ours: kopf
+            # waits for a flag in a task it leaves running at every other exit, and then
+            # waited 5 s for that "hung" task at every stop of the operator.
+            signal.raise_signal(signal.SIGTERM)
 
     guard = loop.create_task(
         served.stop_unless_policies_are_served(insights=insights, stop=stop_serving_nothing)
@@ -253,7 +257,7 @@ def run(options: RunOptions, *, stop_flag: threading.Event | None = None) -> int
             clusterwide=options.all_namespaces,
             namespaces=list(options.namespaces),
             insights=insights,
-            stop_flag=stop,
+            stop_flag=stop_flag,
         )
     finally:
         guard.cancel()

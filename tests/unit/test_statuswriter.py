@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+import pytest
+
 from celery_reconciler import statuswriter
 
 
@@ -25,3 +30,28 @@ def test_what_merged_sweeps_dispatched_adds_up() -> None:
     waiting.absorb(pending(None, {"pending": 60}))  # a refresh between sweeps
     waiting.absorb(pending(None, {"lastDispatched": 60, "pending": 0}))
     assert waiting.processing == {"lastDispatched": 100, "pending": 0}
+
+
+def test_closing_writes_what_waits_and_leaves_no_writer_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    written: list[tuple[str, dict[str, Any]]] = []
+    monkeypatch.setattr(
+        statuswriter.kube,
+        "patch_policy_status",
+        lambda **kw: written.append((kw["name"], kw["status"])),
+    )
+
+    async def scenario() -> list[asyncio.Task[Any]]:
+        writer = statuswriter.StatusWriter()
+        writer.submit(
+            namespace="ns", name="p", owner_uid="u", policy_status={"phase": "x"}, processing=None
+        )
+        tasks = list(writer._tasks)
+        await writer.close()
+        return tasks
+
+    tasks = asyncio.run(scenario())
+    assert written == [("p", {"phase": "x"})]
+    # kopf waits 5 s at exit for any task of ours still running: none may be.
+    assert tasks and all(task.done() for task in tasks)
