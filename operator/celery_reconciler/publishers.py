@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar, cast
 
-from celery_reconciler import broker
+from celery_reconciler import broker, shared_by_key
 
 ANSWER_REUSE_SECONDS = 1.0
 _T = TypeVar("_T")
@@ -35,7 +35,6 @@ class SharedPublisher:
 
     def __init__(self, url: str, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.url = url
-        self.users = 0
         self._clock = clock
         self._answers: dict[tuple[str, ...], tuple[float, object]] = {}
         self._publisher = broker.connect(url)
@@ -98,26 +97,15 @@ class SharedPublisher:
             self._publisher.close()
 
 
-_lock = threading.Lock()
-_shared: dict[str, SharedPublisher] = {}
+_shared: shared_by_key.SharedByKey[str, SharedPublisher] = shared_by_key.SharedByKey(
+    open_value=SharedPublisher, close_value=SharedPublisher.shut
+)
 
 
 def attach(url: str) -> SharedPublisher:
     """The shared publisher of ``url``; every ``attach`` is matched by one ``detach``."""
-    with _lock:
-        shared = _shared.get(url)
-        if shared is None:
-            shared = SharedPublisher(url)
-            _shared[url] = shared
-        shared.users += 1
-        return shared
+    return _shared.attach(url)
 
 
 def detach(shared: SharedPublisher) -> None:
-    with _lock:
-        shared.users -= 1
-        if shared.users > 0:
-            return
-        if _shared.get(shared.url) is shared:
-            del _shared[shared.url]
-    shared.shut()
+    _shared.detach(shared.url, shared)
