@@ -164,7 +164,7 @@ class PolicyLoop:
             policy,
             swept.counts,
             silent_worker_holds=self.pod_proofs.silent_held is not None,
-            status_write_deferred=self.reporter.status_write_deferred,
+            status_write_in_seconds=self.reporter.deferred_write_in_seconds(),
         )
 
     def generation(self) -> int:

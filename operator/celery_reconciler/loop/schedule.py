@@ -17,7 +17,6 @@ from typing import Any
 
 from celery_reconciler import planning, reconcile
 from celery_reconciler import policy as policy_module
-from celery_reconciler.loop import status_report
 
 ERROR_BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 INVALID_SPEC_RECHECK_SECONDS = 300.0
@@ -119,11 +118,11 @@ class SweepSchedule:
         counts: reconcile.StatusSnapshot,
         *,
         silent_worker_holds: bool,
-        status_write_deferred: bool,
+        status_write_in_seconds: float | None,
     ) -> float:
         """After a sweep that worked: the interval, or sooner when a retry falls due or the
-        rate allows the next page; never at once while a silent worker holds entries; soon
-        when a status write was deferred."""
+        rate allows the next page; never at once while a silent worker holds entries; no
+        later than a status write held back is due."""
         delay = policy.schedule.sweep_interval_seconds
         if not policy.schedule.suspend:
             delay = planning.next_wakeup_seconds(
@@ -133,6 +132,6 @@ class SweepSchedule:
             )
         if silent_worker_holds:
             delay = max(delay, SILENT_WORKER_RECHECK_SECONDS)
-        if status_write_deferred:
-            delay = min(delay, status_report.STATUS_MIN_INTERVAL_SECONDS)
+        if status_write_in_seconds is not None:
+            delay = min(delay, status_write_in_seconds)
         return delay

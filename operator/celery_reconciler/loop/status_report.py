@@ -66,6 +66,10 @@ class StatusReporter:
         self.outcomes_until: datetime.datetime | None = None
         self.dispatched_since_write = 0
 
+    def deferred_write_in_seconds(self) -> float | None:
+        """When a status write held back (at most one a second) is due; None if none is."""
+        return STATUS_MIN_INTERVAL_SECONDS if self.status_write_deferred else None
+
     def work_in_flight(self) -> bool:
         return self.last_counts is not None and self.last_counts.in_flight > 0
 
