@@ -89,9 +89,6 @@ class PolicyLoop:
             namespace=namespace, name=name, body=body, events=self.events
         )
         self.advice = advice.PolicyAdvice(policy_key=self.key, events=self.events)
-        self.reporter = status_report.StatusReporter(
-            namespace=namespace, name=name, uid=uid, body=body, events=self.events
-        )
         self.rescues = rescues.RescueQueue(
             namespace=namespace,
             name=name,
@@ -104,6 +101,15 @@ class PolicyLoop:
         )
         self.broker_restarts = rescues.BrokerRestarts(
             policy_key=self.key, events=self.events, wake_loop=self.schedule.wake_now
+        )
+        self.reporter = status_report.StatusReporter(
+            namespace=namespace,
+            name=name,
+            uid=uid,
+            body=body,
+            events=self.events,
+            advice=self.advice.conditions,
+            last_rescue=self.last_rescue_status,
         )
         self.pod_proofs = pod_proofs.PodProofs(
             namespace=namespace, rescue_queue=self.rescues, waker=self.schedule.waker
@@ -142,7 +148,7 @@ class PolicyLoop:
         self.policy = policy
         conflict = conflicts.with_older_peer(policy, peers=self.peers)
         if conflict is not None:
-            await self.show_outcome(policy=policy, problem=conflict, generation=generation)
+            await self.reporter.show_outcome(policy=policy, problem=conflict, generation=generation)
             return policy.schedule.sweep_interval_seconds
         try:
             swept = await self.sweep(policy, generation=generation)
@@ -153,7 +159,7 @@ class PolicyLoop:
         if swept is None:  # yielded to an older policy of the same database, and said so
             return policy.schedule.sweep_interval_seconds
         self.failures_in_a_row = 0
-        await self.show_outcome(
+        await self.reporter.show_outcome(
             policy=policy,
             problem=self.health_problem(policy, swept.counts),
             generation=generation,
@@ -179,7 +185,7 @@ class PolicyLoop:
         except policy_module.InvalidPolicy as error:
             problem = conditions.Problem(conditions.INVALID_SPEC, str(error))
             metrics.SWEEP_ERRORS.labels(self.namespace, self.name, problem.reason).inc()
-            await self.show_outcome(policy=None, problem=problem, generation=generation)
+            await self.reporter.show_outcome(policy=None, problem=problem, generation=generation)
             return None
 
     async def sweep(self, policy: policy_module.Policy, *, generation: int) -> Swept | None:
@@ -194,7 +200,7 @@ class PolicyLoop:
         )
         if conflict is not None:
             self.pod_proofs.stop()  # its workers' rescues are the older policy's
-            await self.show_outcome(policy=policy, problem=conflict, generation=generation)
+            await self.reporter.show_outcome(policy=policy, problem=conflict, generation=generation)
             return None
         self.pod_proofs.follow(policy)
         await self.requests.retry_dead_if_asked(policy, db=db)
@@ -266,7 +272,7 @@ class PolicyLoop:
             counts = await self.read_progress(policy, db=db, publisher=publisher)
         except Exception:  # the next sweep meets it too, and reports it
             return
-        await self.show_outcome(
+        await self.reporter.show_outcome(
             policy=policy,
             problem=self.health_problem(policy, counts),
             generation=self.generation(),
@@ -284,32 +290,16 @@ class PolicyLoop:
             broker_url=self.connections.broker_url,
         )
 
-    async def show_outcome(
-        self,
-        *,
-        policy: policy_module.Policy | None,
-        problem: conditions.Problem | None,
-        generation: int,
-        result: reconcile.SweepResult | None = None,
-        counts: reconcile.StatusSnapshot | None = None,
-    ) -> None:
-        last_rescue = self.rescues.last_rescue
-        await self.reporter.show_outcome(
-            policy=policy,
-            problem=problem,
-            generation=generation,
-            result=result,
-            counts=counts,
-            advice=self.advice.conditions(),
-            last_rescue=None if last_rescue is None else last_rescue.as_status(),
-        )
+    def last_rescue_status(self) -> dict[str, Any] | None:
+        last = self.rescues.last_rescue
+        return None if last is None else last.as_status()
 
     async def failed(
         self, policy: policy_module.Policy, problem: conditions.Problem, *, generation: int
     ) -> float:
         """Show a sweep that failed; how long to back off before the next one."""
         metrics.SWEEP_ERRORS.labels(self.namespace, self.name, problem.reason).inc()
-        await self.show_outcome(policy=policy, problem=problem, generation=generation)
+        await self.reporter.show_outcome(policy=policy, problem=problem, generation=generation)
         self.failures_in_a_row += 1
         return schedule.backoff_seconds(self.failures_in_a_row)
 

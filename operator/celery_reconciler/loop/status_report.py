@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from celery_reconciler import conditions, ledger, metrics, reconcile, statuswriter
@@ -47,6 +47,8 @@ class StatusReporter:
         uid: str,
         body: Mapping[str, Any],
         events: events_module.PolicyEvents,
+        advice: Callable[[], tuple[Condition, ...]] = tuple,
+        last_rescue: Callable[[], dict[str, Any] | None] = lambda: None,
     ) -> None:
         self.namespace = namespace
         self.name = name
@@ -54,6 +56,9 @@ class StatusReporter:
         self.key = f"{namespace}/{name}"
         self.body = body  # kopf's live view: the status last written, before this loop's
         self.events = events
+        # What other parts add to every status: advice conditions, the last rescue.
+        self.advice = advice
+        self.last_rescue = last_rescue
         self.last_problem: conditions.Problem | None = None
         self.last_status_write = 0.0
         # When the last sweep ended, written with every status write (see ``show_outcome``).
@@ -94,11 +99,10 @@ class StatusReporter:
         generation: int,
         result: reconcile.SweepResult | None = None,
         counts: reconcile.StatusSnapshot | None = None,
-        advice: tuple[Condition, ...] = (),
-        last_rescue: dict[str, Any] | None = None,
     ) -> None:
         """Show one iteration's outcome: an Event when health changed, the sweep in the log
         and metrics, and the status when what it says changed (or is due a refresh)."""
+        advice, last_rescue = self.advice(), self.last_rescue()
         changed = await self.tell_health_change(problem)
         if result is not None:
             self.note_sweep(result)
