@@ -8,12 +8,16 @@ Each variant drains the same fresh backlog into Redis, one after the other in on
     (Celery's own message API, once) — about the least work that still dispatches valid
     messages and marks what was dispatched;
 (c) ours: one ``reconcile_once`` sweep — ledger claim per page (a transaction), publish in
-    a thread while the next page is claimed.
+    a thread while the next page is claimed;
+(d) the ceiling, our parts alone (issue 25): the claim alone (the same sweep, its publish
+    doing nothing) and the publish alone (the same number of messages, prebuilt, published
+    page by page through our publisher, no database). Overlapped perfectly, a sweep costs
+    the slower part: ``ours/slower part`` says how close it comes.
 
-Raw and ours alternate for ``--rounds`` rounds (3) on fresh backlogs and the median round's
-ratio is reported with every round's. It prints entries per second and the ratios ours/raw
-and ours/seed; and, in a separate
-pass under tracemalloc, the peak Python heap of each. Timings are printed, never asserted.
+Raw, ours and the parts alternate for ``--rounds`` rounds (3) on fresh backlogs and the
+median round's ratio is reported with every round's. It prints entries per second and the
+ratios ours/raw, ours/seed and ours/slower part; and, in a separate pass under tracemalloc,
+the peak Python heap of each. Timings are printed, never asserted.
 """
 
 from __future__ import annotations
@@ -185,6 +189,43 @@ def ours(dsn: str, url: str, *, entries: int, batch_size: int) -> tuple[Measurem
     return Measurement("(c) ours: reconcile_once", result.published, seconds), result
 
 
+def claim_alone(dsn: str, url: str, *, entries: int, batch_size: int) -> Measurement:
+    """Our claim without any publish: one ``reconcile_once`` whose publish does nothing."""
+    spec = schema.policy_spec(limits={"batchSize": batch_size, "maxInFlight": entries})
+    parsed = policy.parse_policy(spec, namespace="bench", name="dispatch")
+    db = reconcile.Database(dsn)
+    db.connection()
+    publisher = broker.connect(url)
+    started = time.perf_counter()
+    result = reconcile.reconcile_once(
+        parsed, db=db, broker=publisher, publish=lambda messages: len(messages)
+    )
+    seconds = time.perf_counter() - started
+    publisher.close()
+    db.close()
+    return Measurement("(d) our claim alone (no publish)", result.claimed, seconds)
+
+
+def publish_alone(url: str, *, entries: int, batch_size: int) -> Measurement:
+    """Our publisher alone: ``entries`` prebuilt messages, a page at a time, no database."""
+    messages = [
+        broker.TaskMessage(entry_id=str(number), task_id=str(uuid.uuid4()))
+        for number in range(1, entries + 1)
+    ]
+    publisher = broker.connect(url)
+    started = time.perf_counter()
+    for first in range(0, entries, batch_size):
+        publisher.publish(
+            task_name=schema.TASK_NAME,
+            queue=QUEUE,
+            messages=messages[first : first + batch_size],
+            time_limits_seconds=None,
+        )
+    seconds = time.perf_counter() - started
+    publisher.close()
+    return Measurement("(d) our publish alone (no database)", entries, seconds)
+
+
 def peak_heap_mib(dispatch: Callable[[], object]) -> float:
     """Peak Python heap (tracemalloc) while ``dispatch`` runs. Measured in a pass of its own:
     tracemalloc slows allocation, so it must never share a run with the timings."""
@@ -243,6 +284,8 @@ def run(
         # reported, so one slow moment of a shared machine does not decide the ratio.
         raw_rounds: list[Measurement] = []
         our_rounds: list[tuple[Measurement, Any]] = []
+        claim_rounds: list[Measurement] = []
+        publish_rounds: list[Measurement] = []
         for round_number in range(rounds):
             client.flushall()
             dsn = fresh_backlog(database, f"bench_raw_{round_number}", entries)
@@ -253,6 +296,19 @@ def run(
             dsn = fresh_backlog(database, f"bench_ours_{round_number}", entries)
             our_rounds.append(ours(dsn, broker_server.url, entries=entries, batch_size=batch_size))
             assert queued(broker_server.url) == our_rounds[-1][0].entries == entries
+
+            client.flushall()
+            dsn = fresh_backlog(database, f"bench_claim_{round_number}", entries)
+            claim_rounds.append(
+                claim_alone(dsn, broker_server.url, entries=entries, batch_size=batch_size)
+            )
+            assert queued(broker_server.url) == 0 and claim_rounds[-1].entries == entries
+
+            client.flushall()
+            publish_rounds.append(
+                publish_alone(broker_server.url, entries=entries, batch_size=batch_size)
+            )
+            assert queued(broker_server.url) == entries
         ratios = [
             mine.per_second / raw.per_second
             for raw, (mine, _) in zip(raw_rounds, our_rounds, strict=True)
@@ -260,6 +316,16 @@ def run(
         median_round = sorted(range(rounds), key=lambda index: ratios[index])[rounds // 2]
         results["raw"] = raw_rounds[median_round]
         results["ours"], sweep = our_rounds[median_round]
+        # Ours as a fraction of the slower of its parts, round by round (same round's runs).
+        ceilings = [
+            mine.per_second / min(claim.per_second, published.per_second)
+            for (mine, _), claim, published in zip(
+                our_rounds, claim_rounds, publish_rounds, strict=True
+            )
+        ]
+        ceiling_round = sorted(range(rounds), key=lambda index: ceilings[index])[rounds // 2]
+        results["claim"] = claim_rounds[ceiling_round]
+        results["publish"] = publish_rounds[ceiling_round]
         peaks = memory_pass(
             database, broker_server.url, entries=memory_entries, batch_size=batch_size
         )
@@ -290,6 +356,11 @@ def run(
         + ", ".join(f"{ratio:.2f}" for ratio in ratios)
         + f")   ours/seed = {ours_rate / seed_rate:.1f}x"
     )
+    slower = min(results["claim"], results["publish"], key=lambda part: part.per_second)
+    lines.append(
+        f"  ours/slower part ({slower.label[4:]}) = {ceilings[ceiling_round]:.2f} (median of "
+        f"{rounds} rounds: " + ", ".join(f"{ratio:.2f}" for ratio in ceilings) + ")"
+    )
     lines.append(
         f"memory: peak Python heap while dispatching {memory_entries:,} entries (tracemalloc, "
         "a separate pass)"
@@ -311,6 +382,10 @@ def run(
                 "ours_over_raw": round(ours_rate / raw_rate, 3),
                 "ours_over_raw_rounds": [round(ratio, 3) for ratio in ratios],
                 "ours_over_seed": round(ours_rate / seed_rate, 2),
+                "claim_alone_per_second": round(results["claim"].per_second),
+                "publish_alone_per_second": round(results["publish"].per_second),
+                "ours_over_slower_part": round(ceilings[ceiling_round], 3),
+                "ours_over_slower_part_rounds": [round(ratio, 3) for ratio in ceilings],
                 "memory_entries": memory_entries,
                 "peak_heap_mib": {name: round(peak, 2) for name, peak in peaks.items()},
             }

@@ -264,6 +264,9 @@ class TailOnly:
     def messages_accounted_for(self, queue: str, *, taken_within_seconds: float) -> set[str] | None:
         return self._inner.messages_accounted_for(queue, taken_within_seconds=taken_within_seconds)
 
+    def messages_held(self, queue: str, *, taken_within_seconds: float) -> int | None:
+        return self._inner.messages_held(queue, taken_within_seconds=taken_within_seconds)
+
     def close(self) -> None:
         self._inner.close()
 

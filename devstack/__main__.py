@@ -2,7 +2,9 @@
 
 ``up`` starts the same real servers the tests use — and the node that runs the project's
 image — and leaves them running in the background, recording their PIDs (and the node's
-paths and cgroup root) in ``.stack/state.json`` so ``down`` can stop them.
+paths and cgroup root) in ``.stack/state.json`` so ``down`` can stop them. It records each
+server as it starts, and a mark in the environment every server inherits, so ``down`` also
+stops what an ``up`` killed half-way had started.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import json
 import os
 import shutil
 import sys
+import uuid
 from pathlib import Path
+from typing import Any
 
 from devstack import kube, node, postgres, processes, rabbitmq, redis
 
@@ -23,6 +27,8 @@ STACK_DIR = Path(
     or Path(__file__).resolve().parent.parent / ".stack"
 )
 STATE_FILE = STACK_DIR / "state.json"
+# `up` sets it to a fresh id in its own environment, which every server it starts inherits.
+STACK_MARK_VARIABLE = "CELERY_RECONCILER_STACK_MARK"
 # What `source .stack/env.sh` sets, and why each: the names the demo app, the worker
 # package, the Django example and kubectl read. Not BROKER_URL: the `celery` command reads
 # it as its --broker, silently overriding the app's own setting.
@@ -62,47 +68,33 @@ def environment_file(
     return "\n".join(lines) + "\n"
 
 
+def record_state(state: dict[str, Any]) -> None:
+    STATE_FILE.write_text(json.dumps(state, indent=2))
+
+
 def stack_up() -> int:
     if STATE_FILE.exists():
         print(f"a stack is already recorded in {STATE_FILE}; run `make stack-down` first")
         return 1
     STACK_DIR.mkdir(exist_ok=True)
-    database = postgres.start(STACK_DIR / "postgres")
-    broker = redis.start(STACK_DIR / "redis")
-    rabbit = rabbitmq.start(STACK_DIR / "rabbitmq")
-    plane = kube.start(STACK_DIR / "kube")
+    # Recorded before anything starts, and inherited by every server: `down` finds what a
+    # killed `up` started before it could record a PID (a CI timeout's SIGKILL runs no
+    # clean-up here).
+    mark = uuid.uuid4().hex
+    os.environ[STACK_MARK_VARIABLE] = mark
+    state: dict[str, Any] = {"mark": mark, "pids": []}
+    record_state(state)
     try:
-        worker_node = node.start(plane, STACK_DIR / "node")
+        with processes.interrupts_raise():
+            started = start_servers(state)
     except BaseException:
-        # Nothing is recorded yet, so `make stack-down` could not stop these.
-        plane.stop()
-        rabbit.remove()
-        broker.stop()
-        database.remove()
+        # Whatever failed (a port taken by another stack, a slow server, Ctrl-C, SIGTERM),
+        # nothing must outlive this command; the logs stay for whoever reads why.
+        stop_state(state)
+        STATE_FILE.unlink(missing_ok=True)
+        print(f"stack-up failed; stopped what it had started; logs: {STACK_DIR}")
         raise
-    pids = [
-        p.pid
-        for p in (
-            plane.controller_manager,
-            plane.apiserver,
-            plane.etcd,
-            rabbit.process,
-            rabbit.epmd,
-            broker.process,
-            database.process,
-        )
-        if p is not None and p.pid is not None
-    ]
-    STATE_FILE.write_text(
-        json.dumps(
-            {
-                "pids": pids,
-                "postgres_home": str(database.data_dir.parent),
-                "node": worker_node.record(),
-            },
-            indent=2,
-        )
-    )
+    plane, database, broker, rabbit, worker_node = started
     env_file = STACK_DIR / "env.sh"
     env_file.write_text(
         environment_file(plane=plane, database=database, redis_server=broker, rabbit=rabbit)
@@ -120,17 +112,56 @@ def stack_up() -> int:
     return 0
 
 
-def stack_down() -> int:
-    if not STATE_FILE.exists():
-        print("no stack is recorded; nothing to stop")
-        return 0
-    state = json.loads(STATE_FILE.read_text())
+def start_servers(
+    state: dict[str, Any],
+) -> tuple[
+    kube.ControlPlane,
+    postgres.PostgresServer,
+    redis.RedisServer,
+    rabbitmq.RabbitMQServer,
+    node.Node,
+]:
+    """Start the stack, recording each server in ``state`` (and state.json) as it comes up."""
+    pids: list[int] = state["pids"]
+
+    def started(*managed: processes.ManagedProcess | None) -> None:
+        # Newest first: the order to stop them in, as each was started on the ones before.
+        pids[:0] = [p.pid for p in managed if p is not None and p.pid is not None]
+        record_state(state)
+
+    database = postgres.start(STACK_DIR / "postgres")
+    state["postgres_home"] = str(database.data_dir.parent)
+    started(database.process)
+    broker = redis.start(STACK_DIR / "redis")
+    started(broker.process)
+    rabbit = rabbitmq.start(STACK_DIR / "rabbitmq")
+    started(rabbit.process, rabbit.epmd)
+    plane = kube.start(STACK_DIR / "kube")
+    started(plane.controller_manager, plane.apiserver, plane.etcd)
+    worker_node = node.start(plane, STACK_DIR / "node")
+    state["node"] = worker_node.record()
+    started()
+    return plane, database, broker, rabbit, worker_node
+
+
+def stop_state(state: dict[str, Any]) -> None:
+    """Stop what ``state`` records, then whatever else still carries the stack's mark."""
     # The node first: its containers and mounts must go while the apiserver still answers.
     if "node" in state:
         node.stop_recorded(state["node"])
     for pid in state["pids"]:
         processes.stop_pid(pid)
-    shutil.rmtree(state["postgres_home"], ignore_errors=True)
+    if "mark" in state:
+        processes.stop_carrying(variable=STACK_MARK_VARIABLE, value=state["mark"])
+    if "postgres_home" in state:
+        shutil.rmtree(state["postgres_home"], ignore_errors=True)
+
+
+def stack_down() -> int:
+    if not STATE_FILE.exists():
+        print("no stack is recorded; nothing to stop")
+        return 0
+    stop_state(json.loads(STATE_FILE.read_text()))
     shutil.rmtree(STACK_DIR, ignore_errors=True)
     print("stack stopped")
     return 0

@@ -34,7 +34,11 @@ faults of every kind, on a stack of its own). It
    A freeze holds a Pod for 40 s and a hold a slot for 30 s at the default heartbeat timeout
    (20 s, ``--heartbeat-timeout``; a shorter one restarts healthy workers on a loaded node),
    so these two kinds come ``--long-faults-per-kind`` times (a tenth of the others by
-   default), one freeze at a time; the schedule stretches to fit them.
+   default), one freeze at a time; the schedule stretches to fit them. An outage (operator
+   kill, Redis, PostgreSQL or apiserver restart) waits until an entry was processed after
+   the previous outage ended, and a worker kill picks a Pod that ran a body since its last
+   kill: every fault then hits a system that had come back, and the run prints how long
+   they waited.
 
 4. waits until every entry is processed (failing loudly if progress stops), and checks the
    invariants with its own SQL over the body's own tables — never our ledger: **0 lost**
@@ -120,6 +124,16 @@ RECOVERY_SECONDS = 180.0
 FREEZE_TIMEOUTS = 2.0
 GIL_HOLD_TIMEOUTS = 1.5
 LONG_FAULT_KINDS = frozenset({"worker_freeze", "gil_hold"})
+# Faults that take away a component every entry needs (the operator, the broker, the
+# database, the apiserver a restarted operator lists its policies from). Each waits until an
+# entry was processed after the previous one of them: restarting the apiserver every 5 s when
+# it takes 2-5 s to come back kept it down for most of a run, no restarted operator could
+# list its policies, and 0 of 10,000 entries were processed in 288 faults — a run that
+# proves nothing about the next fault. Worker kills, freezes, GIL holds and cut watches
+# come on their own schedule: they are what the rescue must keep up with.
+OUTAGE_KINDS = frozenset(
+    {"operator_kill", "redis_restart", "postgres_restart", "apiserver_restart"}
+)
 # How far from the head of the pending queue a GIL hold is armed: an entry about to run.
 GIL_ARMING_WINDOW = 20
 # An armed GIL hold whose entry did not start within this long is moved to another entry.
@@ -194,6 +208,12 @@ class Figures:
     freeze_latencies: list[float] = dataclasses.field(default_factory=list)
     gil_latencies: list[float] = dataclasses.field(default_factory=list)
     frozen_deaths: int = 0
+    # Seconds each outage waited for an entry processed since the previous one (OUTAGE_KINDS).
+    outage_waits: list[float] = dataclasses.field(default_factory=list)
+    # Seconds each worker kill waited for a Pod that ran a body since its last kill.
+    kill_waits: list[float] = dataclasses.field(default_factory=list)
+    # Times the operator exited on its own and was started again.
+    operator_exits: int = 0
 
     def lines(self) -> list[str]:
         out = [
@@ -210,6 +230,24 @@ class Figures:
             f"kills: {self.faults.get('worker_kill', 0)}); worker processes that fenced "
             f"themselves: {self.self_fenced}",
         ]
+        out.append(
+            f"  operator exits on its own (started again, as a kubelet would): "
+            f"{self.operator_exits}"
+        )
+        if self.kill_waits:
+            out.append(
+                f"  worker kills that waited for a Pod that ran a body since its last kill: "
+                f"n={len(self.kill_waits)}, p50 {percentile(self.kill_waits, 0.5):.2f} s, "
+                f"p90 {percentile(self.kill_waits, 0.9):.2f} s, max {max(self.kill_waits):.2f} s"
+            )
+        if self.outage_waits:
+            out.append(
+                f"  outages (operator, Redis, PostgreSQL, apiserver) that waited for an entry "
+                f"processed since the previous one: n={len(self.outage_waits)}, "
+                f"p50 {percentile(self.outage_waits, 0.5):.2f} s, "
+                f"p90 {percentile(self.outage_waits, 0.9):.2f} s, "
+                f"max {max(self.outage_waits):.2f} s"
+            )
         out.append(
             f"  worker freezes: {self.frozen_runs} runs caught mid-body, "
             f"{self.frozen_runs_finished_late} of them wrote their end after the thaw; "
@@ -297,12 +335,17 @@ class _Run:
         self.kills: list[tuple[str, datetime.datetime]] = []
         self.freezes: list[tuple[str, datetime.datetime, datetime.datetime]] = []
         self.stopping = threading.Event()
-        self.deaths = _DeathWatch(stopping=self.stopping)
+        self.failures: list[str] = []
+        self.deaths = _DeathWatch(stopping=self.stopping, failures=self.failures)
         self.faults: collections.Counter[str] = collections.Counter()
         self.faults_while_pending = 0
+        # Processed entries when the last outage ended (see OUTAGE_KINDS); -1: none yet.
+        self.processed_after_outage = -1
+        self.outage_waits: list[float] = []
+        self.kill_waits: list[float] = []  # for a Pod that ran a body since its last kill
+        self.operator_exits = 0
         self.mid_sweep_kills = 0
         self.fault_lock = threading.Lock()
-        self.failures: list[str] = []
         self.logs = _WorkerLogs(
             node_=stack.node, namespace=self.namespace, directory=self.workdir / "worker-logs"
         )
@@ -334,6 +377,9 @@ class _Run:
             for kind in FAULT_KINDS
         ]
         threading.Thread(target=self.collect_logs, name="chaos-logs", daemon=True).start()
+        threading.Thread(
+            target=self.supervise_operator, name="chaos-operator-restarts", daemon=True
+        ).start()
         for thread in threads:
             thread.start()
         self.wait_for_the_backlog(threads)
@@ -344,6 +390,9 @@ class _Run:
         self.stop_workers_and_operator()
         figures = self.verdict(elapsed)
         figures.container_restarts = restarts
+        figures.outage_waits = list(self.outage_waits)
+        figures.kill_waits = list(self.kill_waits)
+        figures.operator_exits = self.operator_exits
         return figures
 
     def prepare_database(self) -> None:
@@ -400,9 +449,25 @@ class _Run:
                 )
                 return
             except processes.StartupFailed:
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or self.stopping.is_set():
                     raise
                 time.sleep(1)
+
+    def supervise_operator(self) -> None:
+        """Starts the operator again when it exits on its own, as the kubelet restarts a
+        container (an operator that finds it serves nothing exits: ``served``)."""
+        try:
+            while not self.stopping.wait(0.5):
+                with self.operator_lock:
+                    if self.stopping.is_set() or self.operator is None:
+                        continue
+                    if self.operator.process.running():
+                        continue
+                    self.operator_exits += 1
+                    self.start_operator()
+        except Exception as error:  # the run must fail loudly, not run on without an operator
+            self.failures.append(f"restarting the operator failed: {type(error).__name__}: {error}")
+            self.stopping.set()
 
     def start_workers(self) -> None:
         assert self.broker is not None
@@ -496,10 +561,14 @@ class _Run:
                 gap = rng.uniform(0.2 * mean_gap, 1.5 * mean_gap)
                 if self.stopping.wait(max(0.2, gap - took)):
                     return
+                if kind in OUTAGE_KINDS and not self.wait_for_progress_since_the_last_outage():
+                    return
                 pending = self.pending() > 0
                 began = time.monotonic()
                 getattr(self, f"fault_{kind}")(rng)
                 took = time.monotonic() - began
+                if kind in OUTAGE_KINDS:
+                    self.note_the_end_of_an_outage()
                 with self.fault_lock:
                     self.faults[kind] += 1
                     self.faults_while_pending += pending
@@ -508,7 +577,7 @@ class _Run:
             self.stopping.set()
 
     def fault_worker_kill(self, rng: random.Random) -> None:
-        pod = rng.choice(self.pods)
+        pod = self.pick_a_working_pod(rng)
         pid = _retry(lambda: pod.main_pid(), what=f"{pod.name}'s container to run (to kill it)")
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -518,6 +587,38 @@ class _Run:
         # Noted once the process is dead: a body of this container ended no later.
         with self.fault_lock:
             self.kills.append((pod.name, datetime.datetime.now(datetime.UTC)))
+
+    def pick_a_working_pod(self, rng: random.Random) -> devstack_workers.WorkerPod:
+        """A Pod whose container ran a body since the driver last killed it, waiting for
+        one: a kill then hits a worker doing work, and no Pod is killed again before it
+        came back. On a loaded node a worker takes tens of seconds to start, and a kill
+        every 5 s kept all three down (with the kubelet's crash-loop back-off on top)."""
+        began = time.monotonic()
+        deadline = began + RECOVERY_SECONDS
+        while True:
+            working = [pod for pod in self.pods if self.ran_a_body_since_its_last_kill(pod)]
+            if working or time.monotonic() > deadline or self.stopping.is_set():
+                break
+            if self.pending() == 0:
+                break
+            self.stopping.wait(0.5)
+        with self.fault_lock:
+            self.kill_waits.append(time.monotonic() - began)
+        return rng.choice(working or self.pods)
+
+    def ran_a_body_since_its_last_kill(self, pod: devstack_workers.WorkerPod) -> bool:
+        with self.fault_lock:
+            kills = [at for name, at in self.kills if name == pod.name]
+        since = max(kills, default=datetime.datetime.min.replace(tzinfo=datetime.UTC))
+        try:
+            with psycopg.connect(self.dsn, connect_timeout=3) as conn:
+                row = conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM chaos_runs WHERE pod = %s AND started_at > %s)",
+                    [pod.name, since],
+                ).fetchone()
+                return bool(row and row[0])
+        except psycopg.Error:
+            return False
 
     def fault_operator_kill(self, rng: random.Random) -> None:
         mid_sweep = self.wait_for_a_sweep(timeout_seconds=rng.uniform(2.0, 8.0))
@@ -653,6 +754,37 @@ class _Run:
 
     # -- waiting --------------------------------------------------------------------------
 
+    def wait_for_progress_since_the_last_outage(self) -> bool:
+        """Until an entry was processed after the last outage ended, or none is left (False
+        once the run stops). A run that never recovers is failed by the stuck check."""
+        began = time.monotonic()
+        while not self.stopping.is_set():
+            with self.fault_lock:
+                before = self.processed_after_outage
+            processed = self.processed()
+            if processed > before or (processed >= 0 and self.pending() == 0):
+                with self.fault_lock:
+                    self.outage_waits.append(time.monotonic() - began)
+                return True
+            self.stopping.wait(0.5)
+        return False
+
+    def note_the_end_of_an_outage(self) -> None:
+        processed = self.processed()
+        while processed < 0 and not self.stopping.wait(0.5):
+            processed = self.processed()
+        with self.fault_lock:
+            self.processed_after_outage = processed
+
+    def processed(self) -> int:
+        """Entries processed so far (-1 while the database is away)."""
+        try:
+            with psycopg.connect(self.dsn, connect_timeout=3) as conn:
+                row = conn.execute("SELECT count(*) FROM chaos_entry WHERE processed")
+                return int(row.fetchone()[0])  # type: ignore[index]
+        except psycopg.Error:
+            return -1
+
     def pending(self) -> int:
         """Entries not processed yet (-1 while the database is away)."""
         try:
@@ -734,10 +866,17 @@ class _Run:
 
     def stop_workers_and_operator(self) -> None:
         self.stopping.set()
+        self.delete_pods()
+        self.stop_operator()
+
+    def delete_pods(self) -> None:
         for pod in self.pods:
             pod.delete(grace_seconds=1, wait=False)
         for pod in self.pods:
             pod.delete(grace_seconds=1, wait=True)
+
+    def stop_operator(self) -> None:
+        # A fault thread may be restarting it; it gives up once ``stopping`` is set.
         with self.operator_lock:
             if self.operator is not None:
                 self.operator.stop()
@@ -772,14 +911,22 @@ class _Run:
             )
 
     def close(self) -> None:
+        """Stops everything the run started, every step even if one before it fails or an
+        interrupt (Ctrl-C) lands in it: local processes first (they leak past the driver),
+        then the Pods and the namespace."""
         self.stopping.set()
-        with contextlib.suppress(Exception):
-            self.stop_workers_and_operator()
-        if self.proxy is not None:
-            self.proxy.close()
-        if self.broker is not None:
-            self.broker.stop()
-        self.stack.plane.kubectl("delete", "namespace", self.namespace, "--wait=false", check=False)
+        # A failure of one step must not hide the run's own outcome (this runs in a finally).
+        with contextlib.suppress(Exception), contextlib.ExitStack() as cleanup:
+            cleanup.callback(
+                self.stack.plane.kubectl,
+                "delete", "namespace", self.namespace, "--wait=false", check=False,
+            )  # fmt: skip
+            cleanup.callback(self.delete_pods)
+            if self.broker is not None:
+                cleanup.callback(self.broker.stop)
+            if self.proxy is not None:
+                cleanup.callback(self.proxy.close)
+            cleanup.callback(self.stop_operator)
 
 
 # What a worker's guardian logs once a process that ran bodies is gone (killed by itself or
@@ -1131,8 +1278,9 @@ class _DeathWatch:
     held that never wrote its own. One thread polls the Pods' cgroups (``start``) and every
     process found there or handed over by a freeze (``watch``)."""
 
-    def __init__(self, *, stopping: threading.Event) -> None:
+    def __init__(self, *, stopping: threading.Event, failures: list[str]) -> None:
         self.stopping = stopping
+        self.failures = failures
         self.lock = threading.Lock()
         self.watched: list[tuple[str, _Process]] = []
         self.deaths: list[tuple[str, int, datetime.datetime]] = []
@@ -1165,9 +1313,14 @@ class _DeathWatch:
                         break
             if cgroup is None:
                 continue
-            for procs in cgroup.rglob("cgroup.procs"):
-                with contextlib.suppress(OSError, ValueError):
-                    found += [(name, int(pid)) for pid in procs.read_text().split()]
+            try:
+                for procs in cgroup.rglob("cgroup.procs"):
+                    with contextlib.suppress(OSError, ValueError):
+                        found += [(name, int(pid)) for pid in procs.read_text().split()]
+            except OSError:
+                # A container's cgroup went away during the walk (a kill, a restart): its
+                # processes are watched already or show at the next poll, 0.1 s later.
+                continue
         return found
 
     def _track_new(self) -> None:
@@ -1188,6 +1341,15 @@ class _DeathWatch:
             return list(self.deaths)
 
     def _poll(self) -> None:
+        try:
+            self._poll_until_stopped()
+        except Exception as error:  # deaths no longer dated: the verdict would be wrong
+            self.failures.append(
+                f"watching worker processes failed: {type(error).__name__}: {error}"
+            )
+            self.stopping.set()
+
+    def _poll_until_stopped(self) -> None:
         while not self.stopping.wait(DEATH_POLL_SECONDS):
             self._track_new()
             with self.lock:

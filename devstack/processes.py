@@ -15,8 +15,9 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 RUNNING: dict[str, ManagedProcess] = {}
@@ -146,6 +147,56 @@ def stop_pid(pid: int, *, timeout_seconds: float = 10.0) -> None:
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
+
+
+def pids_carrying(*, variable: str, value: str) -> set[int]:
+    """Live processes (not this one) with ``variable=value`` in their environment: what a
+    process started, and its children started in turn, even after it died without telling
+    anyone their PIDs. A zombie's environ reads empty, so it never counts."""
+    wanted = f"{variable}={value}".encode()
+    found = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            if wanted in (proc / "environ").read_bytes().split(b"\0"):
+                found.add(int(proc.name))
+    return found
+
+
+def stop_carrying(*, variable: str, value: str, timeout_seconds: float = 10.0) -> None:
+    """Stop every process ``pids_carrying`` finds: SIGTERM, then SIGKILL what is left."""
+    for pid in pids_carrying(variable=variable, value=value):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        if not pids_carrying(variable=variable, value=value):
+            return
+        time.sleep(0.1)
+    # Looped: a parent that is killed only now may have started a child meanwhile.
+    for _ in range(50):
+        left = pids_carrying(variable=variable, value=value)
+        if not left:
+            return
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so every exit path runs the clean-up."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def wait_for(

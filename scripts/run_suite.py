@@ -8,9 +8,9 @@ starts its own session servers (PostgreSQL, Redis, RabbitMQ, apiserver, node on 
 so layers never share a server and may run side by side (``SUITE_PARALLEL``). A layer may
 also be cut into shards (``SUITE_SHARDS``, e.g. ``e2e=3``): each shard is a pytest process of
 its own, with its own servers, over a share of the layer's test files balanced by the time each
-file took in the last full run (``tests/durations.json``, rewritten by every full run). Most of
-the integration and e2e time is waiting on servers and workers, not CPU, so shards side by
-side cut the wall time on a 2-core machine too.
+file took in the last run of whole layers (``tests/durations.json``, which every such run
+rewrites). Most of the integration and e2e time is waiting on servers and workers, not CPU,
+so shards side by side cut the wall time on a 2-core machine too.
 
 At the end it prints the slowest tests across all layers, one line with the wall time of
 set-up, lint and each layer, and one plain ``suite: N passed, N failed`` line (a failed test,
@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTEST = ROOT / ".venv" / "bin" / "pytest"
 TIMINGS_FILE = ROOT / "docs" / "suite-timings.md"
 DURATIONS_FILE = ROOT / "tests" / "durations.json"
-# a test file no full run has timed yet weighs this many seconds per test function in it
+# a test file no run of whole layers has timed yet weighs this many seconds per test function in it
 UNTIMED_SECONDS_PER_TEST = 15.0
 LAYERS = ("unit", "integration", "e2e", "chaos")
 SLOWEST = 30
@@ -120,8 +120,11 @@ def read_junit(outcome: Outcome, report: Path) -> None:
 
 
 def test_path(classname: str, name: str) -> str:
-    """pytest's id (``tests/e2e/test_x.py::Class::test``) from the report's dotted classname."""
-    parts = classname.split(".")
+    """pytest's id (``tests/e2e/test_x.py::Class::test``) from the report's dotted classname;
+    an error outside any test (an interrupt, a collection error) has none: its name alone."""
+    parts = [part for part in classname.split(".") if part]
+    if not parts:
+        return name
     for cut in range(len(parts), 0, -1):
         module = Path(*parts[:cut]).with_suffix(".py")
         if (ROOT / module).exists():
@@ -175,8 +178,9 @@ def test_files(layer: str) -> list[str]:
 
 
 def file_weight(test_file: str, durations: dict[str, float]) -> float:
-    """Seconds the file took in the last full run; for a file never timed, an estimate from
-    how many tests it defines (parametrised ones count once: an estimate, not a measure)."""
+    """Seconds the file took in the last run of whole layers; for a file never timed, an
+    estimate from how many tests it defines (parametrised ones count once: an estimate, not
+    a measure)."""
     if test_file in durations:
         return durations[test_file]
     text = (ROOT / test_file).read_text(encoding="utf-8", errors="replace")
@@ -420,6 +424,18 @@ def write_timings(
     print(f"suite: wrote {TIMINGS_FILE.relative_to(ROOT)}", flush=True)
 
 
+def select_tests(layers: list[str], tests: list[str]) -> dict[str, list[str]]:
+    """The layers to run, in order, each with the chosen tests in it (empty: all of it); with
+    tests chosen, a layer holding none of them is left out."""
+    selection: dict[str, list[str]] = {}
+    for layer in layers:
+        chosen = [t for t in tests if in_layer(t, layer)]
+        if tests and not chosen:
+            continue
+        selection[layer] = chosen
+    return selection
+
+
 def cmd_test(args: argparse.Namespace) -> int:
     started = time.monotonic()
     load_start = load_average()
@@ -434,13 +450,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     if args.lint:
         phases.append(run_phase("lint", ["make", "--no-print-directory", "lint-only"]))
     extra = shlex.split(args.pytest_args)
-    selection: dict[str, list[str]] = {}
-    for layer in args.layers:
-        chosen = [t for t in args.tests if in_layer(t, layer)]
-        if args.tests and not chosen:
-            continue
-        selection[layer] = chosen
-    layers = [layer for layer in args.layers if layer in selection]
+    selection = select_tests(args.layers, args.tests)
+    layers = list(selection)
     with tempfile.TemporaryDirectory(prefix="suite-") as tmp:
         outcomes = run_layers(
             layers,
@@ -500,15 +511,10 @@ def cmd_flake(args: argparse.Namespace) -> int:
         print(f"flake: round {number}/{args.rounds}, load: {shlex.join(stress_argv)}", flush=True)
         stress = subprocess.Popen(stress_argv, start_new_session=True)
         try:
-            selection: dict[str, list[str]] = {}
-            for layer in args.layers:
-                chosen = [t for t in args.tests if in_layer(t, layer)]
-                if args.tests and not chosen:
-                    continue
-                selection[layer] = chosen
+            selection = select_tests(args.layers, args.tests)
             with tempfile.TemporaryDirectory(prefix="flake-") as tmp:
                 outcomes = run_layers(
-                    [layer for layer in args.layers if layer in selection],
+                    list(selection),
                     parallel=args.parallel,
                     shards=args.shards,
                     selection=selection,

@@ -35,18 +35,12 @@ logger = logging.getLogger(__name__)
 
 
 def heartbeat_timeout_seconds() -> float:
-    raw = os.environ.get(HEARTBEAT_TIMEOUT_VARIABLE)
-    if not raw:
-        return DEFAULT_HEARTBEAT_TIMEOUT_SECONDS
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not 1.0 <= value <= 3600.0:
-        raise ValueError(
-            f"{HEARTBEAT_TIMEOUT_VARIABLE}={raw!r}: expected seconds between 1 and 3600"
-        )
-    return value
+    return settings.seconds_from_environment(
+        HEARTBEAT_TIMEOUT_VARIABLE,
+        default=DEFAULT_HEARTBEAT_TIMEOUT_SECONDS,
+        at_least=1.0,
+        at_most=3600.0,
+    )
 
 
 def worker_identity() -> ledger.WorkerIdentity:

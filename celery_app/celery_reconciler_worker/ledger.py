@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -54,10 +55,10 @@ from typing import Any
 import psycopg
 from psycopg import conninfo, sql
 
-from celery_reconciler_worker import backoff
+from celery_reconciler_worker import backoff, migrations
 
 SCHEMA = "celery_reconciler"
-# pg_advisory_xact_lock key for migrations: b"celeryrc" read as a big-endian integer.
+# pg_advisory_lock key for migrations: b"celeryrc" read as a big-endian integer.
 MIGRATION_LOCK_ID = int.from_bytes(b"celeryrc", "big") & 0x7FFF_FFFF_FFFF_FFFF
 ERROR_TEXT_LIMIT = 2000
 
@@ -643,7 +644,10 @@ WORKER_FUNCTIONS = (
 )
 
 
-_MIGRATIONS: tuple[tuple[int, tuple[sql.Composed, ...]], ...] = (
+# Every version runs online (``migrations``): its statements must be idempotent where the
+# version is more than one transaction (it may be run again after dying half-way), indexes
+# on tables with history are built concurrently and data changes are batched.
+MIGRATIONS: tuple[migrations.Migration, ...] = (
     (
         1,
         (
@@ -723,10 +727,13 @@ _MIGRATIONS: tuple[tuple[int, tuple[sql.Composed, ...]], ...] = (
         2,
         (
             # The operator turns finished attempts into Prometheus counters by time window.
-            sql.SQL(
-                "CREATE INDEX attempts_finished ON {attempts} (policy_key, finished_at) "
-                "WHERE finished_at IS NOT NULL"
-            ).format(attempts=ATTEMPTS),
+            migrations.ConcurrentIndex(
+                SCHEMA,
+                "attempts_finished",
+                sql.SQL(
+                    "{attempts} (policy_key, finished_at) WHERE finished_at IS NOT NULL"
+                ).format(attempts=ATTEMPTS),
+            ),
         ),
     ),
     (
@@ -736,7 +743,7 @@ _MIGRATIONS: tuple[tuple[int, tuple[sql.Composed, ...]], ...] = (
             # heartbeat, or the pod event that killed its container), never about a name.
             sql.SQL(
                 """
-                CREATE TABLE {incarnations} (
+                CREATE TABLE IF NOT EXISTS {incarnations} (
                     id uuid PRIMARY KEY,
                     hostname text NOT NULL,
                     pid integer NOT NULL,
@@ -755,25 +762,30 @@ _MIGRATIONS: tuple[tuple[int, tuple[sql.Composed, ...]], ...] = (
                 """
             ).format(incarnations=INCARNATIONS),
             sql.SQL(
-                "CREATE INDEX incarnations_live_by_pod ON {incarnations} (pod_uid) "
+                "CREATE INDEX IF NOT EXISTS incarnations_live_by_pod ON {incarnations} (pod_uid) "
                 "WHERE ended_at IS NULL"
             ).format(incarnations=INCARNATIONS),
             sql.SQL(
-                "CREATE INDEX incarnations_live ON {incarnations} (heartbeat_at) "
+                "CREATE INDEX IF NOT EXISTS incarnations_live ON {incarnations} (heartbeat_at) "
                 "WHERE ended_at IS NULL"
             ).format(incarnations=INCARNATIONS),
             sql.SQL(
-                "CREATE INDEX incarnations_ended ON {incarnations} (ended_at) "
+                "CREATE INDEX IF NOT EXISTS incarnations_ended ON {incarnations} (ended_at) "
                 "WHERE ended_at IS NOT NULL"
             ).format(incarnations=INCARNATIONS),
             # Rows running under a worker of the previous schema keep a NULL incarnation and
             # are judged by their lease alone, as before the upgrade.
-            sql.SQL("ALTER TABLE {entries} ADD COLUMN incarnation uuid").format(entries=ENTRIES),
-            sql.SQL("ALTER TABLE {attempts} ADD COLUMN incarnation uuid").format(attempts=ATTEMPTS),
-            sql.SQL(
-                "CREATE INDEX entries_running_by_incarnation ON {entries} (incarnation) "
-                "WHERE state = 'running'"
-            ).format(entries=ENTRIES),
+            sql.SQL("ALTER TABLE {entries} ADD COLUMN IF NOT EXISTS incarnation uuid").format(
+                entries=ENTRIES
+            ),
+            sql.SQL("ALTER TABLE {attempts} ADD COLUMN IF NOT EXISTS incarnation uuid").format(
+                attempts=ATTEMPTS
+            ),
+            migrations.ConcurrentIndex(
+                SCHEMA,
+                "entries_running_by_incarnation",
+                sql.SQL("{entries} (incarnation) WHERE state = 'running'").format(entries=ENTRIES),
+            ),
         ),
     ),
     (
@@ -784,37 +796,61 @@ _MIGRATIONS: tuple[tuple[int, tuple[sql.Composed, ...]], ...] = (
             # so no status read counts the succeeded rows, which grow forever — or would,
             # without retention (``prune``). ``counted`` marks a succeeded row already in the
             # tally; today's succeeded rows are, and the tally starts from their count.
+            # Online, in steps: the column (a default is not a rewrite) and the table; then
+            # the unfinished rows marked uncounted, in batches (a row that succeeds meanwhile
+            # keeps ``counted`` and is in the count); then the count of what is counted — a
+            # success after the batches is uncounted, and folded by the operator instead.
             sql.SQL(
-                "ALTER TABLE {entries} ADD COLUMN counted boolean NOT NULL DEFAULT true"
+                "ALTER TABLE {entries} ADD COLUMN IF NOT EXISTS counted boolean NOT NULL "
+                "DEFAULT true"
             ).format(entries=ENTRIES),
             sql.SQL("ALTER TABLE {entries} ALTER COLUMN counted SET DEFAULT false").format(
                 entries=ENTRIES
             ),
-            sql.SQL("UPDATE {entries} SET counted = false WHERE state <> 'succeeded'").format(
-                entries=ENTRIES
-            ),
             sql.SQL(
                 """
-                CREATE TABLE {tallies} (
+                CREATE TABLE IF NOT EXISTS {tallies} (
                     policy_key text PRIMARY KEY,
                     succeeded bigint NOT NULL DEFAULT 0 CHECK (succeeded >= 0)
                 )
                 """
             ).format(tallies=TALLIES),
+            migrations.Backfill(
+                sql.SQL(
+                    """
+                    WITH batch AS (
+                        SELECT policy_key, entry_id FROM {entries}
+                        WHERE state <> 'succeeded' AND counted LIMIT %(batch)s
+                    ), changed AS (
+                        UPDATE {entries} e SET counted = false FROM batch
+                        WHERE e.policy_key = batch.policy_key AND e.entry_id = batch.entry_id
+                          AND e.state <> 'succeeded' AND e.counted
+                        RETURNING 1
+                    )
+                    SELECT (SELECT count(*) FROM batch), NULL
+                    """
+                ).format(entries=ENTRIES)
+            ),
             sql.SQL(
                 "INSERT INTO {tallies} (policy_key, succeeded) "
-                "SELECT policy_key, count(*) FROM {entries} WHERE state = 'succeeded' "
-                "GROUP BY policy_key"
+                "SELECT policy_key, count(*) FROM {entries} WHERE state = 'succeeded' AND counted "
+                "GROUP BY policy_key ON CONFLICT (policy_key) DO NOTHING"
             ).format(tallies=TALLIES, entries=ENTRIES),
-            sql.SQL(
-                "CREATE INDEX entries_uncounted ON {entries} (policy_key) "
-                "WHERE state = 'succeeded' AND NOT counted"
-            ).format(entries=ENTRIES),
+            migrations.ConcurrentIndex(
+                SCHEMA,
+                "entries_uncounted",
+                sql.SQL("{entries} (policy_key) WHERE state = 'succeeded' AND NOT counted").format(
+                    entries=ENTRIES
+                ),
+            ),
             # Retention reads the oldest finished rows of a policy first.
-            sql.SQL(
-                "CREATE INDEX entries_succeeded_by_age ON {entries} (policy_key, finished_at) "
-                "WHERE state = 'succeeded'"
-            ).format(entries=ENTRIES),
+            migrations.ConcurrentIndex(
+                SCHEMA,
+                "entries_succeeded_by_age",
+                sql.SQL("{entries} (policy_key, finished_at) WHERE state = 'succeeded'").format(
+                    entries=ENTRIES
+                ),
+            ),
         ),
     ),
     (
@@ -924,45 +960,38 @@ _MIGRATIONS: tuple[tuple[int, tuple[sql.Composed, ...]], ...] = (
         ),
     ),
 )
-SCHEMA_VERSION = _MIGRATIONS[-1][0]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
-def ensure_schema(conn: psycopg.Connection[Any]) -> int:
-    """Create or migrate our schema; safe to call from many processes at once.
+def ensure_schema(
+    conn: psycopg.Connection[Any], *, versions: Sequence[migrations.Migration] = MIGRATIONS
+) -> int:
+    """Create or migrate our schema (to the last of ``versions``); safe to call from many
+    processes at once, and while workers run bodies on the ledger (``migrations``).
 
     A cheap read answers the common case (already current) without locking. Otherwise the
-    migrations run in one transaction under ``pg_advisory_xact_lock``, so two operators (or
-    an operator and a worker) starting together never race on ``CREATE TABLE``. Returns the
-    version now in place.
+    versions not applied yet run one after another under an advisory lock, so two operators
+    (or an operator and a worker) starting together never race on ``CREATE TABLE``. Returns
+    the version now in place.
     """
-    if _applied_versions(conn) >= {version for version, _ in _MIGRATIONS}:
-        return SCHEMA_VERSION
-    with conn.transaction():
-        # A migration may read a whole ledger once (migration 4 counts its successes): the
-        # operator's statement timeout is for sweeps, not for this.
-        conn.execute("SET LOCAL statement_timeout = 0")
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATION_LOCK_ID])
-        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(_SCHEMA))
-        conn.execute(
+    wanted = {version for version, _ in versions}
+    if _applied_versions(conn) >= wanted:
+        return max(wanted)
+    migrations.apply(
+        conn,
+        migrations=versions,
+        lock_id=MIGRATION_LOCK_ID,
+        prepare=(
+            sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(_SCHEMA),
             sql.SQL(
                 "CREATE TABLE IF NOT EXISTS {} (version integer PRIMARY KEY, "
                 "applied_at timestamptz NOT NULL DEFAULT now())"
-            ).format(_MIGRATIONS_TABLE)
-        )
-        applied = {
-            row[0]
-            for row in conn.execute(sql.SQL("SELECT version FROM {}").format(_MIGRATIONS_TABLE))
-        }
-        for version, statements in _MIGRATIONS:
-            if version in applied:
-                continue
-            for statement in statements:
-                conn.execute(statement)
-            conn.execute(
-                sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(_MIGRATIONS_TABLE),
-                [version],
-            )
-    return SCHEMA_VERSION
+            ).format(_MIGRATIONS_TABLE),
+        ),
+        applied=functools.partial(_applied_versions, conn),
+        record=sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(_MIGRATIONS_TABLE),
+    )
+    return max(wanted)
 
 
 def _applied_versions(conn: psycopg.Connection[Any]) -> set[int]:

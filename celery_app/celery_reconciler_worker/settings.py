@@ -70,16 +70,23 @@ HEARTBEAT_STATEMENT_TIMEOUT_VARIABLE = "CELERY_RECONCILER_HEARTBEAT_STATEMENT_TI
 HEARTBEAT_LOCK_TIMEOUT_VARIABLE = "CELERY_RECONCILER_HEARTBEAT_LOCK_TIMEOUT"
 
 
-def _seconds_from_environment(variable: str, *, default: float, at_most: float) -> float:
+def seconds_from_environment(
+    variable: str, *, default: float, at_most: float, at_least: float | None = None
+) -> float:
+    """Seconds from ``$variable`` (``default`` when unset or empty); a value that is not a
+    number, or outside (0 or ``at_least``, ``at_most``], stops the worker with the variable
+    named: a typo here would otherwise change when bodies are killed."""
     raw = os.environ.get(variable)
     if not raw:
         return default
     try:
         value = float(raw)
     except ValueError:
-        value = 0.0
-    if not 0.0 < value <= at_most:
-        raise ValueError(f"{variable}={raw!r}: expected seconds above 0 and at most {at_most:g}")
+        value = float("nan")
+    in_range = (value > 0.0 if at_least is None else value >= at_least) and value <= at_most
+    if not in_range:
+        lower = "above 0" if at_least is None else f"at least {at_least:g}"
+        raise ValueError(f"{variable}={raw!r}: expected seconds {lower} and at most {at_most:g}")
     return value
 
 
@@ -89,7 +96,7 @@ def heartbeat_statement_timeout_seconds(*, heartbeat_timeout_seconds: float) -> 
     so a heartbeat the database is slow to answer gives way to the next one on time; at
     most a quarter of the heartbeat timeout, so one slow statement never uses up the time
     the watchdog leaves the heartbeats to get through."""
-    return _seconds_from_environment(
+    return seconds_from_environment(
         HEARTBEAT_STATEMENT_TIMEOUT_VARIABLE,
         default=heartbeat_timeout_seconds / 5,
         at_most=heartbeat_timeout_seconds / 4,
@@ -104,6 +111,6 @@ def heartbeat_lock_timeout_seconds(*, heartbeat_timeout_seconds: float) -> float
     statement_timeout = heartbeat_statement_timeout_seconds(
         heartbeat_timeout_seconds=heartbeat_timeout_seconds
     )
-    return _seconds_from_environment(
+    return seconds_from_environment(
         HEARTBEAT_LOCK_TIMEOUT_VARIABLE, default=statement_timeout / 2, at_most=statement_timeout
     )

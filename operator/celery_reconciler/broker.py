@@ -83,7 +83,8 @@ import kombu.transport
 import redis
 import redis.exceptions
 
-# kombu's Redis transport: priority steps and the separator of priority sub-queues.
+# kombu's Redis transport: priority steps and the separator of priority sub-queues, unless the
+# app's broker_transport_options change them (RedisPublisher's transport_options).
 REDIS_PRIORITY_STEPS = (0, 3, 6, 9)
 REDIS_PRIORITY_SEPARATOR = "\x06\x16"
 # Values per LPUSH command inside the one pipeline: bounds a single command's size.
@@ -177,6 +178,11 @@ class Publisher(Protocol):
         """Task ids whose message is waiting in ``queue`` or was taken by a consumer within
         the last ``taken_within_seconds`` and not acknowledged yet; ``None`` where the broker
         cannot tell (or the queue is too long to read)."""
+        ...
+
+    def messages_held(self, queue: str, *, taken_within_seconds: float) -> int | None:
+        """At least as many as ``messages_accounted_for`` would find, read without reading
+        the messages (a queue's length is O(1)); ``None`` where the broker cannot tell."""
         ...
 
     def close(self) -> None: ...
@@ -657,7 +663,16 @@ class RedisPublisher:
     ) -> None:
         self._url = url
         self._builder = MessageBuilder(message_app(url))
-        self._key_prefix = str((transport_options or {}).get("global_keyprefix") or "")
+        # The workers' kombu names its keys after the app's broker_transport_options; the
+        # defaults below are kombu's own.
+        options = transport_options or {}
+        self._key_prefix = str(options.get("global_keyprefix") or "")
+        self._unacked_key = self._key_prefix + str(options.get("unacked_key") or "unacked")
+        self._unacked_index_key = self._key_prefix + str(
+            options.get("unacked_index_key") or "unacked_index"
+        )
+        self._priority_separator = str(options.get("sep") or REDIS_PRIORITY_SEPARATOR)
+        self._priority_steps = tuple(options.get("priority_steps") or REDIS_PRIORITY_STEPS)
         try:
             self._client: redis.Redis[bytes] = redis.Redis.from_url(
                 url,
@@ -708,8 +723,8 @@ class RedisPublisher:
 
     def queue_depth(self, queue: str) -> int:
         keys = [
-            self._key_prefix + (queue if step == 0 else f"{queue}{REDIS_PRIORITY_SEPARATOR}{step}")
-            for step in REDIS_PRIORITY_STEPS
+            self._key_prefix + (queue if step == 0 else f"{queue}{self._priority_separator}{step}")
+            for step in self._priority_steps
         ]
         try:
             with self._client.pipeline(transaction=False) as pipe:
@@ -730,7 +745,8 @@ class RedisPublisher:
 
     def messages_accounted_for(self, queue: str, *, taken_within_seconds: float) -> set[str] | None:
         """The queue's list, plus kombu's ``unacked`` hash of delivered, unacknowledged
-        messages indexed by delivery time (the consumer's clock) in ``unacked_index``."""
+        messages indexed by delivery time (the consumer's clock) in ``unacked_index`` (both
+        as the app names them)."""
         key = self._key_prefix + queue
         recent = time.time() - taken_within_seconds
         try:
@@ -738,14 +754,27 @@ class RedisPublisher:
                 return None
             with self._client.pipeline(transaction=False) as pipe:
                 pipe.lrange(key, 0, -1)
-                pipe.zrangebyscore(self._key_prefix + "unacked_index", recent, "+inf")
+                pipe.zrangebyscore(self._unacked_index_key, recent, "+inf")
                 waiting, tags = pipe.execute()
-            taken = self._client.hmget(self._key_prefix + "unacked", tags) if tags else []
+            taken = self._client.hmget(self._unacked_key, tags) if tags else []
         except redis.exceptions.RedisError as error:
             raise unavailable(error, url=self._url, doing=f"reading queue {queue!r}") from None
         found = {_task_id(raw, taken=False) for raw in waiting}
         found.update(_task_id(raw, taken=True) for raw in taken if raw is not None)
         return {task_id for task_id in found if task_id is not None}
+
+    def messages_held(self, queue: str, *, taken_within_seconds: float) -> int | None:
+        """The queue's length plus the deliveries taken within ``taken_within_seconds``: the
+        list and the index ``messages_accounted_for`` reads, counted, not read."""
+        recent = time.time() - taken_within_seconds
+        try:
+            with self._client.pipeline(transaction=False) as pipe:
+                pipe.llen(self._key_prefix + queue)
+                pipe.zcount(self._key_prefix + "unacked_index", recent, "+inf")
+                waiting, taken = pipe.execute()
+        except redis.exceptions.RedisError as error:
+            raise unavailable(error, url=self._url, doing=f"measuring queue {queue!r}") from None
+        return int(waiting) + int(taken)
 
     def close(self) -> None:
         self._client.close()
@@ -800,6 +829,9 @@ class KombuPublisher:
 
     def messages_accounted_for(self, queue: str, *, taken_within_seconds: float) -> set[str] | None:
         return None  # kombu cannot list a queue's messages without taking them
+
+    def messages_held(self, queue: str, *, taken_within_seconds: float) -> int | None:
+        return None  # nothing to count against: there is no audit (above)
 
     def close(self) -> None:
         self._app.close()
@@ -1078,6 +1110,9 @@ class AmqpPublisher:
         channel closes, so a worker that dies between taking and starting one loses nothing
         (the lease stays the backstop)."""
         return None
+
+    def messages_held(self, queue: str, *, taken_within_seconds: float) -> int | None:
+        return None  # no audit, so nothing to count against (``messages_accounted_for``)
 
     def close(self) -> None:
         with self._lock:

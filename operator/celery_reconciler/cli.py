@@ -112,7 +112,7 @@ def cmd_sweep(args: argparse.Namespace, out: TextIO) -> int:
     dsn = _secret_setting(args.dsn, DSN_ENVIRONMENT_VARIABLE, "--dsn")
     url = _secret_setting(args.broker, BROKER_ENVIRONMENT_VARIABLE, "--broker")
     db = reconcile.Database(dsn, application_name="celery-reconciler cli")
-    publisher = broker_module.connect(url)
+    publisher = broker_module.connect(url, transport_options=policy.task.transport_options())
     try:
         result = reconcile.reconcile_once(policy, db=db, broker=publisher)
     finally:

@@ -149,28 +149,64 @@ def read_secret_value(
 
 
 def _secret_data(*, namespace: str, name: str, max_age_seconds: float) -> dict[str, str] | None:
-    """The Secret's data, None when it does not exist; failures to ask are not kept."""
+    """The Secret's data, None when it does not exist; failures to ask are not kept.
+
+    When the API server does not answer (unreachable, 5xx, 429) the last value read stands:
+    the work is in the database, and a control-plane outage must not stop the sweeps that
+    already know their credentials (a chaos run restarting the apiserver stalled every
+    sweep on this read). A Secret never read, or read as missing, still fails."""
     seen = _secrets_read.get((namespace, name))
     if seen is not None and time.monotonic() - seen[0] < max_age_seconds:
         return seen[1]
     data: dict[str, str] | None
+    doing = f'reading secret "{name}" in namespace "{namespace}"'
     try:
         secret = _core().read_namespaced_secret(
             name, namespace, _request_timeout=REQUEST_TIMEOUT_SECONDS
         )
         data = dict(secret.data or {})
     except kubernetes.client.ApiException as error:
-        if error.status != 404:
+        if error.status == 404:
+            data = None
+        elif (error.status or 0) >= 500 or error.status == 429:
+            failure = KubernetesUnavailable(f"{doing} failed: HTTP {error.status} {error.reason}")
+            return _last_known_secret(seen, failure, namespace=namespace, name=name)
+        else:
             raise KubernetesUnavailable(
-                f'reading secret "{name}" in namespace "{namespace}" failed: HTTP {error.status} '
-                f"{error.reason}"
+                f"{doing} failed: HTTP {error.status} {error.reason}"
             ) from None
-        data = None
     except (urllib3.exceptions.HTTPError, OSError) as error:
-        doing = f'reading secret "{name}" in namespace "{namespace}"'
-        raise _unreachable(error, doing=doing) from None
+        failure = _unreachable(error, doing=doing)
+        return _last_known_secret(seen, failure, namespace=namespace, name=name)
     _secrets_read[(namespace, name)] = (time.monotonic(), data)
     return data
+
+
+# When each Secret's stale value was last said to be in use: once a minute is enough.
+_stale_secret_warned: dict[tuple[str, str], float] = {}
+STALE_SECRET_WARNING_SECONDS = 60.0
+
+
+def _last_known_secret(
+    seen: tuple[float, dict[str, str] | None] | None,
+    failure: KubernetesUnavailable,
+    *,
+    namespace: str,
+    name: str,
+) -> dict[str, str]:
+    if seen is None or seen[1] is None:
+        raise failure
+    now = time.monotonic()
+    if now - _stale_secret_warned.get((namespace, name), -STALE_SECRET_WARNING_SECONDS) >= (
+        STALE_SECRET_WARNING_SECONDS
+    ):
+        _stale_secret_warned[(namespace, name)] = now
+        logger.warning(
+            "%s; using its value read %.0f s ago until the API server answers",
+            failure,
+            now - seen[0],
+        )
+    return seen[1]
 
 
 def secret_value_description(*, namespace: str, name: str, key: str, field: str) -> str:

@@ -4,6 +4,8 @@ The decisions are ``sharding``'s; this module only reads and writes the objects,
 operator's own namespace:
 
     leases      get, list, watch, create, update
+    pods        list (the replicas' own Pods, by their labels: ``replica_proof``)
+    events      create (a member Lease that does not count, named once)
 
 Every write that changes a holder is conditional on the resourceVersion read before it, so
 the API server is the arbiter: of two replicas that try to take one Lease, one gets HTTP
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import re
 import threading
 import time
@@ -23,7 +26,7 @@ from typing import Any
 
 import kubernetes
 
-from celery_reconciler import kube, sharding
+from celery_reconciler import kube, replica_proof, sharding
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +51,16 @@ def object_name(*parts: str) -> str:
 
 def _record(lease: Any) -> sharding.LeaseRecord:
     spec = lease.spec
+    annotations = lease.metadata.annotations or {}
     return sharding.LeaseRecord(
         name=str(lease.metadata.name),
         holder=spec.holder_identity or None,
         duration_seconds=float(spec.lease_duration_seconds or 0),
         transitions=int(spec.lease_transitions or 0),
         resource_version=str(lease.metadata.resource_version),
+        pod_name=annotations.get(replica_proof.POD_NAME_ANNOTATION) or None,
+        pod_uid=annotations.get(replica_proof.POD_UID_ANNOTATION) or None,
+        uid=str(lease.metadata.uid or ""),
     )
 
 
@@ -194,6 +201,74 @@ def write(
             raise LeaseConflict(f"Lease {namespace}/{name} changed meanwhile") from None
         raise _failure(error, doing=f"writing Lease {namespace}/{name}") from None
     return _record(lease)
+
+
+def list_replica_pods(*, namespace: str, selector: str) -> list[replica_proof.ReplicaPod]:
+    """The Pods in ``namespace`` carrying the replica labels (one request)."""
+    try:
+        listed = kubernetes.client.CoreV1Api(kube._client()).list_namespaced_pod(
+            namespace, label_selector=selector, _request_timeout=kube.REQUEST_TIMEOUT_SECONDS
+        )
+    except kubernetes.client.ApiException as error:
+        raise kube.KubernetesUnavailable(
+            f"listing the replica Pods in {namespace} failed: HTTP {error.status} "
+            f"{error.reason} — the operator's ServiceAccount needs list on pods in its own "
+            "namespace to check the member Leases"
+        ) from None
+    return [
+        replica_proof.ReplicaPod(
+            name=str(pod.metadata.name),
+            uid=str(pod.metadata.uid),
+            labels=dict(pod.metadata.labels or {}),
+            terminating=pod.metadata.deletion_timestamp is not None,
+            phase=pod.status.phase if pod.status else None,
+        )
+        for pod in listed.items
+    ]
+
+
+def post_event(*, namespace: str, record: sharding.LeaseRecord, reason: str, message: str) -> None:
+    """A Warning Event on a Lease (``kubectl describe lease`` shows it). Best effort."""
+    now = datetime.datetime.now(datetime.UTC)
+    body = kubernetes.client.CoreV1Event(
+        metadata=kubernetes.client.V1ObjectMeta(
+            generate_name=f"{record.name}.", namespace=namespace
+        ),
+        involved_object=kubernetes.client.V1ObjectReference(
+            api_version="coordination.k8s.io/v1",
+            kind="Lease",
+            name=record.name,
+            namespace=namespace,
+            uid=record.uid or None,
+        ),
+        type="Warning",
+        reason=reason,
+        message=message[:1024],
+        first_timestamp=now,
+        last_timestamp=now,
+        count=1,
+        source=kubernetes.client.V1EventSource(component="celery-reconciler"),
+        reporting_component="celery-reconciler",
+        reporting_instance=os.environ.get("HOSTNAME", "celery-reconciler"),
+    )
+    try:
+        kubernetes.client.CoreV1Api(kube._client()).create_namespaced_event(
+            namespace, body, _request_timeout=kube.REQUEST_TIMEOUT_SECONDS
+        )
+    except kubernetes.client.ApiException as error:
+        logger.warning(
+            "could not post Event %s on Lease %s/%s: HTTP %s %s%s",
+            reason,
+            namespace,
+            record.name,
+            error.status,
+            error.reason,
+            " — grant the operator create on events in its own namespace"
+            if error.status == 403
+            else "",
+        )
+    except Exception as error:  # an Event is never worth failing a listing over
+        logger.warning("could not post Event %s: %s", reason, type(error).__name__)
 
 
 def _failure(error: kubernetes.client.ApiException, *, doing: str) -> kube.KubernetesUnavailable:

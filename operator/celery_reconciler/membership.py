@@ -28,6 +28,12 @@ and a few long sweeps there would hold up the renewals until the others count th
 replica dead; likewise a takeover of many policies at once must not queue this replica's
 renewal, nor a renewal queue the takeover.
 
+Which member Leases count: with ``proof`` (the replica runs in a Pod) only those a running
+replica wrote, judged by ``replica_proof`` against the replicas' Pods listed at each
+listing; a Lease that fails is left out of the member list and named once in a log line
+and a Warning Event on it. Without (a replica outside Kubernetes) every member Lease
+counts, as before: there is no Pod to prove anything against.
+
 Why the DB fence as well: a replica that cannot reach the API server for longer than the
 Lease duration is dropped by the others while it may still be mid-sweep. It stops its own
 loops once it has not renewed its member Lease for the duration (self-fencing), but a
@@ -48,7 +54,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
-from celery_reconciler import kube, leases, ledger, sharding
+from celery_reconciler import kube, leases, ledger, replica_proof, sharding
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +92,20 @@ POLICY_LEASE_THREADS = 8
 
 
 class Membership:
-    def __init__(self, *, namespace: str, group: str, replica: str, lease_seconds: int) -> None:
+    def __init__(
+        self,
+        *,
+        namespace: str,
+        group: str,
+        replica: str,
+        lease_seconds: int,
+        proof: replica_proof.Identity | None = None,
+    ) -> None:
         self.namespace = namespace
+        self.proof = proof
+        # Lease name -> (holder, why) of the member Leases left out: each reported once,
+        # and again only if it changes; a renewal of one does not ask for a listing.
+        self.ignored: dict[str, tuple[str | None, str]] = {}
         self.group = group
         # A nonce per process: a restarted container is a new holder, so nothing it did
         # not take itself counts as its own, while assignment (by replica) stays put.
@@ -146,6 +164,19 @@ class Membership:
             self.namespace,
             self.lease_seconds,
         )
+        if self.proof is None:
+            logger.info(
+                "sharding: not in a Pod ($POD_UID unset): member Leases are not checked "
+                "against the replicas' Pods"
+            )
+        else:
+            logger.info(
+                "sharding: member Leases count only if a running Pod labelled %s wrote them; "
+                "this replica's Pod: %s (uid %s)",
+                self.proof.selector_text() or "(any labels)",
+                self.proof.pod_name,
+                self.proof.pod_uid,
+            )
         loop = asyncio.get_running_loop()
 
         def seen_in_thread(event_type: str, record: sharding.LeaseRecord, seen_at: float) -> None:
@@ -202,6 +233,8 @@ class Membership:
             label=leases.MEMBER_LABEL,
             value=self.group,
         )
+        if self.proof is not None:
+            members = await self.proven(members, self.proof)
         now = time.monotonic()
         self.sightings = sharding.observe(
             self.sightings, members, now=now, first_seen=self.first_seen
@@ -225,10 +258,45 @@ class Membership:
             members, self.sightings, now=now, every_seconds=self.renew_seconds
         )
 
+    async def proven(
+        self, members: list[sharding.LeaseRecord], proof: replica_proof.Identity
+    ) -> list[sharding.LeaseRecord]:
+        """The member Leases a running replica wrote; the others reported once each."""
+        pods = await self.call_member(
+            leases.list_replica_pods, namespace=self.namespace, selector=proof.selector_text()
+        )
+        verdict = replica_proof.judge(
+            members,
+            pods,
+            selector=proof.selector,
+            member_lease_name=lambda pod_name: leases.object_name(self.group, "member", pod_name),
+        )
+        by_name = {record.name: record for record in members}
+        for name, why in verdict.ignored.items():
+            record = by_name[name]
+            if self.ignored.get(name) == (record.holder, why):
+                continue
+            message = f"member Lease {self.namespace}/{name} does not count as a replica: {why}"
+            if name == self.member_lease:
+                message += " — this replica's own Lease: the other replicas leave it out"
+            logger.warning("sharding: %s", message)
+            await self.call_member(
+                leases.post_event,
+                namespace=self.namespace,
+                record=record,
+                reason="MemberLeaseIgnored",
+                message=message,
+            )
+        self.ignored = {name: (by_name[name].holder, why) for name, why in verdict.ignored.items()}
+        return list(verdict.counted)
+
     def seen(self, event_type: str, record: sharding.LeaseRecord, seen_at: float) -> None:
         """A watch event (in the event loop): note when this version arrived, and look at
         once if it may change who is alive."""
         self.first_seen.setdefault((record.name, record.resource_version), seen_at)
+        ignored = self.ignored.get(record.name)
+        if event_type != "DELETED" and ignored is not None and ignored[0] == record.holder:
+            return  # a renewal of a Lease left out: the periodic listing judges it again
         changed = None if event_type == "DELETED" else record
         if sharding.may_change_members(changed, self.listed_alive | {self.identity}):
             self.look_now.set()
@@ -248,6 +316,7 @@ class Membership:
                 holder=self.identity,
                 duration_seconds=self.lease_seconds,
                 labels={leases.MEMBER_LABEL: self.group},
+                annotations=None if self.proof is None else self.proof.annotations(),
             )
         except leases.LeaseConflict:
             self.member_record = None  # read afresh next time
@@ -314,6 +383,7 @@ class Membership:
                     holder=None,
                     duration_seconds=self.lease_seconds,
                     labels={leases.MEMBER_LABEL: self.group},
+                    annotations=None if self.proof is None else self.proof.annotations(),
                 )
                 return
             except leases.LeaseConflict:

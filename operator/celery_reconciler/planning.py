@@ -132,6 +132,18 @@ def next_wakeup_seconds(
     return delay
 
 
+def sweep_early(*, seconds_until_next_due: float | None, suspended: bool) -> bool:
+    """Whether a status refresh between sweeps should end the sleep and sweep now.
+
+    The sleep is chosen at the end of a sweep from what was due then; a body that started
+    afterwards, on a worker outside Kubernetes that then died, falls due when its heartbeat
+    timeout passes — seconds later, while the sweep interval may still have minutes to
+    run. The refresh reads the same ``seconds_until_next_due``; already due means sweep.
+    A suspended policy dispatches nothing, so nothing falling due wakes it.
+    """
+    return not suspended and seconds_until_next_due is not None and seconds_until_next_due <= 0
+
+
 def dispatch_pause_seconds(
     *, dispatched: int, elapsed_seconds: float, dispatch_per_second: float
 ) -> float:
@@ -222,19 +234,17 @@ class SweepChores:
     look_for_stranded: bool  # queued entries whose message may be gone
     redispatch_due_retries: bool
 
-    @property
-    def may_change_in_flight(self) -> bool:
-        """Whether these chores may put entries in flight or take them out of it."""
-        return self.expire_lost_attempts or self.look_for_stranded
+    def may_change_in_flight(self, *, queue_audited: bool) -> bool:
+        """Whether these chores may have put entries in flight or taken them out of it;
+        ``queue_audited``: the look for stranded entries read the queue and may have
+        re-dispatched some (``queue_audit_needed``; when it did not, it changed nothing)."""
+        return self.expire_lost_attempts or queue_audited
 
-    @property
-    def may_change_schedule(self) -> bool:
-        """Whether these chores may move the ledger's next due time (a retry, a lease)."""
+    def may_change_schedule(self, *, queue_audited: bool) -> bool:
+        """Whether these chores may have moved the ledger's next due time (a retry, a
+        lease)."""
         return (
-            self.expire_lost_attempts
-            or self.settle
-            or self.look_for_stranded
-            or self.redispatch_due_retries
+            self.expire_lost_attempts or self.settle or self.redispatch_due_retries or queue_audited
         )
 
 
@@ -269,6 +279,58 @@ def sweep_chores(
         look_for_stranded=queued_a_while > 0,
         redispatch_due_retries=due_retries > 0 or expire,
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueAudit:
+    """When a policy's queue was last read in full for lost messages (monotonic seconds),
+    and when it must be read again at the latest, whatever the counts say (``None``: at
+    the audit interval)."""
+
+    last_at: float
+    due_at: float | None = None
+
+
+def queue_audit_needed(
+    *,
+    audit: QueueAudit | None,
+    queued_a_while: int,
+    messages_held: int,
+    now: float,
+    interval_seconds: float,
+) -> bool:
+    """Whether a sweep reads the whole queue to account for each queued entry's message.
+
+    That read costs O(queue), so a steady backlog must not pay it every sweep. It is needed
+    when something suggests a message is gone: fewer messages held (waiting, or taken just
+    now) than entries waiting for theirs (a queue dropped or purged); a first look in this
+    process (the one before may have died between claim and publish); a worker ended since
+    (``due_at``: what it took in its last moments). A loss that the counts cannot show — a
+    message popped by a consumer that died while another message joined the queue — is
+    found by the periodic read, at ``interval_seconds``; the lease stays the backstop.
+    """
+    if queued_a_while <= 0:
+        return False
+    if messages_held < queued_a_while or audit is None:
+        return True
+    if audit.due_at is not None and now >= audit.due_at:
+        return True
+    return now - audit.last_at >= interval_seconds
+
+
+def queue_audit_done(audit: QueueAudit | None, *, now: float) -> QueueAudit:
+    """The record after a full read at ``now``: a later ``due_at`` still stands."""
+    due_at = None if audit is None or audit.due_at is None or audit.due_at <= now else audit.due_at
+    return QueueAudit(last_at=now, due_at=due_at)
+
+
+def queue_audit_due(audit: QueueAudit | None, *, at: float) -> QueueAudit | None:
+    """The record once a worker ended: read the whole queue at the first sweep from ``at``
+    on (no record: the first sweep reads it anyway)."""
+    if audit is None:
+        return None
+    due_at = at if audit.due_at is None else min(audit.due_at, at)
+    return QueueAudit(last_at=audit.last_at, due_at=due_at)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -96,8 +96,7 @@ class _Watch:
 
 
 _watches: shared_by_key.SharedByKey[tuple[str, str], _Watch] = shared_by_key.SharedByKey(
-    open_value=lambda key: _Watch(namespace=key[0], label_selector=key[1]),
-    close_value=_Watch.stop,
+    close_value=_Watch.stop
 )
 
 
@@ -109,7 +108,11 @@ def subscribe(
     subscription = Subscription(
         key=(namespace, label_selector), on_event=on_event, on_health=on_health
     )
-    watch = _watches.attach(subscription.key, joining=lambda watch: watch.join(subscription))
+    watch = _watches.attach(
+        subscription.key,
+        open_value=lambda: _Watch(namespace=namespace, label_selector=label_selector),
+        joining=lambda watch: watch.join(subscription),
+    )
     subscription.watch = watch
     watch.start_once()  # after the first subscriber joined: it hears the first listing
     return subscription

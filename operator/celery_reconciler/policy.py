@@ -34,6 +34,20 @@ IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # name can never smuggle whitespace or control characters into logs or broker keys.
 TASK_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-]{0,254}$")
 QUEUE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:\-]{0,199}$")
+# The options of Celery's ``broker_transport_options`` that name the Redis keys kombu uses for
+# a queue: the operator publishes onto those keys and reads them, so it must use the workers'
+# names. The other options (visibility_timeout, ...) are the workers' business.
+BROKER_KEY_OPTIONS = (
+    "global_keyprefix",
+    "unacked_key",
+    "unacked_index_key",
+    "sep",
+    "priority_steps",
+)
+# A key name or prefix: printable, no whitespace (kombu's separator is the exception: its
+# default is two control characters).
+REDIS_KEY_NAME_PATTERN = re.compile(r"^[!-~]{1,200}$")
+MAX_REDIS_SEPARATOR_LENGTH = 16
 # Kubernetes label syntax (apimachinery's IsQualifiedName / IsValidLabelValue): a key is an
 # optional DNS-subdomain prefix and "/", then a name of at most 63 characters; a value is at
 # most 63 characters, alphanumeric at both ends, or empty. The CRD says the same, so a key
@@ -181,6 +195,15 @@ class Task:
     name: str
     broker_secret: SecretRef | None
     queue: str
+    # (option, value) pairs of BROKER_KEY_OPTIONS the app sets; kombu's defaults for the rest.
+    broker_transport_options: tuple[tuple[str, str | tuple[int, ...]], ...] = ()
+
+    def transport_options(self) -> dict[str, str | list[int]]:
+        """The options as Celery's ``broker_transport_options`` spells them."""
+        return {
+            name: list(value) if isinstance(value, tuple) else value
+            for name, value in self.broker_transport_options
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -559,7 +582,9 @@ class _Parser:
 
     def task(self, value: Any, *, require_secrets: bool) -> Task:
         path = "spec.task"
-        raw = self.mapping(value, path, allowed=("name", "brokerSecretRef", "queue"))
+        raw = self.mapping(
+            value, path, allowed=("name", "brokerSecretRef", "queue", "brokerTransportOptions")
+        )
         task_name = raw.get("name")
         if not isinstance(task_name, str) or not TASK_NAME_PATTERN.fullmatch(task_name):
             self.problem(
@@ -581,7 +606,58 @@ class _Parser:
                 f"{_describe(queue)} is not a queue name (letters, digits, _ . : -)",
             )
             queue = DEFAULT_QUEUE
-        return Task(name=task_name, broker_secret=secret, queue=queue)
+        return Task(
+            name=task_name,
+            broker_secret=secret,
+            queue=queue,
+            broker_transport_options=self.broker_transport_options(
+                raw.get("brokerTransportOptions"), f"{path}.brokerTransportOptions"
+            ),
+        )
+
+    def broker_transport_options(
+        self, value: Any, path: str
+    ) -> tuple[tuple[str, str | tuple[int, ...]], ...]:
+        raw = self.mapping(value, path, allowed=BROKER_KEY_OPTIONS)
+        options: list[tuple[str, str | tuple[int, ...]]] = []
+        for name in BROKER_KEY_OPTIONS:
+            if name not in raw:
+                continue
+            item = raw[name]
+            if name == "priority_steps":
+                if (
+                    isinstance(item, list)
+                    and item
+                    and all(isinstance(s, int) and not isinstance(s, bool) for s in item)
+                    and item[0] == 0
+                    and item == sorted(set(item))
+                    and item[-1] <= 255
+                ):
+                    options.append((name, tuple(item)))
+                else:
+                    self.problem(
+                        f"{path}.{name}",
+                        f"{_describe(item)} is not kombu's priority steps: ascending integers "
+                        "from 0 to 255, the first 0 (kombu's default is [0, 3, 6, 9])",
+                    )
+            elif name == "sep":
+                if isinstance(item, str) and 0 < len(item) <= MAX_REDIS_SEPARATOR_LENGTH:
+                    options.append((name, item))
+                else:
+                    self.problem(
+                        f"{path}.{name}",
+                        f"{_describe(item)} is not a separator of priority queues: 1 to "
+                        f"{MAX_REDIS_SEPARATOR_LENGTH} characters",
+                    )
+            elif isinstance(item, str) and REDIS_KEY_NAME_PATTERN.fullmatch(item):
+                options.append((name, item))
+            else:
+                self.problem(
+                    f"{path}.{name}",
+                    f"{_describe(item)} is not a Redis key name: 1 to 200 printable characters, "
+                    "no spaces",
+                )
+        return tuple(options)
 
     def schedule(self, value: Any) -> Schedule:
         path = "spec.schedule"

@@ -263,14 +263,15 @@ class SharedDatabase:
 
 
 _shared: shared_by_key.SharedByKey[str, SharedDatabase] = shared_by_key.SharedByKey(
-    open_value=lambda dsn: SharedDatabase(dsn, max_connections=_max_connections),
-    close_value=SharedDatabase.close,
+    close_value=SharedDatabase.close
 )
 
 
 def attach(dsn: str) -> SharedDatabase:
     """The shared connections of ``dsn``; every ``attach`` is matched by one ``detach``."""
-    return _shared.attach(dsn)
+    return _shared.attach(
+        dsn, open_value=lambda: SharedDatabase(dsn, max_connections=_max_connections)
+    )
 
 
 def detach(shared: SharedDatabase) -> None:

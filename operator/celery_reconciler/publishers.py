@@ -3,7 +3,8 @@
 A publisher is not just a socket: it carries a Celery app that builds the messages, its
 templates and its connection pool. One per policy made the operator's memory grow with its
 policies (and opened a broker connection each) although most policies of an installation
-name one broker. Here the policies whose Secret resolves to the same URL share one.
+name one broker. Here the policies whose Secret resolves to the same URL, and that name the
+same Redis keys (``spec.task.brokerTransportOptions``), share one.
 
 Every sweep of every policy asks the broker who it is (a restart without persistence lost
 the queues) and how deep the policy's queue is (a metric). With hundreds of policies those
@@ -21,8 +22,8 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import TypeVar, cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
 from celery_reconciler import broker, shared_by_key
 
@@ -33,11 +34,18 @@ _T = TypeVar("_T")
 class SharedPublisher:
     """A ``broker.Publisher`` for several policies; ``close`` is ``detach``'s business."""
 
-    def __init__(self, url: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        transport_options: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.url = url
+        self.key = _key(url, transport_options)
         self._clock = clock
         self._answers: dict[tuple[str, ...], tuple[float, object]] = {}
-        self._publisher = broker.connect(url)
+        self._publisher = broker.connect(url, transport_options=transport_options)
         self._turns: contextlib.AbstractContextManager[object] = (
             contextlib.nullcontext()
             if isinstance(self._publisher, broker.RedisPublisher)
@@ -89,6 +97,10 @@ class SharedPublisher:
                 queue, taken_within_seconds=taken_within_seconds
             )
 
+    def messages_held(self, queue: str, *, taken_within_seconds: float) -> int | None:
+        with self._turns:
+            return self._publisher.messages_held(queue, taken_within_seconds=taken_within_seconds)
+
     def close(self) -> None:
         """Nothing: other policies may still publish through it (see ``detach``)."""
 
@@ -97,15 +109,23 @@ class SharedPublisher:
             self._publisher.close()
 
 
-_shared: shared_by_key.SharedByKey[str, SharedPublisher] = shared_by_key.SharedByKey(
-    open_value=SharedPublisher, close_value=SharedPublisher.shut
+_shared: shared_by_key.SharedByKey[tuple[str, str], SharedPublisher] = shared_by_key.SharedByKey(
+    close_value=SharedPublisher.shut
 )
 
 
-def attach(url: str) -> SharedPublisher:
-    """The shared publisher of ``url``; every ``attach`` is matched by one ``detach``."""
-    return _shared.attach(url)
+def _key(url: str, transport_options: Mapping[str, Any] | None) -> tuple[str, str]:
+    return url, repr(sorted((transport_options or {}).items()))
+
+
+def attach(url: str, *, transport_options: Mapping[str, Any] | None = None) -> SharedPublisher:
+    """The shared publisher of ``url`` with the app's ``transport_options``; every ``attach``
+    is matched by one ``detach``."""
+    return _shared.attach(
+        _key(url, transport_options),
+        open_value=lambda: SharedPublisher(url, transport_options=transport_options),
+    )
 
 
 def detach(shared: SharedPublisher) -> None:
-    _shared.detach(shared.url, shared)
+    _shared.detach(shared.key, shared)

@@ -15,6 +15,12 @@ are shared out through Leases in that namespace. kopf then runs without peering 
 freeze would stop all replicas but one, and nothing our handlers do must run on a single
 replica: the index and the wake-ups are per process and only read, and each policy's loop
 runs where its Lease is held.
+
+A replica that runs in a Pod (``$POD_UID`` and ``$POD_NAME`` from the Downward API, as the
+chart sets them) proves it on its member Lease and counts only the member Leases that
+running replicas wrote (``replica_proof``); its replica name is then its Pod's name, and
+``--replica-selector`` names the labels every replica Pod carries. Outside a Pod there is
+nothing to prove against, and every member Lease counts.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import os
@@ -31,6 +38,8 @@ import threading
 from collections.abc import Sequence
 
 import kopf
+
+from celery_reconciler import replica_proof
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +55,7 @@ class RunOptions:
     sharding_group: str = "celery-reconciler"
     replica_name: str | None = None
     lease_seconds: int = 15
+    replica_selector: str = ""
     json_logs: bool = False
     verbose: bool = False
     max_database_connections: int | None = None  # None: the environment, else the default
@@ -98,6 +108,13 @@ def add_run_command(parser: argparse.ArgumentParser) -> None:
         help="how long a silent replica keeps its policies (renewed every third of it)",
     )
     parser.add_argument(
+        "--replica-selector",
+        default="",
+        metavar="KEY=VALUE,...",
+        help="the labels of every replica's Pod: with $POD_UID set, a member Lease counts only "
+        "if such a running Pod wrote it (the chart passes its Deployment's selector)",
+    )
+    parser.add_argument(
         "--priority", type=int, help="peering priority (default: random, so replicas differ)"
     )
     parser.add_argument(
@@ -139,6 +156,7 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         sharding_group=args.sharding_group,
         replica_name=args.replica_name,
         lease_seconds=args.lease_seconds,
+        replica_selector=args.replica_selector,
         json_logs=args.log_format == "json",
         verbose=args.verbose,
         max_database_connections=args.max_database_connections,
@@ -152,9 +170,29 @@ def configure_logging(*, json_logs: bool, verbose: bool) -> None:
     logs.configure(json_logs=json_logs, level=logging.DEBUG if verbose else logging.INFO)
 
 
+def replica_identity(options: RunOptions) -> replica_proof.Identity | None:
+    """This replica's Pod from the Downward API, or None outside a Pod (no ``$POD_UID``)."""
+    pod_uid = os.environ.get("POD_UID")
+    if not pod_uid:
+        return None
+    pod_name = os.environ.get("POD_NAME")
+    if not pod_name:
+        raise SystemExit("$POD_UID is set but $POD_NAME is not: set both from the Downward API")
+    if options.replica_name and options.replica_name != pod_name:
+        raise SystemExit(
+            f"--replica-name {options.replica_name} differs from $POD_NAME {pod_name}: in a Pod, "
+            "a replica is named after its Pod (the others check its member Lease against it)"
+        )
+    try:
+        selector = replica_proof.parse_selector(options.replica_selector)
+    except ValueError as error:
+        raise SystemExit(f"--replica-selector: {error}") from None
+    return replica_proof.Identity(pod_name=pod_name, pod_uid=pod_uid, selector=selector)
+
+
 def run(options: RunOptions, *, stop_flag: threading.Event | None = None) -> int:
     # Imported for its side effect: the @kopf decorators register the handlers.
-    from celery_reconciler import handlers, membership, metrics, pools, statuswriter
+    from celery_reconciler import handlers, membership, metrics, pools, served, statuswriter
 
     configure_logging(json_logs=options.json_logs, verbose=options.verbose)
     max_connections = options.max_database_connections
@@ -166,12 +204,16 @@ def run(options: RunOptions, *, stop_flag: threading.Event | None = None) -> int
         metrics.serve(port=options.metrics_port)
     standalone = options.peering_name is None
     if options.sharding_namespace is not None:
+        proof = replica_identity(options)
         membership.configure(
             membership.Membership(
                 namespace=options.sharding_namespace,
                 group=options.sharding_group,
-                replica=options.replica_name or os.environ.get("POD_NAME") or socket.gethostname(),
+                replica=proof.pod_name
+                if proof is not None
+                else options.replica_name or os.environ.get("POD_NAME") or socket.gethostname(),
                 lease_seconds=options.lease_seconds,
+                proof=proof,
             )
         )
     priority = options.priority
@@ -188,14 +230,33 @@ def run(options: RunOptions, *, stop_flag: threading.Event | None = None) -> int
             max_workers=2 * max_connections + 8, thread_name_prefix="io"
         )
     )
-    kopf.run(
-        loop=loop,
-        standalone=standalone,
-        peering_name=options.peering_name,
-        priority=priority,
-        liveness_endpoint=options.liveness_endpoint,
-        clusterwide=options.all_namespaces,
-        namespaces=list(options.namespaces),
-        stop_flag=stop_flag,
+    # kopf.run stops on this flag; ours when the caller gave none, so that ``served`` can
+    # stop an operator that serves nothing.
+    stop = stop_flag if stop_flag is not None else threading.Event()
+    insights = served.new_insights()
+    not_served = threading.Event()
+
+    def stop_serving_nothing() -> None:
+        not_served.set()
+        stop.set()
+
+    guard = loop.create_task(
+        served.stop_unless_policies_are_served(insights=insights, stop=stop_serving_nothing)
     )
-    return 0
+    try:
+        kopf.run(
+            loop=loop,
+            standalone=standalone,
+            peering_name=options.peering_name,
+            priority=priority,
+            liveness_endpoint=options.liveness_endpoint,
+            clusterwide=options.all_namespaces,
+            namespaces=list(options.namespaces),
+            insights=insights,
+            stop_flag=stop,
+        )
+    finally:
+        guard.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            loop.run_until_complete(guard)
+    return 1 if not_served.is_set() else 0

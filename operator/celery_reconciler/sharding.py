@@ -57,6 +57,10 @@ class LeaseRecord:
     duration_seconds: float
     transitions: int
     resource_version: str
+    # The Pod its writer says it runs in (member Leases only; ``replica_proof`` checks it).
+    pod_name: str | None = None
+    pod_uid: str | None = None
+    uid: str = ""  # the Lease object's own uid, for Events about it
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,20 +31,21 @@ class _Entry(Generic[V]):
 
 
 class SharedByKey(Generic[K, V]):
-    def __init__(self, *, open_value: Callable[[K], V], close_value: Callable[[V], None]) -> None:
-        self._open = open_value
+    def __init__(self, *, close_value: Callable[[V], None]) -> None:
         self._close = close_value
         self._lock = threading.Lock()
         self._entries: dict[K, _Entry[V]] = {}
 
-    def attach(self, key: K, *, joining: Callable[[V], None] = _nothing) -> V:
-        """The value of ``key``, opened if nobody uses it yet; every ``attach`` is matched by
-        one ``detach``. ``joining`` runs under the lock, before anyone can leave: a late
-        joiner catches up with the value's state there."""
+    def attach(
+        self, key: K, *, open_value: Callable[[], V], joining: Callable[[V], None] = _nothing
+    ) -> V:
+        """The value of ``key``, opened by ``open_value`` if nobody uses it yet; every
+        ``attach`` is matched by one ``detach``. ``joining`` runs under the lock, before
+        anyone can leave: a late joiner catches up with the value's state there."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
-                entry = self._entries[key] = _Entry(self._open(key))
+                entry = self._entries[key] = _Entry(open_value())
             joining(entry.value)
             entry.users += 1
             return entry.value

@@ -111,7 +111,16 @@ CASES: list[Case] = [
     Case("queue: NUL byte", "task.queue", "insights\x00", "spec.task.queue"),
     Case("queue: glob", "task.queue", "*", "spec.task.queue"),
     Case("queue: path", "task.queue", "../../etc", "spec.task.queue"),
-    # --- Secret references: a name in the policy's namespace, nothing else
+    # --- Redis key names of the app's kombu: the operator publishes onto and reads them
+    Case("Redis key: space", "task.brokerTransportOptions", {"unacked_key": "un acked"},
+         "spec.task.brokerTransportOptions.unacked_key"),
+    Case("Redis key prefix: newline", "task.brokerTransportOptions",
+         {"global_keyprefix": "app\n"}, "spec.task.brokerTransportOptions.global_keyprefix"),
+    Case("priority step: beyond 255", "task.brokerTransportOptions",
+         {"priority_steps": [0, 256]}, "spec.task.brokerTransportOptions.priority_steps[1]"),
+    Case("a transport option of the workers alone", "task.brokerTransportOptions",
+         {"visibility_timeout": 3600}, "spec.task.brokerTransportOptions.visibility_timeout",
+         reason="unknown field"),
     Case("database Secret: other namespace", "source.databaseSecretRef.name",
          "../kube-system/admin", "spec.source.databaseSecretRef.name"),
     Case("database Secret key: space", "source.databaseSecretRef.key", "dsn value",
@@ -357,3 +366,39 @@ LEDGER_CASES = (
         "gen_random_uuid(), NULL, 'x', NULL, NULL)",
     ),
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaseCase:
+    """A member Lease anyone with ``edit`` in the operator's namespace may apply next to the
+    replicas' own (replicas ``replica-a`` and ``replica-b``, each in a Pod of that name):
+    no replica counts it, and each names it in a Warning Event saying ``why``."""
+
+    name: str
+    lease_of: str  # the Lease is named as the member Lease of this (pod) name
+    holder: str
+    pod_name: str | None  # the Pod named on it (None: no proof at all)
+    pod_uid: Literal["real", "made-up"]  # that Pod's real uid, or one made up
+    why: str
+
+    def annotations(self, *, uids: dict[str, str]) -> dict[str, str]:
+        if self.pod_name is None:
+            return {}
+        uid = uids.get(self.pod_name, "") if self.pod_uid == "real" else "0000-made-up"
+        return {
+            "celery-reconciler.io/replica-pod": self.pod_name,
+            "celery-reconciler.io/replica-pod-uid": uid,
+        }
+
+
+LEASE_CASES = (
+    LeaseCase("no proof", "replica-x", "replica-x/00000000", None, "made-up",
+              "names no replica Pod"),
+    LeaseCase("a Pod that does not exist", "ghost", "ghost/00000000", "ghost", "made-up",
+              "no Pod of that name carries the replica labels"),
+    # A real replica's Pod name and uid copied onto a Lease of another name.
+    LeaseCase("a replica's proof copied", "replica-y", "replica-a/00000000", "replica-a", "real",
+              "whose member Lease is"),
+    LeaseCase("a replica's Pod, another holder", "replica-z", "evil/1", "replica-b", "made-up",
+              "whose member Lease is"),
+)  # fmt: skip

@@ -128,13 +128,20 @@ def test_sharded_replicas_get_leases_in_the_release_namespace_only(
     sharded = ("--set", "sharding.enabled=true", "--set", "operator.replicaCount=3")
     deployment = _deployment(_template(kube, namespace, *sharded), FULLNAME)
     container = deployment["spec"]["template"]["spec"]["containers"][0]
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     assert container["args"] == [
         "run", "--all-namespaces", "--liveness", "http://0.0.0.0:8080/healthz",
         "--metrics-port", "9090", "--sharding-namespace", namespace,
         "--sharding-group", FULLNAME, "--lease-seconds", "15",
+        "--replica-selector", ",".join(f"{key}={value}" for key, value in selector.items()),
         "--status-writes-per-second", "20",
     ]  # fmt: skip
     assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in (
+        container["env"]
+    )
+    # The proof on its member Lease (replica_proof): the others check it against this Pod.
+    assert {"name": "POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}} in (
         container["env"]
     )
     assert deployment["spec"]["replicas"] == 3
@@ -150,6 +157,11 @@ def test_sharded_replicas_get_leases_in_the_release_namespace_only(
             )
         for verb in ("delete", "patch"):
             assert not _can(kube, account, verb, "leases.coordination.k8s.io", "-n", namespace)
+        # The member Lease check: the replicas' own Pods, listed; a Lease that fails, an Event.
+        assert _can(kube, account, "list", "pods", "-n", namespace)
+        assert _can(kube, account, "create", "events", "-n", namespace)
+        for verb in ("create", "delete", "patch"):
+            assert not _can(kube, account, verb, "pods", "-n", namespace)
         # Active-active replicas use no kopf peering: no peering object, no right to one.
         assert kube.kubectl("get", "clusterkopfpeering", FULLNAME, check=False).returncode != 0
         assert not _can(kube, account, "patch", "clusterkopfpeerings.kopf.dev")

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from celery_reconciler import policy
 from devstack import kube as devstack_kube
 
 pytestmark = pytest.mark.e2e
@@ -243,6 +244,32 @@ def test_every_kind_of_pending_predicate_is_accepted_as_written(
     )
     assert stored["spec"]["source"]["pending"] == predicate
     assert stored["spec"]["source"]["table"] == "Reporting.JournalEntry"
+
+
+def test_broker_transport_options_are_stored_as_celery_spells_them(
+    kube: devstack_kube.ControlPlane, namespace: str, applied_crds: None
+) -> None:
+    """kombu's defaults included: a separator of control characters, priority steps."""
+    options = {
+        "global_keyprefix": "app-one:",
+        "unacked_key": "app_one_unacked",
+        "unacked_index_key": "app_one_unacked_index",
+        "sep": "\x06\x16",
+        "priority_steps": [0, 3, 6, 9],
+    }
+    doc = _policy(_set("task.brokerTransportOptions", options))
+    applied = _apply(kube, namespace, doc)
+    assert applied.returncode == 0, applied.stderr
+    stored = json.loads(
+        kube.kubectl("-n", namespace, "get", "ppol", doc["metadata"]["name"], "-o", "json").stdout
+    )
+    assert stored["spec"]["task"]["brokerTransportOptions"] == options
+    parsed = policy.parse_policy(stored["spec"], namespace=namespace, name=doc["metadata"]["name"])
+    assert parsed.task.transport_options() == options
+
+    refused = _apply(kube, namespace, _policy(_set("task.brokerTransportOptions.sep", "")))
+    assert refused.returncode != 0
+    assert "spec.task.brokerTransportOptions.sep" in refused.stderr
 
 
 def test_unknown_keys_are_refused_by_strict_field_validation_not_kept(

@@ -33,6 +33,7 @@ from e2e_support import (
 )
 
 from celery_app.demo import schema
+from celery_reconciler import replica_proof
 from devstack import kube as devstack_kube
 from devstack import node as devstack_node
 from devstack import processes
@@ -184,6 +185,14 @@ def test_the_sharded_chart_sweeps_under_leases_in_cluster(
         log = operator_log(node, namespace)
         assert [line for line in log.splitlines() if PERMISSION_ERROR.search(line)] == []
         assert "Lease not taken" not in log
+        # Its member Lease carries its Pod's proof (the Downward API's POD_UID), which its own
+        # check, against the chart's --replica-selector, passes.
+        member = get_json(crds, "-n", namespace, "get", "lease", f"{FULLNAME}-member-{name}")
+        assert member["metadata"]["annotations"] == {
+            replica_proof.POD_NAME_ANNOTATION: name,
+            replica_proof.POD_UID_ANNOTATION: operator["metadata"]["uid"],
+        }
+        assert "does not count as a replica" not in log
 
 
 @pytest.mark.parametrize("how", ["kill", "delete"])

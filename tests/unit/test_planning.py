@@ -144,6 +144,22 @@ def test_wakeup_comes_no_later_than_the_earliest_due_retry(
     assert delay <= interval
 
 
+@pytest.mark.parametrize(
+    ("due", "suspended", "early"),
+    [
+        (-3.0, False, True),  # a worker's heartbeat deadline passed since the sweep
+        (0.0, False, True),
+        (0.5, False, False),  # not yet: the refresh after next sees it
+        (None, False, False),  # nothing queued, running or waiting
+        (-3.0, True, False),  # a suspended policy dispatches nothing
+    ],
+)
+def test_a_refresh_between_sweeps_sweeps_early_only_for_what_is_due(
+    due: float | None, suspended: bool, early: bool
+) -> None:
+    assert planning.sweep_early(seconds_until_next_due=due, suspended=suspended) is early
+
+
 @given(
     dispatched=st.integers(min_value=0, max_value=10**6),
     elapsed=st.floats(min_value=0.0, max_value=10**5),
@@ -625,7 +641,8 @@ NOTHING_TO_DO: dict[str, Any] = {
 def test_an_idle_ledger_needs_no_upkeep() -> None:
     chores = planning.sweep_chores(**NOTHING_TO_DO)
     assert not any(dataclasses.astuple(chores))
-    assert not chores.may_change_in_flight and not chores.may_change_schedule
+    assert not chores.may_change_in_flight(queue_audited=False)
+    assert not chores.may_change_schedule(queue_audited=False)
 
 
 @pytest.mark.parametrize(
@@ -671,7 +688,11 @@ def test_no_work_is_skipped(**found: Any) -> None:
     assert chores.redispatch_due_retries >= (
         found["due_retries"] > 0 or chores.expire_lost_attempts
     )
-    assert chores.may_change_in_flight == (chores.expire_lost_attempts or chores.look_for_stranded)
+    for audited in (False, True):
+        assert chores.may_change_in_flight(queue_audited=audited) == (
+            chores.expire_lost_attempts or audited
+        )
+        assert chores.may_change_schedule(queue_audited=audited) >= audited
 
 
 # --- the database's record of who processes what ---------------------------------------

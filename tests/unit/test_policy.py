@@ -362,3 +362,35 @@ def test_history_retention_is_a_duration_of_at_least_a_minute() -> None:
     assert problems_of(spec) == {"spec.history.retention": "must be at least 1m"}
     spec["history"] = {"retention": "a week"}
     assert list(problems_of(spec)) == ["spec.history.retention"]
+
+
+def test_broker_transport_options_name_the_apps_redis_keys_as_celery_spells_them() -> None:
+    spec = full_spec()
+    assert parse(spec).task.transport_options() == {}
+    options = {
+        "global_keyprefix": "app-one:",
+        "unacked_key": "app_one_unacked",
+        "unacked_index_key": "app_one_unacked_index",
+        "sep": "\x06\x16",
+        "priority_steps": [0, 5, 9],
+    }
+    spec["task"]["brokerTransportOptions"] = options
+    assert parse(spec).task.transport_options() == options
+
+
+def test_broker_transport_options_that_kombu_would_not_take_name_the_field() -> None:
+    spec = full_spec()
+    spec["task"]["brokerTransportOptions"] = {
+        "unacked_key": "has space",
+        "sep": "",
+        "priority_steps": [3, 0],
+        "visibility_timeout": 3600,
+    }
+    found = problems_of(spec)
+    prefix = "spec.task.brokerTransportOptions"
+    assert sorted(found) == sorted(
+        f"{prefix}.{name}"
+        for name in ("unacked_key", "sep", "priority_steps", "visibility_timeout")
+    )
+    assert "kombu's default is [0, 3, 6, 9]" in found[f"{prefix}.priority_steps"]
+    assert "unknown field" in found[f"{prefix}.visibility_timeout"]

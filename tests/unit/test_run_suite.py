@@ -100,3 +100,34 @@ def test_a_failed_shard_fails_its_layer_and_the_layer_took_its_slowest_shard() -
 def test_a_bad_shard_option_is_refused(text: str) -> None:
     with pytest.raises(Exception, match="LAYER=N"):
         run_suite.parse_shards(text)
+
+
+def test_an_interrupted_shards_report_fails_its_layer_instead_of_crashing_the_runner(
+    tmp_path: Path,
+) -> None:
+    # What pytest writes for an error outside any test (an interrupt, a collection error):
+    # a test case with an empty classname. The runner once raised on it and lost every
+    # other shard's result.
+    report = tmp_path / "e2e-2-of-3.xml"
+    report.write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.e2e.test_cli" name="test_help" time="1.5"/>'
+        '<testcase classname="" name="tests/e2e/test_demo.py" time="0">'
+        '<error message="KeyboardInterrupt"/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    outcome = run_suite.Outcome(name="e2e[2/3]", returncode=2, ran=True)
+    run_suite.read_junit(outcome, report)
+    assert (outcome.passed, outcome.failed) == (1, 1)
+    assert outcome.failures == ["tests/e2e/test_demo.py"]
+    assert not outcome.ok
+
+
+def test_chosen_tests_select_their_layers_in_order_and_no_choice_selects_every_layer() -> None:
+    layers = ["unit", "integration", "e2e", "chaos"]
+    chosen = ["tests/e2e/test_demo.py", "tests/unit/test_policy.py::test_x"]
+    assert run_suite.select_tests(layers, chosen) == {
+        "unit": ["tests/unit/test_policy.py::test_x"],
+        "e2e": ["tests/e2e/test_demo.py"],
+    }
+    assert run_suite.select_tests(layers, []) == {layer: [] for layer in layers}

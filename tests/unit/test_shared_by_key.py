@@ -16,9 +16,17 @@ def test_a_value_is_opened_by_the_first_user_and_closed_after_the_last() -> None
     opened: list[str] = []
     closed: list[object] = []
     shared: shared_by_key.SharedByKey[str, object] = shared_by_key.SharedByKey(
-        open_value=lambda key: opened.append(key) or object(), close_value=closed.append
+        close_value=closed.append
     )
-    first, second = shared.attach("a"), shared.attach("a")
+
+    def attach(key: str) -> object:
+        def open_value() -> object:
+            opened.append(key)
+            return object()
+
+        return shared.attach(key, open_value=open_value)
+
+    first, second = attach("a"), attach("a")
     assert first is second and opened == ["a"]
     shared.detach("a", first)
     assert closed == [] and shared.values() == [first]
@@ -26,7 +34,7 @@ def test_a_value_is_opened_by_the_first_user_and_closed_after_the_last() -> None
     assert closed == [first] and shared.values() == []
     shared.detach("a", first)  # a detach too many closes nothing twice
     assert closed == [first]
-    again = shared.attach("a")
+    again = attach("a")
     assert again is not first and opened == ["a", "a"]
     shared.detach("a", first)  # the old value's detach leaves the new one alone
     assert shared.values() == [again] and closed == [first]

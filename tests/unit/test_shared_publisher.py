@@ -60,3 +60,22 @@ def test_a_failure_is_not_kept(
         publisher.instance_id()
     fake.fail = False
     assert publisher.instance_id() == "run-1"
+
+
+def test_policies_share_a_publisher_only_when_they_name_the_same_redis_keys() -> None:
+    # redis-py connects on the first command: attaching opens no socket.
+    url = "redis://127.0.0.1:1/0"
+    renamed = {"unacked_key": "app_one_unacked", "priority_steps": [0, 5, 9]}
+    first, second = publishers.attach(url), publishers.attach(url, transport_options={})
+    third = publishers.attach(url, transport_options=dict(reversed(renamed.items())))
+    fourth = publishers.attach(url, transport_options=renamed)
+    try:
+        assert first is second
+        assert third is fourth
+        assert third is not first
+        inner = third._publisher
+        assert isinstance(inner, broker.RedisPublisher)
+        assert inner._unacked_key == "app_one_unacked"
+    finally:
+        for shared in (first, second, third, fourth):
+            publishers.detach(shared)

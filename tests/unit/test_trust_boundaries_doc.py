@@ -89,6 +89,12 @@ def test_the_trust_boundaries_name_every_kubernetes_right_of_the_operator() -> N
         resources, verbs = rule["resources"], rule["verbs"]
         assert isinstance(resources, list) and isinstance(verbs, list)
         for resource in resources:
-            shown = re.search(rf"`{re.escape(resource)}`[^`|]*?: ([a-z, ]+)", operator_row)
-            assert shown, resource
-            assert shown.group(1).strip().rstrip(",").split(", ") == verbs, resource
+            # A resource granted twice (everywhere served, and in the release namespace
+            # with sharding) is named with each grant's verbs.
+            shown = [
+                found.group(1).strip().rstrip(",").split(", ")
+                for found in re.finditer(
+                    rf"`{re.escape(resource)}`[^`|]*?: ([a-z, ]+)", operator_row
+                )
+            ]
+            assert verbs in shown, (resource, verbs, shown)

@@ -11,6 +11,7 @@ inside a transaction, and must not queue behind sweeps.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from celery_reconciler import broker, kube, ledger, pools, publishers, reconcile
 from celery_reconciler import policy as policy_module
@@ -23,6 +24,7 @@ class Connections:
     db: reconcile.Sessions | None = None
     rescue_db: reconcile.Sessions | None = None
     broker_url: str | None = None
+    transport_options: dict[str, Any] | None = None
     shared_publisher: publishers.SharedPublisher | None = None
     publisher: broker.Publisher | None = None
 
@@ -55,18 +57,23 @@ class Connections:
             broker.check_broker_url(url, where=kube.secret_value_description(**broker_at))
         return dsn, url
 
-    def use(self, *, dsn: str, broker_url: str) -> None:
+    def use(
+        self, *, dsn: str, broker_url: str, transport_options: dict[str, Any] | None = None
+    ) -> None:
         if dsn != self.dsn:
             self.close_databases()
             self.dsn = dsn
             self.shared = pools.attach(dsn)
             self.db = self.shared.sweeps
             self.rescue_db = self.shared.rescues
-        if broker_url != self.broker_url:
+        if broker_url != self.broker_url or transport_options != self.transport_options:
             self.close_publisher()
-            self.shared_publisher = publishers.attach(broker_url)
+            self.shared_publisher = publishers.attach(
+                broker_url, transport_options=transport_options
+            )
             self.publisher = self.shared_publisher
             self.broker_url = broker_url
+            self.transport_options = transport_options
 
     def secrets(self) -> tuple[str, ...]:
         """What must never appear in a message: the DSN, the broker URL and their passwords."""
@@ -86,7 +93,7 @@ class Connections:
         if self.shared_publisher is not None:
             publishers.detach(self.shared_publisher)
         self.shared_publisher = self.publisher = None
-        self.broker_url = None
+        self.broker_url = self.transport_options = None
 
     def close(self) -> None:
         self.close_databases()

@@ -192,7 +192,9 @@ class PolicyLoop:
         """The steps of one sweep, in order; None when the database names an older policy
         for these rows (this one yields, and has said so)."""
         dsn, broker_url = await asyncio.to_thread(self.read_secrets, policy)
-        self.connections.use(dsn=dsn, broker_url=broker_url)
+        self.connections.use(
+            dsn=dsn, broker_url=broker_url, transport_options=policy.task.transport_options()
+        )
         db, publisher = self.connections.db, self.connections.publisher
         assert db is not None and publisher is not None
         conflict = await conflicts.in_database(
