@@ -158,7 +158,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
         submitted = (writer.submitted - submitted_before) / sweeps
         print(f"status submissions per idle sweep: {submitted:.2f}")
     finally:
-        for shared in list(pools._shared.values()):
+        for shared in pools._shared.values():
             shared.close()
         broker.stop()
         database.remove()

@@ -16,7 +16,7 @@ module that does the work and prints a human summary (``-o json`` where a script
 person's own credentials, found like kubectl finds them (``--kubeconfig``, ``$KUBECONFIG``,
 ``~/.kube/config``, in-cluster), and default to the context's namespace. They never sweep
 themselves: ``sweep-now`` and ``retry-dead`` set the annotations the operator's loop acts on
-(``loop.SWEEP_NOW_ANNOTATION``, ``loop.RETRY_DEAD_ANNOTATION``) and, with ``--wait``, wait
+(``policy_annotations.SWEEP_NOW``, ``policy_annotations.RETRY_DEAD``) and, with ``--wait``, wait
 until the loop cleared them — so the single active operator stays the only dispatcher.
 ``explain`` reads the ledger; its DSN comes from ``--dsn``, ``CELERY_RECONCILER_DSN`` or the
 policy's ``spec.source.databaseSecretRef`` Secret (read through the API).
@@ -48,8 +48,9 @@ import urllib3
 import yaml
 
 from celery_reconciler import broker as broker_module
-from celery_reconciler import kube, ledger, ledger_roles, loop, reconcile, runner
+from celery_reconciler import kube, ledger, ledger_roles, policy_annotations, reconcile, runner
 from celery_reconciler import policy as policy_module
+from celery_reconciler.loop import problems
 
 DSN_ENVIRONMENT_VARIABLE = "CELERY_RECONCILER_DSN"
 BROKER_ENVIRONMENT_VARIABLE = "CELERY_BROKER_URL"
@@ -475,11 +476,11 @@ def describe_ready(policy: Mapping[str, Any]) -> tuple[str, bool]:
 def cmd_sweep_now(args: argparse.Namespace, out: TextIO) -> int:
     requested = utc_now().strftime("%Y-%m-%dT%H:%M:%SZ")
     namespace, name, took = request_and_wait(
-        args, annotation=loop.SWEEP_NOW_ANNOTATION, value=requested
+        args, annotation=policy_annotations.SWEEP_NOW, value=requested
     )
     if took is None:
         out.write(
-            f"asked the operator to sweep {namespace}/{name} now ({loop.SWEEP_NOW_ANNOTATION}="
+            f"asked the operator to sweep {namespace}/{name} now ({policy_annotations.SWEEP_NOW}="
             f"{requested}); follow it with: {prog_name()} status -n {namespace}\n"
         )
         return EXIT_OK
@@ -522,13 +523,13 @@ def cmd_retry_dead(args: argparse.Namespace, out: TextIO) -> int:
     value = "all" if ids is None else ",".join(ids)
     requested = utc_now().strftime("%Y-%m-%dT%H:%M:%SZ")
     namespace, name, took = request_and_wait(
-        args, annotation=loop.RETRY_DEAD_ANNOTATION, value=value
+        args, annotation=policy_annotations.RETRY_DEAD, value=value
     )
     which = "all dead entries" if ids is None else f"dead entries {value}"
     if took is None:
         out.write(
             f"asked the operator to retry {which} of {namespace}/{name} "
-            f"({loop.RETRY_DEAD_ANNOTATION}={value}); follow it with: "
+            f"({policy_annotations.RETRY_DEAD}={value}); follow it with: "
             f"{prog_name()} status -n {namespace}\n"
         )
         return EXIT_OK
@@ -770,7 +771,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         print(f"{parser.prog}: {error}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except Exception as error:  # a bug: the operator's message, no traceback, no secret
-        problem = loop.problem_of(error, secrets=_secrets_given(args))
+        problem = problems.problem_of(error, secrets=_secrets_given(args))
         print(f"{parser.prog}: {problem.reason}: {problem.message}", file=sys.stderr)
         return EXIT_UNAVAILABLE
 

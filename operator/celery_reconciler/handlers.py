@@ -38,7 +38,7 @@ class TolerantDiffBaseStorage(kopf.AnnotationsDiffBaseStorage):
     """kopf's diff-base in an annotation, read as untrusted input: anyone with ``edit`` can
     overwrite it, and kopf's own reader then fails at every event of the policy (no status,
     a deletion stuck on the finalizer). A value that is not a JSON object reads as absent;
-    the policy's loop removes it with a Warning Event (``loop.PolicyLoop.repair_diffbase``)."""
+    the policy's loop removes it with a Warning Event (``loop.annotation_requests``)."""
 
     def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
         for full_key in self.make_keys(self.key, body=body):
@@ -168,7 +168,10 @@ def wake_on_change(
 ) -> None:
     annotations = body.metadata.annotations
     observed = (body.get("status") or {}).get("observedGeneration")
-    asked = loop.SWEEP_NOW_ANNOTATION in annotations or loop.RETRY_DEAD_ANNOTATION in annotations
+    asked = any(
+        request in annotations
+        for request in (policy_annotations.SWEEP_NOW, policy_annotations.RETRY_DEAD)
+    )
     changed = observed != body.metadata.get("generation")
     if asked or changed:
         loop.wake(f"{namespace}/{name}")

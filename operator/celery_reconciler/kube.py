@@ -84,10 +84,6 @@ class WorkerPod:
     phase: str | None = None
     node_name: str | None = None
 
-    @property
-    def restart_counts(self) -> dict[str, int]:
-        return {container.name: container.restart_count for container in self.containers}
-
 
 API_CONNECTION_POOL_SIZE = 64
 

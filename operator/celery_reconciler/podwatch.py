@@ -20,7 +20,7 @@ import dataclasses
 import threading
 from collections.abc import Callable
 
-from celery_reconciler import kube
+from celery_reconciler import kube, shared_by_key
 
 OnEvent = Callable[[str, kube.WorkerPod], None]
 OnHealth = Callable[[str | None], None]
@@ -31,6 +31,7 @@ class Subscription:
     key: tuple[str, str]
     on_event: OnEvent
     on_health: OnHealth
+    watch: _Watch | None = None  # until ``unsubscribe``
 
 
 class _Watch:
@@ -39,6 +40,7 @@ class _Watch:
         self.subscribers: list[Subscription] = []
         self.pods: dict[str, kube.WorkerPod] = {}  # by uid: what a late subscriber is told
         self.failure: str | None = None
+        self.started = False
         self.stopping = threading.Event()
         self.thread = threading.Thread(
             target=kube.watch_worker_pods,
@@ -52,6 +54,30 @@ class _Watch:
             name=f"pods:{namespace}:{label_selector}",
             daemon=True,
         )
+
+    def join(self, subscription: Subscription) -> None:
+        """Tell a new subscriber what a watch of its own would have told it first."""
+        with self.lock:
+            for pod in self.pods.values():
+                subscription.on_event("ADDED", pod)
+            if self.failure is not None:
+                subscription.on_health(self.failure)
+            self.subscribers.append(subscription)
+
+    def leave(self, subscription: Subscription) -> None:
+        with self.lock:
+            if subscription in self.subscribers:
+                self.subscribers.remove(subscription)
+
+    def start_once(self) -> None:
+        with self.lock:
+            if self.started:
+                return
+            self.started = True
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
 
     def on_event(self, event_type: str, pod: kube.WorkerPod) -> None:
         with self.lock:
@@ -69,8 +95,9 @@ class _Watch:
                 subscriber.on_health(failure)
 
 
-_lock = threading.Lock()
-_watches: dict[tuple[str, str], _Watch] = {}
+_watches: shared_by_key.SharedByKey[tuple[str, str], _Watch] = shared_by_key.SharedByKey(
+    close_value=_Watch.stop
+)
 
 
 def subscribe(
@@ -78,33 +105,20 @@ def subscribe(
 ) -> Subscription:
     """Hear the pod events of ``label_selector`` in ``namespace`` until ``unsubscribe``.
     The callbacks run in the watch's thread and must return quickly."""
-    key = (namespace, label_selector)
-    subscription = Subscription(key=key, on_event=on_event, on_health=on_health)
-    with _lock:
-        watch = _watches.get(key)
-        started = watch is None
-        if watch is None:
-            watch = _watches[key] = _Watch(namespace=namespace, label_selector=label_selector)
-        with watch.lock:
-            for pod in watch.pods.values():
-                on_event("ADDED", pod)
-            if watch.failure is not None:
-                on_health(watch.failure)
-            watch.subscribers.append(subscription)
-    if started:
-        watch.thread.start()
+    subscription = Subscription(
+        key=(namespace, label_selector), on_event=on_event, on_health=on_health
+    )
+    watch = _watches.attach(
+        subscription.key,
+        open_value=lambda: _Watch(namespace=namespace, label_selector=label_selector),
+        joining=lambda watch: watch.join(subscription),
+    )
+    subscription.watch = watch
+    watch.start_once()  # after the first subscriber joined: it hears the first listing
     return subscription
 
 
 def unsubscribe(subscription: Subscription) -> None:
-    with _lock:
-        watch = _watches.get(subscription.key)
-        if watch is None:
-            return
-        with watch.lock:
-            if subscription in watch.subscribers:
-                watch.subscribers.remove(subscription)
-            if watch.subscribers:
-                return
-        del _watches[subscription.key]
-    watch.stopping.set()
+    watch, subscription.watch = subscription.watch, None
+    if watch is not None:
+        _watches.detach(subscription.key, watch, leaving=lambda watch: watch.leave(subscription))

@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from celery_reconciler import ledger
+from celery_reconciler import ledger, shared_by_key
 
 MAX_CONNECTIONS_ENV = "CELERY_RECONCILER_MAX_DATABASE_CONNECTIONS"
 DEFAULT_MAX_CONNECTIONS = 20
@@ -253,7 +253,6 @@ class SharedDatabase:
             ),
             dsn=dsn,
         )
-        self.users = 0
 
     def __repr__(self) -> str:
         return f"SharedDatabase({ledger.describe_dsn(self.dsn)})"
@@ -263,28 +262,20 @@ class SharedDatabase:
         self.rescues.close()
 
 
-_registry_lock = threading.Lock()
-_shared: dict[str, SharedDatabase] = {}
+_shared: shared_by_key.SharedByKey[str, SharedDatabase] = shared_by_key.SharedByKey(
+    close_value=SharedDatabase.close
+)
 
 
 def attach(dsn: str) -> SharedDatabase:
     """The shared connections of ``dsn``; every ``attach`` is matched by one ``detach``."""
-    with _registry_lock:
-        shared = _shared.get(dsn)
-        if shared is None:
-            shared = _shared[dsn] = SharedDatabase(dsn, max_connections=_max_connections)
-        shared.users += 1
-        return shared
+    return _shared.attach(
+        dsn, open_value=lambda: SharedDatabase(dsn, max_connections=_max_connections)
+    )
 
 
 def detach(shared: SharedDatabase) -> None:
-    with _registry_lock:
-        shared.users -= 1
-        if shared.users > 0:
-            return
-        if _shared.get(shared.dsn) is shared:
-            del _shared[shared.dsn]
-    shared.close()
+    _shared.detach(shared.dsn, shared)
 
 
 def run_rescue(function: Callable[[], _T]) -> concurrent.futures.Future[_T]:

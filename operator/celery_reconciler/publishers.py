@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
-from celery_reconciler import broker
+from celery_reconciler import broker, shared_by_key
 
 ANSWER_REUSE_SECONDS = 1.0
 _T = TypeVar("_T")
@@ -43,7 +43,6 @@ class SharedPublisher:
     ) -> None:
         self.url = url
         self.key = _key(url, transport_options)
-        self.users = 0
         self._clock = clock
         self._answers: dict[tuple[str, ...], tuple[float, object]] = {}
         self._publisher = broker.connect(url, transport_options=transport_options)
@@ -110,8 +109,9 @@ class SharedPublisher:
             self._publisher.close()
 
 
-_lock = threading.Lock()
-_shared: dict[tuple[str, str], SharedPublisher] = {}
+_shared: shared_by_key.SharedByKey[tuple[str, str], SharedPublisher] = shared_by_key.SharedByKey(
+    close_value=SharedPublisher.shut
+)
 
 
 def _key(url: str, transport_options: Mapping[str, Any] | None) -> tuple[str, str]:
@@ -121,21 +121,11 @@ def _key(url: str, transport_options: Mapping[str, Any] | None) -> tuple[str, st
 def attach(url: str, *, transport_options: Mapping[str, Any] | None = None) -> SharedPublisher:
     """The shared publisher of ``url`` with the app's ``transport_options``; every ``attach``
     is matched by one ``detach``."""
-    with _lock:
-        key = _key(url, transport_options)
-        shared = _shared.get(key)
-        if shared is None:
-            shared = SharedPublisher(url, transport_options=transport_options)
-            _shared[key] = shared
-        shared.users += 1
-        return shared
+    return _shared.attach(
+        _key(url, transport_options),
+        open_value=lambda: SharedPublisher(url, transport_options=transport_options),
+    )
 
 
 def detach(shared: SharedPublisher) -> None:
-    with _lock:
-        shared.users -= 1
-        if shared.users > 0:
-            return
-        if _shared.get(shared.key) is shared:
-            del _shared[shared.key]
-    shared.shut()
+    _shared.detach(shared.key, shared)

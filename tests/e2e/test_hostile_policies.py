@@ -28,7 +28,7 @@ from e2e_support import (
     wait_for,
 )
 
-from celery_reconciler.loop import SWEEP_NOW_ANNOTATION as SWEEP_NOW
+from celery_reconciler.policy_annotations import SWEEP_NOW
 from devstack import kube as devstack_kube
 from devstack import processes
 

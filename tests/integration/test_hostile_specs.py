@@ -3,7 +3,7 @@ can meet is a known error with a condition reason and a message naming the field
 never a raw database error; no text read from a Secret is ever quoted; and once the spec is
 fixed, the very next sweep dispatches.
 
-The operator's loop turns these errors into conditions with ``loop.problem_of`` (so do the
+The operator's loop turns these errors into conditions with ``loop.problems.problem_of`` (so do the
 CLI's messages); the e2e tests check the same cases through the running operator.
 """
 
@@ -17,8 +17,9 @@ from psycopg import sql
 from reconcile_support import make_policy, sweep_connections
 
 from celery_app.demo import schema
-from celery_reconciler import broker, conditions, ledger, loop, planning, reconcile, source
+from celery_reconciler import broker, conditions, ledger, planning, reconcile, source
 from celery_reconciler import policy as policy_module
+from celery_reconciler.loop import problems
 from devstack import postgres as devstack_postgres
 
 pytestmark = pytest.mark.integration
@@ -102,7 +103,7 @@ def test_a_hostile_source_is_a_condition_naming_the_field_and_the_fix_sweeps_at_
     with sweep_connections(demo_dsn, redis_url) as (db, publisher):
         with pytest.raises(reconcile.SourceInvalid) as caught:
             reconcile.reconcile_once(hostile, db=db, broker=publisher)
-        problem = loop.problem_of(caught.value)
+        problem = problems.problem_of(caught.value)
         assert problem.reason == reason
         assert field in problem.message
         # The same Database and Publisher, the spec fixed: the next sweep dispatches.
@@ -128,7 +129,7 @@ def test_a_database_user_without_rights_on_the_ledger_schema_is_told_what_to_gra
     with sweep_connections(limited_dsn, redis_url) as (db, publisher):
         with pytest.raises(reconcile.LedgerPermissionDenied) as caught:
             reconcile.reconcile_once(policy, db=db, broker=publisher)
-        problem = loop.problem_of(caught.value)
+        problem = problems.problem_of(caught.value)
         assert problem.reason == conditions.LEDGER_PERMISSION_DENIED
         assert "GRANT CONNECT, CREATE ON DATABASE" in problem.message
         assert "celery-reconciler grants" in problem.message
@@ -170,7 +171,7 @@ def test_a_secret_value_that_is_not_a_dsn_is_never_quoted(value: str, redis_url:
             reconcile.reconcile_once(policy, db=db, broker=publisher)
     finally:
         publisher.close()
-    shown = loop.problem_of(caught.value).message + repr(db)
+    shown = problems.problem_of(caught.value).message + repr(db)
     for word in value.replace("=", " ").replace(":", " ").replace("/", " ").split():
         if len(word) >= 3 and word not in ("host", "port", "127.0.0.1", "postgresql", "user"):
             assert word not in shown
@@ -183,7 +184,7 @@ def test_a_secret_value_that_is_not_a_dsn_is_never_quoted(value: str, redis_url:
 def test_a_broker_url_that_does_not_parse_is_never_quoted(url: str) -> None:
     with pytest.raises(broker.BrokerUrlInvalid) as caught:
         broker.connect(url)
-    problem = loop.problem_of(caught.value)
+    problem = problems.problem_of(caught.value)
     assert problem.reason == conditions.SECRET_INVALID
     assert "s3cret" not in problem.message
 
@@ -234,7 +235,7 @@ def test_operator_sessions_have_statement_and_lock_timeouts_and_workers_do_not(
             reconcile.reconcile_once(policy, db=db, broker=publisher)
         db.close()
         assert "lock timeout" in str(caught.value)
-        assert loop.problem_of(caught.value).reason == conditions.DATABASE_UNAVAILABLE
+        assert problems.problem_of(caught.value).reason == conditions.DATABASE_UNAVAILABLE
     finally:
         holder.rollback()
         holder.close()

@@ -11,7 +11,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from celery_reconciler import conditions, ledger, loop, pools
+from celery_reconciler import conditions, ledger, pools
+from celery_reconciler.loop import problems
 
 
 def operator_connections(dsn: str) -> dict[str, int]:
@@ -94,7 +95,7 @@ def test_a_policy_that_waits_too_long_for_a_slot_is_told_why(
             shared.sweeps.session(doing="reading status counts"),
         ):
             pass
-        problem = loop.problem_of(caught.value)
+        problem = problems.problem_of(caught.value)
         assert problem.reason == conditions.CONNECTION_POOL_EXHAUSTED
         assert "reading status counts" in problem.message
         assert "CELERY_RECONCILER_MAX_DATABASE_CONNECTIONS" in problem.message
@@ -133,7 +134,7 @@ def test_a_full_server_is_too_many_connections_not_a_wrong_dsn(database_dsn: str
         finally:
             pools.detach(shared)
             pools.configure(max_connections=pools.DEFAULT_MAX_CONNECTIONS)
-    problem = loop.problem_of(caught.value)
+    problem = problems.problem_of(caught.value)
     assert problem.reason == conditions.TOO_MANY_CONNECTIONS
     assert "max_connections" in problem.message
     assert "one-slot-pw" not in problem.message

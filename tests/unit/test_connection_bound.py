@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from celery_reconciler import conditions, ledger, loop, pools
+from celery_reconciler import conditions, ledger, pools
+from celery_reconciler.loop import problems
 
 DSN = "postgresql://app:s3cret-pw@db.example:5433/journal"
 
@@ -41,7 +42,7 @@ class _ServerError(Exception):
 def test_a_full_server_is_its_own_reason_and_does_not_blame_the_dsn(error: Exception) -> None:
     failure = ledger.unavailable(error, dsn=DSN, doing="connecting")
     assert isinstance(failure, ledger.TooManyConnections)
-    problem = loop.problem_of(failure)
+    problem = problems.problem_of(failure)
     assert problem.reason == conditions.TOO_MANY_CONNECTIONS
     assert "max_connections" in problem.message
     assert "DSN (" not in problem.message
@@ -52,9 +53,9 @@ def test_a_full_server_is_its_own_reason_and_does_not_blame_the_dsn(error: Excep
 def test_other_refusals_still_point_at_the_server_and_the_dsn() -> None:
     failure = ledger.unavailable(_ServerError("connection refused", None), dsn=DSN, doing="x")
     assert not isinstance(failure, ledger.TooManyConnections)
-    assert loop.problem_of(failure).reason == conditions.DATABASE_UNAVAILABLE
+    assert problems.problem_of(failure).reason == conditions.DATABASE_UNAVAILABLE
 
 
 def test_a_policy_that_waited_too_long_for_a_slot_says_so() -> None:
-    problem = loop.problem_of(pools.PoolExhausted("all 16 connections ..."))
+    problem = problems.problem_of(pools.PoolExhausted("all 16 connections ..."))
     assert problem.reason == conditions.CONNECTION_POOL_EXHAUSTED

@@ -11,6 +11,7 @@ import pytest
 
 from celery_reconciler import broker, conditions, kube, ledger, loop, planning, reconcile, source
 from celery_reconciler import policy as policy_module
+from celery_reconciler.loop import problems
 
 
 def source_of(**overrides: object) -> policy_module.Source:
@@ -149,8 +150,8 @@ def test_every_sweep_failure_has_its_reason_and_anything_else_is_an_internal_err
         (ZeroDivisionError("boom"), conditions.INTERNAL_ERROR),
     ]
     for error, reason in cases:
-        assert loop.problem_of(error).reason == reason
-    internal = loop.problem_of(KeyError(f"cannot use {DSN}"), secrets=ledger.dsn_secrets(DSN))
+        assert problems.problem_of(error).reason == reason
+    internal = problems.problem_of(KeyError(f"cannot use {DSN}"), secrets=ledger.dsn_secrets(DSN))
     assert "KeyError" in internal.message and "bug" in internal.message
     assert "pa55word-x" not in internal.message
 
@@ -222,10 +223,10 @@ def test_durations_beyond_their_bounds_are_refused_naming_the_field(
 def test_the_operations_guide_lists_exactly_the_reasons_a_policy_can_be_degraded_with() -> None:
     guide = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
     documented = set(re.findall(r"^\| False \| True \| `(\w+)` \|", guide, flags=re.MULTILINE))
-    in_code = {reason for _, reason in loop.SWEEP_ERRORS}
+    in_code = {reason for _, reason in problems.SWEEP_ERRORS}
     in_code |= {conditions.INVALID_SPEC, conditions.INTERNAL_ERROR}
     # Reasons a sweep that worked can still carry (the loop's health checks).
-    in_code |= {conditions.CONFLICT, conditions.OWNER_ROW_DISAGREES, *loop.HEALTH_REASONS}
+    in_code |= {conditions.CONFLICT, conditions.OWNER_ROW_DISAGREES, *problems.HEALTH_REASONS}
     assert documented == in_code
 
 
@@ -242,7 +243,7 @@ def test_an_unexpected_error_logs_its_traceback_once_without_secrets(
         try:
             fail()
         except KeyError as error:
-            problem = policy_loop.problem_of(error)
+            problem = policy_loop.errors.problem_of(error)
     assert problem.reason == conditions.INTERNAL_ERROR
     tracebacks = [r for r in caplog.records if "Traceback" in r.getMessage()]
     assert len(tracebacks) == 1

@@ -1,5 +1,5 @@
 """The loop flags a lease below the heartbeat timeout of the policy's workers (issue 22):
-``PolicyLoop.check_lease`` turns what the ledger's status read found into the
+``loop.advice.PolicyAdvice.check_lease`` turns what the ledger's status read found into the
 ``LeaseFitsWorkers`` condition and one Warning Event. The ledger's half (which workers run
 the policy's entries, and their timeout) is tested against PostgreSQL in
 ``tests/integration/test_source_and_ledger.py``."""
@@ -10,7 +10,8 @@ import asyncio
 import datetime
 
 from celery_app.demo import schema
-from celery_reconciler import conditions, ledger, loop, policy, reconcile
+from celery_reconciler import conditions, ledger, policy, reconcile
+from celery_reconciler.loop import advice, events
 
 
 def snapshot(*, heartbeat_timeout_seconds: float | None) -> reconcile.StatusSnapshot:
@@ -37,30 +38,32 @@ def snapshot(*, heartbeat_timeout_seconds: float | None) -> reconcile.StatusSnap
 def test_a_lease_below_the_workers_heartbeat_timeout_is_a_condition_and_one_warning() -> None:
     short = policy.parse_policy(schema.policy_spec(lease_timeout="5s"), namespace="n", name="p")
     fitting = policy.parse_policy(schema.policy_spec(lease_timeout="1m"), namespace="n", name="p")
-    policy_loop = loop.PolicyLoop(namespace="n", name="p", uid="u", body={})
-    events: list[tuple[str, str, str]] = []
+    posted: list[tuple[str, str, str]] = []
 
-    async def record(event_type: str, reason: str, message: str) -> None:
-        events.append((event_type, reason, message))
+    class RecordedEvents(events.PolicyEvents):
+        async def post(self, event_type: str, reason: str, message: str) -> None:
+            posted.append((event_type, reason, message))
 
-    policy_loop.event = record  # type: ignore[method-assign]
+    policy_advice = advice.PolicyAdvice(
+        policy_key="n/p", events=RecordedEvents(namespace="n", name="p", uid="u")
+    )
 
-    asyncio.run(policy_loop.check_lease(short, snapshot(heartbeat_timeout_seconds=None)))
-    assert policy_loop.lease_condition is None  # no worker seen yet: nothing to compare
+    asyncio.run(policy_advice.check_lease(short, snapshot(heartbeat_timeout_seconds=None)))
+    assert policy_advice.lease_condition is None  # no worker seen yet: nothing to compare
     for _ in range(2):
-        asyncio.run(policy_loop.check_lease(short, snapshot(heartbeat_timeout_seconds=20.0)))
-    assert policy_loop.lease_condition is not None
-    assert policy_loop.lease_condition[:3] == (
+        asyncio.run(policy_advice.check_lease(short, snapshot(heartbeat_timeout_seconds=20.0)))
+    assert policy_advice.lease_condition is not None
+    assert policy_advice.lease_condition[:3] == (
         conditions.LEASE_FITS_WORKERS,
         "False",
         conditions.LEASE_BELOW_HEARTBEAT_TIMEOUT,
     )
-    assert [(kind, reason) for kind, reason, _ in events] == [
+    assert [(kind, reason) for kind, reason, _ in posted] == [
         ("Warning", conditions.LEASE_BELOW_HEARTBEAT_TIMEOUT)
     ]
     # Idle (nothing running) keeps what was seen; a longer lease clears it.
-    asyncio.run(policy_loop.check_lease(short, snapshot(heartbeat_timeout_seconds=None)))
-    assert policy_loop.lease_condition[1] == "False"
-    asyncio.run(policy_loop.check_lease(fitting, snapshot(heartbeat_timeout_seconds=None)))
-    assert policy_loop.lease_condition[1] == "True"
-    assert len(events) == 1
+    asyncio.run(policy_advice.check_lease(short, snapshot(heartbeat_timeout_seconds=None)))
+    assert policy_advice.lease_condition[1] == "False"
+    asyncio.run(policy_advice.check_lease(fitting, snapshot(heartbeat_timeout_seconds=None)))
+    assert policy_advice.lease_condition[1] == "True"
+    assert len(posted) == 1

@@ -1,4 +1,4 @@
-"""``PolicyLoop.owner_disagreement``: a refusal by the ledger's owner row is a takeover when
+"""``loop.conflicts.owner_disagreement``: a refusal by the ledger's owner row is a takeover when
 the policy's Lease names someone else, and a disagreement to show when the Lease still
 names this replica (issue 22). The sharded run against a real apiserver and PostgreSQL is
 ``tests/e2e/test_forged_owner_row.py``; this checks the decision and its message."""
@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 
-from celery_reconciler import conditions, ledger, loop, sharding
+from celery_reconciler import conditions, ledger, sharding
+from celery_reconciler.loop import conflicts
 
 MINE = sharding.Fence("ns/p", "replica-a/1", 7)
 
@@ -21,10 +22,9 @@ def disagreement(*, lease_backs: bool, refused: ledger.FencedOut) -> conditions.
         assert fence == MINE
         return lease_backs
 
-    policy_loop = loop.PolicyLoop(
-        namespace="ns", name="p", uid="u", body={}, fence=MINE, lease_backs=backs
+    return asyncio.run(
+        conflicts.owner_disagreement(refused, policy_key="ns/p", fence=MINE, lease_backs=backs)
     )
-    return asyncio.run(policy_loop.owner_disagreement(refused))
 
 
 def test_a_refusal_the_lease_does_not_back_is_a_takeover() -> None:
@@ -41,5 +41,7 @@ def test_a_row_the_lease_does_not_back_is_shown_with_both_sides_and_the_holder_e
 
 
 def test_without_sharding_a_refusal_is_never_a_disagreement() -> None:
-    policy_loop = loop.PolicyLoop(namespace="ns", name="p", uid="u", body={})
-    assert asyncio.run(policy_loop.owner_disagreement(refusal("evil/1", 2**40))) is None
+    without = conflicts.owner_disagreement(
+        refusal("evil/1", 2**40), policy_key="ns/p", fence=None, lease_backs=None
+    )
+    assert asyncio.run(without) is None

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from celery_reconciler import ledger, loop, reconcile, statuswriter
+from celery_reconciler.loop import status_report
 
 POLICY_BODY = {
     "metadata": {"namespace": "ns", "name": "p", "uid": "uid-p", "generation": 1},
@@ -75,7 +76,7 @@ def test_a_status_write_between_sweeps_carries_the_last_sweep_not_an_older_one(
     # The wall clock the loop reads: three sweeps 5 minutes apart (the 5m interval), then a
     # refresh a minute later.
     wall_clock = ["2026-12-07T10:00:00Z"]
-    monkeypatch.setattr(loop, "utc_now_text", lambda: wall_clock[0])
+    monkeypatch.setattr(status_report, "utc_now_text", lambda: wall_clock[0])
     writer = RecordingWriter()
     monkeypatch.setattr(statuswriter, "WRITER", writer)
     policy_loop = loop.PolicyLoop(namespace="ns", name="p", uid="uid-p", body=POLICY_BODY)
@@ -85,17 +86,17 @@ def test_a_status_write_between_sweeps_carries_the_last_sweep_not_an_older_one(
         # The first sweep is written; the next two changed nothing, so they write nothing
         # (the refresh period has not passed); then a worker finishes an entry and the
         # refresh between sweeps writes the counts.
-        await policy_loop.report(
+        await policy_loop.reporter.show_outcome(
             policy=None, problem=None, generation=1, result=idle_sweep(), counts=busy
         )
         for later_sweep in ("2026-12-07T10:05:00Z", "2026-12-07T10:10:00Z"):
             wall_clock[0] = later_sweep
-            await policy_loop.report(
+            await policy_loop.reporter.show_outcome(
                 policy=None, problem=None, generation=1, result=idle_sweep(), counts=busy
             )
         wall_clock[0] = "2026-12-07T10:11:00Z"
-        policy_loop.last_status_write -= loop.STATUS_MIN_INTERVAL_SECONDS
-        await policy_loop.report(
+        policy_loop.reporter.last_status_write -= status_report.STATUS_MIN_INTERVAL_SECONDS
+        await policy_loop.reporter.show_outcome(
             policy=None, problem=None, generation=1, counts=snapshot(in_flight=3)
         )
 
