@@ -260,25 +260,30 @@ class PolicyLoop:
         metrics.QUEUE_DEPTH.labels(self.namespace, self.name).set(depth)
         return counts
 
-    async def refresh_status(self) -> None:
-        """Between sweeps: the counts again, and the health a sweep that worked would show."""
+    async def refresh_status(self) -> bool:
+        """Between sweeps: the counts again, and the health a sweep that worked would show;
+        True when what they show is due now (sweep instead of sleeping on)."""
         db, publisher, policy = self.connections.db, self.connections.publisher, self.policy
         if db is None or publisher is None or policy is None:
-            return
+            return False
         last_problem = self.reporter.last_problem
         if last_problem is not None and last_problem.reason not in problems.HEALTH_REASONS:
-            return
+            return False
         try:
             if await self.broker_restarts.notice(policy, db=db, publisher=publisher):
-                return  # the loop was woken to re-dispatch; it reports after that sweep
+                return False  # the loop was woken to re-dispatch; it reports after that sweep
             counts = await self.read_progress(policy, db=db, publisher=publisher)
         except Exception:  # the next sweep meets it too, and reports it
-            return
+            return False
         await self.reporter.show_outcome(
             policy=policy,
             problem=self.health_problem(policy, counts),
             generation=self.generation(),
             counts=counts,
+        )
+        return planning.sweep_early(
+            seconds_until_next_due=counts.seconds_until_next_due,
+            suspended=policy.schedule.suspend,
         )
 
     def health_problem(

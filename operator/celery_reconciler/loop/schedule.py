@@ -64,13 +64,16 @@ class SweepSchedule:
         stopped: Any,
         *,
         work_in_flight: Callable[[], bool],
-        refresh_status: Callable[[], Awaitable[None]],
+        refresh_status: Callable[[], Awaitable[bool]],
     ) -> None:
         """Sleep until the next sweep; while work is in flight, refresh the status meanwhile.
 
         Between sweeps nothing is dispatched, but workers keep finishing entries: a person
         watching ``kubectl get processingstatus`` should see the counts move, not freeze for
-        a whole sweep interval. Refreshing costs two index-backed counts, no sweep.
+        a whole sweep interval. Refreshing costs two index-backed counts, no sweep. What it
+        reads also ends the sleep early (``refresh_status`` returns True) when something
+        fell due that the sweep could not foresee: a body started since, whose worker went
+        silent (``planning.sweep_early``).
         """
         deadline = time.monotonic() + delay_seconds
         while True:
@@ -80,7 +83,8 @@ class SweepSchedule:
             woken = await self.sleep(chunk, stopped)
             if woken or stopped or time.monotonic() >= deadline:
                 return
-            await refresh_status()
+            if await refresh_status():
+                return  # a worker went silent, or a retry or lease fell due, since the sweep
 
     async def sleep(self, delay_seconds: float, stopped: Any) -> bool:
         """Sleep up to ``delay_seconds``; True when woken early by a wake-up request."""
