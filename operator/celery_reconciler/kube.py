@@ -535,18 +535,37 @@ def post_event(
 
     Best effort: an Event that cannot be written must never stop a sweep.
     """
-    now = datetime.datetime.now(datetime.UTC)
-    body = kubernetes.client.CoreV1Event(
-        metadata=kubernetes.client.V1ObjectMeta(
-            generate_name=f"{policy_name}.", namespace=namespace
-        ),
-        involved_object=kubernetes.client.V1ObjectReference(
+    post_event_on(
+        kubernetes.client.V1ObjectReference(
             api_version=f"{GROUP}/{VERSION}",
             kind="ProcessingPolicy",
             name=policy_name,
             namespace=namespace,
             uid=policy_uid,
         ),
+        event_type=event_type,
+        reason=reason,
+        message=message,
+    )
+
+
+def post_event_on(
+    involved: kubernetes.client.V1ObjectReference,
+    *,
+    event_type: str,
+    reason: str,
+    message: str,
+    missing_right_hint: str = "grant the operator create on events",
+) -> None:
+    """A core/v1 Event on ``involved`` (in its namespace). Best effort: logged, never
+    raised — an Event is never worth failing a sweep or a listing over."""
+    now = datetime.datetime.now(datetime.UTC)
+    namespace = str(involved.namespace)
+    body = kubernetes.client.CoreV1Event(
+        metadata=kubernetes.client.V1ObjectMeta(
+            generate_name=f"{involved.name}.", namespace=namespace
+        ),
+        involved_object=involved,
         type=event_type,
         reason=reason,
         message=message[:1024],
@@ -561,13 +580,14 @@ def post_event(
         _core().create_namespaced_event(namespace, body, _request_timeout=REQUEST_TIMEOUT_SECONDS)
     except kubernetes.client.ApiException as error:
         logger.warning(
-            "could not post Event %s on %s/%s: HTTP %s %s%s",
+            "could not post Event %s on %s %s/%s: HTTP %s %s%s",
             reason,
+            involved.kind,
             namespace,
-            policy_name,
+            involved.name,
             error.status,
             error.reason,
-            " — grant the operator create on events" if error.status == 403 else "",
+            f" — {missing_right_hint}" if error.status == 403 else "",
         )
     except Exception as error:  # an Event is never worth failing a sweep over
         logger.warning("could not post Event %s: %s", reason, type(error).__name__)

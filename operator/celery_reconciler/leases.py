@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
 import re
 import threading
 import time
@@ -229,46 +228,19 @@ def list_replica_pods(*, namespace: str, selector: str) -> list[replica_proof.Re
 
 def post_event(*, namespace: str, record: sharding.LeaseRecord, reason: str, message: str) -> None:
     """A Warning Event on a Lease (``kubectl describe lease`` shows it). Best effort."""
-    now = datetime.datetime.now(datetime.UTC)
-    body = kubernetes.client.CoreV1Event(
-        metadata=kubernetes.client.V1ObjectMeta(
-            generate_name=f"{record.name}.", namespace=namespace
-        ),
-        involved_object=kubernetes.client.V1ObjectReference(
+    kube.post_event_on(
+        kubernetes.client.V1ObjectReference(
             api_version="coordination.k8s.io/v1",
             kind="Lease",
             name=record.name,
             namespace=namespace,
             uid=record.uid or None,
         ),
-        type="Warning",
+        event_type="Warning",
         reason=reason,
-        message=message[:1024],
-        first_timestamp=now,
-        last_timestamp=now,
-        count=1,
-        source=kubernetes.client.V1EventSource(component="celery-reconciler"),
-        reporting_component="celery-reconciler",
-        reporting_instance=os.environ.get("HOSTNAME", "celery-reconciler"),
+        message=message,
+        missing_right_hint="grant the operator create on events in its own namespace",
     )
-    try:
-        kubernetes.client.CoreV1Api(kube._client()).create_namespaced_event(
-            namespace, body, _request_timeout=kube.REQUEST_TIMEOUT_SECONDS
-        )
-    except kubernetes.client.ApiException as error:
-        logger.warning(
-            "could not post Event %s on Lease %s/%s: HTTP %s %s%s",
-            reason,
-            namespace,
-            record.name,
-            error.status,
-            error.reason,
-            " — grant the operator create on events in its own namespace"
-            if error.status == 403
-            else "",
-        )
-    except Exception as error:  # an Event is never worth failing a listing over
-        logger.warning("could not post Event %s: %s", reason, type(error).__name__)
 
 
 def _failure(error: kubernetes.client.ApiException, *, doing: str) -> kube.KubernetesUnavailable:
