@@ -340,6 +340,13 @@ def test_the_liveness_probe_fails_while_the_whole_worker_is_frozen(
     with sweep_connections(demo_dsn, redis_url) as (db, publisher):
         reconcile.reconcile_once(policy, db=db, broker=publisher)
     wait_for(lambda: len(first_runs(conn)) == 1, timeout_seconds=30, what="the body running")
+    # The guardian starts beside the worker and may tick first after the body began (the
+    # suite once found no tick file here under load): a precondition waited for.
+    wait_for(
+        lambda: len(list(run_directory.glob(f"worker-*/{ticks.GUARDIAN_FILE}"))) == 1,
+        timeout_seconds=30,
+        what="the guardian's first tick",
+    )
     healthy = run_probe(run_directory)
     assert healthy.returncode == 0, healthy.stderr  # the precondition: a live worker passes
     [guardian_tick] = list(run_directory.glob(f"worker-*/{ticks.GUARDIAN_FILE}"))
