@@ -243,17 +243,17 @@ class Figures:
         )
         if self.kill_waits:
             out.append(
-                f"  worker kills that waited for a Pod that ran a body since its last kill: "
-                f"n={len(self.kill_waits)}, p50 {percentile(self.kill_waits, 0.5):.2f} s, "
-                f"p90 {percentile(self.kill_waits, 0.9):.2f} s, max {max(self.kill_waits):.2f} s"
+                _waits_line(
+                    "worker kills", "a Pod that ran a body since its last kill", self.kill_waits
+                )
             )
         if self.outage_waits:
             out.append(
-                f"  outages (operator, Redis, PostgreSQL, apiserver) that waited for an entry "
-                f"processed since the previous one: n={len(self.outage_waits)}, "
-                f"p50 {percentile(self.outage_waits, 0.5):.2f} s, "
-                f"p90 {percentile(self.outage_waits, 0.9):.2f} s, "
-                f"max {max(self.outage_waits):.2f} s"
+                _waits_line(
+                    "outages (operator, Redis, PostgreSQL, apiserver)",
+                    "an entry processed since the previous one",
+                    self.outage_waits,
+                )
             )
         out.append(
             f"  worker freezes: {self.frozen_runs} runs caught mid-body, "
@@ -288,6 +288,14 @@ def _latency_line(what: str, values: Sequence[float]) -> str:
         f"  rescue latency ({what}), n={len(values)}: p50 {percentile(values, 0.5):.2f} s, "
         f"p90 {percentile(values, 0.9):.2f} s, p99 {percentile(values, 0.99):.2f} s, "
         f"max {max(values):.2f} s, mean {statistics.fmean(values):.2f} s"
+    )
+
+
+def _waits_line(faults: str, waited_for: str, values: Sequence[float]) -> str:
+    return (
+        f"  {faults} that waited for {waited_for}: n={len(values)}, "
+        f"p50 {percentile(values, 0.5):.2f} s, p90 {percentile(values, 0.9):.2f} s, "
+        f"max {max(values):.2f} s"
     )
 
 
@@ -768,8 +776,8 @@ class _Run:
         while not self.stopping.is_set():
             with self.fault_lock:
                 before = self.processed_after_outage
-            processed = self.processed()
-            if processed > before or (processed >= 0 and self.pending() == 0):
+            processed, pending = self.progress()
+            if processed > before or (processed >= 0 and pending == 0):
                 with self.fault_lock:
                     self.outage_waits.append(time.monotonic() - began)
                 return True
@@ -783,23 +791,27 @@ class _Run:
         with self.fault_lock:
             self.processed_after_outage = processed
 
-    def processed(self) -> int:
-        """Entries processed so far (-1 while the database is away)."""
+    def progress(self) -> tuple[int, int]:
+        """Entries processed so far and entries not processed yet; (-1, -1) while the
+        database is away."""
         try:
             with psycopg.connect(self.dsn, connect_timeout=3) as conn:
-                row = conn.execute("SELECT count(*) FROM chaos_entry WHERE processed")
-                return int(row.fetchone()[0])  # type: ignore[index]
+                row = conn.execute(
+                    "SELECT count(*) FILTER (WHERE processed), "
+                    "count(*) FILTER (WHERE NOT processed) FROM chaos_entry"
+                ).fetchone()
+                assert row is not None
+                return int(row[0]), int(row[1])
         except psycopg.Error:
-            return -1
+            return -1, -1
+
+    def processed(self) -> int:
+        """Entries processed so far (-1 while the database is away)."""
+        return self.progress()[0]
 
     def pending(self) -> int:
         """Entries not processed yet (-1 while the database is away)."""
-        try:
-            with psycopg.connect(self.dsn, connect_timeout=3) as conn:
-                row = conn.execute("SELECT count(*) FROM chaos_entry WHERE NOT processed")
-                return int(row.fetchone()[0])  # type: ignore[index]
-        except psycopg.Error:
-            return -1
+        return self.progress()[1]
 
     def wait_for_the_backlog(self, threads: list[threading.Thread]) -> None:
         """Until every fault is injected and every entry processed; a run that stops making
