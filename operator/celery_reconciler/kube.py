@@ -168,13 +168,11 @@ def _secret_data(*, namespace: str, name: str, max_age_seconds: float) -> dict[s
     except kubernetes.client.ApiException as error:
         if error.status == 404:
             data = None
-        elif (error.status or 0) >= 500 or error.status == 429:
-            failure = KubernetesUnavailable(f"{doing} failed: HTTP {error.status} {error.reason}")
-            return _last_known_secret(seen, failure, namespace=namespace, name=name)
         else:
-            raise KubernetesUnavailable(
-                f"{doing} failed: HTTP {error.status} {error.reason}"
-            ) from None
+            failure = KubernetesUnavailable(f"{doing} failed: HTTP {error.status} {error.reason}")
+            if (error.status or 0) >= 500 or error.status == 429:
+                return _last_known_secret(seen, failure, namespace=namespace, name=name)
+            raise failure from None
     except (urllib3.exceptions.HTTPError, OSError) as error:
         failure = _unreachable(error, doing=doing)
         return _last_known_secret(seen, failure, namespace=namespace, name=name)
