@@ -276,6 +276,19 @@ class WorkerPod:
         )  # fmt: skip
 
 
+def delete_pods(pods: list[WorkerPod], *, grace_seconds: int = 1) -> None:
+    """Delete these Pods and wait until each is gone: one ``kubectl delete`` per namespace,
+    so the kubelet stops them side by side (one at a time cost about 5 s a Pod)."""
+    by_namespace: dict[str, list[WorkerPod]] = {}
+    for pod in pods:
+        by_namespace.setdefault(pod.namespace, []).append(pod)
+    for namespace, in_namespace in by_namespace.items():
+        in_namespace[0].node.plane.kubectl(
+            "-n", namespace, "delete", "pod", *(pod.name for pod in in_namespace),
+            f"--grace-period={grace_seconds}", "--wait=true", "--ignore-not-found",
+        )  # fmt: skip
+
+
 def start_worker_pod(
     *,
     node: devstack_node.Node,

@@ -139,8 +139,7 @@ def worker_pods(
     yield start
     # Waited for: a worker Pod left running would take the next test's messages from the
     # session's shared Redis (and write to this test's database).
-    for worker in started:
-        worker.delete(grace_seconds=1, wait=True)
+    workers.delete_pods(started, grace_seconds=1)
 
 
 @pytest.fixture
