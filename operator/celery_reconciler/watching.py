@@ -136,8 +136,8 @@ def list_then_watch(
                     _request_timeout=WATCH_READ_TIMEOUT_SECONDS,
                 )
                 for event in events:
-                    watcher.accepted()
                     resource_version = _follow(event, resource_version, on_event=on_event)
+                    watcher.accepted()
                     if stopping.is_set():
                         break
                 else:  # the server ended the watch at its timeout: it was accepted

@@ -163,3 +163,19 @@ def test_the_jittered_delay_keeps_at_least_half_of_its_step(failures: int) -> No
     high = watching.retry_delay_seconds(failures, random=lambda: 0.999999)
     assert low == step * watching.RETRY_JITTER_LOW_FRACTION
     assert step * watching.RETRY_JITTER_LOW_FRACTION <= high <= step
+
+
+def test_an_error_event_first_in_an_accepted_watch_does_not_clear_a_refusal() -> None:
+    """The server accepted the request, then sent only an ERROR: still refused, no flap."""
+    script = Script(
+        listings=[[]],
+        watches=[
+            [error_event(500, "InternalError")],
+            [error_event(500, "InternalError")],
+            [],
+        ],
+    )
+    script.run()
+    refused = watching.Refused(status=500, reason="InternalError: too old")
+    assert script.refusals == [refused, None]
+    assert script.waits == list(watching.RETRY_BACKOFF_SECONDS[:2])
