@@ -6,11 +6,18 @@ the pool forks, to ``$CELERY_RECONCILER_DSN``; a framework may install its own
 (``use_ledger_connection``, what ``celery_reconciler_worker.django`` does) so a body's writes
 and the done mark share one transaction. ``ledger_call`` runs one statement and replaces a
 connection that died; errors it reports name the server, never the DSN.
+
+``ProcessLocalConnection`` is the fork-safe holder behind the worker's own connection,
+public for task bodies that want one connection per worker process of their own (the demo's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+import types
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import celery
@@ -36,53 +43,104 @@ def required_dsn() -> str:
     return dsn
 
 
-class _LedgerConnection:
-    """One ledger connection per worker process, opened lazily after the pool forks.
+class ProcessLocalConnection:
+    """A psycopg connection of this process alone, opened on first use: never one inherited
+    across ``fork``.
 
-    A connection inherited across ``fork`` is never used nor closed in the child (closing
-    would end the parent's session), only kept referenced; the child opens its own.
+    Celery's prefork pool forks its children from a parent that may have opened a
+    connection already; a child using it would share one server session with its parent and
+    siblings. ``get()`` notices a fork by the process id and opens a connection of the
+    child's own; the inherited one is neither used nor closed in the child (closing it would
+    end the parent's session), only kept referenced. ``connect`` opens one connection.
+
+    ``per_thread=True`` keeps one connection per thread as well: the threads pool runs bodies
+    side by side, and a body's ``fenced_transaction`` must own its connection's transaction.
+    ``check_alive=True`` runs ``SELECT 1`` on a connection before handing it out again: a
+    database restart leaves it open but dead, better found before a body starts than half-way
+    through it (what Django's ``CONN_HEALTH_CHECKS`` does).
     """
 
-    def __init__(self) -> None:
-        self._pid: int | None = None
-        self._connection: psycopg.Connection[Any] | None = None
+    def __init__(
+        self,
+        connect: Callable[[], psycopg.Connection[Any]],
+        *,
+        per_thread: bool = False,
+        check_alive: bool = False,
+    ) -> None:
+        self._connect = connect
+        self._check_alive = check_alive
+        self._slot: Any = threading.local() if per_thread else types.SimpleNamespace()
         self._inherited: list[psycopg.Connection[Any]] = []
 
     def get(self) -> psycopg.Connection[Any]:
-        if self._connection is not None and self._pid != os.getpid():
-            self._inherited.append(self._connection)
-            self._connection = None
-        if self._connection is None or self._connection.closed:
-            dsn = required_dsn()
+        """This process's (and thread's) connection, opened now if it has none that works."""
+        connection = self._own()
+        if connection is not None and self._check_alive:
             try:
-                connection = ledger.connect(
-                    dsn, application_name=f"celery-worker {identity.worker_name()}"
-                )
-                ledger.ensure_schema(connection)
-            except ledger.DatabaseUnavailable as error:
-                raise LedgerUnavailable(str(error)) from None
-            except psycopg.errors.InsufficientPrivilege as error:
+                connection.execute("SELECT 1")
+            except psycopg.Error:
+                self.failed()
+                connection = None
+        if connection is None:
+            connection = self._connect()
+            self._slot.connection, self._slot.pid = connection, os.getpid()
+        return connection
+
+    def failed(self) -> None:
+        """Drop the connection ``get`` returned (it raised), so the next ``get`` reconnects."""
+        connection = self._own()
+        self._slot.connection = None
+        if connection is not None:
+            with contextlib.suppress(psycopg.Error):
                 connection.close()
-                raise LedgerUnavailable(
-                    str(ledger.not_permitted(error, dsn=dsn, doing="preparing the ledger"))
-                ) from None
-            except psycopg.Error as error:
-                raise LedgerUnavailable(
-                    str(ledger.unavailable(error, dsn=dsn, doing="preparing the ledger"))
-                ) from None
-            self._connection, self._pid = connection, os.getpid()
-        return self._connection
+
+    def _own(self) -> psycopg.Connection[Any] | None:
+        """The open connection this process opened, if any; one inherited is set aside."""
+        connection: psycopg.Connection[Any] | None = getattr(self._slot, "connection", None)
+        if connection is not None and self._slot.pid != os.getpid():
+            self._inherited.append(connection)
+            self._slot.connection = connection = None
+        if connection is not None and connection.closed:
+            self._slot.connection = connection = None
+        return connection
+
+
+class _LedgerConnection:
+    """The worker's own ledger connection: one per process, to ``$CELERY_RECONCILER_DSN``,
+    with the schema made ready when it opens."""
+
+    def __init__(self) -> None:
+        self._connection = ProcessLocalConnection(self._open)
+
+    def get(self) -> psycopg.Connection[Any]:
+        return self._connection.get()
 
     def failed(self) -> None:
         """Drop a connection that raised, so the next task reconnects."""
-        if self._connection is not None and self._pid == os.getpid():
-            try:
-                self._connection.close()
-            finally:
-                self._connection = None
+        self._connection.failed()
 
     def dsn(self) -> str | None:
         return os.environ.get(DSN_ENVIRONMENT_VARIABLE)
+
+    def _open(self) -> psycopg.Connection[Any]:
+        dsn = required_dsn()
+        try:
+            connection = ledger.connect(
+                dsn, application_name=f"celery-worker {identity.worker_name()}"
+            )
+            ledger.ensure_schema(connection)
+        except ledger.DatabaseUnavailable as error:
+            raise LedgerUnavailable(str(error)) from None
+        except psycopg.errors.InsufficientPrivilege as error:
+            connection.close()
+            raise LedgerUnavailable(
+                str(ledger.not_permitted(error, dsn=dsn, doing="preparing the ledger"))
+            ) from None
+        except psycopg.Error as error:
+            raise LedgerUnavailable(
+                str(ledger.unavailable(error, dsn=dsn, doing="preparing the ledger"))
+            ) from None
+        return connection
 
 
 class LedgerConnection(Protocol):

@@ -53,7 +53,8 @@ failed attempt with the error "no task named ... is registered", so a typo in
 ``spec.task.name`` ends as a dead entry with that reason instead of silent re-dispatch.
 
 This module only gathers the public names; each lives in a module with one job:
-``settings`` (the Celery settings), ``connection`` (the ledger connection of a process),
+``settings`` (the Celery settings), ``connection`` (the ledger connection of a process, and
+``ProcessLocalConnection``, a connection per worker process for a body's own writes),
 ``identity`` (which container a process runs in), ``incarnation`` (registration and
 heartbeat), ``watchdog`` (the in-process self-fence), ``ticks``, ``guardian`` and ``probe``
 (stopping a process from outside), ``task`` (the task base and the fenced commit),
@@ -67,6 +68,7 @@ from celery_reconciler_worker.connection import (
     DSN_ENVIRONMENT_VARIABLE,
     LedgerConnection,
     LedgerUnavailable,
+    ProcessLocalConnection,
     describe_error,
     use_ledger_connection,
 )
@@ -119,6 +121,7 @@ __all__ = [
     "FenceLost",
     "LedgerConnection",
     "LedgerUnavailable",
+    "ProcessLocalConnection",
     "ReconciledTask",
     "describe_error",
     "fenced_commit",

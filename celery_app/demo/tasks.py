@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import threading
 import time
 from collections import Counter
 from typing import Any
@@ -60,39 +59,14 @@ def derive_insights(body: str) -> dict[str, Any]:
     }
 
 
-class _Connection(threading.local):
-    """One autocommit connection per worker process, opened after the pool forks — and per
-    thread: the threads pool runs bodies side by side, and a body's ``fenced_transaction``
-    must own its connection's transaction."""
-
-    def __init__(self) -> None:
-        self._pid: int | None = None
-        self._connection: psycopg.Connection[Any] | None = None
-        self._inherited: list[psycopg.Connection[Any]] = []
-
-    def get(self) -> psycopg.Connection[Any]:
-        if self._connection is not None and self._pid != os.getpid():
-            self._inherited.append(self._connection)
-            self._connection = None
-        if self._connection is not None and not self._connection.closed:
-            # A database restart leaves the connection open but dead; find out before the
-            # body starts, not half-way through it (what Django's CONN_HEALTH_CHECKS does).
-            try:
-                self._connection.execute("SELECT 1")
-            except psycopg.OperationalError:
-                self._connection = None
-        if self._connection is None or self._connection.closed:
-            self._connection = psycopg.connect(
-                os.environ[reliable.DSN_ENVIRONMENT_VARIABLE], autocommit=True
-            )
-            self._pid = os.getpid()
-        return self._connection
-
-    def reset(self) -> None:
-        self._connection = None
-
-
-_connection = _Connection()
+# One autocommit connection per worker process, opened after the pool forks, and per thread
+# (the threads pool runs bodies side by side); checked before each body, so a database
+# restart is found before the body starts.
+_connection = reliable.ProcessLocalConnection(
+    lambda: psycopg.connect(os.environ[reliable.DSN_ENVIRONMENT_VARIABLE], autocommit=True),
+    per_thread=True,
+    check_alive=True,
+)
 
 
 def _extract_insights(self: reliable.ReconciledTask, entry_id: str) -> dict[str, Any]:
@@ -100,7 +74,7 @@ def _extract_insights(self: reliable.ReconciledTask, entry_id: str) -> dict[str,
         conn = _connection.get()
         return _extract(conn, entry_id=int(entry_id), task_id=str(self.request.id))
     except psycopg.OperationalError:
-        _connection.reset()
+        _connection.failed()
         raise
 
 

@@ -36,7 +36,7 @@ from typing import Any
 import kubernetes
 import urllib3
 
-from celery_reconciler import planning
+from celery_reconciler import planning, watching
 from celery_reconciler import policy as policy_module
 
 logger = logging.getLogger(__name__)
@@ -70,10 +70,6 @@ class PolicyGone(KubernetesUnavailable):
 # connection to the API server must fail the call — a condition and a retry — rather than
 # hang a policy's loop in a thread kopf cannot cancel.
 REQUEST_TIMEOUT_SECONDS = (5.0, 20.0)
-# The pod watch's read deadline: longer than the server-side watch timeout, so a healthy
-# watch ends by the server's choice and only a dead connection meets it.
-WATCH_TIMEOUT_SECONDS = 5
-WATCH_READ_TIMEOUT_SECONDS = (5.0, 20.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -453,71 +449,37 @@ def watch_worker_pods(
     keeps the operator's pod traffic, and its RBAC, to the pods it cares about; policies
     that name the same selector share it (``podwatch``). Runs in a thread: the official
     client's watch is blocking. Every (re)list replays the current pods as ADDED, so the
-    caller's baseline survives watch expiry.
+    caller's baseline survives watch expiry (``watching``).
 
     ``on_health`` hears what the policy's status must say: a failure text while the API
-    refuses the listing or the watch (HTTP 400, 403...), None once a listing works again —
-    a watch that cannot run must not leave the policy saying Ready. A dropped connection is
-    only retried: watches are cut routinely.
+    refuses the listing or the watch (HTTP 400, 403...), None once a watch is accepted
+    again — a watch that cannot run must not leave the policy saying Ready. A dropped
+    connection is only retried: watches are cut routinely.
     """
-    core = _core()
-    last_failure: str | None = None  # log a failure once, not every retry
-    while not stopping.is_set():
-        try:
-            listing = core.list_namespaced_pod(
-                namespace, label_selector=label_selector, _request_timeout=REQUEST_TIMEOUT_SECONDS
-            )
-            if last_failure is not None:
-                on_health(None)
-            last_failure = None
-            for pod in listing.items:
-                on_event("ADDED", pod_from_body(pod.to_dict()))
-            resource_version = listing.metadata.resource_version
-            while not stopping.is_set():
-                stream = kubernetes.watch.Watch().stream(
-                    core.list_namespaced_pod,
-                    namespace,
-                    label_selector=label_selector,
-                    resource_version=resource_version,
-                    timeout_seconds=WATCH_TIMEOUT_SECONDS,
-                    allow_watch_bookmarks=True,
-                    _request_timeout=WATCH_READ_TIMEOUT_SECONDS,
-                )
-                for event in stream:
-                    raw = event["raw_object"]
-                    resource_version = raw["metadata"]["resourceVersion"]
-                    if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
-                        on_event(event["type"], pod_from_body(raw))
-                    if stopping.is_set():
-                        break
-            last_failure = None
-        except kubernetes.client.ApiException as error:
-            if error.status == 410:  # Gone: our resourceVersion is too old; re-list now.
-                continue
-            failure = f"HTTP {error.status} {error.reason}"
-            if failure != last_failure:
-                logger.warning(
-                    "watching pods %r in namespace %s failed (%s)%s; retrying every 2 s — "
-                    "until it works, workers' heartbeats alone tell the operator which died",
-                    label_selector,
-                    namespace,
-                    failure,
-                    " — grant the operator list and watch on pods" if error.status == 403 else "",
-                )
-                last_failure = failure
-                on_health(
-                    f"watching worker pods (selector {label_selector!r}) fails with {failure}"
-                    + (": grant the operator list and watch on pods" if error.status == 403 else "")
-                    + "; until it works, dead workers are found by heartbeats and leases only, "
-                    "in minutes instead of seconds"
-                )
-            stopping.wait(2.0)
-        except Exception as error:  # a dropped connection must not end the watch
-            failure = type(error).__name__
-            if failure != last_failure:
-                logger.warning("watching pods in namespace %s: %s; retrying", namespace, failure)
-                last_failure = failure
-            stopping.wait(2.0)
+    rights = "grant the operator list and watch on pods"
+
+    def on_refused(refusal: watching.Refused | None) -> None:
+        if refusal is None:
+            on_health(None)
+            return
+        on_health(
+            f"watching worker pods (selector {label_selector!r}) fails with {refusal.text()}"
+            + (f": {rights}" if refusal.status == 403 else "")
+            + "; until it works, dead workers are found by heartbeats and leases only, "
+            "in minutes instead of seconds"
+        )
+
+    watching.list_then_watch(
+        list_method=_core().list_namespaced_pod,
+        namespace=namespace,
+        label_selector=label_selector,
+        what=f"pods {label_selector!r} in namespace {namespace}",
+        consequence="until it works, workers' heartbeats alone tell the operator which died",
+        rights=rights,
+        on_event=lambda event_type, pod, _: on_event(event_type, pod_from_body(pod.to_dict())),
+        on_refused=on_refused,
+        stopping=stopping,
+    )
 
 
 def post_event(

@@ -16,18 +16,14 @@ event loop run these functions in threads (``membership``), the watch in one of 
 from __future__ import annotations
 
 import datetime
-import logging
 import re
 import threading
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import kubernetes
 
-from celery_reconciler import kube, replica_proof, sharding
-
-logger = logging.getLogger(__name__)
+from celery_reconciler import kube, replica_proof, sharding, watching
 
 MEMBER_LABEL = "celery-reconciler.io/member-of"
 POLICY_LABEL = "celery-reconciler.io/policy-of"
@@ -92,65 +88,22 @@ def watch_labelled(
 
     ``on_seen(event_type, record, seen_at)`` with ``seen_at`` the monotonic time the event
     was read — what ``sharding.observe`` backdates a sighting to. A listing starts each
-    watch (its Leases reported as ADDED), so nothing between two watches goes unseen.
-    Blocking (the official client's watch): run it in a thread of its own. Failures are
-    only logged and retried: the periodic listing judges membership without this watch,
-    with sightings up to one listing late.
+    watch (its Leases reported as ADDED), so nothing between two watches goes unseen
+    (``watching``). Blocking (the official client's watch): run it in a thread of its own.
+    Failures are only logged and retried: the periodic listing judges membership without
+    this watch, with sightings up to one listing late.
     """
-    selector = f"{label}={value}"
-    last_failure: str | None = None  # log a failure once, not every retry
-    while not stopping.is_set():
-        try:
-            listing = _api().list_namespaced_lease(
-                namespace, label_selector=selector, _request_timeout=kube.REQUEST_TIMEOUT_SECONDS
-            )
-            seen_at = time.monotonic()
-            last_failure = None
-            for lease in listing.items:
-                on_seen("ADDED", _record(lease), seen_at)
-            resource_version = listing.metadata.resource_version
-            while not stopping.is_set():
-                stream = kubernetes.watch.Watch().stream(
-                    _api().list_namespaced_lease,
-                    namespace,
-                    label_selector=selector,
-                    resource_version=resource_version,
-                    timeout_seconds=kube.WATCH_TIMEOUT_SECONDS,
-                    allow_watch_bookmarks=True,
-                    _request_timeout=kube.WATCH_READ_TIMEOUT_SECONDS,
-                )
-                for event in stream:
-                    seen_at = time.monotonic()
-                    if event["type"] == "ERROR":
-                        raise kubernetes.client.ApiException(
-                            status=event["raw_object"].get("code"),
-                            reason=event["raw_object"].get("reason"),
-                        )
-                    resource_version = event["raw_object"]["metadata"]["resourceVersion"]
-                    if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
-                        on_seen(event["type"], _record(event["object"]), seen_at)
-                    if stopping.is_set():
-                        break
-        except kubernetes.client.ApiException as error:
-            if error.status == 410:  # Gone: our resourceVersion is too old; re-list now.
-                continue
-            last_failure = _watch_failed(f"HTTP {error.status} {error.reason}", last_failure)
-            stopping.wait(2.0)
-        except Exception as error:  # a dropped connection must not end the watch
-            last_failure = _watch_failed(type(error).__name__, last_failure)
-            stopping.wait(2.0)
-
-
-def _watch_failed(failure: str, last_failure: str | None) -> str:
-    if failure != last_failure:
-        logger.warning(
-            "sharding: watching the member Leases failed (%s); retrying every 2 s — until it "
-            "works, renewals are seen at the periodic listing, and a dead replica's policies "
-            "move up to a third of the Lease duration later%s",
-            failure,
-            ": grant the operator watch on leases.coordination.k8s.io" if "403" in failure else "",
-        )
-    return failure
+    watching.list_then_watch(
+        list_method=_api().list_namespaced_lease,
+        namespace=namespace,
+        label_selector=f"{label}={value}",
+        what=f"the member Leases in namespace {namespace} (sharding)",
+        consequence="until it works, renewals are seen at the periodic listing, and a dead "
+        "replica's policies move up to a third of the Lease duration later",
+        rights="grant the operator watch on leases.coordination.k8s.io",
+        on_event=lambda event_type, lease, seen_at: on_seen(event_type, _record(lease), seen_at),
+        stopping=stopping,
+    )
 
 
 def write(

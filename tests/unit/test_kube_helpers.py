@@ -153,18 +153,35 @@ def test_pod_from_body_reads_container_ids_and_start_times_in_both_spellings() -
     assert (waiting.container_id, waiting.started_at, waiting.restart_count) == (None, None, 3)
 
 
+class _EmptyWatchResponse:
+    """A watch the server accepted and ended at its timeout with no event."""
+
+    status = 200
+
+    def stream(self, **_: Any) -> list[bytes]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+    def release_conn(self) -> None:
+        pass
+
+
 class _RefusingCore:
-    """A CoreV1Api whose pod listing the API refuses, then allows."""
+    """A CoreV1Api whose pod listing the API refuses, then allows (and its watch)."""
 
     def __init__(self, stopping: threading.Event, failures: int) -> None:
         self.stopping = stopping
         self.failures = failures
 
-    def list_namespaced_pod(self, namespace: str, **_: Any) -> Any:
+    def list_namespaced_pod(self, namespace: str, **arguments: Any) -> Any:
         if self.failures > 0:
             self.failures -= 1
             raise kubernetes.client.ApiException(status=400, reason="Bad Request")
-        self.stopping.set()
+        if arguments.get("watch"):
+            self.stopping.set()
+            return _EmptyWatchResponse()
         return types.SimpleNamespace(items=[], metadata=types.SimpleNamespace(resource_version="1"))
 
 
@@ -185,3 +202,40 @@ def test_a_refused_pod_watch_is_reported_and_so_is_its_recovery(
     assert len(heard) == 2
     assert heard[0] is not None and "HTTP 400" in heard[0] and "app=insights-worker" in heard[0]
     assert heard[1] is None
+
+
+class _ListsButCannotWatchCore:
+    """A CoreV1Api whose pod listing works while the API refuses every watch of it
+    (RBAC with ``list`` on pods and no ``watch``)."""
+
+    def __init__(self, stopping: threading.Event, watches: int) -> None:
+        self.stopping = stopping
+        self.watches = watches
+
+    def list_namespaced_pod(self, namespace: str, **arguments: Any) -> Any:
+        if arguments.get("watch"):
+            self.watches -= 1
+            if self.watches == 0:
+                self.stopping.set()
+            raise kubernetes.client.ApiException(status=403, reason="Forbidden")
+        return types.SimpleNamespace(items=[], metadata=types.SimpleNamespace(resource_version="1"))
+
+
+def test_a_pod_watch_refused_while_its_listing_works_is_reported_once_and_never_as_recovered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each retry lists (allowed) before it watches (refused): a recovery reported at every
+    listing would flap the policy between Degraded and Ready for as long as it lasts."""
+    stopping = threading.Event()
+    monkeypatch.setattr(kube, "_core", lambda: _ListsButCannotWatchCore(stopping, watches=3))
+    monkeypatch.setattr(stopping, "wait", lambda timeout=None: False)  # no back-off pause
+    heard: list[str | None] = []
+    kube.watch_worker_pods(
+        namespace="mindjourney",
+        label_selector="app=insights-worker",
+        on_event=lambda event_type, pod: None,
+        on_health=heard.append,
+        stopping=stopping,
+    )
+    assert len(heard) == 1
+    assert heard[0] is not None and "HTTP 403" in heard[0] and "watch on pods" in heard[0]
