@@ -1,10 +1,11 @@
 """Rescued work runs next, on every broker: ahead of a backlog of 2,000 queued messages.
 
-A worker dies while it runs one entry; 2,000 other entries are queued behind it and a
-bystander worker is draining them. The rescue re-dispatches the dead worker's entry, and its
-body must start among the first few bodies any worker starts after the rescue — not after
-the backlog. The order is read from ``task_runs`` (ids count up as bodies start), never
-from a clock.
+A worker dies while it runs one entry; 2,000 other entries are queued behind it, and either
+a bystander worker is draining them or the dead worker was the only one (its replacement
+starts after the rescue: at the rescue nobody consumes anything). The rescue re-dispatches
+the dead worker's entry, and its body must start among the first few bodies any worker
+starts after the rescue — not after the backlog. The order is read from ``task_runs`` (ids
+count up as bodies start), never from a clock.
 """
 
 from __future__ import annotations
@@ -45,8 +46,13 @@ def runs_since(conn: psycopg.Connection[Any], run_id: int) -> list[tuple[int, st
     ]
 
 
+@pytest.mark.parametrize("other_worker", ["draining", "replacement"])
 def test_a_rescued_entry_starts_before_the_backlog_queued_ahead_of_it(
-    demo_dsn: str, conn: psycopg.Connection[Any], broker_url: str, start_worker: WorkerFactory
+    demo_dsn: str,
+    conn: psycopg.Connection[Any],
+    broker_url: str,
+    start_worker: WorkerFactory,
+    other_worker: str,
 ) -> None:
     schema.seed(conn, count=1 + BACKLOG)
     # The victim's body runs until the kill; the backlog's bodies are quick.
@@ -74,18 +80,23 @@ def test_a_rescued_entry_starts_before_the_backlog_queued_ahead_of_it(
             timeout_seconds=60,
             what="the victim running the first entry",
         )
-        start_worker(
-            broker_url=broker_url,
-            dsn=demo_dsn,
-            concurrency=1,
-            lease_seconds=600,
-            extra_env={"CELERY_RECONCILER_POD_UID": "5e5c0e00-0000-4000-8000-000000000002"},
-        )
-        wait_for(
-            lambda: len(runs_since(conn, 0)) > 5,
-            timeout_seconds=60,
-            what="the bystander draining the backlog",
-        )
+
+        def start_the_other_worker() -> None:
+            start_worker(
+                broker_url=broker_url,
+                dsn=demo_dsn,
+                concurrency=1,
+                lease_seconds=600,
+                extra_env={"CELERY_RECONCILER_POD_UID": "5e5c0e00-0000-4000-8000-000000000002"},
+            )
+
+        if other_worker == "draining":
+            start_the_other_worker()
+            wait_for(
+                lambda: len(runs_since(conn, 0)) > 5,
+                timeout_seconds=60,
+                what="the bystander draining the backlog",
+            )
         victim.kill()
         schema.clear_fault(conn, entry_id=RESCUED_ENTRY)
         before_rescue = last_run_id(conn)
@@ -100,6 +111,8 @@ def test_a_rescued_entry_starts_before_the_backlog_queued_ahead_of_it(
         assert rescued.redispatched == 1
         queued_ahead = ledger.counts(conn, policy_key=policy.key).queued - 1
         assert queued_ahead > BACKLOG // 2, "the bystander drained the backlog too soon"
+        if other_worker == "replacement":
+            start_the_other_worker()
 
     (fence,) = conn.execute(
         "SELECT fence_token FROM celery_reconciler.entries WHERE entry_id = %s",
