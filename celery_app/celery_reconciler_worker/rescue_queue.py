@@ -33,6 +33,9 @@ import celery.signals
 
 RESCUE_QUEUE_SUFFIX = ".rescue"
 AMQP_DRIVER_TYPE = "amqp"
+# AMQP names a queue with a short string: a queue whose rescue queue could not be named goes
+# without one (its re-dispatches join its tail) rather than stop the worker.
+AMQP_NAME_MAX_BYTES = 255
 
 
 def rescue_queue_name(queue: str) -> str:
@@ -55,8 +58,9 @@ def _consume_rescue_queues(sender: Any = None, instance: Any = None, **_: Any) -
         return
     queues = app.amqp.queues
     for name in list(queues.consume_from):
-        if not name.endswith(RESCUE_QUEUE_SUFFIX):
-            queues.select_add(rescue_queue_name(name))
+        rescue = rescue_queue_name(name)
+        if not name.endswith(RESCUE_QUEUE_SUFFIX) and len(rescue.encode()) <= AMQP_NAME_MAX_BYTES:
+            queues.select_add(rescue)
 
 
 celery.signals.celeryd_after_setup.connect(_consume_rescue_queues, weak=False)

@@ -46,6 +46,15 @@ def test_an_amqp_worker_consumes_each_selected_queues_rescue_queue_too() -> None
     assert selected == {"insights", "insights.rescue", "reports", "reports.rescue"}
 
 
+def test_a_rescue_queue_is_not_doubled_nor_added_where_amqp_could_not_name_it() -> None:
+    longest = "q" * (rescue_queue.AMQP_NAME_MAX_BYTES - len(rescue_queue.RESCUE_QUEUE_SUFFIX))
+    too_long = longest + "q"
+    selected = selected_after_setup(
+        "amqp://guest@127.0.0.1:1//", selected=["insights", "insights.rescue", longest, too_long]
+    )
+    assert selected == {"insights", "insights.rescue", longest, f"{longest}.rescue", too_long}
+
+
 def test_a_redis_worker_consumes_only_its_queues() -> None:
     # On Redis the operator pushes rescued messages to the front of the queue itself.
     assert selected_after_setup("redis://127.0.0.1:1/0", selected=["insights"]) == {"insights"}
