@@ -11,6 +11,8 @@ SUITE_SHARDS ?=
 FLAKE_ROUNDS ?= 3
 # `make bench`'s Pod rescue benchmark, e.g. "--kills 100 --freezes 5" (benchmarks/pod_rescue.py)
 POD_RESCUE_BENCH_ARGS ?=
+# `make bench`'s rescue-ahead benchmark, e.g. "--repeats 5" (benchmarks/rescue_ahead.py)
+RESCUE_AHEAD_BENCH_ARGS ?=
 # test files or ids (under tests/integration/ or tests/e2e/) for `make flake`; empty: both layers whole
 FLAKE_ARGS ?=
 FLAKE_STRESS ?= --cpu 1
@@ -61,6 +63,7 @@ chaos: setup ## 10,000 entries under 25 faults of every kind; invariants and res
 bench: setup ## dispatch, worker-side cost, history at scale and rescue latency (worker Pods killed and frozen on the node), against same-run baselines
 	$(VENV)/python -m benchmarks $(BENCH_ARGS)
 	$(VENV)/python -m benchmarks.rescue --compare-tail $(RESCUE_BENCH_ARGS)
+	$(VENV)/python -m benchmarks.rescue_ahead $(RESCUE_AHEAD_BENCH_ARGS)
 	$(VENV)/python -m benchmarks.pod_rescue $(POD_RESCUE_BENCH_ARGS)
 
 lock: setup ## re-resolve requirements/*.txt (with hashes) from the pyproject files and prove them

@@ -51,6 +51,8 @@ start it refuses to run without a ledger DSN and starts the guardian; when a wor
 one of our messages for a task name it does not register, the delivery is recorded as a
 failed attempt with the error "no task named ... is registered", so a typo in
 ``spec.task.name`` ends as a dead entry with that reason instead of silent re-dispatch.
+On RabbitMQ a worker consumes each of its queues' rescue queue (``rescue_queue``) as well,
+where the operator sends rescued work so that it runs next.
 
 This module only gathers the public names; each lives in a module with one job:
 ``settings`` (the Celery settings), ``connection`` (the ledger connection of a process, and
@@ -58,12 +60,13 @@ This module only gathers the public names; each lives in a module with one job:
 ``identity`` (which container a process runs in), ``incarnation`` (registration and
 heartbeat), ``watchdog`` (the in-process self-fence), ``ticks``, ``guardian`` and ``probe``
 (stopping a process from outside), ``task`` (the task base and the fenced commit),
-``lifecycle`` (the signal handlers).
+``lifecycle`` (the signal handlers), ``rescue_queue`` (the queues rescued work waits in).
 """
 
 from __future__ import annotations
 
 from celery_reconciler_worker import lifecycle as lifecycle
+from celery_reconciler_worker import rescue_queue as rescue_queue
 from celery_reconciler_worker.connection import (
     DSN_ENVIRONMENT_VARIABLE,
     LedgerConnection,

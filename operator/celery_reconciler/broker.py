@@ -41,8 +41,8 @@ per-message property serialization was most of a publish's cost. Nothing can be 
   settings), and messages are persistent, so RabbitMQ confirms them once they are on disk
   and they survive a broker restart.
 
-AMQP has no front of the queue: ``ahead`` re-dispatches join the tail there (a priority
-would need ``x-max-priority`` on the queue, which the workers declare, not us).
+AMQP has no front of the queue: ``ahead`` re-dispatches go to the rescue queue the workers
+consume beside theirs, when they do (``rescue_routing``), else they join the tail.
 Other brokers (SQS ...) fall back to ``send_task`` on one reused producer: correct, just
 not batched.
 
@@ -50,7 +50,7 @@ The operator sends no per-message time limit: a body may run as long as its work
 heartbeating (``celery_reconciler_worker``), and a worker that cannot heartbeat stops its own
 bodies. Re-dispatches (rescues, due retries) are published *ahead* of the backlog on Redis
 (``RPUSH`` to the end kombu pops), so rescued work runs next instead of last; on AMQP
-they join the tail.
+they go to the rescue queue (``rescue_routing``).
 
 Broker errors surface as ``BrokerUnavailable`` whose message never contains the URL's
 password (``redact_url``).
@@ -82,6 +82,8 @@ import kombu.exceptions
 import kombu.transport
 import redis
 import redis.exceptions
+
+from celery_reconciler import rescue_routing
 
 # kombu's Redis transport: priority steps and the separator of priority sub-queues, unless the
 # app's broker_transport_options change them (RedisPublisher's transport_options).
@@ -984,15 +986,22 @@ class AmqpPublisher:
     ) -> int:
         """Publish all of ``messages`` and return only once the broker confirmed each one.
 
-        ``ahead`` cannot be honoured: an AMQP queue has no front to publish to (a priority
-        would need the queue declared with ``x-max-priority``, which is the workers'
-        choice), so re-dispatches join the tail. A connection that fails at once may be a
+        ``ahead``: an AMQP queue has no front to publish to, so re-dispatches go to the
+        rescue queue the workers consume beside it (``rescue_routing``, one passive
+        declaration of each queue), or join its tail. A connection that fails at once may be a
         stale one (the broker restarted since the last sweep): the batch is sent once more
         on a fresh connection. Messages of the failed attempt that did reach the queue are
         duplicates with the same task id, which the workers' fence check drops.
         """
         if not messages:
             return 0
+        if ahead:
+            queue = self._attempt(
+                functools.partial(
+                    rescue_routing.queue_for_redispatch, queue=queue, consumers=self._consumers
+                ),
+                doing=f"counting the consumers of queue {queue!r}",
+            )
         self._attempt(
             functools.partial(
                 self._publish_confirmed,
@@ -1004,6 +1013,18 @@ class AmqpPublisher:
             doing=f"publishing to queue {queue!r}",
         )
         return len(messages)
+
+    def _consumers(self, queue: str) -> int | None:
+        """How many consumers ``queue`` has; ``None`` when it does not exist."""
+        channel = self._open_channel()
+        try:
+            _, _, consumers = channel.queue_declare(queue=queue, passive=True)
+        except self._channel_errors as error:
+            if getattr(error, "code", None) != NOT_FOUND:
+                raise
+            self._channel = None  # the server closed it
+            return None
+        return int(consumers)
 
     def _attempt(self, operation: Callable[[], _T], *, doing: str) -> _T:
         """``operation()`` under the lock; on a reused connection that fails, once more on a
