@@ -679,6 +679,105 @@ def test_the_first_status_read_after_a_start_reads_the_tally_not_the_history(
     assert read_by_next < 10  # later reads look at their window only, as before
 
 
+def rows_read(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    """Rows of each ledger table this transaction has read so far (sequential scans and
+    index fetches)."""
+    return {
+        relname: int(read)
+        for relname, read in conn.execute(
+            "SELECT relname, seq_tup_read + coalesce(idx_tup_fetch, 0) "
+            "FROM pg_stat_xact_user_tables WHERE schemaname = 'celery_reconciler'"
+        ).fetchall()
+    }
+
+
+def ledger_truth(conn: psycopg.Connection[Any]) -> tuple[int, int, int, int]:
+    """(in flight, retrying, succeeded, dead) of policy t/p, counted row by row."""
+    row = conn.execute(
+        """
+        SELECT count(*) FILTER (WHERE state IN ('queued', 'running')),
+            count(*) FILTER (WHERE state = 'retry_wait'),
+            count(*) FILTER (WHERE state = 'succeeded'),
+            count(*) FILTER (WHERE state = 'dead')
+        FROM celery_reconciler.entries WHERE policy_key = 't/p'
+        """
+    ).fetchone()
+    assert row is not None
+    return (int(row[0]), int(row[1]), int(row[2]), int(row[3]))
+
+
+def status_counts(found: ledger.Status) -> tuple[int, int, int, int]:
+    counts = found.counts
+    return (counts.queued + counts.running, counts.retrying, counts.succeeded, counts.dead)
+
+
+def test_counts_stay_right_across_a_restart_over_a_long_history(
+    conn: psycopg.Connection[Any], demo_dsn: str
+) -> None:
+    """A long-running operator leaves a history (successes folded into the tally, their
+    attempts kept), a few successes not folded yet and work in every state. An operator
+    that starts on it — a new connection, no window of outcomes — reads every count right
+    at once, without reading the history; and the counts keep following the transitions
+    after the restart. Rows read, never a timing."""
+    started = claimed_and_started(conn, [str(n) for n in range(1, 9)])
+    history = 5000
+    conn.execute(
+        """
+        INSERT INTO celery_reconciler.entries (policy_key, entry_id, state, attempt,
+            fence_token, dispatched_at, started_at, finished_at, counted)
+        SELECT 't/p', 'h' || n, 'succeeded', 1, gen_random_uuid(), now() - interval '1 hour',
+            now() - interval '1 hour', now() - interval '1 hour', true
+        FROM generate_series(1, %s) AS n
+        """,
+        [history],
+    )
+    conn.execute(
+        """
+        INSERT INTO celery_reconciler.attempts (policy_key, entry_id, attempt, fence_token,
+            worker, outcome, dispatched_at, started_at, finished_at)
+        SELECT policy_key, entry_id, 1, fence_token, 'w', 'succeeded', dispatched_at,
+            started_at, finished_at
+        FROM celery_reconciler.entries WHERE entry_id LIKE 'h%'
+        """
+    )
+    conn.execute(
+        "INSERT INTO celery_reconciler.tallies (policy_key, succeeded) VALUES ('t/p', %s)",
+        [history],
+    )
+    for entry_id in ("1", "2"):  # succeeded, not folded into the tally yet
+        assert ledger.record_success(conn, fence_token=started[entry_id].fence_token)
+    assert ledger.record_failure(
+        conn, fence_token=started["3"].fence_token, error="Boom", retry_in_seconds=600
+    )
+    assert ledger.record_failure(
+        conn, fence_token=started["4"].fence_token, error="Boom", retry_in_seconds=None
+    )
+    conn.execute("VACUUM ANALYZE celery_reconciler.entries, celery_reconciler.attempts")
+    truth = ledger_truth(conn)
+    assert truth == (4, 1, history + 2, 1)
+
+    # The restart: a connection of its own, and no window of outcomes yet.
+    with psycopg.connect(demo_dsn, autocommit=True) as restarted, restarted.transaction():
+        first = ledger.status(restarted, policy_key="t/p", outcomes_since=None)
+        read = rows_read(restarted)
+    assert status_counts(first) == truth
+    assert first.outcomes.succeeded == 0  # the counters start with this operator
+    # The unfinished rows and the successes not folded yet, the latest finished attempt:
+    # what the backlog and the recent throughput cost, none of the history's rows.
+    assert read.get("entries", 0) <= 8
+    assert read.get("attempts", 0) <= 1
+
+    # After the restart, the counts go on following the ledger.
+    assert ledger.record_success(conn, fence_token=started["5"].fence_token)
+    assert ledger.fold_successes(conn, policy_key="t/p") == 3
+    again = claim_pending_again(conn, "h1")  # a success pending again leaves the tally
+    assert [claim.again for claim in again] == [True]
+    truth = ledger_truth(conn)
+    assert truth == (4, 1, history + 2, 1)
+    later = ledger.status(conn, policy_key="t/p", outcomes_since=first.outcomes.until)
+    assert status_counts(later) == truth
+
+
 def test_a_lease_below_the_heartbeat_timeout_of_the_policys_workers_is_flagged(
     conn: psycopg.Connection[Any],
 ) -> None:
