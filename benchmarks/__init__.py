@@ -15,12 +15,14 @@ fresh database and an empty Redis each time:
 It prints entries/s for each and the ratios ours/raw and ours/seed. ``benchmarks.amqp``
 does the same on RabbitMQ: ours (every message confirmed) against kombu's ``send_task`` loop,
 plain and with ``confirm_publish``. Then
-``benchmarks.worker`` measures the worker side: the drain rate of one prefork worker for a
-``ReconciledTask`` against a plain Celery task with the same body (no-op, and 20 ms), and
-prints ours/plain. ``benchmarks.steady_sweep`` times the steady state of a backlog 10x
-``maxInFlight`` (20,000 in flight, slots freeing one at a time): the pages a sweep with one
-free slot reads, and its time against an idle sweep. Last, ``benchmarks.scale`` measures
-what history costs: a status read — the first one after a start, and a later one — with
+``benchmarks.worker`` measures the worker side: the drain rate of one prefork worker, timed
+to the broker drained and every message acknowledged, for a ``ReconciledTask``, a body
+committing through ``fenced_transaction`` and one through Django's ``fenced_atomic``, each
+against a plain Celery task with the same body (no-op, and 20 ms), and prints form/plain.
+``benchmarks.steady_sweep`` times the steady state of a backlog 10x ``maxInFlight``
+(20,000 in flight, slots freeing one at a time): the pages a sweep with one free slot
+reads, and its time against an idle sweep. Last, ``benchmarks.scale`` measures what history
+costs: a status read — the first one after a start, and a later one — with
 10M succeeded entries and attempts in the ledger against an empty one, and a sweep
 against a 10M-row table against a 100k-row one. Then ``benchmarks.policies`` applies 500
 policies to one operator against one database and prints how many are Ready and processed,

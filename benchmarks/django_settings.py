@@ -1,0 +1,27 @@
+"""Django settings of the worker benchmark's ``fenced_atomic`` form: one PostgreSQL database,
+the ledger's, from ``CELERY_RECONCILER_DSN`` (as a user's settings would name it)."""
+
+from __future__ import annotations
+
+import os
+
+from psycopg import conninfo
+
+_database = conninfo.conninfo_to_dict(os.environ["CELERY_RECONCILER_DSN"])
+
+SECRET_KEY = "celery-reconciler-bench"
+INSTALLED_APPS: list[str] = []
+USE_TZ = True
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": _database.get("dbname", ""),
+        "USER": _database.get("user", ""),
+        "PASSWORD": _database.get("password", ""),
+        "HOST": _database.get("host", ""),
+        "PORT": _database.get("port", ""),
+        # Persistent, as a worker's settings keep it: Django's default (0) opens a new
+        # connection for every task, which would time connecting, not the fenced commit.
+        "CONN_MAX_AGE": None,
+    }
+}
