@@ -1096,6 +1096,25 @@ def record_success(conn: psycopg.Connection[Any], *, fence_token: uuid.UUID) -> 
     return bool(row and row[0])
 
 
+# The done mark of a fenced commit, sent in one round trip with the COMMIT behind it
+# (``task.fenced_transaction``): the COMMIT cannot wait for the mark's answer, so a lost fence
+# must fail the statement itself — the transaction is then aborted and the COMMIT commits
+# nothing. The failure is a cast of the words "fence lost" (SQLSTATE 22P02), evaluated only
+# when the mark matched no row: the CASE on the function's result keeps the planner from
+# folding it ahead.
+_RECORD_SUCCESS_OR_ABORT = _call(
+    RECORD_SUCCESS, select=f"(CASE WHEN {RECORD_SUCCESS.name} THEN '1' ELSE 'fence lost' END)::int"
+)
+FENCE_LOST_ABORT = psycopg.errors.InvalidTextRepresentation
+
+
+def record_success_or_abort(conn: psycopg.Connection[Any], *, fence_token: uuid.UUID) -> None:
+    """Mark the attempt succeeded inside the caller's transaction, or abort it with
+    ``FENCE_LOST_ABORT`` if the attempt no longer owns its entry. Fetches nothing: in
+    pipeline mode the answer comes with the COMMIT's."""
+    conn.execute(_RECORD_SUCCESS_OR_ABORT, {"finished": [fence_token]})
+
+
 _RECORD_FAILURE = _call(RECORD_FAILURE)
 
 

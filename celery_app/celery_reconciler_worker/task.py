@@ -73,13 +73,27 @@ def fenced_transaction(conn: psycopg.Connection[Any]) -> Iterator[psycopg.Connec
             "fenced_transaction needs a connection outside any transaction (commit or roll "
             "back first, or use an autocommit connection): it must own the commit"
         )
-    with conn.transaction():
-        yield conn
-        if not ledger.record_success(conn, fence_token=current.attempt.fence_token):
-            raise FenceLost(
-                f"entry {current.attempt.entry_id}: attempt {current.attempt.attempt} lost its "
-                "fence before committing; its writes were rolled back"
-            )
+    committing = False
+    try:
+        # The done mark and the COMMIT go out in one round trip (pipeline mode, where libpq
+        # has it): the transaction queues its COMMIT behind the mark, and leaving the
+        # pipeline sends both. A lost fence fails the mark, so the COMMIT commits nothing.
+        with contextlib.ExitStack() as one_round_trip, conn.transaction():
+            yield conn
+            committing = True
+            if psycopg.Pipeline.is_supported():
+                one_round_trip.enter_context(conn.pipeline())
+            ledger.record_success_or_abort(conn, fence_token=current.attempt.fence_token)
+    except ledger.FENCE_LOST_ABORT:
+        if not committing:
+            raise  # the body's own statement failed
+        # In a pipeline the COMMIT behind the failed mark was skipped: end the aborted
+        # transaction (without one, rollback() sends nothing).
+        conn.rollback()
+        raise FenceLost(
+            f"entry {current.attempt.entry_id}: attempt {current.attempt.attempt} lost its "
+            "fence before committing; its writes were rolled back"
+        ) from None
     current.recorded = True
 
 
