@@ -43,6 +43,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PYTEST = ROOT / ".venv" / "bin" / "pytest"
 TIMINGS_FILE = ROOT / "docs" / "suite-timings.md"
+# The cold and the warm figure of the last full runs, kept in a block of the developers' guide
+# that only this script writes: each run replaces the line of its own kind.
+FIGURES_FILE = ROOT / "docs" / "development.md"
+FIGURES_BEGIN = "<!-- suite figures: written by scripts/run_suite.py, do not edit -->"
+FIGURES_END = "<!-- end of suite figures -->"
 DURATIONS_FILE = ROOT / "tests" / "durations.json"
 # a test file no run of whole layers has timed yet weighs this many seconds per test function in it
 UNTIMED_SECONDS_PER_TEST = 15.0
@@ -422,6 +427,34 @@ def write_timings(
     lines += [f"| {s:.1f} | {layer} | `{test}` |" for s, layer, test in slowest(outcomes)]
     TIMINGS_FILE.write_text("\n".join(lines) + "\n")
     print(f"suite: wrote {TIMINGS_FILE.relative_to(ROOT)}", flush=True)
+    figure = (
+        f"- **{'cold' if cold else 'warm'}**: {total:.0f} s ({total / 60:.1f} min) in all, "
+        f"{passed} passed, {failed} failed; "
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, commit "
+        f"`{commit or 'unknown'}`, {os.cpu_count()} cores, load at the start {load_start}, "
+        f"shards: {describe_shards(shards)}"
+    )
+    FIGURES_FILE.write_text(with_figure(FIGURES_FILE.read_text(), figure, cold=cold))
+    print(f"suite: wrote the {'cold' if cold else 'warm'} figure into "
+          f"{FIGURES_FILE.relative_to(ROOT)}", flush=True)  # fmt: skip
+
+
+def with_figure(text: str, figure: str, *, cold: bool) -> str:
+    """``text`` with its figures block holding ``figure`` as the line of its kind (cold or
+    warm), the other kind's line kept; a text without the block is returned unchanged."""
+    start, end = text.find(FIGURES_BEGIN), text.find(FIGURES_END)
+    if start < 0 or end < start:
+        return text
+    body = text[start + len(FIGURES_BEGIN) : end]
+    kept = {
+        kind: line
+        for line in body.splitlines()
+        for kind in ("cold", "warm")
+        if line.startswith(f"- **{kind}**")
+    }
+    kept["cold" if cold else "warm"] = figure
+    block = "\n".join(kept[kind] for kind in ("cold", "warm") if kind in kept)
+    return f"{text[: start + len(FIGURES_BEGIN)]}\n{block}\n{text[end:]}"
 
 
 def select_tests(layers: list[str], tests: list[str]) -> dict[str, list[str]]:

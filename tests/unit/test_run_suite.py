@@ -131,3 +131,17 @@ def test_chosen_tests_select_their_layers_in_order_and_no_choice_selects_every_l
         "e2e": ["tests/e2e/test_demo.py"],
     }
     assert run_suite.select_tests(layers, []) == {layer: [] for layer in layers}
+
+
+def test_a_figure_replaces_its_own_kinds_line_and_keeps_the_others() -> None:
+    empty = f"intro\n{run_suite.FIGURES_BEGIN}\n{run_suite.FIGURES_END}\nafter\n"
+    warm = run_suite.with_figure(empty, "- **warm**: 1200 s", cold=False)
+    both = run_suite.with_figure(warm, "- **cold**: 2700 s", cold=True)
+    again = run_suite.with_figure(both, "- **warm**: 1100 s", cold=False)
+    block = again.split(run_suite.FIGURES_BEGIN)[1].split(run_suite.FIGURES_END)[0]
+    assert block.strip().splitlines() == ["- **cold**: 2700 s", "- **warm**: 1100 s"]
+    assert again.startswith("intro\n") and again.endswith("\nafter\n")
+
+
+def test_a_text_without_the_figures_block_is_left_alone() -> None:
+    assert run_suite.with_figure("no block\n", "- **warm**: 1 s", cold=False) == "no block\n"
