@@ -665,7 +665,7 @@ def _redispatch_stranded(
     except BrokerUnavailable:
         return nothing  # the sweep's own publish meets the same broker and reports it
     if held is None:
-        return nothing  # the broker cannot list its messages, nor needs to (broker.py)
+        return nothing  # the broker cannot list its messages, nor needs to (broker/)
     if queued_a_while is not None and not planning.queue_audit_needed(
         audit=audit,
         queued_a_while=queued_a_while,
