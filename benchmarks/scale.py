@@ -60,7 +60,8 @@ def status_database(server: devstack_postgres.PostgresServer, name: str, *, hist
         schema.create_schema(conn)
         schema.seed(conn, count=BACKLOG, processed=history)
         ledger.ensure_schema(conn)
-        ledger.upsert_policy(conn, parsed_policy())
+        # The policy's rules, as every sweep publishes them (its survey's first part).
+        ledger.survey(conn, parsed_policy(), stranded_seconds=0.0)
         conn.execute(
             """
             INSERT INTO celery_reconciler.entries (policy_key, entry_id, state, attempt,

@@ -256,170 +256,41 @@ def _sweep(
     hold_dispatch: bool,
     fence: sharding.Fence | None,
 ) -> SweepResult:
+    """The steps of the module docstring in their order, inside the sweep's interval of
+    ownership (``fence``); a database failure names the step it met (``_Sweeping.doing``)."""
     started = clock()
-    send = publish or functools.partial(_publish, policy, broker, ahead=False)
-    send_ahead = publish or functools.partial(_publish, policy, broker, ahead=True)
-    doing = "preparing the sweep"
+    sweeping = _Sweeping(
+        policy=policy,
+        conn=conn,
+        broker=broker,
+        send=publish or functools.partial(_publish, policy, broker, ahead=False),
+        send_ahead=publish or functools.partial(_publish, policy, broker, ahead=True),
+        still_pending=functools.partial(source.filter_pending, conn, policy.source),
+        sleep=sleep,
+        clock=clock,
+        fence=fence,
+        started=started,
+    )
     sweep_id: int | None = None
     try:
-        still_pending = functools.partial(source.filter_pending, conn, policy.source)
         if fence is not None:
-            doing = "taking the policy's ownership"
+            sweeping.doing = "taking the policy's ownership"
             sweep_id = ledger.begin_sweep(conn, fence)
-        doing = "reading the ledger"
-        found = ledger.survey(conn, policy, stranded_seconds=STRANDED_DELIVERY_SECONDS)
-        chores = planning.sweep_chores(
-            running=found.running,
-            unsettled=found.unsettled,
-            due_retries=found.due_retries,
-            queued_a_while=found.queued_a_while,
-            unfolded=found.unfolded,
-            history_expired=found.history_expired,
-            silent_incarnations=found.silent_incarnations,
-            incarnations_expired=found.incarnations_expired,
+        upkeep = _upkeep(sweeping)
+        in_flight, budget = _in_flight_and_budget(
+            sweeping, upkeep=upkeep, hold_dispatch=hold_dispatch
         )
-        doing = "expiring leases"
-        ended_silent = ledger.end_silent_incarnations(conn) if chores.end_silent_incarnations else 0
-        expired = (
-            ledger.expire_leases(conn, policy_key=policy.key)
-            if chores.expire_lost_attempts
-            else ledger.ExpiredLeases(retry_now=0, dead=0, unstarted=found.unstarted)
-        )
-        settled = (
-            ledger.settle_finished(conn, policy_key=policy.key, still_pending=still_pending)
-            if chores.settle
-            else 0
-        )
-        doing = "keeping the ledger's history"
-        if chores.fold_successes:
-            ledger.fold_successes(conn, policy_key=policy.key)
-        pruned = (
-            ledger.prune(
-                conn, policy_key=policy.key, retention_seconds=policy.history.retention_seconds
-            )
-            if chores.prune_history
-            else ledger.Pruned(attempts=0, entries=0)
-        )
-        if chores.prune_incarnations:
-            ledger.prune_ended_incarnations(conn)
-        doing = "re-dispatching deliveries that never started"
-        if chores.expire_lost_attempts and (
-            ended_silent or expired.retry_now or expired.dead or expired.unstarted
-        ):
-            # A worker died: what it took in its last moments may be gone with it.
-            _queue_audit_due(conn, policy, at=clock())
-        lost = (
-            _redispatch_stranded(
-                conn,
-                policy,
-                broker,
-                send_ahead,
-                sleep=sleep,
-                fence=fence,
-                queued_a_while=found.queued_a_while,
-                clock=clock,
-            )
-            if chores.look_for_stranded
-            else _LostMessages(audited=False, redispatched=0)
-        )
-        stranded = lost.redispatched
-        in_flight = (
-            ledger.count_in_flight(conn, policy_key=policy.key)
-            if chores.may_change_in_flight(queue_audited=lost.audited)
-            else found.in_flight
-        )
-        budget = (
-            0
-            if policy.schedule.suspend or hold_dispatch
-            else planning.sweep_claim_budget(
-                in_flight=in_flight, max_in_flight=policy.limits.max_in_flight
-            )
-        )
-        # Due retries (a lost worker's attempts among them) go first and ahead of the
-        # queue: they waited once already, and the backlog's keyset order need not reach them.
-        doing = "re-dispatching due retries"
-        due = (
-            ledger.due_retries(conn, policy_key=policy.key, limit=budget)
-            if chores.redispatch_due_retries
-            else []
-        )
-        redispatched = _redispatch(conn, policy, send_ahead, entry_ids=due, fence=fence)
+        redispatched = _redispatch_due_retries(sweeping, chores=upkeep.chores, budget=budget)
         budget -= redispatched
-        batch_size = planning.dispatch_batch_size(
-            batch_size=policy.limits.batch_size,
-            dispatch_per_second=policy.limits.dispatch_per_second,
+        backlog = _dispatch_backlog(
+            sweeping, budget=budget, already_published=redispatched + upkeep.lost.redispatched
         )
-
-        remaining = budget
-        rate_allows_in: float | None = None
-        resumed = _resume_position(conn, policy, now=clock())
-        after = None if resumed is None else resumed.key
-        pass_started = clock() if resumed is None else resumed.pass_started
-        pages = 0
-        claimed = published = redispatched + stranded
-        claimed_again = 0
-        claim_seconds = 0.0
-        with _PagePublisher(conn, send=send, send_ahead=send_ahead, clock=clock) as pages_out:
-            while remaining > 0:
-                pause = planning.dispatch_pause_within_sweep(
-                    dispatched=published,
-                    elapsed_seconds=clock() - started,
-                    dispatch_per_second=policy.limits.dispatch_per_second,
-                )
-                if pause is None:
-                    # The rate allows no more in this sweep; the loop sweeps again when it does.
-                    rate_allows_in = planning.dispatch_pause_seconds(
-                        dispatched=published,
-                        elapsed_seconds=clock() - started,
-                        dispatch_per_second=policy.limits.dispatch_per_second,
-                    )
-                    break
-                if pause > 0:
-                    sleep(pause)
-                plan = planning.page_plan(remaining_budget=remaining, batch_size=batch_size)
-                doing = "claiming entries"
-                claim_started = clock()
-                page = _claim_page(
-                    conn, policy, after=after, plan=plan, still_pending=still_pending, fence=fence
-                )
-                claims = page.claims
-                claim_seconds += clock() - claim_started
-                pages += 1
-                if claims:
-                    doing = "publishing"
-                    pages_out.publish(claims)
-                    claimed += len(claims)
-                    claimed_again += sum(claim.again for claim in claims)
-                    published += len(claims)
-                    remaining -= len(claims)
-                if page.size < plan.rows:  # the end of the backlog
-                    if after is not None and resumed is not None:
-                        # Resumed mid-way with budget left: the rows ahead of the position
-                        # too, as a new pass.
-                        after, resumed, pass_started = None, None, clock()
-                        continue
-                    after = None
-                    break
-                after = page.last_key
-            if pages:
-                _remember_position(conn, policy, after=after, pass_started=pass_started)
-            doing = "publishing"
-        publish_seconds = pages_out.seconds
-        doing = "reading the next due time"
-        next_due = (
-            ledger.seconds_until_next_due(conn, policy_key=policy.key)
-            if chores.may_change_schedule(queue_audited=lost.audited) or claimed_again
-            else _next_due_after_first_claims(
-                policy,
-                surveyed=found.seconds_until_next_due,
-                elapsed_seconds=clock() - started,
-                claimed=claimed,
-            )
-        )
+        sweeping.doing = "reading the next due time"
+        next_due = _next_due(sweeping, upkeep=upkeep, backlog=backlog)
         if fence is not None and sweep_id is not None:
             ledger.end_sweep(conn, fence, sweep_id=sweep_id, finished=True)
     except psycopg.Error as error:
-        raise db.failure(error, doing=doing) from None
+        raise db.failure(error, doing=sweeping.doing) from None
     except ledger.FencedOut:
         raise
     except Exception:
@@ -431,20 +302,265 @@ def _sweep(
     return SweepResult(
         policy_key=policy.key,
         suspended=policy.schedule.suspend,
-        expired=expired,
-        settled=settled,
-        missing_messages=stranded,
+        expired=upkeep.expired,
+        settled=upkeep.settled,
+        missing_messages=upkeep.lost.redispatched,
         in_flight_before=in_flight,
         budget=budget,
+        pages=backlog.pages,
+        claimed=backlog.claimed,
+        published=backlog.published,
+        seconds_until_next_due=next_due,
+        claim_seconds=backlog.claim_seconds,
+        publish_seconds=backlog.publish_seconds,
+        duration_seconds=clock() - started,
+        pruned=upkeep.pruned,
+        rate_allows_in_seconds=backlog.rate_allows_in,
+    )
+
+
+@dataclasses.dataclass
+class _Sweeping:
+    """One sweep under way: what its steps share, and the step it is in now (``doing``:
+    what a database failure says the sweep was doing)."""
+
+    policy: policy_module.Policy
+    conn: psycopg.Connection[Any]
+    broker: broker_module.Publisher
+    send: PublishFunction
+    send_ahead: PublishFunction
+    still_pending: Callable[[Sequence[str]], set[str]]
+    sleep: Callable[[float], None]
+    clock: Callable[[], float]
+    fence: sharding.Fence | None
+    started: float
+    doing: str = "preparing the sweep"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Upkeep:
+    """What the ledger held at the start of a sweep, and what the sweep did about it before
+    claiming anything (steps 1-3 and the lost messages)."""
+
+    found: ledger.Survey
+    chores: planning.SweepChores
+    expired: ledger.ExpiredLeases
+    settled: int
+    pruned: ledger.Pruned
+    lost: _LostMessages
+
+
+def _upkeep(sweeping: _Sweeping) -> _Upkeep:
+    """Survey the ledger, then do only the upkeep it shows work for: end silent
+    incarnations, expire lost attempts, settle what the source shows processed, keep the
+    history, and re-dispatch queued entries whose message the broker lost."""
+    policy, conn, clock = sweeping.policy, sweeping.conn, sweeping.clock
+    sweeping.doing = "reading the ledger"
+    found = ledger.survey(conn, policy, stranded_seconds=STRANDED_DELIVERY_SECONDS)
+    chores = planning.sweep_chores(
+        running=found.running,
+        unsettled=found.unsettled,
+        due_retries=found.due_retries,
+        queued_a_while=found.queued_a_while,
+        unfolded=found.unfolded,
+        history_expired=found.history_expired,
+        silent_incarnations=found.silent_incarnations,
+        incarnations_expired=found.incarnations_expired,
+    )
+    sweeping.doing = "expiring leases"
+    ended_silent = ledger.end_silent_incarnations(conn) if chores.end_silent_incarnations else 0
+    expired = (
+        ledger.expire_leases(conn, policy_key=policy.key)
+        if chores.expire_lost_attempts
+        else ledger.ExpiredLeases(retry_now=0, dead=0, unstarted=found.unstarted)
+    )
+    settled = (
+        ledger.settle_finished(conn, policy_key=policy.key, still_pending=sweeping.still_pending)
+        if chores.settle
+        else 0
+    )
+    sweeping.doing = "keeping the ledger's history"
+    if chores.fold_successes:
+        ledger.fold_successes(conn, policy_key=policy.key)
+    pruned = (
+        ledger.prune(
+            conn, policy_key=policy.key, retention_seconds=policy.history.retention_seconds
+        )
+        if chores.prune_history
+        else ledger.Pruned(attempts=0, entries=0)
+    )
+    if chores.prune_incarnations:
+        ledger.prune_ended_incarnations(conn)
+    sweeping.doing = "re-dispatching deliveries that never started"
+    if chores.expire_lost_attempts and (
+        ended_silent or expired.retry_now or expired.dead or expired.unstarted
+    ):
+        # A worker died: what it took in its last moments may be gone with it.
+        _queue_audit_due(conn, policy, at=clock())
+    lost = (
+        _redispatch_stranded(
+            conn,
+            policy,
+            sweeping.broker,
+            sweeping.send_ahead,
+            sleep=sweeping.sleep,
+            fence=sweeping.fence,
+            queued_a_while=found.queued_a_while,
+            clock=clock,
+        )
+        if chores.look_for_stranded
+        else _LostMessages(audited=False, redispatched=0)
+    )
+    return _Upkeep(
+        found=found, chores=chores, expired=expired, settled=settled, pruned=pruned, lost=lost
+    )
+
+
+def _in_flight_and_budget(
+    sweeping: _Sweeping, *, upkeep: _Upkeep, hold_dispatch: bool
+) -> tuple[int, int]:
+    """How many entries are in flight after the upkeep (counted again only if it may have
+    changed them), and how many this sweep may claim: none while suspended or held."""
+    policy = sweeping.policy
+    in_flight = (
+        ledger.count_in_flight(sweeping.conn, policy_key=policy.key)
+        if upkeep.chores.may_change_in_flight(queue_audited=upkeep.lost.audited)
+        else upkeep.found.in_flight
+    )
+    budget = (
+        0
+        if policy.schedule.suspend or hold_dispatch
+        else planning.sweep_claim_budget(
+            in_flight=in_flight, max_in_flight=policy.limits.max_in_flight
+        )
+    )
+    return in_flight, budget
+
+
+def _redispatch_due_retries(
+    sweeping: _Sweeping, *, chores: planning.SweepChores, budget: int
+) -> int:
+    """Due retries (a lost worker's attempts among them) go first and ahead of the queue:
+    they waited once already, and the backlog's keyset order need not reach them."""
+    policy = sweeping.policy
+    sweeping.doing = "re-dispatching due retries"
+    due = (
+        ledger.due_retries(sweeping.conn, policy_key=policy.key, limit=budget)
+        if chores.redispatch_due_retries
+        else []
+    )
+    return _redispatch(
+        sweeping.conn, policy, sweeping.send_ahead, entry_ids=due, fence=sweeping.fence
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Backlog:
+    """What a sweep claimed and published, page by page; ``claimed`` and ``published``
+    count the re-dispatches before the backlog too."""
+
+    pages: int
+    claimed: int
+    published: int
+    claimed_again: int  # entries the ledger held already (their retry times changed)
+    claim_seconds: float
+    publish_seconds: float
+    rate_allows_in: float | None
+
+
+def _dispatch_backlog(sweeping: _Sweeping, *, budget: int, already_published: int) -> _Backlog:
+    """Step 5: claim pending entries page by page in keyset order, from where the last
+    sweep stopped, within ``budget`` and the policy's dispatch rate, each page published
+    once its claim committed (``_PagePublisher``)."""
+    policy, conn, clock = sweeping.policy, sweeping.conn, sweeping.clock
+    batch_size = planning.dispatch_batch_size(
+        batch_size=policy.limits.batch_size,
+        dispatch_per_second=policy.limits.dispatch_per_second,
+    )
+    remaining = budget
+    rate_allows_in: float | None = None
+    resumed = _resume_position(conn, policy, now=clock())
+    after = None if resumed is None else resumed.key
+    pass_started = clock() if resumed is None else resumed.pass_started
+    pages = 0
+    claimed = published = already_published
+    claimed_again = 0
+    claim_seconds = 0.0
+    send, send_ahead = sweeping.send, sweeping.send_ahead
+    with _PagePublisher(conn, send=send, send_ahead=send_ahead, clock=clock) as pages_out:
+        while remaining > 0:
+            pause = planning.dispatch_pause_within_sweep(
+                dispatched=published,
+                elapsed_seconds=clock() - sweeping.started,
+                dispatch_per_second=policy.limits.dispatch_per_second,
+            )
+            if pause is None:
+                # The rate allows no more in this sweep; the loop sweeps again when it does.
+                rate_allows_in = planning.dispatch_pause_seconds(
+                    dispatched=published,
+                    elapsed_seconds=clock() - sweeping.started,
+                    dispatch_per_second=policy.limits.dispatch_per_second,
+                )
+                break
+            if pause > 0:
+                sweeping.sleep(pause)
+            plan = planning.page_plan(remaining_budget=remaining, batch_size=batch_size)
+            sweeping.doing = "claiming entries"
+            claim_started = clock()
+            page = _claim_page(
+                conn,
+                policy,
+                after=after,
+                plan=plan,
+                still_pending=sweeping.still_pending,
+                fence=sweeping.fence,
+            )
+            claims = page.claims
+            claim_seconds += clock() - claim_started
+            pages += 1
+            if claims:
+                sweeping.doing = "publishing"
+                pages_out.publish(claims)
+                claimed += len(claims)
+                claimed_again += sum(claim.again for claim in claims)
+                published += len(claims)
+                remaining -= len(claims)
+            if page.size < plan.rows:  # the end of the backlog
+                if after is not None and resumed is not None:
+                    # Resumed mid-way with budget left: the rows ahead of the position
+                    # too, as a new pass.
+                    after, resumed, pass_started = None, None, clock()
+                    continue
+                after = None
+                break
+            after = page.last_key
+        if pages:
+            _remember_position(conn, policy, after=after, pass_started=pass_started)
+        sweeping.doing = "publishing"
+    return _Backlog(
         pages=pages,
         claimed=claimed,
         published=published,
-        seconds_until_next_due=next_due,
+        claimed_again=claimed_again,
         claim_seconds=claim_seconds,
-        publish_seconds=publish_seconds,
-        duration_seconds=clock() - started,
-        pruned=pruned,
-        rate_allows_in_seconds=rate_allows_in,
+        publish_seconds=pages_out.seconds,
+        rate_allows_in=rate_allows_in,
+    )
+
+
+def _next_due(sweeping: _Sweeping, *, upkeep: _Upkeep, backlog: _Backlog) -> float | None:
+    """Seconds until the policy's next entry falls due: read from the ledger only where
+    the sweep may have moved a due time, else worked out (``_next_due_after_first_claims``)."""
+    policy, clock = sweeping.policy, sweeping.clock
+    if upkeep.chores.may_change_schedule(queue_audited=upkeep.lost.audited) or (
+        backlog.claimed_again
+    ):
+        return ledger.seconds_until_next_due(sweeping.conn, policy_key=policy.key)
+    return _next_due_after_first_claims(
+        policy,
+        surveyed=upkeep.found.seconds_until_next_due,
+        elapsed_seconds=clock() - sweeping.started,
+        claimed=backlog.claimed,
     )
 
 
@@ -665,7 +781,7 @@ def _redispatch_stranded(
     except BrokerUnavailable:
         return nothing  # the sweep's own publish meets the same broker and reports it
     if held is None:
-        return nothing  # the broker cannot list its messages, nor needs to (broker.py)
+        return nothing  # the broker cannot list its messages, nor needs to (broker/)
     if queued_a_while is not None and not planning.queue_audit_needed(
         audit=audit,
         queued_a_while=queued_a_while,

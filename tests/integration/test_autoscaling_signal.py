@@ -82,8 +82,9 @@ def test_the_sample_query_counts_what_waits_for_or_occupies_a_worker(
         schema.set_fault(conn, entry_id=entry_id, kind="sleep", seconds=20)
     with sweep_connections(demo_dsn, redis_url) as (db, publisher):
         assert reconcile.reconcile_once(policy, db=db, broker=publisher).published == 40
-        # Another policy's work on the same ledger is not this worker pool's.
-        ledger.upsert_policy(conn, other)
+        # Another policy's work on the same ledger is not this worker pool's (its rules
+        # published as every sweep publishes them: the survey's first part).
+        ledger.survey(conn, other, stranded_seconds=0.0)
         with conn.transaction():
             ledger.claim(
                 conn,

@@ -31,7 +31,12 @@ def body_conn(demo_dsn: str) -> Iterator[psycopg.Connection[Any]]:
 def started_attempt(conn: psycopg.Connection[Any], entry_id: str) -> ledger.RunningAttempt:
     """Claim ``entry_id`` under policy t/p and start it, as a worker does."""
     ledger.ensure_schema(conn)
-    ledger.upsert_policy(conn, policy.parse_policy(schema.policy_spec(), namespace="t", name="p"))
+    # The policy's rules, as every sweep publishes them (its survey's first part).
+    ledger.survey(
+        conn,
+        policy.parse_policy(schema.policy_spec(), namespace="t", name="p"),
+        stranded_seconds=0.0,
+    )
     with conn.transaction():
         (claimed,) = ledger.claim(
             conn,

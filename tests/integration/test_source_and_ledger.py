@@ -372,7 +372,12 @@ def claimed_and_started(
 ) -> dict[str, ledger.RunningAttempt]:
     """Claim the entries under policy t/p and start each under one live incarnation."""
     ledger.ensure_schema(conn)
-    ledger.upsert_policy(conn, policy.parse_policy(schema.policy_spec(), namespace="t", name="p"))
+    # The policy's rules, as every sweep publishes them (its survey's first part).
+    ledger.survey(
+        conn,
+        policy.parse_policy(schema.policy_spec(), namespace="t", name="p"),
+        stranded_seconds=0.0,
+    )
     with conn.transaction():
         claims = ledger.claim(
             conn,
@@ -557,7 +562,12 @@ def test_silence_ends_only_workers_outside_kubernetes_and_pod_proof_ends_the_res
     fall silent, one in the same Pod's new container instance lives. Silence ends only the
     first; the second waits for its Pod's word, which a listing gives at once."""
     ledger.ensure_schema(conn)
-    ledger.upsert_policy(conn, policy.parse_policy(schema.policy_spec(), namespace="t", name="p"))
+    # The policy's rules, as every sweep publishes them (its survey's first part).
+    ledger.survey(
+        conn,
+        policy.parse_policy(schema.policy_spec(), namespace="t", name="p"),
+        stranded_seconds=0.0,
+    )
     with conn.transaction():
         claims = ledger.claim(
             conn,

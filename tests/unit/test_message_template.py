@@ -36,8 +36,15 @@ AWKWARD_IDS = [
 ]
 
 
-def comparable(envelope_json: str) -> dict[str, object]:
-    envelope = json.loads(envelope_json)
+def envelope_json(
+    builder: broker.MessageBuilder, *, message: broker.TaskMessage, **kwargs: object
+) -> str:
+    """One message's envelope through the batch path the Redis publisher takes."""
+    return builder.envelopes_json(messages=[message], **kwargs)[0]  # type: ignore[arg-type]
+
+
+def comparable(envelope_text: str) -> dict[str, object]:
+    envelope = json.loads(envelope_text)
     tag = envelope["properties"].pop("delivery_tag")
     assert str(uuid.UUID(tag)) == tag and uuid.UUID(tag).version == 4
     return dict(envelope)
@@ -49,7 +56,7 @@ def assert_same(entry_id: str, *, limits: tuple[float, float] | None = None) -> 
     kwargs = {"task_name": "insights.extract", "queue": "insights", "time_limits_seconds": limits}
     built = json.dumps(builder.build(message=message, **kwargs))  # type: ignore[arg-type]
     for _ in range(2):  # the second fill reuses the cached template
-        filled = builder.envelope_json(message=message, **kwargs)  # type: ignore[arg-type]
+        filled = envelope_json(builder, message=message, **kwargs)
         assert comparable(filled) == comparable(built)
 
 
@@ -85,7 +92,7 @@ def test_any_task_id_fills_in_exactly(task_id: str) -> None:
     message = broker.TaskMessage(entry_id="1", task_id=task_id)
     kwargs = {"task_name": "insights.extract", "queue": "insights", "time_limits_seconds": None}
     built = json.dumps(builder.build(message=message, **kwargs))  # type: ignore[arg-type]
-    filled = builder.envelope_json(message=message, **kwargs)  # type: ignore[arg-type]
+    filled = envelope_json(builder, message=message, **kwargs)
     assert comparable(filled) == comparable(built)
 
 
