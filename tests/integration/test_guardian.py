@@ -227,6 +227,10 @@ def test_a_body_process_frozen_past_the_timeout_is_killed_before_its_entry_runs_
     verdict(conn, runs)
 
 
+# Long enough that the race below is still on when the process answers, on a loaded machine.
+FIRST_BODY_SECONDS = 45
+
+
 def test_a_threads_pool_body_that_outlives_its_incarnation_stays_watched(
     demo_dsn: str,
     conn: psycopg.Connection[Any],
@@ -239,7 +243,7 @@ def test_a_threads_pool_body_that_outlives_its_incarnation_stays_watched(
     it must die, not run on unwatched beside the re-run. A long heartbeat timeout leaves
     that window wide open (the heartbeat comes every fifth of it)."""
     schema.seed(conn, count=1)
-    schema.set_fault(conn, entry_id=1, kind="sleep", seconds=25)
+    schema.set_fault(conn, entry_id=1, kind="sleep", seconds=FIRST_BODY_SECONDS)
     policy = make_policy(lease_timeout="10m")
     slow_heartbeat = {"CELERY_RECONCILER_HEARTBEAT_TIMEOUT": "120"}
     racer = start_worker(
@@ -281,6 +285,14 @@ def test_a_threads_pool_body_that_outlives_its_incarnation_stays_watched(
                 return registered_anew or process_state(pid) in ("Z", "gone")
 
             wait_for(answered, timeout_seconds=30, what="the process to register anew or die")
+            # The race needs the first body still running when the process answers; on a
+            # machine at load ~15 the steps above once took longer than the body's sleep,
+            # the body ended on its own (fence lost) and its end read as an overlap.
+            first_started = conn.execute("SELECT min(started_at) FROM task_runs").fetchone()
+            assert first_started is not None
+            assert seconds_since(conn, first_started[0]) < FIRST_BODY_SECONDS, (
+                "precondition: the first body was still running when the process answered"
+            )
         start_worker(broker_url=redis_url, dsn=demo_dsn, concurrency=2, extra_env=HEARTBEAT_ENV)
         with Sweeper(policy, dsn=demo_dsn, broker_url=redis_url):
             wait_for(
@@ -292,7 +304,7 @@ def test_a_threads_pool_body_that_outlives_its_incarnation_stays_watched(
             started = conn.execute("SELECT min(started_at) FROM task_runs").fetchone()
             assert started is not None
             wait_for(
-                lambda: seconds_since(conn, started[0]) > 25 + 3,
+                lambda: seconds_since(conn, started[0]) > FIRST_BODY_SECONDS + 3,
                 timeout_seconds=60,
                 what="the first body's sleep to be over",
                 poll_seconds=0.3,

@@ -609,7 +609,9 @@ def test_a_worker_that_shuts_down_hands_over_its_finished_bodies(
     nothing is left ``running`` under a silent incarnation — which the sweep would charge
     as lost attempts. The heartbeat timeout is an hour here: no heartbeat can do it instead."""
     schema.seed(conn, count=20)
-    assert benchmark_worker.enqueue_ours(demo_dsn, broker_url, entries=20) == 20
+    reconciled = next(form for form in benchmark_worker.FORMS if form.name == "ours")
+    assert reconciled.queue == reconciled_worker.QUEUE
+    assert benchmark_worker.enqueue_ours(demo_dsn, broker_url, entries=20, form=reconciled) == 20
     worker = start_worker(
         broker_url=broker_url,
         dsn=demo_dsn,
