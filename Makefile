@@ -3,11 +3,12 @@ SHELL := /bin/bash
 VENV := .venv/bin
 PYTEST_ARGS ?=
 # `make test` and `make flake`: run integration beside e2e (each layer has its own servers);
-# SUITE_PARALLEL= (empty): one layer after another
-SUITE_PARALLEL ?= 1
+# empty (the default): one layer after another
+SUITE_PARALLEL ?=
 # `make test` and `make flake`: layers cut into pytest processes side by side, each with its own
-# servers, balanced by tests/durations.json; SUITE_SHARDS= (empty): one process a layer
-SUITE_SHARDS ?= integration=2,e2e=3
+# servers, balanced by tests/durations.json, e.g. integration=2,e2e=3; empty (the default): one
+# process a layer
+SUITE_SHARDS ?=
 FLAKE_ROUNDS ?= 3
 # `make bench`'s Pod rescue benchmark, e.g. "--kills 100 --freezes 5" (benchmarks/pod_rescue.py)
 POD_RESCUE_BENCH_ARGS ?=
