@@ -472,9 +472,9 @@ def _start_containerd(*, workdir: Path, node_bin: Path, socket: Path) -> process
 
 def _mount_memory(directory: Path) -> None:
     """A tmpfs for containerd's image store and snapshots. On this machine kind's disk
-    (ext4 mounted with ``discard``) deleting the ~500 MB the unpacked image takes cost
-    30-50 s of I/O per node, and importing it as much again; in memory both take seconds, and
-    ``teardown``'s unmount frees it. The size is a cap, not a reservation."""
+    (ext4 mounted with ``discard``) deleting the ~500 MB the unpacked image takes was most of
+    a node's teardown, spent waiting on I/O; in memory ``teardown``'s unmount frees it at
+    once. The size is a cap, not a reservation."""
     directory.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=8g,mode=0700", "tmpfs", str(directory)],

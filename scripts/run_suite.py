@@ -395,6 +395,8 @@ def write_timings(
     passed = sum(o.passed for o in outcomes)
     failed = sum(o.failed for o in outcomes)
     skipped = sum(o.skipped for o in outcomes)
+    finished = f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"
+    kind = "cold" if cold else "warm"
     lines = [
         "# Suite timings (written by `make test`; do not edit)",
         "",
@@ -402,8 +404,7 @@ def write_timings(
         "(all layers, no test selection). Commit it when a run on this project's machine kind",
         "produced it; docs/development.md explains how to read it.",
         "",
-        f"- finished: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, commit "
-        f"`{commit or 'unknown'}`",
+        f"- finished: {finished}, commit `{commit or 'unknown'}`",
         f"- machine: {os.cpu_count()} cores; load average (1, 5, 15 min) at the start "
         f"{load_start}, at the end {load_average()}",
         f"- control-plane cache: {'cold (built in set-up)' if cold else 'warm'}; layers "
@@ -428,15 +429,13 @@ def write_timings(
     TIMINGS_FILE.write_text("\n".join(lines) + "\n")
     print(f"suite: wrote {TIMINGS_FILE.relative_to(ROOT)}", flush=True)
     figure = (
-        f"- **{'cold' if cold else 'warm'}**: {total:.0f} s ({total / 60:.1f} min) in all, "
-        f"{passed} passed, {failed} failed; "
-        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, commit "
+        f"- **{kind}**: {total:.0f} s ({total / 60:.1f} min) in all, "
+        f"{passed} passed, {failed} failed; {finished}, commit "
         f"`{commit or 'unknown'}`, {os.cpu_count()} cores, load at the start {load_start}, "
         f"shards: {describe_shards(shards)}"
     )
     FIGURES_FILE.write_text(with_figure(FIGURES_FILE.read_text(), figure, cold=cold))
-    print(f"suite: wrote the {'cold' if cold else 'warm'} figure into "
-          f"{FIGURES_FILE.relative_to(ROOT)}", flush=True)  # fmt: skip
+    print(f"suite: wrote the {kind} figure into {FIGURES_FILE.relative_to(ROOT)}", flush=True)
 
 
 def with_figure(text: str, figure: str, *, cold: bool) -> str:

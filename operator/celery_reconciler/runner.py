@@ -265,7 +265,7 @@ def run(options: RunOptions, *, stop_flag: threading.Event | None = None) -> int
         with contextlib.suppress(asyncio.CancelledError):
             loop.run_until_complete(guard)
         # The interpreter's last garbage collection walked the whole heap a long-running
-        # operator built (the API clients' models, the pools) and took 2-7 s of every exit,
+        # operator built (the API clients' models, the pools) and took seconds of every exit,
         # seen with py-spy in gc_collect_main after kopf had stopped. Nothing that
         # collection would free matters to a process that is ending.
         gc.freeze()
