@@ -241,6 +241,24 @@ def start(*, dsn: str, timeout_seconds: float) -> subprocess.Popen[bytes] | None
         )
         return None
     os.environ[ticks.RUN_DIRECTORY_VARIABLE] = str(directory)
+    # The guardian's first tick, written for it under this process's pid: its own comes only
+    # once its imports are done (a second or more on a busy node), and celery may log
+    # ``ready.`` before that. A container frozen in between would otherwise have no guardian
+    # tick at all, which the liveness probe passes; now it has a silent one, which the probe
+    # fails once the timeout has passed. The guardian's publisher takes the file over.
+    now = time.monotonic()
+    ticks.write_whole(
+        directory / ticks.GUARDIAN_FILE,
+        ticks.Tick(
+            pid=pid,
+            start_ticks=identity.process_start_ticks(pid) or 0,
+            timeout_seconds=timeout_seconds,
+            ticked_at=now,
+            renewed_at=now,
+            running=0,
+            incarnations=(),
+        ),
+    )
     process = subprocess.Popen(
         [
             sys.executable,

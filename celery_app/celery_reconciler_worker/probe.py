@@ -12,9 +12,10 @@ is one the guardian failed to kill, and a node too busy to run the guardian for 
 proof, so nothing races the kill. The kubelet's kill then lands ``timeout +
 failureThreshold x periodSeconds`` (+ the probe's own timeout when the container is frozen,
 + the grace period: a frozen process never acts on SIGTERM) after the container stopped
-ticking. A worker that has not started its
-guardian yet passes (the probe's ``initialDelaySeconds`` covers the start), so does a
-container with no worker directory.
+ticking. A worker writes its guardian's first tick itself as it starts it, so a guardian
+still importing counts as silent from then on: a container frozen before its guardian ever
+ticked fails too. A worker that has not reached its guardian yet passes (the probe's
+``initialDelaySeconds`` covers the start), so does a container with no worker directory.
 
 It only reads small files (``ticks``): no database, no broker, no Celery import.
 """
@@ -28,26 +29,37 @@ from pathlib import Path
 from celery_reconciler_worker import identity, ticks
 
 
-def _worker_runs(directory: Path) -> bool:
-    """A run directory is named ``worker-<pid>-<start ticks>`` after its worker's process."""
+def _running_worker(directory: Path) -> int | None:
+    """The pid of the worker whose run directory this is, ``None`` when it no longer runs (a
+    run directory is named ``worker-<pid>-<start ticks>`` after its worker's process)."""
     try:
         _, pid, start_ticks = directory.name.split("-")
-        return identity.process_start_ticks(int(pid)) == int(start_ticks)
+        runs = identity.process_start_ticks(int(pid)) == int(start_ticks)
     except ValueError:
-        return False
+        return None
+    return int(pid) if runs else None
 
 
 def problems(root: Path, *, now: float) -> list[str]:
     """What is stale under ``root``, one line each; empty when the container is alive."""
     found = []
     for directory in sorted(root.glob("worker-*")):
-        if not _worker_runs(directory):
+        worker_pid = _running_worker(directory)
+        if worker_pid is None:
             continue
         guardian = ticks.read(directory / ticks.GUARDIAN_FILE)
         if guardian is not None:
             late = now - guardian.ticked_at
             if late > guardian.timeout_seconds:
-                found.append(f"{directory.name}: guardian {guardian.pid} silent for {late:.1f} s")
+                if guardian.pid == worker_pid:  # the record its worker wrote when starting it
+                    found.append(
+                        f"{directory.name}: guardian silent for {late:.1f} s since it was "
+                        "started (it never ticked)"
+                    )
+                else:
+                    found.append(
+                        f"{directory.name}: guardian {guardian.pid} silent for {late:.1f} s"
+                    )
             if identity.process_start_ticks(guardian.pid) != guardian.start_ticks:
                 found.append(f"{directory.name}: guardian {guardian.pid} is gone")
         for path in ticks.body_files(directory):

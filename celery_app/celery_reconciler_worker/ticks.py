@@ -125,6 +125,35 @@ class Publisher:
             struct.pack_into("<Q", self._memory, 0, self._sequence)
 
 
+def encode(tick: Tick, *, sequence: int = 2) -> bytes:
+    """``tick`` as a whole record (an even ``sequence``), for a file written at once."""
+    listed = tick.incarnations[:MAX_INCARNATIONS]
+    data = bytearray(SIZE)
+    _HEAD.pack_into(
+        data,
+        0,
+        sequence,
+        tick.pid,
+        tick.start_ticks,
+        tick.timeout_seconds,
+        tick.ticked_at,
+        tick.renewed_at,
+        tick.running,
+        len(listed),
+    )
+    for index, incarnation in enumerate(listed):
+        _INCARNATION.pack_into(data, _HEAD.size + index * _INCARNATION.size, incarnation.bytes)
+    return bytes(data)
+
+
+def write_whole(path: Path, tick: Tick) -> None:
+    """Put ``tick`` at ``path`` in one rename, with no mapping left behind: for a record a
+    ``Publisher`` of another process takes over (it opens the same file, truncating it)."""
+    staged = path.with_name(f".{path.name}.{os.getpid()}")
+    staged.write_bytes(encode(tick))
+    os.replace(staged, path)
+
+
 def decode(data: bytes) -> Tick | None:
     """The record in ``data``, or ``None`` when it is short or caught mid-write."""
     if len(data) < SIZE:

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from reconcile_support import WorkerFactory, make_policy, pending_count, sweep_c
 
 from celery_app.demo import schema
 from celery_reconciler import reconcile
-from celery_reconciler_worker import ticks
+from celery_reconciler_worker import guardian, probe, ticks
 
 pytestmark = pytest.mark.integration
 
@@ -362,17 +363,17 @@ def test_the_liveness_probe_fails_while_the_whole_worker_is_frozen(
     healthy = run_probe(run_directory)
     assert healthy.returncode == 0, healthy.stderr  # the precondition: a live worker passes
     [guardian_tick] = list(run_directory.glob(f"worker-*/{ticks.GUARDIAN_FILE}"))
-    guardian = ticks.read(guardian_tick)
-    assert guardian is not None
+    guardian_record = ticks.read(guardian_tick)
+    assert guardian_record is not None
     popen = worker.process.popen
     assert popen is not None
     frozen_at = conn.execute("SELECT clock_timestamp()").fetchone()
     assert frozen_at is not None
     os.killpg(popen.pid, signal.SIGSTOP)  # the worker and its pool
-    os.kill(guardian.pid, signal.SIGSTOP)  # the guardian, in a process group of its own
+    os.kill(guardian_record.pid, signal.SIGSTOP)  # the guardian, in a process group of its own
     [(body_pid, _)] = first_runs(conn).values()
     try:
-        frozen = (popen.pid, body_pid, guardian.pid)
+        frozen = (popen.pid, body_pid, guardian_record.pid)
         wait_for(
             lambda: {process_state(pid) for pid in frozen} == {"T"},
             timeout_seconds=10,
@@ -386,13 +387,44 @@ def test_the_liveness_probe_fails_while_the_whole_worker_is_frozen(
         )
         stale = run_probe(run_directory)
     finally:
-        os.kill(guardian.pid, signal.SIGCONT)
+        os.kill(guardian_record.pid, signal.SIGCONT)
         os.killpg(popen.pid, signal.SIGCONT)
     assert stale.returncode == 1, (stale.returncode, stale.stderr)
-    assert f"guardian {guardian.pid} silent" in stale.stderr, stale.stderr
+    assert f"guardian {guardian_record.pid} silent" in stale.stderr, stale.stderr
     assert f"process {body_pid} running 1 bodies silent" in stale.stderr, stale.stderr
     wait_for(
         lambda: run_probe(run_directory).returncode == 0,
         timeout_seconds=30,
         what="the probe to pass again once the worker runs (its stale body killed)",
     )
+
+
+def test_a_worker_frozen_before_its_guardian_first_ticks_fails_the_probe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guardian takes a second or more to import and tick on a busy node, and celery may
+    log ``ready.`` before it has. A container frozen in that window must still fail the
+    liveness probe once the timeout has passed (the clean-clone suite once froze a worker Pod
+    there, and the kubelet never restarted it), yet a worker starting normally passes."""
+    monkeypatch.setenv(ticks.RUN_ROOT_VARIABLE, str(tmp_path))
+    monkeypatch.setenv(ticks.RUN_DIRECTORY_VARIABLE, "")  # start() sets it; restored after
+    timeout_seconds = 2.0
+    started_at = time.monotonic()
+    guardian_process = guardian.start(
+        dsn="postgresql://127.0.0.1:1/unused", timeout_seconds=timeout_seconds
+    )
+    assert guardian_process is not None
+    try:
+        os.kill(guardian_process.pid, signal.SIGSTOP)  # frozen with its container
+        [directory] = list(tmp_path.glob("worker-*"))
+        tick = ticks.read(directory / ticks.GUARDIAN_FILE)
+        # The precondition: the guardian itself never ticked (its imports take far longer
+        # than this test took to stop it).
+        assert tick is None or tick.pid != guardian_process.pid, tick
+        assert probe.problems(tmp_path, now=started_at) == []  # within the timeout: starting
+        stale = probe.problems(tmp_path, now=time.monotonic() + timeout_seconds + 0.5)
+        assert [line.split(":")[0] for line in stale] == [directory.name], stale
+        assert "guardian" in stale[0] and "since it was started" in stale[0], stale
+    finally:
+        guardian_process.kill()
+        guardian_process.wait(timeout=30)

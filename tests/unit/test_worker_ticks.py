@@ -32,6 +32,23 @@ def test_a_published_tick_reads_back_whole(tmp_path: Path) -> None:
     assert tick is not None and (tick.running, tick.incarnations) == (0, ())
 
 
+def test_a_record_written_whole_reads_back_and_a_publisher_takes_it_over(tmp_path: Path) -> None:
+    path = tmp_path / ticks.GUARDIAN_FILE
+    listed = (uuid.uuid4(),)
+    written = ticks.Tick(
+        pid=7, start_ticks=70, timeout_seconds=6.0, ticked_at=1.5, renewed_at=1.0, running=2,
+        incarnations=listed,
+    )  # fmt: skip
+    ticks.write_whole(path, written)
+    assert ticks.read(path) == written
+    assert [entry.name for entry in tmp_path.iterdir()] == [ticks.GUARDIAN_FILE]  # nothing staged
+    ticks.Publisher(path, pid=8, start_ticks=80).publish(
+        timeout_seconds=6.0, ticked_at=3.0, renewed_at=3.0, running=0
+    )
+    taken_over = ticks.read(path)
+    assert taken_over is not None and (taken_over.pid, taken_over.ticked_at) == (8, 3.0)
+
+
 def test_a_record_caught_mid_write_is_not_read(tmp_path: Path) -> None:
     path = tmp_path / "torn.tick"
     ticks.Publisher(path, pid=1, start_ticks=1).publish(
