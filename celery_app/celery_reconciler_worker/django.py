@@ -21,12 +21,13 @@ Importing this module makes Django's connection the ledger connection of the pro
 (``reliable.use_ledger_connection``): the task module that names the base class is imported
 by every worker process that can run such a task, so no worker can miss it.
 
-Django's connection lifecycle stays Django's. Celery's Django fixup (active whenever
+Django's settings decide the connection's life. Celery's Django fixup (active whenever
 ``DJANGO_SETTINGS_MODULE`` is set) drops the connections a prefork child inherited without
-touching the parent's session, and calls ``close_if_unusable_or_obsolete`` before and after
-every task, which honours ``CONN_MAX_AGE``; here each use runs
-``close_if_health_check_failed`` first, as Django's own cursors do, which honours
-``CONN_HEALTH_CHECKS``. The fence check therefore runs on the connection the body will use.
+touching the parent's session; around each task it closed those ``CONN_MAX_AGE`` let go up
+to Celery 5.5, and from 5.6 on it closes them all — unless ``CELERY_DB_REUSE_MAX`` is set,
+which this module's ``recommended_settings`` does, and then ``keep_or_close_connections``
+applies Django's rule itself. Each use here runs ``close_if_health_check_failed`` first, as
+Django's own cursors do, which honours ``CONN_HEALTH_CHECKS``. The fence check therefore runs on the connection the body will use.
 Django connections are per thread, and the heartbeat thread must never wait behind a body's
 statement, so the heartbeat (and the worker's main process, which must hold no connection a
 child would inherit) opens a connection of its own — with the parameters Django builds from
@@ -41,6 +42,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
+import celery.signals
 import psycopg
 from django import db
 from django.core.exceptions import ImproperlyConfigured
@@ -51,7 +53,47 @@ from celery_reconciler_worker import ledger, reliable
 
 ReconciledTask = reliable.ReconciledTask
 FenceLost = reliable.FenceLost
-recommended_settings = reliable.recommended_settings
+
+# Celery's Django fixup closes every connection this many tasks apart once the setting is
+# there (and, from Celery 5.6 on, before and after every task when it is not): far enough
+# apart that CONN_MAX_AGE decides, through the handlers below.
+DB_REUSE_MAX = 1_000_000
+
+
+def recommended_settings(**kwargs: Any) -> dict[str, Any]:
+    """``reliable.recommended_settings`` for a Django project, which also lets Django's own
+    settings decide how long a pool process keeps its connection.
+
+    Celery 5.6 and later close every Django connection before and after each task, whatever
+    ``CONN_MAX_AGE`` says (Celery gave up ``close_if_unusable_or_obsolete`` there: a query
+    cut short by a time limit can leave a connection Django thinks usable). Then each task
+    opens a session, and the fence check and the done mark pay for it. With
+    ``CELERY_DB_REUSE_MAX`` set, Celery leaves the connections alone and this module applies
+    Django's rule for a request around each task instead (``keep_or_close_connections``):
+    a connection is kept while ``CONN_MAX_AGE`` allows, and only when ``CONN_HEALTH_CHECKS``
+    makes Django check it before reuse, which catches the connection a time limit broke.
+    """
+    return {**reliable.recommended_settings(**kwargs), "CELERY_DB_REUSE_MAX": DB_REUSE_MAX}
+
+
+def keep_or_close_connections(sender: Any = None, **_: Any) -> None:
+    """Around each task (``task_prerun`` and ``task_postrun``) of an app that keeps Celery
+    from closing its connections (``CELERY_DB_REUSE_MAX``): close each Django connection that
+    Django would not reuse for a new request, and every one it would not check first."""
+    if getattr(getattr(sender, "request", None), "is_eager", False):
+        return
+    app = getattr(sender, "app", None)
+    if app is None or not app.conf.get("CELERY_DB_REUSE_MAX"):
+        return  # Celery's fixup closes them (or, before Celery 5.6, applies this rule itself)
+    for wrapper in db.connections.all(initialized_only=True):
+        if wrapper.settings_dict.get("CONN_HEALTH_CHECKS"):
+            wrapper.close_if_unusable_or_obsolete()
+        else:
+            wrapper.close()
+
+
+celery.signals.task_prerun.connect(keep_or_close_connections, weak=False)
+celery.signals.task_postrun.connect(keep_or_close_connections, weak=False)
 
 # Keyword arguments of psycopg.connect that Django adds and that are no libpq parameters.
 _NOT_CONNINFO = frozenset({"context", "cursor_factory", "prepare_threshold"})

@@ -241,3 +241,54 @@ def test_prefork_workers_keep_going_through_a_database_restart_between_tasks(
         revisions = revisions_by_entry(conn)
     assert failed == (0,)
     assert revisions == {entry: 1 for entry in range(1, 21)}
+
+
+def sessions_opened(conn: psycopg.Connection[Any]) -> int:
+    """Sessions ever opened on this database (a backend's count reaches the view when it
+    flushes its statistics: at the latest when it ends)."""
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    row = conn.execute(
+        "SELECT sessions FROM pg_stat_database WHERE datname = current_database()"
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_pool_process_keeps_its_django_connection_between_tasks(
+    database_dsn: str,
+    redis_url: str,
+    example_env: dict[str, str],
+    example_workers: list[processes.ManagedProcess],
+    tmp_path: Path,
+) -> None:
+    """The example's settings keep a connection between tasks (``CONN_MAX_AGE``, checked
+    before reuse by ``CONN_HEALTH_CHECKS``), so the fence check and the body cost no new
+    connection. Celery 5.6 and later close every Django connection before and after each
+    task whatever ``CONN_MAX_AGE`` says: each task then opened a session of its own (the
+    worker benchmark's no-op ``fenced_atomic`` task took 54-97 ms)."""
+    env = {**example_env, "INSIGHTS_MODEL_SECONDS": "0"}
+    policy = make_policy(lease_timeout="60s")
+    start_worker(
+        "keeper", env=env, started=example_workers, log_dir=tmp_path, pool="prefork", concurrency=1
+    )
+    entries = 20
+    with (
+        Sweeper(policy, dsn=database_dsn, broker_url=redis_url),
+        psycopg.connect(database_dsn, autocommit=True) as conn,
+    ):
+        manage("add_sample_entries", "2", env=env)
+        wait_for(
+            lambda: list(ledger_states(conn).values()) == ["succeeded"] * 2,
+            timeout_seconds=60,
+            what="two entries succeeded (the pool process has its connection)",
+        )
+        before = sessions_opened(conn)
+        manage("add_sample_entries", str(entries), env=env)
+        wait_for(
+            lambda: list(ledger_states(conn).values()) == ["succeeded"] * (entries + 2),
+            timeout_seconds=90,
+            what=f"the {entries} entries added next succeeded",
+        )
+        opened = sessions_opened(conn) - before
+    # manage.py's own session, and a reconnect or two at most: not one a task.
+    assert opened < entries // 2, f"{opened} sessions opened for {entries} tasks"

@@ -10,7 +10,7 @@ import os
 
 from celery import Celery
 
-from celery_reconciler_worker import reliable
+from celery_reconciler_worker import django as reliable_django
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mindjourney.settings")
 
@@ -18,5 +18,6 @@ app = Celery("mindjourney")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 # The lease must be the policy's spec.lease.timeout (processingpolicy.yaml): it sizes
 # Redis' visibility timeout so a lost message comes back only after the operator rescued it.
-app.conf.update(reliable.recommended_settings(lease_seconds=15 * 60))
+# The Django preset also lets CONN_MAX_AGE keep a pool process's connection between tasks.
+app.conf.update(reliable_django.recommended_settings(lease_seconds=15 * 60))
 app.autodiscover_tasks()
