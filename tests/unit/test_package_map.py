@@ -5,6 +5,7 @@ engineer reads cannot go stale."""
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,12 +35,15 @@ def map_entries() -> list[tuple[str, bool]]:
 
 
 def modules() -> set[str]:
-    return {
-        str(path.relative_to(ROOT))
-        for tree in MAPPED_TREES
-        for path in (ROOT / tree).rglob("*.py")
-        if path.name != "__init__.py"
-    }
+    """Modules git sees, tracked or new: not what a wheel build leaves in ``build/``."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "--", *MAPPED_TREES],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return {path for path in listed if path.endswith(".py") and not path.endswith("__init__.py")}
 
 
 def test_every_module_has_exactly_one_line_in_the_package_map() -> None:
