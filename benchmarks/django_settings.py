@@ -20,8 +20,10 @@ DATABASES = {
         "PASSWORD": _database.get("password", ""),
         "HOST": _database.get("host", ""),
         "PORT": _database.get("port", ""),
-        # Persistent, as a worker's settings keep it: Django's default (0) opens a new
-        # connection for every task, which would time connecting, not the fenced commit.
+        # Persistent and checked before reuse, as the docs recommend a worker's settings:
+        # without either, each task opens a connection (celery_reconciler_worker.django keeps
+        # one only where Django checks it), which would time connecting, not the fenced commit.
         "CONN_MAX_AGE": None,
+        "CONN_HEALTH_CHECKS": True,
     }
 }
