@@ -27,7 +27,8 @@ touching the parent's session; around each task it closed those ``CONN_MAX_AGE``
 to Celery 5.5, and from 5.6 on it closes them all — unless ``CELERY_DB_REUSE_MAX`` is set,
 which this module's ``recommended_settings`` does, and then ``keep_or_close_connections``
 applies Django's rule itself. Each use here runs ``close_if_health_check_failed`` first, as
-Django's own cursors do, which honours ``CONN_HEALTH_CHECKS``. The fence check therefore runs on the connection the body will use.
+Django's own cursors do, which honours ``CONN_HEALTH_CHECKS``. The fence check therefore
+runs on the connection the body will use.
 Django connections are per thread, and the heartbeat thread must never wait behind a body's
 statement, so the heartbeat (and the worker's main process, which must hold no connection a
 child would inherit) opens a connection of its own — with the parameters Django builds from
