@@ -87,6 +87,10 @@ def start(workdir: Path, *, appendonly: bool = False, port: int | None = None) -
             str(DATABASES),
             "--daemonize",
             "no",
+            # Redis writes its title over its environment by default, and the environment
+            # carries the mark by which `devstack down` and the tests find what a run left.
+            "--set-proc-title",
+            "no",
         ],
         log_path=workdir / f"redis-{port}.log",
     )
