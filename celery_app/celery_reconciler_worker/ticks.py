@@ -101,36 +101,31 @@ class Publisher:
         running: int,
         incarnations: tuple[uuid.UUID, ...] = (),
     ) -> None:
-        listed = incarnations[:MAX_INCARNATIONS]
         with self._lock:
             self._sequence += 1  # odd: being written
             struct.pack_into("<Q", self._memory, 0, self._sequence)
-            _HEAD.pack_into(
+            _pack_into(
                 self._memory,
-                0,
                 self._sequence,
-                self._pid,
-                self._start_ticks,
-                timeout_seconds,
-                ticked_at,
-                renewed_at,
-                running,
-                len(listed),
+                Tick(
+                    pid=self._pid,
+                    start_ticks=self._start_ticks,
+                    timeout_seconds=timeout_seconds,
+                    ticked_at=ticked_at,
+                    renewed_at=renewed_at,
+                    running=running,
+                    incarnations=incarnations,
+                ),
             )
-            for index, incarnation in enumerate(listed):
-                _INCARNATION.pack_into(
-                    self._memory, _HEAD.size + index * _INCARNATION.size, incarnation.bytes
-                )
             self._sequence += 1  # even: whole
             struct.pack_into("<Q", self._memory, 0, self._sequence)
 
 
-def encode(tick: Tick, *, sequence: int = 2) -> bytes:
-    """``tick`` as a whole record (an even ``sequence``), for a file written at once."""
+def _pack_into(buffer: bytearray | mmap.mmap, sequence: int, tick: Tick) -> None:
+    """The record of ``tick`` under ``sequence``, its first ``MAX_INCARNATIONS`` listed."""
     listed = tick.incarnations[:MAX_INCARNATIONS]
-    data = bytearray(SIZE)
     _HEAD.pack_into(
-        data,
+        buffer,
         0,
         sequence,
         tick.pid,
@@ -142,7 +137,13 @@ def encode(tick: Tick, *, sequence: int = 2) -> bytes:
         len(listed),
     )
     for index, incarnation in enumerate(listed):
-        _INCARNATION.pack_into(data, _HEAD.size + index * _INCARNATION.size, incarnation.bytes)
+        _INCARNATION.pack_into(buffer, _HEAD.size + index * _INCARNATION.size, incarnation.bytes)
+
+
+def encode(tick: Tick, *, sequence: int = 2) -> bytes:
+    """``tick`` as a whole record (an even ``sequence``), for a file written at once."""
+    data = bytearray(SIZE)
+    _pack_into(data, sequence, tick)
     return bytes(data)
 
 
