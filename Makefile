@@ -61,11 +61,13 @@ demo: setup ## the main job end to end on a local stack
 chaos: setup ## 10,000 entries under 25 faults of every kind; invariants and rescue latency
 	$(VENV)/python -m devstack chaos $(CHAOS_ARGS)
 
-bench: setup ## dispatch, worker-side cost, history at scale and rescue latency (worker Pods killed and frozen on the node), against same-run baselines
+bench: setup ## dispatch, worker-side cost, history at scale, rescue latency (worker Pods killed and frozen on the node) against same-run baselines; a migration at 1M attempts
 	$(VENV)/python -m benchmarks $(BENCH_ARGS)
 	$(VENV)/python -m benchmarks.rescue --compare-tail $(RESCUE_BENCH_ARGS)
 	$(VENV)/python -m benchmarks.rescue_ahead $(RESCUE_AHEAD_BENCH_ARGS)
 	$(VENV)/python -m benchmarks.pod_rescue $(POD_RESCUE_BENCH_ARGS)
+	ONLINE_MIGRATION_HISTORY=1000000 $(VENV)/pytest -q -s -p no:cacheprovider \
+		'tests/integration/test_online_migration.py::test_a_migration_over_a_large_history_kills_no_body_and_loses_no_attempt'
 
 lock: setup ## re-resolve requirements/*.txt (with hashes) from the pyproject files and prove them
 	bash scripts/lock.sh

@@ -17,13 +17,16 @@ migrates every ledger (``ledger.ensure_schema``):
   the backfill complete. The longest table lock that blocks writers the migration held
   (sampled from ``pg_locks``) and its longest transaction (its own log) are printed.
 
-``HISTORY`` is 300,000, not the issue's 1M: 1M took 143 s to seed on the loaded 2-core test
-machine (the limit set was 2 minutes); the statements do not change with the size.
+``HISTORY`` is 300,000 in ``make test``: 1M took 143 s to seed on the loaded 2-core test
+machine, and the statements do not change with the size. ``make bench`` runs this same test
+at the issue's 1M finished attempts (``ONLINE_MIGRATION_HISTORY``), so the size the promise
+is made for is run too, where a long run costs no one's verdict.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -46,7 +49,7 @@ from celery_reconciler_worker import ledger, migrations
 
 pytestmark = pytest.mark.integration
 
-HISTORY = 300_000
+HISTORY = int(os.environ.get("ONLINE_MIGRATION_HISTORY", "300000"))
 ENTRIES = 100  # at first; more join while the migration runs (``Feeder``)
 BODY_SECONDS = 0.2
 HEARTBEAT_TIMEOUT_SECONDS = 6.0
