@@ -320,3 +320,35 @@ def claimed(conn: psycopg.Connection[Any], entry_id: str) -> bool:
         "SELECT count(*) FROM celery_reconciler.entries WHERE entry_id = %s", [entry_id]
     ).fetchone()
     return row is not None and row[0] == 1
+
+
+def ledger_rows_read(conn: psycopg.Connection[Any]) -> int:
+    """Rows of the ledger's ``entries`` every scan has read so far (sequential and index)."""
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    row = conn.execute(
+        "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables "
+        "WHERE schemaname = 'celery_reconciler' AND relname = 'entries'"
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_the_first_sweep_of_a_large_backlog_reads_the_ledger_once_not_once_per_page(
+    demo_dsn: str, conn: psycopg.Connection[Any], redis_url: str
+) -> None:
+    """A new policy over a backlog: its first sweep fills an empty ledger page by page. Each
+    page skips what the ledger holds by one unique-key probe per row it reads; with the
+    statistics of the empty ledger PostgreSQL once chose to read every entry the sweep had
+    claimed so far for every page instead (10,000 entries in pages of 500: ~10x the
+    backlog read, and a sweep time growing with the square of the backlog)."""
+    backlog = 10_000
+    schema.seed(conn, count=backlog)
+    policy = make_policy(limits={"batchSize": 500, "maxInFlight": backlog})
+    with sweep_connections(demo_dsn, redis_url) as (db, publisher):
+        db.connection()  # creates the ledger's tables, empty
+        before = ledger_rows_read(conn)
+        first = reconcile.reconcile_once(policy, db=db, broker=publisher, publish=len)
+        read = ledger_rows_read(conn) - before
+    assert first.published == backlog
+    assert read <= 3 * backlog, f"the sweep read {read:,} ledger rows for {backlog:,} entries"
