@@ -9,7 +9,12 @@ the other in one run:
 (b) kombu, confirmed: the same loop with kombu's ``confirm_publish`` transport option, which
     waits for the broker's ack after every message (a round trip each) — the safe baseline;
 (c) ours: one ``reconcile_once`` sweep — ledger claims per page, and each page published
-    with publisher confirms waited for once per window (``broker.CONFIRM_WINDOW``).
+    with publisher confirms waited for once per window (``broker.CONFIRM_WINDOW``);
+(d) the ceiling, our parts alone (issue 25), as in ``benchmarks.dispatch``: the claim alone
+    (the same sweep, its publish doing nothing) and the publish alone (the same messages,
+    prebuilt, published and confirmed page by page, no database). ``ours/slower part`` says
+    how close the overlapped sweep comes to the slower of the two. Ours and the parts run
+    ``--rounds`` times on fresh backlogs and virtual hosts; the median round is reported.
 
 The baselines only publish (no database work), so they are upper bounds for a loop that
 also marks its entries. It prints entries/s for each and the ratios ours/plain and
@@ -79,7 +84,7 @@ def wait_until_queued(url: str, entries: int, *, timeout_seconds: float = 120) -
         time.sleep(0.2)
 
 
-def run(*, entries: int, batch_size: int, workdir: Path) -> list[str]:
+def run(*, entries: int, batch_size: int, rounds: int, workdir: Path) -> list[str]:
     database = devstack_postgres.start(workdir)
     rabbitmq = devstack_rabbitmq.start(workdir)
     results: dict[str, dispatch.Measurement] = {}
@@ -93,14 +98,43 @@ def run(*, entries: int, batch_size: int, workdir: Path) -> list[str]:
             else:
                 # Unconfirmed publishes return before the broker has them all.
                 wait_until_queued(url, entries)
-        url = rabbitmq.add_vhost("bench-ours")
-        dsn = dispatch.fresh_backlog(database, "bench_amqp_ours", entries)
-        measurement, sweep = dispatch.ours(dsn, url, entries=entries, batch_size=batch_size)
-        results["ours"] = dataclasses.replace(measurement, label="(c) ours: reconcile_once")
-        assert queued(url) == results["ours"].entries == entries
+        our_rounds: list[tuple[dispatch.Measurement, Any]] = []
+        claim_rounds: list[dispatch.Measurement] = []
+        publish_rounds: list[dispatch.Measurement] = []
+        for number in range(rounds):
+            url = rabbitmq.add_vhost(f"bench-ours-{number}")
+            dsn = dispatch.fresh_backlog(database, f"bench_amqp_ours_{number}", entries)
+            measurement, result = dispatch.ours(dsn, url, entries=entries, batch_size=batch_size)
+            our_rounds.append(
+                (dataclasses.replace(measurement, label="(c) ours: reconcile_once"), result)
+            )
+            assert queued(url) == measurement.entries == entries
+
+            url = rabbitmq.add_vhost(f"bench-claim-{number}")
+            dsn = dispatch.fresh_backlog(database, f"bench_amqp_claim_{number}", entries)
+            claim_rounds.append(
+                dispatch.claim_alone(dsn, url, entries=entries, batch_size=batch_size)
+            )
+            assert claim_rounds[-1].entries == entries
+
+            url = rabbitmq.add_vhost(f"bench-publish-{number}")
+            publish_rounds.append(
+                dispatch.publish_alone(url, entries=entries, batch_size=batch_size)
+            )
+            assert queued(url) == entries
     finally:
         rabbitmq.remove()
         database.remove()
+
+    ceilings = [
+        ours.per_second / min(claim.per_second, publish.per_second)
+        for (ours, _), claim, publish in zip(our_rounds, claim_rounds, publish_rounds, strict=True)
+    ]
+    median_round = sorted(range(rounds), key=lambda index: ceilings[index])[rounds // 2]
+    results["ours"], sweep = our_rounds[median_round]
+    results["claim"] = claim_rounds[median_round]
+    results["publish"] = publish_rounds[median_round]
+    slower = min(results["claim"], results["publish"], key=lambda part: part.per_second)
 
     ours, plain, confirmed_rate = (
         results["ours"].per_second,
@@ -120,6 +154,10 @@ def run(*, entries: int, batch_size: int, workdir: Path) -> list[str]:
     lines.append(
         f"  ours/plain = {ours / plain:.2f}   ours/confirmed = {ours / confirmed_rate:.2f}"
     )
+    lines.append(
+        f"  ours/slower part ({slower.label[4:]}) = {ceilings[median_round]:.2f} (median of "
+        f"{rounds} rounds: " + ", ".join(f"{ratio:.2f}" for ratio in ceilings) + ")"
+    )
     return lines
 
 
@@ -127,8 +165,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks amqp", description=__doc__)
     parser.add_argument("--entries", type=int, default=20_000, help="backlog size (20000)")
     parser.add_argument("--batch-size", type=int, default=500, help="page size (500)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of ours and its parts, median kept (3)"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="cr-bench-amqp-") as workdir:
-        for line in run(entries=args.entries, batch_size=args.batch_size, workdir=Path(workdir)):
+        for line in run(
+            entries=args.entries,
+            batch_size=args.batch_size,
+            rounds=args.rounds,
+            workdir=Path(workdir),
+        ):
             print(line, flush=True)
     return 0
