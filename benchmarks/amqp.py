@@ -126,15 +126,9 @@ def run(*, entries: int, batch_size: int, rounds: int, workdir: Path) -> list[st
         rabbitmq.remove()
         database.remove()
 
-    ceilings = [
-        ours.per_second / min(claim.per_second, publish.per_second)
-        for (ours, _), claim, publish in zip(our_rounds, claim_rounds, publish_rounds, strict=True)
-    ]
-    median_round = sorted(range(rounds), key=lambda index: ceilings[index])[rounds // 2]
-    results["ours"], sweep = our_rounds[median_round]
-    results["claim"] = claim_rounds[median_round]
-    results["publish"] = publish_rounds[median_round]
-    slower = min(results["claim"], results["publish"], key=lambda part: part.per_second)
+    ceiling = dispatch.Ceiling.of([mine for mine, _ in our_rounds], claim_rounds, publish_rounds)
+    results["ours"], sweep = our_rounds[ceiling.round]
+    results["claim"], results["publish"] = ceiling.claim, ceiling.publish
 
     ours, plain, confirmed_rate = (
         results["ours"].per_second,
@@ -154,10 +148,7 @@ def run(*, entries: int, batch_size: int, rounds: int, workdir: Path) -> list[st
     lines.append(
         f"  ours/plain = {ours / plain:.2f}   ours/confirmed = {ours / confirmed_rate:.2f}"
     )
-    lines.append(
-        f"  ours/slower part ({slower.label[4:]}) = {ceilings[median_round]:.2f} (median of "
-        f"{rounds} rounds: " + ", ".join(f"{ratio:.2f}" for ratio in ceilings) + ")"
-    )
+    lines.append(ceiling.line())
     return lines
 
 

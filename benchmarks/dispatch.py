@@ -59,6 +59,49 @@ class Measurement:
         return self.entries / self.seconds if self.seconds > 0 else 0.0
 
 
+def median_round(ratios: Sequence[float]) -> int:
+    """The index of the round whose ratio is the median of ``ratios``."""
+    return sorted(range(len(ratios)), key=lambda index: ratios[index])[len(ratios) // 2]
+
+
+@dataclasses.dataclass(frozen=True)
+class Ceiling:
+    """Ours as a fraction of the slower of its parts alone, round by round (each ratio from
+    one round's runs), and the parts of the median round."""
+
+    ratios: list[float]
+    round: int  # the median round
+    claim: Measurement
+    publish: Measurement
+
+    @classmethod
+    def of(
+        cls,
+        ours: Sequence[Measurement],
+        claims: Sequence[Measurement],
+        publishes: Sequence[Measurement],
+    ) -> Ceiling:
+        ratios = [
+            mine.per_second / min(claim.per_second, published.per_second)
+            for mine, claim, published in zip(ours, claims, publishes, strict=True)
+        ]
+        median = median_round(ratios)
+        return cls(ratios=ratios, round=median, claim=claims[median], publish=publishes[median])
+
+    @property
+    def ratio(self) -> float:
+        return self.ratios[self.round]
+
+    def line(self) -> str:
+        slower = min(self.claim, self.publish, key=lambda part: part.per_second)
+        return (
+            f"  ours/slower part ({slower.label[4:]}) = {self.ratio:.2f} (median of "
+            f"{len(self.ratios)} rounds: "
+            + ", ".join(f"{ratio:.2f}" for ratio in self.ratios)
+            + ")"
+        )
+
+
 def fresh_backlog(server: devstack_postgres.PostgresServer, name: str, entries: int) -> str:
     dsn = server.create_database(name)
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -313,19 +356,11 @@ def run(
             mine.per_second / raw.per_second
             for raw, (mine, _) in zip(raw_rounds, our_rounds, strict=True)
         ]
-        median_round = sorted(range(rounds), key=lambda index: ratios[index])[rounds // 2]
-        results["raw"] = raw_rounds[median_round]
-        results["ours"], sweep = our_rounds[median_round]
-        # Ours as a fraction of the slower of its parts, round by round (same round's runs).
-        ceilings = [
-            mine.per_second / min(claim.per_second, published.per_second)
-            for (mine, _), claim, published in zip(
-                our_rounds, claim_rounds, publish_rounds, strict=True
-            )
-        ]
-        ceiling_round = sorted(range(rounds), key=lambda index: ceilings[index])[rounds // 2]
-        results["claim"] = claim_rounds[ceiling_round]
-        results["publish"] = publish_rounds[ceiling_round]
+        raw_round = median_round(ratios)
+        results["raw"] = raw_rounds[raw_round]
+        results["ours"], sweep = our_rounds[raw_round]
+        ceiling = Ceiling.of([mine for mine, _ in our_rounds], claim_rounds, publish_rounds)
+        results["claim"], results["publish"] = ceiling.claim, ceiling.publish
         peaks = memory_pass(
             database, broker_server.url, entries=memory_entries, batch_size=batch_size
         )
@@ -356,11 +391,7 @@ def run(
         + ", ".join(f"{ratio:.2f}" for ratio in ratios)
         + f")   ours/seed = {ours_rate / seed_rate:.1f}x"
     )
-    slower = min(results["claim"], results["publish"], key=lambda part: part.per_second)
-    lines.append(
-        f"  ours/slower part ({slower.label[4:]}) = {ceilings[ceiling_round]:.2f} (median of "
-        f"{rounds} rounds: " + ", ".join(f"{ratio:.2f}" for ratio in ceilings) + ")"
-    )
+    lines.append(ceiling.line())
     lines.append(
         f"memory: peak Python heap while dispatching {memory_entries:,} entries (tracemalloc, "
         "a separate pass)"
@@ -384,8 +415,8 @@ def run(
                 "ours_over_seed": round(ours_rate / seed_rate, 2),
                 "claim_alone_per_second": round(results["claim"].per_second),
                 "publish_alone_per_second": round(results["publish"].per_second),
-                "ours_over_slower_part": round(ceilings[ceiling_round], 3),
-                "ours_over_slower_part_rounds": [round(ratio, 3) for ratio in ceilings],
+                "ours_over_slower_part": round(ceiling.ratio, 3),
+                "ours_over_slower_part_rounds": [round(ratio, 3) for ratio in ceiling.ratios],
                 "memory_entries": memory_entries,
                 "peak_heap_mib": {name: round(peak, 2) for name, peak in peaks.items()},
             }
